@@ -1,0 +1,12 @@
+//! Quiver's benchmark support: key choice (uniform or zipfian), the data set
+//! every target is loaded with, latency histograms and CPU accounting. The
+//! `quiver-bench` load generator (src/main.rs) drives Quiver with it; the
+//! criterion micro-benchmarks live in benches/.
+//!
+//! Architecture invariant: the load generator talks to servers only over
+//! their public protocols, so it measures what a client sees. It must never
+//! link the server into the process it measures.
+
+pub mod dataset;
+pub mod keys;
+pub mod report;

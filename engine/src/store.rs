@@ -1,0 +1,416 @@
+//! The RocksDB state store of one replica: rows in the `data` column family,
+//! the feature-view registry in `meta`.
+//!
+//! Writes apply last-write-wins by event time atomically: the read of the
+//! stored event times and the write batch happen under one mutex, so two
+//! concurrent writers can never let an older row overwrite a newer one (the
+//! race Feast's read-then-write Redis store has). In a replicated shard the
+//! state machine is the only writer, so the mutex is uncontended there.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options, WriteBatch,
+    WriteOptions,
+};
+
+use crate::clock::Clock;
+use crate::codec::{decode_row, encode_row, peek_event_ts};
+use crate::error::{EngineError, Result};
+use crate::keys::{ViewId, storage_key};
+use crate::registry::{Catalog, Registry, VIEWS_MAX};
+use crate::row::{FieldId, StoredRow};
+use crate::ttl_filter::{FILTER_NAME, ttl_filter};
+use crate::value::Value;
+use crate::view::{FeatureView, ViewSpec};
+
+const CF_DATA: &str = "data";
+const CF_META: &str = "meta";
+const META_VIEW_PREFIX: &[u8] = b"view/";
+const META_DROPPED_PREFIX: &[u8] = b"dropped/";
+const META_NEXT_VIEW_ID: &[u8] = b"next_view_id";
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// fsync the write-ahead log before a write is acknowledged. Off, an
+    /// acknowledged write survives a process crash but not a power loss.
+    pub sync_writes: bool,
+    /// RocksDB block cache size.
+    pub block_cache_bytes: usize,
+    /// Memtable size per column family.
+    pub write_buffer_bytes: usize,
+    /// How long past its ttl a row stays on disk before compaction drops it.
+    pub ttl_grace_us: i64,
+    /// The time source for ttl decisions.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            sync_writes: true,
+            block_cache_bytes: 256 << 20,
+            write_buffer_bytes: 64 << 20,
+            ttl_grace_us: 3600 * 1_000_000,
+            clock: Arc::new(crate::clock::SystemClock),
+        }
+    }
+}
+
+/// One row to write: already checked against its view's schema.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowWrite {
+    /// The entity key.
+    pub entity_key: String,
+    /// Event time (µs since epoch).
+    pub event_ts_us: i64,
+    /// Values by field id, sorted.
+    pub values: Vec<(FieldId, Value)>,
+}
+
+/// What a batch write did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WriteOutcome {
+    /// Rows that became their entity's latest row.
+    pub rows_applied: u64,
+    /// Rows ignored because a newer row (by event time) was stored.
+    pub rows_stale: u64,
+    /// Storage keys whose stored row changed (for cache coherence).
+    pub changed_keys: Vec<Vec<u8>>,
+}
+
+/// Counters since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// RocksDB's estimate of stored rows.
+    pub rows_estimate: u64,
+    /// Rows applied by writes.
+    pub rows_written: u64,
+    /// Rows ignored as older than the stored row.
+    pub rows_stale: u64,
+    /// Stored rows that failed to decode when read.
+    pub rows_corrupt: u64,
+}
+
+/// The state store of one replica.
+pub struct StateStore {
+    db: DB,
+    path: PathBuf,
+    write_options: WriteOptions,
+    clock: Arc<dyn Clock>,
+    registry: Registry,
+    /// Serialises read-modify-write (LWW) and registry changes. A parking_lot
+    /// mutex, not an async one: it is held only around synchronous RocksDB
+    /// calls, and callers run on blocking threads.
+    write_lock: Mutex<()>,
+    rows_written: AtomicU64,
+    rows_stale: AtomicU64,
+    rows_corrupt: AtomicU64,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl StateStore {
+    /// Opens (creating if needed) the store in `path`.
+    pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        std::fs::create_dir_all(&path)
+            .map_err(|e| EngineError::DataDir { path: path.clone(), reason: format!("cannot create: {e}") })?;
+
+        let registry: Registry = Arc::default();
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.set_max_background_jobs(2);
+        db_options.set_keep_log_file_num(4);
+
+        let mut data_options = Options::default();
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        // Most reads are point lookups, many for absent keys: a bloom filter
+        // keeps those off disk.
+        table.set_bloom_filter(10.0, false);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        data_options.set_block_based_table_factory(&table);
+        data_options.set_compression_type(DBCompressionType::Lz4);
+        data_options.set_write_buffer_size(options.write_buffer_bytes);
+        data_options.set_compaction_filter(
+            FILTER_NAME,
+            ttl_filter(registry.clone(), options.clock.clone(), options.ttl_grace_us),
+        );
+        let meta_options = Options::default();
+
+        let db = DB::open_cf_descriptors(
+            &db_options,
+            &path,
+            [ColumnFamilyDescriptor::new(CF_DATA, data_options), ColumnFamilyDescriptor::new(CF_META, meta_options)],
+        )?;
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(options.sync_writes);
+
+        let store = StateStore {
+            db,
+            path,
+            write_options,
+            clock: options.clock,
+            registry,
+            write_lock: Mutex::new(()),
+            rows_written: AtomicU64::new(0),
+            rows_stale: AtomicU64::new(0),
+            rows_corrupt: AtomicU64::new(0),
+        };
+        let catalog = store.load_catalog()?;
+        store.registry.store(Arc::new(catalog));
+        Ok(store)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created at open")
+    }
+
+    fn load_catalog(&self) -> Result<Catalog> {
+        let meta = self.cf(CF_META);
+        let mut views = Vec::new();
+        let mut dropped = HashSet::new();
+        for item in self.db.iterator_cf(meta, IteratorMode::Start) {
+            let (key, value) = item?;
+            if let Some(name) = key.strip_prefix(META_VIEW_PREFIX) {
+                let mut view: FeatureView = serde_json::from_slice(&value).map_err(|e| EngineError::Corrupt {
+                    what: format!("feature view record {:?}", String::from_utf8_lossy(name)),
+                    reason: e.to_string(),
+                })?;
+                view.rebuild_index();
+                views.push(view);
+            } else if let Some(id) = key.strip_prefix(META_DROPPED_PREFIX) {
+                dropped.insert(decode_view_id(id, "dropped view id")?);
+            }
+        }
+        let next_view_id = match self.db.get_cf(meta, META_NEXT_VIEW_ID)? {
+            Some(bytes) => decode_view_id(&bytes, "next view id")?,
+            None => 1,
+        };
+        Ok(Catalog::new(views, dropped, next_view_id))
+    }
+
+    /// The live catalog of feature views.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The clock the store judges ttl by.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates or compatibly updates a feature view. Returns the stored view
+    /// and whether it changed.
+    pub fn apply_view(&self, spec: ViewSpec) -> Result<(Arc<FeatureView>, bool)> {
+        let _guard = self.write_lock.lock();
+        let catalog = self.registry.load_full();
+        let existing = catalog.view(&spec.name).cloned();
+        if existing.is_none() && catalog.len() >= VIEWS_MAX {
+            return Err(EngineError::RegistryFull(format!("at most {VIEWS_MAX} feature views")));
+        }
+        let (view, changed) = FeatureView::evolve(existing.as_deref(), spec, catalog.next_view_id)?;
+        if !changed {
+            return Ok((existing.expect("unchanged implies existing"), false));
+        }
+        let mut batch = WriteBatch::default();
+        let meta = self.cf(CF_META);
+        let record = serde_json::to_vec(&view).expect("feature views always serialise");
+        batch.put_cf(meta, view_key(&view.name), record);
+        let mut next = (*catalog).clone();
+        if existing.is_none() {
+            next.next_view_id = catalog
+                .next_view_id
+                .checked_add(1)
+                .ok_or_else(|| EngineError::RegistryFull("view ids exhausted".into()))?;
+            batch.put_cf(meta, META_NEXT_VIEW_ID, next.next_view_id.to_be_bytes());
+        }
+        self.db.write_opt(batch, &self.write_options)?;
+        let view = Arc::new(view);
+        next.insert(view.clone());
+        self.registry.store(Arc::new(next));
+        Ok((view, true))
+    }
+
+    /// Deletes a feature view. Its rows become unreachable at once (the view id
+    /// is never reused) and are dropped by compaction.
+    pub fn delete_view(&self, name: &str) -> Result<Arc<FeatureView>> {
+        let _guard = self.write_lock.lock();
+        let mut next = (*self.registry.load_full()).clone();
+        let view = next.remove(name).ok_or_else(|| EngineError::UnknownView(name.to_owned()))?;
+        let meta = self.cf(CF_META);
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(meta, view_key(name));
+        let mut dropped_key = META_DROPPED_PREFIX.to_vec();
+        dropped_key.extend_from_slice(&view.id.to_be_bytes());
+        batch.put_cf(meta, dropped_key, []);
+        self.db.write_opt(batch, &self.write_options)?;
+        self.registry.store(Arc::new(next));
+        Ok(view)
+    }
+
+    /// Writes rows of view `view_id`, each only if its event time is at least
+    /// the stored row's (equal: the later write wins). Atomic: all rows of the
+    /// batch are applied in one RocksDB write batch or none is.
+    pub fn write_rows(&self, view_id: ViewId, rows: &[RowWrite]) -> Result<WriteOutcome> {
+        let keys: Vec<Vec<u8>> = rows.iter().map(|row| storage_key(view_id, row.entity_key.as_bytes())).collect();
+        let written_ts_us = self.clock.now_us();
+        let data = self.cf(CF_DATA);
+        let _guard = self.write_lock.lock();
+        let stored = self.db.batched_multi_get_cf(data, &keys, false);
+        // Latest event time per key, starting from disk and advanced by
+        // earlier rows of this same batch.
+        let mut latest: HashMap<&[u8], i64> = HashMap::with_capacity(keys.len());
+        for (key, result) in keys.iter().zip(stored) {
+            if let Some(bytes) = result? {
+                match peek_event_ts(&bytes) {
+                    Ok(event_ts) => {
+                        latest.insert(key, event_ts);
+                    }
+                    Err(e) => {
+                        // A row we cannot read is never served; a new write
+                        // replaces it. Say so loudly.
+                        self.rows_corrupt.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(key = ?key, error = %e, "corrupt stored row overwritten by a write");
+                    }
+                }
+            }
+        }
+        let mut batch = WriteBatch::default();
+        let mut outcome = WriteOutcome::default();
+        let mut buffer = Vec::with_capacity(256);
+        for (row, key) in rows.iter().zip(&keys) {
+            if latest.get(key.as_slice()).is_some_and(|&stored_ts| row.event_ts_us < stored_ts) {
+                outcome.rows_stale += 1;
+                continue;
+            }
+            latest.insert(key, row.event_ts_us);
+            buffer.clear();
+            let stored = StoredRow { event_ts_us: row.event_ts_us, written_ts_us, values: row.values.clone() };
+            encode_row(&stored, &mut buffer);
+            batch.put_cf(data, key, &buffer);
+            outcome.rows_applied += 1;
+            outcome.changed_keys.push(key.clone());
+        }
+        if !batch.is_empty() {
+            self.db.write_opt(batch, &self.write_options)?;
+        }
+        self.rows_written.fetch_add(outcome.rows_applied, Ordering::Relaxed);
+        self.rows_stale.fetch_add(outcome.rows_stale, Ordering::Relaxed);
+        Ok(outcome)
+    }
+
+    /// Reads the stored rows for storage keys, in order. Rows that fail to
+    /// decode come back as [`EngineError::Corrupt`]: reported, never served.
+    pub fn get_rows<K: AsRef<[u8]>>(&self, keys: &[K]) -> Vec<Result<Option<StoredRow>>> {
+        let data = self.cf(CF_DATA);
+        self.db
+            .batched_multi_get_cf(data, keys, false)
+            .into_iter()
+            .zip(keys)
+            .map(|(result, key)| {
+                let Some(bytes) = result? else { return Ok(None) };
+                decode_row(&bytes).map(Some).map_err(|e| {
+                    self.rows_corrupt.fetch_add(1, Ordering::Relaxed);
+                    EngineError::Corrupt { what: format!("row at key {:02x?}", key.as_ref()), reason: e.to_string() }
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes the rows of `entity_keys` in view `view_id`. Returns the
+    /// storage keys that held a row.
+    pub fn delete_rows(&self, view_id: ViewId, entity_keys: &[String]) -> Result<Vec<Vec<u8>>> {
+        let keys: Vec<Vec<u8>> = entity_keys.iter().map(|k| storage_key(view_id, k.as_bytes())).collect();
+        let data = self.cf(CF_DATA);
+        let _guard = self.write_lock.lock();
+        let mut batch = WriteBatch::default();
+        let mut deleted = Vec::new();
+        let mut seen = HashSet::new();
+        for (key, result) in keys.iter().zip(self.db.batched_multi_get_cf(data, &keys, false)) {
+            if result?.is_some() && seen.insert(key.as_slice()) {
+                batch.delete_cf(data, key);
+                deleted.push(key.clone());
+            }
+        }
+        if !batch.is_empty() {
+            self.db.write_opt(batch, &self.write_options)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Counters and estimates.
+    pub fn stats(&self) -> StoreStats {
+        let rows_estimate = self
+            .db
+            .property_int_value_cf(self.cf(CF_DATA), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        StoreStats {
+            rows_estimate,
+            rows_written: self.rows_written.load(Ordering::Relaxed),
+            rows_stale: self.rows_stale.load(Ordering::Relaxed),
+            rows_corrupt: self.rows_corrupt.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Compacts all row data now (runs the ttl filter over every row).
+    pub fn compact_data(&self) -> Result<()> {
+        self.db.flush_cf(self.cf(CF_DATA))?;
+        self.db.compact_range_cf(self.cf(CF_DATA), None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
+    /// Flushes memtables and syncs the WAL: called on graceful shutdown so a
+    /// restart replays nothing.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush_wal(true)?;
+        self.db.flush_cf(self.cf(CF_DATA))?;
+        self.db.flush_cf(self.cf(CF_META))?;
+        Ok(())
+    }
+
+    /// Writes raw bytes at a storage key, bypassing every check: only for
+    /// tests that simulate on-disk corruption.
+    #[doc(hidden)]
+    pub fn put_raw_for_test(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.db.put_cf(self.cf(CF_DATA), key, value)?;
+        Ok(())
+    }
+}
+
+fn view_key(name: &str) -> Vec<u8> {
+    let mut key = META_VIEW_PREFIX.to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn decode_view_id(bytes: &[u8], what: &str) -> Result<ViewId> {
+    let array: [u8; 4] = bytes
+        .try_into()
+        .map_err(|_| EngineError::Corrupt { what: what.to_owned(), reason: format!("{} bytes, expected 4", bytes.len()) })?;
+    Ok(ViewId::from_be_bytes(array))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::row::RowFreshness;
+use crate::value::ValueType;
+use crate::view::FeatureSpec;
+
+const HOUR_US: i64 = 3600 * 1_000_000;
+const T0_US: i64 = 1_700_000_000 * 1_000_000;
+
+fn spec(name: &str, ttl_seconds: u64) -> ViewSpec {
+    ViewSpec {
+        name: name.into(),
+        entities: vec!["driver_id".into()],
+        features: vec![
+            FeatureSpec { name: "trips".into(), value_type: ValueType::Int64, default: None },
+            FeatureSpec { name: "rating".into(), value_type: ValueType::Double, default: None },
+        ],
+        ttl_seconds,
+        description: String::new(),
+    }
+}
+
+fn open(dir: &Path, clock: Arc<ManualClock>) -> StateStore {
+    let options = StoreOptions {
+        sync_writes: false,
+        block_cache_bytes: 8 << 20,
+        write_buffer_bytes: 4 << 20,
+        ttl_grace_us: HOUR_US,
+        clock,
+    };
+    StateStore::open(dir, options).expect("open store")
+}
+
+fn row(key: &str, event_ts_us: i64, trips: i64) -> RowWrite {
+    RowWrite { entity_key: key.into(), event_ts_us, values: vec![(1, Value::Int64(trips)), (2, Value::Null)] }
+}
+
+fn trips(store: &StateStore, view: &FeatureView, key: &str) -> Option<(i64, i64)> {
+    let rows = store.get_rows(&[storage_key(view.id, key.as_bytes())]);
+    let row = rows.into_iter().next().expect("one result").expect("readable")?;
+    match row.value(1) {
+        Some(Value::Int64(t)) => Some((row.event_ts_us, *t)),
+        other => panic!("unexpected value {other:?}"),
+    }
+}
+
+#[test]
+fn last_write_wins_by_event_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
+    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+
+    tracing::info!("newer applies, older is ignored and counted");
+    let out = store.write_rows(view.id, &[row("a", 200, 2)]).unwrap();
+    assert_eq!((out.rows_applied, out.rows_stale), (1, 0));
+    let out = store.write_rows(view.id, &[row("a", 100, 1)]).unwrap();
+    assert_eq!((out.rows_applied, out.rows_stale), (0, 1));
+    assert!(out.changed_keys.is_empty());
+    assert_eq!(trips(&store, &view, "a"), Some((200, 2)));
+
+    tracing::info!("equal event time: the later write wins");
+    store.write_rows(view.id, &[row("a", 200, 3)]).unwrap();
+    assert_eq!(trips(&store, &view, "a"), Some((200, 3)));
+
+    tracing::info!("out of order inside one batch");
+    let out = store.write_rows(view.id, &[row("b", 50, 5), row("b", 10, 1), row("b", 50, 6), row("b", 49, 7)]).unwrap();
+    assert_eq!((out.rows_applied, out.rows_stale), (2, 2));
+    assert_eq!(trips(&store, &view, "b"), Some((50, 6)));
+    assert_eq!(store.stats().rows_stale, 3);
+}
+
+#[test]
+fn concurrent_writers_never_regress() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(dir.path(), Arc::new(ManualClock::new(T0_US))));
+    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    // Interleaved timestamps: thread t writes t, t+4, ...
+                    let ts = i * 4 + t;
+                    store.write_rows(view.id, &[row("k", ts, ts)]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(trips(&store, &view, "k"), Some((799, 799)));
+}
+
+#[test]
+fn ttl_is_judged_at_read_with_the_clock() {
+    let row = StoredRow { event_ts_us: T0_US, written_ts_us: T0_US, values: vec![] };
+    assert_eq!(row.freshness(HOUR_US, T0_US + HOUR_US), RowFreshness::Fresh);
+    assert_eq!(row.freshness(HOUR_US, T0_US + HOUR_US + 1), RowFreshness::Expired);
+}
+
+#[test]
+fn compaction_drops_only_rows_past_ttl_plus_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0_US));
+    let store = open(dir.path(), clock.clone());
+    let (short, _) = store.apply_view(spec("short", 3600)).unwrap();
+    let (forever, _) = store.apply_view(spec("forever", 0)).unwrap();
+    let (doomed, _) = store.apply_view(spec("doomed", 0)).unwrap();
+
+    store.write_rows(short.id, &[row("old", T0_US - HOUR_US, 1), row("new", T0_US, 2)]).unwrap();
+    store.write_rows(forever.id, &[row("old", T0_US - 100 * HOUR_US, 3)]).unwrap();
+    store.write_rows(doomed.id, &[row("x", T0_US, 4)]).unwrap();
+
+    tracing::info!("past ttl but inside grace: kept");
+    clock.set_us(T0_US + HOUR_US + HOUR_US / 2);
+    store.compact_data().unwrap();
+    assert!(trips(&store, &short, "old").is_some());
+
+    tracing::info!("past ttl + grace: old dropped, new kept, no-ttl view kept, deleted view dropped");
+    clock.set_us(T0_US + 2 * HOUR_US + HOUR_US / 2);
+    store.delete_view("doomed").unwrap();
+    store.compact_data().unwrap();
+    assert_eq!(trips(&store, &short, "old"), None);
+    assert_eq!(trips(&store, &short, "new"), Some((T0_US, 2)));
+    assert_eq!(trips(&store, &forever, "old"), Some((T0_US - 100 * HOUR_US, 3)));
+    assert_eq!(trips(&store, &doomed, "x"), None);
+}
+
+#[test]
+fn data_and_registry_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0_US));
+    let view = {
+        let store = open(dir.path(), clock.clone());
+        let (view, _) = store.apply_view(spec("v", 60)).unwrap();
+        store.apply_view(spec("gone", 0)).unwrap();
+        store.delete_view("gone").unwrap();
+        store.write_rows(view.id, &[row("a", 5, 55)]).unwrap();
+        view
+    };
+    let store = open(dir.path(), clock);
+    let catalog = store.registry().load();
+    assert_eq!(**catalog.view("v").unwrap(), *view);
+    assert!(catalog.view("gone").is_none());
+    assert!(catalog.is_dropped(view.id + 1));
+    assert_eq!(trips(&store, &view, "a"), Some((5, 55)));
+    // Ids are never reused, even after a reopen.
+    let (again, _) = store.apply_view(spec("gone", 0)).unwrap();
+    assert_eq!(again.id, view.id + 2);
+}
+
+#[test]
+fn corrupt_rows_are_reported_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
+    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    let key = storage_key(view.id, b"bad");
+    store.put_raw_for_test(&key, &[1, 2, 3]).unwrap();
+    let result = store.get_rows(&[&key]).pop().unwrap();
+    assert!(matches!(result, Err(EngineError::Corrupt { .. })), "{result:?}");
+    assert_eq!(store.stats().rows_corrupt, 1);
+    // A write repairs it.
+    store.write_rows(view.id, &[row("bad", 1, 1)]).unwrap();
+    assert_eq!(trips(&store, &view, "bad"), Some((1, 1)));
+}
+
+#[test]
+fn delete_rows_reports_what_existed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
+    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    store.write_rows(view.id, &[row("a", 1, 1), row("b", 1, 1)]).unwrap();
+    let deleted = store.delete_rows(view.id, &["a".into(), "a".into(), "zzz".into()]).unwrap();
+    assert_eq!(deleted, vec![storage_key(view.id, b"a")]);
+    assert_eq!(trips(&store, &view, "a"), None);
+    assert!(trips(&store, &view, "b").is_some());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// The store against a map model: after any sequence of batches, every key
+    /// holds the value of its greatest event time, the latest among equals.
+    #[test]
+    fn matches_a_last_write_wins_model(batches in proptest::collection::vec(
+        proptest::collection::vec((0u8..6, 0i64..20, any::<i64>()), 1..10), 1..12)) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
+        let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+        let mut model: std::collections::BTreeMap<String, (i64, i64)> = Default::default();
+        for batch in &batches {
+            let rows: Vec<RowWrite> = batch.iter().map(|(k, ts, v)| row(&format!("k{k}"), *ts, *v)).collect();
+            store.write_rows(view.id, &rows).unwrap();
+            for (k, ts, v) in batch {
+                let entry = model.entry(format!("k{k}")).or_insert((*ts, *v));
+                if *ts >= entry.0 {
+                    *entry = (*ts, *v);
+                }
+            }
+        }
+        for k in 0..6 {
+            let key = format!("k{k}");
+            prop_assert_eq!(trips(&store, &view, &key), model.get(&key).copied());
+        }
+    }
+}

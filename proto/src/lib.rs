@@ -1,0 +1,23 @@
+//! Quiver's wire API: the `quiver.v1` protobuf package and the tonic client and
+//! server code generated from it, plus the descriptor set for gRPC reflection.
+//!
+//! Architecture invariant: this crate holds no logic beyond generated code and
+//! the codec that maps malformed messages to `INVALID_ARGUMENT`. It must never
+//! depend on the engine, the server or any storage crate.
+
+pub mod codec;
+
+/// Package `quiver.v1`. The module tree mirrors the proto package, as tonic's
+/// generated code and reflection expect.
+pub mod quiver {
+    /// Version 1 of the API.
+    #[allow(missing_docs, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("quiver.v1");
+    }
+}
+
+pub use quiver::v1;
+
+/// Encoded `FileDescriptorSet` of every Quiver proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quiver_descriptor.bin"));

@@ -1,0 +1,304 @@
+//! The hot row cache: an in-process LRU bounded in bytes (quick_cache), whose
+//! entries also expire after a configurable age.
+//!
+//! Coherence: a read after an acknowledged write never returns the older row.
+//! Writers drop a key after their write is durable and before they reply. A
+//! reader that misses takes quick_cache's placeholder for the key *before* it
+//! reads storage, and fills the placeholder afterwards; a writer's removal
+//! also removes the placeholder, so the fill of a read that raced with the
+//! write fails instead of caching the old row. Readers never wait for another
+//! reader's placeholder (zero timeout): they read storage without filling.
+//!
+//! Absent rows are cached too (as `None`), so repeated lookups of unknown
+//! entities stay off RocksDB.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use quick_cache::sync::{Cache, DefaultLifecycle, GuardResult, PlaceholderGuard};
+use quick_cache::{DefaultHashBuilder, Weighter};
+use quiver_engine::keys::{ViewId, split_storage_key};
+use quiver_engine::{Clock, StoredRow};
+
+/// Bytes charged per entry on top of key and row, for the cache's own
+/// bookkeeping.
+const ENTRY_OVERHEAD_BYTES: u64 = 64;
+/// A guess at the average entry size, to size the cache's tables.
+const ENTRY_BYTES_ESTIMATE: u64 = 512;
+
+/// A cached lookup result: the row, or `None` for "no such row".
+#[derive(Debug, Clone)]
+pub struct CachedRow {
+    row: Option<Arc<StoredRow>>,
+    cached_at_us: i64,
+}
+
+/// Weighs cache entries by their approximate bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct RowWeighter;
+
+impl Weighter<Vec<u8>, CachedRow> for RowWeighter {
+    fn weight(&self, key: &Vec<u8>, value: &CachedRow) -> u64 {
+        let row = value.row.as_ref().map_or(0, |r| r.size_bytes() as u64);
+        key.len() as u64 + row + ENTRY_OVERHEAD_BYTES
+    }
+}
+
+type RowCache = Cache<Vec<u8>, CachedRow, RowWeighter>;
+
+/// A reservation to fill the cache after a miss.
+pub type FillGuard<'a> =
+    PlaceholderGuard<'a, Vec<u8>, CachedRow, RowWeighter, DefaultHashBuilder, DefaultLifecycle<Vec<u8>, CachedRow>>;
+
+/// Result of a cache lookup.
+pub enum Lookup<'a> {
+    /// Cached: the row, or `None` if the row is known absent.
+    Hit(Option<Arc<StoredRow>>),
+    /// Not cached. Read storage, then [`HotCache::fill`] the guard if any.
+    Miss(Option<FillGuard<'a>>),
+}
+
+/// Snapshot of the cache's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Entries held.
+    pub entries: u64,
+    /// Weight held (bytes, approximately).
+    pub bytes_used: u64,
+    /// Configured bound.
+    pub bytes_max: u64,
+    /// Lookups served from the cache.
+    pub hits: u64,
+    /// Lookups that went to storage.
+    pub misses: u64,
+}
+
+/// The per-node hot cache. Disabled (every lookup misses, nothing is held)
+/// when built with a zero byte bound.
+pub struct HotCache {
+    cache: Option<RowCache>,
+    bytes_max: u64,
+    entry_ttl_us: i64,
+    clock: Arc<dyn Clock>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl std::fmt::Debug for HotCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotCache").field("bytes_max", &self.bytes_max).finish_non_exhaustive()
+    }
+}
+
+impl HotCache {
+    /// A cache of at most `bytes_max` bytes whose entries expire after
+    /// `entry_ttl` (zero: never), judged by `clock`.
+    pub fn new(bytes_max: u64, entry_ttl: Duration, clock: Arc<dyn Clock>) -> Self {
+        let cache = (bytes_max > 0).then(|| {
+            let items = usize::try_from((bytes_max / ENTRY_BYTES_ESTIMATE).max(16)).unwrap_or(usize::MAX);
+            Cache::with_weighter(items, bytes_max, RowWeighter)
+        });
+        Self {
+            cache,
+            bytes_max,
+            entry_ttl_us: i64::try_from(entry_ttl.as_micros()).unwrap_or(i64::MAX),
+            clock,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the cache holds anything at all.
+    pub fn is_enabled(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    /// Looks up a storage key.
+    pub fn lookup(&self, key: &[u8]) -> Lookup<'_> {
+        let Some(cache) = &self.cache else {
+            return Lookup::Miss(None);
+        };
+        // At most two rounds: an expired entry is dropped, then looked up again.
+        for _ in 0..2 {
+            match cache.get_value_or_guard(key, Some(Duration::ZERO)) {
+                GuardResult::Value(entry) if !self.expired(&entry) => {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    return Lookup::Hit(entry.row);
+                }
+                GuardResult::Value(entry) => {
+                    cache.remove_if(key, |current| current.cached_at_us == entry.cached_at_us);
+                }
+                GuardResult::Guard(guard) => {
+                    self.misses.fetch_add(1, Ordering::Relaxed);
+                    return Lookup::Miss(Some(guard));
+                }
+                GuardResult::Timeout => break,
+            }
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        Lookup::Miss(None)
+    }
+
+    fn expired(&self, entry: &CachedRow) -> bool {
+        self.entry_ttl_us > 0 && self.clock.now_us().saturating_sub(entry.cached_at_us) > self.entry_ttl_us
+    }
+
+    /// Fills a miss with what storage returned. Does nothing if a write
+    /// dropped the key since the miss.
+    pub fn fill(&self, guard: FillGuard<'_>, row: Option<Arc<StoredRow>>) {
+        let _ = guard.insert(CachedRow { row, cached_at_us: self.clock.now_us() });
+    }
+
+    /// Drops cached rows: called after a write or delete is durable and before
+    /// it is acknowledged.
+    pub fn invalidate<K: AsRef<[u8]>>(&self, keys: &[K]) -> u64 {
+        let Some(cache) = &self.cache else { return 0 };
+        keys.iter().filter(|key| cache.remove(key.as_ref()).is_some()).count() as u64
+    }
+
+    /// Drops every cached row of a view. Walks the whole cache: meant for rare
+    /// operator actions, not the write path.
+    pub fn invalidate_view(&self, view_id: ViewId) -> u64 {
+        let Some(cache) = &self.cache else { return 0 };
+        let before = cache.len();
+        cache.retain(|key, _| split_storage_key(key).is_none_or(|(_, id, _)| id != view_id));
+        before.saturating_sub(cache.len()) as u64
+    }
+
+    /// Counters and occupancy.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            entries: self.cache.as_ref().map_or(0, |c| c.len() as u64),
+            bytes_used: self.cache.as_ref().map_or(0, |c| c.weight()),
+            bytes_max: self.bytes_max,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use quiver_engine::keys::storage_key;
+    use quiver_engine::{ManualClock, Value};
+
+    fn row(ts: i64) -> Arc<StoredRow> {
+        Arc::new(StoredRow { event_ts_us: ts, written_ts_us: ts, values: vec![(1, Value::Int64(ts))] })
+    }
+
+    fn cache(bytes_max: u64, ttl_ms: u64, clock: Arc<ManualClock>) -> HotCache {
+        HotCache::new(bytes_max, Duration::from_millis(ttl_ms), clock)
+    }
+
+    fn hit(cache: &HotCache, key: &[u8]) -> Option<Option<i64>> {
+        match cache.lookup(key) {
+            Lookup::Hit(row) => Some(row.map(|r| r.event_ts_us)),
+            Lookup::Miss(_) => None,
+        }
+    }
+
+    fn load(cache: &HotCache, key: &[u8], value: Option<Arc<StoredRow>>) {
+        match cache.lookup(key) {
+            Lookup::Miss(Some(guard)) => cache.fill(guard, value),
+            _ => panic!("expected a fillable miss"),
+        }
+    }
+
+    #[test]
+    fn fill_then_hit_including_absent_rows() {
+        let c = cache(1 << 20, 0, Arc::new(ManualClock::new(0)));
+        load(&c, b"a", Some(row(1)));
+        load(&c, b"b", None);
+        assert_eq!(hit(&c, b"a"), Some(Some(1)));
+        assert_eq!(hit(&c, b"b"), Some(None));
+        assert_eq!(c.stats().hits, 2);
+        assert_eq!(c.stats().misses, 2);
+    }
+
+    #[test]
+    fn a_write_during_a_miss_stops_the_stale_fill() {
+        let c = cache(1 << 20, 0, Arc::new(ManualClock::new(0)));
+        tracing::info!("reader misses and reads the old row from storage");
+        let Lookup::Miss(Some(guard)) = c.lookup(b"k") else { panic!("miss expected") };
+        let old = row(1);
+        tracing::info!("a writer commits a newer row and drops the key");
+        c.invalidate(&[b"k"]);
+        tracing::info!("the reader's fill of the old row must not land");
+        c.fill(guard, Some(old));
+        assert_eq!(hit(&c, b"k"), None);
+    }
+
+    #[test]
+    fn concurrent_readers_do_not_wait_for_each_other() {
+        let c = cache(1 << 20, 0, Arc::new(ManualClock::new(0)));
+        let Lookup::Miss(Some(_first)) = c.lookup(b"k") else { panic!("miss expected") };
+        assert!(matches!(c.lookup(b"k"), Lookup::Miss(None)));
+    }
+
+    #[test]
+    fn entries_expire_by_the_clock() {
+        let clock = Arc::new(ManualClock::new(0));
+        let c = cache(1 << 20, 1_000, clock.clone());
+        load(&c, b"k", Some(row(1)));
+        clock.advance_us(1_000_000);
+        assert_eq!(hit(&c, b"k"), Some(Some(1)));
+        clock.advance_us(1);
+        assert_eq!(hit(&c, b"k"), None);
+        assert_eq!(c.stats().entries, 0);
+    }
+
+    #[test]
+    fn view_invalidation_drops_only_that_view() {
+        let c = cache(1 << 20, 0, Arc::new(ManualClock::new(0)));
+        for view in [1u32, 2] {
+            for key in ["a", "b", "c"] {
+                load(&c, &storage_key(view, key.as_bytes()), Some(row(1)));
+            }
+        }
+        assert_eq!(c.invalidate_view(1), 3);
+        assert_eq!(hit(&c, &storage_key(1, b"a")), None);
+        assert_eq!(hit(&c, &storage_key(2, b"a")), Some(Some(1)));
+    }
+
+    #[test]
+    fn disabled_cache_always_misses() {
+        let c = cache(0, 0, Arc::new(ManualClock::new(0)));
+        assert!(matches!(c.lookup(b"k"), Lookup::Miss(None)));
+        assert_eq!(c.stats().entries, 0);
+    }
+
+    proptest! {
+        /// Under any sequence of fills, invalidations and inserts the cache
+        /// stays within its byte bound and never returns a row other than the
+        /// last one filled since the last invalidation.
+        #[test]
+        fn bounded_and_never_stale(ops in proptest::collection::vec((0u8..3, 0u8..20, any::<i64>()), 1..300)) {
+            let c = cache(8 * 1024, 0, Arc::new(ManualClock::new(0)));
+            let mut model: std::collections::HashMap<u8, i64> = Default::default();
+            for (op, key, ts) in ops {
+                let k = [key];
+                match op {
+                    0 => {
+                        if let Lookup::Miss(Some(guard)) = c.lookup(&k) {
+                            c.fill(guard, Some(row(ts)));
+                            model.insert(key, ts);
+                        }
+                    }
+                    1 => {
+                        c.invalidate(&[k]);
+                        model.remove(&key);
+                    }
+                    _ => {
+                        if let Some(found) = hit(&c, &k) {
+                            prop_assert_eq!(found, model.get(&key).copied());
+                        }
+                    }
+                }
+                prop_assert!(c.stats().bytes_used <= 8 * 1024 + 1024);
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! quiverd's configuration: defaults, then a TOML file, then `QUIVER_*`
+//! environment variables, then command-line flags (each overriding the one
+//! before). Nested keys in the environment use `__`:
+//! `QUIVER_LIMITS__WRITE_ROWS_MAX=500`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The default gRPC port.
+pub const DEFAULT_PORT: u16 = 7470;
+
+/// Everything quiverd can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address. Port 0 picks a free port (printed at start).
+    pub listen_addr: SocketAddr,
+    /// Where the node keeps its data.
+    pub data_dir: PathBuf,
+    /// fsync the write-ahead log before acknowledging a write.
+    pub sync_writes: bool,
+    /// RocksDB block cache.
+    pub block_cache_bytes: u64,
+    /// How long past its ttl a row stays on disk before compaction drops it.
+    pub ttl_grace_seconds: u64,
+    /// `text` or `json` logs (on stderr).
+    pub log_format: LogFormat,
+    /// The hot row cache.
+    pub cache: CacheConfig,
+    /// Per-request limits.
+    pub limits: Limits,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The hot row cache (LRU by weight, entries expire after a time).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Memory bound of the cache; 0 disables it.
+    pub bytes_max: u64,
+    /// Cached entries older than this are reloaded from storage; 0 = no
+    /// expiry (the cache is kept coherent by writes either way).
+    pub entry_ttl_ms: u64,
+}
+
+/// Limits on what one request may ask. Every limit is checked before any work
+/// is done, and a request over a limit is rejected with `INVALID_ARGUMENT`
+/// naming the limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest encoded request message.
+    pub request_bytes_max: u64,
+    /// Most rows in one Write (or one WriteStream message).
+    pub write_rows_max: u64,
+    /// Most entity keys in one Get.
+    pub get_keys_max: u64,
+    /// Most feature references in one Get.
+    pub get_feature_refs_max: u64,
+    /// Most values (keys x resolved features) one Get may return.
+    pub get_values_max: u64,
+    /// Longest entity key.
+    pub entity_key_bytes_max: u64,
+    /// Largest single feature value.
+    pub value_bytes_max: u64,
+    /// How far in the future an event time may be.
+    pub event_ts_future_seconds_max: u64,
+    /// Most concurrent requests per client connection.
+    pub connection_requests_max: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            data_dir: PathBuf::from("quiver-data"),
+            sync_writes: true,
+            block_cache_bytes: 256 << 20,
+            ttl_grace_seconds: 3600,
+            log_format: LogFormat::Text,
+            cache: CacheConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { bytes_max: 128 << 20, entry_ttl_ms: 0 }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_bytes_max: 16 << 20,
+            write_rows_max: 10_000,
+            get_keys_max: 10_000,
+            get_feature_refs_max: 1_000,
+            get_values_max: 1_000_000,
+            entity_key_bytes_max: 512,
+            value_bytes_max: 1 << 20,
+            event_ts_future_seconds_max: 24 * 3600,
+            connection_requests_max: 256,
+        }
+    }
+}
+
+/// Command-line flags; each overrides the file and the environment.
+#[derive(Debug, Default, clap::Parser, Serialize)]
+#[command(name = "quiverd", version, about = "Quiver online feature store server")]
+pub struct Flags {
+    /// TOML config file (also QUIVER_CONFIG).
+    #[arg(long, env = "QUIVER_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:7470].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_addr: Option<SocketAddr>,
+    /// Data directory [default: ./quiver-data].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// fsync each write before acknowledging it [default: true].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_writes: Option<bool>,
+    /// Log format: text or json.
+    #[arg(long, value_parser = ["text", "json"])]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
+    /// Hot cache memory bound in bytes; 0 disables the cache.
+    #[arg(long)]
+    #[serde(skip)]
+    pub cache_bytes_max: Option<u64>,
+}
+
+/// A configuration that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads the configuration: defaults < file < environment < flags.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        Self::load_from(flags, Env::prefixed("QUIVER_").ignore(&["config"]).split("__"))
+    }
+
+    fn load_from(flags: &Flags, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &flags.config {
+            if !path.is_file() {
+                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(env).merge(Serialized::defaults(flags));
+        if let Some(bytes) = flags.cache_bytes_max {
+            figment = figment.merge(Serialized::default("cache.bytes_max", bytes));
+        }
+        let config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let nonzero = [
+            ("limits.request_bytes_max", l.request_bytes_max),
+            ("limits.write_rows_max", l.write_rows_max),
+            ("limits.get_keys_max", l.get_keys_max),
+            ("limits.get_feature_refs_max", l.get_feature_refs_max),
+            ("limits.get_values_max", l.get_values_max),
+            ("limits.entity_key_bytes_max", l.entity_key_bytes_max),
+            ("limits.value_bytes_max", l.value_bytes_max),
+            ("limits.connection_requests_max", l.connection_requests_max),
+        ];
+        for (name, value) in nonzero {
+            if value == 0 {
+                return Err(ConfigError(format!("{name} must be positive")));
+            }
+        }
+        if l.request_bytes_max > u64::from(u32::MAX) {
+            return Err(ConfigError("limits.request_bytes_max must be below 4 GiB".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn layers_override_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "quiver.toml",
+                "data_dir = \"/from/file\"\nsync_writes = false\n[limits]\nwrite_rows_max = 7\n[cache]\nbytes_max = 5\n",
+            )?;
+            jail.set_env("QUIVER_DATA_DIR", "/from/env");
+            jail.set_env("QUIVER_LIMITS__GET_KEYS_MAX", "9");
+            let flags = Flags::parse_from(["quiverd", "--config", "quiver.toml", "--cache-bytes-max", "0"]);
+            let config = Config::load(&flags).expect("loads");
+            assert_eq!(config.data_dir, PathBuf::from("/from/env"));
+            assert!(!config.sync_writes);
+            assert_eq!(config.limits.write_rows_max, 7);
+            assert_eq!(config.limits.get_keys_max, 9);
+            assert_eq!(config.cache.bytes_max, 0);
+
+            let flags = Flags::parse_from(["quiverd", "--config", "quiver.toml", "--data-dir", "/from/flag"]);
+            assert_eq!(Config::load(&flags).expect("loads").data_dir, PathBuf::from("/from/flag"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_config_is_a_clear_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "no_such_key = 1\n")?;
+            let flags = Flags::parse_from(["quiverd", "--config", "bad.toml"]);
+            let err = Config::load(&flags).unwrap_err().to_string();
+            assert!(err.contains("no_such_key"), "{err}");
+            jail.create_file("zero.toml", "[limits]\nwrite_rows_max = 0\n")?;
+            let flags = Flags::parse_from(["quiverd", "--config", "zero.toml"]);
+            assert!(Config::load(&flags).unwrap_err().to_string().contains("write_rows_max"));
+            let flags = Flags::parse_from(["quiverd", "--config", "missing.toml"]);
+            assert!(Config::load(&flags).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn no_flags_means_defaults() {
+        let config = Config::load_from(&Flags::default(), Env::prefixed("QUIVER_TEST_NOTHING_")).expect("defaults load");
+        assert_eq!(config, Config::default());
+    }
+}

@@ -1,0 +1,109 @@
+//! The server's error type and its mapping to gRPC status codes: the one
+//! place where a failure becomes a code a client can act on.
+
+use quiver_engine::{EngineError, ViewError};
+use tonic::{Code, Status};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The request is malformed or breaks the schema.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request exceeds a configured limit.
+    #[error("{what} is {actual}, the limit ({limit_name}) is {limit}")]
+    LimitExceeded {
+        /// What was measured.
+        what: &'static str,
+        /// The measurement.
+        actual: u64,
+        /// The config key of the limit.
+        limit_name: &'static str,
+        /// The limit.
+        limit: u64,
+    },
+    /// A named view or feature does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The storage engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A blocking task died (panicked or was cancelled).
+    #[error("internal task failed: {0}")]
+    TaskFailed(String),
+}
+
+impl ServiceError {
+    /// An `InvalidArgument` with `message`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ServiceError::InvalidArgument(message.into())
+    }
+
+    /// Checks `actual <= limit`.
+    pub fn check_limit(what: &'static str, actual: usize, limit_name: &'static str, limit: u64) -> Result<(), Self> {
+        let actual = actual as u64;
+        if actual > limit { Err(ServiceError::LimitExceeded { what, actual, limit_name, limit }) } else { Ok(()) }
+    }
+
+    /// The gRPC code of this error.
+    pub fn code(&self) -> Code {
+        match self {
+            ServiceError::InvalidArgument(_) | ServiceError::LimitExceeded { .. } => Code::InvalidArgument,
+            ServiceError::NotFound(_) => Code::NotFound,
+            ServiceError::Engine(e) => match e {
+                EngineError::View(ViewError::IncompatibleChange { .. }) => Code::FailedPrecondition,
+                EngineError::View(_) => Code::InvalidArgument,
+                EngineError::UnknownView(_) => Code::NotFound,
+                EngineError::RegistryFull(_) => Code::ResourceExhausted,
+                EngineError::Corrupt { .. } => Code::DataLoss,
+                EngineError::Rocks(_) | EngineError::DataDir { .. } => Code::Unavailable,
+                _ => Code::Internal,
+            },
+            ServiceError::TaskFailed(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<ViewError> for ServiceError {
+    fn from(e: ViewError) -> Self {
+        ServiceError::Engine(EngineError::View(e))
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Self {
+        let code = e.code();
+        // Server-side failures are logged here, where they become a status;
+        // client mistakes are the client's to log.
+        if matches!(code, Code::Internal | Code::Unavailable | Code::DataLoss) {
+            tracing::error!(error = %e, ?code, "request failed");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for ServiceError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ServiceError::TaskFailed(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_stable() {
+        let incompatible = ViewError::IncompatibleChange {
+            view: "v".into(),
+            feature: "f".into(),
+            old: "int64".into(),
+            new: "string".into(),
+        };
+        assert_eq!(ServiceError::from(incompatible).code(), Code::FailedPrecondition);
+        assert_eq!(ServiceError::Engine(EngineError::UnknownView("v".into())).code(), Code::NotFound);
+        assert_eq!(ServiceError::check_limit("rows", 11, "write_rows_max", 10).unwrap_err().code(), Code::InvalidArgument);
+        assert!(ServiceError::check_limit("rows", 10, "write_rows_max", 10).is_ok());
+    }
+}

@@ -1,0 +1,73 @@
+//! Assembles and runs a node's gRPC server: the feature store service, the
+//! standard health service and server reflection, with graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use quiver_proto::v1::feature_store_server::FeatureStoreServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Config;
+use crate::node::Node;
+use crate::service::FeatureStoreService;
+
+/// Why a node stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The store could not be opened or flushed.
+    #[error("storage: {0}")]
+    Engine(#[from] quiver_engine::EngineError),
+    /// The gRPC transport failed.
+    #[error("grpc transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Socket setup failed.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// Reflection could not be built from the descriptor set.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Opens the node and serves on `listener` until `shutdown` resolves, then
+/// stops accepting, lets in-flight requests finish and flushes the store.
+pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let listen_addr = listener.local_addr()?;
+    let node = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Node::open(&config, listen_addr))
+            .await
+            .map_err(std::io::Error::other)??
+    };
+    let node = Arc::new(node);
+    let request_bytes_max = usize::try_from(config.limits.request_bytes_max).unwrap_or(usize::MAX);
+    let feature_store = FeatureStoreServer::new(FeatureStoreService::new(node.clone()))
+        .max_decoding_message_size(request_bytes_max)
+        .max_encoding_message_size(usize::MAX);
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<FeatureStoreServer<FeatureStoreService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    tracing::info!(%listen_addr, data_dir = %config.data_dir.display(), "serving");
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(usize::try_from(config.limits.connection_requests_max).unwrap_or(usize::MAX))
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(feature_store)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining in-flight requests");
+            health_reporter.set_not_serving::<FeatureStoreServer<FeatureStoreService>>().await;
+        })
+        .await?;
+
+    tokio::task::spawn_blocking(move || node.store.flush()).await.map_err(std::io::Error::other)??;
+    tracing::info!("store flushed; stopped");
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! Connecting to a node.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use quiver_proto::v1::feature_store_client::FeatureStoreClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest response the CLI accepts.
+const RESPONSE_BYTES_MAX: usize = 256 << 20;
+
+/// A client of one node.
+pub type Client = FeatureStoreClient<Channel>;
+
+/// Connects to `endpoint` (`host:port` or a URL).
+pub async fn connect(endpoint: &str) -> Result<Client> {
+    let url = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+    let channel = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("parse endpoint {endpoint:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await
+        .with_context(|| format!("connect to quiverd at {url} (is it running? see --endpoint / QUIVER_ENDPOINT)"))?;
+    Ok(FeatureStoreClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX))
+}
+
+/// Turns a gRPC status into an error that says what the server said.
+pub fn status_error(action: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{action}: {} ({:?})", status.message(), status.code())
+}

@@ -1,0 +1,94 @@
+//! `quiverctl`: Quiver's admin and debugging CLI. Talks to any node over the
+//! public gRPC API; human tables by default, `--json` for scripts.
+//!
+//! Architecture invariant: the CLI uses only `quiver-proto` (the wire API). It
+//! must never link the engine or the server, so it can never do what a remote
+//! client cannot.
+
+mod client;
+mod get;
+mod put;
+mod sample;
+mod status;
+mod values;
+mod views;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Quiver admin CLI.
+#[derive(Debug, Parser)]
+#[command(name = "quiverctl", version, about)]
+struct Cli {
+    /// Node to talk to (host:port or http://host:port).
+    #[arg(long, global = true, env = "QUIVER_ENDPOINT", default_value = "127.0.0.1:7470")]
+    endpoint: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage feature views.
+    #[command(subcommand)]
+    Views(ViewsCommand),
+    /// Write rows from a CSV or JSON-lines file.
+    Put(put::PutArgs),
+    /// Read features of entities.
+    Get(get::GetArgs),
+    /// Show the node's status.
+    Status,
+    /// Generate the sample data set.
+    #[command(subcommand)]
+    Sample(SampleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ViewsCommand {
+    /// Create or update the views in a YAML file.
+    Apply {
+        /// The YAML file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List the registered views.
+    List,
+    /// Delete a view and all its rows.
+    Delete {
+        /// The view's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SampleCommand {
+    /// Write drivers.csv and customers.jsonl for sample/views.yaml.
+    Generate(sample::GenerateArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if let Command::Sample(SampleCommand::Generate(args)) = &cli.command {
+        return sample::generate(args);
+    }
+    let mut client = client::connect(&cli.endpoint).await?;
+    match cli.command {
+        Command::Views(ViewsCommand::Apply { file }) => views::apply(&mut client, &file, cli.json).await,
+        Command::Views(ViewsCommand::List) => views::list(&mut client, cli.json).await,
+        Command::Views(ViewsCommand::Delete { name }) => views::delete(&mut client, &name).await,
+        Command::Put(args) => put::run(&mut client, &args, cli.json).await,
+        Command::Get(args) => get::run(&mut client, &args, cli.json).await,
+        Command::Status => status::run(&mut client, cli.json).await,
+        Command::Sample(_) => unreachable!("handled before connecting"),
+    }
+}
