@@ -29,6 +29,9 @@ pub struct Config {
     pub ttl_grace_seconds: u64,
     /// `text` or `json` logs (on stderr).
     pub log_format: LogFormat,
+    /// On shutdown, how long to wait for in-flight requests and open client
+    /// connections before closing them.
+    pub shutdown_drain_ms: u64,
     /// The hot row cache.
     pub cache: CacheConfig,
     /// Per-request limits.
@@ -91,6 +94,7 @@ impl Default for Config {
             block_cache_bytes: 256 << 20,
             ttl_grace_seconds: 3600,
             log_format: LogFormat::Text,
+            shutdown_drain_ms: 10_000,
             cache: CacheConfig::default(),
             limits: Limits::default(),
         }
@@ -147,6 +151,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip)]
     pub cache_bytes_max: Option<u64>,
+    /// How long shutdown waits for in-flight requests and open connections.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_drain_ms: Option<u64>,
 }
 
 /// A configuration that cannot be loaded.
@@ -157,7 +165,7 @@ pub struct ConfigError(String);
 impl Config {
     /// Loads the configuration: defaults < file < environment < flags.
     pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
-        Self::load_from(flags, Env::prefixed("QUIVER_").ignore(&["config"]).split("__"))
+        Self::load_from(flags, Env::prefixed("QUIVER_").ignore(&["config", "log"]).split("__"))
     }
 
     fn load_from(flags: &Flags, env: Env) -> Result<Config, ConfigError> {

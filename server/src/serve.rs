@@ -3,10 +3,11 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use quiver_proto::v1::feature_store_server::FeatureStoreServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::node::Node;
@@ -54,18 +55,37 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         .build_v1()?;
 
     tracing::info!(%listen_addr, data_dir = %config.data_dir.display(), "serving");
-    tonic::transport::Server::builder()
+    // Fires when shutdown starts, to bound the drain: idle client connections
+    // that never close must not keep a stopping node alive.
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .concurrency_limit_per_connection(usize::try_from(config.limits.connection_requests_max).unwrap_or(usize::MAX))
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_store)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            shutdown.await;
-            tracing::info!("shutdown requested: draining in-flight requests");
-            health_reporter.set_not_serving::<FeatureStoreServer<FeatureStoreService>>().await;
-        })
-        .await?;
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY small responses wait on delayed ACKs (~40 ms).
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                shutdown.await;
+                tracing::info!("shutdown requested: draining in-flight requests");
+                let _ = draining_tx.send(());
+                health_reporter.set_not_serving::<FeatureStoreServer<FeatureStoreService>>().await;
+            },
+        );
+    let drain_deadline = async {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(config.shutdown_drain_ms)).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        () = drain_deadline => {
+            tracing::warn!(drain_ms = config.shutdown_drain_ms, "drain deadline passed; closing remaining connections");
+        }
+    }
 
     tokio::task::spawn_blocking(move || node.store.flush()).await.map_err(std::io::Error::other)??;
     tracing::info!("store flushed; stopped");

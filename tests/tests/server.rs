@@ -212,10 +212,14 @@ async fn invalidate_and_delete() {
 
 #[tokio::test]
 async fn data_survives_graceful_restart() {
-    let (_dir, mut node, mut client) = start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut node = Node::start(&dir.path().join("node"), &["--shutdown-drain-ms", "500"]).await.expect("node starts");
+    let mut client = node.client().await.expect("client connects");
     apply(&mut client, driver_view(0)).await.expect("apply");
     let ts = now_us();
     write(&mut client, "driver", vec![row("a", ts, &[("trips", int64(42))])]).await.expect("write");
+    // A client left connected must not stop the node from stopping: the drain
+    // is bounded by shutdown_drain_ms.
     node.restart().await.expect("restart");
     assert!(node.log().contains("store flushed"), "graceful shutdown flushes: {}", node.log());
     let mut client = node.client().await.expect("reconnect");

@@ -94,7 +94,8 @@ pub fn to_json(value: &pb::Value) -> serde_json::Value {
         Some(kind) => match kind {
             Kind::Int64Val(v) | Kind::UnixTimestampVal(v) => json!(v),
             Kind::DoubleVal(v) => json!(v),
-            Kind::FloatVal(v) => json!(v),
+            // Through the shortest f32 text, so 0.65 prints as 0.65, not 0.6499999761581421.
+            Kind::FloatVal(v) => v.to_string().parse::<f64>().map_or(serde_json::Value::Null, |f| json!(f)),
             Kind::BoolVal(v) => json!(v),
             Kind::StringVal(v) => json!(v),
             Kind::BytesVal(v) => json!(String::from_utf8_lossy(v)),
@@ -108,8 +109,14 @@ pub fn to_json(value: &pb::Value) -> serde_json::Value {
     }
 }
 
-/// A value as table text.
+/// A value as table text (timestamps as RFC 3339).
 pub fn to_text(value: &pb::Value) -> String {
+    if let Some(Kind::UnixTimestampVal(us)) = value.kind
+        && let Ok(us) = u64::try_from(us)
+    {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_micros(us);
+        return humantime::format_rfc3339_seconds(time).to_string();
+    }
     match to_json(value) {
         serde_json::Value::String(s) => s,
         serde_json::Value::Null => String::new(),
