@@ -8,15 +8,23 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use quiver_engine::codec::{decode_row, encode_row_to_vec};
 use quiver_engine::keys::{entity_hash, storage_key};
 use quiver_engine::view::FeatureSpec;
-use quiver_engine::{RowWrite, StateStore, StoreOptions, StoredRow, SystemClock, Value, ValueType, ViewSpec};
+use quiver_engine::{
+    RowWrite, StateStore, StoreOptions, StoredRow, SystemClock, Value, ValueType, ViewSpec,
+};
 use quiver_server::cache::{HotCache, Lookup};
 
 fn sample_row() -> StoredRow {
-    let mut values: Vec<(u32, Value)> = (1..=5).map(|i| (i, Value::Double(i as f64 * 1.5))).collect();
+    let mut values: Vec<(u32, Value)> = (1..=5)
+        .map(|i| (i, Value::Double(i as f64 * 1.5)))
+        .collect();
     values.extend((6..=8).map(|i| (i, Value::Int64(i as i64 * 1000))));
     values.push((9, Value::Float(0.25)));
     values.push((10, Value::String("seg-00012345678".into())));
-    StoredRow { event_ts_us: 1_700_000_000_000_000, written_ts_us: 1_700_000_000_000_100, values }
+    StoredRow {
+        event_ts_us: 1_700_000_000_000_000,
+        written_ts_us: 1_700_000_000_000_100,
+        values,
+    }
 }
 
 fn codec(c: &mut Criterion) {
@@ -24,15 +32,23 @@ fn codec(c: &mut Criterion) {
     let bytes = encode_row_to_vec(&row);
     let mut group = c.benchmark_group("codec");
     group.throughput(Throughput::Elements(1));
-    group.bench_function("encode_row_10_features", |b| b.iter(|| encode_row_to_vec(std::hint::black_box(&row))));
-    group.bench_function("decode_row_10_features", |b| b.iter(|| decode_row(std::hint::black_box(&bytes))));
+    group.bench_function("encode_row_10_features", |b| {
+        b.iter(|| encode_row_to_vec(std::hint::black_box(&row)))
+    });
+    group.bench_function("decode_row_10_features", |b| {
+        b.iter(|| decode_row(std::hint::black_box(&bytes)))
+    });
     group.finish();
 }
 
 fn keys(c: &mut Criterion) {
     let mut group = c.benchmark_group("keys");
-    group.bench_function("entity_hash_16_bytes", |b| b.iter(|| entity_hash(std::hint::black_box(b"user:0000123456"))));
-    group.bench_function("storage_key", |b| b.iter(|| storage_key(7, std::hint::black_box(b"user:0000123456"))));
+    group.bench_function("entity_hash_16_bytes", |b| {
+        b.iter(|| entity_hash(std::hint::black_box(b"user:0000123456")))
+    });
+    group.bench_function("storage_key", |b| {
+        b.iter(|| storage_key(7, std::hint::black_box(b"user:0000123456")))
+    });
     group.finish();
 }
 
@@ -41,7 +57,11 @@ fn view_spec() -> ViewSpec {
         name: "bench".into(),
         entities: vec!["user_id".into()],
         features: (0..10)
-            .map(|i| FeatureSpec { name: format!("f{i}"), value_type: ValueType::Double, default: None })
+            .map(|i| FeatureSpec {
+                name: format!("f{i}"),
+                value_type: ValueType::Double,
+                default: None,
+            })
             .collect(),
         ttl_seconds: 0,
         description: String::new(),
@@ -50,7 +70,10 @@ fn view_spec() -> ViewSpec {
 
 fn engine(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let options = StoreOptions { sync_writes: false, ..StoreOptions::default() };
+    let options = StoreOptions {
+        sync_writes: false,
+        ..StoreOptions::default()
+    };
     let store = StateStore::open(dir.path(), options).expect("open store");
     let (view, _) = store.apply_view(view_spec()).expect("apply view");
     let values: Vec<(u32, Value)> = (1..=10).map(|i| (i, Value::Double(i as f64))).collect();
@@ -58,7 +81,11 @@ fn engine(c: &mut Criterion) {
     for chunk in (0..entities).collect::<Vec<_>>().chunks(1000) {
         let rows: Vec<RowWrite> = chunk
             .iter()
-            .map(|id| RowWrite { entity_key: format!("user:{id:010}"), event_ts_us: 1, values: values.clone() })
+            .map(|id| RowWrite {
+                entity_key: format!("user:{id:010}"),
+                event_ts_us: 1,
+                values: values.clone(),
+            })
             .collect();
         store.write_rows(view.id, &rows).expect("preload");
     }
@@ -68,8 +95,14 @@ fn engine(c: &mut Criterion) {
     group.bench_function("put_single_row_no_fsync", |b| {
         b.iter(|| {
             n += 1;
-            let row = RowWrite { entity_key: format!("user:{:010}", n % entities), event_ts_us: n as i64 + 1, values: values.clone() };
-            store.write_rows(view.id, std::slice::from_ref(&row)).expect("write")
+            let row = RowWrite {
+                entity_key: format!("user:{:010}", n % entities),
+                event_ts_us: n as i64 + 1,
+                values: values.clone(),
+            };
+            store
+                .write_rows(view.id, std::slice::from_ref(&row))
+                .expect("write")
         })
     });
     group.throughput(Throughput::Elements(100));
@@ -93,7 +126,14 @@ fn engine(c: &mut Criterion) {
         b.iter_batched(
             || {
                 n += 7919;
-                (0..100).map(|i| storage_key(view.id, format!("user:{:010}", (n + i * 97) % entities).as_bytes())).collect::<Vec<_>>()
+                (0..100)
+                    .map(|i| {
+                        storage_key(
+                            view.id,
+                            format!("user:{:010}", (n + i * 97) % entities).as_bytes(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
             },
             |keys| store.get_rows(&keys),
             BatchSize::SmallInput,
@@ -103,9 +143,15 @@ fn engine(c: &mut Criterion) {
 }
 
 fn cache(c: &mut Criterion) {
-    let cache = Arc::new(HotCache::new(256 << 20, Duration::ZERO, Arc::new(SystemClock)));
+    let cache = Arc::new(HotCache::new(
+        256 << 20,
+        Duration::ZERO,
+        Arc::new(SystemClock),
+    ));
     let row = Arc::new(sample_row());
-    let keys: Vec<Vec<u8>> = (0..100_000u64).map(|id| storage_key(1, format!("user:{id:010}").as_bytes())).collect();
+    let keys: Vec<Vec<u8>> = (0..100_000u64)
+        .map(|id| storage_key(1, format!("user:{id:010}").as_bytes()))
+        .collect();
     for key in &keys {
         if let Lookup::Miss(Some(guard)) = cache.lookup(key) {
             cache.fill(guard, Some(row.clone()));

@@ -29,7 +29,11 @@ pub fn view() -> pb::FeatureView {
         name: VIEW.into(),
         entities: vec!["user_id".into()],
         features: (0..FEATURES)
-            .map(|i| pb::FeatureSpec { name: format!("f{i}"), r#type: feature_type(i) as i32, default_value: None })
+            .map(|i| pb::FeatureSpec {
+                name: format!("f{i}"),
+                r#type: feature_type(i) as i32,
+                default_value: None,
+            })
             .collect(),
         ttl_seconds: 0,
         description: "quiver-bench data set".into(),
@@ -56,7 +60,9 @@ pub fn row(id: u64, event_ts_us: i64, generation: u64) -> pb::WriteRow {
     pb::WriteRow {
         entity_key: entity_key(id),
         event_ts_us,
-        values: (0..FEATURES).map(|i| (format!("f{i}"), value(id, i, generation))).collect(),
+        values: (0..FEATURES)
+            .map(|i| (format!("f{i}"), value(id, i, generation)))
+            .collect(),
     }
 }
 
@@ -67,8 +73,16 @@ pub fn check_entity(entity: &pb::EntityResult) -> Result<(), String> {
         .strip_prefix("user:")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("unexpected key {}", entity.entity_key))?;
-    match entity.features.first().and_then(|f| f.value.as_ref()).and_then(|v| v.kind.as_ref()) {
+    match entity
+        .features
+        .first()
+        .and_then(|f| f.value.as_ref())
+        .and_then(|v| v.kind.as_ref())
+    {
         Some(Kind::DoubleVal(v)) if *v == id as f64 => Ok(()),
-        other => Err(format!("{}: f0 is {other:?}, expected {id}", entity.entity_key)),
+        other => Err(format!(
+            "{}: f0 is {other:?}, expected {id}",
+            entity.entity_key
+        )),
     }
 }

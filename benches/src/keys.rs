@@ -23,12 +23,17 @@ pub enum KeyChooser {
 
 impl KeyChooser {
     /// A chooser over `entities` ids.
-    pub fn new(distribution: KeyDistribution, entities: u64, exponent: f64) -> anyhow::Result<Self> {
+    pub fn new(
+        distribution: KeyDistribution,
+        entities: u64,
+        exponent: f64,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(entities > 0, "need at least one entity");
         Ok(match distribution {
             KeyDistribution::Uniform => KeyChooser::Uniform(entities),
             KeyDistribution::Zipf => KeyChooser::Zipf(
-                Zipf::new(entities as f64, exponent).map_err(|e| anyhow::anyhow!("zipf parameters: {e}"))?,
+                Zipf::new(entities as f64, exponent)
+                    .map_err(|e| anyhow::anyhow!("zipf parameters: {e}"))?,
             ),
         })
     }
@@ -61,7 +66,10 @@ mod tests {
         let draws: Vec<u64> = (0..10_000).map(|_| zipf.next(&mut rng)).collect();
         assert!(draws.iter().all(|&id| id < 1000));
         let hot = draws.iter().filter(|&&id| id < 10).count();
-        assert!(hot > 2_000, "the 1% hottest keys take a large share under zipf: {hot}");
+        assert!(
+            hot > 2_000,
+            "the 1% hottest keys take a large share under zipf: {hot}"
+        );
         assert!((0..10_000).all(|_| uniform.next(&mut rng) < 1000));
     }
 }

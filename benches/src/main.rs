@@ -93,7 +93,11 @@ struct Args {
 type Client = FeatureStoreClient<Channel>;
 
 async fn connect(endpoint: &str) -> Result<Client> {
-    let url = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
     let channel = tonic::transport::Endpoint::from_shared(url)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -111,7 +115,11 @@ fn now_us() -> i64 {
 
 async fn preload(clients: &[Client], entities: u64) -> Result<()> {
     let mut client = clients[0].clone();
-    client.apply_feature_view(pb::ApplyFeatureViewRequest { view: Some(dataset::view()) }).await?;
+    client
+        .apply_feature_view(pb::ApplyFeatureViewRequest {
+            view: Some(dataset::view()),
+        })
+        .await?;
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let event_ts = now_us() - 1_000_000;
@@ -128,8 +136,15 @@ async fn preload(clients: &[Client], entities: u64) -> Result<()> {
                         return Ok::<_, anyhow::Error>(());
                     }
                     let end = (start + PRELOAD_BATCH_ROWS).min(entities);
-                    let rows = (start..end).map(|id| dataset::row(id, event_ts, 0)).collect();
-                    client.write(pb::WriteRequest { view: dataset::VIEW.into(), rows }).await?;
+                    let rows = (start..end)
+                        .map(|id| dataset::row(id, event_ts, 0))
+                        .collect();
+                    client
+                        .write(pb::WriteRequest {
+                            view: dataset::VIEW.into(),
+                            rows,
+                        })
+                        .await?;
                 }
             })
         })
@@ -137,7 +152,10 @@ async fn preload(clients: &[Client], entities: u64) -> Result<()> {
     for task in tasks {
         task.await??;
     }
-    eprintln!("preloaded {entities} entities in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "preloaded {entities} entities in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -166,9 +184,18 @@ impl Generator {
         if write {
             let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
             let ts = now_us();
-            let rows = (0..self.args.rows_per_write).map(|_| dataset::row(self.keys.next(rng), ts, generation)).collect();
-            client.write(pb::WriteRequest { view: dataset::VIEW.into(), rows }).await?;
-            return Ok(Outcome::Write { rows: self.args.rows_per_write });
+            let rows = (0..self.args.rows_per_write)
+                .map(|_| dataset::row(self.keys.next(rng), ts, generation))
+                .collect();
+            client
+                .write(pb::WriteRequest {
+                    view: dataset::VIEW.into(),
+                    rows,
+                })
+                .await?;
+            return Ok(Outcome::Write {
+                rows: self.args.rows_per_write,
+            });
         }
         let ids = self.keys.batch(rng, self.args.batch);
         let request = pb::GetRequest {
@@ -181,14 +208,20 @@ impl Generator {
         // Check about 1% of responses in full.
         if rng.random_ratio(1, 100) {
             if response.entities.len() != ids.len() {
-                bail!("asked for {} entities, got {}", ids.len(), response.entities.len());
+                bail!(
+                    "asked for {} entities, got {}",
+                    ids.len(),
+                    response.entities.len()
+                );
             }
             for entity in &response.entities {
                 dataset::check_entity(entity).map_err(anyhow::Error::msg)?;
             }
             self.checked.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(Outcome::Read { entities: ids.len() as u64 })
+        Ok(Outcome::Read {
+            entities: ids.len() as u64,
+        })
     }
 }
 
@@ -204,7 +237,12 @@ struct Measured {
     tally: Tally,
 }
 
-async fn closed_loop(generator: Arc<Generator>, clients: Vec<Client>, until: Instant, measure_from: Instant) -> Result<Measured> {
+async fn closed_loop(
+    generator: Arc<Generator>,
+    clients: Vec<Client>,
+    until: Instant,
+    measure_from: Instant,
+) -> Result<Measured> {
     let tasks: Vec<_> = (0..generator.args.concurrency)
         .map(|i| {
             let generator = generator.clone();
@@ -238,7 +276,13 @@ async fn closed_loop(generator: Arc<Generator>, clients: Vec<Client>, until: Ins
     merge(tasks).await
 }
 
-async fn open_loop(generator: Arc<Generator>, clients: Vec<Client>, rate: u64, until: Instant, measure_from: Instant) -> Result<Measured> {
+async fn open_loop(
+    generator: Arc<Generator>,
+    clients: Vec<Client>,
+    rate: u64,
+    until: Instant,
+    measure_from: Instant,
+) -> Result<Measured> {
     let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
     let in_flight = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -280,7 +324,9 @@ async fn open_loop(generator: Arc<Generator>, clients: Vec<Client>, rate: u64, u
         intended += interval;
     }
     if overloaded > 0 {
-        eprintln!("warning: {overloaded} requests not sent: {OPEN_LOOP_IN_FLIGHT_MAX} already in flight (target rate too high)");
+        eprintln!(
+            "warning: {overloaded} requests not sent: {OPEN_LOOP_IN_FLIGHT_MAX} already in flight (target rate too high)"
+        );
     }
     merge(tasks).await
 }
@@ -310,7 +356,9 @@ async fn merge(tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, Tally)>>) -> 
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run(args))
 }
 
@@ -335,13 +383,20 @@ async fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let until = measure_from + args.duration;
-    let (client_cpu_0, server_cpu_0) = (cpu_seconds(None), args.server_pid.and_then(|p| cpu_seconds(Some(p))));
+    let (client_cpu_0, server_cpu_0) = (
+        cpu_seconds(None),
+        args.server_pid.and_then(|p| cpu_seconds(Some(p))),
+    );
     let measured = match args.rate {
         None => closed_loop(generator.clone(), clients, until, measure_from).await?,
         Some(rate) => open_loop(generator.clone(), clients, rate, until, measure_from).await?,
     };
     let client_cpu = cpu_seconds(None).zip(client_cpu_0).map(|(b, a)| b - a);
-    let server_cpu = args.server_pid.and_then(|p| cpu_seconds(Some(p))).zip(server_cpu_0).map(|(b, a)| b - a);
+    let server_cpu = args
+        .server_pid
+        .and_then(|p| cpu_seconds(Some(p)))
+        .zip(server_cpu_0)
+        .map(|(b, a)| b - a);
     let seconds = args.duration.as_secs_f64();
     let h = &measured.histogram;
     let errors = generator.errors.load(Ordering::Relaxed);

@@ -11,7 +11,11 @@ pub fn latency_histogram() -> Histogram<u64> {
 
 /// Records one latency.
 pub fn record(histogram: &mut Histogram<u64>, latency: Duration) {
-    histogram.saturating_record(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).max(1));
+    histogram.saturating_record(
+        u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1),
+    );
 }
 
 /// CPU seconds (user + system) used so far by process `pid` (`None`: this

@@ -35,7 +35,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock standing at `now_us`.
     pub fn new(now_us: i64) -> Self {
-        Self { now_us: AtomicI64::new(now_us) }
+        Self {
+            now_us: AtomicI64::new(now_us),
+        }
     }
 
     /// Moves the clock forward by `delta_us` (or back, if negative).

@@ -70,15 +70,18 @@ fn encode_value(value: &Value, out: &mut Vec<u8>) {
         Value::Bytes(b) => put_bytes(out, b),
         Value::Int64List(v) | Value::UnixTimestampList(v) => {
             put_varint(out, v.len() as u64);
-            v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            v.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         }
         Value::DoubleList(v) => {
             put_varint(out, v.len() as u64);
-            v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            v.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         }
         Value::FloatList(v) => {
             put_varint(out, v.len() as u64);
-            v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            v.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
         }
         Value::BoolList(v) => {
             put_varint(out, v.len() as u64);
@@ -125,7 +128,8 @@ pub fn decode_row(bytes: &[u8]) -> Result<StoredRow, DecodeError> {
     let mut last: Option<FieldId> = None;
     for _ in 0..count {
         let at = r.offset;
-        let field = FieldId::try_from(r.varint()?).map_err(|_| r.error_at("field id out of range", at))?;
+        let field =
+            FieldId::try_from(r.varint()?).map_err(|_| r.error_at("field id out of range", at))?;
         if last.is_some_and(|prev| prev >= field) {
             return Err(r.error_at("field ids not strictly increasing", at));
         }
@@ -135,7 +139,11 @@ pub fn decode_row(bytes: &[u8]) -> Result<StoredRow, DecodeError> {
     if r.offset != bytes.len() {
         return Err(r.error("trailing bytes"));
     }
-    Ok(StoredRow { event_ts_us, written_ts_us, values })
+    Ok(StoredRow {
+        event_ts_us,
+        written_ts_us,
+        values,
+    })
 }
 
 struct Reader<'a> {
@@ -258,7 +266,8 @@ impl<'a> Reader<'a> {
         if tag == NULL_TAG {
             return Ok(Value::Null);
         }
-        let value_type = ValueType::from_tag(tag).ok_or_else(|| self.error_at("unknown value tag", at))?;
+        let value_type =
+            ValueType::from_tag(tag).ok_or_else(|| self.error_at("unknown value tag", at))?;
         Ok(match value_type {
             ValueType::Int64 => Value::Int64(self.i64()?),
             ValueType::UnixTimestamp => Value::UnixTimestamp(self.i64()?),
@@ -369,20 +378,34 @@ mod tests {
 
     #[test]
     fn unknown_version_is_rejected() {
-        let row = StoredRow { event_ts_us: 5, written_ts_us: 6, values: vec![] };
+        let row = StoredRow {
+            event_ts_us: 5,
+            written_ts_us: 6,
+            values: vec![],
+        };
         let mut bytes = encode_row_to_vec(&row);
         bytes[0] = 2;
-        assert_eq!(decode_row(&bytes).unwrap_err().reason, "unknown row format version");
+        assert_eq!(
+            decode_row(&bytes).unwrap_err().reason,
+            "unknown row format version"
+        );
     }
 
     #[test]
     fn hostile_list_length_does_not_allocate() {
-        let row = StoredRow { event_ts_us: 0, written_ts_us: 0, values: vec![(1, Value::Int64List(vec![]))] };
+        let row = StoredRow {
+            event_ts_us: 0,
+            written_ts_us: 0,
+            values: vec![(1, Value::Int64List(vec![]))],
+        };
         let mut bytes = encode_row_to_vec(&row);
         // Replace the empty list's count (last byte) with a huge varint.
         bytes.pop();
         bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
-        assert_eq!(decode_row(&bytes).unwrap_err().reason, "count exceeds input");
+        assert_eq!(
+            decode_row(&bytes).unwrap_err().reason,
+            "count exceeds input"
+        );
     }
 
     #[test]
@@ -392,7 +415,10 @@ mod tests {
         bytes.extend_from_slice(&0i64.to_le_bytes());
         let header = bytes.clone();
         bytes.extend_from_slice(&[2, 5, 0, 5, 0]); // two fields, both id 5, null
-        assert_eq!(decode_row(&bytes).unwrap_err().reason, "field ids not strictly increasing");
+        assert_eq!(
+            decode_row(&bytes).unwrap_err().reason,
+            "field ids not strictly increasing"
+        );
         let mut bytes = header;
         bytes.extend_from_slice(&[1, 1, ValueType::Bool.tag(), 2]);
         assert_eq!(decode_row(&bytes).unwrap_err().reason, "bool not 0 or 1");

@@ -54,7 +54,9 @@ pub enum ViewError {
         found: String,
     },
     /// Applying the view would change the type of an existing feature.
-    #[error("feature {view}:{feature} is {old}; changing it to {new} is incompatible (delete and recreate the view)")]
+    #[error(
+        "feature {view}:{feature} is {old}; changing it to {new} is incompatible (delete and recreate the view)"
+    )]
     IncompatibleChange {
         /// The view.
         view: String,

@@ -7,6 +7,9 @@
 //! cluster. It must never depend on tonic, openraft, tokio or `quiver-proto`;
 //! everything above it converts to and from its types.
 
+// Tests may unwrap; production code may not (workspace lint).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod clock;
 pub mod codec;
 pub mod error;

@@ -23,8 +23,16 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub(crate) fn new(views: Vec<FeatureView>, dropped: HashSet<ViewId>, next_view_id: ViewId) -> Self {
-        let mut catalog = Catalog { dropped, next_view_id, ..Default::default() };
+    pub(crate) fn new(
+        views: Vec<FeatureView>,
+        dropped: HashSet<ViewId>,
+        next_view_id: ViewId,
+    ) -> Self {
+        let mut catalog = Catalog {
+            dropped,
+            next_view_id,
+            ..Default::default()
+        };
         for view in views {
             catalog.insert(Arc::new(view));
         }

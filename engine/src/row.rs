@@ -61,7 +61,11 @@ mod tests {
 
     #[test]
     fn ttl_boundary_is_inclusive_of_the_ttl_itself() {
-        let row = StoredRow { event_ts_us: 1_000, written_ts_us: 1_000, values: vec![] };
+        let row = StoredRow {
+            event_ts_us: 1_000,
+            written_ts_us: 1_000,
+            values: vec![],
+        };
         assert_eq!(row.freshness(500, 1_500), RowFreshness::Fresh);
         assert_eq!(row.freshness(500, 1_501), RowFreshness::Expired);
         assert_eq!(row.freshness(0, i64::MAX), RowFreshness::Fresh);
@@ -72,7 +76,11 @@ mod tests {
         let row = StoredRow {
             event_ts_us: 0,
             written_ts_us: 0,
-            values: vec![(1, Value::Int64(1)), (4, Value::Null), (9, Value::Bool(true))],
+            values: vec![
+                (1, Value::Int64(1)),
+                (4, Value::Null),
+                (9, Value::Bool(true)),
+            ],
         };
         assert_eq!(row.value(4), Some(&Value::Null));
         assert_eq!(row.value(9), Some(&Value::Bool(true)));

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options, WriteBatch,
-    WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
+    WriteBatch, WriteOptions,
 };
 
 use crate::clock::Clock;
@@ -115,7 +115,9 @@ pub struct StateStore {
 
 impl std::fmt::Debug for StateStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StateStore").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("StateStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -123,8 +125,10 @@ impl StateStore {
     /// Opens (creating if needed) the store in `path`.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        std::fs::create_dir_all(&path)
-            .map_err(|e| EngineError::DataDir { path: path.clone(), reason: format!("cannot create: {e}") })?;
+        std::fs::create_dir_all(&path).map_err(|e| EngineError::DataDir {
+            path: path.clone(),
+            reason: format!("cannot create: {e}"),
+        })?;
 
         let registry: Registry = Arc::default();
         let cache = Cache::new_lru_cache(options.block_cache_bytes);
@@ -148,14 +152,21 @@ impl StateStore {
         data_options.set_write_buffer_size(options.write_buffer_bytes);
         data_options.set_compaction_filter(
             FILTER_NAME,
-            ttl_filter(registry.clone(), options.clock.clone(), options.ttl_grace_us),
+            ttl_filter(
+                registry.clone(),
+                options.clock.clone(),
+                options.ttl_grace_us,
+            ),
         );
         let meta_options = Options::default();
 
         let db = DB::open_cf_descriptors(
             &db_options,
             &path,
-            [ColumnFamilyDescriptor::new(CF_DATA, data_options), ColumnFamilyDescriptor::new(CF_META, meta_options)],
+            [
+                ColumnFamilyDescriptor::new(CF_DATA, data_options),
+                ColumnFamilyDescriptor::new(CF_META, meta_options),
+            ],
         )?;
         let mut write_options = WriteOptions::default();
         write_options.set_sync(options.sync_writes);
@@ -177,7 +188,9 @@ impl StateStore {
     }
 
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created at open")
     }
 
     fn load_catalog(&self) -> Result<Catalog> {
@@ -187,10 +200,11 @@ impl StateStore {
         for item in self.db.iterator_cf(meta, IteratorMode::Start) {
             let (key, value) = item?;
             if let Some(name) = key.strip_prefix(META_VIEW_PREFIX) {
-                let mut view: FeatureView = serde_json::from_slice(&value).map_err(|e| EngineError::Corrupt {
-                    what: format!("feature view record {:?}", String::from_utf8_lossy(name)),
-                    reason: e.to_string(),
-                })?;
+                let mut view: FeatureView =
+                    serde_json::from_slice(&value).map_err(|e| EngineError::Corrupt {
+                        what: format!("feature view record {:?}", String::from_utf8_lossy(name)),
+                        reason: e.to_string(),
+                    })?;
                 view.rebuild_index();
                 views.push(view);
             } else if let Some(id) = key.strip_prefix(META_DROPPED_PREFIX) {
@@ -226,7 +240,9 @@ impl StateStore {
         let catalog = self.registry.load_full();
         let existing = catalog.view(&spec.name).cloned();
         if existing.is_none() && catalog.len() >= VIEWS_MAX {
-            return Err(EngineError::RegistryFull(format!("at most {VIEWS_MAX} feature views")));
+            return Err(EngineError::RegistryFull(format!(
+                "at most {VIEWS_MAX} feature views"
+            )));
         }
         let (view, changed) = FeatureView::evolve(existing.as_deref(), spec, catalog.next_view_id)?;
         if !changed {
@@ -256,7 +272,9 @@ impl StateStore {
     pub fn delete_view(&self, name: &str) -> Result<Arc<FeatureView>> {
         let _guard = self.write_lock.lock();
         let mut next = (*self.registry.load_full()).clone();
-        let view = next.remove(name).ok_or_else(|| EngineError::UnknownView(name.to_owned()))?;
+        let view = next
+            .remove(name)
+            .ok_or_else(|| EngineError::UnknownView(name.to_owned()))?;
         let meta = self.cf(CF_META);
         let mut batch = WriteBatch::default();
         batch.delete_cf(meta, view_key(name));
@@ -272,7 +290,10 @@ impl StateStore {
     /// the stored row's (equal: the later write wins). Atomic: all rows of the
     /// batch are applied in one RocksDB write batch or none is.
     pub fn write_rows(&self, view_id: ViewId, rows: &[RowWrite]) -> Result<WriteOutcome> {
-        let keys: Vec<Vec<u8>> = rows.iter().map(|row| storage_key(view_id, row.entity_key.as_bytes())).collect();
+        let keys: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|row| storage_key(view_id, row.entity_key.as_bytes()))
+            .collect();
         let written_ts_us = self.clock.now_us();
         let data = self.cf(CF_DATA);
         let _guard = self.write_lock.lock();
@@ -299,13 +320,20 @@ impl StateStore {
         let mut outcome = WriteOutcome::default();
         let mut buffer = Vec::with_capacity(256);
         for (row, key) in rows.iter().zip(&keys) {
-            if latest.get(key.as_slice()).is_some_and(|&stored_ts| row.event_ts_us < stored_ts) {
+            if latest
+                .get(key.as_slice())
+                .is_some_and(|&stored_ts| row.event_ts_us < stored_ts)
+            {
                 outcome.rows_stale += 1;
                 continue;
             }
             latest.insert(key, row.event_ts_us);
             buffer.clear();
-            let stored = StoredRow { event_ts_us: row.event_ts_us, written_ts_us, values: row.values.clone() };
+            let stored = StoredRow {
+                event_ts_us: row.event_ts_us,
+                written_ts_us,
+                values: row.values.clone(),
+            };
             encode_row(&stored, &mut buffer);
             batch.put_cf(data, key, &buffer);
             outcome.rows_applied += 1;
@@ -314,8 +342,10 @@ impl StateStore {
         if !batch.is_empty() {
             self.db.write_opt(batch, &self.write_options)?;
         }
-        self.rows_written.fetch_add(outcome.rows_applied, Ordering::Relaxed);
-        self.rows_stale.fetch_add(outcome.rows_stale, Ordering::Relaxed);
+        self.rows_written
+            .fetch_add(outcome.rows_applied, Ordering::Relaxed);
+        self.rows_stale
+            .fetch_add(outcome.rows_stale, Ordering::Relaxed);
         Ok(outcome)
     }
 
@@ -328,10 +358,15 @@ impl StateStore {
             .into_iter()
             .zip(keys)
             .map(|(result, key)| {
-                let Some(bytes) = result? else { return Ok(None) };
+                let Some(bytes) = result? else {
+                    return Ok(None);
+                };
                 decode_row(&bytes).map(Some).map_err(|e| {
                     self.rows_corrupt.fetch_add(1, Ordering::Relaxed);
-                    EngineError::Corrupt { what: format!("row at key {:02x?}", key.as_ref()), reason: e.to_string() }
+                    EngineError::Corrupt {
+                        what: format!("row at key {:02x?}", key.as_ref()),
+                        reason: e.to_string(),
+                    }
                 })
             })
             .collect()
@@ -340,13 +375,19 @@ impl StateStore {
     /// Deletes the rows of `entity_keys` in view `view_id`. Returns the
     /// storage keys that held a row.
     pub fn delete_rows(&self, view_id: ViewId, entity_keys: &[String]) -> Result<Vec<Vec<u8>>> {
-        let keys: Vec<Vec<u8>> = entity_keys.iter().map(|k| storage_key(view_id, k.as_bytes())).collect();
+        let keys: Vec<Vec<u8>> = entity_keys
+            .iter()
+            .map(|k| storage_key(view_id, k.as_bytes()))
+            .collect();
         let data = self.cf(CF_DATA);
         let _guard = self.write_lock.lock();
         let mut batch = WriteBatch::default();
         let mut deleted = Vec::new();
         let mut seen = HashSet::new();
-        for (key, result) in keys.iter().zip(self.db.batched_multi_get_cf(data, &keys, false)) {
+        for (key, result) in keys
+            .iter()
+            .zip(self.db.batched_multi_get_cf(data, &keys, false))
+        {
             if result?.is_some() && seen.insert(key.as_slice()) {
                 batch.delete_cf(data, key);
                 deleted.push(key.clone());
@@ -377,7 +418,8 @@ impl StateStore {
     /// Compacts all row data now (runs the ttl filter over every row).
     pub fn compact_data(&self) -> Result<()> {
         self.db.flush_cf(self.cf(CF_DATA))?;
-        self.db.compact_range_cf(self.cf(CF_DATA), None::<&[u8]>, None::<&[u8]>);
+        self.db
+            .compact_range_cf(self.cf(CF_DATA), None::<&[u8]>, None::<&[u8]>);
         Ok(())
     }
 
@@ -406,9 +448,10 @@ fn view_key(name: &str) -> Vec<u8> {
 }
 
 fn decode_view_id(bytes: &[u8], what: &str) -> Result<ViewId> {
-    let array: [u8; 4] = bytes
-        .try_into()
-        .map_err(|_| EngineError::Corrupt { what: what.to_owned(), reason: format!("{} bytes, expected 4", bytes.len()) })?;
+    let array: [u8; 4] = bytes.try_into().map_err(|_| EngineError::Corrupt {
+        what: what.to_owned(),
+        reason: format!("{} bytes, expected 4", bytes.len()),
+    })?;
     Ok(ViewId::from_be_bytes(array))
 }
 

@@ -38,7 +38,9 @@ pub(crate) fn ttl_filter(
             return Decision::Keep;
         }
         match peek_event_ts(value) {
-            Ok(event_ts_us) if clock.now_us().saturating_sub(event_ts_us) > ttl_us.saturating_add(grace_us) => {
+            Ok(event_ts_us)
+                if clock.now_us().saturating_sub(event_ts_us) > ttl_us.saturating_add(grace_us) =>
+            {
                 Decision::Remove
             }
             _ => Decision::Keep,

@@ -101,33 +101,54 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), ViewError> {
         "empty"
     } else if name.len() > NAME_BYTES_MAX {
         "longer than 128 bytes"
-    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.') {
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
         "only letters, digits, '_', '-' and '.' are allowed"
     } else {
         return Ok(());
     };
-    Err(ViewError::InvalidName { what, name: name.to_owned(), reason })
+    Err(ViewError::InvalidName {
+        what,
+        name: name.to_owned(),
+        reason,
+    })
 }
 
 impl ViewSpec {
     /// Checks the spec on its own: names, duplicates, limits, default types.
     pub fn validate(&self) -> Result<(), ViewError> {
         check_name("view", &self.name)?;
-        let shape = |reason: String| ViewError::BadShape { view: self.name.clone(), reason };
+        let shape = |reason: String| ViewError::BadShape {
+            view: self.name.clone(),
+            reason,
+        };
         if self.features.is_empty() {
             return Err(shape("has no features".into()));
         }
         if self.features.len() > FEATURES_PER_VIEW_MAX {
-            return Err(shape(format!("has {} features, the limit is {FEATURES_PER_VIEW_MAX}", self.features.len())));
+            return Err(shape(format!(
+                "has {} features, the limit is {FEATURES_PER_VIEW_MAX}",
+                self.features.len()
+            )));
         }
         if self.entities.len() > ENTITIES_PER_VIEW_MAX {
-            return Err(shape(format!("has {} entities, the limit is {ENTITIES_PER_VIEW_MAX}", self.entities.len())));
+            return Err(shape(format!(
+                "has {} entities, the limit is {ENTITIES_PER_VIEW_MAX}",
+                self.entities.len()
+            )));
         }
         if self.ttl_seconds > TTL_SECONDS_MAX {
-            return Err(shape(format!("ttl {}s exceeds the limit of {TTL_SECONDS_MAX}s", self.ttl_seconds)));
+            return Err(shape(format!(
+                "ttl {}s exceeds the limit of {TTL_SECONDS_MAX}s",
+                self.ttl_seconds
+            )));
         }
         if self.description.len() > DESCRIPTION_BYTES_MAX {
-            return Err(shape(format!("description exceeds {DESCRIPTION_BYTES_MAX} bytes")));
+            return Err(shape(format!(
+                "description exceeds {DESCRIPTION_BYTES_MAX} bytes"
+            )));
         }
         for entity in &self.entities {
             check_name("entity", entity)?;
@@ -136,7 +157,10 @@ impl ViewSpec {
         for feature in &self.features {
             check_name("feature", &feature.name)?;
             if !seen.insert(feature.name.as_str()) {
-                return Err(ViewError::DuplicateFeature { view: self.name.clone(), feature: feature.name.clone() });
+                return Err(ViewError::DuplicateFeature {
+                    view: self.name.clone(),
+                    feature: feature.name.clone(),
+                });
             }
             if let Some(default) = &feature.default
                 && let Some(found) = default.value_type()
@@ -159,7 +183,11 @@ impl FeatureView {
     /// `existing` is `None`, else a compatible evolution of `existing`
     /// (features keep their field ids; new ones get fresh ids; a type change is
     /// rejected). Returns the view and whether anything changed.
-    pub fn evolve(existing: Option<&FeatureView>, spec: ViewSpec, new_id: ViewId) -> Result<(FeatureView, bool), ViewError> {
+    pub fn evolve(
+        existing: Option<&FeatureView>,
+        spec: ViewSpec,
+        new_id: ViewId,
+    ) -> Result<(FeatureView, bool), ViewError> {
         spec.validate()?;
         let (id, version, mut next_field_id) = match existing {
             Some(old) => (old.id, old.version, old.next_field_id),
@@ -182,7 +210,12 @@ impl FeatureView {
                     next_field_id - 1
                 }
             };
-            features.push(Feature { name: feature.name, field_id, value_type: feature.value_type, default: feature.default });
+            features.push(Feature {
+                name: feature.name,
+                field_id,
+                value_type: feature.value_type,
+                default: feature.default,
+            });
         }
         let mut view = FeatureView {
             id,
@@ -216,7 +249,12 @@ impl FeatureView {
 
     /// Restores the name index after deserialisation.
     pub fn rebuild_index(&mut self) {
-        self.by_name = self.features.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
+        self.by_name = self
+            .features
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.clone(), i))
+            .collect();
     }
 
     /// The feature called `name`.
@@ -232,7 +270,9 @@ impl FeatureView {
     /// ttl in microseconds; 0 = never expires.
     pub fn ttl_us(&self) -> i64 {
         // TTL_SECONDS_MAX keeps this far from overflow.
-        i64::try_from(self.ttl_seconds).unwrap_or(i64::MAX / 1_000_000).saturating_mul(1_000_000)
+        i64::try_from(self.ttl_seconds)
+            .unwrap_or(i64::MAX / 1_000_000)
+            .saturating_mul(1_000_000)
     }
 
     /// The spec this view was built from.
@@ -243,7 +283,11 @@ impl FeatureView {
             features: self
                 .features
                 .iter()
-                .map(|f| FeatureSpec { name: f.name.clone(), value_type: f.value_type, default: f.default.clone() })
+                .map(|f| FeatureSpec {
+                    name: f.name.clone(),
+                    value_type: f.value_type,
+                    default: f.default.clone(),
+                })
                 .collect(),
             ttl_seconds: self.ttl_seconds,
             description: self.description.clone(),
@@ -259,10 +303,13 @@ impl FeatureView {
         let mut slots: Vec<Option<Value>> = vec![None; self.features.len()];
         for (name, value) in values {
             let name = name.as_ref();
-            let index = *self.by_name.get(name).ok_or_else(|| ViewError::UnknownFeature {
-                view: self.name.clone(),
-                feature: name.to_owned(),
-            })?;
+            let index = *self
+                .by_name
+                .get(name)
+                .ok_or_else(|| ViewError::UnknownFeature {
+                    view: self.name.clone(),
+                    feature: name.to_owned(),
+                })?;
             let feature = &self.features[index];
             if let Some(found) = value.value_type()
                 && found != feature.value_type
@@ -297,7 +344,11 @@ mod tests {
             entities: vec!["driver_id".into()],
             features: features
                 .iter()
-                .map(|(n, t)| FeatureSpec { name: (*n).into(), value_type: *t, default: None })
+                .map(|(n, t)| FeatureSpec {
+                    name: (*n).into(),
+                    value_type: *t,
+                    default: None,
+                })
                 .collect(),
             ttl_seconds: 3600,
             description: String::new(),
@@ -306,12 +357,22 @@ mod tests {
 
     #[test]
     fn evolution_keeps_field_ids_and_never_reuses_them() {
-        let (v1, changed) = FeatureView::evolve(None, spec(&[("a", ValueType::Int64), ("b", ValueType::Double)]), 7).unwrap();
+        let (v1, changed) = FeatureView::evolve(
+            None,
+            spec(&[("a", ValueType::Int64), ("b", ValueType::Double)]),
+            7,
+        )
+        .unwrap();
         assert!(changed);
         assert_eq!((v1.id, v1.version), (7, 1));
         assert_eq!(v1.feature("b").unwrap().field_id, 2);
         // Drop b, add c: c must not get b's id.
-        let (v2, changed) = FeatureView::evolve(Some(&v1), spec(&[("a", ValueType::Int64), ("c", ValueType::Bool)]), 99).unwrap();
+        let (v2, changed) = FeatureView::evolve(
+            Some(&v1),
+            spec(&[("a", ValueType::Int64), ("c", ValueType::Bool)]),
+            99,
+        )
+        .unwrap();
         assert!(changed);
         assert_eq!((v2.id, v2.version), (7, 2));
         assert_eq!(v2.feature("a").unwrap().field_id, 1);
@@ -325,18 +386,26 @@ mod tests {
     fn type_change_is_incompatible() {
         let (v1, _) = FeatureView::evolve(None, spec(&[("a", ValueType::Int64)]), 1).unwrap();
         let err = FeatureView::evolve(Some(&v1), spec(&[("a", ValueType::String)]), 1).unwrap_err();
-        assert!(matches!(err, ViewError::IncompatibleChange { ref feature, .. } if feature == "a"), "{err}");
+        assert!(
+            matches!(err, ViewError::IncompatibleChange { ref feature, .. } if feature == "a"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_specs_are_rejected_naming_the_field() {
-        let err = spec(&[("a", ValueType::Int64), ("a", ValueType::Int64)]).validate().unwrap_err();
+        let err = spec(&[("a", ValueType::Int64), ("a", ValueType::Int64)])
+            .validate()
+            .unwrap_err();
         assert!(matches!(err, ViewError::DuplicateFeature { .. }));
         assert!(spec(&[]).validate().is_err());
         assert!(spec(&[("bad name", ValueType::Int64)]).validate().is_err());
         let mut s = spec(&[("a", ValueType::Int64)]);
         s.features[0].default = Some(Value::String("x".into()));
-        assert!(matches!(s.validate().unwrap_err(), ViewError::DefaultTypeMismatch { .. }));
+        assert!(matches!(
+            s.validate().unwrap_err(),
+            ViewError::DefaultTypeMismatch { .. }
+        ));
         let mut s = spec(&[("a", ValueType::Int64)]);
         s.ttl_seconds = TTL_SECONDS_MAX + 1;
         assert!(s.validate().is_err());
@@ -344,11 +413,22 @@ mod tests {
 
     #[test]
     fn row_values_check_types_and_fill_nulls() {
-        let (v, _) = FeatureView::evolve(None, spec(&[("a", ValueType::Int64), ("b", ValueType::String)]), 1).unwrap();
+        let (v, _) = FeatureView::evolve(
+            None,
+            spec(&[("a", ValueType::Int64), ("b", ValueType::String)]),
+            1,
+        )
+        .unwrap();
         let row = v.row_values([("b", Value::String("x".into()))]).unwrap();
         assert_eq!(row, vec![(1, Value::Null), (2, Value::String("x".into()))]);
         let err = v.row_values([("a", Value::Double(1.0))]).unwrap_err();
-        assert_eq!(err.to_string(), "value for driver_stats:a is double, the feature is int64");
-        assert!(matches!(v.row_values([("zz", Value::Null)]).unwrap_err(), ViewError::UnknownFeature { .. }));
+        assert_eq!(
+            err.to_string(),
+            "value for driver_stats:a is double, the feature is int64"
+        );
+        assert!(matches!(
+            v.row_values([("zz", Value::Null)]).unwrap_err(),
+            ViewError::UnknownFeature { .. }
+        ));
     }
 }

@@ -48,7 +48,10 @@ impl<U: prost::Message + Default> Decoder for QuiverDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         self.0.decode(buf).map_err(|status| {
             if status.code() == tonic::Code::Internal {
-                Status::invalid_argument(format!("malformed protobuf message: {}", status.message()))
+                Status::invalid_argument(format!(
+                    "malformed protobuf message: {}",
+                    status.message()
+                ))
             } else {
                 status
             }

@@ -20,4 +20,5 @@ pub mod quiver {
 pub use quiver::v1;
 
 /// Encoded `FileDescriptorSet` of every Quiver proto, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quiver_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/quiver_descriptor.bin"));

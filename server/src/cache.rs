@@ -48,8 +48,14 @@ impl Weighter<Vec<u8>, CachedRow> for RowWeighter {
 type RowCache = Cache<Vec<u8>, CachedRow, RowWeighter>;
 
 /// A reservation to fill the cache after a miss.
-pub type FillGuard<'a> =
-    PlaceholderGuard<'a, Vec<u8>, CachedRow, RowWeighter, DefaultHashBuilder, DefaultLifecycle<Vec<u8>, CachedRow>>;
+pub type FillGuard<'a> = PlaceholderGuard<
+    'a,
+    Vec<u8>,
+    CachedRow,
+    RowWeighter,
+    DefaultHashBuilder,
+    DefaultLifecycle<Vec<u8>, CachedRow>,
+>;
 
 /// Result of a cache lookup.
 pub enum Lookup<'a> {
@@ -87,7 +93,9 @@ pub struct HotCache {
 
 impl std::fmt::Debug for HotCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HotCache").field("bytes_max", &self.bytes_max).finish_non_exhaustive()
+        f.debug_struct("HotCache")
+            .field("bytes_max", &self.bytes_max)
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,7 +104,8 @@ impl HotCache {
     /// `entry_ttl` (zero: never), judged by `clock`.
     pub fn new(bytes_max: u64, entry_ttl: Duration, clock: Arc<dyn Clock>) -> Self {
         let cache = (bytes_max > 0).then(|| {
-            let items = usize::try_from((bytes_max / ENTRY_BYTES_ESTIMATE).max(16)).unwrap_or(usize::MAX);
+            let items =
+                usize::try_from((bytes_max / ENTRY_BYTES_ESTIMATE).max(16)).unwrap_or(usize::MAX);
             Cache::with_weighter(items, bytes_max, RowWeighter)
         });
         Self {
@@ -141,20 +150,26 @@ impl HotCache {
     }
 
     fn expired(&self, entry: &CachedRow) -> bool {
-        self.entry_ttl_us > 0 && self.clock.now_us().saturating_sub(entry.cached_at_us) > self.entry_ttl_us
+        self.entry_ttl_us > 0
+            && self.clock.now_us().saturating_sub(entry.cached_at_us) > self.entry_ttl_us
     }
 
     /// Fills a miss with what storage returned. Does nothing if a write
     /// dropped the key since the miss.
     pub fn fill(&self, guard: FillGuard<'_>, row: Option<Arc<StoredRow>>) {
-        let _ = guard.insert(CachedRow { row, cached_at_us: self.clock.now_us() });
+        let _ = guard.insert(CachedRow {
+            row,
+            cached_at_us: self.clock.now_us(),
+        });
     }
 
     /// Drops cached rows: called after a write or delete is durable and before
     /// it is acknowledged.
     pub fn invalidate<K: AsRef<[u8]>>(&self, keys: &[K]) -> u64 {
         let Some(cache) = &self.cache else { return 0 };
-        keys.iter().filter(|key| cache.remove(key.as_ref()).is_some()).count() as u64
+        keys.iter()
+            .filter(|key| cache.remove(key.as_ref()).is_some())
+            .count() as u64
     }
 
     /// Drops every cached row of a view. Walks the whole cache: meant for rare
@@ -186,7 +201,11 @@ mod tests {
     use quiver_engine::{ManualClock, Value};
 
     fn row(ts: i64) -> Arc<StoredRow> {
-        Arc::new(StoredRow { event_ts_us: ts, written_ts_us: ts, values: vec![(1, Value::Int64(ts))] })
+        Arc::new(StoredRow {
+            event_ts_us: ts,
+            written_ts_us: ts,
+            values: vec![(1, Value::Int64(ts))],
+        })
     }
 
     fn cache(bytes_max: u64, ttl_ms: u64, clock: Arc<ManualClock>) -> HotCache {
@@ -222,7 +241,9 @@ mod tests {
     fn a_write_during_a_miss_stops_the_stale_fill() {
         let c = cache(1 << 20, 0, Arc::new(ManualClock::new(0)));
         tracing::info!("reader misses and reads the old row from storage");
-        let Lookup::Miss(Some(guard)) = c.lookup(b"k") else { panic!("miss expected") };
+        let Lookup::Miss(Some(guard)) = c.lookup(b"k") else {
+            panic!("miss expected")
+        };
         let old = row(1);
         tracing::info!("a writer commits a newer row and drops the key");
         c.invalidate(&[b"k"]);
@@ -234,7 +255,9 @@ mod tests {
     #[test]
     fn concurrent_readers_do_not_wait_for_each_other() {
         let c = cache(1 << 20, 0, Arc::new(ManualClock::new(0)));
-        let Lookup::Miss(Some(_first)) = c.lookup(b"k") else { panic!("miss expected") };
+        let Lookup::Miss(Some(_first)) = c.lookup(b"k") else {
+            panic!("miss expected")
+        };
         assert!(matches!(c.lookup(b"k"), Lookup::Miss(None)));
     }
 

@@ -103,7 +103,10 @@ impl Default for Config {
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        Self { bytes_max: 128 << 20, entry_ttl_ms: 0 }
+        Self {
+            bytes_max: 128 << 20,
+            entry_ttl_ms: 0,
+        }
     }
 }
 
@@ -125,7 +128,11 @@ impl Default for Limits {
 
 /// Command-line flags; each overrides the file and the environment.
 #[derive(Debug, Default, clap::Parser, Serialize)]
-#[command(name = "quiverd", version, about = "Quiver online feature store server")]
+#[command(
+    name = "quiverd",
+    version,
+    about = "Quiver online feature store server"
+)]
 pub struct Flags {
     /// TOML config file (also QUIVER_CONFIG).
     #[arg(long, env = "QUIVER_CONFIG")]
@@ -165,14 +172,22 @@ pub struct ConfigError(String);
 impl Config {
     /// Loads the configuration: defaults < file < environment < flags.
     pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
-        Self::load_from(flags, Env::prefixed("QUIVER_").ignore(&["config", "log"]).split("__"))
+        Self::load_from(
+            flags,
+            Env::prefixed("QUIVER_")
+                .ignore(&["config", "log"])
+                .split("__"),
+        )
     }
 
     fn load_from(flags: &Flags, env: Env) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = &flags.config {
             if !path.is_file() {
-                return Err(ConfigError(format!("config file {} does not exist", path.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
             }
             figment = figment.merge(Toml::file(path));
         }
@@ -203,7 +218,9 @@ impl Config {
             }
         }
         if l.request_bytes_max > u64::from(u32::MAX) {
-            return Err(ConfigError("limits.request_bytes_max must be below 4 GiB".into()));
+            return Err(ConfigError(
+                "limits.request_bytes_max must be below 4 GiB".into(),
+            ));
         }
         Ok(())
     }
@@ -223,7 +240,13 @@ mod tests {
             )?;
             jail.set_env("QUIVER_DATA_DIR", "/from/env");
             jail.set_env("QUIVER_LIMITS__GET_KEYS_MAX", "9");
-            let flags = Flags::parse_from(["quiverd", "--config", "quiver.toml", "--cache-bytes-max", "0"]);
+            let flags = Flags::parse_from([
+                "quiverd",
+                "--config",
+                "quiver.toml",
+                "--cache-bytes-max",
+                "0",
+            ]);
             let config = Config::load(&flags).expect("loads");
             assert_eq!(config.data_dir, PathBuf::from("/from/env"));
             assert!(!config.sync_writes);
@@ -231,8 +254,17 @@ mod tests {
             assert_eq!(config.limits.get_keys_max, 9);
             assert_eq!(config.cache.bytes_max, 0);
 
-            let flags = Flags::parse_from(["quiverd", "--config", "quiver.toml", "--data-dir", "/from/flag"]);
-            assert_eq!(Config::load(&flags).expect("loads").data_dir, PathBuf::from("/from/flag"));
+            let flags = Flags::parse_from([
+                "quiverd",
+                "--config",
+                "quiver.toml",
+                "--data-dir",
+                "/from/flag",
+            ]);
+            assert_eq!(
+                Config::load(&flags).expect("loads").data_dir,
+                PathBuf::from("/from/flag")
+            );
             Ok(())
         });
     }
@@ -246,7 +278,12 @@ mod tests {
             assert!(err.contains("no_such_key"), "{err}");
             jail.create_file("zero.toml", "[limits]\nwrite_rows_max = 0\n")?;
             let flags = Flags::parse_from(["quiverd", "--config", "zero.toml"]);
-            assert!(Config::load(&flags).unwrap_err().to_string().contains("write_rows_max"));
+            assert!(
+                Config::load(&flags)
+                    .unwrap_err()
+                    .to_string()
+                    .contains("write_rows_max")
+            );
             let flags = Flags::parse_from(["quiverd", "--config", "missing.toml"]);
             assert!(Config::load(&flags).is_err());
             Ok(())
@@ -255,7 +292,8 @@ mod tests {
 
     #[test]
     fn no_flags_means_defaults() {
-        let config = Config::load_from(&Flags::default(), Env::prefixed("QUIVER_TEST_NOTHING_")).expect("defaults load");
+        let config = Config::load_from(&Flags::default(), Env::prefixed("QUIVER_TEST_NOTHING_"))
+            .expect("defaults load");
         assert_eq!(config, Config::default());
     }
 }

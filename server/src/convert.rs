@@ -16,7 +16,8 @@ pub fn value_type_from_pb(raw: i32) -> Option<ValueType> {
 
 /// Wire type of an engine type.
 pub fn value_type_to_pb(value_type: ValueType) -> pb::ValueType {
-    pb::ValueType::try_from(i32::from(value_type.tag())).expect("every engine tag is a wire enum value")
+    pb::ValueType::try_from(i32::from(value_type.tag()))
+        .expect("every engine tag is a wire enum value")
 }
 
 /// Engine value of a wire value (no kind = null).
@@ -59,7 +60,9 @@ pub fn value_to_pb(value: &Value) -> pb::Value {
         Value::BoolList(v) => Some(Kind::BoolListVal(pb::BoolList { values: v.clone() })),
         Value::StringList(v) => Some(Kind::StringListVal(pb::StringList { values: v.clone() })),
         Value::BytesList(v) => Some(Kind::BytesListVal(pb::BytesList { values: v.clone() })),
-        Value::UnixTimestampList(v) => Some(Kind::UnixTimestampListVal(pb::Int64List { values: v.clone() })),
+        Value::UnixTimestampList(v) => Some(Kind::UnixTimestampListVal(pb::Int64List {
+            values: v.clone(),
+        })),
     };
     pb::Value { kind }
 }
@@ -71,9 +74,17 @@ pub fn view_spec_from_pb(view: pb::FeatureView) -> Result<ViewSpec, ServiceError
         .features
         .into_iter()
         .map(|f| {
-            let value_type = value_type_from_pb(f.r#type)
-                .ok_or_else(|| ServiceError::invalid(format!("feature {}:{} has no valid type", view.name, f.name)))?;
-            Ok(FeatureSpec { name: f.name, value_type, default: f.default_value.map(value_from_pb) })
+            let value_type = value_type_from_pb(f.r#type).ok_or_else(|| {
+                ServiceError::invalid(format!(
+                    "feature {}:{} has no valid type",
+                    view.name, f.name
+                ))
+            })?;
+            Ok(FeatureSpec {
+                name: f.name,
+                value_type,
+                default: f.default_value.map(value_from_pb),
+            })
         })
         .collect::<Result<_, ServiceError>>()?;
     Ok(ViewSpec {
@@ -112,7 +123,10 @@ mod tests {
     #[test]
     fn every_type_maps_both_ways() {
         for value_type in ValueType::ALL {
-            assert_eq!(value_type_from_pb(value_type_to_pb(value_type) as i32), Some(value_type));
+            assert_eq!(
+                value_type_from_pb(value_type_to_pb(value_type) as i32),
+                Some(value_type)
+            );
         }
         assert_eq!(value_type_from_pb(0), None);
         assert_eq!(value_type_from_pb(999), None);

@@ -41,15 +41,31 @@ impl ServiceError {
     }
 
     /// Checks `actual <= limit`.
-    pub fn check_limit(what: &'static str, actual: usize, limit_name: &'static str, limit: u64) -> Result<(), Self> {
+    pub fn check_limit(
+        what: &'static str,
+        actual: usize,
+        limit_name: &'static str,
+        limit: u64,
+    ) -> Result<(), Self> {
         let actual = actual as u64;
-        if actual > limit { Err(ServiceError::LimitExceeded { what, actual, limit_name, limit }) } else { Ok(()) }
+        if actual > limit {
+            Err(ServiceError::LimitExceeded {
+                what,
+                actual,
+                limit_name,
+                limit,
+            })
+        } else {
+            Ok(())
+        }
     }
 
     /// The gRPC code of this error.
     pub fn code(&self) -> Code {
         match self {
-            ServiceError::InvalidArgument(_) | ServiceError::LimitExceeded { .. } => Code::InvalidArgument,
+            ServiceError::InvalidArgument(_) | ServiceError::LimitExceeded { .. } => {
+                Code::InvalidArgument
+            }
             ServiceError::NotFound(_) => Code::NotFound,
             ServiceError::Engine(e) => match e {
                 EngineError::View(ViewError::IncompatibleChange { .. }) => Code::FailedPrecondition,
@@ -101,9 +117,20 @@ mod tests {
             old: "int64".into(),
             new: "string".into(),
         };
-        assert_eq!(ServiceError::from(incompatible).code(), Code::FailedPrecondition);
-        assert_eq!(ServiceError::Engine(EngineError::UnknownView("v".into())).code(), Code::NotFound);
-        assert_eq!(ServiceError::check_limit("rows", 11, "write_rows_max", 10).unwrap_err().code(), Code::InvalidArgument);
+        assert_eq!(
+            ServiceError::from(incompatible).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            ServiceError::Engine(EngineError::UnknownView("v".into())).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            ServiceError::check_limit("rows", 11, "write_rows_max", 10)
+                .unwrap_err()
+                .code(),
+            Code::InvalidArgument
+        );
         assert!(ServiceError::check_limit("rows", 10, "write_rows_max", 10).is_ok());
     }
 }

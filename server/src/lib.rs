@@ -7,6 +7,9 @@
 //! `quiver-engine`, and to clients only through `quiver-proto` types. It must
 //! never depend on `quiver-tools` or on the tests crate.
 
+// Tests may unwrap; production code may not (workspace lint).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod cache;
 pub mod config;
 pub mod convert;

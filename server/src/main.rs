@@ -11,7 +11,10 @@ fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
     let config = Config::load(&flags)?;
     init_logging(config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start the tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
     runtime.block_on(run(config))
 }
 
@@ -20,8 +23,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind {}", config.listen_addr))?;
     // Scripts and tests read the bound address (port 0 picks one) from this line.
-    println!("quiverd listening on {}", listener.local_addr().context("read the bound address")?);
-    quiver_server::serve(config, listener, shutdown_signal()).await.context("run the node")
+    println!(
+        "quiverd listening on {}",
+        listener.local_addr().context("read the bound address")?
+    );
+    quiver_server::serve(config, listener, shutdown_signal())
+        .await
+        .context("run the node")
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -48,7 +56,9 @@ async fn shutdown_signal() {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("QUIVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

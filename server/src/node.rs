@@ -34,13 +34,25 @@ impl Node {
             StoreOptions {
                 sync_writes: config.sync_writes,
                 block_cache_bytes: usize::try_from(config.block_cache_bytes).unwrap_or(usize::MAX),
-                ttl_grace_us: i64::try_from(config.ttl_grace_seconds).unwrap_or(i64::MAX / 1_000_000) * 1_000_000,
+                ttl_grace_us: i64::try_from(config.ttl_grace_seconds)
+                    .unwrap_or(i64::MAX / 1_000_000)
+                    * 1_000_000,
                 clock: clock.clone(),
                 ..StoreOptions::default()
             },
         )?;
-        let cache = HotCache::new(config.cache.bytes_max, Duration::from_millis(config.cache.entry_ttl_ms), clock);
-        Ok(Node { store, cache, limits: config.limits.clone(), listen_addr, started: Instant::now() })
+        let cache = HotCache::new(
+            config.cache.bytes_max,
+            Duration::from_millis(config.cache.entry_ttl_ms),
+            clock,
+        );
+        Ok(Node {
+            store,
+            cache,
+            limits: config.limits.clone(),
+            listen_addr,
+            started: Instant::now(),
+        })
     }
 
     /// Checks an entity key against the limits.

@@ -26,16 +26,19 @@ struct ReadPlan {
 impl ReadPlan {
     /// Resolves `view:feature`, `view:*` and `view` references.
     fn resolve(catalog: &Catalog, refs: &[String]) -> Result<ReadPlan, ServiceError> {
-        let mut plan = ReadPlan { views: Vec::new(), columns: Vec::new() };
+        let mut plan = ReadPlan {
+            views: Vec::new(),
+            columns: Vec::new(),
+        };
         for reference in refs {
             let (view_name, feature) = match reference.split_once(':') {
                 Some((view, "*")) => (view, None),
                 Some((view, feature)) => (view, Some(feature)),
                 None => (reference.as_str(), None),
             };
-            let view = catalog
-                .view(view_name)
-                .ok_or_else(|| ServiceError::NotFound(format!("feature view {view_name:?} does not exist")))?;
+            let view = catalog.view(view_name).ok_or_else(|| {
+                ServiceError::NotFound(format!("feature view {view_name:?} does not exist"))
+            })?;
             let view_index = match plan.views.iter().position(|v| v.id == view.id) {
                 Some(index) => index,
                 None => {
@@ -44,10 +47,14 @@ impl ReadPlan {
                 }
             };
             match feature {
-                None => plan.columns.extend((0..view.features.len()).map(|f| (view_index, f))),
+                None => plan
+                    .columns
+                    .extend((0..view.features.len()).map(|f| (view_index, f))),
                 Some(name) => {
                     let feature = view.feature_index(name).ok_or_else(|| {
-                        ServiceError::NotFound(format!("feature view {view_name:?} has no feature {name:?}"))
+                        ServiceError::NotFound(format!(
+                            "feature view {view_name:?} has no feature {name:?}"
+                        ))
                     })?;
                     plan.columns.push((view_index, feature));
                 }
@@ -77,7 +84,12 @@ pub fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse, Serv
     if request.features.is_empty() {
         return Err(ServiceError::invalid("no feature references given"));
     }
-    ServiceError::check_limit("number of entity keys", request.entity_keys.len(), "limits.get_keys_max", limits.get_keys_max)?;
+    ServiceError::check_limit(
+        "number of entity keys",
+        request.entity_keys.len(),
+        "limits.get_keys_max",
+        limits.get_keys_max,
+    )?;
     ServiceError::check_limit(
         "number of feature references",
         request.features.len(),
@@ -124,12 +136,20 @@ pub fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse, Serv
                 .iter()
                 .map(|&(v, f)| {
                     let view = &plan.views[v];
-                    feature_result(view, &view.features[f], &rows[v * unique_keys.len() + slot], now_us)
+                    feature_result(
+                        view,
+                        &view.features[f],
+                        &rows[v * unique_keys.len() + slot],
+                        now_us,
+                    )
                 })
                 .collect(),
         })
         .collect();
-    Ok(pb::GetResponse { feature_names: plan.names(), entities })
+    Ok(pb::GetResponse {
+        feature_names: plan.names(),
+        entities,
+    })
 }
 
 /// Looks up `views x keys`, cache first. Result index: `view * keys.len() + key`.
@@ -174,7 +194,12 @@ fn fetch(node: &Node, views: &[Arc<FeatureView>], keys: &[&str], use_cache: bool
 }
 
 /// The value and status of one feature of one entity.
-fn feature_result(view: &FeatureView, feature: &Feature, fetched: &Fetched, now_us: i64) -> pb::FeatureResult {
+fn feature_result(
+    view: &FeatureView,
+    feature: &Feature,
+    fetched: &Fetched,
+    now_us: i64,
+) -> pb::FeatureResult {
     let status_only = |status: pb::FeatureStatus, event_ts_us: i64| pb::FeatureResult {
         value: None,
         status: status as i32,

@@ -33,7 +33,11 @@ pub enum ServeError {
 
 /// Opens the node and serves on `listener` until `shutdown` resolves, then
 /// stops accepting, lets in-flight requests finish and flushes the store.
-pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let listen_addr = listener.local_addr()?;
     let node = {
         let config = config.clone();
@@ -48,7 +52,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         .max_encoding_message_size(usize::MAX);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<FeatureStoreServer<FeatureStoreService>>().await;
+    health_reporter
+        .set_serving::<FeatureStoreServer<FeatureStoreService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -59,7 +65,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
     // that never close must not keep a stopping node alive.
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(usize::try_from(config.limits.connection_requests_max).unwrap_or(usize::MAX))
+        .concurrency_limit_per_connection(
+            usize::try_from(config.limits.connection_requests_max).unwrap_or(usize::MAX),
+        )
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_store)
@@ -70,7 +78,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
                 shutdown.await;
                 tracing::info!("shutdown requested: draining in-flight requests");
                 let _ = draining_tx.send(());
-                health_reporter.set_not_serving::<FeatureStoreServer<FeatureStoreService>>().await;
+                health_reporter
+                    .set_not_serving::<FeatureStoreServer<FeatureStoreService>>()
+                    .await;
             },
         );
     let drain_deadline = async {
@@ -87,7 +97,9 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: impl Future<
         }
     }
 
-    tokio::task::spawn_blocking(move || node.store.flush()).await.map_err(std::io::Error::other)??;
+    tokio::task::spawn_blocking(move || node.store.flush())
+        .await
+        .map_err(std::io::Error::other)??;
     tracing::info!("store flushed; stopped");
     Ok(())
 }

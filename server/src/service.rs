@@ -30,13 +30,20 @@ impl FeatureStoreService {
         F: FnOnce(&Node) -> Result<T, ServiceError> + Send + 'static,
     {
         let node = self.node.clone();
-        let result = tokio::task::spawn_blocking(move || work(&node)).await.map_err(ServiceError::from)?;
+        let result = tokio::task::spawn_blocking(move || work(&node))
+            .await
+            .map_err(ServiceError::from)?;
         result.map_err(Status::from)
     }
 }
 
-fn view_of<'a>(catalog: &'a quiver_engine::Catalog, name: &str) -> Result<&'a std::sync::Arc<quiver_engine::FeatureView>, ServiceError> {
-    catalog.view(name).ok_or_else(|| ServiceError::NotFound(format!("feature view {name:?} does not exist")))
+fn view_of<'a>(
+    catalog: &'a quiver_engine::Catalog,
+    name: &str,
+) -> Result<&'a std::sync::Arc<quiver_engine::FeatureView>, ServiceError> {
+    catalog
+        .view(name)
+        .ok_or_else(|| ServiceError::NotFound(format!("feature view {name:?} does not exist")))
 }
 
 #[tonic::async_trait]
@@ -45,20 +52,36 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<pb::ApplyFeatureViewRequest>,
     ) -> Result<Response<pb::ApplyFeatureViewResponse>, Status> {
-        let view = request.into_inner().view.ok_or_else(|| Status::invalid_argument("no view given"))?;
+        let view = request
+            .into_inner()
+            .view
+            .ok_or_else(|| Status::invalid_argument("no view given"))?;
         let spec = view_spec_from_pb(view)?;
-        let (view, changed) = self.blocking(move |node| Ok(node.store.apply_view(spec)?)).await?;
+        let (view, changed) = self
+            .blocking(move |node| Ok(node.store.apply_view(spec)?))
+            .await?;
         if changed {
             tracing::info!(view = %view.name, version = view.version, "feature view applied");
         }
-        Ok(Response::new(pb::ApplyFeatureViewResponse { view: Some(view_to_pb(&view)), changed }))
+        Ok(Response::new(pb::ApplyFeatureViewResponse {
+            view: Some(view_to_pb(&view)),
+            changed,
+        }))
     }
 
     async fn list_feature_views(
         &self,
         _request: Request<pb::ListFeatureViewsRequest>,
     ) -> Result<Response<pb::ListFeatureViewsResponse>, Status> {
-        let views = self.node.store.registry().load().views().iter().map(|v| view_to_pb(v)).collect();
+        let views = self
+            .node
+            .store
+            .registry()
+            .load()
+            .views()
+            .iter()
+            .map(|v| view_to_pb(v))
+            .collect();
         Ok(Response::new(pb::ListFeatureViewsResponse { views }))
     }
 
@@ -77,9 +100,14 @@ impl FeatureStore for FeatureStoreService {
         Ok(Response::new(pb::DeleteFeatureViewResponse {}))
     }
 
-    async fn write(&self, request: Request<pb::WriteRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn write(
+        &self,
+        request: Request<pb::WriteRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         let request = request.into_inner();
-        let response = self.blocking(move |node| write_path::write(node, request)).await?;
+        let response = self
+            .blocking(move |node| write_path::write(node, request))
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -93,7 +121,9 @@ impl FeatureStore for FeatureStoreService {
         // Each message is one atomic batch, applied in order. On a failure the
         // batches before it stay applied; the status says how many there were.
         while let Some(batch) = stream.message().await? {
-            let applied = self.blocking(move |node| write_path::write(node, batch)).await;
+            let applied = self
+                .blocking(move |node| write_path::write(node, batch))
+                .await;
             match applied {
                 Ok(response) => {
                     total.rows_applied += response.rows_applied;
@@ -115,9 +145,14 @@ impl FeatureStore for FeatureStoreService {
         Ok(Response::new(total))
     }
 
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let request = request.into_inner();
-        let response = self.blocking(move |node| read_path::get(node, request)).await?;
+        let response = self
+            .blocking(move |node| read_path::get(node, request))
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -141,13 +176,20 @@ impl FeatureStore for FeatureStoreService {
             for key in &request.entity_keys {
                 node.check_entity_key(key)?;
             }
-            let keys: Vec<Vec<u8>> = request.entity_keys.iter().map(|k| storage_key(view.id, k.as_bytes())).collect();
+            let keys: Vec<Vec<u8>> = request
+                .entity_keys
+                .iter()
+                .map(|k| storage_key(view.id, k.as_bytes()))
+                .collect();
             node.cache.invalidate(&keys)
         };
         Ok(Response::new(pb::InvalidateResponse { entries_dropped }))
     }
 
-    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let request = request.into_inner();
         let rows_deleted = self
             .blocking(move |node| {
@@ -175,7 +217,10 @@ impl FeatureStore for FeatureStoreService {
         Ok(Response::new(pb::DeleteResponse { rows_deleted }))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let node = &self.node;
         let stats = node.store.stats();
         let cache = node.cache.stats();

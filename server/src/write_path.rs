@@ -13,11 +13,18 @@ use crate::node::Node;
 /// thread. Atomic: either every row is applied (or ignored as stale) or none.
 pub fn write(node: &Node, request: pb::WriteRequest) -> Result<pb::WriteResponse, ServiceError> {
     let limits = &node.limits;
-    ServiceError::check_limit("number of rows", request.rows.len(), "limits.write_rows_max", limits.write_rows_max)?;
+    ServiceError::check_limit(
+        "number of rows",
+        request.rows.len(),
+        "limits.write_rows_max",
+        limits.write_rows_max,
+    )?;
     let catalog = node.store.registry().load();
     let view = catalog
         .view(&request.view)
-        .ok_or_else(|| ServiceError::NotFound(format!("feature view {:?} does not exist", request.view)))?
+        .ok_or_else(|| {
+            ServiceError::NotFound(format!("feature view {:?} does not exist", request.view))
+        })?
         .clone();
     if request.rows.is_empty() {
         return Ok(pb::WriteResponse::default());
@@ -28,8 +35,14 @@ pub fn write(node: &Node, request: pb::WriteRequest) -> Result<pb::WriteResponse
         .saturating_mul(MICROS_PER_SECOND);
     let mut rows = Vec::with_capacity(request.rows.len());
     for (index, row) in request.rows.into_iter().enumerate() {
-        let context = |message: String| ServiceError::invalid(format!("row {index} (entity {:?}): {message}", row.entity_key));
-        node.check_entity_key(&row.entity_key).map_err(|e| context(e.to_string()))?;
+        let context = |message: String| {
+            ServiceError::invalid(format!(
+                "row {index} (entity {:?}): {message}",
+                row.entity_key
+            ))
+        };
+        node.check_entity_key(&row.entity_key)
+            .map_err(|e| context(e.to_string()))?;
         if row.event_ts_us <= 0 {
             return Err(context("event_ts_us is missing or not positive".into()));
         }
@@ -52,9 +65,16 @@ pub fn write(node: &Node, request: pb::WriteRequest) -> Result<pb::WriteResponse
             values.push((name, value));
         }
         let values = view.row_values(values)?;
-        rows.push(RowWrite { entity_key: row.entity_key, event_ts_us: row.event_ts_us, values });
+        rows.push(RowWrite {
+            entity_key: row.entity_key,
+            event_ts_us: row.event_ts_us,
+            values,
+        });
     }
     let outcome = node.store.write_rows(view.id, &rows)?;
     node.cache.invalidate(&outcome.changed_keys);
-    Ok(pb::WriteResponse { rows_applied: outcome.rows_applied, rows_stale: outcome.rows_stale })
+    Ok(pb::WriteResponse {
+        rows_applied: outcome.rows_applied,
+        rows_stale: outcome.rows_stale,
+    })
 }

@@ -31,12 +31,18 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         Some(dir) => PathBuf::from(dir),
         None => {
             let exe = std::env::current_exe().context("locate the test executable")?;
-            exe.parent().and_then(Path::parent).map(Path::to_path_buf).ok_or_else(|| anyhow!("no target dir"))?
+            exe.parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .ok_or_else(|| anyhow!("no target dir"))?
         }
     };
     let path = dir.join(name);
     if !path.is_file() {
-        bail!("{} not found: build it first (cargo build --bins) or set QUIVER_BIN_DIR", path.display());
+        bail!(
+            "{} not found: build it first (cargo build --bins) or set QUIVER_BIN_DIR",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -58,7 +64,13 @@ impl Node {
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let log_path = data_dir.with_extension("log");
         let (child, addr) = spawn(data_dir, &extra_args, &log_path)?;
-        let node = Node { child, addr, data_dir: data_dir.to_path_buf(), extra_args, log_path };
+        let node = Node {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            extra_args,
+            log_path,
+        };
         node.wait_ready().await?;
         Ok(node)
     }
@@ -100,7 +112,11 @@ impl Node {
                 Err(e) => e.to_string(),
             };
             if Instant::now() > deadline {
-                bail!("node {} not ready after {NODE_START_TIMEOUT:?}: {last_error}; log: {}", self.addr, self.log());
+                bail!(
+                    "node {} not ready after {NODE_START_TIMEOUT:?}: {last_error}; log: {}",
+                    self.addr,
+                    self.log()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -162,7 +178,10 @@ impl Drop for Node {
 }
 
 fn spawn(data_dir: &Path, extra_args: &[String], log_path: &Path) -> Result<(Child, SocketAddr)> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)?;
     let mut child = Command::new(binary("quiverd")?)
         .arg("--listen-addr")
         .arg("127.0.0.1:0")
@@ -214,7 +233,10 @@ pub fn quiverctl(endpoint: &str, args: &[&str]) -> Result<String> {
         .output()
         .context("run quiverctl")?;
     if !output.status.success() {
-        bail!("quiverctl {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "quiverctl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(String::from_utf8(output.stdout)?)
 }
@@ -228,22 +250,36 @@ pub fn now_us() -> i64 {
 
 /// A wire int64 value.
 pub fn int64(v: i64) -> pb::Value {
-    pb::Value { kind: Some(pb::value::Kind::Int64Val(v)) }
+    pb::Value {
+        kind: Some(pb::value::Kind::Int64Val(v)),
+    }
 }
 
 /// A wire double value.
 pub fn double(v: f64) -> pb::Value {
-    pb::Value { kind: Some(pb::value::Kind::DoubleVal(v)) }
+    pb::Value {
+        kind: Some(pb::value::Kind::DoubleVal(v)),
+    }
 }
 
 /// A wire string value.
 pub fn string(v: &str) -> pb::Value {
-    pb::Value { kind: Some(pb::value::Kind::StringVal(v.to_owned())) }
+    pb::Value {
+        kind: Some(pb::value::Kind::StringVal(v.to_owned())),
+    }
 }
 
 /// A feature spec.
-pub fn feature(name: &str, value_type: pb::ValueType, default: Option<pb::Value>) -> pb::FeatureSpec {
-    pb::FeatureSpec { name: name.to_owned(), r#type: value_type as i32, default_value: default }
+pub fn feature(
+    name: &str,
+    value_type: pb::ValueType,
+    default: Option<pb::Value>,
+) -> pb::FeatureSpec {
+    pb::FeatureSpec {
+        name: name.to_owned(),
+        r#type: value_type as i32,
+        default_value: default,
+    }
 }
 
 /// A row with named values.
@@ -251,6 +287,9 @@ pub fn row(key: &str, event_ts_us: i64, values: &[(&str, pb::Value)]) -> pb::Wri
     pb::WriteRow {
         entity_key: key.to_owned(),
         event_ts_us,
-        values: values.iter().map(|(n, v)| ((*n).to_owned(), v.clone())).collect(),
+        values: values
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), v.clone()))
+            .collect(),
     }
 }

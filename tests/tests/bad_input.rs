@@ -1,6 +1,8 @@
 //! Every class of bad input gets a typed gRPC error, stores nothing, and
 //! leaves the node serving.
 
+#![allow(clippy::unwrap_used)]
+
 use quiver_proto::v1::{self as pb, FeatureStatus, ValueType};
 use quiver_tests::{Client, Node, feature, int64, now_us, row, string};
 use tonic::Code;
@@ -19,26 +21,58 @@ event_ts_future_seconds_max = 60
 "#;
 
 fn view(name: &str, features: Vec<pb::FeatureSpec>) -> pb::FeatureView {
-    pb::FeatureView { name: name.into(), features, ..Default::default() }
+    pb::FeatureView {
+        name: name.into(),
+        features,
+        ..Default::default()
+    }
 }
 
 async fn apply(client: &mut Client, view: pb::FeatureView) -> Result<(), tonic::Status> {
-    client.apply_feature_view(pb::ApplyFeatureViewRequest { view: Some(view) }).await.map(|_| ())
+    client
+        .apply_feature_view(pb::ApplyFeatureViewRequest { view: Some(view) })
+        .await
+        .map(|_| ())
 }
 
-async fn write(client: &mut Client, view: &str, rows: Vec<pb::WriteRow>) -> Result<pb::WriteResponse, tonic::Status> {
-    client.write(pb::WriteRequest { view: view.into(), rows }).await.map(|r| r.into_inner())
+async fn write(
+    client: &mut Client,
+    view: &str,
+    rows: Vec<pb::WriteRow>,
+) -> Result<pb::WriteResponse, tonic::Status> {
+    client
+        .write(pb::WriteRequest {
+            view: view.into(),
+            rows,
+        })
+        .await
+        .map(|r| r.into_inner())
 }
 
-async fn get(client: &mut Client, keys: Vec<String>, features: Vec<String>) -> Result<pb::GetResponse, tonic::Status> {
-    client.get(pb::GetRequest { entity_keys: keys, features, ..Default::default() }).await.map(|r| r.into_inner())
+async fn get(
+    client: &mut Client,
+    keys: Vec<String>,
+    features: Vec<String>,
+) -> Result<pb::GetResponse, tonic::Status> {
+    client
+        .get(pb::GetRequest {
+            entity_keys: keys,
+            features,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
 }
 
 #[track_caller]
 fn expect_code<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
     let status = result.expect_err("request must fail");
     assert_eq!(status.code(), code, "wrong code for {needle:?}: {status:?}");
-    assert!(status.message().contains(needle), "message {:?} does not mention {needle:?}", status.message());
+    assert!(
+        status.message().contains(needle),
+        "message {:?} does not mention {needle:?}",
+        status.message()
+    );
 }
 
 /// Sends raw bytes as a request message, bypassing protobuf encoding.
@@ -84,41 +118,86 @@ async fn bad_input_is_rejected_with_typed_errors_and_nothing_is_stored() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("quiver.toml");
     std::fs::write(&config, LIMITS).expect("write config");
-    let node = Node::start(&dir.path().join("node"), &["--config", config.to_str().expect("utf-8 path")])
-        .await
-        .expect("node starts");
+    let node = Node::start(
+        &dir.path().join("node"),
+        &["--config", config.to_str().expect("utf-8 path")],
+    )
+    .await
+    .expect("node starts");
     let mut client = node.client().await.expect("connect");
     let ok_view = view(
         "v",
-        vec![feature("n", ValueType::Int64, None), feature("s", ValueType::String, None), feature("x", ValueType::Int64, None)],
+        vec![
+            feature("n", ValueType::Int64, None),
+            feature("s", ValueType::String, None),
+            feature("x", ValueType::Int64, None),
+        ],
     );
-    apply(&mut client, ok_view.clone()).await.expect("apply a good view");
+    apply(&mut client, ok_view.clone())
+        .await
+        .expect("apply a good view");
     let now = now_us();
     let good = || row("good", now, &[("n", int64(1))]);
 
     eprintln!("--- bad views");
     expect_code(
-        apply(&mut client, view("dup", vec![feature("a", ValueType::Int64, None), feature("a", ValueType::Bool, None)])).await,
+        apply(
+            &mut client,
+            view(
+                "dup",
+                vec![
+                    feature("a", ValueType::Int64, None),
+                    feature("a", ValueType::Bool, None),
+                ],
+            ),
+        )
+        .await,
         Code::InvalidArgument,
         "more than once",
     );
-    expect_code(apply(&mut client, view("bad name!", vec![feature("a", ValueType::Int64, None)])).await, Code::InvalidArgument, "name");
-    expect_code(apply(&mut client, view("empty", vec![])).await, Code::InvalidArgument, "no features");
     expect_code(
-        apply(&mut client, view("untyped", vec![feature("a", ValueType::Unspecified, None)])).await,
+        apply(
+            &mut client,
+            view("bad name!", vec![feature("a", ValueType::Int64, None)]),
+        )
+        .await,
+        Code::InvalidArgument,
+        "name",
+    );
+    expect_code(
+        apply(&mut client, view("empty", vec![])).await,
+        Code::InvalidArgument,
+        "no features",
+    );
+    expect_code(
+        apply(
+            &mut client,
+            view("untyped", vec![feature("a", ValueType::Unspecified, None)]),
+        )
+        .await,
         Code::InvalidArgument,
         "type",
     );
     expect_code(
-        apply(&mut client, view("d", vec![feature("a", ValueType::Int64, Some(string("x")))])).await,
+        apply(
+            &mut client,
+            view("d", vec![feature("a", ValueType::Int64, Some(string("x")))]),
+        )
+        .await,
         Code::InvalidArgument,
         "default",
     );
     let mut changed = ok_view.clone();
     changed.features[0].r#type = ValueType::String as i32;
-    expect_code(apply(&mut client, changed).await, Code::FailedPrecondition, "incompatible");
     expect_code(
-        client.apply_feature_view(pb::ApplyFeatureViewRequest { view: None }).await,
+        apply(&mut client, changed).await,
+        Code::FailedPrecondition,
+        "incompatible",
+    );
+    expect_code(
+        client
+            .apply_feature_view(pb::ApplyFeatureViewRequest { view: None })
+            .await,
         Code::InvalidArgument,
         "no view",
     );
@@ -126,72 +205,203 @@ async fn bad_input_is_rejected_with_typed_errors_and_nothing_is_stored() {
     eprintln!("--- bad writes: each batch also carries a good row, which must not be stored");
     let cases: Vec<(&str, Vec<pb::WriteRow>, Code, &str)> = vec![
         ("nope", vec![good()], Code::NotFound, "nope"),
-        ("v", vec![good(), row("k", now, &[("zz", int64(1))])], Code::InvalidArgument, "zz"),
-        ("v", vec![good(), row("k", now, &[("n", string("text"))])], Code::InvalidArgument, "v:n"),
-        ("v", vec![good(), row("", now, &[("n", int64(1))])], Code::InvalidArgument, "empty"),
-        ("v", vec![good(), row("k".repeat(17).as_str(), now, &[])], Code::InvalidArgument, "entity_key_bytes_max"),
-        ("v", vec![good(), row("k", 0, &[])], Code::InvalidArgument, "missing"),
-        ("v", vec![good(), row("k", -5, &[])], Code::InvalidArgument, "not positive"),
-        ("v", vec![good(), row("k", now + 3_600_000_000, &[])], Code::InvalidArgument, "future"),
-        ("v", vec![good(), row("k", now, &[("s", string(&"x".repeat(65)))])], Code::InvalidArgument, "value_bytes_max"),
-        ("v", (0..6).map(|i| row(&format!("k{i}"), now, &[])).collect(), Code::InvalidArgument, "write_rows_max"),
+        (
+            "v",
+            vec![good(), row("k", now, &[("zz", int64(1))])],
+            Code::InvalidArgument,
+            "zz",
+        ),
+        (
+            "v",
+            vec![good(), row("k", now, &[("n", string("text"))])],
+            Code::InvalidArgument,
+            "v:n",
+        ),
+        (
+            "v",
+            vec![good(), row("", now, &[("n", int64(1))])],
+            Code::InvalidArgument,
+            "empty",
+        ),
+        (
+            "v",
+            vec![good(), row("k".repeat(17).as_str(), now, &[])],
+            Code::InvalidArgument,
+            "entity_key_bytes_max",
+        ),
+        (
+            "v",
+            vec![good(), row("k", 0, &[])],
+            Code::InvalidArgument,
+            "missing",
+        ),
+        (
+            "v",
+            vec![good(), row("k", -5, &[])],
+            Code::InvalidArgument,
+            "not positive",
+        ),
+        (
+            "v",
+            vec![good(), row("k", now + 3_600_000_000, &[])],
+            Code::InvalidArgument,
+            "future",
+        ),
+        (
+            "v",
+            vec![good(), row("k", now, &[("s", string(&"x".repeat(65)))])],
+            Code::InvalidArgument,
+            "value_bytes_max",
+        ),
+        (
+            "v",
+            (0..6).map(|i| row(&format!("k{i}"), now, &[])).collect(),
+            Code::InvalidArgument,
+            "write_rows_max",
+        ),
     ];
     for (view_name, rows, code, needle) in cases {
         expect_code(write(&mut client, view_name, rows).await, code, needle);
     }
-    let response = get(&mut client, vec!["good".into()], vec!["v:n".into()]).await.expect("get");
-    assert_eq!(response.entities[0].features[0].status(), FeatureStatus::NotFound, "nothing of a rejected batch is stored");
+    let response = get(&mut client, vec!["good".into()], vec!["v:n".into()])
+        .await
+        .expect("get");
+    assert_eq!(
+        response.entities[0].features[0].status(),
+        FeatureStatus::NotFound,
+        "nothing of a rejected batch is stored"
+    );
 
     eprintln!("--- bad gets");
     let keys = |n: usize| (0..n).map(|i| format!("k{i}")).collect::<Vec<_>>();
-    expect_code(get(&mut client, keys(1), vec!["nope:n".into()]).await, Code::NotFound, "nope");
-    expect_code(get(&mut client, keys(1), vec!["v:zz".into()]).await, Code::NotFound, "zz");
-    expect_code(get(&mut client, keys(6), vec!["v:n".into()]).await, Code::InvalidArgument, "get_keys_max");
-    expect_code(get(&mut client, keys(1), vec!["v:n".into(); 4]).await, Code::InvalidArgument, "get_feature_refs_max");
-    expect_code(get(&mut client, keys(5), vec!["v".into()]).await, Code::InvalidArgument, "get_values_max");
-    expect_code(get(&mut client, vec![], vec!["v".into()]).await, Code::InvalidArgument, "no entity keys");
-    expect_code(get(&mut client, keys(1), vec![]).await, Code::InvalidArgument, "no feature");
-    expect_code(get(&mut client, vec!["".into()], vec!["v".into()]).await, Code::InvalidArgument, "empty");
     expect_code(
-        client.delete(pb::DeleteRequest { view: "v".into(), entity_keys: vec![] }).await,
+        get(&mut client, keys(1), vec!["nope:n".into()]).await,
+        Code::NotFound,
+        "nope",
+    );
+    expect_code(
+        get(&mut client, keys(1), vec!["v:zz".into()]).await,
+        Code::NotFound,
+        "zz",
+    );
+    expect_code(
+        get(&mut client, keys(6), vec!["v:n".into()]).await,
+        Code::InvalidArgument,
+        "get_keys_max",
+    );
+    expect_code(
+        get(&mut client, keys(1), vec!["v:n".into(); 4]).await,
+        Code::InvalidArgument,
+        "get_feature_refs_max",
+    );
+    expect_code(
+        get(&mut client, keys(5), vec!["v".into()]).await,
+        Code::InvalidArgument,
+        "get_values_max",
+    );
+    expect_code(
+        get(&mut client, vec![], vec!["v".into()]).await,
+        Code::InvalidArgument,
+        "no entity keys",
+    );
+    expect_code(
+        get(&mut client, keys(1), vec![]).await,
+        Code::InvalidArgument,
+        "no feature",
+    );
+    expect_code(
+        get(&mut client, vec!["".into()], vec!["v".into()]).await,
+        Code::InvalidArgument,
+        "empty",
+    );
+    expect_code(
+        client
+            .delete(pb::DeleteRequest {
+                view: "v".into(),
+                entity_keys: vec![],
+            })
+            .await,
         Code::InvalidArgument,
         "no entity keys",
     );
 
     eprintln!("--- a request over request_bytes_max");
-    let big = pb::WriteRequest { view: "v".into(), rows: vec![row("k", now, &[("s", string(&"x".repeat(5000)))])] };
-    let status = client.write(big).await.expect_err("oversized request fails");
-    assert!(matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted), "{status:?}");
+    let big = pb::WriteRequest {
+        view: "v".into(),
+        rows: vec![row("k", now, &[("s", string(&"x".repeat(5000)))])],
+    };
+    let status = client
+        .write(big)
+        .await
+        .expect_err("oversized request fails");
+    assert!(
+        matches!(status.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{status:?}"
+    );
 
     eprintln!("--- malformed protobuf");
-    let channel = tonic::transport::Endpoint::from_shared(node.endpoint()).expect("endpoint").connect().await.expect("connect");
+    let channel = tonic::transport::Endpoint::from_shared(node.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
     let mut raw = tonic::client::Grpc::new(channel);
-    for garbage in [vec![0xff, 0xff, 0xff], vec![0x0a, 0x50, 0x01], vec![0x12, 0x03, 0x0a, 0x01, 0xff]] {
+    for garbage in [
+        vec![0xff, 0xff, 0xff],
+        vec![0x0a, 0x50, 0x01],
+        vec![0x12, 0x03, 0x0a, 0x01, 0xff],
+    ] {
         raw.ready().await.expect("channel ready");
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static("/quiver.v1.FeatureStore/Write");
-        let result = raw.unary(tonic::Request::new(garbage.clone()), path, RawCodec).await;
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/quiver.v1.FeatureStore/Write");
+        let result = raw
+            .unary(tonic::Request::new(garbage.clone()), path, RawCodec)
+            .await;
         let status = result.expect_err("garbage is rejected");
-        assert_eq!(status.code(), Code::InvalidArgument, "{garbage:02x?}: {status:?}");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{garbage:02x?}: {status:?}"
+        );
     }
 
     eprintln!("--- the node still serves");
-    write(&mut client, "v", vec![good()]).await.expect("a good write after all that");
-    let response = get(&mut client, vec!["good".into()], vec!["v:n".into()]).await.expect("get");
-    assert_eq!(response.entities[0].features[0].status(), FeatureStatus::Present);
+    write(&mut client, "v", vec![good()])
+        .await
+        .expect("a good write after all that");
+    let response = get(&mut client, vec!["good".into()], vec!["v:n".into()])
+        .await
+        .expect("get");
+    assert_eq!(
+        response.entities[0].features[0].status(),
+        FeatureStatus::Present
+    );
 }
 
 #[tokio::test]
 async fn health_service_reports_serving() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let node = Node::start(&dir.path().join("node"), &[]).await.expect("node starts");
-    let channel = tonic::transport::Endpoint::from_shared(node.endpoint()).expect("endpoint").connect().await.expect("connect");
+    let node = Node::start(&dir.path().join("node"), &[])
+        .await
+        .expect("node starts");
+    let channel = tonic::transport::Endpoint::from_shared(node.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     for service in ["", "quiver.v1.FeatureStore"] {
         let response = health
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .expect("health check")
             .into_inner();
-        assert_eq!(response.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service:?}");
+        assert_eq!(
+            response.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
     }
 }

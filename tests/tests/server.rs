@@ -1,6 +1,8 @@
 //! quiverd end to end: a real process on an ephemeral loopback port, a real
 //! gRPC client.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use quiver_proto::v1::{self as pb, FeatureStatus, ValueType};
@@ -24,12 +26,28 @@ fn driver_view(ttl_seconds: u64) -> pb::FeatureView {
     }
 }
 
-async fn apply(client: &mut Client, view: pb::FeatureView) -> Result<pb::ApplyFeatureViewResponse, tonic::Status> {
-    client.apply_feature_view(pb::ApplyFeatureViewRequest { view: Some(view) }).await.map(|r| r.into_inner())
+async fn apply(
+    client: &mut Client,
+    view: pb::FeatureView,
+) -> Result<pb::ApplyFeatureViewResponse, tonic::Status> {
+    client
+        .apply_feature_view(pb::ApplyFeatureViewRequest { view: Some(view) })
+        .await
+        .map(|r| r.into_inner())
 }
 
-async fn write(client: &mut Client, view: &str, rows: Vec<pb::WriteRow>) -> Result<pb::WriteResponse, tonic::Status> {
-    client.write(pb::WriteRequest { view: view.into(), rows }).await.map(|r| r.into_inner())
+async fn write(
+    client: &mut Client,
+    view: &str,
+    rows: Vec<pb::WriteRow>,
+) -> Result<pb::WriteResponse, tonic::Status> {
+    client
+        .write(pb::WriteRequest {
+            view: view.into(),
+            rows,
+        })
+        .await
+        .map(|r| r.into_inner())
 }
 
 async fn get(client: &mut Client, keys: &[&str], features: &[&str]) -> pb::GetResponse {
@@ -57,7 +75,9 @@ fn statuses(entity: &pb::EntityResult) -> Vec<FeatureStatus> {
 
 async fn start() -> (tempfile::TempDir, Node, Client) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let node = Node::start(&dir.path().join("node"), &[]).await.expect("node starts");
+    let node = Node::start(&dir.path().join("node"), &[])
+        .await
+        .expect("node starts");
     let client = node.client().await.expect("client connects");
     (dir, node, client)
 }
@@ -68,7 +88,9 @@ async fn write_then_get_with_every_status() {
     let applied = apply(&mut client, driver_view(3600)).await.expect("apply");
     assert!(applied.changed);
     assert_eq!(applied.view.expect("view").version, 1);
-    let again = apply(&mut client, driver_view(3600)).await.expect("re-apply");
+    let again = apply(&mut client, driver_view(3600))
+        .await
+        .expect("re-apply");
     assert!(!again.changed, "applying the same view twice is a no-op");
 
     let now = now_us();
@@ -77,9 +99,25 @@ async fn write_then_get_with_every_status() {
         &mut client,
         "driver",
         vec![
-            row("d1", now - 1000, &[("trips", int64(7)), ("rating", double(4.9)), ("city", string("Lisbon"))]),
+            row(
+                "d1",
+                now - 1000,
+                &[
+                    ("trips", int64(7)),
+                    ("rating", double(4.9)),
+                    ("city", string("Lisbon")),
+                ],
+            ),
             row("d2", now - 1000, &[("trips", int64(3))]),
-            row("d3", now - 2 * HOUR_US, &[("trips", int64(1)), ("rating", double(3.0)), ("city", string("Oslo"))]),
+            row(
+                "d3",
+                now - 2 * HOUR_US,
+                &[
+                    ("trips", int64(1)),
+                    ("rating", double(3.0)),
+                    ("city", string("Oslo")),
+                ],
+            ),
         ],
     )
     .await
@@ -88,28 +126,53 @@ async fn write_then_get_with_every_status() {
 
     tracing_phase("get: d1 present, d2 nulls, d3 expired, d4 missing (default served), d1 twice");
     let response = get(&mut client, &["d1", "d2", "d3", "d4", "d1"], &["driver:*"]).await;
-    assert_eq!(response.feature_names, ["driver:trips", "driver:rating", "driver:city"]);
+    assert_eq!(
+        response.feature_names,
+        ["driver:trips", "driver:rating", "driver:city"]
+    );
     assert_eq!(response.entities.len(), 5);
     use FeatureStatus::*;
     assert_eq!(statuses(&response.entities[0]), [Present, Present, Present]);
     assert_eq!(trips_of(&response, 0), Some(7));
     assert_eq!(response.entities[0].features[0].event_ts_us, now - 1000);
-    assert_eq!(statuses(&response.entities[1]), [Present, NullValue, NullValue]);
-    assert_eq!(statuses(&response.entities[2]), [OutsideMaxAge, OutsideMaxAge, OutsideMaxAge]);
+    assert_eq!(
+        statuses(&response.entities[1]),
+        [Present, NullValue, NullValue]
+    );
+    assert_eq!(
+        statuses(&response.entities[2]),
+        [OutsideMaxAge, OutsideMaxAge, OutsideMaxAge]
+    );
     assert!(response.entities[2].features[0].value.is_none());
-    assert_eq!(statuses(&response.entities[3]), [NotFound, Defaulted, NotFound]);
+    assert_eq!(
+        statuses(&response.entities[3]),
+        [NotFound, Defaulted, NotFound]
+    );
     assert_eq!(response.entities[3].features[1].value, Some(double(4.5)));
     assert_eq!(response.entities[4], response.entities[0]);
 
     tracing_phase("single feature references, in the order asked");
     let response = get(&mut client, &["d1"], &["driver:city", "driver:trips"]).await;
     assert_eq!(response.feature_names, ["driver:city", "driver:trips"]);
-    assert_eq!(response.entities[0].features[0].value, Some(string("Lisbon")));
+    assert_eq!(
+        response.entities[0].features[0].value,
+        Some(string("Lisbon"))
+    );
 
     tracing_phase("a view evolves: a new feature reads as not found on old rows");
     let mut evolved = driver_view(3600);
-    evolved.features.push(feature("vehicle", ValueType::String, Some(string("sedan"))));
-    assert_eq!(apply(&mut client, evolved).await.expect("evolve").view.expect("view").version, 2);
+    evolved
+        .features
+        .push(feature("vehicle", ValueType::String, Some(string("sedan"))));
+    assert_eq!(
+        apply(&mut client, evolved)
+            .await
+            .expect("evolve")
+            .view
+            .expect("view")
+            .version,
+        2
+    );
     let response = get(&mut client, &["d1"], &["driver:vehicle", "driver:trips"]).await;
     assert_eq!(statuses(&response.entities[0]), [Defaulted, Present]);
 }
@@ -121,31 +184,74 @@ async fn reads_after_acknowledged_writes_see_them_through_the_cache() {
     let base = now_us() - HOUR_US;
 
     tracing_phase("read (fills the cache), write newer, read again");
-    write(&mut client, "driver", vec![row("k", base, &[("trips", int64(1))])]).await.expect("write 1");
-    assert_eq!(trips_of(&get(&mut client, &["k"], &["driver:trips"]).await, 0), Some(1));
-    assert_eq!(trips_of(&get(&mut client, &["k"], &["driver:trips"]).await, 0), Some(1));
-    write(&mut client, "driver", vec![row("k", base + 1, &[("trips", int64(2))])]).await.expect("write 2");
-    assert_eq!(trips_of(&get(&mut client, &["k"], &["driver:trips"]).await, 0), Some(2));
+    write(
+        &mut client,
+        "driver",
+        vec![row("k", base, &[("trips", int64(1))])],
+    )
+    .await
+    .expect("write 1");
+    assert_eq!(
+        trips_of(&get(&mut client, &["k"], &["driver:trips"]).await, 0),
+        Some(1)
+    );
+    assert_eq!(
+        trips_of(&get(&mut client, &["k"], &["driver:trips"]).await, 0),
+        Some(1)
+    );
+    write(
+        &mut client,
+        "driver",
+        vec![row("k", base + 1, &[("trips", int64(2))])],
+    )
+    .await
+    .expect("write 2");
+    assert_eq!(
+        trips_of(&get(&mut client, &["k"], &["driver:trips"]).await, 0),
+        Some(2)
+    );
 
     tracing_phase("an older write is ignored, counted, and the cache keeps the newer row");
-    let out = write(&mut client, "driver", vec![row("k", base - 5, &[("trips", int64(0))])]).await.expect("stale write");
+    let out = write(
+        &mut client,
+        "driver",
+        vec![row("k", base - 5, &[("trips", int64(0))])],
+    )
+    .await
+    .expect("stale write");
     assert_eq!((out.rows_applied, out.rows_stale), (0, 1));
-    assert_eq!(trips_of(&get(&mut client, &["k"], &["driver:trips"]).await, 0), Some(2));
+    assert_eq!(
+        trips_of(&get(&mut client, &["k"], &["driver:trips"]).await, 0),
+        Some(2)
+    );
 
     tracing_phase("a negative cache entry is dropped by the write that creates the row");
     let missing = get(&mut client, &["new"], &["driver:trips"]).await;
-    assert_eq!(missing.entities[0].features[0].status(), FeatureStatus::NotFound);
-    write(&mut client, "driver", vec![row("new", base, &[("trips", int64(5))])]).await.expect("write new");
-    assert_eq!(trips_of(&get(&mut client, &["new"], &["driver:trips"]).await, 0), Some(5));
+    assert_eq!(
+        missing.entities[0].features[0].status(),
+        FeatureStatus::NotFound
+    );
+    write(
+        &mut client,
+        "driver",
+        vec![row("new", base, &[("trips", int64(5))])],
+    )
+    .await
+    .expect("write new");
+    assert_eq!(
+        trips_of(&get(&mut client, &["new"], &["driver:trips"]).await, 0),
+        Some(5)
+    );
 
     tracing_phase("readers racing a writer never see a value older than the last acknowledged one");
     let readers: Vec<_> = (0..3)
         .map(|_| {
             let endpoint = node.endpoint();
             tokio::spawn(async move {
-                let mut client = quiver_proto::v1::feature_store_client::FeatureStoreClient::connect(endpoint)
-                    .await
-                    .expect("reader connects");
+                let mut client =
+                    quiver_proto::v1::feature_store_client::FeatureStoreClient::connect(endpoint)
+                        .await
+                        .expect("reader connects");
                 for _ in 0..300 {
                     get(&mut client, &["hot"], &["driver:trips"]).await;
                 }
@@ -153,15 +259,32 @@ async fn reads_after_acknowledged_writes_see_them_through_the_cache() {
         })
         .collect();
     for i in 1..=200 {
-        write(&mut client, "driver", vec![row("hot", base + i, &[("trips", int64(i))])]).await.expect("write");
+        write(
+            &mut client,
+            "driver",
+            vec![row("hot", base + i, &[("trips", int64(i))])],
+        )
+        .await
+        .expect("write");
         let seen = trips_of(&get(&mut client, &["hot"], &["driver:trips"]).await, 0);
-        assert_eq!(seen, Some(i), "read after acknowledged write {i} returned {seen:?}");
+        assert_eq!(
+            seen,
+            Some(i),
+            "read after acknowledged write {i} returned {seen:?}"
+        );
     }
     for reader in readers {
         reader.await.expect("reader");
     }
-    let status = client.status(pb::StatusRequest {}).await.expect("status").into_inner();
-    assert!(status.cache.expect("cache status").hits > 0, "the cache served some reads");
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert!(
+        status.cache.expect("cache status").hits > 0,
+        "the cache served some reads"
+    );
 }
 
 #[tokio::test]
@@ -169,63 +292,120 @@ async fn invalidate_and_delete() {
     let (_dir, _node, mut client) = start().await;
     apply(&mut client, driver_view(0)).await.expect("apply");
     let ts = now_us();
-    write(&mut client, "driver", vec![row("a", ts, &[("trips", int64(1))]), row("b", ts, &[("trips", int64(2))])])
-        .await
-        .expect("write");
+    write(
+        &mut client,
+        "driver",
+        vec![
+            row("a", ts, &[("trips", int64(1))]),
+            row("b", ts, &[("trips", int64(2))]),
+        ],
+    )
+    .await
+    .expect("write");
     get(&mut client, &["a", "b"], &["driver"]).await;
 
     let dropped = client
-        .invalidate(pb::InvalidateRequest { view: "driver".into(), entity_keys: vec!["a".into()] })
+        .invalidate(pb::InvalidateRequest {
+            view: "driver".into(),
+            entity_keys: vec!["a".into()],
+        })
         .await
         .expect("invalidate keys")
         .into_inner();
     assert_eq!(dropped.entries_dropped, 1);
     let dropped = client
-        .invalidate(pb::InvalidateRequest { view: "driver".into(), entity_keys: vec![] })
+        .invalidate(pb::InvalidateRequest {
+            view: "driver".into(),
+            entity_keys: vec![],
+        })
         .await
         .expect("invalidate view")
         .into_inner();
     assert_eq!(dropped.entries_dropped, 1, "only b was still cached");
-    assert_eq!(trips_of(&get(&mut client, &["a"], &["driver:trips"]).await, 0), Some(1), "invalidate keeps data");
+    assert_eq!(
+        trips_of(&get(&mut client, &["a"], &["driver:trips"]).await, 0),
+        Some(1),
+        "invalidate keeps data"
+    );
 
     let deleted = client
-        .delete(pb::DeleteRequest { view: "driver".into(), entity_keys: vec!["a".into(), "zzz".into()] })
+        .delete(pb::DeleteRequest {
+            view: "driver".into(),
+            entity_keys: vec!["a".into(), "zzz".into()],
+        })
         .await
         .expect("delete")
         .into_inner();
     assert_eq!(deleted.rows_deleted, 1);
     let response = get(&mut client, &["a", "b"], &["driver:trips"]).await;
-    assert_eq!(response.entities[0].features[0].status(), FeatureStatus::NotFound);
+    assert_eq!(
+        response.entities[0].features[0].status(),
+        FeatureStatus::NotFound
+    );
     assert_eq!(trips_of(&response, 1), Some(2));
 
-    tracing_phase("deleting the view makes its rows unreachable, also for a new view of the same name");
-    client.delete_feature_view(pb::DeleteFeatureViewRequest { name: "driver".into() }).await.expect("delete view");
+    tracing_phase(
+        "deleting the view makes its rows unreachable, also for a new view of the same name",
+    );
+    client
+        .delete_feature_view(pb::DeleteFeatureViewRequest {
+            name: "driver".into(),
+        })
+        .await
+        .expect("delete view");
     let err = client
-        .get(pb::GetRequest { entity_keys: vec!["b".into()], features: vec!["driver".into()], ..Default::default() })
+        .get(pb::GetRequest {
+            entity_keys: vec!["b".into()],
+            features: vec!["driver".into()],
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     apply(&mut client, driver_view(0)).await.expect("re-create");
     let response = get(&mut client, &["b"], &["driver:trips"]).await;
-    assert_eq!(response.entities[0].features[0].status(), FeatureStatus::NotFound);
+    assert_eq!(
+        response.entities[0].features[0].status(),
+        FeatureStatus::NotFound
+    );
 }
 
 #[tokio::test]
 async fn data_survives_graceful_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut node = Node::start(&dir.path().join("node"), &["--shutdown-drain-ms", "500"]).await.expect("node starts");
+    let mut node = Node::start(&dir.path().join("node"), &["--shutdown-drain-ms", "500"])
+        .await
+        .expect("node starts");
     let mut client = node.client().await.expect("client connects");
     apply(&mut client, driver_view(0)).await.expect("apply");
     let ts = now_us();
-    write(&mut client, "driver", vec![row("a", ts, &[("trips", int64(42))])]).await.expect("write");
+    write(
+        &mut client,
+        "driver",
+        vec![row("a", ts, &[("trips", int64(42))])],
+    )
+    .await
+    .expect("write");
     // A client left connected must not stop the node from stopping: the drain
     // is bounded by shutdown_drain_ms.
     node.restart().await.expect("restart");
-    assert!(node.log().contains("store flushed"), "graceful shutdown flushes: {}", node.log());
+    assert!(
+        node.log().contains("store flushed"),
+        "graceful shutdown flushes: {}",
+        node.log()
+    );
     let mut client = node.client().await.expect("reconnect");
-    let views = client.list_feature_views(pb::ListFeatureViewsRequest {}).await.expect("list").into_inner().views;
+    let views = client
+        .list_feature_views(pb::ListFeatureViewsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .views;
     assert_eq!(views.len(), 1);
-    assert_eq!(trips_of(&get(&mut client, &["a"], &["driver:trips"]).await, 0), Some(42));
+    assert_eq!(
+        trips_of(&get(&mut client, &["a"], &["driver:trips"]).await, 0),
+        Some(42)
+    );
 }
 
 #[tokio::test]
@@ -241,12 +421,16 @@ async fn every_acknowledged_write_survives_kill_9() {
             let endpoint = node.endpoint();
             let acks = ack_tx.clone();
             tokio::spawn(async move {
-                let Ok(mut client) = quiver_proto::v1::feature_store_client::FeatureStoreClient::connect(endpoint).await
+                let Ok(mut client) =
+                    quiver_proto::v1::feature_store_client::FeatureStoreClient::connect(endpoint)
+                        .await
                 else {
                     return;
                 };
                 for i in 0..100_000i64 {
-                    let rows = (0..5).map(|k| row(&format!("w{w}-k{k}"), base + i, &[("trips", int64(i))])).collect();
+                    let rows = (0..5)
+                        .map(|k| row(&format!("w{w}-k{k}"), base + i, &[("trips", int64(i))]))
+                        .collect();
                     match write(&mut client, "driver", rows).await {
                         Ok(_) => {
                             for k in 0..5 {
@@ -285,7 +469,11 @@ async fn every_acknowledged_write_survives_kill_9() {
     let response = get(&mut client, &keys, &["driver:trips"]).await;
     for (index, key) in keys.iter().enumerate() {
         let stored = trips_of(&response, index).expect("acknowledged row present");
-        assert!(stored >= ledger[*key], "{key}: acknowledged {} but found {stored}", ledger[*key]);
+        assert!(
+            stored >= ledger[*key],
+            "{key}: acknowledged {} but found {stored}",
+            ledger[*key]
+        );
     }
 }
 

@@ -14,14 +14,20 @@ pub type Client = FeatureStoreClient<Channel>;
 
 /// Connects to `endpoint` (`host:port` or a URL).
 pub async fn connect(endpoint: &str) -> Result<Client> {
-    let url = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
     let channel = Endpoint::from_shared(url.clone())
         .with_context(|| format!("parse endpoint {endpoint:?}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
         .connect()
         .await
-        .with_context(|| format!("connect to quiverd at {url} (is it running? see --endpoint / QUIVER_ENDPOINT)"))?;
+        .with_context(|| {
+            format!("connect to quiverd at {url} (is it running? see --endpoint / QUIVER_ENDPOINT)")
+        })?;
     Ok(FeatureStoreClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX))
 }
 

@@ -64,7 +64,11 @@ pub async fn run(client: &mut Client, args: &GetArgs, json: bool) -> Result<()> 
     if let Some(repeat) = args.repeat {
         return measure(client, request, repeat, json).await;
     }
-    let response = client.get(request).await.map_err(|s| status_error("get", s))?.into_inner();
+    let response = client
+        .get(request)
+        .await
+        .map_err(|s| status_error("get", s))?
+        .into_inner();
     if json {
         print_json(&response)?;
     } else {
@@ -96,7 +100,10 @@ fn print_json(response: &pb::GetResponse) -> Result<()> {
             serde_json::json!({"entity_key": entity.entity_key, "features": features})
         })
         .collect();
-    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "entities": entities }))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({ "entities": entities }))?
+    );
     Ok(())
 }
 
@@ -112,12 +119,23 @@ fn print_table(response: &pb::GetResponse) {
     for entity in &response.entities {
         let mut row = vec![entity.entity_key.clone()];
         for feature in &entity.features {
-            let value = feature.value.as_ref().map(values::to_text).unwrap_or_default();
+            let value = feature
+                .value
+                .as_ref()
+                .map(values::to_text)
+                .unwrap_or_default();
             row.push(format!("{value}{}", status_label(feature.status())));
         }
-        let newest = entity.features.iter().map(|f| f.event_ts_us).max().unwrap_or(0);
+        let newest = entity
+            .features
+            .iter()
+            .map(|f| f.event_ts_us)
+            .max()
+            .unwrap_or(0);
         row.push(if newest > 0 {
-            let age = Duration::from_secs(u64::try_from((now_us - newest).max(0) / 1_000_000).unwrap_or(0));
+            let age = Duration::from_secs(
+                u64::try_from((now_us - newest).max(0) / 1_000_000).unwrap_or(0),
+            );
             humantime::format_duration(age).to_string()
         } else {
             "-".to_owned()
@@ -127,14 +145,26 @@ fn print_table(response: &pb::GetResponse) {
     println!("{table}");
 }
 
-async fn measure(client: &mut Client, request: pb::GetRequest, repeat: u64, json: bool) -> Result<()> {
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?;
+async fn measure(
+    client: &mut Client,
+    request: pb::GetRequest,
+    repeat: u64,
+    json: bool,
+) -> Result<()> {
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?;
     let started = Instant::now();
     let mut values = 0usize;
     for _ in 0..repeat {
         let sent = Instant::now();
-        let response = client.get(request.clone()).await.map_err(|s| status_error("get", s))?.into_inner();
-        let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+        let response = client
+            .get(request.clone())
+            .await
+            .map_err(|s| status_error("get", s))?
+            .into_inner();
+        let micros = u64::try_from(sent.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
         histogram.saturating_record(micros);
         values = response.entities.iter().map(|e| e.features.len()).sum();
     }

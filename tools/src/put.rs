@@ -67,7 +67,11 @@ struct RowParser<'a> {
 }
 
 impl RowParser<'_> {
-    fn csv_row(&self, header: &csv::StringRecord, record: &csv::StringRecord) -> Result<pb::WriteRow> {
+    fn csv_row(
+        &self,
+        header: &csv::StringRecord,
+        record: &csv::StringRecord,
+    ) -> Result<pb::WriteRow> {
         let mut row = pb::WriteRow::default();
         let mut has_ts = false;
         for (column, cell) in header.iter().zip(record.iter()) {
@@ -78,7 +82,11 @@ impl RowParser<'_> {
                 has_ts = true;
             } else {
                 let value_type = self.feature(column)?;
-                row.values.insert(column.to_owned(), values::from_text(value_type, cell).with_context(|| format!("column {column}"))?);
+                row.values.insert(
+                    column.to_owned(),
+                    values::from_text(value_type, cell)
+                        .with_context(|| format!("column {column}"))?,
+                );
             }
         }
         if !has_ts {
@@ -88,7 +96,8 @@ impl RowParser<'_> {
     }
 
     fn json_row(&self, line: &str) -> Result<pb::WriteRow> {
-        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).context("not a JSON object")?;
+        let object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(line).context("not a JSON object")?;
         let mut row = pb::WriteRow::default();
         let mut has_ts = false;
         for (field, json) in object {
@@ -100,14 +109,17 @@ impl RowParser<'_> {
                 };
             } else if field == self.args.ts_column {
                 row.event_ts_us = match &json {
-                    serde_json::Value::Number(n) => n.as_i64().ok_or_else(|| anyhow!("event time {n} is not an integer"))?,
+                    serde_json::Value::Number(n) => n
+                        .as_i64()
+                        .ok_or_else(|| anyhow!("event time {n} is not an integer"))?,
                     serde_json::Value::String(s) => values::parse_timestamp_us(s)?,
                     other => bail!("event time {other} is not a number or string"),
                 };
                 has_ts = true;
             } else {
                 let value_type = self.feature(&field)?;
-                let value = values::from_json(value_type, &json).with_context(|| format!("field {field}"))?;
+                let value = values::from_json(value_type, &json)
+                    .with_context(|| format!("field {field}"))?;
                 row.values.insert(field, value);
             }
         }
@@ -121,22 +133,36 @@ impl RowParser<'_> {
         self.schema.get(name).copied().ok_or_else(|| {
             let mut known: Vec<_> = self.schema.keys().cloned().collect();
             known.sort();
-            anyhow!("view {} has no feature {name:?} (it has: {})", self.args.view, known.join(", "))
+            anyhow!(
+                "view {} has no feature {name:?} (it has: {})",
+                self.args.view,
+                known.join(", ")
+            )
         })
     }
 }
 
 /// Reads the file and sends batches; returns rows read. Runs on a blocking
 /// thread.
-fn read_batches(parser: RowParser<'_>, format: Format, tx: mpsc::Sender<pb::WriteRequest>, progress: &ProgressBar) -> Result<u64> {
+fn read_batches(
+    parser: RowParser<'_>,
+    format: Format,
+    tx: mpsc::Sender<pb::WriteRequest>,
+    progress: &ProgressBar,
+) -> Result<u64> {
     let args = parser.args;
-    let file = std::fs::File::open(&args.file).with_context(|| format!("open {}", args.file.display()))?;
+    let file =
+        std::fs::File::open(&args.file).with_context(|| format!("open {}", args.file.display()))?;
     let batch_rows = usize::try_from(args.batch_rows).unwrap_or(usize::MAX);
     let mut batch = Vec::with_capacity(batch_rows);
     let mut rows = 0u64;
     let send = |batch: &mut Vec<pb::WriteRow>| -> Result<()> {
-        let request = pb::WriteRequest { view: args.view.clone(), rows: std::mem::take(batch) };
-        tx.blocking_send(request).map_err(|_| anyhow!("the write stream closed early"))
+        let request = pb::WriteRequest {
+            view: args.view.clone(),
+            rows: std::mem::take(batch),
+        };
+        tx.blocking_send(request)
+            .map_err(|_| anyhow!("the write stream closed early"))
     };
     match format {
         Format::Csv => {
@@ -148,7 +174,11 @@ fn read_batches(parser: RowParser<'_>, format: Format, tx: mpsc::Sender<pb::Writ
             let mut record = csv::StringRecord::new();
             while reader.read_record(&mut record).context("read CSV")? {
                 let line = record.position().map_or(0, |p| p.line());
-                batch.push(parser.csv_row(&header, &record).with_context(|| format!("{} line {line}", args.file.display()))?);
+                batch.push(
+                    parser
+                        .csv_row(&header, &record)
+                        .with_context(|| format!("{} line {line}", args.file.display()))?,
+                );
                 rows += 1;
                 if batch.len() == batch_rows {
                     send(&mut batch)?;
@@ -163,19 +193,28 @@ fn read_batches(parser: RowParser<'_>, format: Format, tx: mpsc::Sender<pb::Writ
             let mut bytes = 0u64;
             loop {
                 line.clear();
-                let read = (&mut reader).take(LINE_BYTES_MAX as u64 + 1).read_line(&mut line)?;
+                let read = (&mut reader)
+                    .take(LINE_BYTES_MAX as u64 + 1)
+                    .read_line(&mut line)?;
                 if read == 0 {
                     break;
                 }
                 line_number += 1;
                 bytes += read as u64;
                 if read > LINE_BYTES_MAX {
-                    bail!("{} line {line_number} is longer than {LINE_BYTES_MAX} bytes", args.file.display());
+                    bail!(
+                        "{} line {line_number} is longer than {LINE_BYTES_MAX} bytes",
+                        args.file.display()
+                    );
                 }
                 if line.trim().is_empty() {
                     continue;
                 }
-                batch.push(parser.json_row(&line).with_context(|| format!("{} line {line_number}", args.file.display()))?);
+                batch.push(
+                    parser
+                        .json_row(&line)
+                        .with_context(|| format!("{} line {line_number}", args.file.display()))?,
+                );
                 rows += 1;
                 if batch.len() == batch_rows {
                     send(&mut batch)?;
@@ -190,7 +229,6 @@ fn read_batches(parser: RowParser<'_>, format: Format, tx: mpsc::Sender<pb::Writ
     Ok(rows)
 }
 
-
 /// `put --view V -f FILE`.
 pub async fn run(client: &mut Client, args: &PutArgs, json: bool) -> Result<()> {
     let format = format_of(&args.file)?;
@@ -198,13 +236,30 @@ pub async fn run(client: &mut Client, args: &PutArgs, json: bool) -> Result<()> 
     let view = views
         .into_iter()
         .find(|v| v.name == args.view)
-        .ok_or_else(|| anyhow!("feature view {:?} does not exist (apply it first)", args.view))?;
-    let schema: Schema = view.features.iter().map(|f| (f.name.clone(), f.r#type())).collect();
-    let size = std::fs::metadata(&args.file).with_context(|| format!("open {}", args.file.display()))?.len();
-    let progress = if json { ProgressBar::hidden() } else { ProgressBar::new(size) };
+        .ok_or_else(|| {
+            anyhow!(
+                "feature view {:?} does not exist (apply it first)",
+                args.view
+            )
+        })?;
+    let schema: Schema = view
+        .features
+        .iter()
+        .map(|f| (f.name.clone(), f.r#type()))
+        .collect();
+    let size = std::fs::metadata(&args.file)
+        .with_context(|| format!("open {}", args.file.display()))?
+        .len();
+    let progress = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(size)
+    };
     progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})")
-            .expect("valid progress template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({eta})",
+        )
+        .expect("valid progress template"),
     );
 
     let (tx, rx) = mpsc::channel(BATCHES_IN_FLIGHT_MAX);
@@ -212,7 +267,17 @@ pub async fn run(client: &mut Client, args: &PutArgs, json: bool) -> Result<()> 
     let reader = {
         let progress = progress.clone();
         let args = args.clone();
-        tokio::task::spawn_blocking(move || read_batches(RowParser { args: &args, schema }, format, tx, &progress))
+        tokio::task::spawn_blocking(move || {
+            read_batches(
+                RowParser {
+                    args: &args,
+                    schema,
+                },
+                format,
+                tx,
+                &progress,
+            )
+        })
     };
     let written = client.write_stream(ReceiverStream::new(rx)).await;
     let read = reader.await.context("reader thread")?;

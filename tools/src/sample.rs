@@ -14,8 +14,19 @@ use rand::{Rng, SeedableRng};
 
 /// Most entities of each kind.
 const ENTITIES_MAX: u64 = 50_000_000;
-const CITIES: [&str; 8] = ["Amsterdam", "Berlin", "Lisbon", "Madrid", "Paris", "Prague", "Vienna", "Warsaw"];
-const SEGMENTS: [&str; 6] = ["commuter", "airport", "night", "business", "family", "student"];
+const CITIES: [&str; 8] = [
+    "Amsterdam",
+    "Berlin",
+    "Lisbon",
+    "Madrid",
+    "Paris",
+    "Prague",
+    "Vienna",
+    "Warsaw",
+];
+const SEGMENTS: [&str; 6] = [
+    "commuter", "airport", "night", "business", "family", "student",
+];
 /// First driver id, as in Feast's demo.
 pub const FIRST_DRIVER_ID: u64 = 1001;
 
@@ -38,7 +49,8 @@ pub struct GenerateArgs {
 
 /// Writes drivers.csv and customers.jsonl.
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("create {}", args.out_dir.display()))?;
+    std::fs::create_dir_all(&args.out_dir)
+        .with_context(|| format!("create {}", args.out_dir.display()))?;
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("system clock before 1970")?
@@ -47,13 +59,27 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(args.seed);
 
     let drivers_path = args.out_dir.join("drivers.csv");
-    let mut out = BufWriter::new(std::fs::File::create(&drivers_path).with_context(|| format!("create {}", drivers_path.display()))?);
-    writeln!(out, "entity_key,event_ts,conv_rate,acc_rate,avg_daily_trips,rating,city,last_trip_ts")?;
+    let mut out = BufWriter::new(
+        std::fs::File::create(&drivers_path)
+            .with_context(|| format!("create {}", drivers_path.display()))?,
+    );
+    writeln!(
+        out,
+        "entity_key,event_ts,conv_rate,acc_rate,avg_daily_trips,rating,city,last_trip_ts"
+    )?;
     for id in FIRST_DRIVER_ID..FIRST_DRIVER_ID + args.drivers {
         // 2% of drivers have not reported for over a day: OUTSIDE_MAX_AGE.
-        let age_us = if rng.random_bool(0.02) { rng.random_range(25 * hour_us..72 * hour_us) } else { rng.random_range(0..hour_us) };
+        let age_us = if rng.random_bool(0.02) {
+            rng.random_range(25 * hour_us..72 * hour_us)
+        } else {
+            rng.random_range(0..hour_us)
+        };
         let event_ts = now_us - age_us;
-        let conv_rate = if rng.random_bool(0.01) { String::new() } else { format!("{:.4}", rng.random::<f32>()) };
+        let conv_rate = if rng.random_bool(0.01) {
+            String::new()
+        } else {
+            format!("{:.4}", rng.random::<f32>())
+        };
         writeln!(
             out,
             "{id},{event_ts},{conv_rate},{:.4},{},{:.2},{},{}",
@@ -67,10 +93,16 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     out.flush()?;
 
     let customers_path = args.out_dir.join("customers.jsonl");
-    let mut out =
-        BufWriter::new(std::fs::File::create(&customers_path).with_context(|| format!("create {}", customers_path.display()))?);
+    let mut out = BufWriter::new(
+        std::fs::File::create(&customers_path)
+            .with_context(|| format!("create {}", customers_path.display()))?,
+    );
     for id in 1..=args.customers {
-        let segments: Vec<&str> = SEGMENTS.iter().copied().filter(|_| rng.random_bool(0.3)).collect();
+        let segments: Vec<&str> = SEGMENTS
+            .iter()
+            .copied()
+            .filter(|_| rng.random_bool(0.3))
+            .collect();
         let row = serde_json::json!({
             "entity_key": id.to_string(),
             "event_ts": now_us - rng.random_range(0..24 * hour_us),

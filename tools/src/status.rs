@@ -8,10 +8,17 @@ use crate::client::{Client, status_error};
 
 /// `status`.
 pub async fn run(client: &mut Client, json: bool) -> Result<()> {
-    let s = client.status(pb::StatusRequest {}).await.map_err(|s| status_error("status", s))?.into_inner();
+    let s = client
+        .status(pb::StatusRequest {})
+        .await
+        .map_err(|s| status_error("status", s))?
+        .into_inner();
     let cache = s.cache.unwrap_or_default();
     let hit_rate = if cache.hits + cache.misses > 0 {
-        format!("{:.1}%", 100.0 * cache.hits as f64 / (cache.hits + cache.misses) as f64)
+        format!(
+            "{:.1}%",
+            100.0 * cache.hits as f64 / (cache.hits + cache.misses) as f64
+        )
     } else {
         "-".to_owned()
     };
@@ -32,7 +39,8 @@ pub async fn run(client: &mut Client, json: bool) -> Result<()> {
         ("cache_hit_rate", hit_rate.into()),
     ];
     if json {
-        let object: serde_json::Map<String, serde_json::Value> = fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        let object: serde_json::Map<String, serde_json::Value> =
+            fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         println!("{}", serde_json::to_string_pretty(&object)?);
     } else {
         let mut table = Table::new();

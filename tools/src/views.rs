@@ -64,20 +64,30 @@ fn to_pb(view: ViewYaml) -> Result<pb::FeatureView> {
     let ttl_seconds = match view.ttl.as_deref() {
         None | Some("0") => 0,
         Some(text) => humantime::parse_duration(text)
-            .with_context(|| format!("view {}: ttl {text:?} is not a duration like 1day or 90m", view.name))?
+            .with_context(|| {
+                format!(
+                    "view {}: ttl {text:?} is not a duration like 1day or 90m",
+                    view.name
+                )
+            })?
             .as_secs(),
     };
     let features = view
         .features
         .into_iter()
         .map(|f| {
-            let value_type = parse_type(&f.value_type).with_context(|| format!("feature {}:{}", view.name, f.name))?;
+            let value_type = parse_type(&f.value_type)
+                .with_context(|| format!("feature {}:{}", view.name, f.name))?;
             let default_value = f
                 .default
                 .map(|json| values::from_json(value_type, &json))
                 .transpose()
                 .with_context(|| format!("default of feature {}:{}", view.name, f.name))?;
-            Ok(pb::FeatureSpec { name: f.name, r#type: value_type as i32, default_value })
+            Ok(pb::FeatureSpec {
+                name: f.name,
+                r#type: value_type as i32,
+                default_value,
+            })
         })
         .collect::<Result<_>>()?;
     Ok(pb::FeatureView {
@@ -92,12 +102,18 @@ fn to_pb(view: ViewYaml) -> Result<pb::FeatureView> {
 
 /// Reads and parses a views file.
 fn read_views(path: &Path) -> Result<Vec<pb::FeatureView>> {
-    let size = std::fs::metadata(path).with_context(|| format!("read {}", path.display()))?.len();
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("read {}", path.display()))?
+        .len();
     if size > VIEWS_FILE_BYTES_MAX {
-        bail!("{} is {size} bytes; a views file may be at most {VIEWS_FILE_BYTES_MAX}", path.display());
+        bail!(
+            "{} is {size} bytes; a views file may be at most {VIEWS_FILE_BYTES_MAX}",
+            path.display()
+        );
     }
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    let file: ViewsFile = serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    let file: ViewsFile =
+        serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
     file.views.into_iter().map(to_pb).collect()
 }
 
@@ -125,7 +141,11 @@ pub async fn apply(client: &mut Client, path: &Path, json: bool) -> Result<()> {
         let mut table = Table::new();
         table.set_header(["view", "version", "result"]);
         for (name, version, changed) in rows {
-            table.add_row([name, version.to_string(), if changed { "applied" } else { "unchanged" }.to_owned()]);
+            table.add_row([
+                name,
+                version.to_string(),
+                if changed { "applied" } else { "unchanged" }.to_owned(),
+            ]);
         }
         println!("{table}");
     }
@@ -171,9 +191,18 @@ pub async fn list(client: &mut Client, json: bool) -> Result<()> {
         } else {
             humantime::format_duration(std::time::Duration::from_secs(v.ttl_seconds)).to_string()
         };
-        let features: Vec<String> =
-            v.features.iter().map(|f| format!("{} ({})", f.name, f.r#type().as_str_name().to_lowercase())).collect();
-        table.add_row([v.name, v.version.to_string(), v.entities.join(", "), ttl, features.join("\n")]);
+        let features: Vec<String> = v
+            .features
+            .iter()
+            .map(|f| format!("{} ({})", f.name, f.r#type().as_str_name().to_lowercase()))
+            .collect();
+        table.add_row([
+            v.name,
+            v.version.to_string(),
+            v.entities.join(", "),
+            ttl,
+            features.join("\n"),
+        ]);
     }
     println!("{table}");
     Ok(())
@@ -182,7 +211,9 @@ pub async fn list(client: &mut Client, json: bool) -> Result<()> {
 /// `views delete NAME`.
 pub async fn delete(client: &mut Client, name: &str) -> Result<()> {
     client
-        .delete_feature_view(pb::DeleteFeatureViewRequest { name: name.to_owned() })
+        .delete_feature_view(pb::DeleteFeatureViewRequest {
+            name: name.to_owned(),
+        })
         .await
         .map_err(|s| status_error(&format!("delete view {name}"), s))?;
     println!("deleted feature view {name}");
@@ -205,10 +236,18 @@ mod tests {
     fn bad_views_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.yaml");
-        std::fs::write(&path, "views:\n  - name: v\n    features:\n      - {name: a, type: int65}\n").unwrap();
+        std::fs::write(
+            &path,
+            "views:\n  - name: v\n    features:\n      - {name: a, type: int65}\n",
+        )
+        .unwrap();
         let err = format!("{:#}", read_views(&path).unwrap_err());
         assert!(err.contains("int65"), "{err}");
-        std::fs::write(&path, "views:\n  - name: v\n    ttl: soon\n    features: []\n").unwrap();
+        std::fs::write(
+            &path,
+            "views:\n  - name: v\n    ttl: soon\n    features: []\n",
+        )
+        .unwrap();
         assert!(format!("{:#}", read_views(&path).unwrap_err()).contains("ttl"));
     }
 }

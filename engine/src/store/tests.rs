@@ -16,8 +16,16 @@ fn spec(name: &str, ttl_seconds: u64) -> ViewSpec {
         name: name.into(),
         entities: vec!["driver_id".into()],
         features: vec![
-            FeatureSpec { name: "trips".into(), value_type: ValueType::Int64, default: None },
-            FeatureSpec { name: "rating".into(), value_type: ValueType::Double, default: None },
+            FeatureSpec {
+                name: "trips".into(),
+                value_type: ValueType::Int64,
+                default: None,
+            },
+            FeatureSpec {
+                name: "rating".into(),
+                value_type: ValueType::Double,
+                default: None,
+            },
         ],
         ttl_seconds,
         description: String::new(),
@@ -36,12 +44,20 @@ fn open(dir: &Path, clock: Arc<ManualClock>) -> StateStore {
 }
 
 fn row(key: &str, event_ts_us: i64, trips: i64) -> RowWrite {
-    RowWrite { entity_key: key.into(), event_ts_us, values: vec![(1, Value::Int64(trips)), (2, Value::Null)] }
+    RowWrite {
+        entity_key: key.into(),
+        event_ts_us,
+        values: vec![(1, Value::Int64(trips)), (2, Value::Null)],
+    }
 }
 
 fn trips(store: &StateStore, view: &FeatureView, key: &str) -> Option<(i64, i64)> {
     let rows = store.get_rows(&[storage_key(view.id, key.as_bytes())]);
-    let row = rows.into_iter().next().expect("one result").expect("readable")?;
+    let row = rows
+        .into_iter()
+        .next()
+        .expect("one result")
+        .expect("readable")?;
     match row.value(1) {
         Some(Value::Int64(t)) => Some((row.event_ts_us, *t)),
         other => panic!("unexpected value {other:?}"),
@@ -67,7 +83,17 @@ fn last_write_wins_by_event_time() {
     assert_eq!(trips(&store, &view, "a"), Some((200, 3)));
 
     tracing::info!("out of order inside one batch");
-    let out = store.write_rows(view.id, &[row("b", 50, 5), row("b", 10, 1), row("b", 50, 6), row("b", 49, 7)]).unwrap();
+    let out = store
+        .write_rows(
+            view.id,
+            &[
+                row("b", 50, 5),
+                row("b", 10, 1),
+                row("b", 50, 6),
+                row("b", 49, 7),
+            ],
+        )
+        .unwrap();
     assert_eq!((out.rows_applied, out.rows_stale), (2, 2));
     assert_eq!(trips(&store, &view, "b"), Some((50, 6)));
     assert_eq!(store.stats().rows_stale, 3);
@@ -99,9 +125,16 @@ fn concurrent_writers_never_regress() {
 
 #[test]
 fn ttl_is_judged_at_read_with_the_clock() {
-    let row = StoredRow { event_ts_us: T0_US, written_ts_us: T0_US, values: vec![] };
+    let row = StoredRow {
+        event_ts_us: T0_US,
+        written_ts_us: T0_US,
+        values: vec![],
+    };
     assert_eq!(row.freshness(HOUR_US, T0_US + HOUR_US), RowFreshness::Fresh);
-    assert_eq!(row.freshness(HOUR_US, T0_US + HOUR_US + 1), RowFreshness::Expired);
+    assert_eq!(
+        row.freshness(HOUR_US, T0_US + HOUR_US + 1),
+        RowFreshness::Expired
+    );
 }
 
 #[test]
@@ -113,8 +146,15 @@ fn compaction_drops_only_rows_past_ttl_plus_grace() {
     let (forever, _) = store.apply_view(spec("forever", 0)).unwrap();
     let (doomed, _) = store.apply_view(spec("doomed", 0)).unwrap();
 
-    store.write_rows(short.id, &[row("old", T0_US - HOUR_US, 1), row("new", T0_US, 2)]).unwrap();
-    store.write_rows(forever.id, &[row("old", T0_US - 100 * HOUR_US, 3)]).unwrap();
+    store
+        .write_rows(
+            short.id,
+            &[row("old", T0_US - HOUR_US, 1), row("new", T0_US, 2)],
+        )
+        .unwrap();
+    store
+        .write_rows(forever.id, &[row("old", T0_US - 100 * HOUR_US, 3)])
+        .unwrap();
     store.write_rows(doomed.id, &[row("x", T0_US, 4)]).unwrap();
 
     tracing::info!("past ttl but inside grace: kept");
@@ -122,13 +162,18 @@ fn compaction_drops_only_rows_past_ttl_plus_grace() {
     store.compact_data().unwrap();
     assert!(trips(&store, &short, "old").is_some());
 
-    tracing::info!("past ttl + grace: old dropped, new kept, no-ttl view kept, deleted view dropped");
+    tracing::info!(
+        "past ttl + grace: old dropped, new kept, no-ttl view kept, deleted view dropped"
+    );
     clock.set_us(T0_US + HOUR_US + HOUR_US / 2);
     store.delete_view("doomed").unwrap();
     store.compact_data().unwrap();
     assert_eq!(trips(&store, &short, "old"), None);
     assert_eq!(trips(&store, &short, "new"), Some((T0_US, 2)));
-    assert_eq!(trips(&store, &forever, "old"), Some((T0_US - 100 * HOUR_US, 3)));
+    assert_eq!(
+        trips(&store, &forever, "old"),
+        Some((T0_US - 100 * HOUR_US, 3))
+    );
     assert_eq!(trips(&store, &doomed, "x"), None);
 }
 
@@ -163,7 +208,10 @@ fn corrupt_rows_are_reported_not_served() {
     let key = storage_key(view.id, b"bad");
     store.put_raw_for_test(&key, &[1, 2, 3]).unwrap();
     let result = store.get_rows(&[&key]).pop().unwrap();
-    assert!(matches!(result, Err(EngineError::Corrupt { .. })), "{result:?}");
+    assert!(
+        matches!(result, Err(EngineError::Corrupt { .. })),
+        "{result:?}"
+    );
     assert_eq!(store.stats().rows_corrupt, 1);
     // A write repairs it.
     store.write_rows(view.id, &[row("bad", 1, 1)]).unwrap();
@@ -175,8 +223,12 @@ fn delete_rows_reports_what_existed() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
     let (view, _) = store.apply_view(spec("v", 0)).unwrap();
-    store.write_rows(view.id, &[row("a", 1, 1), row("b", 1, 1)]).unwrap();
-    let deleted = store.delete_rows(view.id, &["a".into(), "a".into(), "zzz".into()]).unwrap();
+    store
+        .write_rows(view.id, &[row("a", 1, 1), row("b", 1, 1)])
+        .unwrap();
+    let deleted = store
+        .delete_rows(view.id, &["a".into(), "a".into(), "zzz".into()])
+        .unwrap();
     assert_eq!(deleted, vec![storage_key(view.id, b"a")]);
     assert_eq!(trips(&store, &view, "a"), None);
     assert!(trips(&store, &view, "b").is_some());
