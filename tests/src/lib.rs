@@ -293,3 +293,29 @@ pub fn row(key: &str, event_ts_us: i64, values: &[(&str, pb::Value)]) -> pb::Wri
             .collect(),
     }
 }
+
+/// Applies a feature view.
+pub async fn apply_view(
+    client: &mut Client,
+    view: pb::FeatureView,
+) -> Result<pb::ApplyFeatureViewResponse, tonic::Status> {
+    client
+        .apply_feature_view(pb::ApplyFeatureViewRequest { view: Some(view) })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Writes rows of one view.
+pub async fn write_rows(
+    client: &mut Client,
+    view: &str,
+    rows: Vec<pb::WriteRow>,
+) -> Result<pb::WriteResponse, tonic::Status> {
+    client
+        .write(pb::WriteRequest {
+            view: view.into(),
+            rows,
+        })
+        .await
+        .map(|r| r.into_inner())
+}

@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used)]
 
 use quiver_proto::v1::{self as pb, FeatureStatus, ValueType};
-use quiver_tests::{Client, Node, feature, int64, now_us, row, string};
+use quiver_tests::{
+    Client, Node, apply_view as apply, feature, int64, now_us, row, string, write_rows as write,
+};
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
@@ -26,27 +28,6 @@ fn view(name: &str, features: Vec<pb::FeatureSpec>) -> pb::FeatureView {
         features,
         ..Default::default()
     }
-}
-
-async fn apply(client: &mut Client, view: pb::FeatureView) -> Result<(), tonic::Status> {
-    client
-        .apply_feature_view(pb::ApplyFeatureViewRequest { view: Some(view) })
-        .await
-        .map(|_| ())
-}
-
-async fn write(
-    client: &mut Client,
-    view: &str,
-    rows: Vec<pb::WriteRow>,
-) -> Result<pb::WriteResponse, tonic::Status> {
-    client
-        .write(pb::WriteRequest {
-            view: view.into(),
-            rows,
-        })
-        .await
-        .map(|r| r.into_inner())
 }
 
 async fn get(

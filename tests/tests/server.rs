@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use quiver_proto::v1::{self as pb, FeatureStatus, ValueType};
-use quiver_tests::{Client, Node, double, feature, int64, now_us, row, string};
+use quiver_tests::{
+    Client, Node, apply_view as apply, double, feature, int64, now_us, row, string,
+    write_rows as write,
+};
 use tonic::Code;
 
 const HOUR_US: i64 = 3_600_000_000;
@@ -24,30 +27,6 @@ fn driver_view(ttl_seconds: u64) -> pb::FeatureView {
         description: "test view".into(),
         version: 0,
     }
-}
-
-async fn apply(
-    client: &mut Client,
-    view: pb::FeatureView,
-) -> Result<pb::ApplyFeatureViewResponse, tonic::Status> {
-    client
-        .apply_feature_view(pb::ApplyFeatureViewRequest { view: Some(view) })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn write(
-    client: &mut Client,
-    view: &str,
-    rows: Vec<pb::WriteRow>,
-) -> Result<pb::WriteResponse, tonic::Status> {
-    client
-        .write(pb::WriteRequest {
-            view: view.into(),
-            rows,
-        })
-        .await
-        .map(|r| r.into_inner())
 }
 
 async fn get(client: &mut Client, keys: &[&str], features: &[&str]) -> pb::GetResponse {
