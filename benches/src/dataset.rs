@@ -86,3 +86,11 @@ pub fn check_entity(entity: &pb::EntityResult) -> Result<(), String> {
         )),
     }
 }
+
+/// A write of `rows` to the benchmark view.
+pub fn write_request(rows: Vec<pb::WriteRow>) -> pb::WriteRequest {
+    pb::WriteRequest {
+        view: VIEW.into(),
+        rows,
+    }
+}

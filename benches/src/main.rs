@@ -139,12 +139,7 @@ async fn preload(clients: &[Client], entities: u64) -> Result<()> {
                     let rows = (start..end)
                         .map(|id| dataset::row(id, event_ts, 0))
                         .collect();
-                    client
-                        .write(pb::WriteRequest {
-                            view: dataset::VIEW.into(),
-                            rows,
-                        })
-                        .await?;
+                    client.write(dataset::write_request(rows)).await?;
                 }
             })
         })
@@ -187,12 +182,7 @@ impl Generator {
             let rows = (0..self.args.rows_per_write)
                 .map(|_| dataset::row(self.keys.next(rng), ts, generation))
                 .collect();
-            client
-                .write(pb::WriteRequest {
-                    view: dataset::VIEW.into(),
-                    rows,
-                })
-                .await?;
+            client.write(dataset::write_request(rows)).await?;
             return Ok(Outcome::Write {
                 rows: self.args.rows_per_write,
             });

@@ -33,15 +33,26 @@ pub struct DecodeError {
 
 /// Appends the encoding of `row` to `out`.
 pub fn encode_row(row: &StoredRow, out: &mut Vec<u8>) {
+    encode_row_parts(row.event_ts_us, row.written_ts_us, &row.values, out);
+}
+
+/// Appends the encoding of a row given by its parts: lets the write path
+/// encode borrowed values without building a [`StoredRow`] copy.
+pub fn encode_row_parts(
+    event_ts_us: i64,
+    written_ts_us: i64,
+    values: &[(FieldId, Value)],
+    out: &mut Vec<u8>,
+) {
     debug_assert!(
-        row.values.windows(2).all(|w| w[0].0 < w[1].0),
+        values.windows(2).all(|w| w[0].0 < w[1].0),
         "row fields must be sorted and unique"
     );
     out.push(ROW_FORMAT_VERSION);
-    out.extend_from_slice(&row.event_ts_us.to_le_bytes());
-    out.extend_from_slice(&row.written_ts_us.to_le_bytes());
-    put_varint(out, row.values.len() as u64);
-    for (field, value) in &row.values {
+    out.extend_from_slice(&event_ts_us.to_le_bytes());
+    out.extend_from_slice(&written_ts_us.to_le_bytes());
+    put_varint(out, values.len() as u64);
+    for (field, value) in values {
         put_varint(out, u64::from(*field));
         encode_value(value, out);
     }

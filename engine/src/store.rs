@@ -19,7 +19,7 @@ use rocksdb::{
 };
 
 use crate::clock::Clock;
-use crate::codec::{decode_row, encode_row, peek_event_ts};
+use crate::codec::{decode_row, encode_row_parts, peek_event_ts};
 use crate::error::{EngineError, Result};
 use crate::keys::{ViewId, storage_key};
 use crate::registry::{Catalog, Registry, VIEWS_MAX};
@@ -329,12 +329,7 @@ impl StateStore {
             }
             latest.insert(key, row.event_ts_us);
             buffer.clear();
-            let stored = StoredRow {
-                event_ts_us: row.event_ts_us,
-                written_ts_us,
-                values: row.values.clone(),
-            };
-            encode_row(&stored, &mut buffer);
+            encode_row_parts(row.event_ts_us, written_ts_us, &row.values, &mut buffer);
             batch.put_cf(data, key, &buffer);
             outcome.rows_applied += 1;
             outcome.changed_keys.push(key.clone());

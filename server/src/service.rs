@@ -161,28 +161,31 @@ impl FeatureStore for FeatureStoreService {
         request: Request<pb::InvalidateRequest>,
     ) -> Result<Response<pb::InvalidateResponse>, Status> {
         let request = request.into_inner();
-        let node = &self.node;
-        ServiceError::check_limit(
-            "number of entity keys",
-            request.entity_keys.len(),
-            "limits.get_keys_max",
-            node.limits.get_keys_max,
-        )?;
-        let catalog = node.store.registry().load();
-        let view = view_of(&catalog, &request.view)?;
-        let entries_dropped = if request.entity_keys.is_empty() {
-            node.cache.invalidate_view(view.id)
-        } else {
-            for key in &request.entity_keys {
-                node.check_entity_key(key)?;
-            }
-            let keys: Vec<Vec<u8>> = request
-                .entity_keys
-                .iter()
-                .map(|k| storage_key(view.id, k.as_bytes()))
-                .collect();
-            node.cache.invalidate(&keys)
-        };
+        // Blocking thread: a view-wide invalidation walks the whole cache.
+        let entries_dropped = self
+            .blocking(move |node| {
+                ServiceError::check_limit(
+                    "number of entity keys",
+                    request.entity_keys.len(),
+                    "limits.get_keys_max",
+                    node.limits.get_keys_max,
+                )?;
+                let catalog = node.store.registry().load();
+                let view = view_of(&catalog, &request.view)?;
+                if request.entity_keys.is_empty() {
+                    return Ok(node.cache.invalidate_view(view.id));
+                }
+                for key in &request.entity_keys {
+                    node.check_entity_key(key)?;
+                }
+                let keys: Vec<Vec<u8>> = request
+                    .entity_keys
+                    .iter()
+                    .map(|k| storage_key(view.id, k.as_bytes()))
+                    .collect();
+                Ok(node.cache.invalidate(&keys))
+            })
+            .await?;
         Ok(Response::new(pb::InvalidateResponse { entries_dropped }))
     }
 
