@@ -1,7 +1,8 @@
 //! Quiver's storage engine on one machine: the data model (typed values,
 //! feature views, rows), the versioned row encoding, the hash-ordered key
 //! layout and the RocksDB state store with last-write-wins by event time and
-//! ttl-driven compaction.
+//! ttl-driven compaction, and the segmented log that holds a replica's Raft
+//! log.
 //!
 //! Architecture invariant: this crate knows nothing of Raft, gRPC, tokio or the
 //! cluster. It must never depend on tonic, openraft, tokio or `quiver-proto`;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod keys;
 pub mod registry;
 pub mod row;
+pub mod seglog;
 pub mod store;
 mod ttl_filter;
 pub mod value;

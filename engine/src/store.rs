@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
+pub use rocksdb::Cache as BlockCache;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IteratorMode, Options,
     WriteBatch, WriteOptions,
@@ -35,7 +36,7 @@ const META_DROPPED_PREFIX: &[u8] = b"dropped/";
 const META_NEXT_VIEW_ID: &[u8] = b"next_view_id";
 
 /// How a store is opened.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// fsync the write-ahead log before a write is acknowledged. Off, an
     /// acknowledged write survives a process crash but not a power loss.
@@ -48,6 +49,30 @@ pub struct StoreOptions {
     pub ttl_grace_us: i64,
     /// The time source for ttl decisions.
     pub clock: Arc<dyn Clock>,
+    /// A block cache shared with other stores of the node (one per shard
+    /// replica), so memory stays bounded however many shards a node holds.
+    /// `None`: a private cache of `block_cache_bytes`.
+    pub block_cache: Option<Cache>,
+    /// The registry the store judges ttl and deleted views by. `None`: a
+    /// fresh one. A shard replica shares the node's registry (kept by the
+    /// metadata group) instead of keeping views itself.
+    pub registry: Option<Registry>,
+    /// Load the views stored in this store's `meta` column family into the
+    /// registry at open (the store that owns the registry does this).
+    pub load_catalog: bool,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("sync_writes", &self.sync_writes)
+            .field("block_cache_bytes", &self.block_cache_bytes)
+            .field("write_buffer_bytes", &self.write_buffer_bytes)
+            .field("ttl_grace_us", &self.ttl_grace_us)
+            .field("shared_block_cache", &self.block_cache.is_some())
+            .field("load_catalog", &self.load_catalog)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for StoreOptions {
@@ -58,12 +83,15 @@ impl Default for StoreOptions {
             write_buffer_bytes: 64 << 20,
             ttl_grace_us: 3600 * 1_000_000,
             clock: Arc::new(crate::clock::SystemClock),
+            block_cache: None,
+            registry: None,
+            load_catalog: true,
         }
     }
 }
 
 /// One row to write: already checked against its view's schema.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RowWrite {
     /// The entity key.
     pub entity_key: String,
@@ -130,8 +158,11 @@ impl StateStore {
             reason: format!("cannot create: {e}"),
         })?;
 
-        let registry: Registry = Arc::default();
-        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let registry: Registry = options.registry.clone().unwrap_or_default();
+        let cache = options
+            .block_cache
+            .clone()
+            .unwrap_or_else(|| Cache::new_lru_cache(options.block_cache_bytes));
 
         let mut db_options = Options::default();
         db_options.create_if_missing(true);
@@ -182,8 +213,10 @@ impl StateStore {
             rows_stale: AtomicU64::new(0),
             rows_corrupt: AtomicU64::new(0),
         };
-        let catalog = store.load_catalog()?;
-        store.registry.store(Arc::new(catalog));
+        if options.load_catalog {
+            let catalog = store.load_catalog()?;
+            store.registry.store(Arc::new(catalog));
+        }
         Ok(store)
     }
 
@@ -236,6 +269,17 @@ impl StateStore {
     /// Creates or compatibly updates a feature view. Returns the stored view
     /// and whether it changed.
     pub fn apply_view(&self, spec: ViewSpec) -> Result<(Arc<FeatureView>, bool)> {
+        self.apply_view_with(spec, &[])
+    }
+
+    /// [`Self::apply_view`], writing `meta_puts` into the `meta` column
+    /// family in the same atomic batch (a replicated state machine records
+    /// its applied log position this way), whether or not the view changed.
+    pub fn apply_view_with(
+        &self,
+        spec: ViewSpec,
+        meta_puts: MetaPuts<'_>,
+    ) -> Result<(Arc<FeatureView>, bool)> {
         let _guard = self.write_lock.lock();
         let catalog = self.registry.load_full();
         let existing = catalog.view(&spec.name).cloned();
@@ -246,10 +290,12 @@ impl StateStore {
         }
         let (view, changed) = FeatureView::evolve(existing.as_deref(), spec, catalog.next_view_id)?;
         if !changed {
+            self.put_meta_locked(meta_puts)?;
             return Ok((existing.expect("unchanged implies existing"), false));
         }
         let mut batch = WriteBatch::default();
         let meta = self.cf(CF_META);
+        add_meta_puts(&mut batch, meta, meta_puts);
         let record = serde_json::to_vec(&view).expect("feature views always serialise");
         batch.put_cf(meta, view_key(&view.name), record);
         let mut next = (*catalog).clone();
@@ -270,13 +316,25 @@ impl StateStore {
     /// Deletes a feature view. Its rows become unreachable at once (the view id
     /// is never reused) and are dropped by compaction.
     pub fn delete_view(&self, name: &str) -> Result<Arc<FeatureView>> {
+        self.delete_view_with(name, &[])
+    }
+
+    /// [`Self::delete_view`] with `meta_puts` in the same batch; they are
+    /// written even when the view does not exist.
+    pub fn delete_view_with(
+        &self,
+        name: &str,
+        meta_puts: MetaPuts<'_>,
+    ) -> Result<Arc<FeatureView>> {
         let _guard = self.write_lock.lock();
         let mut next = (*self.registry.load_full()).clone();
-        let view = next
-            .remove(name)
-            .ok_or_else(|| EngineError::UnknownView(name.to_owned()))?;
+        let Some(view) = next.remove(name) else {
+            self.put_meta_locked(meta_puts)?;
+            return Err(EngineError::UnknownView(name.to_owned()));
+        };
         let meta = self.cf(CF_META);
         let mut batch = WriteBatch::default();
+        add_meta_puts(&mut batch, meta, meta_puts);
         batch.delete_cf(meta, view_key(name));
         let mut dropped_key = META_DROPPED_PREFIX.to_vec();
         dropped_key.extend_from_slice(&view.id.to_be_bytes());
@@ -290,11 +348,23 @@ impl StateStore {
     /// the stored row's (equal: the later write wins). Atomic: all rows of the
     /// batch are applied in one RocksDB write batch or none is.
     pub fn write_rows(&self, view_id: ViewId, rows: &[RowWrite]) -> Result<WriteOutcome> {
+        self.write_rows_at(view_id, rows, self.clock.now_us(), &[])
+    }
+
+    /// [`Self::write_rows`] with an explicit write time (a replicated entry
+    /// carries its leader's clock, so every replica stores the same bytes) and
+    /// `meta_puts` in the same atomic batch.
+    pub fn write_rows_at(
+        &self,
+        view_id: ViewId,
+        rows: &[RowWrite],
+        written_ts_us: i64,
+        meta_puts: MetaPuts<'_>,
+    ) -> Result<WriteOutcome> {
         let keys: Vec<Vec<u8>> = rows
             .iter()
             .map(|row| storage_key(view_id, row.entity_key.as_bytes()))
             .collect();
-        let written_ts_us = self.clock.now_us();
         let data = self.cf(CF_DATA);
         let _guard = self.write_lock.lock();
         let stored = self.db.batched_multi_get_cf(data, &keys, false);
@@ -334,6 +404,7 @@ impl StateStore {
             outcome.rows_applied += 1;
             outcome.changed_keys.push(key.clone());
         }
+        add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
         if !batch.is_empty() {
             self.db.write_opt(batch, &self.write_options)?;
         }
@@ -367,9 +438,29 @@ impl StateStore {
             .collect()
     }
 
+    /// Reads the encoded rows at storage keys, in order (for shipping to
+    /// another node, which decodes them).
+    pub fn get_raw<K: AsRef<[u8]>>(&self, keys: &[K]) -> Vec<Result<Option<Vec<u8>>>> {
+        self.db
+            .batched_multi_get_cf(self.cf(CF_DATA), keys, false)
+            .into_iter()
+            .map(|result| Ok(result?.map(|bytes| bytes.to_vec())))
+            .collect()
+    }
+
     /// Deletes the rows of `entity_keys` in view `view_id`. Returns the
     /// storage keys that held a row.
     pub fn delete_rows(&self, view_id: ViewId, entity_keys: &[String]) -> Result<Vec<Vec<u8>>> {
+        self.delete_rows_with(view_id, entity_keys, &[])
+    }
+
+    /// [`Self::delete_rows`] with `meta_puts` in the same atomic batch.
+    pub fn delete_rows_with(
+        &self,
+        view_id: ViewId,
+        entity_keys: &[String],
+        meta_puts: MetaPuts<'_>,
+    ) -> Result<Vec<Vec<u8>>> {
         let keys: Vec<Vec<u8>> = entity_keys
             .iter()
             .map(|k| storage_key(view_id, k.as_bytes()))
@@ -388,10 +479,50 @@ impl StateStore {
                 deleted.push(key.clone());
             }
         }
+        add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
         if !batch.is_empty() {
             self.db.write_opt(batch, &self.write_options)?;
         }
         Ok(deleted)
+    }
+
+    /// Writes `meta_puts` atomically (a replicated entry with no data still
+    /// advances the applied log position).
+    pub fn put_meta(&self, meta_puts: MetaPuts<'_>) -> Result<()> {
+        let _guard = self.write_lock.lock();
+        self.put_meta_locked(meta_puts)
+    }
+
+    fn put_meta_locked(&self, meta_puts: MetaPuts<'_>) -> Result<()> {
+        if meta_puts.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
+        self.db.write_opt(batch, &self.write_options)?;
+        Ok(())
+    }
+
+    /// Reads one key of the `meta` column family.
+    pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_META), key)?)
+    }
+
+    /// Creates a consistent point-in-time copy of the store in `path` (hard
+    /// links to the immutable table files, so it is cheap; `path` must not
+    /// exist) and returns the value of `meta_key` as of that copy.
+    pub fn checkpoint_with_meta(&self, path: &Path, meta_key: &[u8]) -> Result<Option<Vec<u8>>> {
+        // Under the write lock, so the copy sits between two applied batches
+        // and the meta value read is the one inside the copy.
+        let _guard = self.write_lock.lock();
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| EngineError::DataDir {
+                path: parent.to_path_buf(),
+                reason: format!("cannot create: {e}"),
+            })?;
+        }
+        rocksdb::checkpoint::Checkpoint::new(&self.db)?.create_checkpoint(path)?;
+        Ok(self.db.get_cf(self.cf(CF_META), meta_key)?)
     }
 
     /// Counters and estimates.
@@ -433,6 +564,15 @@ impl StateStore {
     pub fn put_raw_for_test(&self, key: &[u8], value: &[u8]) -> Result<()> {
         self.db.put_cf(self.cf(CF_DATA), key, value)?;
         Ok(())
+    }
+}
+
+/// Extra `meta` column family writes that ride in a data batch.
+pub type MetaPuts<'a> = &'a [(&'a [u8], &'a [u8])];
+
+fn add_meta_puts(batch: &mut WriteBatch, meta: &rocksdb::ColumnFamily, meta_puts: MetaPuts<'_>) {
+    for (key, value) in meta_puts {
+        batch.put_cf(meta, key, value);
     }
 }
 

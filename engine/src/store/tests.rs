@@ -39,6 +39,7 @@ fn open(dir: &Path, clock: Arc<ManualClock>) -> StateStore {
         write_buffer_bytes: 4 << 20,
         ttl_grace_us: HOUR_US,
         clock,
+        ..StoreOptions::default()
     };
     StateStore::open(dir, options).expect("open store")
 }

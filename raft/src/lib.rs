@@ -1,0 +1,27 @@
+//! Quiver's replication layer: every shard (and the metadata group holding
+//! the feature-view registry) is an openraft group whose log is the engine's
+//! segmented log and whose state machine is the engine's RocksDB store.
+//!
+//! - [`types`]: the openraft type configuration and the replicated commands;
+//! - [`log_store`]: `RaftLogStorage` on [`quiver_engine::seglog`];
+//! - [`state_machine`]: `RaftStateMachine` on [`quiver_engine::StateStore`],
+//!   snapshots as RocksDB checkpoints with a crc'd manifest.
+//!
+//! Architecture invariant: this crate depends on the engine and openraft,
+//! never on the server (gRPC front end, routing, cache) or the tools. The
+//! transport is the server's business; this crate only defines what is
+//! replicated and how it is stored.
+
+// Tests may unwrap; production code may not (workspace lint).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod log_store;
+pub mod state_machine;
+pub mod types;
+
+pub use log_store::LogStore;
+pub use state_machine::{ApplyObserver, Manifest, NoObserver, SnapshotDir, StateMachine};
+pub use types::{Command, GroupId, METADATA_GROUP, NodeId, Response, TypeConfig};
+
+/// A Raft group handle of Quiver's configuration.
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;

@@ -1,0 +1,282 @@
+//! openraft's log storage on the engine's segmented log.
+//!
+//! Entries are postcard-encoded, one log record each. The vote and the last
+//! purged log id live next to the segments in small crc-checked files that
+//! are replaced atomically (write, fsync, rename, fsync the directory).
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use parking_lot::Mutex;
+use quiver_engine::seglog::{GroupCommitLog, LogError, LogOptions, SegmentedLog};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::types::{Entry, LogId, TypeConfig, Vote};
+
+const VOTE_FILE: &str = "vote";
+const PURGED_FILE: &str = "purged";
+
+fn to_io(error: LogError) -> io::Error {
+    match error {
+        LogError::Io { source, .. } => source,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+fn decode_entry(bytes: &[u8]) -> io::Result<Entry> {
+    postcard::from_bytes(bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("log entry: {e}")))
+}
+
+/// The Raft log of one group replica. Cheap to clone; clones share the log
+/// (the reader openraft asks for is a clone).
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    log: GroupCommitLog,
+    vote: Mutex<Option<Vote>>,
+    purged: Mutex<Option<LogId>>,
+    last: Mutex<Option<LogId>>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    /// Opens the log in `dir` (recovering a torn tail; refusing corruption).
+    pub fn open(dir: impl AsRef<Path>, options: LogOptions) -> Result<Self, LogError> {
+        let dir = dir.as_ref().to_path_buf();
+        let log = SegmentedLog::open(&dir, options)?;
+        let vote = read_small(&dir.join(VOTE_FILE)).map_err(|e| io_log_error(&dir, e))?;
+        let purged: Option<LogId> =
+            read_small(&dir.join(PURGED_FILE)).map_err(|e| io_log_error(&dir, e))?;
+        let last = match log.last_index() {
+            Some(index) => {
+                let bytes = log
+                    .get(index)?
+                    .ok_or_else(|| io_log_error(&dir, io::Error::other("last entry missing")))?;
+                Some(
+                    decode_entry(&bytes)
+                        .map_err(|e| io_log_error(&dir, e))?
+                        .log_id(),
+                )
+            }
+            None => None,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                log: GroupCommitLog::new(log)?,
+                dir,
+                vote: Mutex::new(vote),
+                purged: Mutex::new(purged),
+                last: Mutex::new(last),
+            }),
+        })
+    }
+
+    /// The first index still in the log and the next index to append.
+    pub fn bounds(&self) -> (u64, u64) {
+        self.inner
+            .log
+            .with(|log| (log.first_index(), log.next_index()))
+    }
+
+    /// Bytes in segment files.
+    pub fn bytes(&self) -> u64 {
+        self.inner.log.with(|log| log.bytes())
+    }
+
+    /// Stops the background flusher (after flushing what is pending).
+    pub fn close(&self) {
+        self.inner.log.close();
+    }
+
+    fn read_range(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        let payloads = self
+            .inner
+            .log
+            .with(|log| log.range(start, end))
+            .map_err(to_io)?;
+        payloads.iter().map(|p| decode_entry(p)).collect()
+    }
+}
+
+fn io_log_error(dir: &Path, source: io::Error) -> LogError {
+    LogError::Io {
+        path: dir.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads a small crc-checked postcard file; a missing file is `None`.
+pub(crate) fn read_small<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let invalid = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {what}", path.display()),
+        )
+    };
+    if bytes.len() < 4 {
+        return Err(invalid("too short"));
+    }
+    let (crc, payload) = bytes.split_at(4);
+    if crc32fast::hash(payload).to_le_bytes() != crc {
+        return Err(invalid("crc32 mismatch"));
+    }
+    postcard::from_bytes(payload)
+        .map(Some)
+        .map_err(|e| invalid(&e.to_string()))
+}
+
+/// Replaces a small file atomically and durably.
+pub(crate) fn write_small<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    let payload = postcard::to_stdvec(value).map_err(io::Error::other)?;
+    let mut bytes = crc32fast::hash(&payload).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&payload);
+    let temporary = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn range_to_bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.saturating_add(1),
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let (start, end) = range_to_bounds(&range);
+        self.read_range(start, end)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(*self.inner.vote.lock())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
+        let purged = *self.inner.purged.lock();
+        let last = (*self.inner.last.lock()).or(purged);
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        write_small(&self.inner.dir.join(VOTE_FILE), vote)?;
+        *self.inner.vote.lock() = Some(*vote);
+        Ok(())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut first = None;
+        let mut last = None;
+        let mut payloads = Vec::new();
+        for entry in entries {
+            let log_id = entry.log_id();
+            first.get_or_insert(log_id.index);
+            last = Some(log_id);
+            payloads.push(postcard::to_stdvec(&entry).map_err(io::Error::other)?);
+        }
+        let Some(first) = first else {
+            callback.io_completed(Ok(()));
+            return Ok(());
+        };
+        self.inner
+            .log
+            .append(
+                first,
+                payloads.iter().map(Vec::as_slice),
+                Box::new(move |result| callback.io_completed(result)),
+            )
+            .map_err(to_io)?;
+        *self.inner.last.lock() = last;
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |id| id.index + 1);
+        self.inner
+            .log
+            .with(|log| log.truncate_from(from))
+            .map_err(to_io)?;
+        let mut last = self.inner.last.lock();
+        if last.is_some_and(|l| l.index >= from) {
+            *last = last_log_id;
+        }
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // Record the purge point first: after a crash the log may still hold
+        // purged entries (harmless), never miss unpurged ones.
+        write_small(&self.inner.dir.join(PURGED_FILE), &Some(log_id))?;
+        *self.inner.purged.lock() = Some(log_id);
+        self.inner
+            .log
+            .with(|log| log.purge_to(log_id.index))
+            .map_err(to_io)?;
+        let mut last = self.inner.last.lock();
+        if last.is_none_or(|l| l.index <= log_id.index) {
+            *last = Some(log_id);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,683 @@
+//! openraft's state machine on the engine's RocksDB state store, with
+//! snapshots as RocksDB checkpoints.
+//!
+//! Directory of one group replica's state:
+//!
+//! ```text
+//! db-<generation>/        the live RocksDB (CURRENT_DB names it)
+//! CURRENT_DB              which db-* is live, replaced atomically
+//! snapshots/<id>/         the latest snapshot: db/ (checkpoint) + manifest.json
+//! ```
+//!
+//! The last applied log id and membership are written into the store's
+//! `meta` column family in the same RocksDB batch as the data each entry
+//! changes, so after a crash the store's applied position is exactly the
+//! data it holds. Installing a snapshot opens a new `db-<generation>` built
+//! from the snapshot's files and swaps it in; the old one is deleted.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use futures::{Stream, TryStreamExt};
+use openraft::EntryPayload;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::type_config::alias::SnapshotOf;
+use parking_lot::Mutex;
+use quiver_engine::error::EngineError;
+use quiver_engine::keys::ViewId;
+use quiver_engine::{StateStore, StoreOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{
+    Command, GroupId, LogId, RejectKind, Response, SnapshotMeta, StoredMembership, TypeConfig,
+};
+
+const APPLIED_KEY: &[u8] = b"raft/applied";
+const CURRENT_DB_FILE: &str = "CURRENT_DB";
+const SNAPSHOTS_DIR: &str = "snapshots";
+const MANIFEST_FILE: &str = "manifest.json";
+const MANIFEST_VERSION: u32 = 1;
+
+/// What a replica tells the node when applied entries change rows, so the
+/// node's hot cache stays coherent with every replica's state.
+pub trait ApplyObserver: Send + Sync + 'static {
+    /// These storage keys changed (written or deleted) or must be dropped
+    /// from caches. Returns how many cached entries were dropped.
+    fn keys_changed(&self, keys: &[Vec<u8>]) -> u64;
+    /// Every cached row of the view must go. Returns how many were dropped.
+    fn view_invalidated(&self, view_id: ViewId) -> u64;
+    /// The whole store was replaced (snapshot installed): drop everything.
+    fn store_replaced(&self);
+}
+
+/// An observer that ignores everything (tests, tools).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl ApplyObserver for NoObserver {
+    fn keys_changed(&self, _keys: &[Vec<u8>]) -> u64 {
+        0
+    }
+    fn view_invalidated(&self, _view_id: ViewId) -> u64 {
+        0
+    }
+    fn store_replaced(&self) {}
+}
+
+/// One file of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFile {
+    /// Path relative to the snapshot's `db/` directory.
+    pub name: String,
+    /// Size.
+    pub bytes: u64,
+    /// crc32 of the content.
+    pub crc32: u32,
+}
+
+/// The manifest of a snapshot: what it covers and the files it is made of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version.
+    pub version: u32,
+    /// The group.
+    pub group: GroupId,
+    /// A unique id (term-index-time).
+    pub snapshot_id: String,
+    /// Last applied log id and membership in the snapshot.
+    pub meta: SnapshotMeta,
+    /// The checkpoint's files.
+    pub files: Vec<SnapshotFile>,
+}
+
+impl Manifest {
+    /// Total bytes of the snapshot's files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes).sum()
+    }
+}
+
+/// A snapshot on disk: a directory with `db/` and `manifest.json`.
+#[derive(Debug, Clone)]
+pub struct SnapshotDir {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+impl SnapshotDir {
+    /// The checkpoint directory.
+    pub fn db_dir(&self) -> PathBuf {
+        self.dir.join("db")
+    }
+
+    /// Loads a snapshot directory and checks every file against the
+    /// manifest (size and crc32).
+    pub fn load_verified(dir: &Path) -> io::Result<SnapshotDir> {
+        let manifest: Manifest = serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE))?)
+            .map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
+        if manifest.version != MANIFEST_VERSION {
+            return Err(invalid(format!(
+                "snapshot manifest version {} is not {MANIFEST_VERSION}",
+                manifest.version
+            )));
+        }
+        let snapshot = SnapshotDir {
+            dir: dir.to_path_buf(),
+            manifest,
+        };
+        for file in &snapshot.manifest.files {
+            let path = snapshot.db_dir().join(checked_name(&file.name)?);
+            let content = std::fs::read(&path)?;
+            if content.len() as u64 != file.bytes || crc32fast::hash(&content) != file.crc32 {
+                return Err(invalid(format!(
+                    "snapshot file {} does not match its manifest",
+                    path.display()
+                )));
+            }
+        }
+        Ok(snapshot)
+    }
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// A file name from a manifest (maybe from the network): one plain path
+/// component, so it cannot escape the snapshot directory.
+pub fn checked_name(name: &str) -> io::Result<&str> {
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0');
+    if plain {
+        Ok(name)
+    } else {
+        Err(invalid(format!("bad snapshot file name {name:?}")))
+    }
+}
+
+fn engine_io(error: EngineError) -> io::Error {
+    io::Error::other(error.to_string())
+}
+
+struct Shared {
+    group: GroupId,
+    dir: PathBuf,
+    options: StoreOptions,
+    store: ArcSwap<StateStore>,
+    generation: Mutex<u64>,
+    applied: Mutex<(Option<LogId>, StoredMembership)>,
+    snapshot: Mutex<Option<SnapshotDir>>,
+    observer: Arc<dyn ApplyObserver>,
+}
+
+/// The state machine of one group replica. Cheap to clone; the node keeps a
+/// clone to read the store.
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("group", &self.shared.group)
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StateMachine {
+    /// Opens the state of `group` in `dir`.
+    pub fn open(
+        group: GroupId,
+        dir: impl AsRef<Path>,
+        options: StoreOptions,
+        observer: Arc<dyn ApplyObserver>,
+    ) -> io::Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(dir.join(SNAPSHOTS_DIR))?;
+        let generation = match std::fs::read_to_string(dir.join(CURRENT_DB_FILE)) {
+            Ok(text) => text
+                .trim()
+                .strip_prefix("db-")
+                .and_then(|g| g.parse().ok())
+                .ok_or_else(|| invalid(format!("{}: bad {CURRENT_DB_FILE}", dir.display())))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                write_current(&dir, 0)?;
+                0
+            }
+            Err(e) => return Err(e),
+        };
+        let store =
+            StateStore::open(db_path(&dir, generation), options.clone()).map_err(engine_io)?;
+        let applied = read_applied(&store)?;
+        remove_stale_dirs(&dir, generation);
+        let snapshot = latest_snapshot(&dir.join(SNAPSHOTS_DIR));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                group,
+                dir,
+                options,
+                store: ArcSwap::from_pointee(store),
+                generation: Mutex::new(generation),
+                applied: Mutex::new(applied),
+                snapshot: Mutex::new(snapshot),
+                observer,
+            }),
+        })
+    }
+
+    /// The live store (reads go here).
+    pub fn store(&self) -> Arc<StateStore> {
+        self.shared.store.load_full()
+    }
+
+    /// The last applied log id.
+    pub fn applied(&self) -> Option<LogId> {
+        self.shared.applied.lock().0
+    }
+
+    /// The group.
+    pub fn group(&self) -> GroupId {
+        self.shared.group
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Flushes the live store (graceful shutdown).
+    pub fn flush(&self) -> io::Result<()> {
+        self.store().flush().map_err(engine_io)
+    }
+
+    fn apply_command(&self, log_id: LogId, command: Command, meta: &[u8]) -> io::Result<Response> {
+        let store = self.store();
+        let meta_puts: &[(&[u8], &[u8])] = &[(APPLIED_KEY, meta)];
+        let response = match command {
+            Command::Write {
+                leader_ts_us,
+                view_id,
+                rows,
+            } => {
+                let outcome = store
+                    .write_rows_at(view_id, &rows, leader_ts_us, meta_puts)
+                    .map_err(engine_io)?;
+                self.shared.observer.keys_changed(&outcome.changed_keys);
+                Response::Written {
+                    rows_applied: outcome.rows_applied,
+                    rows_stale: outcome.rows_stale,
+                }
+            }
+            Command::Delete {
+                view_id,
+                entity_keys,
+            } => {
+                let deleted = store
+                    .delete_rows_with(view_id, &entity_keys, meta_puts)
+                    .map_err(engine_io)?;
+                self.shared.observer.keys_changed(&deleted);
+                Response::Deleted {
+                    rows_deleted: deleted.len() as u64,
+                }
+            }
+            Command::Invalidate {
+                view_id,
+                entity_keys,
+            } => {
+                store.put_meta(meta_puts).map_err(engine_io)?;
+                let entries_dropped = if entity_keys.is_empty() {
+                    self.shared.observer.view_invalidated(view_id)
+                } else {
+                    let keys: Vec<Vec<u8>> = entity_keys
+                        .iter()
+                        .map(|k| quiver_engine::keys::storage_key(view_id, k.as_bytes()))
+                        .collect();
+                    self.shared.observer.keys_changed(&keys)
+                };
+                Response::Invalidated { entries_dropped }
+            }
+            Command::ApplyView { spec } => match store.apply_view_with(spec, meta_puts) {
+                Ok((view, changed)) => Response::ViewApplied {
+                    view: Box::new((*view).clone()),
+                    changed,
+                },
+                Err(error) => rejection(error)?,
+            },
+            Command::DeleteView { name } => match store.delete_view_with(&name, meta_puts) {
+                Ok(view) => {
+                    self.shared.observer.view_invalidated(view.id);
+                    Response::ViewDeleted
+                }
+                Err(error) => rejection(error)?,
+            },
+        };
+        tracing::trace!(group = self.shared.group, %log_id, "applied");
+        Ok(response)
+    }
+
+    fn build(&self) -> io::Result<SnapshotDir> {
+        let store = self.store();
+        let snapshots = self.shared.dir.join(SNAPSHOTS_DIR);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let staging = snapshots.join(format!("building-{nanos}"));
+        let applied_bytes = store
+            .checkpoint_with_meta(&staging.join("db"), APPLIED_KEY)
+            .map_err(engine_io)?;
+        let (last_log_id, membership) = decode_applied(applied_bytes.as_deref())?;
+        let snapshot_id = match last_log_id {
+            Some(id) => format!("{}-{}-{nanos}", id.leader_id.term, id.index),
+            None => format!("empty-{nanos}"),
+        };
+        let files = describe_files(&staging.join("db"))?;
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            group: self.shared.group,
+            snapshot_id: snapshot_id.clone(),
+            meta: SnapshotMeta {
+                last_log_id,
+                last_membership: membership,
+            },
+            files,
+        };
+        write_manifest(&staging, &manifest)?;
+        let final_dir = snapshots.join(&snapshot_id);
+        std::fs::rename(&staging, &final_dir)?;
+        sync_dir(&snapshots)?;
+        let snapshot = SnapshotDir {
+            dir: final_dir,
+            manifest,
+        };
+        self.replace_current_snapshot(snapshot.clone());
+        tracing::info!(group = self.shared.group, id = %snapshot_id, bytes = snapshot.manifest.bytes(), "snapshot built");
+        Ok(snapshot)
+    }
+
+    /// Makes `snapshot` the current one and deletes the older ones.
+    fn replace_current_snapshot(&self, snapshot: SnapshotDir) {
+        let mut current = self.shared.snapshot.lock();
+        let newer = current
+            .as_ref()
+            .is_none_or(|c| c.manifest.meta.last_log_id <= snapshot.manifest.meta.last_log_id);
+        if !newer {
+            let _ = std::fs::remove_dir_all(&snapshot.dir);
+            return;
+        }
+        if let Some(old) = current.replace(snapshot)
+            && current.as_ref().is_some_and(|c| c.dir != old.dir)
+            && let Err(e) = std::fs::remove_dir_all(&old.dir)
+        {
+            tracing::warn!(dir = %old.dir.display(), error = %e, "cannot remove an old snapshot");
+        }
+    }
+
+    fn install(&self, meta: &SnapshotMeta, snapshot: SnapshotDir) -> io::Result<()> {
+        // Keep our own copy (hard links) as the current snapshot: it serves
+        // the next lagging follower and survives the sender's cleanup.
+        let snapshots = self.shared.dir.join(SNAPSHOTS_DIR);
+        let own_dir = snapshots.join(&snapshot.manifest.snapshot_id);
+        if own_dir != snapshot.dir {
+            let _ = std::fs::remove_dir_all(&own_dir);
+            let staging = snapshots.join(format!("installing-{}", snapshot.manifest.snapshot_id));
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir_all(staging.join("db"))?;
+            for file in &snapshot.manifest.files {
+                let name = checked_name(&file.name)?;
+                link_or_copy(
+                    &snapshot.db_dir().join(name),
+                    &staging.join("db").join(name),
+                )?;
+            }
+            write_manifest(&staging, &snapshot.manifest)?;
+            std::fs::rename(&staging, &own_dir)?;
+            sync_dir(&snapshots)?;
+        }
+        let own = SnapshotDir {
+            dir: own_dir,
+            manifest: Manifest {
+                meta: meta.clone(),
+                ..snapshot.manifest
+            },
+        };
+
+        // A new live db from the snapshot: table files are immutable, so
+        // hard links do; the rest RocksDB rewrites in place, so copy.
+        let next_generation = *self.shared.generation.lock() + 1;
+        let next_db = db_path(&self.shared.dir, next_generation);
+        let _ = std::fs::remove_dir_all(&next_db);
+        std::fs::create_dir_all(&next_db)?;
+        for file in &own.manifest.files {
+            let name = checked_name(&file.name)?;
+            let from = own.db_dir().join(name);
+            let to = next_db.join(name);
+            if name.ends_with(".sst") {
+                link_or_copy(&from, &to)?;
+            } else {
+                std::fs::copy(&from, &to)?;
+            }
+        }
+        sync_dir(&next_db)?;
+        let store = StateStore::open(&next_db, self.shared.options.clone()).map_err(engine_io)?;
+        // The checkpoint holds the applied position its data corresponds to;
+        // record what openraft installed, in case they differ in form.
+        let meta_bytes = encode_applied(&meta.last_log_id, &meta.last_membership)?;
+        store
+            .put_meta(&[(APPLIED_KEY, meta_bytes.as_slice())])
+            .map_err(engine_io)?;
+        write_current(&self.shared.dir, next_generation)?;
+        let old_generation = {
+            let mut generation = self.shared.generation.lock();
+            std::mem::replace(&mut *generation, next_generation)
+        };
+        self.shared.store.store(Arc::new(store));
+        *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
+        self.shared.observer.store_replaced();
+        self.replace_current_snapshot(own);
+        // Readers may still hold the old store for a moment; RocksDB keeps
+        // its open files readable after the unlink.
+        let _ = std::fs::remove_dir_all(db_path(&self.shared.dir, old_generation));
+        tracing::info!(
+            group = self.shared.group,
+            last_log_id = ?meta.last_log_id,
+            "snapshot installed"
+        );
+        Ok(())
+    }
+}
+
+fn rejection(error: EngineError) -> io::Result<Response> {
+    let kind = match &error {
+        EngineError::View(quiver_engine::ViewError::IncompatibleChange { .. }) => {
+            RejectKind::Conflict
+        }
+        EngineError::View(_) => RejectKind::Invalid,
+        EngineError::UnknownView(_) => RejectKind::NotFound,
+        EngineError::RegistryFull(_) => RejectKind::LimitExceeded,
+        // Storage failures are not a deterministic refusal: the replica
+        // cannot go on applying.
+        _ => return Err(engine_io(error)),
+    };
+    Ok(Response::Rejected {
+        kind,
+        message: error.to_string(),
+    })
+}
+
+fn db_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("db-{generation}"))
+}
+
+fn write_current(dir: &Path, generation: u64) -> io::Result<()> {
+    let temporary = dir.join(format!("{CURRENT_DB_FILE}.tmp"));
+    std::fs::write(&temporary, format!("db-{generation}\n"))?;
+    std::fs::File::open(&temporary)?.sync_all()?;
+    std::fs::rename(&temporary, dir.join(CURRENT_DB_FILE))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Deletes db-* directories other than the live one and unfinished snapshot
+/// work (a crash during install or build).
+fn remove_stale_dirs(dir: &Path, generation: u64) {
+    let live = format!("db-{generation}");
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("db-") && name != live {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let snapshots = std::fs::read_dir(dir.join(SNAPSHOTS_DIR))
+        .into_iter()
+        .flatten()
+        .flatten();
+    for entry in snapshots {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("building-") || name.starts_with("installing-") {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The newest complete snapshot in `dir` (complete = its manifest exists and
+/// parses; file checks happen when it is sent or installed).
+fn latest_snapshot(dir: &Path) -> Option<SnapshotDir> {
+    let mut best: Option<SnapshotDir> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let Ok(bytes) = std::fs::read(entry.path().join(MANIFEST_FILE)) else {
+            continue;
+        };
+        let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
+            continue;
+        };
+        let candidate = SnapshotDir {
+            dir: entry.path(),
+            manifest,
+        };
+        if best
+            .as_ref()
+            .is_none_or(|b| b.manifest.meta.last_log_id < candidate.manifest.meta.last_log_id)
+        {
+            best = Some(candidate);
+        }
+    }
+    best
+}
+
+fn describe_files(db_dir: &Path) -> io::Result<Vec<SnapshotFile>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(db_dir)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let content = std::fs::read(entry.path())?;
+        files.push(SnapshotFile {
+            name,
+            bytes: content.len() as u64,
+            crc32: crc32fast::hash(&content),
+        });
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+/// Writes `manifest.json` durably (it marks the snapshot complete).
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
+    let path = dir.join(MANIFEST_FILE);
+    std::fs::write(&path, bytes)?;
+    std::fs::File::open(&path)?.sync_all()?;
+    sync_dir(dir)
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to)?;
+    }
+    Ok(())
+}
+
+fn encode_applied(log_id: &Option<LogId>, membership: &StoredMembership) -> io::Result<Vec<u8>> {
+    postcard::to_stdvec(&(log_id, membership)).map_err(io::Error::other)
+}
+
+fn decode_applied(bytes: Option<&[u8]>) -> io::Result<(Option<LogId>, StoredMembership)> {
+    match bytes {
+        None => Ok((None, StoredMembership::default())),
+        Some(bytes) => {
+            postcard::from_bytes(bytes).map_err(|e| invalid(format!("applied state record: {e}")))
+        }
+    }
+}
+
+fn read_applied(store: &StateStore) -> io::Result<(Option<LogId>, StoredMembership)> {
+    let bytes = store.get_meta(APPLIED_KEY).map_err(engine_io)?;
+    decode_applied(bytes.as_deref())
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotDir;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotDir>, io::Error> {
+        let this = self.clone();
+        let snapshot = tokio::task::spawn_blocking(move || this.build())
+            .await
+            .map_err(io::Error::other)??;
+        Ok(openraft::Snapshot {
+            meta: snapshot.manifest.meta.clone(),
+            snapshot,
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotDir;
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok(self.shared.applied.lock().clone())
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
+    {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let log_id = entry.log_id;
+            let mut membership = self.shared.applied.lock().1.clone();
+            let command = match entry.payload {
+                EntryPayload::Blank => None,
+                EntryPayload::Normal(command) => Some(command),
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(log_id), m);
+                    None
+                }
+            };
+            let meta = encode_applied(&Some(log_id), &membership)?;
+            // RocksDB calls block; keep them off the async workers.
+            let this = self.clone();
+            let response = tokio::task::spawn_blocking(move || match command {
+                Some(command) => this.apply_command(log_id, command, &meta),
+                None => this
+                    .store()
+                    .put_meta(&[(APPLIED_KEY, meta.as_slice())])
+                    .map(|()| Response::Empty)
+                    .map_err(engine_io),
+            })
+            .await
+            .map_err(io::Error::other)??;
+            *self.shared.applied.lock() = (Some(log_id), membership);
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotDir,
+    ) -> Result<(), io::Error> {
+        let this = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || this.install(&meta, snapshot))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<TypeConfig, SnapshotDir>>, io::Error> {
+        Ok(self
+            .shared
+            .snapshot
+            .lock()
+            .clone()
+            .map(|snapshot| openraft::Snapshot {
+                meta: snapshot.manifest.meta.clone(),
+                snapshot,
+            }))
+    }
+}

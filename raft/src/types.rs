@@ -1,0 +1,158 @@
+//! The Raft type configuration and the commands a group replicates.
+
+use std::fmt;
+
+use quiver_engine::store::RowWrite;
+use quiver_engine::view::{FeatureView, ViewSpec};
+use serde::{Deserialize, Serialize};
+
+/// A node of the cluster.
+pub type NodeId = u64;
+
+/// A Raft group: 0 is the metadata group (feature-view registry), shards are
+/// `1..=shard_count`.
+pub type GroupId = u32;
+
+/// The metadata group.
+pub const METADATA_GROUP: GroupId = 0;
+
+openraft::declare_raft_types!(
+    /// Quiver's openraft configuration: commands in, responses out, nodes
+    /// addressed by their peer address.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+);
+
+/// A log id.
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+/// A vote.
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+/// A log entry.
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+/// Membership as last applied.
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+/// Snapshot metadata.
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+/// A storage error as openraft reports it.
+pub type StorageError = openraft::StorageError<TypeConfig>;
+
+/// One replicated command. Every command is applied by every replica of its
+/// group in log order and must be deterministic: it carries everything apply
+/// needs (already-validated rows, the leader's clock), never reads the
+/// replica's clock or registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Write rows of one view (last-write-wins by event time).
+    Write {
+        /// The leader's wall clock when it proposed the entry (µs): stored
+        /// as the rows' write time, used for point-in-time restore.
+        leader_ts_us: i64,
+        /// The view.
+        view_id: u32,
+        /// Rows, checked against the view by the proposing node.
+        rows: Vec<RowWrite>,
+    },
+    /// Delete the rows of entity keys.
+    Delete {
+        /// The view.
+        view_id: u32,
+        /// Entity keys.
+        entity_keys: Vec<String>,
+    },
+    /// Drop cached rows on every replica (stored data is untouched). No keys:
+    /// the whole view.
+    Invalidate {
+        /// The view.
+        view_id: u32,
+        /// Entity keys; empty means every key of the view.
+        entity_keys: Vec<String>,
+    },
+    /// Create or evolve a feature view (metadata group only).
+    ApplyView {
+        /// The view as declared.
+        spec: ViewSpec,
+    },
+    /// Delete a feature view (metadata group only).
+    DeleteView {
+        /// The view name.
+        name: String,
+    },
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Write { view_id, rows, .. } => {
+                write!(f, "write {} rows of view {view_id}", rows.len())
+            }
+            Command::Delete {
+                view_id,
+                entity_keys,
+            } => write!(f, "delete {} keys of view {view_id}", entity_keys.len()),
+            Command::Invalidate {
+                view_id,
+                entity_keys,
+            } => write!(f, "invalidate {} keys of view {view_id}", entity_keys.len()),
+            Command::ApplyView { spec } => write!(f, "apply view {}", spec.name),
+            Command::DeleteView { name } => write!(f, "delete view {name}"),
+        }
+    }
+}
+
+/// Why a command was refused by the state machine (deterministically, on
+/// every replica alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectKind {
+    /// The input breaks a rule.
+    Invalid,
+    /// The input conflicts with stored state (incompatible view change).
+    Conflict,
+    /// The named thing does not exist.
+    NotFound,
+    /// A limit would be exceeded.
+    LimitExceeded,
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// A blank or membership entry.
+    #[default]
+    Empty,
+    /// Rows written.
+    Written {
+        /// Rows that became their entity's latest row.
+        rows_applied: u64,
+        /// Rows older than the stored row.
+        rows_stale: u64,
+    },
+    /// Rows deleted.
+    Deleted {
+        /// Keys that held a row.
+        rows_deleted: u64,
+    },
+    /// Cache entries dropped (counted on the replica that answered).
+    Invalidated {
+        /// Entries dropped from that node's hot cache.
+        entries_dropped: u64,
+    },
+    /// A view applied.
+    ViewApplied {
+        /// The stored view.
+        view: Box<FeatureView>,
+        /// Whether it changed.
+        changed: bool,
+    },
+    /// A view deleted.
+    ViewDeleted,
+    /// The command was refused.
+    Rejected {
+        /// Why, as a class.
+        kind: RejectKind,
+        /// Why, for people.
+        message: String,
+    },
+}
