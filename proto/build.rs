@@ -4,7 +4,7 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["quiver/v1/quiver.proto"];
+    let files = ["quiver/v1/quiver.proto", "quiver/peer/v1/peer.proto"];
     for file in &files {
         println!("cargo:rerun-if-changed=proto/{file}");
     }

@@ -1,46 +1,25 @@
 #!/usr/bin/env bash
-# Quiver's main job, locally: build, start a node, apply the sample feature
-# views, load 100k drivers and 100k customers, and show features being served
-# (a table of lookups and the latency of a 100-entity x 10-feature batch).
-# The node keeps running afterwards; `./scripts/demo.sh stop` stops it.
+# Quiver's main job, locally: build, start a 3-node cluster on loopback (16
+# shards, each a Raft group replicated on all 3 nodes), apply the sample
+# feature views, load 100k drivers and 100k customers, and show features
+# being served through any node: lookups, the latency of a 100-entity x
+# 10-feature batch, the cluster status, and a read that survives a node
+# being killed. The cluster keeps running; `./scripts/demo.sh stop` stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
-DEMO_DIR="${QUIVER_DEMO_DIR:-$PWD/.demo}"
-PORT="${QUIVER_DEMO_PORT:-7470}"
-PID_FILE="$DEMO_DIR/quiverd.pid"
-
-stop_node() {
-    if [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; then
-        kill -TERM "$(cat "$PID_FILE")"
-        for _ in $(seq 100); do kill -0 "$(cat "$PID_FILE")" 2>/dev/null || break; sleep 0.1; done
-        echo "stopped quiverd (pid $(cat "$PID_FILE"))"
-    fi
-    rm -f "$PID_FILE"
-}
+export QUIVER_CLUSTER_DIR="${QUIVER_DEMO_DIR:-$PWD/.demo}"
+export QUIVER_CLUSTER_PORT="${QUIVER_DEMO_PORT:-7470}"
+PORT="$QUIVER_CLUSTER_PORT"
+BIN="$CARGO_TARGET_DIR/debug"
 
 if [ "${1:-}" = "stop" ]; then
-    stop_node
+    ./scripts/cluster.sh stop
     exit 0
 fi
 
-./scripts/ensure-deps.sh
-echo "==> building quiverd and quiverctl (the first build compiles RocksDB: many minutes on 2 cores)"
-cargo build --bins --quiet
-BIN="$CARGO_TARGET_DIR/debug"
-
-stop_node
-rm -rf "$DEMO_DIR/node"
-mkdir -p "$DEMO_DIR"
-echo "==> starting quiverd on 127.0.0.1:$PORT (data in $DEMO_DIR/node, log in $DEMO_DIR/quiverd.log)"
-"$BIN/quiverd" --listen-addr "127.0.0.1:$PORT" --data-dir "$DEMO_DIR/node" \
-    >"$DEMO_DIR/quiverd.out" 2>"$DEMO_DIR/quiverd.log" &
-echo $! >"$PID_FILE"
-for _ in $(seq 300); do
-    grep -q "listening on" "$DEMO_DIR/quiverd.out" 2>/dev/null && break
-    kill -0 "$(cat "$PID_FILE")" 2>/dev/null || { cat "$DEMO_DIR/quiverd.log"; exit 1; }
-    sleep 0.1
-done
+./scripts/cluster.sh start 3
+DEMO_DIR="$QUIVER_CLUSTER_DIR"
 export QUIVER_ENDPOINT="127.0.0.1:$PORT"
 CTL="$BIN/quiverctl"
 
@@ -62,9 +41,28 @@ echo "==> a batch of 100 entities x 10 features (driver_hourly_stats + customer_
 echo "==> the same batch bypassing the cache (RocksDB reads)"
 # shellcheck disable=SC2086
 "$CTL" get --features driver_hourly_stats,customer_profile $KEYS --repeat 500 --skip-cache
-echo "==> node status"
+echo "==> the same drivers read through node 3, from its own replicas (consistency REPLICA)"
+"$CTL" --endpoint "127.0.0.1:$((PORT + 2))" get --features driver_hourly_stats:conv_rate,driver_hourly_stats:acc_rate 1001 1002 1003 --consistency replica
+echo "==> cluster status (node 1's view: every group, its leader, applied index and lag)"
 "$CTL" status
+echo "==> kill -9 node 2; node 1 still serves linearizable reads and takes writes"
+kill -9 "$(cat "$DEMO_DIR/node2.pid")"
+"$CTL" get --features driver_hourly_stats:conv_rate 1001 1002 --consistency strong
+printf 'entity_key,event_ts,conv_rate\n1001,%s,0.99\n' "$((($(date +%s) + 60) * 1000000))" >"$DEMO_DIR/one.csv"
+"$CTL" put --view driver_hourly_stats -f "$DEMO_DIR/one.csv"
+"$CTL" get --features driver_hourly_stats:conv_rate 1001 --consistency strong
+echo "==> restarting node 2: it catches up from its peers"
+NODES="1=127.0.0.1:$PORT,2=127.0.0.1:$((PORT + 1)),3=127.0.0.1:$((PORT + 2))"
+"$BIN/quiverd" --node-id 2 --cluster-nodes "$NODES" --listen-addr "127.0.0.1:$((PORT + 1))" \
+    --data-dir "$DEMO_DIR/node2" >"$DEMO_DIR/node2.out" 2>>"$DEMO_DIR/node2.log" &
+echo $! >"$DEMO_DIR/node2.pid"
+for _ in $(seq 300); do
+    "$CTL" --endpoint "127.0.0.1:$((PORT + 1))" get --features driver_hourly_stats:conv_rate 1001 --consistency replica >/dev/null 2>&1 && break
+    sleep 0.1
+done
+"$CTL" --endpoint "127.0.0.1:$((PORT + 1))" get --features driver_hourly_stats:conv_rate 1001 --consistency replica
 echo
-echo "quiverd is still running (pid $(cat "$PID_FILE")) at $QUIVER_ENDPOINT. Try:"
-echo "  $CTL --endpoint $QUIVER_ENDPOINT get --features driver_hourly_stats:conv_rate 1001"
+echo "The cluster is still running: nodes at 127.0.0.1:$PORT-$((PORT + 2)), data and logs in $DEMO_DIR. Try:"
+echo "  $CTL --endpoint 127.0.0.1:$((PORT + 1)) get --features driver_hourly_stats:conv_rate 1001"
+echo "  $CTL status"
 echo "Stop it with: make demo-stop"

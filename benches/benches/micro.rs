@@ -1,6 +1,9 @@
 //! Criterion micro-benchmarks of the serve path's parts: row encoding, the
 //! engine's get and put, the hot cache, key hashing.
 
+// criterion_group! generates undocumented public functions.
+#![allow(missing_docs)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +51,24 @@ fn keys(c: &mut Criterion) {
     });
     group.bench_function("storage_key", |b| {
         b.iter(|| storage_key(7, std::hint::black_box(b"user:0000123456")))
+    });
+    let cluster = quiver_server::config::ClusterConfig {
+        nodes: (1..=3)
+            .map(|id| quiver_server::config::NodeAddr {
+                id,
+                addr: format!("127.0.0.1:{}", 7470 + id),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let placement = quiver_server::cluster::placement::Placement::new(&cluster, "");
+    group.bench_function("shard_of_key_16_shards", |b| {
+        b.iter(|| placement.shard_of_key(std::hint::black_box("user:0000123456")))
+    });
+    group.bench_function("placement_3_nodes_16_shards", |b| {
+        b.iter(|| {
+            quiver_server::cluster::placement::Placement::new(std::hint::black_box(&cluster), "")
+        })
     });
     group.finish();
 }

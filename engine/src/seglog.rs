@@ -208,7 +208,7 @@ fn parse_record(bytes: &[u8], record_bytes_max: u32) -> Parsed<'_> {
     let Some(payload) = bytes.get(RECORD_HEADER_BYTES as usize..end) else {
         return Parsed::Truncated;
     };
-    let actual = crc32fast::hash(payload);
+    let actual = record_crc(len, payload);
     if actual != crc {
         return Parsed::Bad(format!(
             "crc32 mismatch (stored {crc:08x}, computed {actual:08x})"
@@ -220,9 +220,17 @@ fn parse_record(bytes: &[u8], record_bytes_max: u32) -> Parsed<'_> {
     }
 }
 
+fn record_crc(len: u32, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&len.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
 fn encode_record(payload: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let len = payload.len() as u32;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&record_crc(len, payload).to_le_bytes());
     out.extend_from_slice(payload);
 }
 
@@ -647,7 +655,11 @@ fn recover_segment(
                 offset += size;
             }
             Parsed::Truncated if is_last => break,
-            Parsed::Bad(_) if is_last && bad_record_is_tail(&bytes, offset) => break,
+            Parsed::Bad(_)
+                if is_last && bad_record_is_tail(&bytes, offset, options.record_bytes_max) =>
+            {
+                break;
+            }
             Parsed::Truncated => {
                 return Err(corrupt(
                     offset,
@@ -682,11 +694,19 @@ fn recover_segment(
 }
 
 /// A complete record with a bad crc is a torn write only if it is the last
-/// thing in the file; with more bytes after it, it is corruption in the middle.
-fn bad_record_is_tail(bytes: &[u8], offset: u64) -> bool {
+/// thing in the file; with more bytes after it, it is corruption in the
+/// middle. A length over the limit is never torn (an append writes its
+/// length first): it is corruption wherever it is. All zeros to the end is
+/// a tail.
+fn bad_record_is_tail(bytes: &[u8], offset: u64, record_bytes_max: u32) -> bool {
     let rest = &bytes[offset as usize..];
-    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-    RECORD_HEADER_BYTES as usize + len >= rest.len()
+    // A file extended but never written (a crash after the size was
+    // updated) reads as zeros, which never form a valid record.
+    if rest.iter().all(|&b| b == 0) {
+        return true;
+    }
+    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+    len <= record_bytes_max && RECORD_HEADER_BYTES as usize + len as usize >= rest.len()
 }
 
 fn read_first_index(dir: &Path) -> LogResult<Option<u64>> {

@@ -15,8 +15,18 @@ pub mod quiver {
     pub mod v1 {
         tonic::include_proto!("quiver.v1");
     }
+
+    /// The internal node-to-node service.
+    pub mod peer {
+        /// Version 1.
+        #[allow(missing_docs, clippy::all)]
+        pub mod v1 {
+            tonic::include_proto!("quiver.peer.v1");
+        }
+    }
 }
 
+pub use quiver::peer::v1 as peer;
 pub use quiver::v1;
 
 /// Encoded `FileDescriptorSet` of every Quiver proto, for server reflection.

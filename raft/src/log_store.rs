@@ -167,6 +167,17 @@ pub(crate) fn write_small<T: Serialize>(path: &Path, value: &T) -> io::Result<()
     Ok(())
 }
 
+/// Runs file-system work that may fsync without stalling the async workers
+/// (heartbeats of every group share them).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 fn range_to_bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
     let start = match range.start_bound() {
         Bound::Included(&s) => s,
@@ -200,7 +211,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let purged = *self.inner.purged.lock();
-        let last = (*self.inner.last.lock()).or(purged);
+        // After a crash between recording a purge and dropping the entries
+        // it covers, the log may end before the purge point.
+        let last = std::cmp::max(*self.inner.last.lock(), purged);
         Ok(LogState {
             last_purged_log_id: purged,
             last_log_id: last,
@@ -212,7 +225,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        write_small(&self.inner.dir.join(VOTE_FILE), vote)?;
+        // openraft treats IO completion as a watermark: once this vote is
+        // durable, every earlier append counts as durable too. Make it so.
+        blocking(|| {
+            self.inner.log.with(|log| log.sync()).map_err(to_io)?;
+            write_small(&self.inner.dir.join(VOTE_FILE), vote)
+        })?;
         *self.inner.vote.lock() = Some(*vote);
         Ok(())
     }
@@ -239,24 +257,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.io_completed(Ok(()));
             return Ok(());
         };
-        self.inner
-            .log
-            .append(
+        // Sealing a full segment fsyncs inline.
+        blocking(|| {
+            self.inner.log.append(
                 first,
                 payloads.iter().map(Vec::as_slice),
                 Box::new(move |result| callback.io_completed(result)),
             )
-            .map_err(to_io)?;
+        })
+        .map_err(to_io)?;
         *self.inner.last.lock() = last;
         Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |id| id.index + 1);
-        self.inner
-            .log
-            .with(|log| log.truncate_from(from))
-            .map_err(to_io)?;
+        blocking(|| self.inner.log.with(|log| log.truncate_from(from))).map_err(to_io)?;
         let mut last = self.inner.last.lock();
         if last.is_some_and(|l| l.index >= from) {
             *last = last_log_id;
@@ -267,12 +283,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         // Record the purge point first: after a crash the log may still hold
         // purged entries (harmless), never miss unpurged ones.
-        write_small(&self.inner.dir.join(PURGED_FILE), &Some(log_id))?;
+        blocking(|| write_small(&self.inner.dir.join(PURGED_FILE), &Some(log_id)))?;
         *self.inner.purged.lock() = Some(log_id);
-        self.inner
-            .log
-            .with(|log| log.purge_to(log_id.index))
-            .map_err(to_io)?;
+        blocking(|| self.inner.log.with(|log| log.purge_to(log_id.index))).map_err(to_io)?;
         let mut last = self.inner.last.lock();
         if last.is_none_or(|l| l.index <= log_id.index) {
             *last = Some(log_id);

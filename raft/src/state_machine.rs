@@ -176,6 +176,9 @@ struct Shared {
     applied: Mutex<(Option<LogId>, StoredMembership)>,
     snapshot: Mutex<Option<SnapshotDir>>,
     observer: Arc<dyn ApplyObserver>,
+    /// Held shared while a snapshot is built from the live store, exclusive
+    /// while an install swaps the store and deletes the old one.
+    swap: parking_lot::RwLock<()>,
 }
 
 /// The state machine of one group replica. Cheap to clone; the node keeps a
@@ -231,6 +234,7 @@ impl StateMachine {
                 applied: Mutex::new(applied),
                 snapshot: Mutex::new(snapshot),
                 observer,
+                swap: parking_lot::RwLock::new(()),
             }),
         })
     }
@@ -326,6 +330,7 @@ impl StateMachine {
     }
 
     fn build(&self) -> io::Result<SnapshotDir> {
+        let _no_swap = self.shared.swap.read();
         let store = self.store();
         let snapshots = self.shared.dir.join(SNAPSHOTS_DIR);
         let nanos = std::time::SystemTime::now()
@@ -426,6 +431,9 @@ impl StateMachine {
                 link_or_copy(&from, &to)?;
             } else {
                 std::fs::copy(&from, &to)?;
+                // CURRENT_DB will point here and the log gets purged: every
+                // byte must be on disk first.
+                std::fs::File::open(&to)?.sync_all()?;
             }
         }
         sync_dir(&next_db)?;
@@ -436,6 +444,7 @@ impl StateMachine {
         store
             .put_meta(&[(APPLIED_KEY, meta_bytes.as_slice())])
             .map_err(engine_io)?;
+        let _exclusive = self.shared.swap.write();
         write_current(&self.shared.dir, next_generation)?;
         let old_generation = {
             let mut generation = self.shared.generation.lock();
@@ -512,6 +521,8 @@ fn remove_stale_dirs(dir: &Path, generation: u64) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+    // Snapshots received from a leader but never installed.
+    let _ = std::fs::remove_dir_all(dir.join("incoming"));
 }
 
 /// The newest complete snapshot in `dir` (complete = its manifest exists and
@@ -570,6 +581,7 @@ pub fn write_manifest(dir: &Path, manifest: &Manifest) -> io::Result<()> {
 fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {
     if std::fs::hard_link(from, to).is_err() {
         std::fs::copy(from, to)?;
+        std::fs::File::open(to)?.sync_all()?;
     }
     Ok(())
 }

@@ -181,6 +181,13 @@ impl HotCache {
         before.saturating_sub(cache.len()) as u64
     }
 
+    /// Drops everything (a replica's store was replaced by a snapshot).
+    pub fn clear(&self) {
+        if let Some(cache) = &self.cache {
+            cache.clear();
+        }
+    }
+
     /// Counters and occupancy.
     pub fn stats(&self) -> CacheStats {
         CacheStats {
@@ -190,6 +197,22 @@ impl HotCache {
             hits: self.hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Every replica on this node keeps the cache coherent through its apply
+/// path: an applied write, delete or invalidation drops the rows it touched.
+impl quiver_raft::ApplyObserver for HotCache {
+    fn keys_changed(&self, keys: &[Vec<u8>]) -> u64 {
+        self.invalidate(keys)
+    }
+
+    fn view_invalidated(&self, view_id: ViewId) -> u64 {
+        self.invalidate_view(view_id)
+    }
+
+    fn store_replaced(&self) {
+        self.clear();
     }
 }
 

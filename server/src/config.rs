@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 /// The default gRPC port.
 pub const DEFAULT_PORT: u16 = 7470;
+/// Most shards a cluster may be cut into.
+pub const CLUSTER_SHARDS_MAX: u32 = 4096;
+/// Most nodes in a cluster description.
+pub const CLUSTER_NODES_MAX: usize = 1024;
 
 /// Everything quiverd can be told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +40,84 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Per-request limits.
     pub limits: Limits,
+    /// Replication: the cluster this node belongs to.
+    pub cluster: ClusterConfig,
+}
+
+/// One node of the static cluster description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddr {
+    /// Node id, unique and non-zero.
+    pub id: u64,
+    /// Its gRPC address (clients and peers both use it), `host:port`.
+    pub addr: String,
+}
+
+/// The cluster description and replication tuning. Every node of a cluster
+/// must be given the same `nodes`, `shard_count` and `replication_factor`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id.
+    pub node_id: u64,
+    /// Every node of the cluster. Empty: a cluster of this node alone, at
+    /// `listen_addr`.
+    pub nodes: Vec<NodeAddr>,
+    /// Shards the key space is cut into (hash arcs).
+    pub shard_count: u32,
+    /// Replicas per shard (capped at the number of nodes).
+    pub replication_factor: u32,
+    /// Voting replicas of the metadata group (the feature-view registry);
+    /// every other node follows it as a learner.
+    pub metadata_voters: u32,
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// A follower that hears nothing for a random time in
+    /// `[election_timeout_min_ms, election_timeout_max_ms)` starts an election.
+    pub election_timeout_min_ms: u64,
+    /// See `election_timeout_min_ms`.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and let the log be purged) after this many applied
+    /// entries.
+    pub snapshot_logs_since: u64,
+    /// Entries kept in the log behind a snapshot, so a briefly lagging
+    /// follower catches up from the log instead of a snapshot.
+    pub logs_kept_after_snapshot: u64,
+    /// Size at which a Raft log segment is sealed.
+    pub log_segment_bytes_max: u64,
+    /// Deadline of one peer RPC (append, vote, forwarded request).
+    pub peer_timeout_ms: u64,
+    /// Deadline of one snapshot transfer.
+    pub snapshot_timeout_ms: u64,
+    /// How many times a request is re-routed after a leader change or an
+    /// unreachable replica before it fails with `UNAVAILABLE`.
+    pub route_retries_max: u32,
+    /// A `REPLICA` read is served by a local follower only if it is at most
+    /// this many entries behind its own commit index; else by the leader.
+    pub replica_lag_entries_max: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            nodes: Vec::new(),
+            shard_count: 16,
+            replication_factor: 3,
+            metadata_voters: 3,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 800,
+            election_timeout_max_ms: 1600,
+            snapshot_logs_since: 20_000,
+            logs_kept_after_snapshot: 2_000,
+            log_segment_bytes_max: 64 << 20,
+            peer_timeout_ms: 3_000,
+            snapshot_timeout_ms: 300_000,
+            route_retries_max: 12,
+            replica_lag_entries_max: 100,
+        }
+    }
 }
 
 /// Log output format.
@@ -97,6 +179,7 @@ impl Default for Config {
             shutdown_drain_ms: 10_000,
             cache: CacheConfig::default(),
             limits: Limits::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -162,6 +245,44 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_drain_ms: Option<u64>,
+    /// This node's id in the cluster [default: 1].
+    #[arg(long)]
+    #[serde(skip)]
+    pub node_id: Option<u64>,
+    /// Every node of the cluster: `1=host:port,2=host:port,...`.
+    #[arg(long, value_parser = parse_nodes)]
+    #[serde(skip)]
+    pub cluster_nodes: Option<NodeList>,
+    /// Shards of the key space [default: 16].
+    #[arg(long)]
+    #[serde(skip)]
+    pub shard_count: Option<u32>,
+    /// Replicas per shard [default: 3].
+    #[arg(long)]
+    #[serde(skip)]
+    pub replication_factor: Option<u32>,
+}
+
+/// A parsed `--cluster-nodes` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeList(pub Vec<NodeAddr>);
+
+fn parse_nodes(text: &str) -> Result<NodeList, String> {
+    let mut nodes = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("node id {id:?} is not a number"))?;
+        nodes.push(NodeAddr {
+            id,
+            addr: addr.trim().to_owned(),
+        });
+    }
+    Ok(NodeList(nodes))
 }
 
 /// A configuration that cannot be loaded.
@@ -175,7 +296,9 @@ impl Config {
         Self::load_from(
             flags,
             Env::prefixed("QUIVER_")
-                .ignore(&["config", "log"])
+                // Read elsewhere: the config file path, the log filter, the
+                // test harness's binary directory.
+                .ignore(&["config", "log", "bin_dir"])
                 .split("__"),
         )
     }
@@ -194,6 +317,18 @@ impl Config {
         figment = figment.merge(env).merge(Serialized::defaults(flags));
         if let Some(bytes) = flags.cache_bytes_max {
             figment = figment.merge(Serialized::default("cache.bytes_max", bytes));
+        }
+        if let Some(id) = flags.node_id {
+            figment = figment.merge(Serialized::default("cluster.node_id", id));
+        }
+        if let Some(NodeList(nodes)) = &flags.cluster_nodes {
+            figment = figment.merge(Serialized::default("cluster.nodes", nodes));
+        }
+        if let Some(count) = flags.shard_count {
+            figment = figment.merge(Serialized::default("cluster.shard_count", count));
+        }
+        if let Some(factor) = flags.replication_factor {
+            figment = figment.merge(Serialized::default("cluster.replication_factor", factor));
         }
         let config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
         config.validate()?;
@@ -222,11 +357,73 @@ impl Config {
                 "limits.request_bytes_max must be below 4 GiB".into(),
             ));
         }
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        if c.node_id == 0 {
+            return Err(ConfigError("cluster.node_id must be positive".into()));
+        }
+        if !(1..=CLUSTER_SHARDS_MAX).contains(&c.shard_count) {
+            return Err(ConfigError(format!(
+                "cluster.shard_count must be 1..={CLUSTER_SHARDS_MAX}"
+            )));
+        }
+        if c.replication_factor == 0 || c.metadata_voters == 0 {
+            return Err(ConfigError(
+                "cluster.replication_factor and cluster.metadata_voters must be positive".into(),
+            ));
+        }
+        if c.heartbeat_ms == 0 || c.election_timeout_min_ms <= c.heartbeat_ms {
+            return Err(ConfigError(
+                "cluster.election_timeout_min_ms must exceed cluster.heartbeat_ms (> 0)".into(),
+            ));
+        }
+        if c.election_timeout_max_ms <= c.election_timeout_min_ms {
+            return Err(ConfigError(
+                "cluster.election_timeout_max_ms must exceed cluster.election_timeout_min_ms"
+                    .into(),
+            ));
+        }
+        if c.snapshot_logs_since == 0 || c.peer_timeout_ms == 0 || c.log_segment_bytes_max < 4096 {
+            return Err(ConfigError(
+                "cluster.snapshot_logs_since and cluster.peer_timeout_ms must be positive, cluster.log_segment_bytes_max at least 4096".into(),
+            ));
+        }
+        if c.nodes.len() > CLUSTER_NODES_MAX {
+            return Err(ConfigError(format!(
+                "at most {CLUSTER_NODES_MAX} cluster.nodes"
+            )));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for node in &c.nodes {
+            if node.id == 0 || !ids.insert(node.id) {
+                return Err(ConfigError(format!(
+                    "cluster.nodes: node id {} is zero or repeated",
+                    node.id
+                )));
+            }
+            if node.addr.is_empty() || !node.addr.contains(':') {
+                return Err(ConfigError(format!(
+                    "cluster.nodes: node {} address {:?} is not host:port",
+                    node.id, node.addr
+                )));
+            }
+        }
+        if !c.nodes.is_empty() && !ids.contains(&c.node_id) {
+            return Err(ConfigError(format!(
+                "cluster.node_id {} is not one of cluster.nodes",
+                c.node_id
+            )));
+        }
         Ok(())
     }
 }
 
 #[cfg(test)]
+// figment's Jail API returns its large error type; not ours to shrink.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use clap::Parser;

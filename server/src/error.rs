@@ -2,6 +2,9 @@
 //! place where a failure becomes a code a client can act on.
 
 use quiver_engine::{EngineError, ViewError};
+use quiver_raft::types::RejectKind;
+
+use crate::cluster::ClusterError;
 use tonic::{Code, Status};
 
 /// Why a request failed.
@@ -32,6 +35,9 @@ pub enum ServiceError {
     /// A blocking task died (panicked or was cancelled).
     #[error("internal task failed: {0}")]
     TaskFailed(String),
+    /// Routing or replication failed, or a replicated command was refused.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl ServiceError {
@@ -77,6 +83,16 @@ impl ServiceError {
                 _ => Code::Internal,
             },
             ServiceError::TaskFailed(_) => Code::Internal,
+            ServiceError::Cluster(e) => match e {
+                ClusterError::Unavailable { .. } => Code::Unavailable,
+                ClusterError::Rejected { kind, .. } => match kind {
+                    RejectKind::Invalid => Code::InvalidArgument,
+                    RejectKind::Conflict => Code::FailedPrecondition,
+                    RejectKind::NotFound => Code::NotFound,
+                    RejectKind::LimitExceeded => Code::ResourceExhausted,
+                },
+                ClusterError::Start(_) => Code::Internal,
+            },
         }
     }
 }

@@ -1,16 +1,19 @@
 //! quiverd, Quiver's server: the gRPC front end (`quiver.v1.FeatureStore`,
-//! health, reflection), the read path (key dedup, hot cache, storage, status
-//! judgement), the write path (limits, schema, last-write-wins apply, cache
-//! coherence), configuration, and error-to-status mapping.
+//! health, reflection), the cluster (the Raft groups a node hosts, placement,
+//! the internal peer service, routing of proposals and reads), the read path
+//! (key dedup, per-shard fan-out, hot cache, status judgement), the write
+//! path (limits, schema, one proposal per shard), configuration, and
+//! error-to-status mapping.
 //!
-//! Architecture invariant: the server talks to storage only through
-//! `quiver-engine`, and to clients only through `quiver-proto` types. It must
-//! never depend on `quiver-tools` or on the tests crate.
+//! Architecture invariant: the server reaches storage only through
+//! `quiver-raft` and `quiver-engine`, and clients only through `quiver-proto`
+//! types. It must never depend on `quiver-tools` or on the tests crate.
 
 // Tests may unwrap; production code may not (workspace lint).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod error;

@@ -1,15 +1,21 @@
-//! The read path: resolve feature references, dedup entity keys, look rows up
-//! in the hot cache and then in storage, and judge every value's status.
+//! The read path: resolve feature references, dedup entity keys, group them
+//! by shard, read every shard in parallel from the replica the consistency
+//! level asks for (this node's replica through the hot cache, or another
+//! node's), merge, and judge every value's status.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use quiver_engine::codec::decode_row;
 use quiver_engine::keys::storage_key;
 use quiver_engine::view::Feature;
 use quiver_engine::{Catalog, FeatureView, RowFreshness, StoredRow, Value};
 use quiver_proto::v1 as pb;
+use quiver_raft::{GroupId, StateMachine};
 
-use crate::cache::Lookup;
+use crate::cache::{HotCache, Lookup};
+use crate::cluster::wire::ReadLevel;
+use crate::cluster::{ReadSource, ShardRead};
 use crate::convert::value_to_pb;
 use crate::error::ServiceError;
 use crate::node::Node;
@@ -75,8 +81,8 @@ impl ReadPlan {
 /// corrupt; already logged).
 type Fetched = Result<Option<Arc<StoredRow>>, ()>;
 
-/// Serves a Get. Blocking: call from a blocking thread.
-pub fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse, ServiceError> {
+/// Serves a Get.
+pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse, ServiceError> {
     let limits = &node.limits;
     if request.entity_keys.is_empty() {
         return Err(ServiceError::invalid("no entity keys given"));
@@ -99,7 +105,12 @@ pub fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse, Serv
     for key in &request.entity_keys {
         node.check_entity_key(key)?;
     }
-    let catalog = node.store.registry().load();
+    let view_names: Vec<&str> = request
+        .features
+        .iter()
+        .map(|r| r.split_once(':').map_or(r.as_str(), |(view, _)| view))
+        .collect();
+    let catalog = node.catalog_with(&view_names).await;
     let plan = ReadPlan::resolve(&catalog, &request.features)?;
     ServiceError::check_limit(
         "number of values (keys x features)",
@@ -122,8 +133,13 @@ pub fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse, Serv
         })
         .collect();
 
-    let rows = fetch(node, &plan.views, &unique_keys, !request.skip_cache);
-    let now_us = node.store.clock().now_us();
+    let level = match request.consistency() {
+        pb::Consistency::Strong => ReadLevel::Strong,
+        pb::Consistency::Replica => ReadLevel::Replica,
+        pb::Consistency::Leader | pb::Consistency::Unspecified => ReadLevel::Leader,
+    };
+    let (rows, sources) = fetch(node, &plan.views, &unique_keys, level, !request.skip_cache).await;
+    let now_us = node.clock.now_us();
 
     let entities = request
         .entity_keys
@@ -149,38 +165,133 @@ pub fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse, Serv
     Ok(pb::GetResponse {
         feature_names: plan.names(),
         entities,
+        sources: sources
+            .into_iter()
+            .map(|s| pb::ReadSource {
+                shard: s.group,
+                node_id: s.node_id,
+                leader: s.leader,
+                applied_index: s.applied_index,
+            })
+            .collect(),
     })
 }
 
-/// Looks up `views x keys`, cache first. Result index: `view * keys.len() + key`.
-fn fetch(node: &Node, views: &[Arc<FeatureView>], keys: &[&str], use_cache: bool) -> Vec<Fetched> {
+/// Looks up `views x keys`, shard by shard in parallel. Result index:
+/// `view * keys.len() + key`. A shard that cannot be read leaves its rows
+/// unreadable (served as `UNAVAILABLE`), the other shards still answer.
+async fn fetch(
+    node: &Node,
+    views: &[Arc<FeatureView>],
+    keys: &[&str],
+    level: ReadLevel,
+    use_cache: bool,
+) -> (Vec<Fetched>, Vec<ReadSource>) {
+    let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<Vec<u8>>)> = BTreeMap::new();
+    for (k, key) in keys.iter().enumerate() {
+        let shard = node.cluster.placement.shard_of_key(key);
+        let (slots, storage_keys) = by_shard.entry(shard).or_default();
+        for (v, view) in views.iter().enumerate() {
+            slots.push(v * keys.len() + k);
+            storage_keys.push(storage_key(view.id, key.as_bytes()));
+        }
+    }
+    let reads = by_shard
+        .into_iter()
+        .map(|(shard, (slots, storage_keys))| async move {
+            let rows = read_shard(node, shard, storage_keys, level, use_cache).await;
+            (slots, rows)
+        });
     let mut results: Vec<Fetched> = vec![Ok(None); views.len() * keys.len()];
+    let mut sources = Vec::new();
+    for (slots, shard_rows) in futures::future::join_all(reads).await {
+        match shard_rows {
+            Ok((rows, source)) => {
+                sources.push(source);
+                for (slot, row) in slots.into_iter().zip(rows) {
+                    results[slot] = row;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "shard unreadable; its rows are served as UNAVAILABLE");
+                for slot in slots {
+                    results[slot] = Err(());
+                }
+            }
+        }
+    }
+    (results, sources)
+}
+
+/// Reads one shard's keys from the replica the level asks for.
+async fn read_shard(
+    node: &Node,
+    shard: GroupId,
+    keys: Vec<Vec<u8>>,
+    level: ReadLevel,
+    use_cache: bool,
+) -> Result<(Vec<Fetched>, ReadSource), ServiceError> {
+    match node.cluster.read(shard, &keys, level).await? {
+        ShardRead::Local { state, source } => {
+            let cache = node.cache.clone();
+            let rows =
+                tokio::task::spawn_blocking(move || read_local(&cache, &state, &keys, use_cache))
+                    .await?;
+            Ok((rows, source))
+        }
+        ShardRead::Remote { rows, source } => {
+            let rows = rows
+                .into_iter()
+                .map(|row| match row {
+                    None => Ok(None),
+                    Some(bytes) => match decode_row(&bytes) {
+                        Ok(row) => Ok(Some(Arc::new(row))),
+                        Err(error) => {
+                            tracing::error!(%error, node = source.node_id, "row from a peer is corrupt; served as UNAVAILABLE");
+                            Err(())
+                        }
+                    },
+                })
+                .collect();
+            Ok((rows, source))
+        }
+    }
+}
+
+/// Reads keys from this node's replica, hot cache first. Blocking.
+fn read_local(
+    cache: &HotCache,
+    state: &StateMachine,
+    keys: &[Vec<u8>],
+    use_cache: bool,
+) -> Vec<Fetched> {
+    let mut results: Vec<Fetched> = vec![Ok(None); keys.len()];
     let mut misses = Vec::new();
-    for (v, view) in views.iter().enumerate() {
-        for (k, key) in keys.iter().enumerate() {
-            let slot = v * keys.len() + k;
-            let storage = storage_key(view.id, key.as_bytes());
-            if !use_cache {
-                misses.push((slot, storage, None));
-                continue;
-            }
-            match node.cache.lookup(&storage) {
-                Lookup::Hit(row) => results[slot] = Ok(row),
-                Lookup::Miss(guard) => misses.push((slot, storage, guard)),
-            }
+    for (slot, key) in keys.iter().enumerate() {
+        if !use_cache {
+            misses.push((slot, None));
+            continue;
+        }
+        match cache.lookup(key) {
+            Lookup::Hit(row) => results[slot] = Ok(row),
+            Lookup::Miss(guard) => misses.push((slot, guard)),
         }
     }
     if misses.is_empty() {
         return results;
     }
-    let storage_keys: Vec<&[u8]> = misses.iter().map(|(_, key, _)| key.as_slice()).collect();
-    let fetched = node.store.get_rows(&storage_keys);
-    for ((slot, _, guard), result) in misses.into_iter().zip(fetched) {
+    let storage_keys: Vec<&[u8]> = misses
+        .iter()
+        .map(|(slot, _)| keys[*slot].as_slice())
+        .collect();
+    // Loaded after the placeholders: see ShardRead::Local.
+    let fetched = state.store().get_rows(&storage_keys);
+    for ((slot, guard), result) in misses.into_iter().zip(fetched) {
         results[slot] = match result {
             Ok(row) => {
                 let row = row.map(Arc::new);
                 if let Some(guard) = guard {
-                    node.cache.fill(guard, row.clone());
+                    cache.fill(guard, row.clone());
                 }
                 Ok(row)
             }

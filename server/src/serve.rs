@@ -1,5 +1,7 @@
 //! Assembles and runs a node's gRPC server: the feature store service, the
-//! standard health service and server reflection, with graceful shutdown.
+//! internal peer service (Raft traffic and forwarded requests, same port),
+//! the standard health service and server reflection, with graceful
+//! shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,6 +11,10 @@ use quiver_proto::v1::feature_store_server::FeatureStoreServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use quiver_proto::peer::peer_server::PeerServer;
+
+use crate::cluster::network::PEER_MESSAGE_BYTES_MAX;
+use crate::cluster::peer_service::PeerService;
 use crate::config::Config;
 use crate::node::Node;
 use crate::service::FeatureStoreService;
@@ -29,6 +35,9 @@ pub enum ServeError {
     /// Reflection could not be built from the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The node's Raft groups could not start.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Opens the node and serves on `listener` until `shutdown` resolves, then
@@ -39,13 +48,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let listen_addr = listener.local_addr()?;
-    let node = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || Node::open(&config, listen_addr))
-            .await
-            .map_err(std::io::Error::other)??
-    };
-    let node = Arc::new(node);
+    let node = Arc::new(Node::open(&config, listen_addr).await?);
+    let peer = PeerServer::new(PeerService::new(node.cluster.clone()))
+        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
     let request_bytes_max = usize::try_from(config.limits.request_bytes_max).unwrap_or(usize::MAX);
     let feature_store = FeatureStoreServer::new(FeatureStoreService::new(node.clone()))
         .max_decoding_message_size(request_bytes_max)
@@ -71,6 +77,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_store)
+        .add_service(peer)
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small responses wait on delayed ACKs (~40 ms).
             TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -97,9 +104,7 @@ pub async fn serve(
         }
     }
 
-    tokio::task::spawn_blocking(move || node.store.flush())
-        .await
-        .map_err(std::io::Error::other)??;
-    tracing::info!("store flushed; stopped");
+    node.cluster.shutdown().await;
+    tracing::info!("raft groups stopped, stores flushed; stopped");
     Ok(())
 }

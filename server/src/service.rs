@@ -1,16 +1,22 @@
-//! The `quiver.v1.FeatureStore` gRPC service: thin handlers that move each
-//! request onto a blocking thread (RocksDB calls block) and hand it to the
-//! read path, the write path or the registry.
+//! The `quiver.v1.FeatureStore` gRPC service: thin handlers that check the
+//! request and hand it to the read path, the write path, or the cluster
+//! (registry changes, deletes and invalidations are replicated commands).
 
-use quiver_engine::keys::storage_key;
+use std::time::Duration;
+
 use quiver_proto::v1 as pb;
 use quiver_proto::v1::feature_store_server::FeatureStore;
+use quiver_raft::{Command, GroupId, METADATA_GROUP, Response as Applied};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{view_spec_from_pb, view_to_pb};
 use crate::error::ServiceError;
 use crate::node::{Node, NodeRef};
 use crate::{read_path, write_path};
+
+/// How long a registry change waits for this node's metadata replica to
+/// apply it, so the next request through this node sees it.
+const REGISTRY_APPLY_WAIT: Duration = Duration::from_secs(10);
 
 /// The service, sharing one [`Node`].
 #[derive(Debug, Clone)]
@@ -23,27 +29,39 @@ impl FeatureStoreService {
     pub fn new(node: NodeRef) -> Self {
         Self { node }
     }
-
-    async fn blocking<T, F>(&self, work: F) -> Result<T, Status>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Node) -> Result<T, ServiceError> + Send + 'static,
-    {
-        let node = self.node.clone();
-        let result = tokio::task::spawn_blocking(move || work(&node))
-            .await
-            .map_err(ServiceError::from)?;
-        result.map_err(Status::from)
-    }
 }
 
-fn view_of<'a>(
-    catalog: &'a quiver_engine::Catalog,
-    name: &str,
-) -> Result<&'a std::sync::Arc<quiver_engine::FeatureView>, ServiceError> {
-    catalog
-        .view(name)
-        .ok_or_else(|| ServiceError::NotFound(format!("feature view {name:?} does not exist")))
+/// Groups entity keys by shard.
+fn keys_by_shard(
+    node: &Node,
+    keys: Vec<String>,
+) -> std::collections::BTreeMap<GroupId, Vec<String>> {
+    let mut by_shard = std::collections::BTreeMap::<GroupId, Vec<String>>::new();
+    for key in keys {
+        by_shard
+            .entry(node.cluster.placement.shard_of_key(&key))
+            .or_default()
+            .push(key);
+    }
+    by_shard
+}
+
+/// Proposes one command per shard in parallel and sums what `count` reads
+/// from each response.
+async fn propose_all(
+    node: &Node,
+    proposals: Vec<(GroupId, Command)>,
+    count: impl Fn(&Applied) -> u64,
+) -> Result<u64, ServiceError> {
+    let futures = proposals
+        .into_iter()
+        .map(|(shard, command)| node.cluster.propose(shard, command));
+    let mut total = 0;
+    for result in futures::future::join_all(futures).await {
+        let (response, _) = result?;
+        total += count(&response);
+    }
+    Ok(total)
 }
 
 #[tonic::async_trait]
@@ -57,9 +75,21 @@ impl FeatureStore for FeatureStoreService {
             .view
             .ok_or_else(|| Status::invalid_argument("no view given"))?;
         let spec = view_spec_from_pb(view)?;
-        let (view, changed) = self
-            .blocking(move |node| Ok(node.store.apply_view(spec)?))
-            .await?;
+        let node = &self.node;
+        let (response, log_id) = node
+            .cluster
+            .propose(METADATA_GROUP, Command::ApplyView { spec })
+            .await
+            .map_err(ServiceError::from)?;
+        let Applied::ViewApplied { view, changed } = response else {
+            return Err(
+                ServiceError::TaskFailed(format!("unexpected response {response:?}")).into(),
+            );
+        };
+        // Read-your-writes through this node.
+        node.cluster
+            .wait_applied(METADATA_GROUP, log_id.index, REGISTRY_APPLY_WAIT)
+            .await;
         if changed {
             tracing::info!(view = %view.name, version = view.version, "feature view applied");
         }
@@ -73,10 +103,12 @@ impl FeatureStore for FeatureStoreService {
         &self,
         _request: Request<pb::ListFeatureViewsRequest>,
     ) -> Result<Response<pb::ListFeatureViewsResponse>, Status> {
+        // Catch up with the metadata leader: a view applied through another
+        // node a moment ago is listed.
+        self.node.cluster.sync_metadata().await;
         let views = self
             .node
-            .store
-            .registry()
+            .registry
             .load()
             .views()
             .iter()
@@ -90,13 +122,16 @@ impl FeatureStore for FeatureStoreService {
         request: Request<pb::DeleteFeatureViewRequest>,
     ) -> Result<Response<pb::DeleteFeatureViewResponse>, Status> {
         let name = request.into_inner().name;
-        self.blocking(move |node| {
-            let view = node.store.delete_view(&name)?;
-            node.cache.invalidate_view(view.id);
-            tracing::info!(view = %view.name, "feature view deleted");
-            Ok(())
-        })
-        .await?;
+        let node = &self.node;
+        let (_, log_id) = node
+            .cluster
+            .propose(METADATA_GROUP, Command::DeleteView { name: name.clone() })
+            .await
+            .map_err(ServiceError::from)?;
+        node.cluster
+            .wait_applied(METADATA_GROUP, log_id.index, REGISTRY_APPLY_WAIT)
+            .await;
+        tracing::info!(view = %name, "feature view deleted");
         Ok(Response::new(pb::DeleteFeatureViewResponse {}))
     }
 
@@ -104,10 +139,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        let request = request.into_inner();
-        let response = self
-            .blocking(move |node| write_path::write(node, request))
-            .await?;
+        let response = write_path::write(&self.node, request.into_inner()).await?;
         Ok(Response::new(response))
     }
 
@@ -121,9 +153,9 @@ impl FeatureStore for FeatureStoreService {
         // Each message is one atomic batch, applied in order. On a failure the
         // batches before it stay applied; the status says how many there were.
         while let Some(batch) = stream.message().await? {
-            let applied = self
-                .blocking(move |node| write_path::write(node, batch))
-                .await;
+            let applied = write_path::write(&self.node, batch)
+                .await
+                .map_err(Status::from);
             match applied {
                 Ok(response) => {
                     total.rows_applied += response.rows_applied;
@@ -149,10 +181,7 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let request = request.into_inner();
-        let response = self
-            .blocking(move |node| read_path::get(node, request))
-            .await?;
+        let response = read_path::get(&self.node, request.into_inner()).await?;
         Ok(Response::new(response))
     }
 
@@ -161,31 +190,50 @@ impl FeatureStore for FeatureStoreService {
         request: Request<pb::InvalidateRequest>,
     ) -> Result<Response<pb::InvalidateResponse>, Status> {
         let request = request.into_inner();
-        // Blocking thread: a view-wide invalidation walks the whole cache.
-        let entries_dropped = self
-            .blocking(move |node| {
-                ServiceError::check_limit(
-                    "number of entity keys",
-                    request.entity_keys.len(),
-                    "limits.get_keys_max",
-                    node.limits.get_keys_max,
-                )?;
-                let catalog = node.store.registry().load();
-                let view = view_of(&catalog, &request.view)?;
-                if request.entity_keys.is_empty() {
-                    return Ok(node.cache.invalidate_view(view.id));
-                }
-                for key in &request.entity_keys {
-                    node.check_entity_key(key)?;
-                }
-                let keys: Vec<Vec<u8>> = request
-                    .entity_keys
-                    .iter()
-                    .map(|k| storage_key(view.id, k.as_bytes()))
-                    .collect();
-                Ok(node.cache.invalidate(&keys))
-            })
-            .await?;
+        let node = &self.node;
+        ServiceError::check_limit(
+            "number of entity keys",
+            request.entity_keys.len(),
+            "limits.get_keys_max",
+            node.limits.get_keys_max,
+        )?;
+        for key in &request.entity_keys {
+            node.check_entity_key(key)?;
+        }
+        let view = node.view(&request.view).await?;
+        // Replicated, so every replica's node drops the rows; a whole view
+        // goes to every shard.
+        let proposals: Vec<(GroupId, Command)> = if request.entity_keys.is_empty() {
+            (1..=node.cluster.placement.shard_count)
+                .map(|shard| {
+                    (
+                        shard,
+                        Command::Invalidate {
+                            view_id: view.id,
+                            entity_keys: Vec::new(),
+                        },
+                    )
+                })
+                .collect()
+        } else {
+            keys_by_shard(node, request.entity_keys)
+                .into_iter()
+                .map(|(shard, entity_keys)| {
+                    (
+                        shard,
+                        Command::Invalidate {
+                            view_id: view.id,
+                            entity_keys,
+                        },
+                    )
+                })
+                .collect()
+        };
+        let entries_dropped = propose_all(node, proposals, |response| match response {
+            Applied::Invalidated { entries_dropped } => *entries_dropped,
+            _ => 0,
+        })
+        .await?;
         Ok(Response::new(pb::InvalidateResponse { entries_dropped }))
     }
 
@@ -194,29 +242,40 @@ impl FeatureStore for FeatureStoreService {
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let request = request.into_inner();
-        let rows_deleted = self
-            .blocking(move |node| {
-                if request.entity_keys.is_empty() {
-                    return Err(ServiceError::invalid(
-                        "no entity keys given (to drop every row of a view, delete the view)",
-                    ));
-                }
-                ServiceError::check_limit(
-                    "number of entity keys",
-                    request.entity_keys.len(),
-                    "limits.write_rows_max",
-                    node.limits.write_rows_max,
-                )?;
-                for key in &request.entity_keys {
-                    node.check_entity_key(key)?;
-                }
-                let catalog = node.store.registry().load();
-                let view = view_of(&catalog, &request.view)?;
-                let deleted = node.store.delete_rows(view.id, &request.entity_keys)?;
-                node.cache.invalidate(&deleted);
-                Ok(deleted.len() as u64)
+        let node = &self.node;
+        if request.entity_keys.is_empty() {
+            return Err(ServiceError::invalid(
+                "no entity keys given (to drop every row of a view, delete the view)",
+            )
+            .into());
+        }
+        ServiceError::check_limit(
+            "number of entity keys",
+            request.entity_keys.len(),
+            "limits.write_rows_max",
+            node.limits.write_rows_max,
+        )?;
+        for key in &request.entity_keys {
+            node.check_entity_key(key)?;
+        }
+        let view = node.view(&request.view).await?;
+        let proposals = keys_by_shard(node, request.entity_keys)
+            .into_iter()
+            .map(|(shard, entity_keys)| {
+                (
+                    shard,
+                    Command::Delete {
+                        view_id: view.id,
+                        entity_keys,
+                    },
+                )
             })
-            .await?;
+            .collect();
+        let rows_deleted = propose_all(node, proposals, |response| match response {
+            Applied::Deleted { rows_deleted } => *rows_deleted,
+            _ => 0,
+        })
+        .await?;
         Ok(Response::new(pb::DeleteResponse { rows_deleted }))
     }
 
@@ -225,17 +284,40 @@ impl FeatureStore for FeatureStoreService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let node = &self.node;
-        let stats = node.store.stats();
         let cache = node.cache.stats();
+        let (mut rows_estimate, mut rows_written, mut rows_stale) = (0, 0, 0);
+        for (_, group) in node.cluster.groups() {
+            let stats = group.state.store().stats();
+            rows_estimate += stats.rows_estimate;
+            rows_written += stats.rows_written;
+            rows_stale += stats.rows_stale;
+        }
+        let placement = &node.cluster.placement;
         Ok(Response::new(pb::StatusResponse {
             node_version: env!("CARGO_PKG_VERSION").to_owned(),
             listen_addr: node.listen_addr.to_string(),
-            data_dir: node.store.path().display().to_string(),
+            data_dir: node.data_dir.display().to_string(),
             uptime_seconds: node.started.elapsed().as_secs(),
-            feature_views: u32::try_from(node.store.registry().load().len()).unwrap_or(u32::MAX),
-            rows_estimate: stats.rows_estimate,
-            rows_written: stats.rows_written,
-            rows_stale: stats.rows_stale,
+            feature_views: u32::try_from(node.registry.load().len()).unwrap_or(u32::MAX),
+            rows_estimate,
+            rows_written,
+            rows_stale,
+            node_id: node.cluster.node_id,
+            nodes: placement
+                .nodes
+                .iter()
+                .map(|(id, addr)| pb::NodeStatus {
+                    node_id: *id,
+                    addr: addr.clone(),
+                })
+                .collect(),
+            groups: node.cluster.group_status(),
+            shard_count: placement.shard_count,
+            replication_factor: placement
+                .replicas
+                .values()
+                .next()
+                .map_or(0, |r| u32::try_from(r.len()).unwrap_or(u32::MAX)),
             cache: Some(pb::CacheStatus {
                 entries: cache.entries,
                 bytes_used: cache.bytes_used,

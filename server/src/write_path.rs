@@ -1,17 +1,27 @@
-//! The write path: check rows against limits and the view's schema, apply them
-//! last-write-wins, drop the changed rows from the hot cache, then reply.
+//! The write path: check rows against limits and the view's schema, group
+//! them by shard, propose one entry per shard to its leader (in parallel),
+//! and reply once every shard has committed and applied its entry. Replicas
+//! apply last-write-wins and drop the changed rows from their node's hot
+//! cache as they apply.
+
+use std::collections::BTreeMap;
 
 use quiver_engine::RowWrite;
 use quiver_engine::clock::MICROS_PER_SECOND;
 use quiver_proto::v1 as pb;
+use quiver_raft::{Command, GroupId, Response};
 
 use crate::convert::value_from_pb;
 use crate::error::ServiceError;
 use crate::node::Node;
 
-/// Applies one batch of rows of one view. Blocking: call from a blocking
-/// thread. Atomic: either every row is applied (or ignored as stale) or none.
-pub fn write(node: &Node, request: pb::WriteRequest) -> Result<pb::WriteResponse, ServiceError> {
+/// Applies one batch of rows of one view. The whole batch is checked before
+/// anything is proposed, so a bad row stores nothing; each shard's part is
+/// one atomic Raft entry.
+pub async fn write(
+    node: &Node,
+    request: pb::WriteRequest,
+) -> Result<pb::WriteResponse, ServiceError> {
     let limits = &node.limits;
     ServiceError::check_limit(
         "number of rows",
@@ -19,17 +29,11 @@ pub fn write(node: &Node, request: pb::WriteRequest) -> Result<pb::WriteResponse
         "limits.write_rows_max",
         limits.write_rows_max,
     )?;
-    let catalog = node.store.registry().load();
-    let view = catalog
-        .view(&request.view)
-        .ok_or_else(|| {
-            ServiceError::NotFound(format!("feature view {:?} does not exist", request.view))
-        })?
-        .clone();
+    let view = node.view(&request.view).await?;
     if request.rows.is_empty() {
         return Ok(pb::WriteResponse::default());
     }
-    let now_us = node.store.clock().now_us();
+    let now_us = node.clock.now_us();
     let future_us_max = i64::try_from(limits.event_ts_future_seconds_max)
         .unwrap_or(i64::MAX)
         .saturating_mul(MICROS_PER_SECOND);
@@ -71,10 +75,53 @@ pub fn write(node: &Node, request: pb::WriteRequest) -> Result<pb::WriteResponse
             values,
         });
     }
-    let outcome = node.store.write_rows(view.id, &rows)?;
-    node.cache.invalidate(&outcome.changed_keys);
-    Ok(pb::WriteResponse {
-        rows_applied: outcome.rows_applied,
-        rows_stale: outcome.rows_stale,
-    })
+    let mut by_shard: BTreeMap<GroupId, Vec<RowWrite>> = BTreeMap::new();
+    for row in rows {
+        by_shard
+            .entry(node.cluster.placement.shard_of_key(&row.entity_key))
+            .or_default()
+            .push(row);
+    }
+    let proposals = by_shard.into_iter().map(|(shard, rows)| {
+        node.cluster.propose(
+            shard,
+            Command::Write {
+                // Stamped by the leader when it proposes.
+                leader_ts_us: 0,
+                view_id: view.id,
+                rows,
+            },
+        )
+    });
+    let mut response = pb::WriteResponse::default();
+    let mut first_error = None;
+    for result in futures::future::join_all(proposals).await {
+        match result {
+            Ok((
+                Response::Written {
+                    rows_applied,
+                    rows_stale,
+                },
+                _,
+            )) => {
+                response.rows_applied += rows_applied;
+                response.rows_stale += rows_stale;
+            }
+            Ok((other, _)) => {
+                first_error.get_or_insert(ServiceError::TaskFailed(format!(
+                    "unexpected write response {other:?}"
+                )));
+            }
+            Err(e) => {
+                first_error.get_or_insert(e.into());
+            }
+        }
+    }
+    match first_error {
+        // Shards that committed stay committed; the error says the request
+        // as a whole did not complete and may be retried (writes are
+        // idempotent: last-write-wins by event time).
+        Some(error) => Err(error),
+        None => Ok(response),
+    }
 }

@@ -52,8 +52,10 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 pub struct Node {
     child: Child,
     addr: SocketAddr,
+    listen: String,
     data_dir: PathBuf,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
     log_path: PathBuf,
 }
 
@@ -61,18 +63,35 @@ impl Node {
     /// Starts a node on `127.0.0.1:0` with its data in `data_dir` and extra
     /// flags, and waits until it answers.
     pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Result<Node> {
-        let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
-        let log_path = data_dir.with_extension("log");
-        let (child, addr) = spawn(data_dir, &extra_args, &log_path)?;
-        let node = Node {
-            child,
-            addr,
-            data_dir: data_dir.to_path_buf(),
-            extra_args,
-            log_path,
-        };
+        let node = Self::spawn_at(data_dir, "127.0.0.1:0", extra_args, &[])?;
         node.wait_ready().await?;
         Ok(node)
+    }
+
+    /// Starts a node on a fixed address without waiting for it.
+    fn spawn_at(
+        data_dir: &Path,
+        listen: &str,
+        extra_args: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Node> {
+        let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
+        let log_path = data_dir.with_extension("log");
+        let (child, addr) = spawn(data_dir, listen, &extra_args, env, &log_path)?;
+        Ok(Node {
+            child,
+            addr,
+            listen: listen.to_owned(),
+            data_dir: data_dir.to_path_buf(),
+            extra_args,
+            env: env.to_vec(),
+            log_path,
+        })
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The node's gRPC address.
@@ -158,12 +177,19 @@ impl Node {
         }
     }
 
-    /// Starts the node again on the same data directory (a new port).
+    /// Starts the node again on the same data directory (the same address
+    /// for cluster nodes, a new ephemeral port otherwise).
     pub async fn restart(&mut self) -> Result<()> {
         if self.child.try_wait()?.is_none() {
             self.terminate()?;
         }
-        let (child, addr) = spawn(&self.data_dir, &self.extra_args, &self.log_path)?;
+        let (child, addr) = spawn(
+            &self.data_dir,
+            &self.listen,
+            &self.extra_args,
+            &self.env,
+            &self.log_path,
+        )?;
         self.child = child;
         self.addr = addr;
         self.wait_ready().await
@@ -177,18 +203,26 @@ impl Drop for Node {
     }
 }
 
-fn spawn(data_dir: &Path, extra_args: &[String], log_path: &Path) -> Result<(Child, SocketAddr)> {
+fn spawn(
+    data_dir: &Path,
+    listen: &str,
+    extra_args: &[String],
+    env: &[(String, String)],
+    log_path: &Path,
+) -> Result<(Child, SocketAddr)> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)?;
     let mut child = Command::new(binary("quiverd")?)
         .arg("--listen-addr")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--data-dir")
         .arg(data_dir)
         .args(extra_args)
         .env_remove("QUIVER_CONFIG")
+        .env_remove("QUIVER_BIN_DIR")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("QUIVER_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -220,6 +254,106 @@ fn spawn(data_dir: &Path, extra_args: &[String], log_path: &Path) -> Result<(Chi
         .parse()
         .with_context(|| format!("parse address in {line:?}"))?;
     Ok((child, addr))
+}
+
+/// A cluster of `quiverd` processes on loopback, each with its own data
+/// directory, all given the same static description.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The nodes; node id `i + 1` is `nodes[i]`.
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Starts `count` nodes under `root` and waits until each answers.
+    /// Ports are picked by the OS (bind to port 0, then released), so the
+    /// description can name them before the nodes start. `env` tunes
+    /// replication (`QUIVER_CLUSTER__...`).
+    pub async fn start(root: &Path, count: usize, env: &[(&str, &str)]) -> Result<Cluster> {
+        let mut ports = Vec::new();
+        {
+            let listeners: Vec<std::net::TcpListener> = (0..count)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+                .collect::<std::io::Result<_>>()?;
+            for listener in &listeners {
+                ports.push(listener.local_addr()?.port());
+            }
+        }
+        let description = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| format!("{}=127.0.0.1:{port}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let id = (i + 1).to_string();
+            let data_dir = root.join(format!("node{id}"));
+            let listen = format!("127.0.0.1:{port}");
+            nodes.push(Node::spawn_at(
+                &data_dir,
+                &listen,
+                &["--node-id", &id, "--cluster-nodes", &description],
+                &env,
+            )?);
+        }
+        for node in &nodes {
+            node.wait_ready().await?;
+        }
+        Ok(Cluster { nodes })
+    }
+
+    /// Node `id` (1-based).
+    pub fn node(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// Waits until every group on every running node knows a leader, and
+    /// returns node 1..n's status (None for stopped nodes).
+    pub async fn wait_for_leaders(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut missing = Vec::new();
+            for (i, node) in self.nodes.iter_mut().enumerate() {
+                if !node.is_running() {
+                    continue;
+                }
+                match node.status().await {
+                    Ok(status) => {
+                        for group in status.groups {
+                            if group.leader_id == 0 {
+                                missing.push(format!("node {} group {}", i + 1, group.group));
+                            }
+                        }
+                    }
+                    Err(e) => missing.push(format!("node {}: {e}", i + 1)),
+                }
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no leader after {timeout:?}: {}", missing.join(", "));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Node {
+    /// The node's status.
+    pub async fn status(&self) -> Result<pb::StatusResponse> {
+        Ok(self
+            .client()
+            .await?
+            .status(pb::StatusRequest {})
+            .await?
+            .into_inner())
+    }
 }
 
 /// Runs `quiverctl` against `endpoint`; returns stdout, or an error with

@@ -369,7 +369,7 @@ async fn data_survives_graceful_restart() {
     // is bounded by shutdown_drain_ms.
     node.restart().await.expect("restart");
     assert!(
-        node.log().contains("store flushed"),
+        node.log().contains("stores flushed"),
         "graceful shutdown flushes: {}",
         node.log()
     );

@@ -224,6 +224,36 @@ fn a_bad_crc_on_the_last_record_is_a_torn_tail() {
 }
 
 #[test]
+fn a_zero_filled_tail_is_cut_not_read_as_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
+    append_range(&mut log, 0, 3, 30);
+    drop(log);
+    let segment = segment_files(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes.extend_from_slice(&[0u8; 64]);
+    std::fs::write(&segment, bytes).unwrap();
+    let log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
+    assert_contents(&log, 0, 3, 30);
+    assert_eq!(log.recovered_torn_bytes(), 64);
+}
+
+#[test]
+fn an_oversized_length_in_the_middle_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
+    append_range(&mut log, 0, 5, 30);
+    drop(log);
+    let segment = segment_files(dir.path()).pop().unwrap();
+    // The high byte of the second record's length.
+    flip_byte(&segment, SEGMENT_HEADER_BYTES + 38 + 3);
+    assert!(matches!(
+        SegmentedLog::open(dir.path(), LogOptions::default()),
+        Err(LogError::Corrupt { .. })
+    ));
+}
+
+#[test]
 fn corruption_in_the_middle_refuses_to_open() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();

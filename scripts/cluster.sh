@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# A local Quiver cluster on loopback: N quiverd processes (default 3), each
+# with its own data directory, all given the same static description
+# (16 shards, replication factor 3 capped at N).
+#
+#   scripts/cluster.sh start [N]   build if needed, start N nodes, wait for leaders
+#   scripts/cluster.sh stop        stop every node of the cluster (SIGTERM)
+#   scripts/cluster.sh status      quiverctl status of node 1
+#
+# QUIVER_CLUSTER_DIR (default ./.cluster) holds data, logs and pids;
+# QUIVER_CLUSTER_PORT (default 7470) is node 1's port, node i listens on
+# port + i - 1. Extra quiverd settings go through QUIVER_* variables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
+CLUSTER_DIR="${QUIVER_CLUSTER_DIR:-$PWD/.cluster}"
+BASE_PORT="${QUIVER_CLUSTER_PORT:-7470}"
+BIN="$CARGO_TARGET_DIR/debug"
+
+stop_cluster() {
+    local pid_file pid
+    for pid_file in "$CLUSTER_DIR"/node*.pid; do
+        [ -f "$pid_file" ] || continue
+        pid="$(cat "$pid_file")"
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid"
+            for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+            echo "stopped $(basename "$pid_file" .pid) (pid $pid)"
+        fi
+        rm -f "$pid_file"
+    done
+}
+
+start_cluster() {
+    local count="${1:-3}" nodes="" id port
+    ./scripts/ensure-deps.sh
+    echo "==> building quiverd and quiverctl (the first build compiles RocksDB: many minutes on 2 cores)"
+    cargo build --bins --quiet
+    stop_cluster
+    mkdir -p "$CLUSTER_DIR"
+    for id in $(seq "$count"); do
+        nodes="$nodes${nodes:+,}$id=127.0.0.1:$((BASE_PORT + id - 1))"
+    done
+    for id in $(seq "$count"); do
+        port=$((BASE_PORT + id - 1))
+        rm -rf "$CLUSTER_DIR/node$id"
+        "$BIN/quiverd" --node-id "$id" --cluster-nodes "$nodes" \
+            --listen-addr "127.0.0.1:$port" --data-dir "$CLUSTER_DIR/node$id" \
+            >"$CLUSTER_DIR/node$id.out" 2>"$CLUSTER_DIR/node$id.log" &
+        echo $! >"$CLUSTER_DIR/node$id.pid"
+    done
+    echo "==> started $count nodes ($nodes); data and logs in $CLUSTER_DIR"
+    for id in $(seq "$count"); do
+        for _ in $(seq 300); do
+            grep -q "listening on" "$CLUSTER_DIR/node$id.out" 2>/dev/null && break
+            kill -0 "$(cat "$CLUSTER_DIR/node$id.pid")" 2>/dev/null || { cat "$CLUSTER_DIR/node$id.log"; exit 1; }
+            sleep 0.1
+        done
+    done
+    echo "==> waiting for every shard to elect a leader"
+    for _ in $(seq 600); do
+        if "$BIN/quiverctl" --endpoint "127.0.0.1:$BASE_PORT" status --json 2>/dev/null \
+            | grep -q '"leader_id": 0'; then
+            sleep 0.1
+        elif "$BIN/quiverctl" --endpoint "127.0.0.1:$BASE_PORT" status --json >/dev/null 2>&1; then
+            return 0
+        else
+            sleep 0.1
+        fi
+    done
+    echo "leaders not elected in time; see $CLUSTER_DIR/node*.log" >&2
+    exit 1
+}
+
+case "${1:-}" in
+    start) start_cluster "${2:-3}" ;;
+    stop) stop_cluster ;;
+    status) "$BIN/quiverctl" --endpoint "127.0.0.1:$BASE_PORT" status ;;
+    *) echo "usage: $0 start [N] | stop | status" >&2; exit 2 ;;
+esac

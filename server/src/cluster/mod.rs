@@ -1,0 +1,692 @@
+//! The cluster as one node sees it: the Raft groups it hosts, the static map
+//! of where every group lives, and routing of proposals and reads to the
+//! replica that must serve them.
+//!
+//! Every node hosts the metadata group (voter or learner) and the shards the
+//! placement gives it. A request arriving at any node is routed per shard:
+//! proposals go to the shard leader (locally, or forwarded over the `Peer`
+//! service), reads to the leader or a replica depending on consistency.
+//! Leader changes and unreachable replicas are retried a bounded number of
+//! times with backoff; the last error is reported as `UNAVAILABLE`.
+
+pub mod network;
+pub mod peer_service;
+pub mod placement;
+pub mod wire;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, ReadPolicy, ServerState, SnapshotPolicy};
+use parking_lot::Mutex;
+use quiver_engine::seglog::LogOptions;
+use quiver_engine::{Clock, StoreOptions};
+use quiver_proto::v1 as pb;
+use quiver_raft::types::{LogId, RejectKind};
+use quiver_raft::{
+    ApplyObserver, Command, GroupId, LogStore, METADATA_GROUP, NodeId, Raft, Response, StateMachine,
+};
+
+use crate::config::ClusterConfig;
+use network::{GroupNetwork, PeerClients};
+use placement::Placement;
+use wire::{PeerCall, PeerResult, ReadLevel, ReadRows};
+
+/// Errors of routing and replication.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// No replica could serve the request within the retry budget.
+    #[error("shard {group}: unavailable after {attempts} attempts: {last}")]
+    Unavailable {
+        /// The group.
+        group: GroupId,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// The state machine refused the command (the same on every replica).
+    #[error("{message}")]
+    Rejected {
+        /// Why, as a class.
+        kind: RejectKind,
+        /// Why, for people.
+        message: String,
+    },
+    /// The node could not start its groups.
+    #[error("cluster start: {0}")]
+    Start(String),
+}
+
+/// One group hosted here.
+pub struct Group {
+    /// Its Raft handle.
+    pub raft: Raft,
+    /// Its state machine (the live store).
+    pub state: StateMachine,
+    /// Its log.
+    pub log: LogStore,
+}
+
+/// Who served a shard read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadSource {
+    /// The shard.
+    pub group: GroupId,
+    /// The serving node.
+    pub node_id: NodeId,
+    /// Whether it led the shard.
+    pub leader: bool,
+    /// Its applied index.
+    pub applied_index: u64,
+}
+
+/// How a shard read is served.
+pub enum ShardRead {
+    /// By this node's replica: read the store (and the hot cache).
+    Local {
+        /// The replica (its live store is loaded at read time, after the
+        /// cache placeholders are taken, so a snapshot install in between
+        /// cannot leave a stale row cached).
+        state: StateMachine,
+        /// Provenance.
+        source: ReadSource,
+    },
+    /// By another node, which returned the encoded rows.
+    Remote {
+        /// Encoded rows in key order.
+        rows: Vec<Option<Vec<u8>>>,
+        /// Provenance.
+        source: ReadSource,
+    },
+}
+
+/// The groups this node hosts and the routes to every other group.
+pub struct Cluster {
+    /// This node.
+    pub node_id: NodeId,
+    /// Where every group lives.
+    pub placement: Placement,
+    clients: Arc<PeerClients>,
+    groups: BTreeMap<GroupId, Group>,
+    leader_hints: Mutex<HashMap<GroupId, NodeId>>,
+    config: ClusterConfig,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.node_id)
+            .field("groups", &self.groups.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Cluster::start`] needs besides the configuration.
+pub struct StartOptions<'a> {
+    /// Root of this node's data.
+    pub data_dir: &'a Path,
+    /// This node's client-facing address (used for a one-node cluster).
+    pub self_addr: String,
+    /// Options of every group's store; `registry` must be the node's.
+    pub store: StoreOptions,
+    /// Cache coherence.
+    pub observer: Arc<dyn ApplyObserver>,
+    /// The node's clock (leader timestamps).
+    pub clock: Arc<dyn Clock>,
+    /// fsync Raft log appends before they count as written.
+    pub sync_log: bool,
+}
+
+impl Cluster {
+    /// Opens every group this node hosts, starts their Raft instances and
+    /// bootstraps groups this node is the designated initializer of.
+    pub async fn start(
+        config: &ClusterConfig,
+        options: StartOptions<'_>,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let placement = Placement::new(config, &options.self_addr);
+        let node_id = config.node_id;
+        let clients = Arc::new(
+            PeerClients::new(
+                &placement.nodes,
+                Duration::from_millis(config.peer_timeout_ms),
+                Duration::from_millis(config.snapshot_timeout_ms),
+            )
+            .map_err(ClusterError::Start)?,
+        );
+        let raft_config = Arc::new(
+            openraft::Config {
+                cluster_name: "quiver".into(),
+                heartbeat_interval: config.heartbeat_ms,
+                election_timeout_min: config.election_timeout_min_ms,
+                election_timeout_max: config.election_timeout_max_ms,
+                install_snapshot_timeout: config.snapshot_timeout_ms,
+                snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs_since),
+                max_in_snapshot_log_to_keep: config.logs_kept_after_snapshot,
+                ..openraft::Config::default()
+            }
+            .validate()
+            .map_err(|e| ClusterError::Start(e.to_string()))?,
+        );
+        let log_options = LogOptions {
+            segment_bytes_max: config.log_segment_bytes_max,
+            sync: options.sync_log,
+            ..LogOptions::default()
+        };
+        let mut groups = BTreeMap::new();
+        for group in placement.groups_of(node_id) {
+            let dir = options.data_dir.join("groups").join(group.to_string());
+            let log = LogStore::open(dir.join("log"), log_options)
+                .map_err(|e| ClusterError::Start(format!("group {group} log: {e}")))?;
+            let store_options = StoreOptions {
+                load_catalog: group == METADATA_GROUP,
+                ..options.store.clone()
+            };
+            let state = StateMachine::open(
+                group,
+                dir.join("state"),
+                store_options,
+                options.observer.clone(),
+            )
+            .map_err(|e| ClusterError::Start(format!("group {group} state: {e}")))?;
+            let network = GroupNetwork {
+                group,
+                clients: clients.clone(),
+            };
+            let raft = Raft::new(
+                node_id,
+                raft_config.clone(),
+                network,
+                log.clone(),
+                state.clone(),
+            )
+            .await
+            .map_err(|e| ClusterError::Start(format!("group {group} raft: {e}")))?;
+            groups.insert(group, Group { raft, state, log });
+        }
+        let cluster = Arc::new(Cluster {
+            node_id,
+            placement,
+            clients,
+            groups,
+            leader_hints: Mutex::new(HashMap::new()),
+            config: config.clone(),
+            clock: options.clock,
+        });
+        cluster.bootstrap().await?;
+        tokio::spawn(reconcile_metadata_learners(Arc::downgrade(&cluster)));
+        Ok(cluster)
+    }
+
+    /// Initializes the groups whose lowest-id voter is this node, if they
+    /// have never been initialized (first start of the cluster).
+    async fn bootstrap(&self) -> Result<(), ClusterError> {
+        for (&group, hosted) in &self.groups {
+            let voters = self.placement.voters(group);
+            if voters.iter().min() != Some(&self.node_id) {
+                continue;
+            }
+            let initialized = hosted
+                .raft
+                .is_initialized()
+                .await
+                .map_err(|e| ClusterError::Start(e.to_string()))?;
+            if initialized {
+                continue;
+            }
+            let members: BTreeMap<NodeId, BasicNode> = voters
+                .iter()
+                .map(|id| (*id, BasicNode::new(self.placement.nodes[id].clone())))
+                .collect();
+            if let Err(e) = hosted.raft.initialize(members).await {
+                tracing::warn!(group, error = %e, "group initialization refused");
+            }
+        }
+        Ok(())
+    }
+
+    /// The group hosted here, if any.
+    pub fn group(&self, group: GroupId) -> Option<&Group> {
+        self.groups.get(&group)
+    }
+
+    /// Every hosted group.
+    pub fn groups(&self) -> impl Iterator<Item = (&GroupId, &Group)> {
+        self.groups.iter()
+    }
+
+    /// The replication settings.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    fn metrics(&self, group: GroupId) -> Option<openraft::RaftMetrics<quiver_raft::TypeConfig>> {
+        self.groups
+            .get(&group)
+            .map(|g| g.raft.metrics().borrow_watched().clone())
+    }
+
+    /// Where to send the first attempt for a group's leader.
+    fn first_target(&self, group: GroupId) -> NodeId {
+        if let Some(&hint) = self.leader_hints.lock().get(&group) {
+            return hint;
+        }
+        if let Some(leader) = self.metrics(group).and_then(|m| m.current_leader) {
+            return leader;
+        }
+        let voters = self.placement.voters(group);
+        if voters.contains(&self.node_id) {
+            self.node_id
+        } else {
+            voters.first().copied().unwrap_or(self.node_id)
+        }
+    }
+
+    /// The next target after a failure without a leader hint: rotate over
+    /// the voters.
+    fn next_target(&self, group: GroupId, current: NodeId) -> NodeId {
+        let voters = self.placement.voters(group);
+        match voters.iter().position(|&v| v == current) {
+            Some(i) => voters[(i + 1) % voters.len()],
+            None => voters.first().copied().unwrap_or(self.node_id),
+        }
+    }
+
+    fn remember_leader(&self, group: GroupId, leader: NodeId) {
+        self.leader_hints.lock().insert(group, leader);
+    }
+
+    fn forget_leader(&self, group: GroupId) {
+        self.leader_hints.lock().remove(&group);
+    }
+
+    fn backoff(attempt: u32) -> Duration {
+        Duration::from_millis((25u64 << attempt.min(5)).min(500))
+    }
+
+    fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.peer_timeout_ms)
+    }
+
+    /// Proposes a command to a group's leader wherever it is, and returns
+    /// once the entry is committed and applied on the leader.
+    pub async fn propose(
+        &self,
+        group: GroupId,
+        command: Command,
+    ) -> Result<(Response, LogId), ClusterError> {
+        let (response, log_id) = self
+            .route(group, self.first_target(group), |target| {
+                let command = command.clone();
+                async move {
+                    let result = if target == self.node_id {
+                        self.propose_local(group, command).await
+                    } else {
+                        self.clients
+                            .forward(target, group, &PeerCall::Propose(command))
+                            .await
+                            .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
+                    };
+                    match result {
+                        PeerResult::Proposed { response, log_id } => {
+                            self.remember_leader(group, target);
+                            Ok((response, log_id))
+                        }
+                        other => Err(other),
+                    }
+                }
+            })
+            .await?;
+        match response {
+            Response::Rejected { kind, message } => Err(ClusterError::Rejected { kind, message }),
+            response => Ok((response, log_id)),
+        }
+    }
+
+    /// Tries `attempt` on a node at a time until it succeeds: a "not the
+    /// leader, try N" answer moves to N at once, any other failure rotates
+    /// over the group's voters after a backoff. At most
+    /// `cluster.route_retries_max` attempts.
+    async fn route<T, F, Fut>(
+        &self,
+        group: GroupId,
+        first: NodeId,
+        mut attempt: F,
+    ) -> Result<T, ClusterError>
+    where
+        F: FnMut(NodeId) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PeerResult>>,
+    {
+        let mut target = first;
+        let mut last = String::from("no attempt made");
+        let attempts = self.config.route_retries_max.max(1);
+        for n in 0..attempts {
+            match attempt(target).await {
+                Ok(value) => return Ok(value),
+                Err(PeerResult::NotLeader {
+                    leader: Some(leader),
+                }) if leader != target => {
+                    last = format!("node {target} is not the leader; node {leader} is");
+                    self.remember_leader(group, leader);
+                    target = leader;
+                    // A redirect is cheap; still back off when it repeats.
+                    if n > 2 {
+                        tokio::time::sleep(Self::backoff(n)).await;
+                    }
+                }
+                Err(other) => {
+                    last = format!("node {target}: {}", describe(&other));
+                    self.forget_leader(group);
+                    target = self.next_target(group, target);
+                    tokio::time::sleep(Self::backoff(n)).await;
+                }
+            }
+        }
+        Err(ClusterError::Unavailable {
+            group,
+            attempts,
+            last,
+        })
+    }
+
+    /// Proposes on this node's replica (which must lead the group).
+    pub async fn propose_local(&self, group: GroupId, mut command: Command) -> PeerResult {
+        let Some(hosted) = self.groups.get(&group) else {
+            return PeerResult::NoSuchGroup;
+        };
+        if let Command::Write { leader_ts_us, .. } = &mut command {
+            // The leader's clock, stamped where the entry is created.
+            *leader_ts_us = self.clock.now_us();
+        }
+        match tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(command)).await {
+            Err(_) => PeerResult::Failed("commit timed out (no quorum?)".into()),
+            Ok(Ok(written)) => PeerResult::Proposed {
+                response: written.data,
+                log_id: written.log_id,
+            },
+            Ok(Err(e)) => match e.forward_to_leader() {
+                Some(forward) => PeerResult::NotLeader {
+                    leader: forward.leader_id,
+                },
+                None => PeerResult::Failed(e.to_string()),
+            },
+        }
+    }
+
+    /// Reads keys of one shard at the requested level.
+    pub async fn read(
+        &self,
+        group: GroupId,
+        keys: &[Vec<u8>],
+        level: ReadLevel,
+    ) -> Result<ShardRead, ClusterError> {
+        let first = if level == ReadLevel::Replica && self.groups.contains_key(&group) {
+            self.node_id
+        } else {
+            self.first_target(group)
+        };
+        self.route(group, first, |target| async move {
+            if target == self.node_id {
+                let source = self.check_local_read(group, level).await?;
+                let state = self.groups[&group].state.clone();
+                return Ok(ShardRead::Local { state, source });
+            }
+            let call = PeerCall::Read {
+                keys: keys.to_vec(),
+                level,
+            };
+            match self.clients.forward(target, group, &call).await {
+                Ok(PeerResult::Read(ReadRows {
+                    rows,
+                    node_id,
+                    leader,
+                    applied_index,
+                })) => {
+                    if leader {
+                        self.remember_leader(group, node_id);
+                    }
+                    Ok(ShardRead::Remote {
+                        rows,
+                        source: ReadSource {
+                            group,
+                            node_id,
+                            leader,
+                            applied_index,
+                        },
+                    })
+                }
+                Ok(other) => Err(other),
+                Err(e) => Err(PeerResult::Failed(e.to_string())),
+            }
+        })
+        .await
+    }
+
+    /// Whether this node may serve a read of `group` at `level` now (for
+    /// STRONG, after confirming leadership and catching up to the read
+    /// index). The error is the routing answer for the caller.
+    pub async fn check_local_read(
+        &self,
+        group: GroupId,
+        level: ReadLevel,
+    ) -> Result<ReadSource, PeerResult> {
+        let Some(hosted) = self.groups.get(&group) else {
+            return Err(PeerResult::NoSuchGroup);
+        };
+        let metrics = hosted.raft.metrics().borrow_watched().clone();
+        let is_leader = metrics.state == ServerState::Leader;
+        match level {
+            ReadLevel::Strong => {
+                let confirmed = tokio::time::timeout(
+                    self.peer_timeout(),
+                    hosted.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+                )
+                .await;
+                match confirmed {
+                    Err(_) => return Err(PeerResult::Failed("read index timed out".into())),
+                    Ok(Err(e)) => {
+                        return Err(match e.forward_to_leader() {
+                            Some(forward) => PeerResult::NotLeader {
+                                leader: forward.leader_id,
+                            },
+                            None => PeerResult::Failed(e.to_string()),
+                        });
+                    }
+                    Ok(Ok(_)) => {}
+                }
+            }
+            ReadLevel::Leader if !is_leader => {
+                return Err(PeerResult::NotLeader {
+                    leader: metrics.current_leader,
+                });
+            }
+            ReadLevel::Replica if !is_leader => {
+                let applied = metrics.last_applied.map_or(0, |id| id.index);
+                let committed = metrics.cluster_committed.map_or(0, |id| id.index);
+                let fresh = metrics.current_leader.is_some()
+                    && applied.saturating_add(self.config.replica_lag_entries_max) >= committed;
+                if !fresh {
+                    return Err(PeerResult::NotLeader {
+                        leader: metrics.current_leader,
+                    });
+                }
+            }
+            _ => {}
+        }
+        let applied_index = hosted
+            .raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .map_or(0, |id| id.index);
+        Ok(ReadSource {
+            group,
+            node_id: self.node_id,
+            leader: is_leader,
+            applied_index,
+        })
+    }
+
+    /// The leader side of a read index: confirms leadership and returns an
+    /// applied index covering every entry committed before the call.
+    pub async fn read_index_local(&self, group: GroupId) -> PeerResult {
+        match self.check_local_read(group, ReadLevel::Strong).await {
+            Ok(source) => PeerResult::ReadIndex {
+                applied_index: source.applied_index,
+            },
+            Err(result) => result,
+        }
+    }
+
+    /// Waits until this node's replica of `group` has applied `index`.
+    pub async fn wait_applied(&self, group: GroupId, index: u64, timeout: Duration) -> bool {
+        let Some(hosted) = self.groups.get(&group) else {
+            return false;
+        };
+        hosted
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "caught up")
+            .await
+            .is_ok()
+    }
+
+    /// Brings this node's metadata replica up to date with the leader's
+    /// commit (used when a request names a view this node does not know yet:
+    /// it may have been applied through another node a moment ago).
+    pub async fn sync_metadata(&self) -> bool {
+        let read_index = self
+            .route(
+                METADATA_GROUP,
+                self.first_target(METADATA_GROUP),
+                |target| async move {
+                    let result = if target == self.node_id {
+                        self.read_index_local(METADATA_GROUP).await
+                    } else {
+                        self.clients
+                            .call(target, METADATA_GROUP, &PeerCall::ReadIndex)
+                            .await
+                            .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
+                    };
+                    match result {
+                        PeerResult::ReadIndex { applied_index } => Ok(applied_index),
+                        other => Err(other),
+                    }
+                },
+            )
+            .await;
+        match read_index {
+            Ok(index) => {
+                self.wait_applied(METADATA_GROUP, index, self.peer_timeout())
+                    .await
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot catch up with the metadata group");
+                false
+            }
+        }
+    }
+
+    /// Status of every hosted group.
+    pub fn group_status(&self) -> Vec<pb::GroupStatus> {
+        self.groups
+            .iter()
+            .map(|(&group, hosted)| {
+                let m = hosted.raft.metrics().borrow_watched().clone();
+                let membership = m.membership_config.membership();
+                let last_log_index = m.last_log_index.unwrap_or(0);
+                let lag = m
+                    .replication
+                    .as_ref()
+                    .map(|replication| {
+                        replication
+                            .iter()
+                            .filter(|(id, _)| **id != self.node_id)
+                            .map(|(id, matched)| pb::ReplicaLag {
+                                node_id: *id,
+                                entries_behind: last_log_index
+                                    .saturating_sub(matched.map_or(0, |l| l.index)),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                pb::GroupStatus {
+                    group,
+                    role: format!("{:?}", m.state).to_lowercase(),
+                    leader_id: m.current_leader.unwrap_or(0),
+                    term: m.current_term,
+                    applied_index: m.last_applied.map_or(0, |id| id.index),
+                    last_log_index,
+                    voters: membership.voter_ids().collect(),
+                    learners: membership.learner_ids().collect(),
+                    lag,
+                    log_bytes: hosted.log.bytes(),
+                    rows_estimate: hosted.state.store().stats().rows_estimate,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops every group's Raft and flushes its store.
+    pub async fn shutdown(&self) {
+        for (group, hosted) in &self.groups {
+            if let Err(e) = hosted.raft.shutdown().await {
+                tracing::warn!(group, error = %e, "raft shutdown");
+            }
+            if let Err(e) = hosted.state.flush() {
+                tracing::warn!(group, error = %e, "flush on shutdown");
+            }
+            hosted.log.close();
+        }
+    }
+}
+
+fn describe(result: &PeerResult) -> String {
+    match result {
+        PeerResult::Failed(reason) => reason.clone(),
+        PeerResult::NoSuchGroup => "holds no replica".into(),
+        PeerResult::NotLeader { leader: None } => "not the leader, no leader known".into(),
+        PeerResult::NotLeader { leader: Some(l) } => format!("not the leader (leader {l})"),
+        other => format!("unexpected reply {other:?}"),
+    }
+}
+
+/// Adds configured metadata learners the leader has not added yet (nodes
+/// beyond the metadata voters follow the registry as learners).
+async fn reconcile_metadata_learners(cluster: std::sync::Weak<Cluster>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        let Some(hosted) = cluster.groups.get(&METADATA_GROUP) else {
+            return;
+        };
+        if cluster.placement.metadata_learners.is_empty() {
+            return;
+        }
+        if !hosted.raft.is_leader() {
+            continue;
+        }
+        let metrics = hosted.raft.metrics().borrow_watched().clone();
+        let present: Vec<NodeId> = metrics
+            .membership_config
+            .membership()
+            .learner_ids()
+            .collect();
+        for &learner in &cluster.placement.metadata_learners {
+            if present.contains(&learner) {
+                continue;
+            }
+            let node = BasicNode::new(cluster.placement.nodes[&learner].clone());
+            if let Err(e) = hosted.raft.add_learner(learner, node, false).await {
+                tracing::debug!(learner, error = %e, "adding metadata learner");
+            }
+        }
+    }
+}

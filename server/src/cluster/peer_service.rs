@@ -1,0 +1,237 @@
+//! The server side of the internal `Peer` service.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use quiver_proto::peer::peer_server::Peer;
+use quiver_proto::peer::{PeerReply, PeerRequest, SnapshotChunk};
+use quiver_raft::state_machine::{checked_name, write_manifest};
+use quiver_raft::{GroupId, SnapshotDir};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Cluster;
+use super::wire::{self, PeerCall, PeerResult, ReadLevel, ReadRows, SnapshotHeader};
+
+/// Numbers snapshot transfers received by this process.
+static TRANSFERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Most files a snapshot may list.
+const SNAPSHOT_FILES_MAX: usize = 100_000;
+
+/// Serves peers' Raft traffic and forwarded requests.
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    cluster: Arc<Cluster>,
+}
+
+impl PeerService {
+    /// A service over this node's groups.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+
+    async fn handle(&self, group: GroupId, call: PeerCall) -> PeerResult {
+        let cluster = &self.cluster;
+        match call {
+            PeerCall::AppendEntries(rpc) => match cluster.group(group) {
+                None => PeerResult::NoSuchGroup,
+                Some(hosted) => match hosted.raft.append_entries(rpc).await {
+                    Ok(response) => PeerResult::AppendEntries(response),
+                    Err(e) => PeerResult::Failed(e.to_string()),
+                },
+            },
+            PeerCall::Vote(rpc) => match cluster.group(group) {
+                None => PeerResult::NoSuchGroup,
+                Some(hosted) => match hosted.raft.vote(rpc).await {
+                    Ok(response) => PeerResult::Vote(response),
+                    Err(e) => PeerResult::Failed(e.to_string()),
+                },
+            },
+            PeerCall::Propose(command) => cluster.propose_local(group, command).await,
+            PeerCall::ReadIndex => cluster.read_index_local(group).await,
+            PeerCall::Read { keys, level } => self.read(group, keys, level).await,
+        }
+    }
+
+    async fn read(&self, group: GroupId, keys: Vec<Vec<u8>>, level: ReadLevel) -> PeerResult {
+        let source = match self.cluster.check_local_read(group, level).await {
+            Ok(source) => source,
+            Err(result) => return result,
+        };
+        let Some(hosted) = self.cluster.group(group) else {
+            return PeerResult::NoSuchGroup;
+        };
+        let store = hosted.state.store();
+        let rows = tokio::task::spawn_blocking(move || store.get_raw(&keys)).await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => return PeerResult::Failed(e.to_string()),
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            match row {
+                Ok(row) => out.push(row),
+                Err(e) => return PeerResult::Failed(e.to_string()),
+            }
+        }
+        PeerResult::Read(ReadRows {
+            rows: out,
+            node_id: source.node_id,
+            leader: source.leader,
+            applied_index: source.applied_index,
+        })
+    }
+
+    /// Receives a snapshot into a staging directory, checks every file
+    /// against the manifest, and hands it to Raft to install.
+    async fn receive_snapshot(
+        &self,
+        mut stream: Streaming<SnapshotChunk>,
+    ) -> Result<PeerResult, Status> {
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let group = first.group;
+        let Some(hosted) = self.cluster.group(group) else {
+            return Ok(PeerResult::NoSuchGroup);
+        };
+        let header: SnapshotHeader = wire::decode(&first.header)
+            .map_err(|e| Status::invalid_argument(format!("snapshot header: {e}")))?;
+        let manifest = header.manifest;
+        if manifest.group != group || manifest.files.len() > SNAPSHOT_FILES_MAX {
+            return Err(Status::invalid_argument(
+                "snapshot manifest does not match the group or lists too many files",
+            ));
+        }
+        checked_name(&manifest.snapshot_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        for file in &manifest.files {
+            checked_name(&file.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        // Unique per transfer: a retried transfer of the same snapshot may
+        // overlap with the one it replaces.
+        let staging: PathBuf = hosted.state.dir().join("incoming").join(format!(
+            "{}-{}",
+            manifest.snapshot_id,
+            TRANSFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(staging.join("db")).map_err(internal)?;
+        let result = self.receive_files(&mut stream, &staging, &manifest).await;
+        let outcome = match result {
+            Ok(()) => {
+                let verified = {
+                    let staging = staging.clone();
+                    let manifest = manifest.clone();
+                    tokio::task::spawn_blocking(move || {
+                        write_manifest(&staging, &manifest)?;
+                        SnapshotDir::load_verified(&staging)
+                    })
+                    .await
+                    .map_err(internal)?
+                };
+                match verified {
+                    Ok(snapshot) => {
+                        let meta = snapshot.manifest.meta.clone();
+                        match hosted
+                            .raft
+                            .install_full_snapshot(
+                                header.vote,
+                                openraft::Snapshot { meta, snapshot },
+                            )
+                            .await
+                        {
+                            Ok(response) => Ok(PeerResult::SnapshotInstalled {
+                                vote: response.vote,
+                            }),
+                            Err(e) => Ok(PeerResult::Failed(e.to_string())),
+                        }
+                    }
+                    Err(e) => Err(Status::data_loss(format!("snapshot check failed: {e}"))),
+                }
+            }
+            Err(status) => Err(status),
+        };
+        // The state machine keeps its own hard-linked copy.
+        let _ = std::fs::remove_dir_all(&staging);
+        outcome
+    }
+
+    async fn receive_files(
+        &self,
+        stream: &mut Streaming<SnapshotChunk>,
+        staging: &std::path::Path,
+        manifest: &quiver_raft::Manifest,
+    ) -> Result<(), Status> {
+        use std::io::Write;
+        let mut current: Option<(String, std::fs::File, u64)> = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let expected = manifest
+                .files
+                .iter()
+                .find(|f| f.name == chunk.file)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!("unexpected file {:?}", chunk.file))
+                })?;
+            let switch = current
+                .as_ref()
+                .is_none_or(|(name, _, _)| *name != chunk.file);
+            if switch {
+                if let Some((_, file, _)) = current.take() {
+                    tokio::task::block_in_place(|| file.sync_all()).map_err(internal)?;
+                }
+                let name = checked_name(&chunk.file)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let file =
+                    std::fs::File::create(staging.join("db").join(name)).map_err(internal)?;
+                current = Some((chunk.file.clone(), file, 0));
+            }
+            let Some((_, file, written)) = current.as_mut() else {
+                return Err(Status::internal("no open file"));
+            };
+            if chunk.offset != *written
+                || written.saturating_add(chunk.data.len() as u64) > expected.bytes
+            {
+                return Err(Status::invalid_argument(format!(
+                    "file {:?}: chunk at {} does not continue at {} within {} bytes",
+                    chunk.file, chunk.offset, written, expected.bytes
+                )));
+            }
+            tokio::task::block_in_place(|| file.write_all(&chunk.data)).map_err(internal)?;
+            *written += chunk.data.len() as u64;
+        }
+        if let Some((_, file, _)) = current.take() {
+            tokio::task::block_in_place(|| file.sync_all()).map_err(internal)?;
+        }
+        Ok(())
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn call(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let request = request.into_inner();
+        let call: PeerCall = wire::decode(&request.payload)
+            .map_err(|e| Status::invalid_argument(format!("peer call: {e}")))?;
+        let result = self.handle(request.group, call).await;
+        Ok(Response::new(PeerReply {
+            payload: wire::encode(&result),
+        }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<PeerReply>, Status> {
+        let result = self.receive_snapshot(request.into_inner()).await?;
+        Ok(Response::new(PeerReply {
+            payload: wire::encode(&result),
+        }))
+    }
+}
