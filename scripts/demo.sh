@@ -45,24 +45,30 @@ echo "==> the same drivers read through node 3, from its own replicas (consisten
 "$CTL" --endpoint "127.0.0.1:$((PORT + 2))" get --features driver_hourly_stats:conv_rate,driver_hourly_stats:acc_rate 1001 1002 1003 --consistency replica
 echo "==> cluster status (node 1's view: every group, its leader, applied index and lag)"
 "$CTL" status
-echo "==> kill -9 node 2; node 1 still serves linearizable reads and takes writes"
-kill -9 "$(cat "$DEMO_DIR/node2.pid")"
-"$CTL" get --features driver_hourly_stats:conv_rate 1001 1002 --consistency strong
+N3="127.0.0.1:$((PORT + 2))"
+echo "==> kill -9 node 1 (it leads every shard); node 3 takes over once new leaders are elected"
+kill -9 "$(cat "$DEMO_DIR/node1.pid")"
 printf 'entity_key,event_ts,conv_rate\n1001,%s,0.99\n' "$((($(date +%s) + 60) * 1000000))" >"$DEMO_DIR/one.csv"
-"$CTL" put --view driver_hourly_stats -f "$DEMO_DIR/one.csv"
-"$CTL" get --features driver_hourly_stats:conv_rate 1001 --consistency strong
-echo "==> restarting node 2: it catches up from its peers"
-NODES="1=127.0.0.1:$PORT,2=127.0.0.1:$((PORT + 1)),3=127.0.0.1:$((PORT + 2))"
-"$BIN/quiverd" --node-id 2 --cluster-nodes "$NODES" --listen-addr "127.0.0.1:$((PORT + 1))" \
-    --data-dir "$DEMO_DIR/node2" >"$DEMO_DIR/node2.out" 2>>"$DEMO_DIR/node2.log" &
-echo $! >"$DEMO_DIR/node2.pid"
+started=$(date +%s%N)
 for _ in $(seq 300); do
-    "$CTL" --endpoint "127.0.0.1:$((PORT + 1))" get --features driver_hourly_stats:conv_rate 1001 --consistency replica >/dev/null 2>&1 && break
+    "$CTL" --endpoint "$N3" put --view driver_hourly_stats -f "$DEMO_DIR/one.csv" >/dev/null 2>&1 && break
     sleep 0.1
 done
-"$CTL" --endpoint "127.0.0.1:$((PORT + 1))" get --features driver_hourly_stats:conv_rate 1001 --consistency replica
+echo "first write acknowledged through node 3 $(( ($(date +%s%N) - started) / 1000000 )) ms after the kill"
+"$CTL" --endpoint "$N3" get --features driver_hourly_stats:conv_rate 1001 1002 --consistency strong
+"$CTL" --endpoint "$N3" status | grep -E "^\| (group|0 \(meta\)|1 |2 |3 ) " || true
+echo "==> restarting node 1: it catches up from its peers"
+NODES="1=127.0.0.1:$PORT,2=127.0.0.1:$((PORT + 1)),3=$N3"
+"$BIN/quiverd" --node-id 1 --cluster-nodes "$NODES" --listen-addr "127.0.0.1:$PORT" \
+    --data-dir "$DEMO_DIR/node1" >"$DEMO_DIR/node1.out" 2>>"$DEMO_DIR/node1.log" &
+echo $! >"$DEMO_DIR/node1.pid"
+for _ in $(seq 300); do
+    "$CTL" get --features driver_hourly_stats:conv_rate 1001 --consistency replica --json 2>/dev/null | grep -q 0.99 && break
+    sleep 0.1
+done
+"$CTL" get --features driver_hourly_stats:conv_rate 1001 --consistency replica
 echo
 echo "The cluster is still running: nodes at 127.0.0.1:$PORT-$((PORT + 2)), data and logs in $DEMO_DIR. Try:"
-echo "  $CTL --endpoint 127.0.0.1:$((PORT + 1)) get --features driver_hourly_stats:conv_rate 1001"
+echo "  $CTL --endpoint 127.0.0.1:$((PORT + 1)) get --features driver_hourly_stats:conv_rate 1001 --consistency strong"
 echo "  $CTL status"
 echo "Stop it with: make demo-stop"

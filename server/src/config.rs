@@ -14,6 +14,20 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_PORT: u16 = 7470;
 /// Most shards a cluster may be cut into.
 pub const CLUSTER_SHARDS_MAX: u32 = 4096;
+/// Top-level keys of [`Config`], the only ones read from `QUIVER_*`.
+const CONFIG_KEYS: &[&str] = &[
+    "listen_addr",
+    "data_dir",
+    "sync_writes",
+    "block_cache_bytes",
+    "ttl_grace_seconds",
+    "log_format",
+    "shutdown_drain_ms",
+    "cache",
+    "limits",
+    "cluster",
+];
+
 /// Most nodes in a cluster description.
 pub const CLUSTER_NODES_MAX: usize = 1024;
 
@@ -296,9 +310,19 @@ impl Config {
         Self::load_from(
             flags,
             Env::prefixed("QUIVER_")
-                // Read elsewhere: the config file path, the log filter, the
-                // test harness's binary directory.
-                .ignore(&["config", "log", "bin_dir"])
+                // Only keys of this config: QUIVER_CONFIG, QUIVER_LOG,
+                // QUIVER_ENDPOINT and scripts' own QUIVER_* variables are
+                // someone else's. Nested keys stay strict (a typo in
+                // QUIVER_LIMITS__... is an error).
+                .filter(|key| {
+                    let key = key.as_str();
+                    CONFIG_KEYS.iter().any(|k| {
+                        key.eq_ignore_ascii_case(k)
+                            || key
+                                .get(..k.len() + 2)
+                                .is_some_and(|p| p.eq_ignore_ascii_case(&format!("{k}__")))
+                    })
+                })
                 .split("__"),
         )
     }
@@ -437,6 +461,10 @@ mod tests {
             )?;
             jail.set_env("QUIVER_DATA_DIR", "/from/env");
             jail.set_env("QUIVER_LIMITS__GET_KEYS_MAX", "9");
+            jail.set_env("QUIVER_CLUSTER__SHARD_COUNT", "4");
+            // Other tools' variables are not ours to reject.
+            jail.set_env("QUIVER_CLUSTER_DIR", "/elsewhere");
+            jail.set_env("QUIVER_ENDPOINT", "127.0.0.1:1");
             let flags = Flags::parse_from([
                 "quiverd",
                 "--config",
@@ -449,6 +477,7 @@ mod tests {
             assert!(!config.sync_writes);
             assert_eq!(config.limits.write_rows_max, 7);
             assert_eq!(config.limits.get_keys_max, 9);
+            assert_eq!(config.cluster.shard_count, 4);
             assert_eq!(config.cache.bytes_max, 0);
 
             let flags = Flags::parse_from([
