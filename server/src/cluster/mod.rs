@@ -223,12 +223,14 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Initializes the groups whose lowest-id voter is this node, if they
-    /// have never been initialized (first start of the cluster).
+    /// Initializes the groups whose first voter (in rendezvous order) is
+    /// this node, if they have never been initialized (first start of the
+    /// cluster). The initializer usually wins the first election, so this
+    /// also spreads the first leaders over the nodes.
     async fn bootstrap(&self) -> Result<(), ClusterError> {
         for (&group, hosted) in &self.groups {
             let voters = self.placement.voters(group);
-            if voters.iter().min() != Some(&self.node_id) {
+            if voters.first() != Some(&self.node_id) {
                 continue;
             }
             let initialized = hosted
