@@ -4,6 +4,8 @@
 # (batched and single-row writes). Each configuration runs REPEAT times on a
 # fresh node; quiver-bench prints one JSON line per run to $OUT.
 #   PROFILE=release|dev  ENTITIES=1000000  DURATION=10s  REPEAT=3  ./scripts/bench.sh
+# Then the same writes and reads against a 3-node RF 3 cluster on loopback
+# (scripts/cluster.sh), labelled rf3-*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/ensure-deps.sh
@@ -13,6 +15,7 @@ ENTITIES="${ENTITIES:-1000000}"
 DURATION="${DURATION:-10s}"
 REPEAT="${REPEAT:-3}"
 OUT="${OUT:-bench-results.jsonl}"
+SECTIONS="${SECTIONS:-single cluster}" # which tables to reproduce
 cargo build --profile "$PROFILE" --bins --quiet
 BIN="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 WORK=$(mktemp -d)
@@ -38,6 +41,7 @@ run() { # $1 = label, $2 = node flags, rest = quiver-bench flags
 }
 
 : >"$OUT"
+if [[ " $SECTIONS " == *" single "* ]]; then
 run serve-cache-on ""                       --workload serve --concurrency 16
 run serve-cache-off "--cache-bytes-max 0"   --workload serve --concurrency 16
 run serve-zipf-cache-on ""                  --workload serve --concurrency 16 --distribution zipf
@@ -46,4 +50,20 @@ run ingest-batch100-fsync ""                --workload ingest --rows-per-write 1
 run ingest-single-fsync ""                  --workload ingest --rows-per-write 1 --concurrency 16
 run ingest-single-nofsync "--sync-writes false" --workload ingest --rows-per-write 1 --concurrency 16
 run mixed-95-5 ""                           --workload mixed --concurrency 16
+fi
+run_cluster() { # $1 = label, rest = quiver-bench flags
+    local label=$1; shift
+    for i in $(seq "$REPEAT"); do
+        QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$WORK/$label-$i" QUIVER_CLUSTER_PORT=7570 \
+            ./scripts/cluster.sh start 3 >/dev/null
+        "$BIN/quiver-bench" --endpoint 127.0.0.1:7570 --entities "$ENTITIES" --duration "$DURATION" \
+            --label "$label" --json "$@" | tee -a "$OUT"
+        QUIVER_CLUSTER_DIR="$WORK/$label-$i" ./scripts/cluster.sh stop >/dev/null
+    done
+}
+if [[ " $SECTIONS " == *" cluster "* ]]; then
+run_cluster rf3-ingest-single       --workload ingest --rows-per-write 1 --concurrency 16
+run_cluster rf3-ingest-batch100     --workload ingest --rows-per-write 100 --concurrency 16
+run_cluster rf3-serve-leader        --workload serve --concurrency 16
+fi
 echo "results in $OUT"

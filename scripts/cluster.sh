@@ -9,13 +9,15 @@
 #
 # QUIVER_CLUSTER_DIR (default ./.cluster) holds data, logs and pids;
 # QUIVER_CLUSTER_PORT (default 7470) is node 1's port, node i listens on
-# port + i - 1. Extra quiverd settings go through QUIVER_* variables.
+# port + i - 1; QUIVER_PROFILE (default dev) picks the build profile. Extra
+# quiverd settings go through QUIVER_* variables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
 CLUSTER_DIR="${QUIVER_CLUSTER_DIR:-$PWD/.cluster}"
 BASE_PORT="${QUIVER_CLUSTER_PORT:-7470}"
-BIN="$CARGO_TARGET_DIR/debug"
+PROFILE="${QUIVER_PROFILE:-dev}"
+BIN="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 
 stop_cluster() {
     local pid_file pid
@@ -35,7 +37,7 @@ start_cluster() {
     local count="${1:-3}" nodes="" id port
     ./scripts/ensure-deps.sh
     echo "==> building quiverd and quiverctl (the first build compiles RocksDB: many minutes on 2 cores)"
-    cargo build --bins --quiet
+    cargo build --profile "$PROFILE" --bins --quiet
     stop_cluster
     mkdir -p "$CLUSTER_DIR"
     for id in $(seq "$count"); do

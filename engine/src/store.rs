@@ -567,12 +567,16 @@ impl StateStore {
     }
 }
 
-/// Extra `meta` column family writes that ride in a data batch.
-pub type MetaPuts<'a> = &'a [(&'a [u8], &'a [u8])];
+/// Extra `meta` column family changes that ride in a data batch: a value
+/// to put, or `None` to delete the key.
+pub type MetaPuts<'a> = &'a [(&'a [u8], Option<&'a [u8]>)];
 
 fn add_meta_puts(batch: &mut WriteBatch, meta: &rocksdb::ColumnFamily, meta_puts: MetaPuts<'_>) {
     for (key, value) in meta_puts {
-        batch.put_cf(meta, key, value);
+        match value {
+            Some(value) => batch.put_cf(meta, key, value),
+            None => batch.delete_cf(meta, key),
+        }
     }
 }
 

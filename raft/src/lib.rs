@@ -2,7 +2,8 @@
 //! the feature-view registry) is an openraft group whose log is the engine's
 //! segmented log and whose state machine is the engine's RocksDB store.
 //!
-//! - [`types`]: the openraft type configuration and the replicated commands;
+//! - [`types`]: the openraft type configuration and the replicated commands
+//!   (each in a [`Proposal`] with a request id and the leader's clock);
 //! - [`log_store`]: `RaftLogStorage` on [`quiver_engine::seglog`];
 //! - [`state_machine`]: `RaftStateMachine` on [`quiver_engine::StateStore`],
 //!   snapshots as RocksDB checkpoints with a crc'd manifest.
@@ -21,7 +22,9 @@ pub mod types;
 
 pub use log_store::LogStore;
 pub use state_machine::{ApplyObserver, Manifest, NoObserver, SnapshotDir, StateMachine};
-pub use types::{Command, GroupId, METADATA_GROUP, NodeId, Response, TypeConfig};
+pub use types::{
+    Command, GroupId, METADATA_GROUP, NodeId, Proposal, RequestId, Response, TypeConfig,
+};
 
 /// A Raft group handle of Quiver's configuration.
 pub type Raft = openraft::Raft<TypeConfig, StateMachine>;

@@ -31,10 +31,19 @@ use quiver_engine::{StateStore, StoreOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    Command, GroupId, LogId, RejectKind, Response, SnapshotMeta, StoredMembership, TypeConfig,
+    Command, GroupId, LogId, Proposal, RejectKind, Response, SnapshotMeta, StoredMembership,
+    TypeConfig,
 };
 
 const APPLIED_KEY: &[u8] = b"raft/applied";
+/// `req/<request id>`: this request id was applied.
+const REQUEST_PREFIX: &[u8] = b"req/";
+/// `reqslot/<index % REQUEST_IDS_KEPT>`: the request id applied at that
+/// index, evicted when the slot is reused. Deterministic on every replica,
+/// bounded, and inside the store (so it survives restarts and snapshots).
+const REQUEST_SLOT_PREFIX: &[u8] = b"reqslot/";
+/// Request ids remembered per group: far more than any retry window.
+const REQUEST_IDS_KEPT: u64 = 100_000;
 const CURRENT_DB_FILE: &str = "CURRENT_DB";
 const SNAPSHOTS_DIR: &str = "snapshots";
 const MANIFEST_FILE: &str = "manifest.json";
@@ -264,15 +273,46 @@ impl StateMachine {
         self.store().flush().map_err(engine_io)
     }
 
-    fn apply_command(&self, log_id: LogId, command: Command, meta: &[u8]) -> io::Result<Response> {
+    fn apply_proposal(
+        &self,
+        log_id: LogId,
+        proposal: Proposal,
+        meta: &[u8],
+    ) -> io::Result<Response> {
         let store = self.store();
-        let meta_puts: &[(&[u8], &[u8])] = &[(APPLIED_KEY, meta)];
+        let Proposal {
+            request_id,
+            leader_ts_us,
+            command,
+        } = proposal;
+        let request_key = [REQUEST_PREFIX, &request_id.to_be_bytes()[..]].concat();
+        if request_id != 0 && store.get_meta(&request_key).map_err(engine_io)?.is_some() {
+            store
+                .put_meta(&[(APPLIED_KEY, Some(meta))])
+                .map_err(engine_io)?;
+            return Ok(Response::AlreadyApplied);
+        }
+        let slot_key = [
+            REQUEST_SLOT_PREFIX,
+            &(log_id.index % REQUEST_IDS_KEPT).to_be_bytes()[..],
+        ]
+        .concat();
+        let evicted = match store.get_meta(&slot_key).map_err(engine_io)? {
+            Some(old) if request_id != 0 => Some([REQUEST_PREFIX, old.as_slice()].concat()),
+            _ => None,
+        };
+        let id_bytes = request_id.to_be_bytes();
+        let mut ops: Vec<(&[u8], Option<&[u8]>)> = vec![(APPLIED_KEY, Some(meta))];
+        if request_id != 0 {
+            if let Some(evicted) = &evicted {
+                ops.push((evicted.as_slice(), None));
+            }
+            ops.push((request_key.as_slice(), Some(&[][..])));
+            ops.push((slot_key.as_slice(), Some(&id_bytes[..])));
+        }
+        let meta_puts = ops.as_slice();
         let response = match command {
-            Command::Write {
-                leader_ts_us,
-                view_id,
-                rows,
-            } => {
+            Command::Write { view_id, rows } => {
                 let outcome = store
                     .write_rows_at(view_id, &rows, leader_ts_us, meta_puts)
                     .map_err(engine_io)?;
@@ -442,7 +482,7 @@ impl StateMachine {
         // record what openraft installed, in case they differ in form.
         let meta_bytes = encode_applied(&meta.last_log_id, &meta.last_membership)?;
         store
-            .put_meta(&[(APPLIED_KEY, meta_bytes.as_slice())])
+            .put_meta(&[(APPLIED_KEY, Some(meta_bytes.as_slice()))])
             .map_err(engine_io)?;
         let _exclusive = self.shared.swap.write();
         write_current(&self.shared.dir, next_generation)?;
@@ -646,10 +686,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // RocksDB calls block; keep them off the async workers.
             let this = self.clone();
             let response = tokio::task::spawn_blocking(move || match command {
-                Some(command) => this.apply_command(log_id, command, &meta),
+                Some(proposal) => this.apply_proposal(log_id, proposal, &meta),
                 None => this
                     .store()
-                    .put_meta(&[(APPLIED_KEY, meta.as_slice())])
+                    .put_meta(&[(APPLIED_KEY, Some(meta.as_slice()))])
                     .map(|()| Response::Empty)
                     .map_err(engine_io),
             })

@@ -20,7 +20,7 @@ openraft::declare_raft_types!(
     /// Quiver's openraft configuration: commands in, responses out, nodes
     /// addressed by their peer address.
     pub TypeConfig:
-        D = Command,
+        D = Proposal,
         R = Response,
         NodeId = NodeId,
         Node = openraft::BasicNode,
@@ -45,11 +45,9 @@ pub type StorageError = openraft::StorageError<TypeConfig>;
 /// replica's clock or registry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    /// Write rows of one view (last-write-wins by event time).
+    /// Write rows of one view (last-write-wins by event time); the rows'
+    /// write time is the proposal's leader timestamp.
     Write {
-        /// The leader's wall clock when it proposed the entry (µs): stored
-        /// as the rows' write time, used for point-in-time restore.
-        leader_ts_us: i64,
         /// The view.
         view_id: u32,
         /// Rows, checked against the view by the proposing node.
@@ -80,6 +78,30 @@ pub enum Command {
         /// The view name.
         name: String,
     },
+}
+
+/// Identifies one proposal across the router's retries: the state machine
+/// applies a request id once; a retry of an entry that already committed is
+/// answered [`Response::AlreadyApplied`]. 0 means "no id".
+pub type RequestId = u128;
+
+/// What a Raft entry carries: a command, its request id and the leader's
+/// clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Unique per proposal (not per attempt).
+    pub request_id: RequestId,
+    /// The leader's wall clock when it appended the entry (µs): the write
+    /// time of written rows, and the entry's time for point-in-time restore.
+    pub leader_ts_us: i64,
+    /// What to do.
+    pub command: Command,
+}
+
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (request {:x})", self.command, self.request_id)
+    }
 }
 
 impl fmt::Display for Command {
@@ -148,6 +170,9 @@ pub enum Response {
     },
     /// A view deleted.
     ViewDeleted,
+    /// An earlier entry with the same request id was applied already (a
+    /// router retry of a proposal whose answer was lost); nothing was done.
+    AlreadyApplied,
     /// The command was refused.
     Rejected {
         /// Why, as a class.

@@ -75,21 +75,37 @@ impl FeatureStore for FeatureStoreService {
             .view
             .ok_or_else(|| Status::invalid_argument("no view given"))?;
         let spec = view_spec_from_pb(view)?;
+        let name = spec.name.clone();
         let node = &self.node;
         let (response, log_id) = node
             .cluster
             .propose(METADATA_GROUP, Command::ApplyView { spec })
             .await
             .map_err(ServiceError::from)?;
-        let Applied::ViewApplied { view, changed } = response else {
-            return Err(
-                ServiceError::TaskFailed(format!("unexpected response {response:?}")).into(),
-            );
-        };
         // Read-your-writes through this node.
         node.cluster
             .wait_applied(METADATA_GROUP, log_id.index, REGISTRY_APPLY_WAIT)
             .await;
+        let (view, changed) = match response {
+            Applied::ViewApplied { view, changed } => (*view, changed),
+            // A retry of an apply that had committed: report the view as
+            // it now stands.
+            Applied::AlreadyApplied => (
+                node.registry
+                    .load()
+                    .view(&name)
+                    .map(|v| (**v).clone())
+                    .ok_or_else(|| {
+                        ServiceError::NotFound(format!("feature view {name:?} does not exist"))
+                    })?,
+                true,
+            ),
+            other => {
+                return Err(
+                    ServiceError::TaskFailed(format!("unexpected response {other:?}")).into(),
+                );
+            }
+        };
         if changed {
             tracing::info!(view = %view.name, version = view.version, "feature view applied");
         }

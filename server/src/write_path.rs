@@ -86,8 +86,6 @@ pub async fn write(
         node.cluster.propose(
             shard,
             Command::Write {
-                // Stamped by the leader when it proposes.
-                leader_ts_us: 0,
                 view_id: view.id,
                 rows,
             },

@@ -27,7 +27,8 @@ use quiver_engine::{Clock, StoreOptions};
 use quiver_proto::v1 as pb;
 use quiver_raft::types::{LogId, RejectKind};
 use quiver_raft::{
-    ApplyObserver, Command, GroupId, LogStore, METADATA_GROUP, NodeId, Raft, Response, StateMachine,
+    ApplyObserver, Command, GroupId, LogStore, METADATA_GROUP, NodeId, Proposal, Raft, RequestId,
+    Response, StateMachine,
 };
 
 use crate::config::ClusterConfig;
@@ -113,6 +114,7 @@ pub struct Cluster {
     clients: Arc<PeerClients>,
     groups: BTreeMap<GroupId, Group>,
     leader_hints: Mutex<HashMap<GroupId, NodeId>>,
+    request_sequence: std::sync::atomic::AtomicU64,
     config: ClusterConfig,
     clock: Arc<dyn Clock>,
 }
@@ -215,6 +217,7 @@ impl Cluster {
             clients,
             groups,
             leader_hints: Mutex::new(HashMap::new()),
+            request_sequence: std::sync::atomic::AtomicU64::new(boot_nanos()),
             config: config.clone(),
             clock: options.clock,
         });
@@ -299,6 +302,16 @@ impl Cluster {
         }
     }
 
+    /// A request id unique across this cluster's proposals: the node id in
+    /// the high half, then a counter started from the boot time in
+    /// nanoseconds (unique across restarts of this node).
+    fn next_request_id(&self) -> RequestId {
+        let sequence = self
+            .request_sequence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (u128::from(self.node_id) << 64) | u128::from(sequence)
+    }
+
     fn remember_leader(&self, group: GroupId, leader: NodeId) {
         self.leader_hints.lock().insert(group, leader);
     }
@@ -322,15 +335,22 @@ impl Cluster {
         group: GroupId,
         command: Command,
     ) -> Result<(Response, LogId), ClusterError> {
+        // One id for every attempt: a retry of an entry that did commit is
+        // answered AlreadyApplied instead of being applied twice.
+        let proposal = Proposal {
+            request_id: self.next_request_id(),
+            leader_ts_us: 0,
+            command,
+        };
         let (response, log_id) = self
             .route(group, self.first_target(group), |target| {
-                let command = command.clone();
+                let proposal = proposal.clone();
                 async move {
                     let result = if target == self.node_id {
-                        self.propose_local(group, command).await
+                        self.propose_local(group, proposal).await
                     } else {
                         self.clients
-                            .forward(target, group, &PeerCall::Propose(command))
+                            .forward(target, group, &PeerCall::Propose(proposal))
                             .await
                             .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
                     };
@@ -397,15 +417,13 @@ impl Cluster {
     }
 
     /// Proposes on this node's replica (which must lead the group).
-    pub async fn propose_local(&self, group: GroupId, mut command: Command) -> PeerResult {
+    pub async fn propose_local(&self, group: GroupId, mut proposal: Proposal) -> PeerResult {
         let Some(hosted) = self.groups.get(&group) else {
             return PeerResult::NoSuchGroup;
         };
-        if let Command::Write { leader_ts_us, .. } = &mut command {
-            // The leader's clock, stamped where the entry is created.
-            *leader_ts_us = self.clock.now_us();
-        }
-        match tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(command)).await {
+        // The leader's clock, stamped where the entry is created.
+        proposal.leader_ts_us = self.clock.now_us();
+        match tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(proposal)).await {
             Err(_) => PeerResult::Failed("commit timed out (no quorum?)".into()),
             Ok(Ok(written)) => PeerResult::Proposed {
                 response: written.data,
@@ -646,6 +664,13 @@ impl Cluster {
             hosted.log.close();
         }
     }
+}
+
+fn boot_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn describe(result: &PeerResult) -> String {

@@ -2,7 +2,7 @@
 
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use quiver_raft::types::{LogId, Vote};
-use quiver_raft::{Command, Manifest, NodeId, Response, TypeConfig};
+use quiver_raft::{Manifest, NodeId, Proposal, Response, TypeConfig};
 use serde::{Deserialize, Serialize};
 
 /// How fresh a forwarded read must be.
@@ -23,8 +23,8 @@ pub enum PeerCall {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     /// Raft election.
     Vote(VoteRequest<TypeConfig>),
-    /// A command for the group's leader to propose.
-    Propose(Command),
+    /// A proposal for the group's leader to append.
+    Propose(Proposal),
     /// Rows by storage key.
     Read {
         /// Storage keys.

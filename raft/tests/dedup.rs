@@ -1,0 +1,104 @@
+//! A request id is applied once, also after a restart: a router retry of a
+//! Delete that had committed must not delete a row written after it.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+
+use openraft::entry::RaftEntry;
+use openraft::storage::RaftStateMachine;
+use openraft::testing::log_id;
+use quiver_engine::keys::storage_key;
+use quiver_engine::{RowWrite, StoreOptions, Value};
+use quiver_raft::types::Entry;
+use quiver_raft::{Command, NoObserver, Proposal, Response, StateMachine, TypeConfig};
+
+fn options() -> StoreOptions {
+    StoreOptions {
+        sync_writes: false,
+        block_cache_bytes: 1 << 20,
+        write_buffer_bytes: 1 << 20,
+        ..StoreOptions::default()
+    }
+}
+
+fn entry(index: u64, request_id: u128, command: Command) -> Entry {
+    Entry::new_normal(
+        log_id::<TypeConfig>(1, 1, index),
+        Proposal {
+            request_id,
+            leader_ts_us: 1_000,
+            command,
+        },
+    )
+}
+
+fn delete() -> Command {
+    Command::Delete {
+        view_id: 7,
+        entity_keys: vec!["k".into()],
+    }
+}
+
+fn write(value: i64) -> Command {
+    Command::Write {
+        view_id: 7,
+        rows: vec![RowWrite {
+            entity_key: "k".into(),
+            event_ts_us: 500,
+            values: vec![(1, Value::Int64(value))],
+        }],
+    }
+}
+
+async fn apply(sm: &mut StateMachine, entries: Vec<Entry>) {
+    let stream = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
+    sm.apply(stream).await.unwrap();
+}
+
+fn stored(sm: &StateMachine) -> Option<Value> {
+    let row = sm
+        .store()
+        .get_rows(&[storage_key(7, b"k")])
+        .remove(0)
+        .unwrap()?;
+    row.value(1).cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_id_is_applied_once_also_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::open(1, dir.path(), options(), Arc::new(NoObserver)).unwrap();
+    apply(
+        &mut sm,
+        vec![
+            entry(1, 0xA, write(1)),
+            entry(2, 0xB, delete()),
+            entry(3, 0xC, write(2)),
+            // The router's retry of request B, whose answer was lost.
+            entry(4, 0xB, delete()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        stored(&sm),
+        Some(Value::Int64(2)),
+        "the retry deleted nothing"
+    );
+    assert_eq!(sm.applied().map(|id| id.index), Some(4));
+    drop(sm);
+
+    let mut sm = StateMachine::open(1, dir.path(), options(), Arc::new(NoObserver)).unwrap();
+    apply(
+        &mut sm,
+        vec![entry(5, 0xB, delete()), entry(6, 0, write(3))],
+    )
+    .await;
+    assert_eq!(
+        stored(&sm),
+        Some(Value::Int64(3)),
+        "ids survive a restart; id 0 is never deduplicated"
+    );
+    assert_eq!(sm.applied().map(|id| id.index), Some(6));
+    let _ = Response::AlreadyApplied;
+}
