@@ -46,7 +46,7 @@ echo "==> the same drivers read through node 3, from its own replicas (consisten
 echo "==> cluster status (node 1's view: every group, its leader, applied index and lag)"
 "$CTL" status
 N3="127.0.0.1:$((PORT + 2))"
-echo "==> kill -9 node 1 (it leads every shard); node 3 takes over once new leaders are elected"
+echo "==> kill -9 node 1 (leader of several shards); new leaders are elected and node 3 keeps serving"
 kill -9 "$(cat "$DEMO_DIR/node1.pid")"
 printf 'entity_key,event_ts,conv_rate\n1001,%s,0.99\n' "$((($(date +%s) + 60) * 1000000))" >"$DEMO_DIR/one.csv"
 started=$(date +%s%N)
