@@ -89,13 +89,6 @@ impl LogStore {
         })
     }
 
-    /// The first index still in the log and the next index to append.
-    pub fn bounds(&self) -> (u64, u64) {
-        self.inner
-            .log
-            .with(|log| (log.first_index(), log.next_index()))
-    }
-
     /// Bytes in segment files.
     pub fn bytes(&self) -> u64 {
         self.inner.log.with(|log| log.bytes())

@@ -258,11 +258,6 @@ impl StateMachine {
         self.shared.applied.lock().0
     }
 
-    /// The group.
-    pub fn group(&self) -> GroupId {
-        self.shared.group
-    }
-
     /// The state directory.
     pub fn dir(&self) -> &Path {
         &self.shared.dir

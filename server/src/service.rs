@@ -31,19 +31,18 @@ impl FeatureStoreService {
     }
 }
 
-/// Groups entity keys by shard.
-fn keys_by_shard(
+/// One command per shard touched by `keys`.
+fn per_shard(
     node: &Node,
     keys: Vec<String>,
-) -> std::collections::BTreeMap<GroupId, Vec<String>> {
-    let mut by_shard = std::collections::BTreeMap::<GroupId, Vec<String>>::new();
-    for key in keys {
-        by_shard
-            .entry(node.cluster.placement.shard_of_key(&key))
-            .or_default()
-            .push(key);
-    }
-    by_shard
+    command: impl Fn(Vec<String>) -> Command,
+) -> Vec<(GroupId, Command)> {
+    node.cluster
+        .placement
+        .by_shard(keys, |key| key.as_str())
+        .into_iter()
+        .map(|(shard, keys)| (shard, command(keys)))
+        .collect()
 }
 
 /// Proposes one command per shard in parallel and sums what `count` reads
@@ -232,18 +231,12 @@ impl FeatureStore for FeatureStoreService {
                 })
                 .collect()
         } else {
-            keys_by_shard(node, request.entity_keys)
-                .into_iter()
-                .map(|(shard, entity_keys)| {
-                    (
-                        shard,
-                        Command::Invalidate {
-                            view_id: view.id,
-                            entity_keys,
-                        },
-                    )
-                })
-                .collect()
+            per_shard(node, request.entity_keys, |entity_keys| {
+                Command::Invalidate {
+                    view_id: view.id,
+                    entity_keys,
+                }
+            })
         };
         let entries_dropped = propose_all(node, proposals, |response| match response {
             Applied::Invalidated { entries_dropped } => *entries_dropped,
@@ -275,18 +268,10 @@ impl FeatureStore for FeatureStoreService {
             node.check_entity_key(key)?;
         }
         let view = node.view(&request.view).await?;
-        let proposals = keys_by_shard(node, request.entity_keys)
-            .into_iter()
-            .map(|(shard, entity_keys)| {
-                (
-                    shard,
-                    Command::Delete {
-                        view_id: view.id,
-                        entity_keys,
-                    },
-                )
-            })
-            .collect();
+        let proposals = per_shard(node, request.entity_keys, |entity_keys| Command::Delete {
+            view_id: view.id,
+            entity_keys,
+        });
         let rows_deleted = propose_all(node, proposals, |response| match response {
             Applied::Deleted { rows_deleted } => *rows_deleted,
             _ => 0,

@@ -4,12 +4,10 @@
 //! apply last-write-wins and drop the changed rows from their node's hot
 //! cache as they apply.
 
-use std::collections::BTreeMap;
-
 use quiver_engine::RowWrite;
 use quiver_engine::clock::MICROS_PER_SECOND;
 use quiver_proto::v1 as pb;
-use quiver_raft::{Command, GroupId, Response};
+use quiver_raft::{Command, Response};
 
 use crate::convert::value_from_pb;
 use crate::error::ServiceError;
@@ -75,13 +73,10 @@ pub async fn write(
             values,
         });
     }
-    let mut by_shard: BTreeMap<GroupId, Vec<RowWrite>> = BTreeMap::new();
-    for row in rows {
-        by_shard
-            .entry(node.cluster.placement.shard_of_key(&row.entity_key))
-            .or_default()
-            .push(row);
-    }
+    let by_shard = node
+        .cluster
+        .placement
+        .by_shard(rows, |row| row.entity_key.as_str());
     let proposals = by_shard.into_iter().map(|(shard, rows)| {
         node.cluster.propose(
             shard,

@@ -265,11 +265,6 @@ impl Cluster {
         self.groups.iter()
     }
 
-    /// The replication settings.
-    pub fn config(&self) -> &ClusterConfig {
-        &self.config
-    }
-
     fn metrics(&self, group: GroupId) -> Option<openraft::RaftMetrics<quiver_raft::TypeConfig>> {
         self.groups
             .get(&group)
@@ -500,6 +495,7 @@ impl Cluster {
         };
         let metrics = hosted.raft.metrics().borrow_watched().clone();
         let is_leader = metrics.state == ServerState::Leader;
+        let mut applied_index = metrics.last_applied.map_or(0, |id| id.index);
         match level {
             ReadLevel::Strong => {
                 let confirmed = tokio::time::timeout(
@@ -517,7 +513,15 @@ impl Cluster {
                             None => PeerResult::Failed(e.to_string()),
                         });
                     }
-                    Ok(Ok(_)) => {}
+                    // The read index waited for apply: read the position again.
+                    Ok(Ok(_)) => {
+                        applied_index = hosted
+                            .raft
+                            .metrics()
+                            .borrow_watched()
+                            .last_applied
+                            .map_or(0, |id| id.index);
+                    }
                 }
             }
             ReadLevel::Leader if !is_leader => {
@@ -526,10 +530,10 @@ impl Cluster {
                 });
             }
             ReadLevel::Replica if !is_leader => {
-                let applied = metrics.last_applied.map_or(0, |id| id.index);
                 let committed = metrics.cluster_committed.map_or(0, |id| id.index);
                 let fresh = metrics.current_leader.is_some()
-                    && applied.saturating_add(self.config.replica_lag_entries_max) >= committed;
+                    && applied_index.saturating_add(self.config.replica_lag_entries_max)
+                        >= committed;
                 if !fresh {
                     return Err(PeerResult::NotLeader {
                         leader: metrics.current_leader,
@@ -538,12 +542,6 @@ impl Cluster {
             }
             _ => {}
         }
-        let applied_index = hosted
-            .raft
-            .metrics()
-            .borrow_watched()
-            .last_applied
-            .map_or(0, |id| id.index);
         Ok(ReadSource {
             group,
             node_id: self.node_id,

@@ -126,10 +126,11 @@ impl PeerClients {
         timeout: Duration,
     ) -> Result<PeerResult, PeerError> {
         let mut client = self.client(node)?;
-        let mut request = tonic::Request::new(PeerRequest {
-            group,
-            payload: wire::encode(call),
-        });
+        let payload = wire::encode(call).map_err(|e| PeerError::Rpc {
+            node,
+            status: tonic::Status::internal(format!("encoding a peer call: {e}")),
+        })?;
+        let mut request = tonic::Request::new(PeerRequest { group, payload });
         request.set_timeout(timeout);
         let reply = tokio::time::timeout(timeout, client.call(request))
             .await
@@ -158,7 +159,11 @@ impl PeerClients {
         let header = wire::encode(&SnapshotHeader {
             vote,
             manifest: snapshot.manifest.clone(),
-        });
+        })
+        .map_err(|e| PeerError::Rpc {
+            node,
+            status: tonic::Status::internal(format!("encoding a snapshot header: {e}")),
+        })?;
         // Files are read on a blocking thread and streamed chunk by chunk, so
         // memory stays at a few chunks whatever the snapshot size.
         let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {

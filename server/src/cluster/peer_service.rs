@@ -221,7 +221,7 @@ impl Peer for PeerService {
             .map_err(|e| Status::invalid_argument(format!("peer call: {e}")))?;
         let result = self.handle(request.group, call).await;
         Ok(Response::new(PeerReply {
-            payload: wire::encode(&result),
+            payload: wire::encode(&result).map_err(internal)?,
         }))
     }
 
@@ -231,7 +231,7 @@ impl Peer for PeerService {
     ) -> Result<Response<PeerReply>, Status> {
         let result = self.receive_snapshot(request.into_inner()).await?;
         Ok(Response::new(PeerReply {
-            payload: wire::encode(&result),
+            payload: wire::encode(&result).map_err(internal)?,
         }))
     }
 }

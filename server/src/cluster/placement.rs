@@ -78,6 +78,23 @@ impl Placement {
         self.shard_of_hash(quiver_engine::keys::entity_hash(entity_key.as_bytes()))
     }
 
+    /// Splits items by the shard of their entity key, keeping their order
+    /// within a shard.
+    pub fn by_shard<T>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        entity_key: impl Fn(&T) -> &str,
+    ) -> BTreeMap<GroupId, Vec<T>> {
+        let mut by_shard = BTreeMap::<GroupId, Vec<T>>::new();
+        for item in items {
+            by_shard
+                .entry(self.shard_of_key(entity_key(&item)))
+                .or_default()
+                .push(item);
+        }
+        by_shard
+    }
+
     /// The nodes holding a replica (voter or learner) of a group.
     pub fn members(&self, group: GroupId) -> Vec<NodeId> {
         if group == METADATA_GROUP {

@@ -97,10 +97,8 @@ pub struct SnapshotHeader {
 }
 
 /// Encodes a payload.
-pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    // postcard only fails on types serde cannot express (none here) or a
-    // full buffer (a Vec grows).
-    postcard::to_stdvec(value).unwrap_or_default()
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_stdvec(value)
 }
 
 /// Decodes a payload from the network.
