@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Reproduces the Quiver tables of docs/benchmarks.md: serve (batch get of
-# 100 entities x 10 features) with the hot cache on and off, and ingest
-# (batched and single-row writes). Each configuration runs REPEAT times on a
-# fresh node; quiver-bench prints one JSON line per run to $OUT.
-#   PROFILE=release|dev  ENTITIES=1000000  DURATION=10s  REPEAT=3  ./scripts/bench.sh
-# Then the same writes and reads against a 3-node RF 3 cluster on loopback
-# (scripts/cluster.sh), labelled rf3-*.
+# Reproduces every table of docs/benchmarks.md in one run:
+#   PROFILE=release ENTITIES=100000 DURATION=5s REPEAT=3 ./scripts/bench.sh
+# Sections (SECTIONS, default all four), each configuration REPEAT times on a
+# fresh server, the same key stream (seeded per task) and histograms:
+#   single   one quiverd: serve 100 x 10 with the hot cache on and off, zipf,
+#            open loop; ingest batched and single-row; mixed 95/5
+#   redis    Redis 7 in memory (scripts/peers.sh): Feast's hash layout read by
+#            100 pipelined HMGETs, and packed blobs read by one MGET
+#   cluster  3 quiverd on loopback, RF 3 (scripts/cluster.sh): single-row and
+#            100-row writes, serve at LEADER
+#   etcd     a 3-member etcd cluster (scripts/peers.sh): single puts and
+#            100-put transactions
+# quiver-bench prints one JSON line per run to $OUT; scripts/bench-tables.py
+# turns them into the markdown tables (medians, min-max, ratios).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/ensure-deps.sh
@@ -15,11 +22,12 @@ ENTITIES="${ENTITIES:-1000000}"
 DURATION="${DURATION:-10s}"
 REPEAT="${REPEAT:-3}"
 OUT="${OUT:-bench-results.jsonl}"
-SECTIONS="${SECTIONS:-single cluster}" # which tables to reproduce
+SECTIONS="${SECTIONS:-single redis cluster etcd}" # which tables to reproduce
 cargo build --profile "$PROFILE" --bins --quiet
 BIN="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 WORK=$(mktemp -d)
-trap 'pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+export QUIVER_PEERS_DIR="$WORK/peers"
+trap './scripts/peers.sh stop >/dev/null 2>&1 || true; pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 start_node() { # $1 = name, rest = quiverd flags
     local name=$1; shift
@@ -52,18 +60,43 @@ run ingest-single-nofsync "--sync-writes false" --workload ingest --rows-per-wri
 run mixed-95-5 ""                           --workload mixed --concurrency 16
 fi
 run_cluster() { # $1 = label, rest = quiver-bench flags
-    local label=$1; shift
+    local label=$1 dir; shift
     for i in $(seq "$REPEAT"); do
-        QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$WORK/$label-$i" QUIVER_CLUSTER_PORT=7570 \
+        dir="$WORK/$label-$i"
+        QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$dir" QUIVER_CLUSTER_PORT=7570 \
             ./scripts/cluster.sh start 3 >/dev/null
-        "$BIN/quiver-bench" --endpoint 127.0.0.1:7570 --entities "$ENTITIES" --duration "$DURATION" \
-            --label "$label" --json "$@" | tee -a "$OUT"
-        QUIVER_CLUSTER_DIR="$WORK/$label-$i" ./scripts/cluster.sh stop >/dev/null
+        # Connections spread over the three nodes, as etcd's client does.
+        "$BIN/quiver-bench" --endpoint 127.0.0.1:7570,127.0.0.1:7571,127.0.0.1:7572 \
+            --entities "$ENTITIES" --duration "$DURATION" \
+            --server-pid "$(cat "$dir"/node*.pid | paste -sd,)" --label "$label" --json "$@" | tee -a "$OUT"
+        QUIVER_CLUSTER_DIR="$dir" ./scripts/cluster.sh stop >/dev/null
     done
 }
+run_peer() { # $1 = redis|etcd, $2 = target, $3 = label, rest = quiver-bench flags
+    local peer=$1 target=$2 label=$3; shift 3
+    for i in $(seq "$REPEAT"); do
+        ./scripts/peers.sh start "$peer" >/dev/null
+        "$BIN/quiver-bench" --target "$target" --endpoint "$(./scripts/peers.sh endpoints "$peer")" \
+            --entities "$ENTITIES" --duration "$DURATION" \
+            --server-pid "$(./scripts/peers.sh pids "$peer")" --label "$label" --json "$@" | tee -a "$OUT"
+        ./scripts/peers.sh stop "$peer"
+    done
+}
+if [[ " $SECTIONS " == *" redis "* ]]; then
+run_peer redis redis-hash redis-hash-serve      --workload serve --concurrency 16
+run_peer redis redis-blob redis-blob-serve      --workload serve --concurrency 16
+run_peer redis redis-hash redis-hash-zipf-serve --workload serve --concurrency 16 --distribution zipf
+run_peer redis redis-hash redis-hash-open-loop  --workload serve --rate 500
+fi
 if [[ " $SECTIONS " == *" cluster "* ]]; then
 run_cluster rf3-ingest-single       --workload ingest --rows-per-write 1 --concurrency 16
 run_cluster rf3-ingest-batch100     --workload ingest --rows-per-write 100 --concurrency 16
 run_cluster rf3-serve-leader        --workload serve --concurrency 16
 fi
+if [[ " $SECTIONS " == *" etcd "* ]]; then
+run_peer etcd etcd etcd-ingest-single   --workload ingest --rows-per-write 1 --concurrency 16
+run_peer etcd etcd etcd-ingest-txn100   --workload ingest --rows-per-write 100 --concurrency 16
+run_peer etcd etcd etcd-serve           --workload serve --concurrency 16
+fi
+python3 scripts/bench-tables.py "$OUT"
 echo "results in $OUT"

@@ -1,6 +1,7 @@
 //! The benchmark data set: one view of 10 features per entity, values derived
 //! from the entity id so any response can be checked.
 
+use prost::Message;
 use quiver_proto::v1::value::Kind;
 use quiver_proto::v1::{self as pb, ValueType};
 
@@ -73,18 +74,51 @@ pub fn check_entity(entity: &pb::EntityResult) -> Result<(), String> {
         .strip_prefix("user:")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("unexpected key {}", entity.entity_key))?;
-    match entity
-        .features
-        .first()
-        .and_then(|f| f.value.as_ref())
-        .and_then(|v| v.kind.as_ref())
-    {
+    check_f0(id, entity.features.first().and_then(|f| f.value.as_ref()))
+}
+
+/// Whether `f0`, feature 0 as read back for entity `id`, is that entity's.
+pub fn check_f0(id: u64, f0: Option<&pb::Value>) -> Result<(), String> {
+    match f0.and_then(|v| v.kind.as_ref()) {
         Some(Kind::DoubleVal(v)) if *v == id as f64 => Ok(()),
-        other => Err(format!(
-            "{}: f0 is {other:?}, expected {id}",
-            entity.entity_key
-        )),
+        other => Err(format!("entity {id}: f0 is {other:?}, expected {id}")),
     }
+}
+
+/// Feature names `f0`..`f9`, as the peers store them.
+pub fn feature_names() -> Vec<String> {
+    (0..FEATURES).map(|i| format!("f{i}")).collect()
+}
+
+/// One protobuf-encoded value, as Feast stores a feature in a Redis hash.
+pub fn encoded_value(id: u64, index: usize, generation: u64) -> Vec<u8> {
+    value(id, index, generation).encode_to_vec()
+}
+
+/// The packed blob of a whole row, for key-value peers that store one value
+/// per entity (Redis MGET, etcd): the event time (8 bytes, little endian),
+/// then the 10 values, each length-delimited protobuf.
+pub fn packed_row(id: u64, event_ts_us: i64, generation: u64) -> Vec<u8> {
+    let mut blob = Vec::with_capacity(8 + FEATURES * 24);
+    blob.extend_from_slice(&event_ts_us.to_le_bytes());
+    for index in 0..FEATURES {
+        // Writing into a Vec cannot run out of room.
+        let _ = value(id, index, generation).encode_length_delimited(&mut blob);
+    }
+    blob
+}
+
+/// Decodes a packed blob back into its event time and values.
+pub fn unpack_row(blob: &[u8]) -> Result<(i64, Vec<pb::Value>), String> {
+    let (ts, mut rest) = blob
+        .split_first_chunk::<8>()
+        .ok_or_else(|| format!("blob of {} bytes is too short", blob.len()))?;
+    let mut values = Vec::with_capacity(FEATURES);
+    while !rest.is_empty() {
+        values
+            .push(pb::Value::decode_length_delimited(&mut rest).map_err(|e| format!("blob: {e}"))?);
+    }
+    Ok((i64::from_le_bytes(*ts), values))
 }
 
 /// A write of `rows` to the benchmark view.
@@ -92,5 +126,23 @@ pub fn write_request(rows: Vec<pb::WriteRow>) -> pb::WriteRequest {
     pb::WriteRequest {
         view: VIEW.into(),
         rows,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_rows_round_trip_and_check() {
+        let blob = packed_row(42, 1_700_000_000_000_000, 3);
+        let (ts, values) = unpack_row(&blob).unwrap();
+        assert_eq!(ts, 1_700_000_000_000_000);
+        assert_eq!(values.len(), FEATURES);
+        assert_eq!(values[9], value(42, 9, 3));
+        check_f0(42, values.first()).unwrap();
+        assert!(check_f0(43, values.first()).is_err());
+        assert!(unpack_row(&blob[..5]).is_err());
+        assert!(unpack_row(&blob[..blob.len() - 1]).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! Quiver's benchmark support: key choice (uniform or zipfian), the data set
-//! every target is loaded with, latency histograms and CPU accounting. The
+//! every target is loaded with, the targets themselves (Quiver, Redis, etcd,
+//! each over its own protocol), latency histograms and CPU accounting. The
 //! `quiver-bench` load generator (src/main.rs) drives Quiver with it; the
 //! criterion micro-benchmarks live in benches/.
 //!
@@ -13,3 +14,4 @@
 pub mod dataset;
 pub mod keys;
 pub mod report;
+pub mod target;

@@ -1,5 +1,8 @@
 //! `quiver-bench`: Quiver's load generator.
 //!
+//! Targets: Quiver, and its peers driven with the same key stream and the same
+//! histograms: Redis (Feast's hash layout or packed blobs) and etcd (see
+//! `quiver_bench::target`).
 //! Workloads: `serve` (batch gets of B entities x all 10 features), `ingest`
 //! (batched or single-row writes), `mixed` (95% serve, 5% ingest). Closed loop
 //! at a concurrency, or open loop at a target rate, where latency is measured
@@ -7,6 +10,7 @@
 //! omission). Preloads the data set, warms up, runs for a fixed time, checks
 //! a sample of responses, prints throughput, percentiles and CPU seconds.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,20 +18,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use hdrhistogram::Histogram;
-use quiver_bench::dataset;
 use quiver_bench::keys::{KeyChooser, KeyDistribution};
 use quiver_bench::report::{cpu_seconds, latency_histogram, ms_at, record};
-use quiver_proto::v1 as pb;
-use quiver_proto::v1::feature_store_client::FeatureStoreClient;
+use quiver_bench::target::{self, Conn, TargetKind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tonic::transport::Channel;
 
 /// Most requests in flight in open-loop mode before the generator itself is
 /// the bottleneck (reported, never silently dropped).
 const OPEN_LOOP_IN_FLIGHT_MAX: u64 = 4096;
-/// Rows per preload write.
-const PRELOAD_BATCH_ROWS: u64 = 1000;
+/// Most connections the generator opens.
+const CONNECTIONS_MAX: u64 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
 enum Workload {
@@ -40,9 +41,18 @@ enum Workload {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "quiver-bench", version, about)]
 struct Args {
-    /// quiverd address.
-    #[arg(long, default_value = "127.0.0.1:7470", env = "QUIVER_ENDPOINT")]
-    endpoint: String,
+    /// What to drive.
+    #[arg(long, value_enum, default_value = "quiver")]
+    target: TargetKind,
+    /// The target's addresses, comma separated (a cluster's members:
+    /// connections are spread over them).
+    #[arg(
+        long,
+        default_value = "127.0.0.1:7470",
+        env = "QUIVER_ENDPOINT",
+        value_delimiter = ','
+    )]
+    endpoint: Vec<String>,
     /// What to run.
     #[arg(long, value_enum, default_value = "serve")]
     workload: Workload,
@@ -79,32 +89,15 @@ struct Args {
     /// Bypass the server's hot cache on reads.
     #[arg(long)]
     skip_cache: bool,
-    /// Server process id, to report its CPU seconds.
+    /// Server process ids (comma separated), to report their CPU seconds.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// Label printed with the results (default: the target's name).
     #[arg(long)]
-    server_pid: Option<u32>,
-    /// Label printed with the results.
-    #[arg(long, default_value = "quiver")]
-    label: String,
+    label: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-type Client = FeatureStoreClient<Channel>;
-
-async fn connect(endpoint: &str) -> Result<Client> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url)?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connect to {endpoint}"))?;
-    Ok(FeatureStoreClient::new(channel).max_decoding_message_size(256 << 20))
 }
 
 fn now_us() -> i64 {
@@ -113,33 +106,27 @@ fn now_us() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
-async fn preload(clients: &[Client], entities: u64) -> Result<()> {
-    let mut client = clients[0].clone();
-    client
-        .apply_feature_view(pb::ApplyFeatureViewRequest {
-            view: Some(dataset::view()),
-        })
-        .await?;
+async fn preload(conns: &[Conn], entities: u64) -> Result<()> {
+    conns[0].clone().setup().await?;
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let event_ts = now_us() - 1_000_000;
-    let tasks: Vec<_> = clients
+    let tasks: Vec<_> = conns
         .iter()
-        .take(4)
-        .map(|client| {
-            let mut client = client.clone();
+        .cycle()
+        .take(8)
+        .map(|conn| {
+            let mut conn = conn.clone();
             let next = next.clone();
+            let batch = conn.preload_batch_rows();
             tokio::spawn(async move {
                 loop {
-                    let start = next.fetch_add(PRELOAD_BATCH_ROWS, Ordering::Relaxed);
+                    let start = next.fetch_add(batch, Ordering::Relaxed);
                     if start >= entities {
                         return Ok::<_, anyhow::Error>(());
                     }
-                    let end = (start + PRELOAD_BATCH_ROWS).min(entities);
-                    let rows = (start..end)
-                        .map(|id| dataset::row(id, event_ts, 0))
-                        .collect();
-                    client.write(dataset::write_request(rows)).await?;
+                    let ids: Vec<u64> = (start..(start + batch).min(entities)).collect();
+                    conn.write(&ids, event_ts, 0).await?;
                 }
             })
         })
@@ -169,7 +156,7 @@ struct Generator {
 }
 
 impl Generator {
-    async fn one(&self, client: &mut Client, rng: &mut StdRng) -> Result<Outcome> {
+    async fn one(&self, conn: &mut Conn, rng: &mut StdRng) -> Result<Outcome> {
         use rand::Rng;
         let write = match self.args.workload {
             Workload::Serve => false,
@@ -178,35 +165,22 @@ impl Generator {
         };
         if write {
             let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-            let ts = now_us();
-            let rows = (0..self.args.rows_per_write)
-                .map(|_| dataset::row(self.keys.next(rng), ts, generation))
+            // Distinct keys: etcd refuses a transaction that puts a key twice.
+            let mut seen = HashSet::new();
+            let ids: Vec<u64> = (0..self.args.rows_per_write)
+                .map(|_| self.keys.next(rng))
+                .filter(|id| seen.insert(*id))
                 .collect();
-            client.write(dataset::write_request(rows)).await?;
+            conn.write(&ids, now_us(), generation).await?;
             return Ok(Outcome::Write {
-                rows: self.args.rows_per_write,
+                rows: ids.len() as u64,
             });
         }
         let ids = self.keys.batch(rng, self.args.batch);
-        let request = pb::GetRequest {
-            entity_keys: ids.iter().map(|&id| dataset::entity_key(id)).collect(),
-            features: vec![dataset::VIEW.into()],
-            consistency: pb::Consistency::Leader as i32,
-            skip_cache: self.args.skip_cache,
-        };
-        let response = client.get(request).await?.into_inner();
         // Check about 1% of responses in full.
-        if rng.random_ratio(1, 100) {
-            if response.entities.len() != ids.len() {
-                bail!(
-                    "asked for {} entities, got {}",
-                    ids.len(),
-                    response.entities.len()
-                );
-            }
-            for entity in &response.entities {
-                dataset::check_entity(entity).map_err(anyhow::Error::msg)?;
-            }
+        let check = rng.random_ratio(1, 100);
+        conn.get(&ids, check).await?;
+        if check {
             self.checked.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Outcome::Read {
@@ -229,21 +203,21 @@ struct Measured {
 
 async fn closed_loop(
     generator: Arc<Generator>,
-    clients: Vec<Client>,
+    conns: Vec<Conn>,
     until: Instant,
     measure_from: Instant,
 ) -> Result<Measured> {
     let tasks: Vec<_> = (0..generator.args.concurrency)
         .map(|i| {
             let generator = generator.clone();
-            let mut client = clients[i as usize % clients.len()].clone();
+            let mut conn = conns[i as usize % conns.len()].clone();
             tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(i);
                 let mut histogram = latency_histogram();
                 let mut tally = Tally::default();
                 while Instant::now() < until {
                     let sent = Instant::now();
-                    let outcome = generator.one(&mut client, &mut rng).await;
+                    let outcome = generator.one(&mut conn, &mut rng).await;
                     if sent < measure_from {
                         continue;
                     }
@@ -268,7 +242,7 @@ async fn closed_loop(
 
 async fn open_loop(
     generator: Arc<Generator>,
-    clients: Vec<Client>,
+    conns: Vec<Conn>,
     rate: u64,
     until: Instant,
     measure_from: Instant,
@@ -287,13 +261,13 @@ async fn open_loop(
             in_flight.fetch_add(1, Ordering::Relaxed);
             let generator = generator.clone();
             let in_flight = in_flight.clone();
-            let mut client = clients[i as usize % clients.len()].clone();
+            let mut conn = conns[i as usize % conns.len()].clone();
             let start = intended;
             tasks.push(tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(i);
                 let mut histogram = latency_histogram();
                 let mut tally = Tally::default();
-                let outcome = generator.one(&mut client, &mut rng).await;
+                let outcome = generator.one(&mut conn, &mut rng).await;
                 in_flight.fetch_sub(1, Ordering::Relaxed);
                 if start >= measure_from {
                     match outcome {
@@ -344,6 +318,15 @@ async fn merge(tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, Tally)>>) -> 
     Ok(Measured { histogram, tally })
 }
 
+/// CPU seconds of all `pids` together; `None` if none is given or one
+/// cannot be read.
+fn servers_cpu_seconds(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| cpu_seconds(Some(pid))).sum()
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -354,14 +337,11 @@ fn main() -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     let keys = KeyChooser::new(args.distribution, args.entities, args.zipf_exponent)?;
-    // A few HTTP/2 connections spread the load like a real serving tier.
-    let connections = args.concurrency.clamp(1, 8) as usize;
-    let mut clients = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        clients.push(connect(&args.endpoint).await?);
-    }
+    // A few connections spread the load like a real serving tier.
+    let connections = args.concurrency.clamp(1, CONNECTIONS_MAX) as usize;
+    let conns = target::connect(args.target, &args.endpoint, connections, args.skip_cache).await?;
     if args.preload {
-        preload(&clients, args.entities).await?;
+        preload(&conns, args.entities).await?;
     }
     let generator = Arc::new(Generator {
         args: args.clone(),
@@ -373,25 +353,32 @@ async fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let until = measure_from + args.duration;
-    let (client_cpu_0, server_cpu_0) = (
-        cpu_seconds(None),
-        args.server_pid.and_then(|p| cpu_seconds(Some(p))),
-    );
+    // CPU time over the measured window only, not warm-up or draining.
+    let pids = args.server_pid.clone();
+    let cpu_sampler = tokio::spawn(async move {
+        let sample = || (cpu_seconds(None), servers_cpu_seconds(&pids));
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = sample();
+        tokio::time::sleep_until(until.into()).await;
+        let after = sample();
+        let diff = |b: Option<f64>, a: Option<f64>| b.zip(a).map(|(b, a)| b - a);
+        (diff(after.0, before.0), diff(after.1, before.1))
+    });
     let measured = match args.rate {
-        None => closed_loop(generator.clone(), clients, until, measure_from).await?,
-        Some(rate) => open_loop(generator.clone(), clients, rate, until, measure_from).await?,
+        None => closed_loop(generator.clone(), conns, until, measure_from).await?,
+        Some(rate) => open_loop(generator.clone(), conns, rate, until, measure_from).await?,
     };
-    let client_cpu = cpu_seconds(None).zip(client_cpu_0).map(|(b, a)| b - a);
-    let server_cpu = args
-        .server_pid
-        .and_then(|p| cpu_seconds(Some(p)))
-        .zip(server_cpu_0)
-        .map(|(b, a)| b - a);
+    let (client_cpu, server_cpu) = cpu_sampler.await?;
+    let label = args
+        .label
+        .clone()
+        .unwrap_or_else(|| format!("{:?}", args.target).to_lowercase());
     let seconds = args.duration.as_secs_f64();
     let h = &measured.histogram;
     let errors = generator.errors.load(Ordering::Relaxed);
     let summary = serde_json::json!({
-        "label": args.label,
+        "label": label,
+        "target": args.target.name(),
         "workload": format!("{:?}", args.workload).to_lowercase(),
         "mode": if args.rate.is_some() { "open" } else { "closed" },
         "concurrency": args.concurrency,
@@ -417,7 +404,7 @@ async fn run(args: Args) -> Result<()> {
     } else {
         println!(
             "{} {:?}: {:.0} req/s, {:.0} entities/s, {:.0} rows/s; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; cpu client {:.1}s server {}; {} responses checked, {} errors",
-            args.label,
+            label,
             args.workload,
             summary["requests_per_second"].as_f64().unwrap_or(0.0),
             summary["entities_per_second"].as_f64().unwrap_or(0.0),
