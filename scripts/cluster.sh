@@ -10,7 +10,8 @@
 # QUIVER_CLUSTER_DIR (default ./.cluster) holds data, logs and pids;
 # QUIVER_CLUSTER_PORT (default 7470) is node 1's port, node i listens on
 # port + i - 1; QUIVER_PROFILE (default dev) picks the build profile. Extra
-# quiverd settings go through QUIVER_* variables.
+# quiverd settings go through QUIVER_* variables, or as flags in
+# QUIVER_NODE_FLAGS (e.g. "--shard-count 4").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
@@ -48,7 +49,7 @@ start_cluster() {
         rm -rf "$CLUSTER_DIR/node$id"
         "$BIN/quiverd" --node-id "$id" --cluster-nodes "$nodes" \
             --listen-addr "127.0.0.1:$port" --data-dir "$CLUSTER_DIR/node$id" \
-            >"$CLUSTER_DIR/node$id.out" 2>"$CLUSTER_DIR/node$id.log" &
+            ${QUIVER_NODE_FLAGS:-} >"$CLUSTER_DIR/node$id.out" 2>"$CLUSTER_DIR/node$id.log" &
         echo $! >"$CLUSTER_DIR/node$id.pid"
     done
     echo "==> started $count nodes ($nodes); data and logs in $CLUSTER_DIR"

@@ -386,6 +386,14 @@ impl SegmentedLog {
         self.segments.iter().map(|s| s.len).sum()
     }
 
+    /// Whether the next append starts a new segment, which fsyncs the full
+    /// one first (callers on an async runtime move such appends off it).
+    pub fn next_append_seals(&self) -> bool {
+        self.segments
+            .last()
+            .is_none_or(|s| s.len >= self.options.segment_bytes_max)
+    }
+
     /// Appends entries `first_index, first_index + 1, ...`. Not durable until
     /// [`Self::sync`]. An empty log accepts any start index at or after its
     /// first index (after a snapshot the log restarts past it).
@@ -422,11 +430,7 @@ impl SegmentedLog {
         if offsets.is_empty() {
             return Ok(());
         }
-        let needs_new_segment = self
-            .segments
-            .last()
-            .is_none_or(|s| s.len >= self.options.segment_bytes_max);
-        if needs_new_segment {
+        if self.next_append_seals() {
             if let Some(active) = self.segments.last_mut() {
                 active.seal()?;
             }

@@ -250,14 +250,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.io_completed(Ok(()));
             return Ok(());
         };
-        // Sealing a full segment fsyncs inline.
-        blocking(|| {
+        let append = || {
             self.inner.log.append(
                 first,
                 payloads.iter().map(Vec::as_slice),
                 Box::new(move |result| callback.io_completed(result)),
             )
-        })
+        };
+        // An append is a buffered write (the flusher thread fsyncs), cheaper
+        // than handing the worker's queue to another thread; sealing a full
+        // segment fsyncs inline, so that one goes through block_in_place.
+        if self.inner.log.with(|log| log.next_append_seals()) {
+            blocking(append)
+        } else {
+            append()
+        }
         .map_err(to_io)?;
         *self.inner.last.lock() = last;
         Ok(())

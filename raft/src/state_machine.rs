@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use futures::{Stream, TryStreamExt};
+use futures::{FutureExt, Stream, TryStreamExt};
 use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::SnapshotOf;
@@ -31,11 +31,13 @@ use quiver_engine::{StateStore, StoreOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::types::{
-    Command, GroupId, LogId, Proposal, RejectKind, Response, SnapshotMeta, StoredMembership,
+    Command, Entry, GroupId, LogId, Proposal, RejectKind, Response, SnapshotMeta, StoredMembership,
     TypeConfig,
 };
 
 const APPLIED_KEY: &[u8] = b"raft/applied";
+/// Most committed entries applied in one trip to the blocking pool.
+const APPLY_BATCH_ENTRIES_MAX: usize = 256;
 /// `req/<request id>`: this request id was applied.
 const REQUEST_PREFIX: &[u8] = b"req/";
 /// `reqslot/<index % REQUEST_IDS_KEPT>`: the request id applied at that
@@ -266,6 +268,37 @@ impl StateMachine {
     /// Flushes the live store (graceful shutdown).
     pub fn flush(&self) -> io::Result<()> {
         self.store().flush().map_err(engine_io)
+    }
+
+    /// Applies committed entries in log order, recording each one's log id
+    /// and the membership in the same RocksDB batch as its data.
+    fn apply_entries(&self, entries: Vec<Entry>) -> io::Result<Vec<Response>> {
+        let mut responses = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let log_id = entry.log_id;
+            let mut membership = self.shared.applied.lock().1.clone();
+            let command = match entry.payload {
+                EntryPayload::Blank => None,
+                EntryPayload::Normal(command) => Some(command),
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(log_id), m);
+                    None
+                }
+            };
+            let meta = encode_applied(&Some(log_id), &membership)?;
+            let response = match command {
+                Some(proposal) => self.apply_proposal(log_id, proposal, &meta)?,
+                None => {
+                    self.store()
+                        .put_meta(&[(APPLIED_KEY, Some(meta.as_slice()))])
+                        .map_err(engine_io)?;
+                    Response::Empty
+                }
+            };
+            *self.shared.applied.lock() = (Some(log_id), membership);
+            responses.push(response);
+        }
+        Ok(responses)
     }
 
     fn apply_proposal(
@@ -666,33 +699,34 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     where
         S: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
-        while let Some((entry, responder)) = entries.try_next().await? {
-            let log_id = entry.log_id;
-            let mut membership = self.shared.applied.lock().1.clone();
-            let command = match entry.payload {
-                EntryPayload::Blank => None,
-                EntryPayload::Normal(command) => Some(command),
-                EntryPayload::Membership(m) => {
-                    membership = StoredMembership::new(Some(log_id), m);
-                    None
+        while let Some(first) = entries.try_next().await? {
+            // Entries already delivered go to the blocking pool together: one
+            // thread handoff per batch, not per entry.
+            let mut batch = vec![first];
+            let mut failed = None;
+            while batch.len() < APPLY_BATCH_ENTRIES_MAX {
+                match entries.try_next().now_or_never() {
+                    Some(Ok(Some(item))) => batch.push(item),
+                    Some(Err(e)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Some(Ok(None)) | None => break,
                 }
-            };
-            let meta = encode_applied(&Some(log_id), &membership)?;
-            // RocksDB calls block; keep them off the async workers.
+            }
+            let (batch, responders): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let this = self.clone();
-            let response = tokio::task::spawn_blocking(move || match command {
-                Some(proposal) => this.apply_proposal(log_id, proposal, &meta),
-                None => this
-                    .store()
-                    .put_meta(&[(APPLIED_KEY, Some(meta.as_slice()))])
-                    .map(|()| Response::Empty)
-                    .map_err(engine_io),
-            })
-            .await
-            .map_err(io::Error::other)??;
-            *self.shared.applied.lock() = (Some(log_id), membership);
-            if let Some(responder) = responder {
-                responder.send(response);
+            // RocksDB calls block; keep them off the async workers.
+            let responses = tokio::task::spawn_blocking(move || this.apply_entries(batch))
+                .await
+                .map_err(io::Error::other)??;
+            for (responder, response) in responders.into_iter().zip(responses) {
+                if let Some(responder) = responder {
+                    responder.send(response);
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
         Ok(())

@@ -123,6 +123,19 @@ impl HotCache {
         self.cache.is_some()
     }
 
+    /// A fresh cached answer for a storage key, without reserving a fill
+    /// on a miss: `Some(row)` (the row, or `None` if known absent) counts as
+    /// a hit; `None` counts nothing and the caller goes on to [`Self::lookup`].
+    /// Never blocks, so the async read path can answer warm keys in place.
+    pub fn peek(&self, key: &[u8]) -> Option<Option<Arc<StoredRow>>> {
+        let entry = self.cache.as_ref()?.get(key)?;
+        if self.expired(&entry) {
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(entry.row)
+    }
+
     /// Looks up a storage key.
     pub fn lookup(&self, key: &[u8]) -> Lookup<'_> {
         let Some(cache) = &self.cache else {
@@ -307,6 +320,31 @@ mod tests {
         assert_eq!(c.invalidate_view(1), 3);
         assert_eq!(hit(&c, &storage_key(1, b"a")), None);
         assert_eq!(hit(&c, &storage_key(2, b"a")), Some(Some(1)));
+    }
+
+    #[test]
+    fn peek_answers_fresh_entries_and_reserves_nothing() {
+        let clock = Arc::new(ManualClock::new(0));
+        let c = cache(1 << 20, 1_000, clock.clone());
+        assert!(c.peek(b"k").is_none());
+        tracing::info!("a miss by peek leaves the key fillable by lookup");
+        load(&c, b"k", Some(row(7)));
+        load(&c, b"absent", None);
+        assert_eq!(
+            c.peek(b"k").map(|r| r.map(|r| r.event_ts_us)),
+            Some(Some(7))
+        );
+        assert_eq!(c.peek(b"absent").map(|r| r.is_none()), Some(true));
+        assert_eq!(c.stats().hits, 2);
+        tracing::info!("an expired entry is not answered by peek");
+        clock.advance_us(1_000_001);
+        assert!(c.peek(b"k").is_none());
+        tracing::info!("a disabled cache never answers");
+        assert!(
+            cache(0, 0, Arc::new(ManualClock::new(0)))
+                .peek(b"k")
+                .is_none()
+        );
     }
 
     #[test]

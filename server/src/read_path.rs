@@ -233,10 +233,36 @@ async fn read_shard(
 ) -> Result<(Vec<Fetched>, ReadSource), ServiceError> {
     match node.cluster.read(shard, &keys, level).await? {
         ShardRead::Local { state, source } => {
+            // Keys in the hot cache are answered here; only the rest cost a
+            // trip to the blocking pool (a thread handoff each way).
+            let mut rows: Vec<Fetched> = Vec::with_capacity(keys.len());
+            let mut missing = Vec::new();
+            for (slot, key) in keys.into_iter().enumerate() {
+                let cached = if use_cache {
+                    node.cache.peek(&key)
+                } else {
+                    None
+                };
+                match cached {
+                    Some(row) => rows.push(Ok(row)),
+                    None => {
+                        rows.push(Ok(None));
+                        missing.push((slot, key));
+                    }
+                }
+            }
+            if missing.is_empty() {
+                return Ok((rows, source));
+            }
+            let (slots, missing_keys): (Vec<usize>, Vec<Vec<u8>>) = missing.into_iter().unzip();
             let cache = node.cache.clone();
-            let rows =
-                tokio::task::spawn_blocking(move || read_local(&cache, &state, &keys, use_cache))
-                    .await?;
+            let loaded = tokio::task::spawn_blocking(move || {
+                read_local(&cache, &state, &missing_keys, use_cache)
+            })
+            .await?;
+            for (slot, row) in slots.into_iter().zip(loaded) {
+                rows[slot] = row;
+            }
             Ok((rows, source))
         }
         ShardRead::Remote { rows, source } => {

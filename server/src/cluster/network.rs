@@ -1,6 +1,13 @@
 //! The client side of the internal `Peer` service: one lazily connected
-//! HTTP/2 channel per peer node, shared by every group (tonic multiplexes the
-//! calls), plus openraft's network traits on top.
+//! HTTP/2 channel per peer node, shared by every group, plus openraft's
+//! network traits on top.
+//!
+//! Calls to a peer are batched: each peer has a queue per lane, and a sender
+//! task that takes everything queued into one `CallBatch` whenever fewer than
+//! `PEER_BATCHES_IN_FLIGHT_MAX` batches of that lane are outstanding. An idle
+//! peer sees each call at once; under load the heartbeats, appends, votes,
+//! proposals and reads of many groups share round trips (with 16 shards, one
+//! write per shard would otherwise cost a round trip per follower per shard).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -13,10 +20,12 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::SnapshotOf;
-use quiver_proto::peer::{PeerRequest, SnapshotChunk, peer_client::PeerClient};
+use quiver_proto::peer::{PeerBatch, PeerRequest, SnapshotChunk, peer_client::PeerClient};
 use quiver_raft::state_machine::checked_name;
 use quiver_raft::types::Vote;
 use quiver_raft::{GroupId, NodeId, SnapshotDir, TypeConfig};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use super::wire::{self, PeerCall, PeerResult, SnapshotHeader};
@@ -25,6 +34,149 @@ use super::wire::{self, PeerCall, PeerResult, SnapshotHeader};
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Largest peer message accepted (a batch of log entries can be large).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 256 << 20;
+/// Most calls in one batch (the receiver refuses more).
+pub const PEER_BATCH_CALLS_MAX: usize = 512;
+/// A batch stops growing at this many payload bytes; a larger call travels
+/// alone.
+const PEER_BATCH_BYTES_MAX: usize = 4 << 20;
+/// Batches of one lane outstanding to one peer. More means less waiting
+/// behind a slow batch; fewer means fuller batches under load.
+const PEER_BATCHES_IN_FLIGHT_MAX: usize = 2;
+/// Calls waiting per peer and lane before new ones fail fast (a peer that
+/// stopped answering must not grow memory without bound).
+const PEER_QUEUE_CALLS_MAX: usize = 8192;
+
+/// Which queue a call waits in. Calls that take very different times, or
+/// whose handling makes peer calls of its own, never share a batch: a batch
+/// answers when its slowest call does, and a Raft append must not wait for
+/// a proposal that itself waits for appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Append entries and votes: answered after a log fsync at most, never
+    /// calls out.
+    Raft = 0,
+    /// Forwarded proposals: answered after a commit and apply.
+    Propose = 1,
+    /// Forwarded reads and read indexes.
+    Read = 2,
+}
+
+const LANES: usize = 3;
+
+impl Lane {
+    fn of(call: &PeerCall) -> Lane {
+        match call {
+            PeerCall::AppendEntries(_) | PeerCall::Vote(_) => Lane::Raft,
+            PeerCall::Propose(_) => Lane::Propose,
+            PeerCall::Read { .. } | PeerCall::ReadIndex => Lane::Read,
+        }
+    }
+}
+
+/// One call waiting for a batch.
+struct Queued {
+    group: GroupId,
+    payload: Vec<u8>,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Vec<u8>, tonic::Status>>,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("group", &self.group)
+            .field("bytes", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes calls off one peer lane's queue and sends them as batches, at most
+/// `PEER_BATCHES_IN_FLIGHT_MAX` at a time. Ends when the queue's senders are
+/// dropped.
+async fn send_batches(client: PeerClient<Channel>, mut queue: mpsc::Receiver<Queued>) {
+    let permits = Arc::new(Semaphore::new(PEER_BATCHES_IN_FLIGHT_MAX));
+    let mut carried: Option<Queued> = None;
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match carried.take() {
+            Some(call) => call,
+            None => match queue.recv().await {
+                Some(call) => call,
+                None => return,
+            },
+        };
+        let mut bytes = first.payload.len();
+        let mut batch = vec![first];
+        while batch.len() < PEER_BATCH_CALLS_MAX && bytes < PEER_BATCH_BYTES_MAX {
+            let Ok(call) = queue.try_recv() else { break };
+            if bytes + call.payload.len() > PEER_BATCH_BYTES_MAX {
+                carried = Some(call);
+                break;
+            }
+            bytes += call.payload.len();
+            batch.push(call);
+        }
+        // Callers that gave up are not sent.
+        batch.retain(|call| !call.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            send_batch(client, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Sends one batch and hands every caller its reply (or the batch's error).
+async fn send_batch(mut client: PeerClient<Channel>, mut batch: Vec<Queued>) {
+    let deadline = batch
+        .iter()
+        .map(|call| call.deadline)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let calls = batch
+        .iter_mut()
+        .map(|call| PeerRequest {
+            group: call.group,
+            payload: std::mem::take(&mut call.payload),
+        })
+        .collect();
+    let mut request = tonic::Request::new(PeerBatch { calls });
+    request.set_timeout(timeout);
+    let outcome = match tokio::time::timeout(timeout, client.call_batch(request)).await {
+        Err(_) => Err(tonic::Status::deadline_exceeded("peer call deadline")),
+        Ok(Err(status)) => Err(status),
+        Ok(Ok(reply)) => {
+            let replies = reply.into_inner().replies;
+            if replies.len() == batch.len() {
+                Ok(replies)
+            } else {
+                Err(tonic::Status::internal(format!(
+                    "peer answered {} of {} calls",
+                    replies.len(),
+                    batch.len()
+                )))
+            }
+        }
+    };
+    match outcome {
+        Ok(replies) => {
+            for (call, reply) in batch.into_iter().zip(replies) {
+                let _ = call.reply.send(Ok(reply.payload));
+            }
+        }
+        Err(status) => {
+            for call in batch {
+                let _ = call.reply.send(Err(status.clone()));
+            }
+        }
+    }
+}
 
 /// Why a peer call failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,23 +202,26 @@ pub enum PeerError {
     },
 }
 
-/// Channels to every peer.
+/// Channels to every peer, and a batching queue per peer and lane.
 #[derive(Debug)]
 pub struct PeerClients {
     clients: BTreeMap<NodeId, PeerClient<Channel>>,
+    queues: BTreeMap<NodeId, [mpsc::Sender<Queued>; LANES]>,
     timeout: Duration,
     snapshot_timeout: Duration,
 }
 
 impl PeerClients {
     /// Lazily connecting channels to `nodes` (connections open on first use
-    /// and reconnect by themselves).
+    /// and reconnect by themselves), and their batch senders. Must be called
+    /// within a Tokio runtime; the senders stop when this is dropped.
     pub fn new(
         nodes: &BTreeMap<NodeId, String>,
         timeout: Duration,
         snapshot_timeout: Duration,
     ) -> Result<Self, String> {
         let mut clients = BTreeMap::new();
+        let mut queues = BTreeMap::new();
         for (&id, addr) in nodes {
             let endpoint = Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(|e| format!("node {id} address {addr:?}: {e}"))?
@@ -77,10 +232,17 @@ impl PeerClients {
             let client = PeerClient::new(endpoint.connect_lazy())
                 .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+            let lane = || {
+                let (tx, rx) = mpsc::channel(PEER_QUEUE_CALLS_MAX);
+                tokio::spawn(send_batches(client.clone(), rx));
+                tx
+            };
+            queues.insert(id, [lane(), lane(), lane()]);
             clients.insert(id, client);
         }
         Ok(Self {
             clients,
+            queues,
             timeout,
             snapshot_timeout,
         })
@@ -117,7 +279,7 @@ impl PeerClients {
             .await
     }
 
-    /// One call with a deadline.
+    /// One call with a deadline: queued for the next batch to `node`.
     pub async fn call_with_timeout(
         &self,
         node: NodeId,
@@ -125,22 +287,38 @@ impl PeerClients {
         call: &PeerCall,
         timeout: Duration,
     ) -> Result<PeerResult, PeerError> {
-        let mut client = self.client(node)?;
-        let payload = wire::encode(call).map_err(|e| PeerError::Rpc {
-            node,
-            status: tonic::Status::internal(format!("encoding a peer call: {e}")),
+        let queue =
+            &self.queues.get(&node).ok_or(PeerError::UnknownNode(node))?[Lane::of(call) as usize];
+        let rpc_error = |status| PeerError::Rpc { node, status };
+        let payload = wire::encode(call).map_err(|e| {
+            rpc_error(tonic::Status::internal(format!(
+                "encoding a peer call: {e}"
+            )))
         })?;
-        let mut request = tonic::Request::new(PeerRequest { group, payload });
-        request.set_timeout(timeout);
-        let reply = tokio::time::timeout(timeout, client.call(request))
+        let (reply, answer) = oneshot::channel();
+        queue
+            .try_send(Queued {
+                group,
+                payload,
+                deadline: Instant::now() + timeout,
+                reply,
+            })
+            .map_err(|e| {
+                rpc_error(match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        tonic::Status::unavailable("too many calls queued for this peer")
+                    }
+                    mpsc::error::TrySendError::Closed(_) => {
+                        tonic::Status::cancelled("peer sender stopped")
+                    }
+                })
+            })?;
+        let payload = tokio::time::timeout(timeout, answer)
             .await
-            .map_err(|_| PeerError::Rpc {
-                node,
-                status: tonic::Status::deadline_exceeded("peer call deadline"),
-            })?
-            .map_err(|status| PeerError::Rpc { node, status })?
-            .into_inner();
-        wire::decode(&reply.payload).map_err(|e| PeerError::BadReply {
+            .map_err(|_| rpc_error(tonic::Status::deadline_exceeded("peer call deadline")))?
+            .map_err(|_| rpc_error(tonic::Status::cancelled("peer batch dropped")))?
+            .map_err(rpc_error)?;
+        wire::decode(&payload).map_err(|e| PeerError::BadReply {
             node,
             reason: e.to_string(),
         })

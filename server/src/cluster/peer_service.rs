@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use quiver_proto::peer::peer_server::Peer;
-use quiver_proto::peer::{PeerReply, PeerRequest, SnapshotChunk};
+use quiver_proto::peer::{PeerBatch, PeerBatchReply, PeerReply, SnapshotChunk};
 use quiver_raft::state_machine::{checked_name, write_manifest};
 use quiver_raft::{GroupId, SnapshotDir};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Cluster;
+use super::network::PEER_BATCH_CALLS_MAX;
 use super::wire::{self, PeerCall, PeerResult, ReadLevel, ReadRows, SnapshotHeader};
 
 /// Numbers snapshot transfers received by this process.
@@ -215,14 +216,34 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn call(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
-        let request = request.into_inner();
-        let call: PeerCall = wire::decode(&request.payload)
-            .map_err(|e| Status::invalid_argument(format!("peer call: {e}")))?;
-        let result = self.handle(request.group, call).await;
-        Ok(Response::new(PeerReply {
-            payload: wire::encode(&result).map_err(internal)?,
+    async fn call_batch(
+        &self,
+        request: Request<PeerBatch>,
+    ) -> Result<Response<PeerBatchReply>, Status> {
+        let calls = request.into_inner().calls;
+        if calls.len() > PEER_BATCH_CALLS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "peer batch of {} calls, at most {PEER_BATCH_CALLS_MAX}",
+                calls.len()
+            )));
+        }
+        // The calls of a batch run concurrently; each answers in its slot.
+        let results = futures::future::join_all(calls.into_iter().map(|call| async move {
+            match wire::decode::<PeerCall>(&call.payload) {
+                Ok(decoded) => self.handle(call.group, decoded).await,
+                Err(e) => PeerResult::Failed(format!("undecodable peer call: {e}")),
+            }
         }))
+        .await;
+        let replies = results
+            .iter()
+            .map(|result| {
+                Ok(PeerReply {
+                    payload: wire::encode(result).map_err(internal)?,
+                })
+            })
+            .collect::<Result<_, Status>>()?;
+        Ok(Response::new(PeerBatchReply { replies }))
     }
 
     async fn install_snapshot(
