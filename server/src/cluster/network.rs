@@ -524,3 +524,116 @@ impl RaftNetworkV2<TypeConfig> for GroupPeer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiver_proto::peer::peer_server::{Peer, PeerServer};
+    use quiver_proto::peer::{PeerBatchReply, PeerReply};
+    use tonic::transport::server::TcpIncoming;
+
+    /// A peer that answers every `ReadIndex` with the call's group as the
+    /// index, after a pause, and records the size of every batch it gets.
+    #[derive(Clone, Default)]
+    struct EchoPeer {
+        batches: Arc<parking_lot::Mutex<Vec<usize>>>,
+    }
+
+    #[tonic::async_trait]
+    impl Peer for EchoPeer {
+        async fn call_batch(
+            &self,
+            request: tonic::Request<PeerBatch>,
+        ) -> Result<tonic::Response<PeerBatchReply>, tonic::Status> {
+            let calls = request.into_inner().calls;
+            self.batches.lock().push(calls.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let replies = calls
+                .iter()
+                .map(|call| PeerReply {
+                    payload: wire::encode(&PeerResult::ReadIndex {
+                        applied_index: u64::from(call.group),
+                    })
+                    .unwrap(),
+                })
+                .collect();
+            Ok(tonic::Response::new(PeerBatchReply { replies }))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _request: tonic::Request<tonic::Streaming<SnapshotChunk>>,
+        ) -> Result<tonic::Response<quiver_proto::peer::PeerReply>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not used here"))
+        }
+    }
+
+    async fn serve(peer: EchoPeer) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(peer))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        addr
+    }
+
+    fn clients(addr: String, timeout: Duration) -> Arc<PeerClients> {
+        Arc::new(PeerClients::new(&BTreeMap::from([(2, addr)]), timeout, timeout).unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_calls_share_batches_and_each_gets_its_own_reply() {
+        let peer = EchoPeer::default();
+        let clients = clients(serve(peer.clone()).await, Duration::from_secs(10));
+        let calls: Vec<_> = (0..300u32)
+            .map(|group| {
+                let clients = clients.clone();
+                tokio::spawn(async move { clients.call(2, group, &PeerCall::ReadIndex).await })
+            })
+            .collect();
+        for (group, call) in calls.into_iter().enumerate() {
+            match call.await.unwrap().unwrap() {
+                PeerResult::ReadIndex { applied_index } => {
+                    assert_eq!(
+                        applied_index, group as u64,
+                        "a reply reached the wrong caller"
+                    )
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let batches = peer.batches.lock().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 300, "every call sent once");
+        assert!(
+            batches.len() <= 30,
+            "calls queued behind in-flight batches travel together: {batches:?}"
+        );
+        assert!(batches.iter().all(|&n| n <= PEER_BATCH_CALLS_MAX));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_peer_fails_every_queued_call() {
+        // A port nobody listens on.
+        let addr = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().to_string()
+        };
+        let clients = clients(addr, Duration::from_millis(500));
+        let results = futures::future::join_all(
+            (0..20u32).map(|group| clients.call(2, group, &PeerCall::ReadIndex)),
+        )
+        .await;
+        for result in results {
+            assert!(
+                matches!(result, Err(PeerError::Rpc { node: 2, .. })),
+                "{result:?}"
+            );
+        }
+        assert!(matches!(
+            clients.call(9, 0, &PeerCall::ReadIndex).await,
+            Err(PeerError::UnknownNode(9))
+        ));
+    }
+}
