@@ -15,7 +15,8 @@ TABLES = [
     (
         "Serving tier: Quiver (one node) vs Redis 7 (in memory), 100 entities x 10 features per get, 16 in flight",
         [
-            ("serve-cache-on", "Quiver, hot cache on", "redis-hash-serve"),
+            ("serve-cache-on", "Quiver, hot cache warm (sized to hold every row)", "redis-hash-serve"),
+            ("serve-cache-default", "Quiver, default 128 MiB cache", "redis-hash-serve"),
             ("serve-cache-off", "Quiver, hot cache off (RocksDB)", "redis-hash-serve"),
             ("redis-hash-serve", "Redis, Feast layout: 100 pipelined HMGET", None),
             ("redis-blob-serve", "Redis, packed blobs: one MGET of 100", None),

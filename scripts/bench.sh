@@ -3,8 +3,9 @@
 #   PROFILE=release ENTITIES=100000 DURATION=5s REPEAT=3 ./scripts/bench.sh
 # Sections (SECTIONS, default all four), each configuration REPEAT times on a
 # fresh server, the same key stream (seeded per task) and histograms:
-#   single   one quiverd: serve 100 x 10 with the hot cache on and off, zipf,
-#            open loop; ingest batched and single-row; mixed 95/5
+#   single   one quiverd: serve 100 x 10 with the hot cache warm (sized to
+#            the data set), default-sized and off, zipf, open loop; ingest
+#            batched and single-row; mixed 95/5
 #   redis    Redis 7 in memory (scripts/peers.sh): Feast's hash layout read by
 #            100 pipelined HMGETs, and packed blobs read by one MGET
 #   cluster  3 quiverd on loopback, RF 3 (scripts/cluster.sh): single-row and
@@ -49,22 +50,28 @@ run() { # $1 = label, $2 = node flags, rest = quiver-bench flags
 }
 
 : >"$OUT"
+# A hot cache big enough for the whole data set (the "warm" serving runs).
+WARM_CACHE="--cache-bytes-max ${WARM_CACHE_BYTES:-4294967296}"
 if [[ " $SECTIONS " == *" single "* ]]; then
-run serve-cache-on ""                       --workload serve --concurrency 16
-run serve-cache-off "--cache-bytes-max 0"   --workload serve --concurrency 16
-run serve-zipf-cache-on ""                  --workload serve --concurrency 16 --distribution zipf
-run serve-open-loop ""                      --workload serve --rate 500
+# Serving runs first read every entity once (--read-all-first): the hot cache
+# starts warm when it can hold the data set (WARM_CACHE), and every value is
+# checked once. The default cache (128 MiB) holds about a quarter of 1M rows.
+run serve-cache-on "$WARM_CACHE"            --workload serve --concurrency 16 --read-all-first
+run serve-cache-default ""                  --workload serve --concurrency 16 --read-all-first
+run serve-cache-off "--cache-bytes-max 0"   --workload serve --concurrency 16 --read-all-first
+run serve-zipf-cache-on "$WARM_CACHE"       --workload serve --concurrency 16 --read-all-first --distribution zipf
+run serve-open-loop "$WARM_CACHE"           --workload serve --rate 500 --read-all-first
 run ingest-batch100-fsync ""                --workload ingest --rows-per-write 100 --concurrency 16
 run ingest-single-fsync ""                  --workload ingest --rows-per-write 1 --concurrency 16
 run ingest-single-nofsync "--sync-writes false" --workload ingest --rows-per-write 1 --concurrency 16
 run mixed-95-5 ""                           --workload mixed --concurrency 16
 fi
-run_cluster() { # $1 = label, rest = quiver-bench flags
-    local label=$1 dir; shift
+run_cluster() { # $1 = label, $2 = node flags, rest = quiver-bench flags
+    local label=$1 flags=$2 dir; shift 2
     for i in $(seq "$REPEAT"); do
         dir="$WORK/$label-$i"
-        QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$dir" QUIVER_CLUSTER_PORT=7570 \
-            ./scripts/cluster.sh start 3 >/dev/null
+        QUIVER_NODE_FLAGS="$flags" QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$dir" \
+            QUIVER_CLUSTER_PORT=7570 ./scripts/cluster.sh start 3 >/dev/null
         # Connections spread over the three nodes, as etcd's client does.
         "$BIN/quiver-bench" --endpoint 127.0.0.1:7570,127.0.0.1:7571,127.0.0.1:7572 \
             --entities "$ENTITIES" --duration "$DURATION" \
@@ -83,20 +90,20 @@ run_peer() { # $1 = redis|etcd, $2 = target, $3 = label, rest = quiver-bench fla
     done
 }
 if [[ " $SECTIONS " == *" redis "* ]]; then
-run_peer redis redis-hash redis-hash-serve      --workload serve --concurrency 16
-run_peer redis redis-blob redis-blob-serve      --workload serve --concurrency 16
-run_peer redis redis-hash redis-hash-zipf-serve --workload serve --concurrency 16 --distribution zipf
-run_peer redis redis-hash redis-hash-open-loop  --workload serve --rate 500
+run_peer redis redis-hash redis-hash-serve      --workload serve --concurrency 16 --read-all-first
+run_peer redis redis-blob redis-blob-serve      --workload serve --concurrency 16 --read-all-first
+run_peer redis redis-hash redis-hash-zipf-serve --workload serve --concurrency 16 --read-all-first --distribution zipf
+run_peer redis redis-hash redis-hash-open-loop  --workload serve --rate 500 --read-all-first
 fi
 if [[ " $SECTIONS " == *" cluster "* ]]; then
-run_cluster rf3-ingest-single       --workload ingest --rows-per-write 1 --concurrency 16
-run_cluster rf3-ingest-batch100     --workload ingest --rows-per-write 100 --concurrency 16
-run_cluster rf3-serve-leader        --workload serve --concurrency 16
+run_cluster rf3-ingest-single ""              --workload ingest --rows-per-write 1 --concurrency 16
+run_cluster rf3-ingest-batch100 ""            --workload ingest --rows-per-write 100 --concurrency 16
+run_cluster rf3-serve-leader "$WARM_CACHE"    --workload serve --concurrency 16 --read-all-first
 fi
 if [[ " $SECTIONS " == *" etcd "* ]]; then
 run_peer etcd etcd etcd-ingest-single   --workload ingest --rows-per-write 1 --concurrency 16
 run_peer etcd etcd etcd-ingest-txn100   --workload ingest --rows-per-write 100 --concurrency 16
-run_peer etcd etcd etcd-serve           --workload serve --concurrency 16
+run_peer etcd etcd etcd-serve           --workload serve --concurrency 16 --read-all-first
 fi
 python3 scripts/bench-tables.py "$OUT"
 echo "results in $OUT"

@@ -86,6 +86,10 @@ struct Args {
     /// Load the data set first (skip if it is already loaded).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     preload: bool,
+    /// Before measuring, read every entity once (in batches of `--batch`), so
+    /// a server cache that can hold the data set starts warm.
+    #[arg(long)]
+    read_all_first: bool,
     /// Bypass the server's hot cache on reads.
     #[arg(long)]
     skip_cache: bool,
@@ -106,11 +110,20 @@ fn now_us() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
-async fn preload(conns: &[Conn], entities: u64) -> Result<()> {
-    conns[0].clone().setup().await?;
+/// A pass over every entity before measuring.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    /// Write every row (generation 0) at this event time.
+    Load { event_ts_us: i64 },
+    /// Read every row once, so a server cache that can hold them is warm.
+    ReadAll,
+}
+
+/// Runs `pass` over ids `0..entities` in chunks, 8 tasks spread over the
+/// connections.
+async fn pass_over_all(conns: &[Conn], entities: u64, batch: u64, pass: Pass) -> Result<()> {
     let started = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
-    let event_ts = now_us() - 1_000_000;
     let tasks: Vec<_> = conns
         .iter()
         .cycle()
@@ -118,7 +131,10 @@ async fn preload(conns: &[Conn], entities: u64) -> Result<()> {
         .map(|conn| {
             let mut conn = conn.clone();
             let next = next.clone();
-            let batch = conn.preload_batch_rows();
+            let batch = match pass {
+                Pass::Load { .. } => conn.preload_batch_rows(),
+                Pass::ReadAll => batch.max(1),
+            };
             tokio::spawn(async move {
                 loop {
                     let start = next.fetch_add(batch, Ordering::Relaxed);
@@ -126,7 +142,10 @@ async fn preload(conns: &[Conn], entities: u64) -> Result<()> {
                         return Ok::<_, anyhow::Error>(());
                     }
                     let ids: Vec<u64> = (start..(start + batch).min(entities)).collect();
-                    conn.write(&ids, event_ts, 0).await?;
+                    match pass {
+                        Pass::Load { event_ts_us } => conn.write(&ids, event_ts_us, 0).await?,
+                        Pass::ReadAll => conn.get(&ids, true).await?,
+                    }
                 }
             })
         })
@@ -135,7 +154,7 @@ async fn preload(conns: &[Conn], entities: u64) -> Result<()> {
         task.await??;
     }
     eprintln!(
-        "preloaded {entities} entities in {:.1}s",
+        "{pass:?}: {entities} entities in {:.1}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -340,8 +359,14 @@ async fn run(args: Args) -> Result<()> {
     // A few connections spread the load like a real serving tier.
     let connections = args.concurrency.clamp(1, CONNECTIONS_MAX) as usize;
     let conns = target::connect(args.target, &args.endpoint, connections, args.skip_cache).await?;
+    let batch = args.batch as u64;
     if args.preload {
-        preload(&conns, args.entities).await?;
+        conns[0].clone().setup().await?;
+        let event_ts_us = now_us() - 1_000_000;
+        pass_over_all(&conns, args.entities, batch, Pass::Load { event_ts_us }).await?;
+    }
+    if args.read_all_first {
+        pass_over_all(&conns, args.entities, batch, Pass::ReadAll).await?;
     }
     let generator = Arc::new(Generator {
         args: args.clone(),
