@@ -12,6 +12,7 @@
 #            100-row writes, serve at LEADER
 #   etcd     a 3-member etcd cluster (scripts/peers.sh): single puts and
 #            100-put transactions
+#   shards   RF 3 writes over 1, 3 and 16 Raft groups (SHARDS_ENTITIES=10000)
 # quiver-bench prints one JSON line per run to $OUT; scripts/bench-tables.py
 # turns them into the markdown tables (medians, min-max, ratios).
 set -euo pipefail
@@ -23,7 +24,8 @@ ENTITIES="${ENTITIES:-1000000}"
 DURATION="${DURATION:-10s}"
 REPEAT="${REPEAT:-3}"
 OUT="${OUT:-bench-results.jsonl}"
-SECTIONS="${SECTIONS:-single redis cluster etcd}" # which tables to reproduce
+SECTIONS="${SECTIONS:-single redis cluster etcd shards}" # which tables to reproduce
+SHARDS_ENTITIES="${SHARDS_ENTITIES:-10000}"
 cargo build --profile "$PROFILE" --bins --quiet
 BIN="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 WORK=$(mktemp -d)
@@ -104,6 +106,21 @@ if [[ " $SECTIONS " == *" etcd "* ]]; then
 run_peer etcd etcd etcd-ingest-single   --workload ingest --rows-per-write 1 --concurrency 16
 run_peer etcd etcd etcd-ingest-txn100   --workload ingest --rows-per-write 100 --concurrency 16
 run_peer etcd etcd etcd-serve           --workload serve --concurrency 16 --read-all-first
+fi
+if [[ " $SECTIONS " == *" shards "* ]]; then
+# The write path's cost is per Raft group (docs/benchmarks.md): the same
+# RF 3 writes over 1, 3 and 16 groups, and 16 without fsync. A small data set
+# keeps the preload short; it does not change a write's cost.
+for shards in 1 3 16; do
+    ENTITIES="$SHARDS_ENTITIES" run_cluster "rf3-shards$shards-single" "--shard-count $shards" \
+        --workload ingest --rows-per-write 1 --concurrency 16
+    ENTITIES="$SHARDS_ENTITIES" run_cluster "rf3-shards$shards-batch100" "--shard-count $shards" \
+        --workload ingest --rows-per-write 100 --concurrency 16
+done
+ENTITIES="$SHARDS_ENTITIES" run_cluster rf3-shards16-nofsync-single "--sync-writes false" \
+    --workload ingest --rows-per-write 1 --concurrency 16
+ENTITIES="$SHARDS_ENTITIES" run_cluster rf3-shards16-nofsync-batch100 "--sync-writes false" \
+    --workload ingest --rows-per-write 100 --concurrency 16
 fi
 python3 scripts/bench-tables.py "$OUT"
 echo "results in $OUT"
