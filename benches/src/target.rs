@@ -141,6 +141,34 @@ fn etcd_key(id: u64) -> Vec<u8> {
     format!("bench/{}", dataset::entity_key(id)).into_bytes()
 }
 
+/// A batched answer must have one item per id asked for.
+fn ensure_answered(what: &str, got: usize, asked: usize) -> Result<()> {
+    ensure!(got == asked, "{what} answered {got} of {asked}");
+    Ok(())
+}
+
+/// Decodes entity `id`'s packed blob and, when `check` is set, checks it.
+fn check_packed(id: u64, blob: Option<&[u8]>, check: bool) -> Result<()> {
+    let blob = blob.with_context(|| format!("entity {id} missing"))?;
+    let (_, values) = dataset::unpack_row(blob).map_err(anyhow::Error::msg)?;
+    if check {
+        dataset::check_f0(id, values.first()).map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+/// An etcd transaction with no compare: always takes the success branch.
+fn etcd_txn(ops: impl Iterator<Item = request_op::Request>) -> TxnRequest {
+    TxnRequest {
+        success: ops
+            .map(|request| RequestOp {
+                request: Some(request),
+            })
+            .collect(),
+        failure: Vec::new(),
+    }
+}
+
 fn decode_value(bytes: Option<&[u8]>, id: u64, feature: &str) -> Result<pb::Value> {
     let bytes = bytes.with_context(|| format!("entity {id}: {feature} missing"))?;
     pb::Value::decode(bytes).with_context(|| format!("entity {id}: {feature} undecodable"))
@@ -180,12 +208,7 @@ impl Conn {
                     skip_cache: *skip_cache,
                 };
                 let response = client.get(request).await?.into_inner();
-                ensure!(
-                    response.entities.len() == ids.len(),
-                    "asked for {} entities, got {}",
-                    ids.len(),
-                    response.entities.len()
-                );
+                ensure_answered("Get", response.entities.len(), ids.len())?;
                 if check {
                     for entity in &response.entities {
                         dataset::check_entity(entity).map_err(anyhow::Error::msg)?;
@@ -202,12 +225,7 @@ impl Conn {
                         .arg(REDIS_TS_FIELD);
                 }
                 let rows: Vec<Vec<Option<Vec<u8>>>> = pipe.query_async(conn).await?;
-                ensure!(
-                    rows.len() == ids.len(),
-                    "pipeline answered {} of {}",
-                    rows.len(),
-                    ids.len()
-                );
+                ensure_answered("pipeline", rows.len(), ids.len())?;
                 for (&id, row) in ids.iter().zip(&rows) {
                     ensure!(
                         row.len() == names.len() + 1,
@@ -234,56 +252,27 @@ impl Conn {
                 let keys: Vec<String> = ids.iter().map(|&id| redis_key(id)).collect();
                 let blobs: Vec<Option<Vec<u8>>> =
                     redis::cmd("MGET").arg(&keys).query_async(conn).await?;
-                ensure!(
-                    blobs.len() == ids.len(),
-                    "MGET answered {} of {}",
-                    blobs.len(),
-                    ids.len()
-                );
+                ensure_answered("MGET", blobs.len(), ids.len())?;
                 for (&id, blob) in ids.iter().zip(&blobs) {
-                    let blob = blob
-                        .as_deref()
-                        .with_context(|| format!("entity {id} missing"))?;
-                    let (_, values) = dataset::unpack_row(blob).map_err(anyhow::Error::msg)?;
-                    if check {
-                        dataset::check_f0(id, values.first()).map_err(anyhow::Error::msg)?;
-                    }
+                    check_packed(id, blob.as_deref(), check)?;
                 }
             }
             Conn::Etcd(client) => {
                 for chunk in ids.chunks(ETCD_TXN_OPS_MAX) {
-                    let request = TxnRequest {
-                        success: chunk
-                            .iter()
-                            .map(|&id| RequestOp {
-                                request: Some(request_op::Request::RequestRange(RangeRequest {
-                                    key: etcd_key(id),
-                                    ..Default::default()
-                                })),
-                            })
-                            .collect(),
-                        failure: Vec::new(),
-                    };
+                    let request = etcd_txn(chunk.iter().map(|&id| {
+                        request_op::Request::RequestRange(RangeRequest {
+                            key: etcd_key(id),
+                            ..Default::default()
+                        })
+                    }));
                     let response = client.txn(request).await?.into_inner();
-                    ensure!(
-                        response.responses.len() == chunk.len(),
-                        "txn answered {} of {}",
-                        response.responses.len(),
-                        chunk.len()
-                    );
+                    ensure_answered("txn", response.responses.len(), chunk.len())?;
                     for (&id, op) in chunk.iter().zip(&response.responses) {
                         let Some(response_op::Response::ResponseRange(range)) = &op.response else {
                             bail!("entity {id}: not a range response");
                         };
-                        let kv = range
-                            .kvs
-                            .first()
-                            .with_context(|| format!("entity {id} missing"))?;
-                        let (_, values) =
-                            dataset::unpack_row(&kv.value).map_err(anyhow::Error::msg)?;
-                        if check {
-                            dataset::check_f0(id, values.first()).map_err(anyhow::Error::msg)?;
-                        }
+                        let value = range.kvs.first().map(|kv| kv.value.as_slice());
+                        check_packed(id, value, check)?;
                     }
                 }
             }
@@ -338,19 +327,13 @@ impl Conn {
                     return Ok(());
                 }
                 for chunk in ids.chunks(ETCD_TXN_OPS_MAX) {
-                    let request = TxnRequest {
-                        success: chunk
-                            .iter()
-                            .map(|&id| RequestOp {
-                                request: Some(request_op::Request::RequestPut(PutRequest {
-                                    key: etcd_key(id),
-                                    value: dataset::packed_row(id, event_ts_us, generation),
-                                    ..Default::default()
-                                })),
-                            })
-                            .collect(),
-                        failure: Vec::new(),
-                    };
+                    let request = etcd_txn(chunk.iter().map(|&id| {
+                        request_op::Request::RequestPut(PutRequest {
+                            key: etcd_key(id),
+                            value: dataset::packed_row(id, event_ts_us, generation),
+                            ..Default::default()
+                        })
+                    }));
                     let response = client.txn(request).await?.into_inner();
                     ensure!(response.succeeded, "etcd txn took the failure branch");
                 }
