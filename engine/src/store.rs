@@ -274,7 +274,8 @@ impl StateStore {
 
     /// [`Self::apply_view`], writing `meta_puts` into the `meta` column
     /// family in the same atomic batch (a replicated state machine records
-    /// its applied log position this way), whether or not the view changed.
+    /// its applied log position this way) when the view is applied, changed
+    /// or not. A refused view writes nothing: the caller records a refusal.
     pub fn apply_view_with(
         &self,
         spec: ViewSpec,
@@ -319,8 +320,8 @@ impl StateStore {
         self.delete_view_with(name, &[])
     }
 
-    /// [`Self::delete_view`] with `meta_puts` in the same batch; they are
-    /// written even when the view does not exist.
+    /// [`Self::delete_view`] with `meta_puts` in the same batch. An unknown
+    /// view writes nothing: the caller records a refusal.
     pub fn delete_view_with(
         &self,
         name: &str,
@@ -329,7 +330,6 @@ impl StateStore {
         let _guard = self.write_lock.lock();
         let mut next = (*self.registry.load_full()).clone();
         let Some(view) = next.remove(name) else {
-            self.put_meta_locked(meta_puts)?;
             return Err(EngineError::UnknownView(name.to_owned()));
         };
         let meta = self.cf(CF_META);

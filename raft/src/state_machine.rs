@@ -325,9 +325,14 @@ impl StateMachine {
             &(log_id.index % REQUEST_IDS_KEPT).to_be_bytes()[..],
         ]
         .concat();
-        let evicted = match store.get_meta(&slot_key).map_err(engine_io)? {
-            Some(old) if request_id != 0 => Some([REQUEST_PREFIX, old.as_slice()].concat()),
-            _ => None,
+        // Entries without an id (blank, internal) touch no dedup state.
+        let evicted = if request_id == 0 {
+            None
+        } else {
+            store
+                .get_meta(&slot_key)
+                .map_err(engine_io)?
+                .map(|old| [REQUEST_PREFIX, old.as_slice()].concat())
         };
         let id_bytes = request_id.to_be_bytes();
         let mut ops: Vec<(&[u8], Option<&[u8]>)> = vec![(APPLIED_KEY, Some(meta))];
@@ -383,14 +388,14 @@ impl StateMachine {
                     view: Box::new((*view).clone()),
                     changed,
                 },
-                Err(error) => rejection(error)?,
+                Err(error) => self.reject(error, meta_puts)?,
             },
             Command::DeleteView { name } => match store.delete_view_with(&name, meta_puts) {
                 Ok(view) => {
                     self.shared.observer.view_invalidated(view.id);
                     Response::ViewDeleted
                 }
-                Err(error) => rejection(error)?,
+                Err(error) => self.reject(error, meta_puts)?,
             },
         };
         tracing::trace!(group = self.shared.group, %log_id, "applied");
@@ -531,6 +536,21 @@ impl StateMachine {
             "snapshot installed"
         );
         Ok(())
+    }
+}
+
+impl StateMachine {
+    /// A command the store refused deterministically still counts as applied:
+    /// its log position and request id are recorded (so a retry is answered
+    /// `AlreadyApplied`, not judged again), and the refusal is the response.
+    fn reject(
+        &self,
+        error: EngineError,
+        meta_puts: quiver_engine::store::MetaPuts<'_>,
+    ) -> io::Result<Response> {
+        let response = rejection(error)?;
+        self.store().put_meta(meta_puts).map_err(engine_io)?;
+        Ok(response)
     }
 }
 

@@ -1,5 +1,6 @@
 //! A request id is applied once, also after a restart: a router retry of a
-//! Delete that had committed must not delete a row written after it.
+//! Delete that had committed must not delete a row written after it. A
+//! command the store refuses still counts as applied.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -100,5 +101,59 @@ async fn a_retried_request_id_is_applied_once_also_after_a_restart() {
         "ids survive a restart; id 0 is never deduplicated"
     );
     assert_eq!(sm.applied().map(|id| id.index), Some(6));
-    let _ = Response::AlreadyApplied;
+}
+
+/// A view named "v"; with no features the store refuses it.
+fn view(features: usize) -> Command {
+    Command::ApplyView {
+        spec: quiver_engine::ViewSpec {
+            name: "v".into(),
+            entities: vec!["id".into()],
+            features: (0..features)
+                .map(|i| quiver_engine::view::FeatureSpec {
+                    name: format!("f{i}"),
+                    value_type: quiver_engine::ValueType::Int64,
+                    default: None,
+                })
+                .collect(),
+            ttl_seconds: 0,
+            description: String::new(),
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_command_records_its_position_and_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::open(1, dir.path(), options(), Arc::new(NoObserver)).unwrap();
+    apply(
+        &mut sm,
+        vec![
+            entry(1, 0xE, view(0)),
+            entry(
+                2,
+                0xF,
+                Command::DeleteView {
+                    name: "missing".into(),
+                },
+            ),
+        ],
+    )
+    .await;
+    drop(sm);
+    let mut sm = StateMachine::open(1, dir.path(), options(), Arc::new(NoObserver)).unwrap();
+    assert_eq!(
+        sm.applied().map(|id| id.index),
+        Some(2),
+        "refusals moved the applied position on disk"
+    );
+    // A later entry with the refused request's id is a retry of it: it must
+    // not be judged again, whatever it carries.
+    apply(&mut sm, vec![entry(3, 0xE, view(1))]).await;
+    assert!(
+        sm.store().registry().load().view("v").is_none(),
+        "the refused request's id was recorded"
+    );
+    apply(&mut sm, vec![entry(4, 0x10, view(1))]).await;
+    assert!(sm.store().registry().load().view("v").is_some());
 }

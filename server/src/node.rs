@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use quiver_engine::store::BlockCache;
 use quiver_engine::{Catalog, Clock, FeatureView, Registry, StoreOptions, SystemClock};
 
+use quiver_raft::{Command, GroupId, Response as Applied};
+
 use crate::cache::HotCache;
 use crate::cluster::{Cluster, ClusterError, StartOptions};
 use crate::config::{Config, Limits};
@@ -41,6 +43,36 @@ pub struct Node {
 }
 
 impl Node {
+    /// Proposes one command per shard in parallel and hands each response to
+    /// `add`, which returns it back as `Err` if it is not the kind expected.
+    /// A retry answered `AlreadyApplied` (its first attempt committed but the
+    /// answer was lost) counts as done and adds nothing. Waits for every
+    /// shard, then fails with the first error: shards that committed stay
+    /// committed.
+    pub async fn propose_all(
+        &self,
+        proposals: impl IntoIterator<Item = (GroupId, Command)>,
+        mut add: impl FnMut(Applied) -> Result<(), Applied>,
+    ) -> Result<(), ServiceError> {
+        let futures = proposals
+            .into_iter()
+            .map(|(shard, command)| self.cluster.propose(shard, command));
+        let mut first_error = None;
+        for result in futures::future::join_all(futures).await {
+            let outcome = match result {
+                Ok((Applied::AlreadyApplied, _)) => Ok(()),
+                Ok((response, _)) => add(response).map_err(|other| {
+                    ServiceError::TaskFailed(format!("unexpected response {other:?}"))
+                }),
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = outcome {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Opens the node's groups as configured and starts their Raft instances.
     pub async fn open(config: &Config, listen_addr: SocketAddr) -> Result<Node, ClusterError> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);

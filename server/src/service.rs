@@ -45,24 +45,6 @@ fn per_shard(
         .collect()
 }
 
-/// Proposes one command per shard in parallel and sums what `count` reads
-/// from each response.
-async fn propose_all(
-    node: &Node,
-    proposals: Vec<(GroupId, Command)>,
-    count: impl Fn(&Applied) -> u64,
-) -> Result<u64, ServiceError> {
-    let futures = proposals
-        .into_iter()
-        .map(|(shard, command)| node.cluster.propose(shard, command));
-    let mut total = 0;
-    for result in futures::future::join_all(futures).await {
-        let (response, _) = result?;
-        total += count(&response);
-    }
-    Ok(total)
-}
-
 #[tonic::async_trait]
 impl FeatureStore for FeatureStoreService {
     async fn apply_feature_view(
@@ -238,9 +220,15 @@ impl FeatureStore for FeatureStoreService {
                 }
             })
         };
-        let entries_dropped = propose_all(node, proposals, |response| match response {
-            Applied::Invalidated { entries_dropped } => *entries_dropped,
-            _ => 0,
+        let mut entries_dropped = 0;
+        node.propose_all(proposals, |response| match response {
+            Applied::Invalidated {
+                entries_dropped: dropped,
+            } => {
+                entries_dropped += dropped;
+                Ok(())
+            }
+            other => Err(other),
         })
         .await?;
         Ok(Response::new(pb::InvalidateResponse { entries_dropped }))
@@ -272,9 +260,13 @@ impl FeatureStore for FeatureStoreService {
             view_id: view.id,
             entity_keys,
         });
-        let rows_deleted = propose_all(node, proposals, |response| match response {
-            Applied::Deleted { rows_deleted } => *rows_deleted,
-            _ => 0,
+        let mut rows_deleted = 0;
+        node.propose_all(proposals, |response| match response {
+            Applied::Deleted { rows_deleted: n } => {
+                rows_deleted += n;
+                Ok(())
+            }
+            other => Err(other),
         })
         .await?;
         Ok(Response::new(pb::DeleteResponse { rows_deleted }))

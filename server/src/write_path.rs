@@ -78,43 +78,26 @@ pub async fn write(
         .placement
         .by_shard(rows, |row| row.entity_key.as_str());
     let proposals = by_shard.into_iter().map(|(shard, rows)| {
-        node.cluster.propose(
-            shard,
-            Command::Write {
-                view_id: view.id,
-                rows,
-            },
-        )
+        let command = Command::Write {
+            view_id: view.id,
+            rows,
+        };
+        (shard, command)
     });
+    // On error, shards that committed stay committed; the request as a whole
+    // may be retried (writes are idempotent: last-write-wins by event time).
     let mut response = pb::WriteResponse::default();
-    let mut first_error = None;
-    for result in futures::future::join_all(proposals).await {
-        match result {
-            Ok((
-                Response::Written {
-                    rows_applied,
-                    rows_stale,
-                },
-                _,
-            )) => {
-                response.rows_applied += rows_applied;
-                response.rows_stale += rows_stale;
-            }
-            Ok((other, _)) => {
-                first_error.get_or_insert(ServiceError::TaskFailed(format!(
-                    "unexpected write response {other:?}"
-                )));
-            }
-            Err(e) => {
-                first_error.get_or_insert(e.into());
-            }
+    node.propose_all(proposals, |applied| match applied {
+        Response::Written {
+            rows_applied,
+            rows_stale,
+        } => {
+            response.rows_applied += rows_applied;
+            response.rows_stale += rows_stale;
+            Ok(())
         }
-    }
-    match first_error {
-        // Shards that committed stay committed; the error says the request
-        // as a whole did not complete and may be retried (writes are
-        // idempotent: last-write-wins by event time).
-        Some(error) => Err(error),
-        None => Ok(response),
-    }
+        other => Err(other),
+    })
+    .await?;
+    Ok(response)
 }
