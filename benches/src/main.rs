@@ -397,7 +397,7 @@ async fn run(args: Args) -> Result<()> {
     let label = args
         .label
         .clone()
-        .unwrap_or_else(|| format!("{:?}", args.target).to_lowercase());
+        .unwrap_or_else(|| args.target.name().to_owned());
     let seconds = args.duration.as_secs_f64();
     let h = &measured.histogram;
     let errors = generator.errors.load(Ordering::Relaxed);

@@ -12,7 +12,7 @@ use openraft::testing::log_id;
 use quiver_engine::keys::storage_key;
 use quiver_engine::{RowWrite, StoreOptions, Value};
 use quiver_raft::types::Entry;
-use quiver_raft::{Command, NoObserver, Proposal, Response, StateMachine, TypeConfig};
+use quiver_raft::{Command, NoObserver, Proposal, StateMachine, TypeConfig};
 
 fn options() -> StoreOptions {
     StoreOptions {

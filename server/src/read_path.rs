@@ -266,6 +266,16 @@ async fn read_shard(
             Ok((rows, source))
         }
         ShardRead::Remote { rows, source } => {
+            // One row per key asked for, or the whole shard is unreadable:
+            // a short reply must not turn rows into NOT_FOUND.
+            if rows.len() != keys.len() {
+                return Err(ServiceError::TaskFailed(format!(
+                    "node {} answered {} rows for {} keys",
+                    source.node_id,
+                    rows.len(),
+                    keys.len()
+                )));
+            }
             let rows = rows
                 .into_iter()
                 .map(|row| match row {

@@ -586,8 +586,10 @@ impl Cluster {
                     let result = if target == self.node_id {
                         self.read_index_local(METADATA_GROUP).await
                     } else {
+                        // The peer may itself wait a peer timeout for its read
+                        // index: forward, which allows twice that.
                         self.clients
-                            .call(target, METADATA_GROUP, &PeerCall::ReadIndex)
+                            .forward(target, METADATA_GROUP, &PeerCall::ReadIndex)
                             .await
                             .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
                     };

@@ -81,15 +81,6 @@ struct Queued {
     reply: oneshot::Sender<Result<Vec<u8>, tonic::Status>>,
 }
 
-impl std::fmt::Debug for Queued {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queued")
-            .field("group", &self.group)
-            .field("bytes", &self.payload.len())
-            .finish_non_exhaustive()
-    }
-}
-
 /// Takes calls off one peer lane's queue and sends them as batches, at most
 /// `PEER_BATCHES_IN_FLIGHT_MAX` at a time. Ends when the queue's senders are
 /// dropped.
@@ -237,7 +228,7 @@ impl PeerClients {
                 tokio::spawn(send_batches(client.clone(), rx));
                 tx
             };
-            queues.insert(id, [lane(), lane(), lane()]);
+            queues.insert(id, std::array::from_fn(|_| lane()));
             clients.insert(id, client);
         }
         Ok(Self {
@@ -253,17 +244,6 @@ impl PeerClients {
             .get(&node)
             .cloned()
             .ok_or(PeerError::UnknownNode(node))
-    }
-
-    /// One call with the default deadline.
-    pub async fn call(
-        &self,
-        node: NodeId,
-        group: GroupId,
-        call: &PeerCall,
-    ) -> Result<PeerResult, PeerError> {
-        self.call_with_timeout(node, group, call, self.timeout)
-            .await
     }
 
     /// A forwarded client request (propose, read): the peer spends up to the
@@ -590,7 +570,7 @@ mod tests {
         let calls: Vec<_> = (0..300u32)
             .map(|group| {
                 let clients = clients.clone();
-                tokio::spawn(async move { clients.call(2, group, &PeerCall::ReadIndex).await })
+                tokio::spawn(async move { clients.forward(2, group, &PeerCall::ReadIndex).await })
             })
             .collect();
         for (group, call) in calls.into_iter().enumerate() {
@@ -622,7 +602,7 @@ mod tests {
         };
         let clients = clients(addr, Duration::from_millis(500));
         let results = futures::future::join_all(
-            (0..20u32).map(|group| clients.call(2, group, &PeerCall::ReadIndex)),
+            (0..20u32).map(|group| clients.forward(2, group, &PeerCall::ReadIndex)),
         )
         .await;
         for result in results {
@@ -632,7 +612,7 @@ mod tests {
             );
         }
         assert!(matches!(
-            clients.call(9, 0, &PeerCall::ReadIndex).await,
+            clients.forward(9, 0, &PeerCall::ReadIndex).await,
             Err(PeerError::UnknownNode(9))
         ));
     }
