@@ -3,11 +3,11 @@ export CARGO_TARGET_DIR ?= /var/tmp/quiver-target
 
 .PHONY: demo demo-stop test verify fix build bench deps
 
-## Start a local node, load the sample views and data, show features served.
+## Start a local 3-node cluster, load the sample views and data, show features served.
 demo:
 	./scripts/demo.sh
 
-## Stop the demo node.
+## Stop the demo cluster.
 demo-stop:
 	./scripts/demo.sh stop
 

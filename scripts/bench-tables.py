@@ -18,7 +18,7 @@ TABLES = [
             ("serve-cache-on", "Quiver, hot cache warm (sized to hold every row)", "redis-hash-serve"),
             ("serve-cache-default", "Quiver, default 128 MiB cache", "redis-hash-serve"),
             ("serve-cache-off", "Quiver, hot cache off (RocksDB)", "redis-hash-serve"),
-            ("redis-hash-serve", "Redis, Feast layout: 100 pipelined HMGET", None),
+            ("redis-hash-serve", "Redis, Feast-like layout: 100 pipelined HMGET", None),
             ("redis-blob-serve", "Redis, packed blobs: one MGET of 100", None),
             ("serve-zipf-cache-on", "Quiver, zipf 0.99, cache on", "redis-hash-zipf-serve"),
             ("redis-hash-zipf-serve", "Redis HMGET, zipf 0.99", None),
@@ -128,7 +128,7 @@ def main():
                 f"| {cpu(statistics.median(client) if client else None)} |"
             )
     checked = sum(r["responses_checked"] for rs in runs.values() for r in rs)
-    print(f"\n{sum(len(rs) for rs in runs.values())} runs; {checked} responses checked in full, "
+    print(f"\n{sum(len(rs) for rs in runs.values())} runs; {checked} responses checked, "
           f"{sum(r['errors'] for rs in runs.values() for r in rs)} errors.")
 
 

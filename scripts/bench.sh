@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces every table of docs/benchmarks.md in one run:
 #   PROFILE=release ENTITIES=100000 DURATION=5s REPEAT=3 ./scripts/bench.sh
-# Sections (SECTIONS, default all four), each configuration REPEAT times on a
+# Sections (SECTIONS, default all five), each configuration REPEAT times on a
 # fresh server, the same key stream (seeded per task) and histograms:
 #   single   one quiverd: serve 100 x 10 with the hot cache warm (sized to
 #            the data set), default-sized and off, zipf, open loop; ingest
@@ -10,8 +10,8 @@
 #            100 pipelined HMGETs, and packed blobs read by one MGET
 #   cluster  3 quiverd on loopback, RF 3 (scripts/cluster.sh): single-row and
 #            100-row writes, serve at LEADER
-#   etcd     a 3-member etcd cluster (scripts/peers.sh): single puts and
-#            100-put transactions
+#   etcd     a 3-member etcd cluster (scripts/peers.sh): single puts,
+#            100-put transactions, Txn of 100 ranges (serve)
 #   shards   RF 3 writes over 1, 3 and 16 Raft groups (SHARDS_ENTITIES=10000)
 # quiver-bench prints one JSON line per run to $OUT; scripts/bench-tables.py
 # turns them into the markdown tables (medians, min-max, ratios).
@@ -56,8 +56,8 @@ run() { # $1 = label, $2 = node flags, rest = quiver-bench flags
 WARM_CACHE="--cache-bytes-max ${WARM_CACHE_BYTES:-4294967296}"
 if [[ " $SECTIONS " == *" single "* ]]; then
 # Serving runs first read every entity once (--read-all-first): the hot cache
-# starts warm when it can hold the data set (WARM_CACHE), and every value is
-# checked once. The default cache (128 MiB) holds about a quarter of 1M rows.
+# starts warm when it can hold the data set (WARM_CACHE), and feature 0 of
+# every entity is checked once. The default cache (128 MiB) holds about a quarter of 1M rows.
 run serve-cache-on "$WARM_CACHE"            --workload serve --concurrency 16 --read-all-first
 run serve-cache-default ""                  --workload serve --concurrency 16 --read-all-first
 run serve-cache-off "--cache-bytes-max 0"   --workload serve --concurrency 16 --read-all-first

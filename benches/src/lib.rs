@@ -1,7 +1,7 @@
 //! Quiver's benchmark support: key choice (uniform or zipfian), the data set
 //! every target is loaded with, the targets themselves (Quiver, Redis, etcd,
 //! each over its own protocol), latency histograms and CPU accounting. The
-//! `quiver-bench` load generator (src/main.rs) drives Quiver with it; the
+//! `quiver-bench` load generator (src/main.rs) drives every target with it; the
 //! criterion micro-benchmarks live in benches/.
 //!
 //! Architecture invariant: the load generator talks to servers only over

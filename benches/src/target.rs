@@ -1,6 +1,6 @@
 //! The systems `quiver-bench` drives, each over its own public protocol, with
 //! the same data set (see `dataset`): Quiver (gRPC `FeatureStore`), Redis in
-//! Feast's layout (one hash per entity, a batch read is pipelined HMGETs) or
+//! a Feast-like layout (one hash per entity, a batch read is pipelined HMGETs) or
 //! as one packed blob per entity (MGET), and etcd (gRPC `KV`: Put, Txn).
 
 use std::time::Duration;
@@ -35,7 +35,7 @@ const REDIS_TS_FIELD: &str = "_ts:bench_stats";
 pub enum TargetKind {
     /// quiverd, one node or a cluster.
     Quiver,
-    /// Redis, Feast's layout: a hash per entity, 100 pipelined HMGETs per batch.
+    /// Redis, Feast-like layout: a hash per entity, one pipelined HMGET per entity of a batch.
     RedisHash,
     /// Redis, one packed blob per entity, one MGET per batch.
     RedisBlob,

@@ -7,8 +7,11 @@
 //! implicit (first index + position), so the log is always contiguous.
 //!
 //! Only the last segment is written; a full segment is fsynced and sealed,
-//! after which it is immutable and read through a memory map (sealed segments
-//! are what backup ships). The active segment is read with positioned reads.
+//! after which it is read through a memory map (sealed segments are what
+//! backup ships). Only a truncation (Raft overwriting a follower's
+//! uncommitted tail) writes to a sealed segment again: it drops the map, cuts
+//! the file and makes the segment active. The active segment is read with
+//! positioned reads.
 //!
 //! Recovery scans every record and checks its crc. A bad record at the very
 //! end of the last segment is a torn write (the process died mid-append, so
@@ -19,7 +22,8 @@
 //!
 //! Purging (after a snapshot) drops whole segments and records the new first
 //! index in a small `first_index` file, written atomically before any segment
-//! is deleted.
+//! is deleted. Restarting an empty log at a later index (after a snapshot
+//! install) and truncating everything rewrite that file the same way.
 //!
 //! [`GroupCommitLog`] adds group commit on top: appends return at once, one
 //! background thread fsyncs and then runs the callbacks of every append the
@@ -172,9 +176,9 @@ impl Segment {
 
     fn seal(&mut self) -> LogResult<()> {
         self.file.sync_data().map_err(io_err(&self.path))?;
-        // SAFETY: a sealed segment is never written again by this process
-        // (only deleted, after the map is dropped), and no other process
-        // writes a replica's log directory.
+        // SAFETY: while mapped, a sealed segment is not written by this
+        // process (truncation and deletion drop the map first), and no other
+        // process writes a replica's log directory.
         #[allow(unsafe_code)]
         let map = unsafe { Mmap::map(&*self.file) }.map_err(io_err(&self.path))?;
         self.map = Some(map);

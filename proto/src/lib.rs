@@ -1,5 +1,8 @@
-//! Quiver's wire API: the `quiver.v1` protobuf package and the tonic client and
-//! server code generated from it, plus the descriptor set for gRPC reflection.
+//! Quiver's wire API: the public `quiver.v1` protobuf package, the internal
+//! node-to-node `quiver.peer.v1` package (not a public API: postcard payloads,
+//! same-version nodes only, though reflection lists it), the tonic client and
+//! server code generated from them, and the descriptor set for gRPC
+//! reflection.
 //!
 //! Architecture invariant: this crate holds no logic beyond generated code and
 //! the codec that maps malformed messages to `INVALID_ARGUMENT`. It must never

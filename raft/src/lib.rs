@@ -6,7 +6,8 @@
 //!   (each in a [`Proposal`] with a request id and the leader's clock);
 //! - [`log_store`]: `RaftLogStorage` on [`quiver_engine::seglog`];
 //! - [`state_machine`]: `RaftStateMachine` on [`quiver_engine::StateStore`],
-//!   snapshots as RocksDB checkpoints with a crc'd manifest.
+//!   snapshots as RocksDB checkpoints with a manifest of every file's size
+//!   and crc32.
 //!
 //! Architecture invariant: this crate depends on the engine and openraft,
 //! never on the server (gRPC front end, routing, cache) or the tools. The

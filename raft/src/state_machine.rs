@@ -142,8 +142,7 @@ impl SnapshotDir {
         };
         for file in &snapshot.manifest.files {
             let path = snapshot.db_dir().join(checked_name(&file.name)?);
-            let content = std::fs::read(&path)?;
-            if content.len() as u64 != file.bytes || crc32fast::hash(&content) != file.crc32 {
+            if file_size_and_crc(&path)? != (file.bytes, file.crc32) {
                 return Err(invalid(format!(
                     "snapshot file {} does not match its manifest",
                     path.display()
@@ -614,7 +613,7 @@ fn remove_stale_dirs(dir: &Path, generation: u64) {
 }
 
 /// The newest complete snapshot in `dir` (complete = its manifest exists and
-/// parses; file checks happen when it is sent or installed).
+/// parses; the receiver of a sent snapshot checks every file against it).
 fn latest_snapshot(dir: &Path) -> Option<SnapshotDir> {
     let mut best: Option<SnapshotDir> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
@@ -638,6 +637,24 @@ fn latest_snapshot(dir: &Path) -> Option<SnapshotDir> {
     best
 }
 
+/// Size and crc32 of a file, read in 1 MiB pieces: table files can be far
+/// larger than what a snapshot should hold in memory.
+fn file_size_and_crc(path: &Path) -> io::Result<(u64, u32)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            return Ok((bytes, hasher.finalize()));
+        }
+        hasher.update(&buffer[..n]);
+        bytes += n as u64;
+    }
+}
+
 fn describe_files(db_dir: &Path) -> io::Result<Vec<SnapshotFile>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(db_dir)? {
@@ -646,12 +663,8 @@ fn describe_files(db_dir: &Path) -> io::Result<Vec<SnapshotFile>> {
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
-        let content = std::fs::read(entry.path())?;
-        files.push(SnapshotFile {
-            name,
-            bytes: content.len() as u64,
-            crc32: crc32fast::hash(&content),
-        });
+        let (bytes, crc32) = file_size_and_crc(&entry.path())?;
+        files.push(SnapshotFile { name, bytes, crc32 });
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(files)

@@ -2,7 +2,9 @@
 //! entries also expire after a configurable age.
 //!
 //! Coherence: a read after an acknowledged write never returns the older row.
-//! Writers drop a key after their write is durable and before they reply. A
+//! Every replica drops a key when it applies a write (on the leader, before
+//! the write is acknowledged; a follower's node drops it when its replica
+//! catches up, which is what REPLICA reads' staleness bound covers). A
 //! reader that misses takes quick_cache's placeholder for the key *before* it
 //! reads storage, and fills the placeholder afterwards; a writer's removal
 //! also removes the placeholder, so the fill of a read that raced with the
@@ -176,8 +178,8 @@ impl HotCache {
         });
     }
 
-    /// Drops cached rows: called after a write or delete is durable and before
-    /// it is acknowledged.
+    /// Drops cached rows: called when a replica applies a write or delete (on
+    /// the leader, before it is acknowledged).
     pub fn invalidate<K: AsRef<[u8]>>(&self, keys: &[K]) -> u64 {
         let Some(cache) = &self.cache else { return 0 };
         keys.iter()

@@ -147,8 +147,9 @@ impl FeatureStore for FeatureStoreService {
         let mut stream = request.into_inner();
         let mut total = pb::WriteResponse::default();
         let mut messages = 0u64;
-        // Each message is one atomic batch, applied in order. On a failure the
-        // batches before it stay applied; the status says how many there were.
+        // Each message is one Write (checked as a whole, committed per shard),
+        // applied in order. On a failure the messages before it stay applied;
+        // the status says how many there were.
         while let Some(batch) = stream.message().await? {
             let applied = write_path::write(&self.node, batch)
                 .await
