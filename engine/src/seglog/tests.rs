@@ -36,6 +36,32 @@ fn assert_contents(log: &SegmentedLog, start: u64, end: u64, len: usize) {
     }
 }
 
+/// A log in a fresh directory with small segments, holding entries
+/// `0..count` appended one at a time (so it spans many segments).
+fn small_log_of(count: u64) -> (tempfile::TempDir, SegmentedLog) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = SegmentedLog::open(dir.path(), small()).unwrap();
+    for index in 0..count {
+        append_range(&mut log, index, index + 1, 50);
+    }
+    (dir, log)
+}
+
+/// Closes `log` and opens its directory again.
+fn reopen(log: SegmentedLog, dir: &Path, options: LogOptions) -> SegmentedLog {
+    drop(log);
+    SegmentedLog::open(dir, options).unwrap()
+}
+
+fn set_len(path: &Path, len: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
@@ -57,8 +83,7 @@ fn append_read_reopen() {
     assert_eq!(log.last_index(), Some(11));
     assert_eq!(log.range(3, 6).unwrap().len(), 3);
     assert_eq!(log.get(10).unwrap(), Some(Vec::new()));
-    drop(log);
-    let log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
+    let log = reopen(log, dir.path(), LogOptions::default());
     assert_eq!(log.recovered_torn_bytes(), 0);
     assert_eq!(log.next_index(), 12);
     for index in 0..10 {
@@ -91,25 +116,16 @@ fn rejects_gaps_and_oversized_records() {
 
 #[test]
 fn segments_roll_and_sealed_segments_are_read_through_the_map() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = SegmentedLog::open(dir.path(), small()).unwrap();
-    for index in 0..40 {
-        append_range(&mut log, index, index + 1, 50);
-    }
+    let (dir, log) = small_log_of(40);
     assert!(log.segment_count() > 5, "{} segments", log.segment_count());
     assert_contents(&log, 0, 40, 50);
-    drop(log);
-    let log = SegmentedLog::open(dir.path(), small()).unwrap();
+    let log = reopen(log, dir.path(), small());
     assert_contents(&log, 0, 40, 50);
 }
 
 #[test]
 fn truncate_inside_a_sealed_segment_and_at_a_boundary() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = SegmentedLog::open(dir.path(), small()).unwrap();
-    for index in 0..40 {
-        append_range(&mut log, index, index + 1, 50);
-    }
+    let (dir, mut log) = small_log_of(40);
     log.truncate_from(13).unwrap();
     assert_contents(&log, 0, 13, 50);
     // Appends after a truncation land in the segment that held index 12.
@@ -124,24 +140,18 @@ fn truncate_inside_a_sealed_segment_and_at_a_boundary() {
     log.truncate_from(boundary).unwrap();
     assert_contents(&log, 0, boundary, 50);
     append_range(&mut log, boundary, boundary + 3, 50);
-    drop(log);
-    let log = SegmentedLog::open(dir.path(), small()).unwrap();
+    let log = reopen(log, dir.path(), small());
     assert_contents(&log, 0, boundary + 3, 50);
 }
 
 #[test]
 fn purge_drops_whole_segments_and_survives_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = SegmentedLog::open(dir.path(), small()).unwrap();
-    for index in 0..40 {
-        append_range(&mut log, index, index + 1, 50);
-    }
+    let (dir, mut log) = small_log_of(40);
     let before = log.segment_count();
     log.purge_to(21).unwrap();
     assert!(log.segment_count() < before);
     assert_contents(&log, 22, 40, 50);
-    drop(log);
-    let mut log = SegmentedLog::open(dir.path(), small()).unwrap();
+    let mut log = reopen(log, dir.path(), small());
     assert_contents(&log, 22, 40, 50);
     // Purging past the end (a snapshot newer than the log) empties it; the
     // log restarts after the snapshot.
@@ -149,8 +159,7 @@ fn purge_drops_whole_segments_and_survives_reopen() {
     assert_eq!(log.segment_count(), 0);
     assert_eq!((log.first_index(), log.next_index()), (101, 101));
     append_range(&mut log, 101, 104, 50);
-    drop(log);
-    let log = SegmentedLog::open(dir.path(), small()).unwrap();
+    let log = reopen(log, dir.path(), small());
     assert_contents(&log, 101, 104, 50);
 }
 
@@ -159,8 +168,7 @@ fn an_empty_log_starts_where_the_first_append_says() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = SegmentedLog::open(dir.path(), small()).unwrap();
     append_range(&mut log, 57, 60, 8);
-    drop(log);
-    let log = SegmentedLog::open(dir.path(), small()).unwrap();
+    let log = reopen(log, dir.path(), small());
     assert_contents(&log, 57, 60, 8);
 }
 
@@ -186,20 +194,14 @@ fn torn_tail_is_cut_at_every_byte_offset_of_the_last_record() {
         let copy = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), copy.path());
         let copied = copy.path().join(segment.file_name().unwrap());
-        OpenOptions::new()
-            .write(true)
-            .open(&copied)
-            .unwrap()
-            .set_len(cut)
-            .unwrap();
+        set_len(&copied, cut);
         let mut log = SegmentedLog::open(copy.path(), LogOptions::default())
             .unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
         assert_eq!(log.recovered_torn_bytes(), cut - last_record_start);
         assert_contents(&log, 0, 4, 30);
         // The log is writable again right where the torn record was.
         append_range(&mut log, 4, 6, 30);
-        drop(log);
-        let log = SegmentedLog::open(copy.path(), LogOptions::default()).unwrap();
+        let log = reopen(log, copy.path(), LogOptions::default());
         assert_contents(&log, 0, 6, 30);
     }
 }
@@ -274,11 +276,7 @@ fn corruption_in_the_middle_refuses_to_open() {
 
 #[test]
 fn corruption_in_a_sealed_segment_refuses_to_open_even_at_its_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = SegmentedLog::open(dir.path(), small()).unwrap();
-    for index in 0..20 {
-        append_range(&mut log, index, index + 1, 50);
-    }
+    let (dir, log) = small_log_of(20);
     drop(log);
     let first = segment_files(dir.path()).remove(0);
     let len = std::fs::metadata(&first).unwrap().len();
@@ -288,20 +286,11 @@ fn corruption_in_a_sealed_segment_refuses_to_open_even_at_its_end() {
         Err(LogError::Corrupt { .. })
     ));
     // A sealed segment cut short is not a torn tail either.
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = SegmentedLog::open(dir.path(), small()).unwrap();
-    for index in 0..20 {
-        append_range(&mut log, index, index + 1, 50);
-    }
+    let (dir, log) = small_log_of(20);
     drop(log);
     let first = segment_files(dir.path()).remove(0);
     let len = std::fs::metadata(&first).unwrap().len();
-    OpenOptions::new()
-        .write(true)
-        .open(&first)
-        .unwrap()
-        .set_len(len - 3)
-        .unwrap();
+    set_len(&first, len - 3);
     assert!(matches!(
         SegmentedLog::open(dir.path(), small()),
         Err(LogError::Corrupt { .. })
