@@ -199,20 +199,17 @@ impl FeatureStore for FeatureStoreService {
             node.check_entity_key(key)?;
         }
         let view = node.view(&request.view).await?;
-        // Replicated, so every replica's node drops the rows; a whole view
-        // goes to every shard.
+        // Replicated, so every replica's node drops the rows. A whole view
+        // goes through the metadata group: every node holds a replica of it,
+        // so each node walks its cache once (not once per shard it hosts).
         let proposals: Vec<(GroupId, Command)> = if request.entity_keys.is_empty() {
-            (1..=node.cluster.placement.shard_count)
-                .map(|shard| {
-                    (
-                        shard,
-                        Command::Invalidate {
-                            view_id: view.id,
-                            entity_keys: Vec::new(),
-                        },
-                    )
-                })
-                .collect()
+            vec![(
+                METADATA_GROUP,
+                Command::Invalidate {
+                    view_id: view.id,
+                    entity_keys: Vec::new(),
+                },
+            )]
         } else {
             per_shard(node, request.entity_keys, |entity_keys| {
                 Command::Invalidate {
