@@ -27,6 +27,11 @@ use rand::rngs::StdRng;
 /// Most requests in flight in open-loop mode before the generator itself is
 /// the bottleneck (reported, never silently dropped).
 const OPEN_LOOP_IN_FLIGHT_MAX: u64 = 4096;
+/// Rows per write when preloading (etcd's writes split this further into
+/// transactions it accepts).
+const PRELOAD_BATCH_ROWS: u64 = 1000;
+/// Tasks that preload or read the whole data set.
+const PASS_TASKS: usize = 8;
 /// Most connections the generator opens.
 const CONNECTIONS_MAX: u64 = 8;
 
@@ -127,12 +132,12 @@ async fn pass_over_all(conns: &[Conn], entities: u64, batch: u64, pass: Pass) ->
     let tasks: Vec<_> = conns
         .iter()
         .cycle()
-        .take(8)
+        .take(PASS_TASKS)
         .map(|conn| {
             let mut conn = conn.clone();
             let next = next.clone();
             let batch = match pass {
-                Pass::Load { .. } => conn.preload_batch_rows(),
+                Pass::Load { .. } => PRELOAD_BATCH_ROWS,
                 Pass::ReadAll => batch.max(1),
             };
             tokio::spawn(async move {
@@ -175,6 +180,13 @@ struct Generator {
 }
 
 impl Generator {
+    /// Counts a failed request; the first few are printed.
+    fn failed(&self, error: &anyhow::Error) {
+        if self.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+            eprintln!("request failed: {error:#}");
+        }
+    }
+
     async fn one(&self, conn: &mut Conn, rng: &mut StdRng) -> Result<Outcome> {
         use rand::Rng;
         let write = match self.args.workload {
@@ -245,11 +257,7 @@ async fn closed_loop(
                             record(&mut histogram, sent.elapsed());
                             tally.add(&outcome);
                         }
-                        Err(error) => {
-                            if generator.errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                                eprintln!("request failed: {error:#}");
-                            }
-                        }
+                        Err(error) => generator.failed(&error),
                     }
                 }
                 (histogram, tally)
@@ -295,9 +303,7 @@ async fn open_loop(
                             record(&mut histogram, start.elapsed());
                             tally.add(&outcome);
                         }
-                        Err(_) => {
-                            generator.errors.fetch_add(1, Ordering::Relaxed);
-                        }
+                        Err(error) => generator.failed(&error),
                     }
                 }
                 (histogram, tally)

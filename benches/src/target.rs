@@ -26,7 +26,7 @@ use etcdserverpb::{PutRequest, RangeRequest, RequestOp, TxnRequest, request_op, 
 const RESPONSE_BYTES_MAX: usize = 256 << 20;
 /// etcd refuses transactions of more operations than this (its
 /// `--max-txn-ops` default), so its writes and reads are cut to it.
-pub const ETCD_TXN_OPS_MAX: usize = 128;
+const ETCD_TXN_OPS_MAX: usize = 128;
 /// Feast keeps a view's event time in the hash under `_ts:<view>`.
 const REDIS_TS_FIELD: &str = "_ts:bench_stats";
 
@@ -175,14 +175,6 @@ fn decode_value(bytes: Option<&[u8]>, id: u64, feature: &str) -> Result<pb::Valu
 }
 
 impl Conn {
-    /// Rows per write when preloading: etcd caps a transaction's operations.
-    pub fn preload_batch_rows(&self) -> u64 {
-        match self {
-            Conn::Etcd(_) => 100,
-            _ => 1000,
-        }
-    }
-
     /// Makes the target ready for the data set (Quiver: apply the view).
     pub async fn setup(&mut self) -> Result<()> {
         if let Conn::Quiver { client, .. } = self {

@@ -265,10 +265,13 @@ impl Cluster {
         self.groups.iter()
     }
 
-    fn metrics(&self, group: GroupId) -> Option<openraft::RaftMetrics<quiver_raft::TypeConfig>> {
+    /// The leader this node's replica of `group` knows of. Reads the field
+    /// under the watch borrow: cloning the whole metrics (with a leader's
+    /// replication maps) on every request would be waste.
+    fn known_leader(&self, group: GroupId) -> Option<NodeId> {
         self.groups
             .get(&group)
-            .map(|g| g.raft.metrics().borrow_watched().clone())
+            .and_then(|g| g.raft.metrics().borrow_watched().current_leader)
     }
 
     /// Where to send the first attempt for a group's leader.
@@ -276,7 +279,7 @@ impl Cluster {
         if let Some(&hint) = self.leader_hints.lock().get(&group) {
             return hint;
         }
-        if let Some(leader) = self.metrics(group).and_then(|m| m.current_leader) {
+        if let Some(leader) = self.known_leader(group) {
             return leader;
         }
         let voters = self.placement.voters(group);
@@ -493,9 +496,18 @@ impl Cluster {
         let Some(hosted) = self.groups.get(&group) else {
             return Err(PeerResult::NoSuchGroup);
         };
-        let metrics = hosted.raft.metrics().borrow_watched().clone();
-        let is_leader = metrics.state == ServerState::Leader;
-        let mut applied_index = metrics.last_applied.map_or(0, |id| id.index);
+        // The four fields a read needs, copied under the watch borrow (which
+        // must not be held across an await).
+        let (is_leader, current_leader, mut applied_index, committed) = {
+            let metrics = hosted.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            (
+                metrics.state == ServerState::Leader,
+                metrics.current_leader,
+                metrics.last_applied.map_or(0, |id| id.index),
+                metrics.cluster_committed.map_or(0, |id| id.index),
+            )
+        };
         match level {
             ReadLevel::Strong => {
                 let confirmed = tokio::time::timeout(
@@ -526,17 +538,16 @@ impl Cluster {
             }
             ReadLevel::Leader if !is_leader => {
                 return Err(PeerResult::NotLeader {
-                    leader: metrics.current_leader,
+                    leader: current_leader,
                 });
             }
             ReadLevel::Replica if !is_leader => {
-                let committed = metrics.cluster_committed.map_or(0, |id| id.index);
-                let fresh = metrics.current_leader.is_some()
+                let fresh = current_leader.is_some()
                     && applied_index.saturating_add(self.config.replica_lag_entries_max)
                         >= committed;
                 if !fresh {
                     return Err(PeerResult::NotLeader {
-                        leader: metrics.current_leader,
+                        leader: current_leader,
                     });
                 }
             }
