@@ -1,5 +1,6 @@
 # Quiver's tasks. `make demo` and `make test` are the README's two commands.
 export CARGO_TARGET_DIR ?= /var/tmp/quiver-target
+SHELL := /bin/bash
 
 .PHONY: demo demo-stop test verify fix build bench deps
 
@@ -11,23 +12,21 @@ demo:
 demo-stop:
 	./scripts/demo.sh stop
 
-## The whole test suite.
+## The whole gate: formatting, the test suite, clippy -D warnings (what CI runs).
 test:
 	./scripts/test.sh
 
-## Read-only gate: formatting, lints, tests.
-verify: deps
-	cargo fmt --all -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
-	./scripts/test.sh
+## The same gate under its usual name.
+verify: test
 
 ## Fix what can be fixed mechanically.
-fix: deps
-	cargo fmt --all
-	cargo clippy --workspace --all-targets --fix --allow-dirty --allow-staged
+fix:
+	. ./scripts/ensure-deps.sh && cargo fmt --all && \
+	    cargo clippy --workspace --all-targets --fix --allow-dirty --allow-staged
 
-build: deps
-	cargo build --workspace --bins
+build:
+	. ./scripts/ensure-deps.sh && cargo build --workspace --bins
 
+## Install what the build needs (libclang) if it is missing.
 deps:
 	./scripts/ensure-deps.sh

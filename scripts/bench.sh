@@ -17,7 +17,8 @@
 # turns them into the markdown tables (medians, min-max, ratios).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/ensure-deps.sh
+# Sourced: it exports LIBCLANG_PATH when bindgen needs it.
+source ./scripts/ensure-deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
 PROFILE="${PROFILE:-release}"
 ENTITIES="${ENTITIES:-1000000}"

@@ -36,7 +36,8 @@ stop_cluster() {
 
 start_cluster() {
     local count="${1:-3}" nodes="" id port
-    ./scripts/ensure-deps.sh
+    # Sourced: it exports LIBCLANG_PATH when bindgen needs it.
+    source ./scripts/ensure-deps.sh
     echo "==> building quiverd and quiverctl (the first build compiles RocksDB: many minutes on 2 cores)"
     cargo build --profile "$PROFILE" --bins --quiet
     stop_cluster
@@ -61,7 +62,8 @@ start_cluster() {
         done
     done
     echo "==> waiting for every shard to elect a leader"
-    for _ in $(seq 600); do
+    # Up to 5 minutes: hundreds of groups elect slowly on 2 cores.
+    for _ in $(seq 3000); do
         if "$BIN/quiverctl" --endpoint "127.0.0.1:$BASE_PORT" status --json 2>/dev/null \
             | grep -q '"leader_id": 0'; then
             sleep 0.1

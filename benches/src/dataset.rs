@@ -126,6 +126,7 @@ pub fn write_request(rows: Vec<pb::WriteRow>) -> pb::WriteRequest {
     pb::WriteRequest {
         view: VIEW.into(),
         rows,
+        request_id: Vec::new(),
     }
 }
 

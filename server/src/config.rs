@@ -110,6 +110,17 @@ pub struct ClusterConfig {
     /// A `REPLICA` read is served by a local follower only if it is at most
     /// this many entries behind its own commit index; else by the leader.
     pub replica_lag_entries_max: u64,
+    /// A group whose leader has seen no proposal or read for this long, with
+    /// every replica caught up, hibernates: no heartbeats, no timers, until
+    /// a request or a missing peer wakes it. 0: never hibernate.
+    pub hibernate_after_ms: u64,
+    /// How often a node pings every peer (one small call per peer, whatever
+    /// the number of groups): node liveness, and the hibernation handshake.
+    pub liveness_interval_ms: u64,
+    /// A peer not heard from for this long is taken as down: the groups it
+    /// led elect a new leader at once (pre-vote first, so a live leader
+    /// cannot be deposed by one slow link).
+    pub liveness_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -121,8 +132,11 @@ impl Default for ClusterConfig {
             replication_factor: 3,
             metadata_voters: 3,
             heartbeat_ms: 100,
-            election_timeout_min_ms: 800,
-            election_timeout_max_ms: 1600,
+            // The leader lease is election_timeout_max_ms: a voter that heard
+            // from its leader within it refuses to vote, so it bounds how fast
+            // a dead leader can be replaced (about 1.1 s with these values).
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
             snapshot_logs_since: 20_000,
             logs_kept_after_snapshot: 2_000,
             log_segment_bytes_max: 64 << 20,
@@ -130,6 +144,9 @@ impl Default for ClusterConfig {
             snapshot_timeout_ms: 300_000,
             route_retries_max: 12,
             replica_lag_entries_max: 100,
+            hibernate_after_ms: 2_000,
+            liveness_interval_ms: 200,
+            liveness_timeout_ms: 1_000,
         }
     }
 }
@@ -179,6 +196,14 @@ pub struct Limits {
     pub event_ts_future_seconds_max: u64,
     /// Most concurrent requests per client connection.
     pub connection_requests_max: u64,
+    /// Most rows this node has in flight in writes it coordinates; beyond,
+    /// writes wait up to `admission_wait_ms`, then get `RESOURCE_EXHAUSTED`.
+    pub write_inflight_rows_max: u64,
+    /// Most Gets this node serves at once; beyond, likewise.
+    pub read_inflight_requests_max: u64,
+    /// How long a request over an in-flight bound waits for room before it
+    /// is refused (the refusal's retry hint is this long too).
+    pub admission_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -219,6 +244,11 @@ impl Default for Limits {
             value_bytes_max: 1 << 20,
             event_ts_future_seconds_max: 24 * 3600,
             connection_requests_max: 256,
+            // About a second of RF 3 ingest on a small machine: a deeper
+            // queue only adds latency until commits miss their deadlines.
+            write_inflight_rows_max: 20_000,
+            read_inflight_requests_max: 512,
+            admission_wait_ms: 200,
         }
     }
 }
@@ -370,6 +400,11 @@ impl Config {
             ("limits.entity_key_bytes_max", l.entity_key_bytes_max),
             ("limits.value_bytes_max", l.value_bytes_max),
             ("limits.connection_requests_max", l.connection_requests_max),
+            ("limits.write_inflight_rows_max", l.write_inflight_rows_max),
+            (
+                "limits.read_inflight_requests_max",
+                l.read_inflight_requests_max,
+            ),
         ];
         for (name, value) in nonzero {
             if value == 0 {
@@ -407,6 +442,18 @@ impl Config {
         if c.election_timeout_max_ms <= c.election_timeout_min_ms {
             return Err(ConfigError(
                 "cluster.election_timeout_max_ms must exceed cluster.election_timeout_min_ms"
+                    .into(),
+            ));
+        }
+        if c.liveness_interval_ms == 0 || c.liveness_timeout_ms < 2 * c.liveness_interval_ms {
+            return Err(ConfigError(
+                "cluster.liveness_timeout_ms must be at least twice cluster.liveness_interval_ms (> 0)"
+                    .into(),
+            ));
+        }
+        if c.hibernate_after_ms != 0 && c.hibernate_after_ms < c.election_timeout_max_ms {
+            return Err(ConfigError(
+                "cluster.hibernate_after_ms must be 0 (never) or at least cluster.election_timeout_max_ms"
                     .into(),
             ));
         }

@@ -38,7 +38,24 @@ pub enum ServiceError {
     /// Routing or replication failed, or a replicated command was refused.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The node has as much work in flight as it takes; retry later.
+    #[error("overloaded: too many {what} ({limit_name}); retry in {retry_after_ms} ms")]
+    Overloaded {
+        /// What is at its bound.
+        what: &'static str,
+        /// The config key of the bound.
+        limit_name: &'static str,
+        /// When to retry.
+        retry_after_ms: u64,
+    },
 }
+
+/// Trailing metadata key of the retry hint on `RESOURCE_EXHAUSTED` and
+/// `UNAVAILABLE` (gRPC's server pushback, gRFC A6): milliseconds to wait.
+pub const RETRY_PUSHBACK_KEY: &str = "grpc-retry-pushback-ms";
+
+/// The hint on `UNAVAILABLE` after routing gave up: about an election.
+const UNAVAILABLE_RETRY_AFTER_MS: u64 = 500;
 
 impl ServiceError {
     /// An `InvalidArgument` with `message`.
@@ -83,6 +100,7 @@ impl ServiceError {
                 _ => Code::Internal,
             },
             ServiceError::TaskFailed(_) => Code::Internal,
+            ServiceError::Overloaded { .. } => Code::ResourceExhausted,
             ServiceError::Cluster(e) => match e {
                 ClusterError::Unavailable { .. } => Code::Unavailable,
                 ClusterError::Rejected { kind, .. } => match kind {
@@ -111,7 +129,18 @@ impl From<ServiceError> for Status {
         if matches!(code, Code::Internal | Code::Unavailable | Code::DataLoss) {
             tracing::error!(error = %e, ?code, "request failed");
         }
-        Status::new(code, e.to_string())
+        let retry_after_ms = match &e {
+            ServiceError::Overloaded { retry_after_ms, .. } => Some(*retry_after_ms),
+            _ if code == Code::Unavailable => Some(UNAVAILABLE_RETRY_AFTER_MS),
+            _ => None,
+        };
+        let mut status = Status::new(code, e.to_string());
+        if let Some(ms) = retry_after_ms
+            && let Ok(value) = ms.to_string().parse()
+        {
+            status.metadata_mut().insert(RETRY_PUSHBACK_KEY, value);
+        }
+        status
     }
 }
 
@@ -148,5 +177,25 @@ mod tests {
             Code::InvalidArgument
         );
         assert!(ServiceError::check_limit("rows", 10, "write_rows_max", 10).is_ok());
+    }
+
+    #[test]
+    fn overload_and_unavailable_carry_a_retry_hint() {
+        let status = Status::from(ServiceError::Overloaded {
+            what: "rows being written",
+            limit_name: "limits.write_inflight_rows_max",
+            retry_after_ms: 200,
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.metadata().get(RETRY_PUSHBACK_KEY).unwrap(), "200");
+        let status = Status::from(ServiceError::Cluster(ClusterError::Unavailable {
+            group: 3,
+            attempts: 12,
+            last: "no leader".into(),
+        }));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.metadata().get(RETRY_PUSHBACK_KEY).is_some());
+        let status = Status::from(ServiceError::invalid("bad"));
+        assert!(status.metadata().get(RETRY_PUSHBACK_KEY).is_none());
     }
 }

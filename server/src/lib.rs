@@ -12,6 +12,7 @@
 // Tests may unwrap; production code may not (workspace lint).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admission;
 pub mod cache;
 pub mod cluster;
 pub mod config;

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use quiver_engine::store::BlockCache;
 use quiver_engine::{Catalog, Clock, FeatureView, Registry, StoreOptions, SystemClock};
 
-use quiver_raft::{Command, GroupId, Response as Applied};
+use quiver_raft::{Command, GroupId, RequestId, Response as Applied};
 
+use crate::admission::Admission;
 use crate::cache::HotCache;
 use crate::cluster::{Cluster, ClusterError, StartOptions};
 use crate::config::{Config, Limits};
@@ -34,6 +35,8 @@ pub struct Node {
     pub clock: Arc<dyn Clock>,
     /// Per-request limits.
     pub limits: Limits,
+    /// Bounds on the work in flight.
+    pub admission: Admission,
     /// The address the gRPC server is bound to.
     pub listen_addr: SocketAddr,
     /// The data directory.
@@ -52,11 +55,12 @@ impl Node {
     pub async fn propose_all(
         &self,
         proposals: impl IntoIterator<Item = (GroupId, Command)>,
+        request_id: Option<RequestId>,
         mut add: impl FnMut(Applied) -> Result<(), Applied>,
     ) -> Result<(), ServiceError> {
         let futures = proposals
             .into_iter()
-            .map(|(shard, command)| self.cluster.propose(shard, command));
+            .map(|(shard, command)| self.cluster.propose_with_id(shard, command, request_id));
         let mut first_error = None;
         for result in futures::future::join_all(futures).await {
             let outcome = match result {
@@ -114,6 +118,7 @@ impl Node {
             cache,
             clock,
             limits: config.limits.clone(),
+            admission: Admission::new(&config.limits),
             listen_addr,
             data_dir: config.data_dir.clone(),
             started: Instant::now(),

@@ -105,6 +105,7 @@ pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse
     for key in &request.entity_keys {
         node.check_entity_key(key)?;
     }
+    let _admitted = node.admission.read().await?;
     let view_names: Vec<&str> = request
         .features
         .iter()

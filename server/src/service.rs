@@ -219,7 +219,7 @@ impl FeatureStore for FeatureStoreService {
             })
         };
         let mut entries_dropped = 0;
-        node.propose_all(proposals, |response| match response {
+        node.propose_all(proposals, None, |response| match response {
             Applied::Invalidated {
                 entries_dropped: dropped,
             } => {
@@ -259,7 +259,7 @@ impl FeatureStore for FeatureStoreService {
             entity_keys,
         });
         let mut rows_deleted = 0;
-        node.propose_all(proposals, |response| match response {
+        node.propose_all(proposals, None, |response| match response {
             Applied::Deleted { rows_deleted: n } => {
                 rows_deleted += n;
                 Ok(())

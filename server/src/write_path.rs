@@ -7,7 +7,7 @@
 use quiver_engine::RowWrite;
 use quiver_engine::clock::MICROS_PER_SECOND;
 use quiver_proto::v1 as pb;
-use quiver_raft::{Command, Response};
+use quiver_raft::{Command, RequestId, Response};
 
 use crate::convert::value_from_pb;
 use crate::error::ServiceError;
@@ -27,6 +27,8 @@ pub async fn write(
         "limits.write_rows_max",
         limits.write_rows_max,
     )?;
+    let request_id = request_id_of(&request.request_id)?;
+    let _admitted = node.admission.write(request.rows.len()).await?;
     let view = node.view(&request.view).await?;
     if request.rows.is_empty() {
         return Ok(pb::WriteResponse::default());
@@ -87,7 +89,7 @@ pub async fn write(
     // On error, shards that committed stay committed; the request as a whole
     // may be retried (writes are idempotent: last-write-wins by event time).
     let mut response = pb::WriteResponse::default();
-    node.propose_all(proposals, |applied| match applied {
+    node.propose_all(proposals, request_id, |applied| match applied {
         Response::Written {
             rows_applied,
             rows_stale,
@@ -100,4 +102,39 @@ pub async fn write(
     })
     .await?;
     Ok(response)
+}
+
+/// The client's idempotency key: none, or exactly 16 bytes (not all zero,
+/// which means "no id" to the state machine).
+fn request_id_of(bytes: &[u8]) -> Result<Option<RequestId>, ServiceError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let id: [u8; 16] = bytes.try_into().map_err(|_| {
+        ServiceError::invalid(format!(
+            "request_id is {} bytes; it must be empty or exactly 16",
+            bytes.len()
+        ))
+    })?;
+    match u128::from_be_bytes(id) {
+        0 => Err(ServiceError::invalid("request_id must not be all zero")),
+        id => Ok(Some(id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_empty_or_sixteen_nonzero_bytes() {
+        assert_eq!(request_id_of(&[]).ok(), Some(None));
+        assert_eq!(
+            request_id_of(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]).ok(),
+            Some(Some(7))
+        );
+        assert!(request_id_of(&[1; 15]).is_err());
+        assert!(request_id_of(&[1; 17]).is_err());
+        assert!(request_id_of(&[0; 16]).is_err());
+    }
 }

@@ -17,6 +17,8 @@ use quiver_proto::v1 as pb;
 use quiver_proto::v1::feature_store_client::FeatureStoreClient;
 use tonic::transport::Channel;
 
+pub mod counter;
+
 /// How long a node may take to start or stop. Generous: CI has 2 cores.
 pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -150,6 +152,28 @@ impl Node {
     pub fn kill9(&mut self) -> Result<()> {
         self.child.kill().context("SIGKILL quiverd")?;
         self.child.wait().context("reap quiverd")?;
+        Ok(())
+    }
+
+    /// SIGSTOP: the process freezes with its state and sockets as they are
+    /// (a long GC pause, a VM migration).
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT: a paused process runs on, still believing what it believed.
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .with_context(|| format!("run kill {signal}"))?;
+        if !status.success() {
+            bail!("kill {signal} failed");
+        }
         Ok(())
     }
 
@@ -449,6 +473,7 @@ pub async fn write_rows(
         .write(pb::WriteRequest {
             view: view.into(),
             rows,
+            request_id: Vec::new(),
         })
         .await
         .map(|r| r.into_inner())

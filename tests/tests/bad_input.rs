@@ -310,6 +310,7 @@ async fn bad_input_is_rejected_with_typed_errors_and_nothing_is_stored() {
     let big = pb::WriteRequest {
         view: "v".into(),
         rows: vec![row("k", now, &[("s", string(&"x".repeat(5000)))])],
+        request_id: Vec::new(),
     };
     let status = client
         .write(big)

@@ -10,6 +10,7 @@
 
 mod client;
 mod get;
+mod probe;
 mod put;
 mod sample;
 mod status;
@@ -49,6 +50,9 @@ enum Command {
     Put(put::PutArgs),
     /// Read features of entities.
     Get(get::GetArgs),
+    /// Write at a fixed interval and report gaps in acknowledged writes
+    /// (failover time as a client sees it).
+    Probe(probe::ProbeArgs),
     /// Show the node's status.
     Status,
     /// Generate the sample data set.
@@ -101,6 +105,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Views(ViewsCommand::Delete { name }) => views::delete(&mut client, &name).await,
         Command::Put(args) => put::run(&mut client, &args, cli.json).await,
         Command::Get(args) => get::run(&mut client, &args, cli.json).await,
+        Command::Probe(args) => probe::run(&mut client, &args, cli.json).await,
         Command::Status => status::run(&mut client, cli.json).await,
         Command::Sample(_) => unreachable!("handled before connecting"),
     }

@@ -29,6 +29,7 @@ pub async fn run(client: &mut Client, json: bool) -> Result<()> {
             serde_json::json!({
                 "group": g.group,
                 "role": g.role,
+                "asleep": g.asleep,
                 "leader_id": g.leader_id,
                 "term": g.term,
                 "applied_index": g.applied_index,
@@ -121,7 +122,11 @@ pub async fn run(client: &mut Client, json: bool) -> Result<()> {
             };
             group_table.add_row([
                 name,
-                g.role.clone(),
+                if g.asleep {
+                    format!("{} (asleep)", g.role)
+                } else {
+                    g.role.clone()
+                },
                 if g.leader_id == 0 {
                     "-".into()
                 } else {

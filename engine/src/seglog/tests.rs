@@ -328,6 +328,40 @@ fn group_commit_calls_back_after_the_fsync() {
     log.close();
 }
 
+#[test]
+fn dropping_the_last_handle_flushes_what_is_pending_and_stops_the_flusher() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = GroupCommitLog::new(SegmentedLog::open(dir.path(), small()).unwrap()).unwrap();
+    let shared = Arc::downgrade(&log.shared);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let clone = log.clone();
+    log.append(
+        0,
+        [payload(0, 40).as_slice()],
+        Box::new(move |result| sender.send(result.is_ok()).unwrap()),
+    )
+    .unwrap();
+    drop(log);
+    drop(clone);
+    assert!(
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap(),
+        "the append was flushed"
+    );
+    // The flusher held the last reference: once it returned, it is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while shared.upgrade().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flusher thread did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let reopened = SegmentedLog::open(dir.path(), small()).unwrap();
+    assert_contents(&reopened, 0, 1, 40);
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Append(Vec<usize>),

@@ -9,6 +9,7 @@
 //! Leader changes and unreachable replicas are retried a bounded number of
 //! times with backoff; the last error is reported as `UNAVAILABLE`.
 
+pub mod hibernate;
 pub mod network;
 pub mod peer_service;
 pub mod placement;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::{BasicNode, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, LinearizerOption, ReadPolicy, ServerState, SnapshotPolicy};
 use parking_lot::Mutex;
 use quiver_engine::seglog::LogOptions;
 use quiver_engine::{Clock, StoreOptions};
@@ -35,6 +36,9 @@ use crate::config::ClusterConfig;
 use network::{GroupNetwork, PeerClients};
 use placement::Placement;
 use wire::{PeerCall, PeerResult, ReadLevel, ReadRows};
+
+/// How much shorter than openraft's leader lease a read trusts it.
+const LEASE_MARGIN_MS: u64 = 100;
 
 /// Errors of routing and replication.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +74,8 @@ pub struct Group {
     pub state: StateMachine,
     /// Its log.
     pub log: LogStore,
+    /// Its activity and hibernation state.
+    pub pulse: hibernate::Pulse,
 }
 
 /// Who served a shard read.
@@ -117,6 +123,12 @@ pub struct Cluster {
     request_sequence: std::sync::atomic::AtomicU64,
     config: ClusterConfig,
     clock: Arc<dyn Clock>,
+    /// What peers last said (liveness pings).
+    liveness: hibernate::Liveness,
+    /// When this node started: hibernation's time base.
+    started: tokio::time::Instant,
+    /// Set when shutdown begins: background loops stop.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -170,6 +182,18 @@ impl Cluster {
                 install_snapshot_timeout: config.snapshot_timeout_ms,
                 snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_logs_since),
                 max_in_snapshot_log_to_keep: config.logs_kept_after_snapshot,
+                // A candidate first asks whether it would win: a node that
+                // lost touch (a slow link, a paused process, a sleeping group
+                // woken late) cannot raise the term over a live leader.
+                enable_pre_vote: Some(true),
+                // A restarted leader must win an election again: our state
+                // machine is not fsynced (the log is the durable record) and
+                // the commit index is not persisted, so a leader restoring
+                // itself could serve from a state missing acknowledged writes.
+                enable_leader_restore: Some(false),
+                // Every group starts asleep; the liveness rounds start its
+                // ticker when the pings say so (cluster/hibernate.rs).
+                enable_tick: false,
                 ..openraft::Config::default()
             }
             .validate()
@@ -209,7 +233,15 @@ impl Cluster {
             )
             .await
             .map_err(|e| ClusterError::Start(format!("group {group} raft: {e}")))?;
-            groups.insert(group, Group { raft, state, log });
+            groups.insert(
+                group,
+                Group {
+                    raft,
+                    state,
+                    log,
+                    pulse: hibernate::Pulse::asleep(),
+                },
+            );
         }
         let cluster = Arc::new(Cluster {
             node_id,
@@ -217,12 +249,19 @@ impl Cluster {
             clients,
             groups,
             leader_hints: Mutex::new(HashMap::new()),
-            request_sequence: std::sync::atomic::AtomicU64::new(boot_nanos()),
+            request_sequence: std::sync::atomic::AtomicU64::new(random_sequence_start()),
             config: config.clone(),
             clock: options.clock,
+            liveness: hibernate::Liveness::default(),
+            started: tokio::time::Instant::now(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         cluster.bootstrap().await?;
         tokio::spawn(reconcile_metadata_learners(Arc::downgrade(&cluster)));
+        tokio::spawn(hibernate::liveness_loop(
+            Arc::downgrade(&cluster),
+            Duration::from_millis(config.liveness_interval_ms),
+        ));
         Ok(cluster)
     }
 
@@ -290,19 +329,58 @@ impl Cluster {
         }
     }
 
-    /// The next target after a failure without a leader hint: rotate over
-    /// the voters.
-    fn next_target(&self, group: GroupId, current: NodeId) -> NodeId {
-        let voters = self.placement.voters(group);
-        match voters.iter().position(|&v| v == current) {
-            Some(i) => voters[(i + 1) % voters.len()],
-            None => voters.first().copied().unwrap_or(self.node_id),
+    /// The next target after a failure without a usable leader hint: the
+    /// leader this node's own replica now knows, if it is not one that just
+    /// failed; else the next voter that has not failed in this request (all
+    /// of them failed: start the rotation again).
+    fn retry_target(&self, group: GroupId, current: NodeId, failed: &mut Vec<NodeId>) -> NodeId {
+        if let Some(leader) = self.known_leader(group)
+            && !failed.contains(&leader)
+        {
+            return leader;
         }
+        let voters = self.placement.voters(group);
+        if voters.iter().all(|voter| failed.contains(voter)) {
+            failed.clear();
+        }
+        let start = voters
+            .iter()
+            .position(|&v| v == current)
+            .map_or(0, |i| i + 1);
+        (0..voters.len())
+            .map(|offset| voters[(start + offset) % voters.len()])
+            .find(|voter| !failed.contains(voter))
+            .or_else(|| voters.first().copied())
+            .unwrap_or(self.node_id)
+    }
+
+    /// Waits before a retry: the backoff for `attempt`, cut short when this
+    /// node's own replica of the group learns of a new leader (during a
+    /// failover the retry then goes out the moment the election is won, not
+    /// up to a backoff later).
+    async fn pause_before_retry(&self, group: GroupId, attempt: u32) {
+        let pause = Self::backoff(attempt);
+        let Some(hosted) = self.groups.get(&group) else {
+            tokio::time::sleep(pause).await;
+            return;
+        };
+        let before = self.known_leader(group);
+        // Times out (an error) when nothing changed: either way, retry.
+        let _ = hosted
+            .raft
+            .wait(Some(pause))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != before,
+                "a new leader",
+            )
+            .await;
     }
 
     /// A request id unique across this cluster's proposals: the node id in
-    /// the high half, then a counter started from the boot time in
-    /// nanoseconds (unique across restarts of this node).
+    /// the high half, then a counter started at a random point at boot (a
+    /// clock could restart at a fixed epoch before NTP and reissue ids still
+    /// in the dedup ring; two random starts collide with odds of about
+    /// ids-per-run / 2^64).
     fn next_request_id(&self) -> RequestId {
         let sequence = self
             .request_sequence
@@ -333,10 +411,21 @@ impl Cluster {
         group: GroupId,
         command: Command,
     ) -> Result<(Response, LogId), ClusterError> {
+        self.propose_with_id(group, command, None).await
+    }
+
+    /// [`Self::propose`] with the client's idempotency key, if it gave one
+    /// (the same key in every group: each group deduplicates on its own).
+    pub async fn propose_with_id(
+        &self,
+        group: GroupId,
+        command: Command,
+        request_id: Option<RequestId>,
+    ) -> Result<(Response, LogId), ClusterError> {
         // One id for every attempt: a retry of an entry that did commit is
         // answered AlreadyApplied instead of being applied twice.
         let proposal = Proposal {
-            request_id: self.next_request_id(),
+            request_id: request_id.unwrap_or_else(|| self.next_request_id()),
             leader_ts_us: 0,
             command,
         };
@@ -385,25 +474,31 @@ impl Cluster {
         let mut target = first;
         let mut last = String::from("no attempt made");
         let attempts = self.config.route_retries_max.max(1);
+        // Nodes that failed in this request: a redirect to one of them (a
+        // replica that has not noticed its leader died) is no hint.
+        let mut failed: Vec<NodeId> = Vec::new();
         for n in 0..attempts {
             match attempt(target).await {
                 Ok(value) => return Ok(value),
                 Err(PeerResult::NotLeader {
                     leader: Some(leader),
-                }) if leader != target => {
+                }) if leader != target && !failed.contains(&leader) => {
                     last = format!("node {target} is not the leader; node {leader} is");
                     self.remember_leader(group, leader);
                     target = leader;
                     // A redirect is cheap; still back off when it repeats.
                     if n > 2 {
-                        tokio::time::sleep(Self::backoff(n)).await;
+                        self.pause_before_retry(group, n).await;
                     }
                 }
                 Err(other) => {
                     last = format!("node {target}: {}", describe(&other));
                     self.forget_leader(group);
-                    target = self.next_target(group, target);
-                    tokio::time::sleep(Self::backoff(n)).await;
+                    if !failed.contains(&target) {
+                        failed.push(target);
+                    }
+                    self.pause_before_retry(group, n).await;
+                    target = self.retry_target(group, target, &mut failed);
                 }
             }
         }
@@ -419,6 +514,7 @@ impl Cluster {
         let Some(hosted) = self.groups.get(&group) else {
             return PeerResult::NoSuchGroup;
         };
+        self.activity(group).await;
         // The leader's clock, stamped where the entry is created.
         proposal.leader_ts_us = self.clock.now_us();
         match tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(proposal)).await {
@@ -496,62 +592,77 @@ impl Cluster {
         let Some(hosted) = self.groups.get(&group) else {
             return Err(PeerResult::NoSuchGroup);
         };
-        // The four fields a read needs, copied under the watch borrow (which
-        // must not be held across an await).
-        let (is_leader, current_leader, mut applied_index, committed) = {
+        // The fields a read needs, copied under the watch borrow (which must
+        // not be held across an await).
+        let (is_leader, current_leader, mut applied_index, committed, lease_valid) = {
             let metrics = hosted.raft.metrics();
-            let metrics = metrics.borrow_watched();
+            let m = metrics.borrow_watched();
+            let is_leader = m.state == ServerState::Leader;
             (
-                metrics.state == ServerState::Leader,
-                metrics.current_leader,
-                metrics.last_applied.map_or(0, |id| id.index),
-                metrics.cluster_committed.map_or(0, |id| id.index),
+                is_leader,
+                m.current_leader,
+                m.last_applied.map_or(0, |id| id.index),
+                m.cluster_committed.map_or(0, |id| id.index),
+                is_leader && self.lease_valid(&m),
             )
         };
-        match level {
-            ReadLevel::Strong => {
-                let confirmed = tokio::time::timeout(
-                    self.peer_timeout(),
-                    hosted.raft.ensure_linearizable(ReadPolicy::ReadIndex),
-                )
-                .await;
-                match confirmed {
-                    Err(_) => return Err(PeerResult::Failed("read index timed out".into())),
-                    Ok(Err(e)) => {
-                        return Err(match e.forward_to_leader() {
-                            Some(forward) => PeerResult::NotLeader {
-                                leader: forward.leader_id,
-                            },
-                            None => PeerResult::Failed(e.to_string()),
-                        });
-                    }
-                    // The read index waited for apply: read the position again.
-                    Ok(Ok(_)) => {
-                        applied_index = hosted
-                            .raft
-                            .metrics()
-                            .borrow_watched()
-                            .last_applied
-                            .map_or(0, |id| id.index);
-                    }
-                }
-            }
+        if is_leader {
+            self.activity(group).await;
+        }
+        let policy = match level {
+            ReadLevel::Strong => Some(LinearizerOption::from(ReadPolicy::ReadIndex)),
             ReadLevel::Leader if !is_leader => {
                 return Err(PeerResult::NotLeader {
                     leader: current_leader,
                 });
             }
-            ReadLevel::Replica if !is_leader => {
-                let fresh = current_leader.is_some()
-                    && applied_index.saturating_add(self.config.replica_lag_entries_max)
-                        >= committed;
+            // A leader serves its own state only under a lease: a quorum
+            // acknowledged it less than a lease ago (so no other leader can
+            // have been elected since), and it has applied an entry of its
+            // own term (so it holds every write acknowledged by a previous
+            // leader). Otherwise it renews the lease first, with a heartbeat
+            // round, which also finds out if it was deposed.
+            ReadLevel::Leader | ReadLevel::Replica if is_leader => {
+                (!lease_valid).then(|| LinearizerOption::new(Some(self.read_lease()), true))
+            }
+            ReadLevel::Replica => {
+                let fresh = current_leader.is_some_and(|leader| {
+                    applied_index.saturating_add(self.config.replica_lag_entries_max) >= committed
+                        && self.replica_fresh(group, leader, applied_index)
+                });
                 if !fresh {
                     return Err(PeerResult::NotLeader {
                         leader: current_leader,
                     });
                 }
+                None
             }
-            _ => {}
+            ReadLevel::Leader => None,
+        };
+        if let Some(policy) = policy {
+            let confirmed =
+                tokio::time::timeout(self.peer_timeout(), hosted.raft.ensure_linearizable(policy))
+                    .await;
+            match confirmed {
+                Err(_) => return Err(PeerResult::Failed("read index timed out".into())),
+                Ok(Err(e)) => {
+                    return Err(match e.forward_to_leader() {
+                        Some(forward) => PeerResult::NotLeader {
+                            leader: forward.leader_id,
+                        },
+                        None => PeerResult::Failed(e.to_string()),
+                    });
+                }
+                // It waited for apply: read the position again.
+                Ok(Ok(_)) => {
+                    applied_index = hosted
+                        .raft
+                        .metrics()
+                        .borrow_watched()
+                        .last_applied
+                        .map_or(0, |id| id.index);
+                }
+            }
         }
         Ok(ReadSource {
             group,
@@ -559,6 +670,37 @@ impl Cluster {
             leader: is_leader,
             applied_index,
         })
+    }
+
+    /// Whether a leader's lease lets it serve reads from its own state now
+    /// (see `check_local_read`). A lone voter is its own quorum.
+    fn lease_valid(&self, m: &openraft::RaftMetrics<quiver_raft::TypeConfig>) -> bool {
+        let own_term_applied = m
+            .last_applied
+            .is_some_and(|id| id.leader_id.term == m.current_term);
+        let alone = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .eq([self.node_id]);
+        let lease = self.read_lease();
+        own_term_applied
+            && (alone
+                || m.last_quorum_acked.as_ref().is_some_and(|acked| {
+                    <openraft::TokioInstant as openraft::Instant>::now() < **acked + lease
+                }))
+    }
+
+    /// How old a quorum's acknowledgement may be for a leader to serve reads
+    /// from its own state: openraft's lease (election_timeout_max), less a
+    /// margin for the clocks of leader and followers running at slightly
+    /// different rates.
+    fn read_lease(&self) -> Duration {
+        Duration::from_millis(
+            self.config
+                .election_timeout_max_ms
+                .saturating_sub(LEASE_MARGIN_MS),
+        )
     }
 
     /// The leader side of a read index: confirms leadership and returns an
@@ -658,6 +800,7 @@ impl Cluster {
                     lag,
                     log_bytes: hosted.log.bytes(),
                     rows_estimate: hosted.state.store().stats().rows_estimate,
+                    asleep: hosted.pulse.is_asleep(),
                 }
             })
             .collect()
@@ -665,6 +808,8 @@ impl Cluster {
 
     /// Stops every group's Raft and flushes its store.
     pub async fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for (group, hosted) in &self.groups {
             if let Err(e) = hosted.raft.shutdown().await {
                 tracing::warn!(group, error = %e, "raft shutdown");
@@ -677,11 +822,9 @@ impl Cluster {
     }
 }
 
-fn boot_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+fn random_sequence_start() -> u64 {
+    // Half the space: the counter never wraps into ids of an earlier start.
+    rand::random::<u64>() >> 1
 }
 
 fn describe(result: &PeerResult) -> String {
@@ -722,6 +865,8 @@ async fn reconcile_metadata_learners(cluster: std::sync::Weak<Cluster>) {
                 continue;
             }
             let node = BasicNode::new(cluster.placement.nodes[&learner].clone());
+            // A membership change is a proposal: the group must be awake.
+            cluster.activity(METADATA_GROUP).await;
             if let Err(e) = hosted.raft.add_learner(learner, node, false).await {
                 tracing::debug!(learner, error = %e, "adding metadata learner");
             }

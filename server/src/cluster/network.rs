@@ -17,7 +17,8 @@ use std::time::Duration;
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::SnapshotOf;
 use quiver_proto::peer::{PeerBatch, PeerRequest, SnapshotChunk, peer_client::PeerClient};
@@ -39,9 +40,12 @@ pub const PEER_BATCH_CALLS_MAX: usize = 512;
 /// A batch stops growing at this many payload bytes; a larger call travels
 /// alone.
 const PEER_BATCH_BYTES_MAX: usize = 4 << 20;
-/// Batches of one lane outstanding to one peer. More means less waiting
+/// Batches of one data lane outstanding to one peer. More means less waiting
 /// behind a slow batch; fewer means fuller batches under load.
 const PEER_BATCHES_IN_FLIGHT_MAX: usize = 2;
+/// Batches of the control lane outstanding to one peer: heartbeats, votes
+/// and pings are small and must never wait for each other.
+const PEER_CONTROL_BATCHES_IN_FLIGHT_MAX: usize = 4;
 /// Calls waiting per peer and lane before new ones fail fast (a peer that
 /// stopped answering must not grow memory without bound).
 const PEER_QUEUE_CALLS_MAX: usize = 8192;
@@ -52,23 +56,40 @@ const PEER_QUEUE_CALLS_MAX: usize = 8192;
 /// a proposal that itself waits for appends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
-    /// Append entries and votes: answered after a log fsync at most, never
+    /// Heartbeats (appends without entries), votes and liveness pings, on a
+    /// connection of their own: under load they must not queue behind data
+    /// (in our queues, in HTTP/2 flow control or in TCP), or a busy cluster
+    /// would miss heartbeats and start elections.
+    Control = 0,
+    /// Appends with entries: answered after a log fsync at most, never
     /// calls out.
-    Raft = 0,
+    Append = 1,
     /// Forwarded proposals: answered after a commit and apply.
-    Propose = 1,
+    Propose = 2,
     /// Forwarded reads and read indexes.
-    Read = 2,
+    Read = 3,
 }
 
-const LANES: usize = 3;
+const LANES: usize = 4;
 
 impl Lane {
     fn of(call: &PeerCall) -> Lane {
         match call {
-            PeerCall::AppendEntries(_) | PeerCall::Vote(_) => Lane::Raft,
+            PeerCall::AppendEntries(rpc) if rpc.entries.is_empty() => Lane::Control,
+            PeerCall::Vote(_)
+            | PeerCall::PreVote(_)
+            | PeerCall::Ping(_)
+            | PeerCall::TransferLeader(_) => Lane::Control,
+            PeerCall::AppendEntries(_) => Lane::Append,
             PeerCall::Propose(_) => Lane::Propose,
             PeerCall::Read { .. } | PeerCall::ReadIndex => Lane::Read,
+        }
+    }
+
+    fn batches_in_flight_max(self) -> usize {
+        match self {
+            Lane::Control => PEER_CONTROL_BATCHES_IN_FLIGHT_MAX,
+            Lane::Append | Lane::Propose | Lane::Read => PEER_BATCHES_IN_FLIGHT_MAX,
         }
     }
 }
@@ -82,10 +103,13 @@ struct Queued {
 }
 
 /// Takes calls off one peer lane's queue and sends them as batches, at most
-/// `PEER_BATCHES_IN_FLIGHT_MAX` at a time. Ends when the queue's senders are
-/// dropped.
-async fn send_batches(client: PeerClient<Channel>, mut queue: mpsc::Receiver<Queued>) {
-    let permits = Arc::new(Semaphore::new(PEER_BATCHES_IN_FLIGHT_MAX));
+/// `in_flight_max` at a time. Ends when the queue's senders are dropped.
+async fn send_batches(
+    client: PeerClient<Channel>,
+    mut queue: mpsc::Receiver<Queued>,
+    in_flight_max: usize,
+) {
+    let permits = Arc::new(Semaphore::new(in_flight_max));
     let mut carried: Option<Queued> = None;
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -220,16 +244,27 @@ impl PeerClients {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(timeout);
-            let client = PeerClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
-            let lane = || {
-                let (tx, rx) = mpsc::channel(PEER_QUEUE_CALLS_MAX);
-                tokio::spawn(send_batches(client.clone(), rx));
-                tx
+            let connect = || {
+                PeerClient::new(endpoint.connect_lazy())
+                    .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
             };
-            queues.insert(id, std::array::from_fn(|_| lane()));
-            clients.insert(id, client);
+            // Two connections: control traffic never shares one with data.
+            let data = connect();
+            let control = connect();
+            let lanes = std::array::from_fn(|index| {
+                let lane = [Lane::Control, Lane::Append, Lane::Propose, Lane::Read][index];
+                let client = if lane == Lane::Control {
+                    control.clone()
+                } else {
+                    data.clone()
+                };
+                let (tx, rx) = mpsc::channel(PEER_QUEUE_CALLS_MAX);
+                tokio::spawn(send_batches(client, rx, lane.batches_in_flight_max()));
+                tx
+            });
+            queues.insert(id, lanes);
+            clients.insert(id, data);
         }
         Ok(Self {
             clients,
@@ -479,6 +514,28 @@ impl RaftNetworkV2<TypeConfig> for GroupPeer {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         match self.call(&PeerCall::Vote(rpc), &option).await? {
             PeerResult::Vote(response) => Ok(response),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(&PeerCall::PreVote(rpc), &option).await? {
+            PeerResult::PreVote(response) => Ok(response),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.call(&PeerCall::TransferLeader(rpc), &option).await? {
+            PeerResult::TransferLeader(response) => Ok(response),
             other => Err(unexpected(other)),
         }
     }

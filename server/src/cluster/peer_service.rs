@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use futures::StreamExt;
+use openraft::raft::AppendEntriesResponse;
 use quiver_proto::peer::peer_server::Peer;
 use quiver_proto::peer::{PeerBatch, PeerBatchReply, PeerReply, SnapshotChunk};
 use quiver_raft::state_machine::{checked_name, write_manifest};
@@ -38,17 +39,57 @@ impl PeerService {
             PeerCall::AppendEntries(rpc) => match cluster.group(group) {
                 None => PeerResult::NoSuchGroup,
                 Some(hosted) => match hosted.raft.append_entries(rpc).await {
-                    Ok(response) => PeerResult::AppendEntries(response),
+                    Ok(response) => {
+                        // Accepted from our leader (not refused with a higher
+                        // vote, which a deposed leader gets): now that
+                        // openraft has restarted its election timer, a
+                        // sleeping replica may tick again.
+                        if !matches!(response, AppendEntriesResponse::HigherVote(_)) {
+                            cluster.leader_contact(group);
+                        }
+                        PeerResult::AppendEntries(response)
+                    }
                     Err(e) => PeerResult::Failed(e.to_string()),
                 },
             },
             PeerCall::Vote(rpc) => match cluster.group(group) {
                 None => PeerResult::NoSuchGroup,
-                Some(hosted) => match hosted.raft.vote(rpc).await {
-                    Ok(response) => PeerResult::Vote(response),
-                    Err(e) => PeerResult::Failed(e.to_string()),
-                },
+                Some(hosted) => {
+                    if let Some(refusal) = cluster.vote_refusal(group, rpc.leadership_transfer) {
+                        return PeerResult::Failed(refusal);
+                    }
+                    match hosted.raft.vote(rpc).await {
+                        Ok(response) => PeerResult::Vote(response),
+                        Err(e) => PeerResult::Failed(e.to_string()),
+                    }
+                }
             },
+            PeerCall::PreVote(rpc) => match cluster.group(group) {
+                None => PeerResult::NoSuchGroup,
+                Some(hosted) => {
+                    // A refusal is an error, which the candidate does not
+                    // count as a grant (and which leaves its term alone).
+                    if let Some(refusal) = cluster.vote_refusal(group, rpc.leadership_transfer) {
+                        return PeerResult::Failed(refusal);
+                    }
+                    match hosted.raft.pre_vote(rpc).await {
+                        Ok(response) => PeerResult::PreVote(response),
+                        Err(e) => PeerResult::Failed(e.to_string()),
+                    }
+                }
+            },
+            PeerCall::TransferLeader(rpc) => match cluster.group(group) {
+                None => PeerResult::NoSuchGroup,
+                Some(hosted) => {
+                    // The transfer's election must not wait for a sleeping timer.
+                    cluster.leader_contact(group);
+                    match hosted.raft.handle_transfer_leader(rpc).await {
+                        Ok(response) => PeerResult::TransferLeader(response),
+                        Err(e) => PeerResult::Failed(e.to_string()),
+                    }
+                }
+            },
+            PeerCall::Ping(ping) => PeerResult::Pong(cluster.on_ping(ping).await),
             PeerCall::Propose(command) => cluster.propose_local(group, command).await,
             PeerCall::ReadIndex => cluster.read_index_local(group).await,
             PeerCall::Read { keys, level } => self.read(group, keys, level).await,

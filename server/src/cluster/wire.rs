@@ -1,8 +1,11 @@
 //! The postcard-encoded payloads of the internal `Peer` service.
 
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
 use quiver_raft::types::{LogId, Vote};
-use quiver_raft::{Manifest, NodeId, Proposal, Response, TypeConfig};
+use quiver_raft::{GroupId, Manifest, NodeId, Proposal, Response, TypeConfig};
 use serde::{Deserialize, Serialize};
 
 /// How fresh a forwarded read must be.
@@ -35,6 +38,40 @@ pub enum PeerCall {
     /// The leader confirms its leadership and returns an applied index that
     /// covers everything committed before the call (a read index).
     ReadIndex,
+    /// Node-to-node liveness, sent every `cluster.liveness_interval_ms`
+    /// whatever the number of groups; carries what hibernation needs.
+    Ping(Ping),
+    /// Raft pre-vote: would the receiver vote for this candidate? (Asked
+    /// before a candidate raises its term, so a node that merely lost touch
+    /// cannot depose a leader the others still hear.)
+    PreVote(VoteRequest<TypeConfig>),
+    /// The leader hands leadership to the receiver.
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
+}
+
+/// What a node tells each peer every liveness interval (and answers a
+/// ping with).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// The sender.
+    pub from: NodeId,
+    /// Groups the sender leads and has put to sleep.
+    pub hibernating: Vec<Hibernating>,
+    /// Groups the receiver leads, asleep, that the sender needs awake (it is
+    /// behind and must be sent entries).
+    pub wake: Vec<GroupId>,
+}
+
+/// A group its leader has put to sleep: followers whose log ends at
+/// `last_index` in `term` may sleep too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hibernating {
+    /// The group.
+    pub group: GroupId,
+    /// The leader's term.
+    pub term: u64,
+    /// The leader's last log index (everything committed and applied).
+    pub last_index: u64,
 }
 
 /// Rows read by a peer.
@@ -85,6 +122,13 @@ pub enum PeerResult {
     NoSuchGroup,
     /// The call failed here.
     Failed(String),
+    /// The answer to a [`PeerCall::Ping`]: the receiver's own news (its
+    /// sleeping groups), so news flows even when only one direction works.
+    Pong(Ping),
+    /// Pre-vote answer.
+    PreVote(VoteResponse<TypeConfig>),
+    /// Leader transfer answer.
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
 }
 
 /// The first chunk of a snapshot stream.

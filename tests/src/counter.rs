@@ -1,0 +1,196 @@
+//! What cluster tests share: the `counter` view (one int64 feature), a
+//! cluster per test run one at a time, and polling helpers that retry until a
+//! generous deadline instead of sleeping (CI has 2 cores).
+
+use std::time::{Duration, Instant};
+
+use quiver_proto::v1 as pb;
+use quiver_proto::v1::ValueType;
+
+use crate::{Client, Cluster, apply_view, feature, int64, now_us, row, write_rows};
+
+/// How long a test waits for leaders to be elected.
+pub const LEADER_WAIT: Duration = Duration::from_secs(60);
+/// How long a test waits for replicas to converge.
+pub const CONVERGE_WAIT: Duration = Duration::from_secs(60);
+
+/// The view every cluster test writes: `counter:value`, an int64.
+pub fn counter_view() -> pb::FeatureView {
+    pb::FeatureView {
+        name: "counter".into(),
+        entities: vec!["id".into()],
+        features: vec![feature("value", ValueType::Int64, None)],
+        ttl_seconds: 0,
+        description: "cluster test view".into(),
+        version: 0,
+    }
+}
+
+/// One cluster at a time: three nodes with 17 groups each are enough for 2
+/// cores; two clusters at once would make elections flap.
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A running 3-node cluster, its data directory, and this test's turn.
+pub struct Running {
+    cluster: Cluster,
+    _dir: tempfile::TempDir,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Running {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
+    }
+}
+
+/// Starts a 3-node cluster with `env` (`QUIVER_CLUSTER__...` tuning) once
+/// no other test's cluster runs, and waits for every group's leader.
+pub async fn start(env: &[(&str, &str)]) -> Running {
+    let turn = ONE_CLUSTER.lock().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(dir.path(), 3, env)
+        .await
+        .expect("cluster starts");
+    cluster
+        .wait_for_leaders(LEADER_WAIT)
+        .await
+        .expect("every group elects a leader");
+    Running {
+        cluster,
+        _dir: dir,
+        _turn: turn,
+    }
+}
+
+/// Tests that do not need every shard: fewer groups, less load.
+pub const FOUR_SHARDS: [(&str, &str); 1] = [("QUIVER_CLUSTER__SHARD_COUNT", "4")];
+
+/// Retries `f` until it succeeds; panics with its last error once the
+/// deadline passes (leader elections, a node restarting).
+pub async fn retry<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        match f().await {
+            Ok(value) => return value,
+            Err(e) if Instant::now() > until => {
+                panic!("{what}: still failing after {deadline:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Reads `counter:value` of `keys`; an unavailable shard is an error.
+pub async fn read_values(
+    client: &mut Client,
+    keys: &[String],
+    consistency: pb::Consistency,
+) -> Result<(Vec<Option<i64>>, Vec<pb::ReadSource>), String> {
+    let response = client
+        .get(pb::GetRequest {
+            entity_keys: keys.to_vec(),
+            features: vec!["counter:value".into()],
+            consistency: consistency as i32,
+            skip_cache: false,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let mut values = Vec::new();
+    for entity in &response.entities {
+        let feature = &entity.features[0];
+        if feature.status() == pb::FeatureStatus::Unavailable {
+            return Err(format!("{} unavailable", entity.entity_key));
+        }
+        values.push(match feature.value.as_ref().and_then(|v| v.kind.clone()) {
+            Some(pb::value::Kind::Int64Val(v)) => Some(v),
+            _ => None,
+        });
+    }
+    Ok((values, response.sources))
+}
+
+/// Writes `counter:value` rows; a larger value gets a later event time.
+pub async fn write_values(client: &mut Client, values: &[(String, i64)]) -> Result<(), String> {
+    let ts = now_us();
+    let rows = values
+        .iter()
+        .map(|(key, value)| row(key, ts + value, &[("value", int64(*value))]))
+        .collect();
+    write_rows(client, "counter", rows)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Applies the counter view, retrying while the metadata group elects.
+pub async fn apply_counter_view(client: &Client) {
+    retry("apply the view", LEADER_WAIT, || {
+        let mut client = client.clone();
+        async move {
+            apply_view(&mut client, counter_view())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+}
+
+/// `count` keys `prefix-0`, `prefix-1`, ...
+pub fn keys(count: usize, prefix: &str) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// The leader of `group` as the running nodes report it.
+pub async fn leader_of(cluster: &mut Cluster, group: u32) -> u64 {
+    retry("find leader", LEADER_WAIT, || {
+        let statuses: Vec<_> = cluster
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.is_running().then(|| n.addr()))
+            .collect();
+        async move {
+            for addr in statuses {
+                let mut client = connect(addr).await?;
+                let status = client
+                    .status(pb::StatusRequest {})
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                if let Some(g) = status
+                    .groups
+                    .iter()
+                    .find(|g| g.group == group && g.role == "leader")
+                {
+                    return Ok(status.node_id.max(g.leader_id));
+                }
+            }
+            Err(format!("no node leads group {group}"))
+        }
+    })
+    .await
+}
+
+/// A client of the node at `addr`.
+pub async fn connect(addr: std::net::SocketAddr) -> Result<Client, String> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(quiver_proto::v1::feature_store_client::FeatureStoreClient::new(channel))
+}
