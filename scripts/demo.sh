@@ -76,9 +76,15 @@ NODES="1=127.0.0.1:$PORT,2=127.0.0.1:$((PORT + 1)),3=$N3"
 "$BIN/quiverd" --node-id 1 --cluster-nodes "$NODES" --listen-addr "127.0.0.1:$PORT" \
     --data-dir "$DEMO_DIR/node1" >"$DEMO_DIR/node1.out" 2>>"$DEMO_DIR/node1.log" &
 echo $! >"$DEMO_DIR/node1.pid"
+# Caught up: node 1's own replica (not the leader it falls back to while it
+# is behind) serves the value written while it was down.
 caught_up=""
 for _ in $(seq 300); do
-    if "$CTL" get --features driver_hourly_stats:conv_rate 1001 --consistency replica --json 2>/dev/null | grep -q 0.99; then
+    if "$CTL" get --features driver_hourly_stats:conv_rate 1001 --consistency replica --json 2>/dev/null \
+        | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+ok = r["entities"][0]["features"]["driver_hourly_stats:conv_rate"]["value"] == 0.99 and all(s["node_id"] == 1 for s in r["sources"])
+sys.exit(0 if ok else 1)'; then
         caught_up=yes
         break
     fi

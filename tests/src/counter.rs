@@ -31,10 +31,25 @@ pub fn counter_view() -> pb::FeatureView {
 static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A running 3-node cluster, its data directory, and this test's turn.
+/// When a test fails, the directory (data and every node's log) is kept and
+/// its path printed.
 pub struct Running {
     cluster: Cluster,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
     _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!(
+                "cluster data and node logs kept in {}",
+                dir.keep().display()
+            );
+        }
+    }
 }
 
 impl std::ops::Deref for Running {
@@ -64,7 +79,7 @@ pub async fn start(env: &[(&str, &str)]) -> Running {
         .expect("every group elects a leader");
     Running {
         cluster,
-        _dir: dir,
+        dir: Some(dir),
         _turn: turn,
     }
 }

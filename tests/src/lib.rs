@@ -247,7 +247,12 @@ fn spawn(
         .env_remove("QUIVER_CONFIG")
         .env_remove("QUIVER_BIN_DIR")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("QUIVER_LOG", "info")
+        // QUIVER_TEST_LOG picks the nodes' log filter when debugging a test
+        // (e.g. "info,quiver_server=debug").
+        .env(
+            "QUIVER_LOG",
+            std::env::var("QUIVER_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))

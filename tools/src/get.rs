@@ -100,9 +100,24 @@ fn print_json(response: &pb::GetResponse) -> Result<()> {
             serde_json::json!({"entity_key": entity.entity_key, "features": features})
         })
         .collect();
+    // Who served each shard: scripts check where a read came from.
+    let sources: Vec<_> = response
+        .sources
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "shard": s.shard,
+                "node_id": s.node_id,
+                "leader": s.leader,
+                "applied_index": s.applied_index,
+            })
+        })
+        .collect();
     println!(
         "{}",
-        serde_json::to_string_pretty(&serde_json::json!({ "entities": entities }))?
+        serde_json::to_string_pretty(
+            &serde_json::json!({ "entities": entities, "sources": sources })
+        )?
     );
     Ok(())
 }

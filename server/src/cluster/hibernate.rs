@@ -232,7 +232,7 @@ impl Liveness {
     /// Whether `peer` has been heard from within `timeout_ms` of `now_ms`.
     /// A peer never heard from counts as up for the first `timeout_ms`
     /// after this node started: it has not had the time to speak.
-    fn is_up(&self, peer: NodeId, now_ms: u64, timeout_ms: u64) -> bool {
+    pub(super) fn is_up(&self, peer: NodeId, now_ms: u64, timeout_ms: u64) -> bool {
         let heard_ms = self.peers.lock().get(&peer).map_or(0, |h| h.heard_ms);
         is_recent(heard_ms, now_ms, timeout_ms) || (heard_ms == 0 && now_ms < timeout_ms)
     }

@@ -347,9 +347,19 @@ impl Cluster {
             .iter()
             .position(|&v| v == current)
             .map_or(0, |i| i + 1);
-        (0..voters.len())
+        let rotation: Vec<NodeId> = (0..voters.len())
             .map(|offset| voters[(start + offset) % voters.len()])
-            .find(|voter| !failed.contains(voter))
+            .filter(|voter| !failed.contains(voter))
+            .collect();
+        // A node the liveness pings say is down (paused, cut off) would cost
+        // a whole peer deadline: try the others first.
+        let now = self.now_ms();
+        let timeout = self.config.liveness_timeout_ms;
+        rotation
+            .iter()
+            .copied()
+            .find(|&voter| voter == self.node_id || self.liveness.is_up(voter, now, timeout))
+            .or_else(|| rotation.first().copied())
             .or_else(|| voters.first().copied())
             .unwrap_or(self.node_id)
     }
@@ -493,6 +503,7 @@ impl Cluster {
                 }
                 Err(other) => {
                     last = format!("node {target}: {}", describe(&other));
+                    tracing::debug!(group, attempt = n, %last, "routing: attempt failed");
                     self.forget_leader(group);
                     if !failed.contains(&target) {
                         failed.push(target);
@@ -515,6 +526,23 @@ impl Cluster {
             return PeerResult::NoSuchGroup;
         };
         self.activity(group).await;
+        // openraft refuses writes from a leader whose lease ran out (a group
+        // that slept, or a leader just elected), as "not the leader, none
+        // known": renew it with a heartbeat round first.
+        let (is_leader, lease_valid) = {
+            let metrics = hosted.raft.metrics();
+            let m = metrics.borrow_watched();
+            let is_leader = m.state == ServerState::Leader;
+            (is_leader, is_leader && self.lease_valid(&m))
+        };
+        if is_leader
+            && !lease_valid
+            && let Err(refused) = self
+                .confirm_leadership(hosted, LinearizerOption::new(Some(self.read_lease()), true))
+                .await
+        {
+            return refused;
+        }
         // The leader's clock, stamped where the entry is created.
         proposal.leader_ts_us = self.clock.now_us();
         match tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(proposal)).await {
@@ -640,29 +668,14 @@ impl Cluster {
             ReadLevel::Leader => None,
         };
         if let Some(policy) = policy {
-            let confirmed =
-                tokio::time::timeout(self.peer_timeout(), hosted.raft.ensure_linearizable(policy))
-                    .await;
-            match confirmed {
-                Err(_) => return Err(PeerResult::Failed("read index timed out".into())),
-                Ok(Err(e)) => {
-                    return Err(match e.forward_to_leader() {
-                        Some(forward) => PeerResult::NotLeader {
-                            leader: forward.leader_id,
-                        },
-                        None => PeerResult::Failed(e.to_string()),
-                    });
-                }
-                // It waited for apply: read the position again.
-                Ok(Ok(_)) => {
-                    applied_index = hosted
-                        .raft
-                        .metrics()
-                        .borrow_watched()
-                        .last_applied
-                        .map_or(0, |id| id.index);
-                }
-            }
+            self.confirm_leadership(hosted, policy).await?;
+            // It waited for apply: read the position again.
+            applied_index = hosted
+                .raft
+                .metrics()
+                .borrow_watched()
+                .last_applied
+                .map_or(0, |id| id.index);
         }
         Ok(ReadSource {
             group,
@@ -689,6 +702,30 @@ impl Cluster {
                 || m.last_quorum_acked.as_ref().is_some_and(|acked| {
                     <openraft::TokioInstant as openraft::Instant>::now() < **acked + lease
                 }))
+    }
+
+    /// Confirms with a quorum that this replica leads `hosted` (a read index
+    /// or a lease renewal, as `option` says) and waits until it has applied
+    /// everything committed before; the error is the routing answer.
+    async fn confirm_leadership(
+        &self,
+        hosted: &Group,
+        option: LinearizerOption,
+    ) -> Result<(), PeerResult> {
+        match tokio::time::timeout(self.peer_timeout(), hosted.raft.ensure_linearizable(option))
+            .await
+        {
+            Err(_) => Err(PeerResult::Failed(
+                "confirming leadership timed out (no quorum?)".into(),
+            )),
+            Ok(Err(e)) => Err(match e.forward_to_leader() {
+                Some(forward) => PeerResult::NotLeader {
+                    leader: forward.leader_id,
+                },
+                None => PeerResult::Failed(e.to_string()),
+            }),
+            Ok(Ok(_)) => Ok(()),
+        }
     }
 
     /// How old a quorum's acknowledgement may be for a leader to serve reads
