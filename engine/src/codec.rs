@@ -307,28 +307,8 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::value::strategies::any_value;
     use proptest::prelude::*;
-
-    fn any_value() -> impl Strategy<Value = Value> {
-        prop_oneof![
-            Just(Value::Null),
-            any::<i64>().prop_map(Value::Int64),
-            any::<f64>().prop_map(Value::Double),
-            any::<f32>().prop_map(Value::Float),
-            any::<bool>().prop_map(Value::Bool),
-            ".{0,40}".prop_map(Value::String),
-            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Bytes),
-            any::<i64>().prop_map(Value::UnixTimestamp),
-            proptest::collection::vec(any::<i64>(), 0..8).prop_map(Value::Int64List),
-            proptest::collection::vec(any::<f64>(), 0..8).prop_map(Value::DoubleList),
-            proptest::collection::vec(any::<f32>(), 0..8).prop_map(Value::FloatList),
-            proptest::collection::vec(any::<bool>(), 0..8).prop_map(Value::BoolList),
-            proptest::collection::vec(".{0,10}", 0..5).prop_map(Value::StringList),
-            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..10), 0..5)
-                .prop_map(Value::BytesList),
-            proptest::collection::vec(any::<i64>(), 0..8).prop_map(Value::UnixTimestampList),
-        ]
-    }
 
     fn any_row() -> impl Strategy<Value = StoredRow> {
         (

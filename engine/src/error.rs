@@ -53,6 +53,16 @@ pub enum ViewError {
         /// The default's type.
         found: String,
     },
+    /// A default value that cannot be stored or served.
+    #[error("default of feature {view}:{feature} is invalid: {reason}")]
+    InvalidDefault {
+        /// The view.
+        view: String,
+        /// The feature.
+        feature: String,
+        /// Why.
+        reason: String,
+    },
     /// Applying the view would change the type of an existing feature.
     #[error(
         "feature {view}:{feature} is {old}; changing it to {new} is incompatible (delete and recreate the view)"

@@ -13,6 +13,7 @@
 
 pub mod clock;
 pub mod codec;
+pub mod durable;
 pub mod error;
 pub mod keys;
 pub mod registry;

@@ -122,6 +122,19 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
     }
 }
 
+/// The active segment as of a moment: what an fsync covers.
+#[derive(Debug, Clone)]
+pub struct SyncTarget {
+    /// The segment file.
+    pub file: Arc<File>,
+    /// Its path, for errors.
+    pub path: PathBuf,
+    /// Its first index.
+    pub first_index: u64,
+    /// Its length when the target was taken.
+    pub len: u64,
+}
+
 /// One segment file.
 struct Segment {
     first_index: u64,
@@ -243,9 +256,7 @@ fn segment_name(first_index: u64) -> String {
 }
 
 fn sync_dir(dir: &Path) -> LogResult<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    crate::durable::sync_dir(dir).map_err(io_err(dir))
 }
 
 /// The durable, contiguous log of one replica. Not thread-safe by itself: see
@@ -261,7 +272,19 @@ pub struct SegmentedLog {
     next_index: u64,
     /// Bytes of torn tail cut off when the log was opened.
     recovered_torn_bytes: u64,
+    /// The synced mark (`SYNCED_MARK_FILE`), rewritten after every fsync.
+    mark: File,
 }
+
+/// Where the log records, after each fsync, how far the active segment is
+/// durable: `(first index of the segment, byte length synced)` as one
+/// crc'd record. It is written after the fsync returns and never fsynced
+/// itself, so whatever of it reaches the disk is a lower bound of what was
+/// synced. Recovery uses it to tell a torn tail from corruption: a bad
+/// record past the mark was never acknowledged (the pages of an append can
+/// reach the disk out of order, leaving garbage before valid-looking
+/// bytes), one before it is damage to acknowledged data.
+const SYNCED_MARK_FILE: &str = "synced";
 
 impl std::fmt::Debug for SegmentedLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -299,12 +322,17 @@ impl SegmentedLog {
         }
         names.sort();
 
+        let synced = read_synced_mark(&dir);
         let mut segments: Vec<Segment> = Vec::with_capacity(names.len());
         let count = names.len();
         let mut recovered_torn_bytes = 0;
         for (position, (first_index, path)) in names.into_iter().enumerate() {
             let is_last = position + 1 == count;
-            let (segment, torn) = recover_segment(first_index, path, is_last, options)?;
+            let synced_bytes = synced
+                .filter(|&(segment, _)| segment == first_index)
+                .map(|(_, bytes)| bytes);
+            let (segment, torn) =
+                recover_segment(first_index, path, is_last, synced_bytes, options)?;
             recovered_torn_bytes += torn;
             if let Some(previous) = segments.last()
                 && previous.next_index() != segment.first_index
@@ -322,6 +350,14 @@ impl SegmentedLog {
             segments.push(segment);
         }
 
+        let mark_path = dir.join(SYNCED_MARK_FILE);
+        let mark = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&mark_path)
+            .map_err(io_err(&mark_path))?;
         let mut log = SegmentedLog {
             dir,
             options,
@@ -329,6 +365,7 @@ impl SegmentedLog {
             next_index: 0,
             segments,
             recovered_torn_bytes,
+            mark,
         };
         let first_segment = log.segments.first().map(|s| s.first_index);
         log.next_index = log.segments.last().map_or(0, Segment::next_index);
@@ -456,20 +493,37 @@ impl SegmentedLog {
         Ok(())
     }
 
-    /// The file an fsync must cover to make every append so far durable
+    /// What an fsync must cover to make every append so far durable
     /// (sealed segments were synced when sealed).
-    pub fn sync_target(&self) -> Option<(Arc<File>, PathBuf)> {
-        self.segments
-            .last()
-            .map(|s| (s.file.clone(), s.path.clone()))
+    pub fn sync_target(&self) -> Option<SyncTarget> {
+        self.segments.last().map(|s| SyncTarget {
+            file: s.file.clone(),
+            path: s.path.clone(),
+            first_index: s.first_index,
+            len: s.len,
+        })
     }
 
     /// Makes every append so far durable.
     pub fn sync(&self) -> LogResult<()> {
-        if let Some((file, path)) = self.sync_target() {
-            file.sync_data().map_err(io_err(&path))?;
+        if let Some(target) = self.sync_target() {
+            target.file.sync_data().map_err(io_err(&target.path))?;
+            self.mark_synced(&target);
         }
         Ok(())
+    }
+
+    /// Records that `target` was fsynced (see `SYNCED_MARK_FILE`). Not
+    /// fsynced itself, and a failure only costs recovery its precision.
+    pub fn mark_synced(&self, target: &SyncTarget) {
+        let mut payload = [0u8; 16];
+        payload[..8].copy_from_slice(&target.first_index.to_le_bytes());
+        payload[8..].copy_from_slice(&target.len.to_le_bytes());
+        let mut record = Vec::with_capacity(24);
+        encode_record(&payload, &mut record);
+        if let Err(e) = self.mark.write_all_at(&record, 0) {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "log: cannot write the synced mark");
+        }
     }
 
     /// The payload of entry `index`, or `None` outside `[first, next)`.
@@ -487,14 +541,36 @@ impl SegmentedLog {
         }
     }
 
+    /// The first index held by the active (unsealed) segment: entries below
+    /// it are in sealed segments, read through maps whose pages may have to
+    /// come from disk.
+    pub fn active_first_index(&self) -> u64 {
+        self.segments
+            .last()
+            .map_or(self.next_index, |segment| segment.first_index)
+    }
+
     /// The payloads of `[start, end)` clipped to the log, in order.
     pub fn range(&self, start: u64, end: u64) -> LogResult<Vec<Vec<u8>>> {
+        self.range_limited(start, end, usize::MAX)
+    }
+
+    /// Like [`Self::range`], but stops once the payloads read add up to
+    /// `bytes_max` (the first one is returned whatever its size).
+    pub fn range_limited(&self, start: u64, end: u64, bytes_max: usize) -> LogResult<Vec<Vec<u8>>> {
         let start = start.max(self.first_index);
         let end = end.min(self.next_index);
-        let mut out = Vec::with_capacity(end.saturating_sub(start) as usize);
+        let mut out = Vec::with_capacity(end.saturating_sub(start).min(1024) as usize);
+        let mut bytes = 0usize;
         for index in start..end {
+            if !out.is_empty() && bytes >= bytes_max {
+                break;
+            }
             match self.get(index)? {
-                Some(payload) => out.push(payload),
+                Some(payload) => {
+                    bytes = bytes.saturating_add(payload.len());
+                    out.push(payload);
+                }
                 None => break,
             }
         }
@@ -535,6 +611,13 @@ impl SegmentedLog {
         if self.first_index > index {
             self.first_index = index;
             write_first_index(&self.dir, index)?;
+        }
+        // The mark may say more was synced than the log now holds. It must
+        // come down, durably, before anything is appended past the cut: a
+        // torn append there would otherwise look like damage to synced data.
+        if let Some(target) = self.sync_target() {
+            self.mark_synced(&target);
+            self.mark.sync_data().map_err(io_err(&self.dir))?;
         }
         Ok(())
     }
@@ -606,6 +689,7 @@ fn recover_segment(
     first_index: u64,
     path: PathBuf,
     is_last: bool,
+    synced_bytes: Option<u64>,
     options: LogOptions,
 ) -> LogResult<(Segment, u64)> {
     let file = OpenOptions::new()
@@ -662,9 +746,29 @@ fn recover_segment(
                 offsets.push(offset);
                 offset += size;
             }
+            // Damage inside what the mark says was fsynced (so acknowledged):
+            // corruption, not a tail, whatever follows.
+            Parsed::Truncated | Parsed::Bad(_)
+                if is_last && synced_bytes.is_some_and(|synced| offset < synced) =>
+            {
+                return Err(corrupt(
+                    offset,
+                    format!(
+                        "a bad record inside the part of the segment synced before the crash ({} bytes)",
+                        synced_bytes.unwrap_or(0)
+                    ),
+                ));
+            }
             Parsed::Truncated if is_last => break,
+            // Past the mark, nothing was acknowledged: the rest is a tail
+            // even when valid-looking bytes follow (pages of an append can
+            // reach the disk out of order). Without a mark (a log older than
+            // it, or a mark that never reached the disk), only a bad last
+            // record is a tail.
             Parsed::Bad(_)
-                if is_last && bad_record_is_tail(&bytes, offset, options.record_bytes_max) =>
+                if is_last
+                    && (synced_bytes.is_some()
+                        || bad_record_is_tail(&bytes, offset, options.record_bytes_max)) =>
             {
                 break;
             }
@@ -717,6 +821,21 @@ fn bad_record_is_tail(bytes: &[u8], offset: u64, record_bytes_max: u32) -> bool 
     len <= record_bytes_max && RECORD_HEADER_BYTES as usize + len as usize >= rest.len()
 }
 
+/// The synced mark, if one reads back whole (see `SYNCED_MARK_FILE`).
+fn read_synced_mark(dir: &Path) -> Option<(u64, u64)> {
+    let bytes = std::fs::read(dir.join(SYNCED_MARK_FILE)).ok()?;
+    match parse_record(&bytes, 16) {
+        Parsed::Record { payload, .. } if payload.len() == 16 => {
+            let mut first = [0u8; 8];
+            let mut len = [0u8; 8];
+            first.copy_from_slice(&payload[..8]);
+            len.copy_from_slice(&payload[8..]);
+            Some((u64::from_le_bytes(first), u64::from_le_bytes(len)))
+        }
+        _ => None,
+    }
+}
+
 fn read_first_index(dir: &Path) -> LogResult<Option<u64>> {
     let path = dir.join(FIRST_INDEX_FILE);
     let bytes = match std::fs::read(&path) {
@@ -738,17 +857,12 @@ fn read_first_index(dir: &Path) -> LogResult<Option<u64>> {
     }
 }
 
-/// Atomic: write a temporary file, fsync, rename over, fsync the directory.
+/// Replaces the purge point atomically and durably.
 fn write_first_index(dir: &Path, index: u64) -> LogResult<()> {
     let path = dir.join(FIRST_INDEX_FILE);
-    let temporary = dir.join(format!("{FIRST_INDEX_FILE}.tmp"));
     let mut record = Vec::with_capacity(16);
     encode_record(&index.to_le_bytes(), &mut record);
-    let mut file = File::create(&temporary).map_err(io_err(&temporary))?;
-    file.write_all(&record).map_err(io_err(&temporary))?;
-    file.sync_all().map_err(io_err(&temporary))?;
-    std::fs::rename(&temporary, &path).map_err(io_err(&path))?;
-    sync_dir(dir)
+    crate::durable::write_atomic(&path, &record).map_err(io_err(&path))
 }
 
 /// Called once the appended entries are durable (or the fsync failed).
@@ -877,11 +991,15 @@ fn flusher(strong: &Shared) {
             (callbacks, target)
         };
         let result = match &target {
-            Some((file, _)) => file.sync_data(),
+            Some(target) => target.file.sync_data(),
             None => Ok(()),
         };
-        if let (Err(e), Some((_, path))) = (&result, &target) {
-            tracing::error!(path = %path.display(), error = %e, "log fsync failed");
+        match (&result, &target) {
+            (Err(e), Some(target)) => {
+                tracing::error!(path = %target.path.display(), error = %e, "log fsync failed");
+            }
+            (Ok(()), Some(target)) => strong.log.lock().mark_synced(target),
+            _ => {}
         }
         for callback in callbacks {
             let outcome = match &result {

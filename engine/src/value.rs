@@ -166,6 +166,19 @@ impl Value {
         matches!(self, Value::Null)
     }
 
+    /// Whether every number in the value is finite (no NaN, no infinity).
+    /// A view's default must be: the registry stores views as JSON, which
+    /// has no NaN or infinity, so such a default would not read back.
+    pub fn is_finite(&self) -> bool {
+        match self {
+            Value::Double(v) => v.is_finite(),
+            Value::Float(v) => v.is_finite(),
+            Value::DoubleList(v) => v.iter().all(|x| x.is_finite()),
+            Value::FloatList(v) => v.iter().all(|x| x.is_finite()),
+            _ => true,
+        }
+    }
+
     /// Approximate payload size in bytes: what value-size limits and cache
     /// weights count.
     pub fn payload_bytes(&self) -> usize {
@@ -183,5 +196,34 @@ impl Value {
             Value::StringList(v) => v.iter().map(|s| s.len() + 4).sum(),
             Value::BytesList(v) => v.iter().map(|b| b.len() + 4).sum(),
         }
+    }
+}
+
+/// Proptest strategies for values, shared by the engine's tests.
+#[cfg(test)]
+pub(crate) mod strategies {
+    use super::Value;
+    use proptest::prelude::*;
+
+    /// Any value of any type, NaN and infinities included.
+    pub(crate) fn any_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<i64>().prop_map(Value::Int64),
+            any::<f64>().prop_map(Value::Double),
+            any::<f32>().prop_map(Value::Float),
+            any::<bool>().prop_map(Value::Bool),
+            ".{0,40}".prop_map(Value::String),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::Bytes),
+            any::<i64>().prop_map(Value::UnixTimestamp),
+            proptest::collection::vec(any::<i64>(), 0..8).prop_map(Value::Int64List),
+            proptest::collection::vec(any::<f64>(), 0..8).prop_map(Value::DoubleList),
+            proptest::collection::vec(any::<f32>(), 0..8).prop_map(Value::FloatList),
+            proptest::collection::vec(any::<bool>(), 0..8).prop_map(Value::BoolList),
+            proptest::collection::vec(".{0,10}", 0..5).prop_map(Value::StringList),
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..10), 0..5)
+                .prop_map(Value::BytesList),
+            proptest::collection::vec(any::<i64>(), 0..8).prop_map(Value::UnixTimestampList),
+        ]
     }
 }

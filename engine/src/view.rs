@@ -19,6 +19,9 @@ pub const ENTITIES_PER_VIEW_MAX: usize = 8;
 pub const TTL_SECONDS_MAX: u64 = 100 * 365 * 24 * 3600;
 /// Longest description, in bytes.
 pub const DESCRIPTION_BYTES_MAX: usize = 4096;
+/// Largest default value, in payload bytes: a view is read on every request
+/// and replicated to every node.
+pub const DEFAULT_BYTES_MAX: usize = 64 << 10;
 
 /// A feature as a user declares it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,16 +165,33 @@ impl ViewSpec {
                     feature: feature.name.clone(),
                 });
             }
-            if let Some(default) = &feature.default
-                && let Some(found) = default.value_type()
-                && found != feature.value_type
-            {
-                return Err(ViewError::DefaultTypeMismatch {
+            if let Some(default) = &feature.default {
+                if let Some(found) = default.value_type()
+                    && found != feature.value_type
+                {
+                    return Err(ViewError::DefaultTypeMismatch {
+                        view: self.name.clone(),
+                        feature: feature.name.clone(),
+                        expected: feature.value_type.to_string(),
+                        found: found.to_string(),
+                    });
+                }
+                let invalid = |reason: String| ViewError::InvalidDefault {
                     view: self.name.clone(),
                     feature: feature.name.clone(),
-                    expected: feature.value_type.to_string(),
-                    found: found.to_string(),
-                });
+                    reason,
+                };
+                if !default.is_finite() {
+                    return Err(invalid(
+                        "it is not a finite number (NaN or infinity)".into(),
+                    ));
+                }
+                if default.payload_bytes() > DEFAULT_BYTES_MAX {
+                    return Err(invalid(format!(
+                        "it is {} bytes, the limit is {DEFAULT_BYTES_MAX}",
+                        default.payload_bytes()
+                    )));
+                }
             }
         }
         Ok(())
@@ -409,6 +429,82 @@ mod tests {
         let mut s = spec(&[("a", ValueType::Int64)]);
         s.ttl_seconds = TTL_SECONDS_MAX + 1;
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn non_finite_and_oversized_defaults_are_rejected() {
+        for bad in [
+            Value::Double(f64::NAN),
+            Value::Double(f64::INFINITY),
+            Value::Float(f32::NEG_INFINITY),
+        ] {
+            let mut s = spec(&[("a", bad.value_type().unwrap())]);
+            s.features[0].default = Some(bad.clone());
+            assert!(
+                matches!(s.validate().unwrap_err(), ViewError::InvalidDefault { ref feature, .. } if feature == "a"),
+                "{bad:?}"
+            );
+        }
+        let mut s = spec(&[("a", ValueType::DoubleList)]);
+        s.features[0].default = Some(Value::DoubleList(vec![1.0, f64::NAN]));
+        assert!(matches!(
+            s.validate().unwrap_err(),
+            ViewError::InvalidDefault { .. }
+        ));
+        let mut s = spec(&[("a", ValueType::Bytes)]);
+        s.features[0].default = Some(Value::Bytes(vec![0; DEFAULT_BYTES_MAX + 1]));
+        assert!(matches!(
+            s.validate().unwrap_err(),
+            ViewError::InvalidDefault { .. }
+        ));
+    }
+
+    proptest::proptest! {
+        /// The registry stores views as JSON: every view that validates
+        /// reads back exactly, whatever its defaults (the types of
+        /// `any_value`, NaN and infinities included, are all tried; those
+        /// that do not validate must not reach the store).
+        #[test]
+        fn every_valid_view_round_trips_through_the_registry_encoding(
+            defaults in proptest::collection::vec(
+                proptest::option::of(crate::value::strategies::any_value()), 1..12),
+            ttl_seconds in 0..=TTL_SECONDS_MAX,
+        ) {
+            let features = defaults
+                .into_iter()
+                .enumerate()
+                .map(|(i, default)| FeatureSpec {
+                    name: format!("f{i}"),
+                    value_type: default
+                        .as_ref()
+                        .and_then(Value::value_type)
+                        .unwrap_or(ValueType::Int64),
+                    default,
+                })
+                .collect();
+            let spec = ViewSpec {
+                name: "v".into(),
+                entities: vec!["id".into()],
+                features,
+                ttl_seconds,
+                description: "d".into(),
+            };
+            let all_finite = spec
+                .features
+                .iter()
+                .all(|f| f.default.as_ref().is_none_or(Value::is_finite));
+            match FeatureView::evolve(None, spec, 3) {
+                Ok((view, _)) => {
+                    proptest::prop_assert!(all_finite);
+                    let json = serde_json::to_vec(&view).unwrap();
+                    let mut back: FeatureView = serde_json::from_slice(&json).unwrap();
+                    back.rebuild_index();
+                    proptest::prop_assert_eq!(back, view);
+                }
+                Err(ViewError::InvalidDefault { .. }) => proptest::prop_assert!(!all_finite),
+                Err(other) => proptest::prop_assert!(false, "unexpected {other}"),
+            }
+        }
     }
 
     #[test]

@@ -99,12 +99,19 @@ impl LogStore {
         self.inner.log.close();
     }
 
-    fn read_range(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
-        let payloads = self
-            .inner
-            .log
-            .with(|log| log.range(start, end))
-            .map_err(to_io)?;
+    fn read_range(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
+        let read = || {
+            self.inner
+                .log
+                .with(|log| log.range_limited(start, end, bytes_max))
+                .map_err(to_io)
+        };
+        // Recent entries (the active segment, in the page cache) are read
+        // in place; older ones (a lagging follower catching up) come through
+        // sealed segments' maps and may fault pages in from disk: off the
+        // async workers, which every group's heartbeats share.
+        let cold = start < self.inner.log.with(|log| log.active_first_index());
+        let payloads = if cold { blocking(read)? } else { read()? };
         payloads.iter().map(|p| decode_entry(p)).collect()
     }
 }
@@ -115,6 +122,10 @@ fn io_log_error(dir: &Path, source: io::Error) -> LogError {
         source,
     }
 }
+
+/// Most entry bytes one replication append carries (far below the peer
+/// message limit, 256 MiB, so it always fits; at least one entry).
+pub const REPLICATION_PAYLOAD_BYTES_MAX: usize = 8 << 20;
 
 /// Reads a small crc-checked postcard file; a missing file is `None`.
 pub(crate) fn read_small<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
@@ -146,18 +157,7 @@ pub(crate) fn write_small<T: Serialize>(path: &Path, value: &T) -> io::Result<()
     let payload = postcard::to_stdvec(value).map_err(io::Error::other)?;
     let mut bytes = crc32fast::hash(&payload).to_le_bytes().to_vec();
     bytes.extend_from_slice(&payload);
-    let temporary = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&temporary, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    quiver_engine::durable::write_atomic(path, &bytes)
 }
 
 /// Runs file-system work that may fsync without stalling the async workers
@@ -191,7 +191,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let (start, end) = range_to_bounds(&range);
-        self.read_range(start, end)
+        self.read_range(start, end, usize::MAX)
+    }
+
+    /// What replication sends a follower in one append: at most
+    /// `REPLICATION_PAYLOAD_BYTES_MAX` of entries (openraft's own cap,
+    /// `max_payload_entries`, counts entries, and entries can be megabytes:
+    /// a lagging follower could be sent more than a peer message may hold,
+    /// fail, be sent the same again, and never catch up).
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, io::Error> {
+        self.read_range(start, end, REPLICATION_PAYLOAD_BYTES_MAX)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {

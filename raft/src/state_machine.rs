@@ -25,6 +25,7 @@ use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::SnapshotOf;
 use parking_lot::Mutex;
+use quiver_engine::durable::{sync_dir, write_atomic};
 use quiver_engine::error::EngineError;
 use quiver_engine::keys::ViewId;
 use quiver_engine::{StateStore, StoreOptions};
@@ -38,7 +39,8 @@ use crate::types::{
 const APPLIED_KEY: &[u8] = b"raft/applied";
 /// Most committed entries applied in one trip to the blocking pool.
 const APPLY_BATCH_ENTRIES_MAX: usize = 256;
-/// `req/<request id>`: this request id was applied.
+/// `req/<request id>`: this request id was applied; the value is empty when
+/// it was done, or the postcard-encoded refusal when the store refused it.
 const REQUEST_PREFIX: &[u8] = b"req/";
 /// `reqslot/<index % REQUEST_IDS_KEPT>`: the request id applied at that
 /// index, evicted when the slot is reused. Deterministic on every replica,
@@ -117,9 +119,51 @@ pub struct SnapshotDir {
     pub dir: PathBuf,
     /// Its manifest.
     pub manifest: Manifest,
+    /// Shared by every copy of this handle (the state machine's current
+    /// snapshot, a sender streaming it to a follower): once the snapshot is
+    /// replaced by a newer one, its directory goes with the last copy, not
+    /// while a transfer still reads it.
+    lifetime: Arc<SnapshotLifetime>,
+}
+
+/// Removes a retired snapshot's directory when the last handle goes.
+#[derive(Debug)]
+struct SnapshotLifetime {
+    dir: PathBuf,
+    retired: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for SnapshotLifetime {
+    fn drop(&mut self) {
+        if self.retired.load(std::sync::atomic::Ordering::SeqCst)
+            && let Err(e) = std::fs::remove_dir_all(&self.dir)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "cannot remove an old snapshot");
+        }
+    }
 }
 
 impl SnapshotDir {
+    /// A handle on the snapshot in `dir`.
+    pub fn new(dir: PathBuf, manifest: Manifest) -> Self {
+        Self {
+            lifetime: Arc::new(SnapshotLifetime {
+                dir: dir.clone(),
+                retired: std::sync::atomic::AtomicBool::new(false),
+            }),
+            dir,
+            manifest,
+        }
+    }
+
+    /// Marks the snapshot for removal once no handle on it is left.
+    fn retire(&self) {
+        self.lifetime
+            .retired
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// The checkpoint directory.
     pub fn db_dir(&self) -> PathBuf {
         self.dir.join("db")
@@ -136,10 +180,7 @@ impl SnapshotDir {
                 manifest.version
             )));
         }
-        let snapshot = SnapshotDir {
-            dir: dir.to_path_buf(),
-            manifest,
-        };
+        let snapshot = SnapshotDir::new(dir.to_path_buf(), manifest);
         for file in &snapshot.manifest.files {
             let path = snapshot.db_dir().join(checked_name(&file.name)?);
             if file_size_and_crc(&path)? != (file.bytes, file.crc32) {
@@ -270,8 +311,10 @@ impl StateMachine {
     }
 
     /// Applies committed entries in log order, recording each one's log id
-    /// and the membership in the same RocksDB batch as its data.
-    fn apply_entries(&self, entries: Vec<Entry>) -> io::Result<Vec<Response>> {
+    /// and the membership in the same RocksDB batch as its data, and returns
+    /// what each one answers (what `apply` hands openraft's responders).
+    /// Blocks on RocksDB: call it off the async workers.
+    pub fn apply_entries(&self, entries: Vec<Entry>) -> io::Result<Vec<Response>> {
         let mut responses = Vec::with_capacity(entries.len());
         for entry in entries {
             let log_id = entry.log_id;
@@ -313,11 +356,20 @@ impl StateMachine {
             command,
         } = proposal;
         let request_key = [REQUEST_PREFIX, &request_id.to_be_bytes()[..]].concat();
-        if request_id != 0 && store.get_meta(&request_key).map_err(engine_io)?.is_some() {
+        if request_id != 0
+            && let Some(outcome) = store.get_meta(&request_key).map_err(engine_io)?
+        {
             store
                 .put_meta(&[(APPLIED_KEY, Some(meta))])
                 .map_err(engine_io)?;
-            return Ok(Response::AlreadyApplied);
+            // A retry gets the first attempt's refusal again; a retry of
+            // something that was done is told it was.
+            return Ok(if outcome.is_empty() {
+                Response::AlreadyApplied
+            } else {
+                postcard::from_bytes(&outcome)
+                    .map_err(|e| invalid(format!("request {request_id:x}: stored outcome: {e}")))?
+            });
         }
         let slot_key = [
             REQUEST_SLOT_PREFIX,
@@ -433,10 +485,7 @@ impl StateMachine {
         let final_dir = snapshots.join(&snapshot_id);
         std::fs::rename(&staging, &final_dir)?;
         sync_dir(&snapshots)?;
-        let snapshot = SnapshotDir {
-            dir: final_dir,
-            manifest,
-        };
+        let snapshot = SnapshotDir::new(final_dir, manifest);
         self.replace_current_snapshot(snapshot.clone());
         tracing::info!(group = self.shared.group, id = %snapshot_id, bytes = snapshot.manifest.bytes(), "snapshot built");
         Ok(snapshot)
@@ -449,14 +498,14 @@ impl StateMachine {
             .as_ref()
             .is_none_or(|c| c.manifest.meta.last_log_id <= snapshot.manifest.meta.last_log_id);
         if !newer {
-            let _ = std::fs::remove_dir_all(&snapshot.dir);
+            snapshot.retire();
             return;
         }
         if let Some(old) = current.replace(snapshot)
             && current.as_ref().is_some_and(|c| c.dir != old.dir)
-            && let Err(e) = std::fs::remove_dir_all(&old.dir)
         {
-            tracing::warn!(dir = %old.dir.display(), error = %e, "cannot remove an old snapshot");
+            // Removed when the last transfer reading it is done.
+            old.retire();
         }
     }
 
@@ -481,13 +530,13 @@ impl StateMachine {
             std::fs::rename(&staging, &own_dir)?;
             sync_dir(&snapshots)?;
         }
-        let own = SnapshotDir {
-            dir: own_dir,
-            manifest: Manifest {
+        let own = SnapshotDir::new(
+            own_dir,
+            Manifest {
                 meta: meta.clone(),
-                ..snapshot.manifest
+                ..snapshot.manifest.clone()
             },
-        };
+        );
 
         // A new live db from the snapshot: table files are immutable, so
         // hard links do; the rest RocksDB rewrites in place, so copy.
@@ -540,15 +589,27 @@ impl StateMachine {
 
 impl StateMachine {
     /// A command the store refused deterministically still counts as applied:
-    /// its log position and request id are recorded (so a retry is answered
-    /// `AlreadyApplied`, not judged again), and the refusal is the response.
+    /// its log position is recorded, and its request id with the refusal
+    /// itself (so a retry is answered with the same refusal, not judged
+    /// again, and never with "done"), and the refusal is the response.
     fn reject(
         &self,
         error: EngineError,
         meta_puts: quiver_engine::store::MetaPuts<'_>,
     ) -> io::Result<Response> {
         let response = rejection(error)?;
-        self.store().put_meta(meta_puts).map_err(engine_io)?;
+        let outcome = postcard::to_stdvec(&response).map_err(io::Error::other)?;
+        let puts: Vec<(&[u8], Option<&[u8]>)> = meta_puts
+            .iter()
+            .map(|&(key, value)| {
+                if key.starts_with(REQUEST_PREFIX) {
+                    (key, Some(outcome.as_slice()))
+                } else {
+                    (key, value)
+                }
+            })
+            .collect();
+        self.store().put_meta(&puts).map_err(engine_io)?;
         Ok(response)
     }
 }
@@ -576,15 +637,10 @@ fn db_path(dir: &Path, generation: u64) -> PathBuf {
 }
 
 fn write_current(dir: &Path, generation: u64) -> io::Result<()> {
-    let temporary = dir.join(format!("{CURRENT_DB_FILE}.tmp"));
-    std::fs::write(&temporary, format!("db-{generation}\n"))?;
-    std::fs::File::open(&temporary)?.sync_all()?;
-    std::fs::rename(&temporary, dir.join(CURRENT_DB_FILE))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
+    write_atomic(
+        &dir.join(CURRENT_DB_FILE),
+        format!("db-{generation}\n").as_bytes(),
+    )
 }
 
 /// Deletes db-* directories other than the live one and unfinished snapshot
@@ -623,10 +679,7 @@ fn latest_snapshot(dir: &Path) -> Option<SnapshotDir> {
         let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
             continue;
         };
-        let candidate = SnapshotDir {
-            dir: entry.path(),
-            manifest,
-        };
+        let candidate = SnapshotDir::new(entry.path(), manifest);
         if best
             .as_ref()
             .is_none_or(|b| b.manifest.meta.last_log_id < candidate.manifest.meta.last_log_id)
@@ -673,10 +726,7 @@ fn describe_files(db_dir: &Path) -> io::Result<Vec<SnapshotFile>> {
 /// Writes `manifest.json` durably (it marks the snapshot complete).
 pub fn write_manifest(dir: &Path, manifest: &Manifest) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
-    let path = dir.join(MANIFEST_FILE);
-    std::fs::write(&path, bytes)?;
-    std::fs::File::open(&path)?.sync_all()?;
-    sync_dir(dir)
+    write_atomic(&dir.join(MANIFEST_FILE), &bytes)
 }
 
 fn link_or_copy(from: &Path, to: &Path) -> io::Result<()> {

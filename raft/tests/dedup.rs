@@ -11,8 +11,8 @@ use openraft::storage::RaftStateMachine;
 use openraft::testing::log_id;
 use quiver_engine::keys::storage_key;
 use quiver_engine::{RowWrite, StoreOptions, Value};
-use quiver_raft::types::Entry;
-use quiver_raft::{Command, NoObserver, Proposal, StateMachine, TypeConfig};
+use quiver_raft::types::{Entry, RejectKind};
+use quiver_raft::{Command, NoObserver, Proposal, Response, StateMachine, TypeConfig};
 
 fn options() -> StoreOptions {
     StoreOptions {
@@ -148,8 +148,26 @@ async fn a_refused_command_records_its_position_and_its_id() {
         "refusals moved the applied position on disk"
     );
     // A later entry with the refused request's id is a retry of it: it must
-    // not be judged again, whatever it carries.
-    apply(&mut sm, vec![entry(3, 0xE, view(1))]).await;
+    // not be judged again, whatever it carries, and must get the same
+    // refusal back (before, it was answered AlreadyApplied, which the
+    // client took for success).
+    let retried = {
+        let sm = sm.clone();
+        tokio::task::spawn_blocking(move || sm.apply_entries(vec![entry(3, 0xE, view(1))]))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert!(
+        matches!(
+            retried.as_slice(),
+            [Response::Rejected {
+                kind: RejectKind::Invalid,
+                ..
+            }]
+        ),
+        "{retried:?}"
+    );
     assert!(
         sm.store().registry().load().view("v").is_none(),
         "the refused request's id was recorded"

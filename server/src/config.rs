@@ -188,6 +188,9 @@ pub struct Limits {
     pub get_feature_refs_max: u64,
     /// Most values (keys x resolved features) one Get may return.
     pub get_values_max: u64,
+    /// Largest encoded Get response; a Get that would exceed it fails with
+    /// `INVALID_ARGUMENT` naming this limit (ask for fewer keys or features).
+    pub get_response_bytes_max: u64,
     /// Longest entity key.
     pub entity_key_bytes_max: u64,
     /// Largest single feature value.
@@ -240,6 +243,7 @@ impl Default for Limits {
             get_keys_max: 10_000,
             get_feature_refs_max: 1_000,
             get_values_max: 1_000_000,
+            get_response_bytes_max: 64 << 20,
             entity_key_bytes_max: 512,
             value_bytes_max: 1 << 20,
             event_ts_future_seconds_max: 24 * 3600,
@@ -397,6 +401,7 @@ impl Config {
             ("limits.get_keys_max", l.get_keys_max),
             ("limits.get_feature_refs_max", l.get_feature_refs_max),
             ("limits.get_values_max", l.get_values_max),
+            ("limits.get_response_bytes_max", l.get_response_bytes_max),
             ("limits.entity_key_bytes_max", l.entity_key_bytes_max),
             ("limits.value_bytes_max", l.value_bytes_max),
             ("limits.connection_requests_max", l.connection_requests_max),

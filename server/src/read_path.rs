@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use prost::Message as _;
 use quiver_engine::codec::decode_row;
 use quiver_engine::keys::storage_key;
 use quiver_engine::view::Feature;
@@ -142,27 +143,38 @@ pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse
     let (rows, sources) = fetch(node, &plan.views, &unique_keys, level, !request.skip_cache).await;
     let now_us = node.clock.now_us();
 
-    let entities = request
-        .entity_keys
-        .iter()
-        .zip(&slots)
-        .map(|(key, &slot)| pb::EntityResult {
+    // The response is bounded as it is built: keys x features is checked
+    // above, but values can be large, and a Get must not make a node
+    // assemble gigabytes.
+    let response_bytes_max = usize::try_from(limits.get_response_bytes_max).unwrap_or(usize::MAX);
+    let mut response_bytes = 0usize;
+    let mut entities = Vec::with_capacity(request.entity_keys.len());
+    for (key, &slot) in request.entity_keys.iter().zip(&slots) {
+        let mut features = Vec::with_capacity(plan.columns.len());
+        for &(v, f) in &plan.columns {
+            let view = &plan.views[v];
+            let result = feature_result(
+                view,
+                &view.features[f],
+                &rows[v * unique_keys.len() + slot],
+                now_us,
+            );
+            response_bytes = response_bytes.saturating_add(result.encoded_len());
+            if response_bytes > response_bytes_max {
+                return Err(ServiceError::LimitExceeded {
+                    what: "response size in bytes",
+                    actual: response_bytes as u64,
+                    limit_name: "limits.get_response_bytes_max",
+                    limit: limits.get_response_bytes_max,
+                });
+            }
+            features.push(result);
+        }
+        entities.push(pb::EntityResult {
             entity_key: key.clone(),
-            features: plan
-                .columns
-                .iter()
-                .map(|&(v, f)| {
-                    let view = &plan.views[v];
-                    feature_result(
-                        view,
-                        &view.features[f],
-                        &rows[v * unique_keys.len() + slot],
-                        now_us,
-                    )
-                })
-                .collect(),
-        })
-        .collect();
+            features,
+        });
+    }
     Ok(pb::GetResponse {
         feature_names: plan.names(),
         entities,

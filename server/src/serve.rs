@@ -53,9 +53,14 @@ pub async fn serve(
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
     let request_bytes_max = usize::try_from(config.limits.request_bytes_max).unwrap_or(usize::MAX);
+    // Responses are bounded where they are built (limits.get_response_bytes_max);
+    // this is the backstop, with room for the framing around the values.
+    let response_bytes_max = usize::try_from(config.limits.get_response_bytes_max)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1 << 20);
     let feature_store = FeatureStoreServer::new(FeatureStoreService::new(node.clone()))
         .max_decoding_message_size(request_bytes_max)
-        .max_encoding_message_size(usize::MAX);
+        .max_encoding_message_size(response_bytes_max);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

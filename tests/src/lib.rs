@@ -18,6 +18,7 @@ use quiver_proto::v1::feature_store_client::FeatureStoreClient;
 use tonic::transport::Channel;
 
 pub mod counter;
+pub mod linearizability;
 
 /// How long a node may take to start or stop. Generous: CI has 2 cores.
 pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);

@@ -22,6 +22,18 @@ value_bytes_max = 64
 event_ts_future_seconds_max = 60
 "#;
 
+/// One node in `dir` started with `config` (TOML) as its config file.
+async fn start_with_config(dir: &std::path::Path, config: &str) -> Node {
+    let path = dir.join("quiver.toml");
+    std::fs::write(&path, config).expect("write config");
+    Node::start(
+        &dir.join("node"),
+        &["--config", path.to_str().expect("utf-8 path")],
+    )
+    .await
+    .expect("node starts")
+}
+
 fn view(name: &str, features: Vec<pb::FeatureSpec>) -> pb::FeatureView {
     pb::FeatureView {
         name: name.into(),
@@ -97,14 +109,7 @@ impl Decoder for RawCodec {
 #[tokio::test]
 async fn bad_input_is_rejected_with_typed_errors_and_nothing_is_stored() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("quiver.toml");
-    std::fs::write(&config, LIMITS).expect("write config");
-    let node = Node::start(
-        &dir.path().join("node"),
-        &["--config", config.to_str().expect("utf-8 path")],
-    )
-    .await
-    .expect("node starts");
+    let node = start_with_config(dir.path(), LIMITS).await;
     let mut client = node.client().await.expect("connect");
     let ok_view = view(
         "v",
@@ -386,4 +391,39 @@ async fn health_service_reports_serving() {
             "{service:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_get_response_over_its_byte_limit_is_refused_naming_the_limit() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = start_with_config(dir.path(), "[limits]\nget_response_bytes_max = 1000\n").await;
+    let mut client = node.client().await.expect("connect");
+    apply(
+        &mut client,
+        view("big", vec![feature("s", ValueType::String, None)]),
+    )
+    .await
+    .expect("apply");
+    let now = now_us();
+    let keys: Vec<String> = (0..5).map(|i| format!("k{i}")).collect();
+    let rows = keys
+        .iter()
+        .map(|k| row(k, now, &[("s", string(&"x".repeat(300)))]))
+        .collect();
+    write(&mut client, "big", rows).await.expect("write");
+
+    eprintln!("--- two 300-byte values fit in 1000 bytes, five do not");
+    let two = get(&mut client, keys[..2].to_vec(), vec!["big".into()])
+        .await
+        .expect("a small enough get");
+    assert_eq!(two.entities.len(), 2);
+    expect_code(
+        get(&mut client, keys.clone(), vec!["big".into()]).await,
+        Code::InvalidArgument,
+        "limits.get_response_bytes_max",
+    );
+    eprintln!("--- and the node still serves");
+    get(&mut client, keys[..1].to_vec(), vec!["big".into()])
+        .await
+        .expect("still serving");
 }

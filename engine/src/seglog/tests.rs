@@ -184,8 +184,10 @@ fn copy_dir(from: &Path, to: &Path) {
 fn torn_tail_is_cut_at_every_byte_offset_of_the_last_record() {
     let dir = tempfile::tempdir().unwrap();
     let mut log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
-    append_range(&mut log, 0, 5, 30);
+    append_range(&mut log, 0, 4, 30);
     log.sync().unwrap();
+    // The last record was appended after the last fsync: it can be torn.
+    append_range(&mut log, 4, 5, 30);
     drop(log);
     let segment = segment_files(dir.path()).pop().unwrap();
     let full = std::fs::metadata(&segment).unwrap().len();
@@ -223,6 +225,76 @@ fn a_bad_crc_on_the_last_record_is_a_torn_tail() {
     flip_byte(&segment, full - 1);
     let log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
     assert_contents(&log, 0, 4, 30);
+}
+
+#[test]
+fn garbage_past_the_synced_mark_is_a_tail_even_before_valid_looking_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
+    append_range(&mut log, 0, 3, 30);
+    log.sync().unwrap();
+    append_range(&mut log, 3, 6, 30);
+    drop(log);
+    // Pages of an unsynced append reached the disk out of order: record 3
+    // is garbage, records 4 and 5 look whole.
+    let segment = segment_files(dir.path()).pop().unwrap();
+    flip_byte(&segment, SEGMENT_HEADER_BYTES + 3 * 38 + 8 + 3);
+    let log = SegmentedLog::open(dir.path(), LogOptions::default())
+        .expect("nothing past the mark was acknowledged: it is a tail");
+    assert_contents(&log, 0, 3, 30);
+    assert_eq!(log.recovered_torn_bytes(), 3 * 38);
+}
+
+#[test]
+fn a_bad_record_before_the_synced_mark_is_corruption_even_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
+    append_range(&mut log, 0, 5, 30);
+    log.sync().unwrap();
+    drop(log);
+    // The last record was fsynced (acknowledged): damage to it is no tail.
+    let segment = segment_files(dir.path()).pop().unwrap();
+    let full = std::fs::metadata(&segment).unwrap().len();
+    flip_byte(&segment, full - 1);
+    assert!(matches!(
+        SegmentedLog::open(dir.path(), LogOptions::default()),
+        Err(LogError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn a_truncation_brings_the_synced_mark_down_before_new_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
+    append_range(&mut log, 0, 5, 30);
+    log.sync().unwrap();
+    log.truncate_from(2).unwrap();
+    append_range(&mut log, 2, 3, 30);
+    drop(log);
+    // The new record 2 (unsynced) is torn: below the old mark, above the new.
+    let segment = segment_files(dir.path()).pop().unwrap();
+    let full = std::fs::metadata(&segment).unwrap().len();
+    set_len(&segment, full - 5);
+    let log = SegmentedLog::open(dir.path(), LogOptions::default())
+        .expect("the mark came down with the truncation");
+    assert_contents(&log, 0, 2, 30);
+}
+
+#[test]
+fn a_limited_range_stops_at_its_byte_budget_but_returns_at_least_one_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = SegmentedLog::open(dir.path(), LogOptions::default()).unwrap();
+    append_range(&mut log, 0, 10, 100);
+    assert_eq!(
+        log.range_limited(0, 10, 250).unwrap().len(),
+        3,
+        "stops once 250 is reached"
+    );
+    assert_eq!(log.range_limited(0, 10, 300).unwrap().len(), 3);
+    assert_eq!(log.range_limited(0, 10, 301).unwrap().len(), 4);
+    assert_eq!(log.range_limited(4, 10, 1).unwrap(), vec![payload(4, 100)]);
+    assert_eq!(log.range_limited(0, 10, usize::MAX).unwrap().len(), 10);
+    assert!(log.range_limited(10, 20, 1).unwrap().is_empty());
 }
 
 #[test]

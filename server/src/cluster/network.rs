@@ -25,7 +25,7 @@ use quiver_proto::peer::{PeerBatch, PeerRequest, SnapshotChunk, peer_client::Pee
 use quiver_raft::state_machine::checked_name;
 use quiver_raft::types::Vote;
 use quiver_raft::{GroupId, NodeId, SnapshotDir, TypeConfig};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
@@ -49,6 +49,10 @@ const PEER_CONTROL_BATCHES_IN_FLIGHT_MAX: usize = 4;
 /// Calls waiting per peer and lane before new ones fail fast (a peer that
 /// stopped answering must not grow memory without bound).
 const PEER_QUEUE_CALLS_MAX: usize = 8192;
+/// Longest a batch keeps its lane's slot while some of its calls are still
+/// unanswered: far above a healthy batch's round trip, far below a call that
+/// waits out a missing quorum.
+const PEER_BATCH_SLOT_HOLD: Duration = Duration::from_millis(50);
 
 /// Which queue a call waits in. Calls that take very different times, or
 /// whose handling makes peer calls of its own, never share a batch: a batch
@@ -94,12 +98,15 @@ impl Lane {
     }
 }
 
+/// Where a call's reply (the peer's payload or the batch's error) goes.
+type ReplyTo = oneshot::Sender<Result<Vec<u8>, tonic::Status>>;
+
 /// One call waiting for a batch.
 struct Queued {
     group: GroupId,
     payload: Vec<u8>,
     deadline: Instant,
-    reply: oneshot::Sender<Result<Vec<u8>, tonic::Status>>,
+    reply: ReplyTo,
 }
 
 /// Takes calls off one peer lane's queue and sends them as batches, at most
@@ -139,15 +146,20 @@ async fn send_batches(
             continue;
         }
         let client = client.clone();
-        tokio::spawn(async move {
-            send_batch(client, batch).await;
-            drop(permit);
-        });
+        tokio::spawn(send_batch(client, batch, permit));
     }
 }
 
-/// Sends one batch and hands every caller its reply (or the batch's error).
-async fn send_batch(mut client: PeerClient<Channel>, mut batch: Vec<Queued>) {
+/// Sends one batch and hands every caller its reply as it arrives (or the
+/// batch's error). The lane's slot (`permit`) is given back when every call
+/// is answered, or after `PEER_BATCH_SLOT_HOLD` at the latest: a call still
+/// waiting then (a commit in a group without quorum) must not keep the
+/// lane's other calls from going out.
+async fn send_batch(
+    mut client: PeerClient<Channel>,
+    mut batch: Vec<Queued>,
+    permit: OwnedSemaphorePermit,
+) {
     let deadline = batch
         .iter()
         .map(|call| call.deadline)
@@ -163,33 +175,51 @@ async fn send_batch(mut client: PeerClient<Channel>, mut batch: Vec<Queued>) {
         .collect();
     let mut request = tonic::Request::new(PeerBatch { calls });
     request.set_timeout(timeout);
-    let outcome = match tokio::time::timeout(timeout, client.call_batch(request)).await {
-        Err(_) => Err(tonic::Status::deadline_exceeded("peer call deadline")),
-        Ok(Err(status)) => Err(status),
-        Ok(Ok(reply)) => {
-            let replies = reply.into_inner().replies;
-            if replies.len() == batch.len() {
-                Ok(replies)
-            } else {
-                Err(tonic::Status::internal(format!(
+    let mut permit = Some(permit);
+    let mut replies: Vec<Option<ReplyTo>> =
+        batch.into_iter().map(|call| Some(call.reply)).collect();
+    let mut waiting = replies.len();
+    let outcome = tokio::time::timeout(timeout, async {
+        let mut stream = client.call_batch(request).await?.into_inner();
+        let hold = tokio::time::sleep(PEER_BATCH_SLOT_HOLD);
+        tokio::pin!(hold);
+        while waiting > 0 {
+            let reply = tokio::select! {
+                reply = stream.message() => reply?,
+                () = &mut hold, if permit.is_some() => {
+                    permit = None;
+                    continue;
+                }
+            };
+            let Some(reply) = reply else {
+                return Err(tonic::Status::internal(format!(
                     "peer answered {} of {} calls",
-                    replies.len(),
-                    batch.len()
-                )))
-            }
+                    replies.len() - waiting,
+                    replies.len()
+                )));
+            };
+            let slot = usize::try_from(reply.slot).unwrap_or(usize::MAX);
+            let Some(caller) = replies.get_mut(slot).and_then(Option::take) else {
+                return Err(tonic::Status::internal(format!(
+                    "peer answered slot {} of a {}-call batch twice or out of range",
+                    reply.slot,
+                    replies.len()
+                )));
+            };
+            waiting -= 1;
+            let _ = caller.send(Ok(reply.payload));
         }
+        Ok(())
+    })
+    .await;
+    drop(permit);
+    let failure = match outcome {
+        Err(_) => tonic::Status::deadline_exceeded("peer call deadline"),
+        Ok(Err(status)) => status,
+        Ok(Ok(())) => return,
     };
-    match outcome {
-        Ok(replies) => {
-            for (call, reply) in batch.into_iter().zip(replies) {
-                let _ = call.reply.send(Ok(reply.payload));
-            }
-        }
-        Err(status) => {
-            for call in batch {
-                let _ = call.reply.send(Err(status.clone()));
-            }
-        }
+    for caller in replies.into_iter().flatten() {
+        let _ = caller.send(Err(failure.clone()));
     }
 }
 
@@ -565,36 +595,54 @@ impl RaftNetworkV2<TypeConfig> for GroupPeer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use quiver_proto::peer::PeerBatchReply;
     use quiver_proto::peer::peer_server::{Peer, PeerServer};
-    use quiver_proto::peer::{PeerBatchReply, PeerReply};
     use tonic::transport::server::TcpIncoming;
 
-    /// A peer that answers every `ReadIndex` with the call's group as the
-    /// index, after a pause, and records the size of every batch it gets.
+    /// A peer that answers every call with its group as a read index, after
+    /// a pause (6 s for the groups in `slow`), and records the size of every
+    /// batch it gets.
     #[derive(Clone, Default)]
     struct EchoPeer {
         batches: Arc<parking_lot::Mutex<Vec<usize>>>,
+        slow: Arc<Vec<u32>>,
     }
 
     #[tonic::async_trait]
     impl Peer for EchoPeer {
+        type CallBatchStream = std::pin::Pin<
+            Box<dyn futures::Stream<Item = Result<PeerBatchReply, tonic::Status>> + Send>,
+        >;
+
         async fn call_batch(
             &self,
             request: tonic::Request<PeerBatch>,
-        ) -> Result<tonic::Response<PeerBatchReply>, tonic::Status> {
+        ) -> Result<tonic::Response<Self::CallBatchStream>, tonic::Status> {
             let calls = request.into_inner().calls;
             self.batches.lock().push(calls.len());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let slow = self.slow.clone();
             let replies = calls
-                .iter()
-                .map(|call| PeerReply {
-                    payload: wire::encode(&PeerResult::ReadIndex {
-                        applied_index: u64::from(call.group),
-                    })
-                    .unwrap(),
+                .into_iter()
+                .enumerate()
+                .map(move |(slot, call)| {
+                    let pause = if slow.contains(&call.group) {
+                        Duration::from_secs(6)
+                    } else {
+                        Duration::from_millis(20)
+                    };
+                    async move {
+                        tokio::time::sleep(pause).await;
+                        Ok(PeerBatchReply {
+                            slot: slot as u32,
+                            payload: wire::encode(&PeerResult::ReadIndex {
+                                applied_index: u64::from(call.group),
+                            })
+                            .unwrap(),
+                        })
+                    }
                 })
-                .collect();
-            Ok(tonic::Response::new(PeerBatchReply { replies }))
+                .collect::<futures::stream::FuturesUnordered<_>>();
+            Ok(tonic::Response::new(Box::pin(replies)))
         }
 
         async fn install_snapshot(
@@ -648,6 +696,50 @@ mod tests {
             "calls queued behind in-flight batches travel together: {batches:?}"
         );
         assert!(batches.iter().all(|&n| n <= PEER_BATCH_CALLS_MAX));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_waits_holds_up_no_other_call() {
+        // Group 0's calls wait 6 s at the peer (a commit in a group without
+        // quorum); every other group's must be answered at their own pace,
+        // in the same batch or in the ones after it.
+        let peer = EchoPeer {
+            slow: Arc::new(vec![0]),
+            ..EchoPeer::default()
+        };
+        let clients = clients(serve(peer.clone()).await, Duration::from_secs(30));
+        let slow: Vec<_> = (0..4)
+            .map(|_| {
+                let clients = clients.clone();
+                tokio::spawn(async move { clients.forward(2, 0, &PeerCall::ReadIndex).await })
+            })
+            .collect();
+        let started = Instant::now();
+        for round in 0..5u32 {
+            let fast = futures::future::join_all(
+                (1..=20u32)
+                    .map(|group| clients.forward(2, group + round * 20, &PeerCall::ReadIndex)),
+            )
+            .await;
+            for reply in fast {
+                assert!(
+                    matches!(reply, Ok(PeerResult::ReadIndex { .. })),
+                    "{reply:?}"
+                );
+            }
+        }
+        // Behind the slow calls they would take 6 s at least.
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "100 fast calls took {:?} behind 4 slow ones",
+            started.elapsed()
+        );
+        for call in slow {
+            assert!(matches!(
+                call.await.unwrap(),
+                Ok(PeerResult::ReadIndex { applied_index: 0 })
+            ));
+        }
     }
 
     #[tokio::test]

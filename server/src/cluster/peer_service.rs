@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use openraft::raft::AppendEntriesResponse;
+use quiver_engine::durable::StagingDir;
 use quiver_proto::peer::peer_server::Peer;
 use quiver_proto::peer::{PeerBatch, PeerBatchReply, PeerReply, SnapshotChunk};
 use quiver_raft::state_machine::{checked_name, write_manifest};
@@ -153,18 +154,28 @@ impl PeerService {
         }
         // Unique per transfer: a retried transfer of the same snapshot may
         // overlap with the one it replaces.
-        let staging: PathBuf = hosted.state.dir().join("incoming").join(format!(
+        let staging_path: PathBuf = hosted.state.dir().join("incoming").join(format!(
             "{}-{}",
             manifest.snapshot_id,
             TRANSFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        let _ = std::fs::remove_dir_all(&staging);
-        std::fs::create_dir_all(staging.join("db")).map_err(internal)?;
-        let result = self.receive_files(&mut stream, &staging, &manifest).await;
+        // Removed when this function returns, however it returns (the state
+        // machine keeps its own hard-linked copy of an installed snapshot).
+        let staging = tokio::task::spawn_blocking(move || {
+            let staging = StagingDir::create(staging_path)?;
+            std::fs::create_dir_all(staging.path().join("db"))?;
+            Ok::<_, std::io::Error>(staging)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        let result = self
+            .receive_files(&mut stream, staging.path(), &manifest)
+            .await;
         let outcome = match result {
             Ok(()) => {
                 let verified = {
-                    let staging = staging.clone();
+                    let staging = staging.path().to_path_buf();
                     let manifest = manifest.clone();
                     tokio::task::spawn_blocking(move || {
                         write_manifest(&staging, &manifest)?;
@@ -195,8 +206,9 @@ impl PeerService {
             }
             Err(status) => Err(status),
         };
-        // The state machine keeps its own hard-linked copy.
-        let _ = std::fs::remove_dir_all(&staging);
+        tokio::task::spawn_blocking(move || drop(staging))
+            .await
+            .map_err(internal)?;
         outcome
     }
 
@@ -226,8 +238,9 @@ impl PeerService {
                 }
                 let name = checked_name(&chunk.file)
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                let file =
-                    std::fs::File::create(staging.join("db").join(name)).map_err(internal)?;
+                let path = staging.join("db").join(name);
+                let file = tokio::task::block_in_place(|| std::fs::File::create(path))
+                    .map_err(internal)?;
                 current = Some((chunk.file.clone(), file, 0));
             }
             let Some((_, file, written)) = current.as_mut() else {
@@ -257,10 +270,13 @@ fn internal(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type CallBatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<PeerBatchReply, Status>> + Send>>;
+
     async fn call_batch(
         &self,
         request: Request<PeerBatch>,
-    ) -> Result<Response<PeerBatchReply>, Status> {
+    ) -> Result<Response<Self::CallBatchStream>, Status> {
         let calls = request.into_inner().calls;
         if calls.len() > PEER_BATCH_CALLS_MAX {
             return Err(Status::invalid_argument(format!(
@@ -268,23 +284,27 @@ impl Peer for PeerService {
                 calls.len()
             )));
         }
-        // The calls of a batch run concurrently; each answers in its slot.
-        let results = futures::future::join_all(calls.into_iter().map(|call| async move {
-            match wire::decode::<PeerCall>(&call.payload) {
-                Ok(decoded) => self.handle(call.group, decoded).await,
-                Err(e) => PeerResult::Failed(format!("undecodable peer call: {e}")),
-            }
-        }))
-        .await;
-        let replies = results
-            .iter()
-            .map(|result| {
-                Ok(PeerReply {
-                    payload: wire::encode(result).map_err(internal)?,
-                })
+        // The calls of a batch run concurrently; each reply goes out the
+        // moment its call is done, so a slow one delays only its caller.
+        let service = self.clone();
+        let replies = calls
+            .into_iter()
+            .enumerate()
+            .map(move |(slot, call)| {
+                let service = service.clone();
+                async move {
+                    let result = match wire::decode::<PeerCall>(&call.payload) {
+                        Ok(decoded) => service.handle(call.group, decoded).await,
+                        Err(e) => PeerResult::Failed(format!("undecodable peer call: {e}")),
+                    };
+                    Ok(PeerBatchReply {
+                        slot: u32::try_from(slot).unwrap_or(u32::MAX),
+                        payload: wire::encode(&result).map_err(internal)?,
+                    })
+                }
             })
-            .collect::<Result<_, Status>>()?;
-        Ok(Response::new(PeerBatchReply { replies }))
+            .collect::<futures::stream::FuturesUnordered<_>>();
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn install_snapshot(
