@@ -4,6 +4,12 @@
 //! row    := version:u8 (=1) event_ts_us:i64le written_ts_us:i64le count:varint field*
 //! field  := field_id:varint tag:u8 payload
 //! ```
+//! A tombstone (what a delete leaves, so that an older write arriving later
+//! stays deleted) is the header alone, with its own version byte:
+//!
+//! ```text
+//! tombstone := version:u8 (=2) event_ts_us:i64le written_ts_us:i64le
+//! ```
 //! Tag 0 is null (no payload); other tags are [`ValueType`] tags. Scalars are
 //! fixed-width little endian; strings and bytes are `len:varint bytes`; lists
 //! are `count:varint element*`. Field ids are strictly increasing.
@@ -18,6 +24,8 @@ use crate::value::{Value, ValueType};
 
 /// The only row encoding version this build reads and writes.
 pub const ROW_FORMAT_VERSION: u8 = 1;
+/// First byte of a tombstone.
+pub const TOMBSTONE_FORMAT_VERSION: u8 = 2;
 const HEADER_BYTES: usize = 1 + 8 + 8;
 const NULL_TAG: u8 = 0;
 
@@ -122,14 +130,35 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-/// Reads only the event time of an encoded row: what last-write-wins and the
-/// ttl compaction filter need, without decoding the values.
+/// Appends a tombstone: the entity was deleted as of `event_ts_us`.
+pub fn encode_tombstone(event_ts_us: i64, written_ts_us: i64, out: &mut Vec<u8>) {
+    out.push(TOMBSTONE_FORMAT_VERSION);
+    out.extend_from_slice(&event_ts_us.to_le_bytes());
+    out.extend_from_slice(&written_ts_us.to_le_bytes());
+}
+
+/// Reads only the event time of an encoded row or tombstone: what
+/// last-write-wins and the ttl compaction filter need, without decoding the
+/// values.
 pub fn peek_event_ts(bytes: &[u8]) -> Result<i64, DecodeError> {
     let mut reader = Reader { bytes, offset: 0 };
+    if bytes.first() == Some(&TOMBSTONE_FORMAT_VERSION) {
+        return reader.tombstone().map(|(event_ts, _)| event_ts);
+    }
     reader.header().map(|(event_ts, _)| event_ts)
 }
 
-/// Decodes a whole row.
+/// Decodes a stored record: `Some` row, or `None` for a tombstone (the
+/// entity reads as not found).
+pub fn decode_stored(bytes: &[u8]) -> Result<Option<StoredRow>, DecodeError> {
+    if bytes.first() == Some(&TOMBSTONE_FORMAT_VERSION) {
+        let mut reader = Reader { bytes, offset: 0 };
+        return reader.tombstone().map(|_| None);
+    }
+    decode_row(bytes).map(Some)
+}
+
+/// Decodes a whole row (a tombstone is an error here: see [`decode_stored`]).
 pub fn decode_row(bytes: &[u8]) -> Result<StoredRow, DecodeError> {
     let mut r = Reader { bytes, offset: 0 };
     let (event_ts_us, written_ts_us) = r.header()?;
@@ -202,6 +231,18 @@ impl<'a> Reader<'a> {
         }
         let event_ts = i64::from_le_bytes(self.array()?);
         let written_ts = i64::from_le_bytes(self.array()?);
+        Ok((event_ts, written_ts))
+    }
+
+    fn tombstone(&mut self) -> Result<(i64, i64), DecodeError> {
+        if self.u8()? != TOMBSTONE_FORMAT_VERSION {
+            return Err(self.error_at("not a tombstone", 0));
+        }
+        let event_ts = i64::from_le_bytes(self.array()?);
+        let written_ts = i64::from_le_bytes(self.array()?);
+        if self.remaining() != 0 {
+            return Err(self.error("trailing bytes"));
+        }
         Ok((event_ts, written_ts))
     }
 
@@ -355,7 +396,24 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_row(&bytes);
+            let _ = decode_stored(&bytes);
             let _ = peek_event_ts(&bytes);
+        }
+
+        #[test]
+        fn tombstones_round_trip_and_read_as_no_row(event_ts in any::<i64>(), written_ts in any::<i64>()) {
+            let mut bytes = Vec::new();
+            encode_tombstone(event_ts, written_ts, &mut bytes);
+            prop_assert_eq!(decode_stored(&bytes), Ok(None));
+            prop_assert_eq!(peek_event_ts(&bytes), Ok(event_ts));
+            prop_assert!(decode_row(&bytes).is_err(), "a tombstone is not a row");
+            for len in 0..bytes.len() {
+                prop_assert!(decode_stored(&bytes[..len]).is_err());
+                prop_assert!(peek_event_ts(&bytes[..len]).is_err());
+            }
+            bytes.push(0);
+            prop_assert!(decode_stored(&bytes).is_err());
+            prop_assert!(peek_event_ts(&bytes).is_err());
         }
 
         #[test]
@@ -375,7 +433,7 @@ mod tests {
             values: vec![],
         };
         let mut bytes = encode_row_to_vec(&row);
-        bytes[0] = 2;
+        bytes[0] = 3;
         assert_eq!(
             decode_row(&bytes).unwrap_err().reason,
             "unknown row format version"

@@ -20,7 +20,7 @@ use rocksdb::{
 };
 
 use crate::clock::Clock;
-use crate::codec::{decode_row, encode_row_parts, peek_event_ts};
+use crate::codec::{self, decode_stored, encode_row_parts, peek_event_ts};
 use crate::error::{EngineError, Result};
 use crate::keys::{ViewId, storage_key};
 use crate::registry::{Catalog, Registry, VIEWS_MAX};
@@ -436,7 +436,7 @@ impl StateStore {
                 let Some(bytes) = result? else {
                     return Ok(None);
                 };
-                decode_row(&bytes).map(Some).map_err(|e| {
+                decode_stored(&bytes).map_err(|e| {
                     self.rows_corrupt.fetch_add(1, Ordering::Relaxed);
                     EngineError::Corrupt {
                         what: format!("row at key {:02x?}", key.as_ref()),
@@ -460,33 +460,58 @@ impl StateStore {
     /// Deletes the rows of `entity_keys` in view `view_id`. Returns the
     /// storage keys that held a row.
     pub fn delete_rows(&self, view_id: ViewId, entity_keys: &[String]) -> Result<Vec<Vec<u8>>> {
-        self.delete_rows_with(view_id, entity_keys, &[])
+        self.delete_rows_with(view_id, entity_keys, self.clock.now_us(), &[])
     }
 
-    /// [`Self::delete_rows`] with `meta_puts` in the same atomic batch.
+    /// [`Self::delete_rows`] at write time `deleted_ts_us` (a replicated
+    /// entry carries its leader's clock, so every replica stores the same
+    /// bytes), with `meta_puts` in the same atomic batch. A deleted row
+    /// leaves a tombstone with the row's event time: a write arriving
+    /// afterwards with an older event time is stale, as it was against the
+    /// row (last write wins, deletes included), so a late out-of-order
+    /// write cannot bring the entity back; a write at least as new does.
+    /// No clock is involved, so a client's clock behind the leader's loses
+    /// nothing. A key with no row gets no tombstone (a delete of keys that
+    /// never existed costs no disk). Tombstones go the way of rows: with the
+    /// view, or past its ttl plus grace; in a view without ttl they stay.
     pub fn delete_rows_with(
         &self,
         view_id: ViewId,
         entity_keys: &[String],
+        deleted_ts_us: i64,
         meta_puts: MetaPuts<'_>,
     ) -> Result<Vec<Vec<u8>>> {
+        let mut seen = HashSet::new();
         let keys: Vec<Vec<u8>> = entity_keys
             .iter()
             .map(|k| storage_key(view_id, k.as_bytes()))
+            .filter(|key| seen.insert(key.clone()))
             .collect();
         let data = self.cf(CF_DATA);
         let _guard = self.write_lock.lock();
         let mut batch = WriteBatch::default();
         let mut deleted = Vec::new();
-        let mut seen = HashSet::new();
+        let mut tombstone = Vec::with_capacity(17);
         for (key, result) in keys
             .iter()
             .zip(self.db.batched_multi_get_cf(data, &keys, false))
         {
-            if result?.is_some() && seen.insert(key.as_slice()) {
-                batch.delete_cf(data, key);
-                deleted.push(key.clone());
+            let Some(bytes) = result? else {
+                continue;
+            };
+            if bytes.first() == Some(&codec::TOMBSTONE_FORMAT_VERSION) {
+                continue; // Deleted already.
             }
+            match peek_event_ts(&bytes) {
+                Ok(event_ts_us) => {
+                    tombstone.clear();
+                    codec::encode_tombstone(event_ts_us, deleted_ts_us, &mut tombstone);
+                    batch.put_cf(data, key, &tombstone);
+                }
+                // Unreadable: nothing to guard, remove it.
+                Err(_) => batch.delete_cf(data, key),
+            }
+            deleted.push(key.clone());
         }
         add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
         if !batch.is_empty() {

@@ -411,7 +411,7 @@ impl StateMachine {
                 entity_keys,
             } => {
                 let deleted = store
-                    .delete_rows_with(view_id, &entity_keys, meta_puts)
+                    .delete_rows_with(view_id, &entity_keys, leader_ts_us, meta_puts)
                     .map_err(engine_io)?;
                 self.shared.observer.keys_changed(&deleted);
                 Response::Deleted {

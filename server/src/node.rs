@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use quiver_engine::store::BlockCache;
 use quiver_engine::{Catalog, Clock, FeatureView, Registry, StoreOptions, SystemClock};
 
-use quiver_raft::{Command, GroupId, RequestId, Response as Applied};
+use quiver_raft::{Command, GroupId, METADATA_GROUP, RequestId, Response as Applied};
 
 use crate::admission::Admission;
 use crate::cache::HotCache;
@@ -43,6 +43,8 @@ pub struct Node {
     pub data_dir: PathBuf,
     /// When the node started.
     pub started: Instant,
+    /// Shares metadata read indexes between concurrent requests.
+    pub freshness: MetadataFreshness,
 }
 
 impl Node {
@@ -122,6 +124,7 @@ impl Node {
             listen_addr,
             data_dir: config.data_dir.clone(),
             started: Instant::now(),
+            freshness: MetadataFreshness::default(),
         })
     }
 
@@ -138,27 +141,170 @@ impl Node {
         )
     }
 
-    /// The current catalog; if it lacks one of `names`, first catches this
-    /// node's metadata replica up with the leader (the view may have been
-    /// applied through another node a moment ago).
-    pub async fn catalog_with(&self, names: &[&str]) -> Arc<Catalog> {
-        let catalog = self.registry.load_full();
-        if names.iter().all(|name| catalog.view(name).is_some()) {
-            return catalog;
-        }
-        self.cluster.sync_metadata().await;
-        self.registry.load_full()
+    /// The catalog as of at least every view change acknowledged before this
+    /// call: this node's metadata replica has applied up to a read index of
+    /// the metadata group taken after the call began. Writes and STRONG
+    /// reads resolve names here, so one that starts after an
+    /// ApplyFeatureView or DeleteFeatureView returned, through any node,
+    /// sees its effect. Concurrent callers share one read index
+    /// (`MetadataFreshness`).
+    pub async fn fresh_catalog(&self) -> Result<Arc<Catalog>, ServiceError> {
+        self.freshness
+            .covered(|| self.cluster.sync_metadata())
+            .await?;
+        Ok(self.registry.load_full())
     }
 
-    /// The named view, after catching up with the metadata leader if needed.
+    /// The named view as of [`Self::fresh_catalog`].
     pub async fn view(&self, name: &str) -> Result<Arc<FeatureView>, ServiceError> {
-        self.catalog_with(&[name])
-            .await
+        self.fresh_catalog()
+            .await?
             .view(name)
             .cloned()
             .ok_or_else(|| ServiceError::NotFound(format!("feature view {name:?} does not exist")))
     }
 }
 
+/// Coalesces metadata read indexes: one runs at a time, and a caller is
+/// answered by any that started after the caller arrived (its read index
+/// then includes every commit acknowledged before the caller arrived),
+/// success or failure: under load every request waiting shares the next
+/// read index instead of each paying its own round trip, and with the
+/// metadata group down they share one failure instead of queueing one each.
+#[derive(Debug, Default)]
+pub struct MetadataFreshness {
+    /// When the last catch-up started, and how it ended (the error's text).
+    last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl MetadataFreshness {
+    /// [`Self::covered_since`] for a caller arriving now.
+    pub async fn covered<F, Fut>(&self, sync: F) -> Result<(), ClusterError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClusterError>>,
+    {
+        self.covered_since(Instant::now(), sync).await
+    }
+
+    /// Runs `sync` unless a catch-up that started after `arrived` has
+    /// already ended; then answers with its outcome.
+    pub async fn covered_since<F, Fut>(&self, arrived: Instant, sync: F) -> Result<(), ClusterError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<(), ClusterError>>,
+    {
+        let mut last = self.last.lock().await;
+        if let Some((started, outcome)) = last.as_ref()
+            && *started > arrived
+        {
+            return outcome.clone().map_err(|error| ClusterError::Unavailable {
+                group: METADATA_GROUP,
+                attempts: 1,
+                last: format!("the feature-view registry cannot be confirmed current: {error}"),
+            });
+        }
+        let started = Instant::now();
+        let outcome = sync().await;
+        *last = Some((
+            started,
+            outcome.as_ref().map(|_| ()).map_err(ToString::to_string),
+        ));
+        outcome
+    }
+}
+
 /// Shared handle to a node.
 pub type NodeRef = Arc<Node>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_callers_share_one_catch_up_and_a_later_caller_gets_its_own() {
+        let freshness = Arc::new(MetadataFreshness::default());
+        let syncs = Arc::new(AtomicU32::new(0));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        // The first caller's catch-up starts and is held open.
+        let first = {
+            let (freshness, syncs, release) = (freshness.clone(), syncs.clone(), release.clone());
+            tokio::spawn(async move {
+                freshness
+                    .covered(|| async move {
+                        syncs.fetch_add(1, Ordering::SeqCst);
+                        let _ = started_tx.send(());
+                        release.notified().await;
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        started_rx.await.unwrap();
+        // Nine arrive while it runs: it started before them, so it covers
+        // none of them; one more catch-up (started after they all arrived)
+        // covers all nine.
+        let arrived = Instant::now();
+        let waiting: Vec<_> = (0..9)
+            .map(|_| {
+                let (freshness, syncs) = (freshness.clone(), syncs.clone());
+                tokio::spawn(async move {
+                    freshness
+                        .covered_since(arrived, || async move {
+                            syncs.fetch_add(1, Ordering::SeqCst);
+                            Ok(())
+                        })
+                        .await
+                })
+            })
+            .collect();
+        release.notify_one();
+        first.await.unwrap().unwrap();
+        for caller in waiting {
+            caller.await.unwrap().unwrap();
+        }
+        assert_eq!(syncs.load(Ordering::SeqCst), 2);
+        // A caller arriving after every catch-up ended gets its own.
+        freshness
+            .covered(|| async {
+                syncs.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(syncs.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_shared_with_those_waiting_and_covers_no_later_caller() {
+        let freshness = MetadataFreshness::default();
+        let arrived = Instant::now();
+        let failed = freshness
+            .covered(|| async { Err(ClusterError::Start("metadata group unreachable".into())) })
+            .await;
+        assert!(failed.is_err());
+        // Arrived before the failed catch-up started: answered with it.
+        let shared = freshness
+            .covered_since(arrived, || async {
+                Err(ClusterError::Start("ran again instead of sharing".into()))
+            })
+            .await;
+        assert!(
+            shared
+                .unwrap_err()
+                .to_string()
+                .contains("metadata group unreachable")
+        );
+        let ran = AtomicU32::new(0);
+        freshness
+            .covered(|| async {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+}

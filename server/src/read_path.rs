@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use prost::Message as _;
-use quiver_engine::codec::decode_row;
+use quiver_engine::codec::decode_stored;
 use quiver_engine::keys::storage_key;
 use quiver_engine::view::Feature;
 use quiver_engine::{Catalog, FeatureView, RowFreshness, StoredRow, Value};
@@ -107,13 +107,22 @@ pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse
         node.check_entity_key(key)?;
     }
     let _admitted = node.admission.read().await?;
-    let view_names: Vec<&str> = request
-        .features
-        .iter()
-        .map(|r| r.split_once(':').map_or(r.as_str(), |(view, _)| view))
-        .collect();
-    let catalog = node.catalog_with(&view_names).await;
-    let plan = ReadPlan::resolve(&catalog, &request.features)?;
+    let plan = if request.consistency() == pb::Consistency::Strong {
+        // Linearizable: names resolve at a metadata read index, so a view
+        // deleted or changed before this read began is seen as it now is.
+        let catalog = node.fresh_catalog().await?;
+        ReadPlan::resolve(&catalog, &request.features)?
+    } else {
+        // The node's own metadata replica; caught up only if it lacks a name
+        // (a view or feature added through another node a moment ago).
+        match ReadPlan::resolve(&node.registry.load_full(), &request.features) {
+            Ok(plan) => plan,
+            Err(_) => {
+                let catalog = node.fresh_catalog().await?;
+                ReadPlan::resolve(&catalog, &request.features)?
+            }
+        }
+    };
     ServiceError::check_limit(
         "number of values (keys x features)",
         request.entity_keys.len().saturating_mul(plan.columns.len()),
@@ -293,8 +302,8 @@ async fn read_shard(
                 .into_iter()
                 .map(|row| match row {
                     None => Ok(None),
-                    Some(bytes) => match decode_row(&bytes) {
-                        Ok(row) => Ok(Some(Arc::new(row))),
+                    Some(bytes) => match decode_stored(&bytes) {
+                        Ok(row) => Ok(row.map(Arc::new)),
                         Err(error) => {
                             tracing::error!(%error, node = source.node_id, "row from a peer is corrupt; served as UNAVAILABLE");
                             Err(())

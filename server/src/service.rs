@@ -63,17 +63,27 @@ impl FeatureStore for FeatureStoreService {
             .propose(METADATA_GROUP, Command::ApplyView { spec })
             .await
             .map_err(ServiceError::from)?;
-        // Read-your-writes through this node.
-        node.cluster
+        // Committed: the view is applied whatever happens next. Writes and
+        // STRONG reads through any node resolve names at a metadata read
+        // index, so they see it even if this node's replica is slow; the
+        // wait only spares this node's next LEADER read a catch-up.
+        if !node
+            .cluster
             .wait_applied(METADATA_GROUP, log_id.index, REGISTRY_APPLY_WAIT)
-            .await;
+            .await
+        {
+            tracing::warn!(
+                index = log_id.index,
+                "the committed view change is not applied here yet"
+            );
+        }
         let (view, changed) = match response {
             Applied::ViewApplied { view, changed } => (*view, changed),
             // A retry of an apply that had committed: report the view as
             // it now stands.
             Applied::AlreadyApplied => (
-                node.registry
-                    .load()
+                node.fresh_catalog()
+                    .await?
                     .view(&name)
                     .map(|v| (**v).clone())
                     .ok_or_else(|| {
@@ -100,13 +110,11 @@ impl FeatureStore for FeatureStoreService {
         &self,
         _request: Request<pb::ListFeatureViewsRequest>,
     ) -> Result<Response<pb::ListFeatureViewsResponse>, Status> {
-        // Catch up with the metadata leader: a view applied through another
-        // node a moment ago is listed.
-        self.node.cluster.sync_metadata().await;
+        // A view applied through another node a moment ago is listed.
         let views = self
             .node
-            .registry
-            .load()
+            .fresh_catalog()
+            .await?
             .views()
             .iter()
             .map(|v| view_to_pb(v))

@@ -261,6 +261,88 @@ proptest! {
             prop_assert_eq!(trips(&store, &view, &key), model.get(&key).copied());
         }
     }
+
+    /// Deletes take part in last-write-wins: a deleted row leaves a
+    /// tombstone at its event time, and a write arriving later wins only if
+    /// its event time is not older (the same rule as between rows).
+    #[test]
+    fn deletes_follow_the_last_write_wins_model(ops in proptest::collection::vec(
+        (0u8..4, 0i64..20, proptest::option::of(any::<i64>())), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
+        let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+        // Per key: the newest event time and the value (None: deleted).
+        let mut model: std::collections::BTreeMap<String, (i64, Option<i64>)> = Default::default();
+        for (k, ts, value) in &ops {
+            let key = format!("k{k}");
+            let current = model.get(&key).copied();
+            match value {
+                Some(v) => {
+                    store.write_rows(view.id, &[row(&key, *ts, *v)]).unwrap();
+                    if current.is_none_or(|(at, _)| *ts >= at) {
+                        model.insert(key, (*ts, Some(*v)));
+                    }
+                }
+                None => {
+                    let deleted = store.delete_rows_with(view.id, std::slice::from_ref(&key), *ts, &[]).unwrap();
+                    let had_row = current.is_some_and(|(_, v)| v.is_some());
+                    prop_assert_eq!(deleted.len(), usize::from(had_row));
+                    if let Some((at, Some(_))) = current {
+                        model.insert(key, (at, None));
+                    }
+                }
+            }
+        }
+        for k in 0..4 {
+            let key = format!("k{k}");
+            let expected = model.get(&key).and_then(|&(ts, v)| v.map(|v| (ts, v)));
+            prop_assert_eq!(trips(&store, &view, &key), expected);
+        }
+    }
+}
+
+#[test]
+fn an_older_write_arriving_after_a_delete_stays_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
+    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    store.write_rows(view.id, &[row("a", 300, 1)]).unwrap();
+    assert_eq!(store.delete_rows(view.id, &["a".into()]).unwrap().len(), 1);
+    // Out-of-order materialization: an event older than the deleted row.
+    let outcome = store.write_rows(view.id, &[row("a", 150, 2)]).unwrap();
+    assert_eq!(outcome.rows_stale, 1);
+    assert_eq!(trips(&store, &view, "a"), None);
+    // Deleting again deletes nothing; the tombstone stays as it was.
+    assert!(
+        store
+            .delete_rows(view.id, &["a".into()])
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .write_rows(view.id, &[row("a", 299, 2)])
+            .unwrap()
+            .rows_stale,
+        1
+    );
+    // A write at least as new brings the entity back.
+    store.write_rows(view.id, &[row("a", 300, 3)]).unwrap();
+    assert_eq!(trips(&store, &view, "a"), Some((300, 3)));
+    // Tombstones survive a compaction of a view without ttl and a reopen.
+    store.write_rows(view.id, &[row("b", 500, 1)]).unwrap();
+    store.delete_rows(view.id, &["b".into()]).unwrap();
+    store.compact_data().unwrap();
+    drop(store);
+    let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
+    assert_eq!(
+        store
+            .write_rows(view.id, &[row("b", 400, 2)])
+            .unwrap()
+            .rows_stale,
+        1
+    );
+    assert_eq!(trips(&store, &view, "b"), None);
 }
 
 /// The Raft log is purged up to a snapshot, and the store never fsyncs its

@@ -767,7 +767,7 @@ impl Cluster {
     /// Brings this node's metadata replica up to date with the leader's
     /// commit (used when a request names a view this node does not know yet:
     /// it may have been applied through another node a moment ago).
-    pub async fn sync_metadata(&self) -> bool {
+    pub async fn sync_metadata(&self) -> Result<(), ClusterError> {
         let read_index = self
             .route(
                 METADATA_GROUP,
@@ -790,15 +790,20 @@ impl Cluster {
                 },
             )
             .await;
-        match read_index {
-            Ok(index) => {
-                self.wait_applied(METADATA_GROUP, index, self.peer_timeout())
-                    .await
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot catch up with the metadata group");
-                false
-            }
+        let index = read_index?;
+        if self
+            .wait_applied(METADATA_GROUP, index, self.peer_timeout())
+            .await
+        {
+            Ok(())
+        } else {
+            Err(ClusterError::Unavailable {
+                group: METADATA_GROUP,
+                attempts: 1,
+                last: format!(
+                    "this node's metadata replica did not reach the read index {index} in time"
+                ),
+            })
         }
     }
 

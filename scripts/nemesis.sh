@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The long fault campaign: runs the nemesis test (tests/tests/nemesis.rs) once
+# per seed, each seed on a fresh 3-node cluster for the given length, and
+# writes one line per seed to the results file (default
+# nemesis-results.txt): the seed, operations checked, faults injected and
+# violations, or FAILED with where its cluster logs were kept.
+#
+#   scripts/nemesis.sh [--seeds N | --seed-list 3,7,9] [--seconds S] [--out FILE]
+#
+# A failing seed replays with
+#   QUIVER_NEMESIS_SEEDS=<seed> QUIVER_NEMESIS_SECONDS=<S> \
+#     cargo test --workspace --test nemesis -- --nocapture
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seeds=50
+seed_list=""
+seconds=120
+out=nemesis-results.txt
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --seeds) seeds="$2"; shift 2 ;;
+        --seed-list) seed_list="$2"; shift 2 ;;
+        --seconds) seconds="$2"; shift 2 ;;
+        --out) out="$2"; shift 2 ;;
+        -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+        *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+[[ "$seeds" =~ ^[0-9]+$ && "$seconds" =~ ^[0-9]+$ ]] || {
+    echo "--seeds and --seconds take whole numbers" >&2
+    exit 2
+}
+if [[ -z "$seed_list" ]]; then
+    seed_list=$(seq -s, 1 "$seeds")
+fi
+
+source ./scripts/ensure-deps.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
+echo "==> building"
+cargo build --workspace --bins
+cargo test --workspace --test nemesis --no-run
+
+: > "$out"
+failed=0
+IFS=, read -r -a list <<< "$seed_list"
+for seed in "${list[@]}"; do
+    log=$(mktemp)
+    echo "==> seed $seed (${seconds}s)"
+    if QUIVER_NEMESIS_SEEDS="$seed" QUIVER_NEMESIS_SECONDS="$seconds" \
+        cargo test --workspace --test nemesis -- --nocapture > "$log" 2>&1; then
+        grep '^nemesis seed' "$log" | tee -a "$out" || true
+    else
+        failed=$((failed + 1))
+        kept=$(grep -o 'kept in [^ ]*' "$log" | head -1 || true)
+        echo "nemesis seed $seed: FAILED ($kept); output in $log" | tee -a "$out"
+        grep -E 'panicked|not linearizable|missing' "$log" | head -5 | tee -a "$out" || true
+        continue
+    fi
+    rm -f "$log"
+done
+echo "==> ${#list[@]} seeds, $failed failed; results in $out"
+[[ $failed -eq 0 ]]
