@@ -25,7 +25,7 @@ use openraft::EntryPayload;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::SnapshotOf;
 use parking_lot::Mutex;
-use quiver_engine::durable::{sync_dir, write_atomic};
+use quiver_engine::durable::{StagingDir, sync_dir, write_atomic};
 use quiver_engine::error::EngineError;
 use quiver_engine::keys::ViewId;
 use quiver_engine::{StateStore, StoreOptions};
@@ -461,16 +461,17 @@ impl StateMachine {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let staging = snapshots.join(format!("building-{nanos}"));
+        // Removed if anything below fails; kept once renamed into place.
+        let staging = StagingDir::create(snapshots.join(format!("building-{nanos}")))?;
         let applied_bytes = store
-            .checkpoint_with_meta(&staging.join("db"), APPLIED_KEY)
+            .checkpoint_with_meta(&staging.path().join("db"), APPLIED_KEY)
             .map_err(engine_io)?;
         let (last_log_id, membership) = decode_applied(applied_bytes.as_deref())?;
         let snapshot_id = match last_log_id {
             Some(id) => format!("{}-{}-{nanos}", id.leader_id.term, id.index),
             None => format!("empty-{nanos}"),
         };
-        let files = describe_files(&staging.join("db"))?;
+        let files = describe_files(&staging.path().join("db"))?;
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             group: self.shared.group,
@@ -481,9 +482,10 @@ impl StateMachine {
             },
             files,
         };
-        write_manifest(&staging, &manifest)?;
+        write_manifest(staging.path(), &manifest)?;
         let final_dir = snapshots.join(&snapshot_id);
-        std::fs::rename(&staging, &final_dir)?;
+        std::fs::rename(staging.path(), &final_dir)?;
+        staging.keep();
         sync_dir(&snapshots)?;
         let snapshot = SnapshotDir::new(final_dir, manifest);
         self.replace_current_snapshot(snapshot.clone());
@@ -516,18 +518,18 @@ impl StateMachine {
         let own_dir = snapshots.join(&snapshot.manifest.snapshot_id);
         if own_dir != snapshot.dir {
             let _ = std::fs::remove_dir_all(&own_dir);
-            let staging = snapshots.join(format!("installing-{}", snapshot.manifest.snapshot_id));
-            let _ = std::fs::remove_dir_all(&staging);
-            std::fs::create_dir_all(staging.join("db"))?;
+            let staging = StagingDir::create(
+                snapshots.join(format!("installing-{}", snapshot.manifest.snapshot_id)),
+            )?;
+            let staged_db = staging.path().join("db");
+            std::fs::create_dir_all(&staged_db)?;
             for file in &snapshot.manifest.files {
                 let name = checked_name(&file.name)?;
-                link_or_copy(
-                    &snapshot.db_dir().join(name),
-                    &staging.join("db").join(name),
-                )?;
+                link_or_copy(&snapshot.db_dir().join(name), &staged_db.join(name))?;
             }
-            write_manifest(&staging, &snapshot.manifest)?;
-            std::fs::rename(&staging, &own_dir)?;
+            write_manifest(staging.path(), &snapshot.manifest)?;
+            std::fs::rename(staging.path(), &own_dir)?;
+            staging.keep();
             sync_dir(&snapshots)?;
         }
         let own = SnapshotDir::new(
