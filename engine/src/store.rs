@@ -25,7 +25,7 @@ use crate::error::{EngineError, Result};
 use crate::keys::{ViewId, storage_key};
 use crate::registry::{Catalog, Registry, VIEWS_MAX};
 use crate::row::{FieldId, StoredRow};
-use crate::ttl_filter::{FILTER_NAME, ttl_filter};
+use crate::ttl_filter::{FILTER_NAME, expiry_filter};
 use crate::value::Value;
 use crate::view::{FeatureView, ViewSpec};
 
@@ -36,6 +36,15 @@ const CF_META: &str = "meta";
 const META_VIEW_PREFIX: &[u8] = b"view/";
 const META_DROPPED_PREFIX: &[u8] = b"dropped/";
 const META_NEXT_VIEW_ID: &[u8] = b"next_view_id";
+/// `expired_before/<view id>` -> the view's expiry floor (i64, big-endian).
+const META_FLOOR_PREFIX: &[u8] = b"expired_before/";
+
+/// Per view, the event time (µs) below which its rows are expired for good:
+/// never served, refused when written, dropped by compaction. It only moves
+/// forward, and only through [`StateStore::advance_expiry`], which a
+/// replicated shard applies from its log, so every replica agrees on it at
+/// every log position. Views without an entry have expired nothing.
+pub type ExpiryFloors = HashMap<ViewId, i64>;
 
 /// How a store is opened.
 #[derive(Clone)]
@@ -47,9 +56,9 @@ pub struct StoreOptions {
     pub block_cache_bytes: usize,
     /// Memtable size per column family.
     pub write_buffer_bytes: usize,
-    /// How long past its ttl a row stays on disk before compaction drops it.
-    pub ttl_grace_us: i64,
-    /// The time source for ttl decisions.
+    /// The time source of the unreplicated [`StateStore::write_rows`] and
+    /// [`StateStore::delete_rows`] (a replica takes its leader's time from
+    /// the log instead).
     pub clock: Arc<dyn Clock>,
     /// A block cache shared with other stores of the node (one per shard
     /// replica), so memory stays bounded however many shards a node holds.
@@ -70,7 +79,6 @@ impl std::fmt::Debug for StoreOptions {
             .field("sync_writes", &self.sync_writes)
             .field("block_cache_bytes", &self.block_cache_bytes)
             .field("write_buffer_bytes", &self.write_buffer_bytes)
-            .field("ttl_grace_us", &self.ttl_grace_us)
             .field("shared_block_cache", &self.block_cache.is_some())
             .field("load_catalog", &self.load_catalog)
             .finish_non_exhaustive()
@@ -83,7 +91,6 @@ impl Default for StoreOptions {
             sync_writes: true,
             block_cache_bytes: 256 << 20,
             write_buffer_bytes: 64 << 20,
-            ttl_grace_us: 3600 * 1_000_000,
             clock: Arc::new(crate::clock::SystemClock),
             block_cache: None,
             registry: None,
@@ -134,6 +141,8 @@ pub struct StateStore {
     write_options: WriteOptions,
     clock: Arc<dyn Clock>,
     registry: Registry,
+    /// Shared with the compaction filter.
+    floors: Arc<arc_swap::ArcSwap<ExpiryFloors>>,
     /// Serialises read-modify-write (LWW) and registry changes. A parking_lot
     /// mutex, not an async one: it is held only around synchronous RocksDB
     /// calls, and callers run on blocking threads.
@@ -191,14 +200,9 @@ impl StateStore {
         data_options.set_block_based_table_factory(&table);
         data_options.set_compression_type(DBCompressionType::Lz4);
         data_options.set_write_buffer_size(options.write_buffer_bytes);
-        data_options.set_compaction_filter(
-            FILTER_NAME,
-            ttl_filter(
-                registry.clone(),
-                options.clock.clone(),
-                options.ttl_grace_us,
-            ),
-        );
+        let floors: Arc<arc_swap::ArcSwap<ExpiryFloors>> = Arc::default();
+        data_options
+            .set_compaction_filter(FILTER_NAME, expiry_filter(registry.clone(), floors.clone()));
         let mut meta_options = Options::default();
         // Small records (applied position, request ids, views): a small
         // memtable, which also keeps the WAL preallocation (sized from the
@@ -222,6 +226,7 @@ impl StateStore {
             write_options,
             clock: options.clock,
             registry,
+            floors,
             write_lock: Mutex::new(()),
             rows_written: AtomicU64::new(0),
             rows_stale: AtomicU64::new(0),
@@ -231,6 +236,7 @@ impl StateStore {
             let catalog = store.load_catalog()?;
             store.registry.store(Arc::new(catalog));
         }
+        store.floors.store(Arc::new(store.load_floors()?));
         Ok(store)
     }
 
@@ -274,12 +280,86 @@ impl StateStore {
         Ok(Catalog::new(views, dropped, next_view_id))
     }
 
+    fn load_floors(&self) -> Result<ExpiryFloors> {
+        let mut floors = ExpiryFloors::new();
+        let mode = IteratorMode::From(META_FLOOR_PREFIX, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(self.cf(CF_META), mode) {
+            let (key, value) = item?;
+            let Some(id) = key.strip_prefix(META_FLOOR_PREFIX) else {
+                break;
+            };
+            let view_id = decode_view_id(id, "expiry floor view id")?;
+            let floor: [u8; 8] = value
+                .as_ref()
+                .try_into()
+                .map_err(|_| EngineError::Corrupt {
+                    what: format!("expiry floor of view {view_id}"),
+                    reason: format!("{} bytes, expected 8", value.len()),
+                })?;
+            floors.insert(view_id, i64::from_be_bytes(floor));
+        }
+        Ok(floors)
+    }
+
+    /// The expiry floor of a view: rows with an event time below it are
+    /// gone. `i64::MIN` when the view has expired nothing.
+    pub fn expiry_floor(&self, view_id: ViewId) -> i64 {
+        self.floors
+            .load()
+            .get(&view_id)
+            .copied()
+            .unwrap_or(i64::MIN)
+    }
+
+    /// Moves views' expiry floors forward (a floor never moves back: an
+    /// entry below the current floor changes nothing), with `meta_puts` in
+    /// the same atomic batch. Returns the views whose floor moved, whose
+    /// rows below it now read as absent on this replica.
+    pub fn advance_expiry(
+        &self,
+        floors: &[(ViewId, i64)],
+        meta_puts: MetaPuts<'_>,
+    ) -> Result<Vec<ViewId>> {
+        let _guard = self.write_lock.lock();
+        let mut next = (*self.floors.load_full()).clone();
+        let mut batch = WriteBatch::default();
+        let meta = self.cf(CF_META);
+        add_meta_puts(&mut batch, meta, meta_puts);
+        let mut moved = Vec::new();
+        for &(view_id, floor_us) in floors {
+            let current = next.get(&view_id).copied().unwrap_or(i64::MIN);
+            if floor_us <= current {
+                continue;
+            }
+            next.insert(view_id, floor_us);
+            let mut key = META_FLOOR_PREFIX.to_vec();
+            key.extend_from_slice(&view_id.to_be_bytes());
+            batch.put_cf(meta, key, floor_us.to_be_bytes());
+            if !moved.contains(&view_id) {
+                moved.push(view_id);
+            }
+        }
+        if !batch.is_empty() {
+            self.db.write_opt(batch, &self.write_options)?;
+        }
+        self.floors.store(Arc::new(next));
+        Ok(moved)
+    }
+
+    /// Whether a stored record at `key` with `event_ts_us` lies below its
+    /// view's expiry floor (reads treat it as absent, as compaction will).
+    fn expired(floors: &ExpiryFloors, key: &[u8], event_ts_us: i64) -> bool {
+        crate::keys::split_storage_key(key)
+            .and_then(|(_, view_id, _)| floors.get(&view_id))
+            .is_some_and(|&floor| event_ts_us < floor)
+    }
+
     /// The live catalog of feature views.
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
-    /// The clock the store judges ttl by.
+    /// The clock of the unreplicated write and delete calls.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
     }
@@ -390,6 +470,7 @@ impl StateStore {
             .collect();
         let data = self.cf(CF_DATA);
         let _guard = self.write_lock.lock();
+        let floor_us = self.expiry_floor(view_id);
         let stored = self.db.batched_multi_get_cf(data, &keys, false);
         // Latest event time per key, starting from disk and advanced by
         // earlier rows of this same batch.
@@ -397,6 +478,9 @@ impl StateStore {
         for (key, result) in keys.iter().zip(stored) {
             if let Some(bytes) = result? {
                 match peek_event_ts(&bytes) {
+                    // Below the floor: expired, as good as absent (the
+                    // incoming row is checked against the floor itself).
+                    Ok(event_ts) if event_ts < floor_us => {}
                     Ok(event_ts) => {
                         latest.insert(key, event_ts);
                     }
@@ -413,9 +497,12 @@ impl StateStore {
         let mut outcome = WriteOutcome::default();
         let mut buffer = Vec::with_capacity(256);
         for (row, key) in rows.iter().zip(&keys) {
-            if latest
-                .get(key.as_slice())
-                .is_some_and(|&stored_ts| row.event_ts_us < stored_ts)
+            // A row already past the view's expiry floor is stale on every
+            // replica alike, whether or not a newer row was compacted away.
+            if row.event_ts_us < floor_us
+                || latest
+                    .get(key.as_slice())
+                    .is_some_and(|&stored_ts| row.event_ts_us < stored_ts)
             {
                 outcome.rows_stale += 1;
                 continue;
@@ -440,8 +527,10 @@ impl StateStore {
 
     /// Reads the stored rows for storage keys, in order. Rows that fail to
     /// decode come back as [`EngineError::Corrupt`]: reported, never served.
+    /// Rows below their view's expiry floor read as absent.
     pub fn get_rows<K: AsRef<[u8]>>(&self, keys: &[K]) -> Vec<Result<Option<StoredRow>>> {
         let data = self.cf(CF_DATA);
+        let floors = self.floors.load();
         self.db
             .batched_multi_get_cf(data, keys, false)
             .into_iter()
@@ -450,24 +539,35 @@ impl StateStore {
                 let Some(bytes) = result? else {
                     return Ok(None);
                 };
-                decode_stored(&bytes).map_err(|e| {
+                let row = decode_stored(&bytes).map_err(|e| {
                     self.rows_corrupt.fetch_add(1, Ordering::Relaxed);
                     EngineError::Corrupt {
                         what: format!("row at key {:02x?}", key.as_ref()),
                         reason: e.to_string(),
                     }
-                })
+                })?;
+                Ok(row.filter(|row| !Self::expired(&floors, key.as_ref(), row.event_ts_us)))
             })
             .collect()
     }
 
     /// Reads the encoded rows at storage keys, in order (for shipping to
-    /// another node, which decodes them).
+    /// another node, which decodes them). Rows below their view's expiry
+    /// floor read as absent, as in [`Self::get_rows`]; undecodable bytes go
+    /// as they are, for the reader to report.
     pub fn get_raw<K: AsRef<[u8]>>(&self, keys: &[K]) -> Vec<Result<Option<Vec<u8>>>> {
+        let floors = self.floors.load();
         self.db
             .batched_multi_get_cf(self.cf(CF_DATA), keys, false)
             .into_iter()
-            .map(|result| Ok(result?.map(|bytes| bytes.to_vec())))
+            .zip(keys)
+            .map(|(result, key)| {
+                Ok(result?.and_then(|bytes| {
+                    let expired = peek_event_ts(&bytes)
+                        .is_ok_and(|ts| Self::expired(&floors, key.as_ref(), ts));
+                    (!expired).then(|| bytes.to_vec())
+                }))
+            })
             .collect()
     }
 
@@ -487,7 +587,8 @@ impl StateStore {
     /// No clock is involved, so a client's clock behind the leader's loses
     /// nothing. A key with no row gets no tombstone (a delete of keys that
     /// never existed costs no disk). Tombstones go the way of rows: with the
-    /// view, or past its ttl plus grace; in a view without ttl they stay.
+    /// view, or below its expiry floor (a write that old is refused by the
+    /// floor itself); in a view without ttl they stay.
     pub fn delete_rows_with(
         &self,
         view_id: ViewId,
@@ -503,6 +604,7 @@ impl StateStore {
             .collect();
         let data = self.cf(CF_DATA);
         let _guard = self.write_lock.lock();
+        let floor_us = self.expiry_floor(view_id);
         let mut batch = WriteBatch::default();
         let mut deleted = Vec::new();
         let mut tombstone = Vec::with_capacity(17);
@@ -517,6 +619,9 @@ impl StateStore {
                 continue; // Deleted already.
             }
             match peek_event_ts(&bytes) {
+                // Expired already: read as absent, nothing to delete (and
+                // no tombstone needed: any write as old is refused).
+                Ok(event_ts_us) if event_ts_us < floor_us => continue,
                 Ok(event_ts_us) => {
                     tombstone.clear();
                     codec::encode_tombstone(event_ts_us, deleted_ts_us, &mut tombstone);
@@ -598,7 +703,7 @@ impl StateStore {
         }
     }
 
-    /// Compacts all row data now (runs the ttl filter over every row).
+    /// Compacts all row data now (runs the expiry filter over every row).
     pub fn compact_data(&self) -> Result<()> {
         self.db.flush_cf(self.cf(CF_DATA))?;
         self.db

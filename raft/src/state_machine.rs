@@ -441,6 +441,22 @@ impl StateMachine {
                 },
                 Err(error) => self.reject(error, meta_puts)?,
             },
+            Command::Expire { floors } => {
+                let capped: Vec<(u32, i64)> = floors
+                    .iter()
+                    .map(|&(view_id, floor_us)| (view_id, floor_us.min(leader_ts_us)))
+                    .collect();
+                let moved = store
+                    .advance_expiry(&capped, meta_puts)
+                    .map_err(engine_io)?;
+                // Cached rows below the new floor must not be served.
+                for &view_id in &moved {
+                    self.shared.observer.view_invalidated(view_id);
+                }
+                Response::Expired {
+                    views_advanced: moved.len() as u64,
+                }
+            }
             Command::DeleteView { name } => match store.delete_view_with(&name, meta_puts) {
                 Ok(view) => {
                     self.shared.observer.view_invalidated(view.id);

@@ -78,6 +78,17 @@ pub enum Command {
         /// The view name.
         name: String,
     },
+    /// Move views' expiry floors forward (data shards): rows with an event
+    /// time below a view's floor are expired on every replica at this log
+    /// position, never served again, refused if written, and dropped by
+    /// compaction. The shard leader proposes it from its clock and the
+    /// view's ttl plus grace; apply reads no clock and no registry, so
+    /// replicas cannot disagree on what is expired (each floor is capped at
+    /// the entry's own leader time, so no entry can expire the future).
+    Expire {
+        /// `(view id, floor µs)`.
+        floors: Vec<(u32, i64)>,
+    },
 }
 
 /// Identifies one proposal across the router's retries: the state machine
@@ -120,6 +131,7 @@ impl fmt::Display for Command {
             } => write!(f, "invalidate {} keys of view {view_id}", entity_keys.len()),
             Command::ApplyView { spec } => write!(f, "apply view {}", spec.name),
             Command::DeleteView { name } => write!(f, "delete view {name}"),
+            Command::Expire { floors } => write!(f, "expire rows of {} views", floors.len()),
         }
     }
 }
@@ -170,6 +182,11 @@ pub enum Response {
     },
     /// A view deleted.
     ViewDeleted,
+    /// Expiry floors applied.
+    Expired {
+        /// Views whose floor moved forward.
+        views_advanced: u64,
+    },
     /// An earlier entry with the same request id was applied already (a
     /// router retry of a proposal whose answer was lost); nothing was done.
     AlreadyApplied,

@@ -21,12 +21,18 @@ const CONFIG_KEYS: &[&str] = &[
     "sync_writes",
     "block_cache_bytes",
     "ttl_grace_seconds",
+    "ttl_expire_interval_seconds",
     "log_format",
     "shutdown_drain_ms",
     "cache",
     "limits",
     "cluster",
 ];
+
+/// Longest `ttl_expire_interval_seconds`: a day.
+pub const TTL_EXPIRE_INTERVAL_SECONDS_MAX: u64 = 86_400;
+/// Longest `ttl_grace_seconds`: ten years.
+pub const TTL_GRACE_SECONDS_MAX: u64 = 10 * 366 * 86_400;
 
 /// Most nodes in a cluster description.
 pub const CLUSTER_NODES_MAX: usize = 1024;
@@ -43,8 +49,14 @@ pub struct Config {
     pub sync_writes: bool,
     /// RocksDB block cache.
     pub block_cache_bytes: u64,
-    /// How long past its ttl a row stays on disk before compaction drops it.
+    /// How long past its ttl a row still reads as `OUTSIDE_MAX_AGE` (with
+    /// its event time) before it expires for good: from then on it reads as
+    /// absent and compaction drops it.
     pub ttl_grace_seconds: u64,
+    /// How often a shard leader moves its views' expiry floors forward (one
+    /// small replicated entry per shard and round); a row stays readable
+    /// as `OUTSIDE_MAX_AGE` for up to ttl + grace + this.
+    pub ttl_expire_interval_seconds: u64,
     /// `text` or `json` logs (on stderr).
     pub log_format: LogFormat,
     /// On shutdown, how long to wait for in-flight requests and open client
@@ -217,6 +229,7 @@ impl Default for Config {
             sync_writes: true,
             block_cache_bytes: 256 << 20,
             ttl_grace_seconds: 3600,
+            ttl_expire_interval_seconds: 300,
             log_format: LogFormat::Text,
             shutdown_drain_ms: 10_000,
             cache: CacheConfig::default(),
@@ -415,6 +428,16 @@ impl Config {
             if value == 0 {
                 return Err(ConfigError(format!("{name} must be positive")));
             }
+        }
+        if !(1..=TTL_EXPIRE_INTERVAL_SECONDS_MAX).contains(&self.ttl_expire_interval_seconds) {
+            return Err(ConfigError(format!(
+                "ttl_expire_interval_seconds must be 1..={TTL_EXPIRE_INTERVAL_SECONDS_MAX}"
+            )));
+        }
+        if self.ttl_grace_seconds > TTL_GRACE_SECONDS_MAX {
+            return Err(ConfigError(format!(
+                "ttl_grace_seconds must be at most {TTL_GRACE_SECONDS_MAX} (10 years)"
+            )));
         }
         if l.request_bytes_max > u64::from(u32::MAX) {
             return Err(ConfigError(

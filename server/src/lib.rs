@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod expiry;
 pub mod node;
 pub mod read_path;
 pub mod serve;

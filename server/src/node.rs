@@ -95,8 +95,6 @@ impl Node {
             sync_writes: false,
             block_cache_bytes,
             write_buffer_bytes: GROUP_WRITE_BUFFER_BYTES,
-            ttl_grace_us: i64::try_from(config.ttl_grace_seconds).unwrap_or(i64::MAX / 1_000_000)
-                * 1_000_000,
             clock: clock.clone(),
             block_cache: Some(BlockCache::new_lru_cache(block_cache_bytes)),
             registry: Some(registry.clone()),

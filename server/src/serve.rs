@@ -49,6 +49,11 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let listen_addr = listener.local_addr()?;
     let node = Arc::new(Node::open(&config, listen_addr).await?);
+    tokio::spawn(crate::expiry::expiry_loop(
+        Arc::downgrade(&node),
+        Duration::from_secs(config.ttl_expire_interval_seconds),
+        config.ttl_grace_seconds,
+    ));
     let peer = PeerServer::new(PeerService::new(node.cluster.clone()))
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);

@@ -512,3 +512,133 @@ async fn a_node_whose_metadata_lags_resolves_views_as_they_now_are() {
     );
     drop(c3.status(pb::StatusRequest {}).await);
 }
+
+/// ttl expiry is decided in each shard's log, not by each replica's clock
+/// and registry: after a ttl is lowered and rows expire for good, every node
+/// and every level reads them as absent, raising the ttl again does not
+/// bring them back, and a late write that old is stale everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_expired_past_ttl_and_grace_stay_expired_on_every_replica() {
+    let env = [
+        FOUR_SHARDS[0],
+        ("QUIVER_TTL_GRACE_SECONDS", "1"),
+        ("QUIVER_TTL_EXPIRE_INTERVAL_SECONDS", "1"),
+    ];
+    let mut cluster = start(&env).await;
+    let c1 = cluster.node(1).client().await.unwrap();
+    let view = |ttl_seconds: u64| pb::FeatureView {
+        ttl_seconds,
+        ..counter_view()
+    };
+    let apply_ttl = |ttl_seconds: u64| {
+        let c1 = c1.clone();
+        retry("apply the view", LEADER_WAIT, move || {
+            let mut c1 = c1.clone();
+            async move {
+                apply_view(&mut c1, view(ttl_seconds))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        })
+    };
+    apply_ttl(3600).await;
+    let now = quiver_tests::now_us();
+    let old_ts = now - 600 * 1_000_000;
+    let old_keys = keys(12, "old");
+    let new_keys = keys(12, "new");
+    let rows = |keys: &[String], ts: i64| -> Vec<pb::WriteRow> {
+        keys.iter()
+            .map(|k| quiver_tests::row(k, ts, &[("value", quiver_tests::int64(1))]))
+            .collect()
+    };
+    let mut all = rows(&old_keys, old_ts);
+    all.extend(rows(&new_keys, now));
+    retry("write old and new rows", LEADER_WAIT, || {
+        let (mut c1, all) = (c1.clone(), all.clone());
+        async move {
+            quiver_tests::write_rows(&mut c1, "counter", all)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    let statuses = |client: &quiver_tests::Client, keys: Vec<String>, level: pb::Consistency| {
+        let mut client = client.clone();
+        async move {
+            let response = client
+                .get(pb::GetRequest {
+                    entity_keys: keys,
+                    features: vec!["counter:value".into()],
+                    consistency: level as i32,
+                    skip_cache: false,
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            Ok::<Vec<pb::FeatureStatus>, String>(
+                response
+                    .entities
+                    .iter()
+                    .map(|e| e.features[0].status())
+                    .collect(),
+            )
+        }
+    };
+
+    eprintln!("--- ttl lowered to 60 s: the 600 s old rows expire for good");
+    apply_ttl(60).await;
+    retry("old rows read as absent", CONVERGE_WAIT, || {
+        let fut = statuses(&c1, old_keys.clone(), pb::Consistency::Strong);
+        async move {
+            let got = fut.await?;
+            if got.iter().all(|s| *s == pb::FeatureStatus::NotFound) {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        }
+    })
+    .await;
+
+    eprintln!("--- ttl raised again: the expired rows stay expired, through every node and level");
+    apply_ttl(3600).await;
+    eprintln!("--- a late write as old as the expired rows is stale everywhere");
+    let late = retry("late write", LEADER_WAIT, || {
+        let (mut c1, late) = (c1.clone(), rows(&old_keys, old_ts + 1));
+        async move {
+            quiver_tests::write_rows(&mut c1, "counter", late)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
+    assert_eq!(late.rows_stale, old_keys.len() as u64, "{late:?}");
+    for id in 1..=3 {
+        let client = cluster.node(id).client().await.unwrap();
+        for level in [
+            pb::Consistency::Strong,
+            pb::Consistency::Leader,
+            pb::Consistency::Replica,
+        ] {
+            retry(
+                "expired rows read absent, fresh rows present",
+                CONVERGE_WAIT,
+                || {
+                    let old = statuses(&client, old_keys.clone(), level);
+                    let new = statuses(&client, new_keys.clone(), level);
+                    async move {
+                        let (old, new) = (old.await?, new.await?);
+                        let old_ok = old.iter().all(|s| *s == pb::FeatureStatus::NotFound);
+                        let new_ok = new.iter().all(|s| *s == pb::FeatureStatus::Present);
+                        if old_ok && new_ok {
+                            Ok(())
+                        } else {
+                            Err(format!("node {id} {level:?}: old {old:?}, new {new:?}"))
+                        }
+                    }
+                },
+            )
+            .await;
+        }
+    }
+}

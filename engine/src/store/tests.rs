@@ -37,7 +37,6 @@ fn open(dir: &Path, clock: Arc<ManualClock>) -> StateStore {
         sync_writes: false,
         block_cache_bytes: 8 << 20,
         write_buffer_bytes: 4 << 20,
-        ttl_grace_us: HOUR_US,
         clock,
         ..StoreOptions::default()
     };
@@ -139,7 +138,7 @@ fn ttl_is_judged_at_read_with_the_clock() {
 }
 
 #[test]
-fn compaction_drops_only_rows_past_ttl_plus_grace() {
+fn compaction_drops_only_rows_below_the_expiry_floor() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(T0_US));
     let store = open(dir.path(), clock.clone());
@@ -158,15 +157,21 @@ fn compaction_drops_only_rows_past_ttl_plus_grace() {
         .unwrap();
     store.write_rows(doomed.id, &[row("x", T0_US, 4)]).unwrap();
 
-    tracing::info!("past ttl but inside grace: kept");
-    clock.set_us(T0_US + HOUR_US / 2);
+    tracing::info!("no floor: the clock alone expires nothing");
+    clock.set_us(T0_US + 1000 * HOUR_US);
     store.compact_data().unwrap();
     assert!(trips(&store, &short, "old").is_some());
 
-    tracing::info!(
-        "past ttl + grace: old dropped, new kept, no-ttl view kept, deleted view dropped"
+    tracing::info!("a floor between the rows: old dropped, new kept, deleted view dropped");
+    let moved = store
+        .advance_expiry(&[(short.id, T0_US - HOUR_US + 1)], &[])
+        .unwrap();
+    assert_eq!(moved, vec![short.id]);
+    assert_eq!(
+        trips(&store, &short, "old"),
+        None,
+        "masked before compaction"
     );
-    clock.set_us(T0_US + HOUR_US + HOUR_US / 2);
     store.delete_view("doomed").unwrap();
     store.compact_data().unwrap();
     assert_eq!(trips(&store, &short, "old"), None);
@@ -176,6 +181,135 @@ fn compaction_drops_only_rows_past_ttl_plus_grace() {
         Some((T0_US - 100 * HOUR_US, 3))
     );
     assert_eq!(trips(&store, &doomed, "x"), None);
+
+    tracing::info!("a floor never moves back");
+    assert!(
+        store
+            .advance_expiry(&[(short.id, 0)], &[])
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.expiry_floor(short.id), T0_US - HOUR_US + 1);
+}
+
+/// Two replicas that applied the same commands answer the same, whether or
+/// not (and whenever) each ran its compactions, and wherever their clocks
+/// are: what is expired is the replicated floor, never a replica's clock.
+#[test]
+fn replicas_agree_on_expired_rows_whatever_their_compactions_and_clocks() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    // One replica's clock is far ahead of the other's.
+    let stores = [
+        open(dirs[0].path(), Arc::new(ManualClock::new(T0_US))),
+        open(
+            dirs[1].path(),
+            Arc::new(ManualClock::new(T0_US + 1000 * HOUR_US)),
+        ),
+    ];
+    let mut views = Vec::new();
+    for store in &stores {
+        let (view, _) = store.apply_view(spec("v", 3600)).unwrap();
+        store
+            .write_rows_at(
+                view.id,
+                &[row("a", T0_US - 3 * HOUR_US, 1), row("b", T0_US, 2)],
+                T0_US,
+                &[],
+            )
+            .unwrap();
+        views.push(view);
+    }
+    // Only the first compacts, before and after the floor moves.
+    stores[0].compact_data().unwrap();
+    for store in &stores {
+        store
+            .advance_expiry(&[(views[0].id, T0_US - 2 * HOUR_US)], &[])
+            .unwrap();
+    }
+    stores[0].compact_data().unwrap();
+    for key in ["a", "b"] {
+        assert_eq!(
+            trips(&stores[0], &views[0], key),
+            trips(&stores[1], &views[1], key),
+            "key {key}"
+        );
+        let raw: Vec<_> = stores
+            .iter()
+            .map(|s| {
+                s.get_raw(&[storage_key(views[0].id, key.as_bytes())])
+                    .pop()
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(raw[0], raw[1], "raw key {key}");
+    }
+    assert_eq!(trips(&stores[1], &views[1], "a"), None);
+    // A late write below the floor is stale on both, although the first
+    // replica no longer holds the newer row it would lose against.
+    for (store, view) in stores.iter().zip(&views) {
+        let outcome = store
+            .write_rows_at(view.id, &[row("a", T0_US - 2 * HOUR_US - 1, 9)], T0_US, &[])
+            .unwrap();
+        assert_eq!(outcome.rows_stale, 1);
+        let outcome = store
+            .write_rows_at(view.id, &[row("a", T0_US - 2 * HOUR_US, 7)], T0_US, &[])
+            .unwrap();
+        assert_eq!(outcome.rows_applied, 1);
+        assert_eq!(trips(store, view, "a"), Some((T0_US - 2 * HOUR_US, 7)));
+    }
+}
+
+#[test]
+fn expiry_floors_survive_reopen_and_cover_tombstones() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0_US));
+    let view = {
+        let store = open(dir.path(), clock.clone());
+        let (view, _) = store.apply_view(spec("v", 60)).unwrap();
+        store
+            .write_rows(view.id, &[row("a", 100, 1), row("b", 300, 2)])
+            .unwrap();
+        store.delete_rows(view.id, &["b".into()]).unwrap();
+        store.advance_expiry(&[(view.id, 200)], &[]).unwrap();
+        // Below the floor: nothing to delete, no tombstone.
+        assert!(
+            store
+                .delete_rows(view.id, &["a".into()])
+                .unwrap()
+                .is_empty()
+        );
+        view
+    };
+    let store = open(dir.path(), clock);
+    assert_eq!(store.expiry_floor(view.id), 200);
+    assert_eq!(trips(&store, &view, "a"), None);
+    // The tombstone (event time 300) is above the floor: it still guards.
+    assert_eq!(
+        store
+            .write_rows(view.id, &[row("b", 250, 3)])
+            .unwrap()
+            .rows_stale,
+        1
+    );
+    store.advance_expiry(&[(view.id, 400)], &[]).unwrap();
+    store.compact_data().unwrap();
+    // Tombstone gone with the floor past it; a write that old is refused anyway.
+    assert_eq!(
+        store
+            .write_rows(view.id, &[row("b", 350, 3)])
+            .unwrap()
+            .rows_stale,
+        1
+    );
+    assert_eq!(
+        store
+            .write_rows(view.id, &[row("b", 400, 4)])
+            .unwrap()
+            .rows_applied,
+        1
+    );
+    assert_eq!(trips(&store, &view, "b"), Some((400, 4)));
 }
 
 #[test]
@@ -264,22 +398,33 @@ proptest! {
 
     /// Deletes take part in last-write-wins: a deleted row leaves a
     /// tombstone at its event time, and a write arriving later wins only if
-    /// its event time is not older (the same rule as between rows).
+    /// its event time is not older (the same rule as between rows). Expiry
+    /// floors (op key 4) make everything below them absent and refuse
+    /// writes below them, compacted or not.
     #[test]
-    fn deletes_follow_the_last_write_wins_model(ops in proptest::collection::vec(
-        (0u8..4, 0i64..20, proptest::option::of(any::<i64>())), 1..40)) {
+    fn deletes_and_expiry_follow_the_last_write_wins_model(ops in proptest::collection::vec(
+        (0u8..5, 0i64..20, proptest::option::of(any::<i64>()), any::<bool>()), 1..40)) {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
         let (view, _) = store.apply_view(spec("v", 0)).unwrap();
         // Per key: the newest event time and the value (None: deleted).
         let mut model: std::collections::BTreeMap<String, (i64, Option<i64>)> = Default::default();
-        for (k, ts, value) in &ops {
+        let mut floor = i64::MIN;
+        for (k, ts, value, compact) in &ops {
+            if *k == 4 {
+                store.advance_expiry(&[(view.id, *ts)], &[]).unwrap();
+                floor = floor.max(*ts);
+                if *compact {
+                    store.compact_data().unwrap();
+                }
+                continue;
+            }
             let key = format!("k{k}");
-            let current = model.get(&key).copied();
+            let current = model.get(&key).copied().filter(|(at, _)| *at >= floor);
             match value {
                 Some(v) => {
                     store.write_rows(view.id, &[row(&key, *ts, *v)]).unwrap();
-                    if current.is_none_or(|(at, _)| *ts >= at) {
+                    if *ts >= floor && current.is_none_or(|(at, _)| *ts >= at) {
                         model.insert(key, (*ts, Some(*v)));
                     }
                 }
@@ -295,7 +440,10 @@ proptest! {
         }
         for k in 0..4 {
             let key = format!("k{k}");
-            let expected = model.get(&key).and_then(|&(ts, v)| v.map(|v| (ts, v)));
+            let expected = model
+                .get(&key)
+                .filter(|(at, _)| *at >= floor)
+                .and_then(|&(ts, v)| v.map(|v| (ts, v)));
             prop_assert_eq!(trips(&store, &view, &key), expected);
         }
     }

@@ -848,6 +848,11 @@ impl Cluster {
             .collect()
     }
 
+    /// Whether shutdown has begun (background loops stop).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Stops every group's Raft and flushes its store.
     pub async fn shutdown(&self) {
         self.stopping
