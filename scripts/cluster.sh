@@ -42,6 +42,13 @@ start_cluster() {
     cargo build --profile "$PROFILE" --bins --quiet
     stop_cluster
     mkdir -p "$CLUSTER_DIR"
+    # Peers authenticate with a secret made for this cluster (each node's
+    # peer port is its client port + 10000). Kept for nodes started later.
+    if [ ! -s "$CLUSTER_DIR/secret" ]; then
+        (umask 077 && od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$CLUSTER_DIR/secret")
+    fi
+    QUIVER_CLUSTER__SECRET="$(cat "$CLUSTER_DIR/secret")"
+    export QUIVER_CLUSTER__SECRET
     for id in $(seq "$count"); do
         nodes="$nodes${nodes:+,}$id=127.0.0.1:$((BASE_PORT + id - 1))"
     done

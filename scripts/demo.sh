@@ -73,6 +73,8 @@ printf 'entity_key,event_ts,conv_rate\n1001,%s,0.99\n' "$((($(date +%s) + 60) * 
 "$CTL" --endpoint "$N3" put --view driver_hourly_stats -f "$DEMO_DIR/one.csv" >/dev/null
 echo "==> restarting node 1 (conv_rate of driver 1001 was set to 0.99 while it was down): it catches up from its peers"
 NODES="1=127.0.0.1:$PORT,2=127.0.0.1:$((PORT + 1)),3=$N3"
+QUIVER_CLUSTER__SECRET="$(cat "$DEMO_DIR/secret")"
+export QUIVER_CLUSTER__SECRET
 "$BIN/quiverd" --node-id 1 --cluster-nodes "$NODES" --listen-addr "127.0.0.1:$PORT" \
     --data-dir "$DEMO_DIR/node1" >"$DEMO_DIR/node1.out" 2>>"$DEMO_DIR/node1.log" &
 echo $! >"$DEMO_DIR/node1.pid"

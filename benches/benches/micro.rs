@@ -57,17 +57,22 @@ fn keys(c: &mut Criterion) {
             .map(|id| quiver_server::config::NodeAddr {
                 id,
                 addr: format!("127.0.0.1:{}", 7470 + id),
+                peer_addr: None,
             })
             .collect(),
         ..Default::default()
     };
-    let placement = quiver_server::cluster::placement::Placement::new(&cluster, "");
+    let placement = quiver_server::cluster::placement::Placement::new(&cluster, "", "");
     group.bench_function("shard_of_key_16_shards", |b| {
         b.iter(|| placement.shard_of_key(std::hint::black_box("user:0000123456")))
     });
     group.bench_function("placement_3_nodes_16_shards", |b| {
         b.iter(|| {
-            quiver_server::cluster::placement::Placement::new(std::hint::black_box(&cluster), "")
+            quiver_server::cluster::placement::Placement::new(
+                std::hint::black_box(&cluster),
+                "",
+                "",
+            )
         })
     });
     group.finish();

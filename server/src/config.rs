@@ -17,6 +17,7 @@ pub const CLUSTER_SHARDS_MAX: u32 = 4096;
 /// Top-level keys of [`Config`], the only ones read from `QUIVER_*`.
 const CONFIG_KEYS: &[&str] = &[
     "listen_addr",
+    "peer_listen_addr",
     "data_dir",
     "sync_writes",
     "block_cache_bytes",
@@ -41,8 +42,14 @@ pub const CLUSTER_NODES_MAX: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// gRPC listen address. Port 0 picks a free port (printed at start).
+    /// gRPC listen address for clients. Port 0 picks a free port (printed
+    /// at start).
     pub listen_addr: SocketAddr,
+    /// Listen address of the internal peer service (Raft traffic and
+    /// forwarded requests), which the client port does not serve. Unset:
+    /// `listen_addr`'s host at its port + 10000 (Redis cluster's bus
+    /// convention), or a free port if `listen_addr`'s port is 0.
+    pub peer_listen_addr: Option<SocketAddr>,
     /// Where the node keeps its data.
     pub data_dir: PathBuf,
     /// fsync the write-ahead log before acknowledging a write.
@@ -76,8 +83,56 @@ pub struct Config {
 pub struct NodeAddr {
     /// Node id, unique and non-zero.
     pub id: u64,
-    /// Its gRPC address (clients and peers both use it), `host:port`.
+    /// Its client address, `host:port` (shown in status).
     pub addr: String,
+    /// Its peer address, `host:port`, where the other nodes reach it.
+    /// Unset: `addr`'s host at its port + 10000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<String>,
+}
+
+/// How far the peer port lies from the client port when it is not given.
+pub const PEER_PORT_OFFSET: u16 = 10_000;
+
+/// Longest cluster secret.
+pub const CLUSTER_SECRET_BYTES_MAX: usize = 256;
+
+/// `host:port` with the port moved by [`PEER_PORT_OFFSET`], or `None` if
+/// the text is not `host:port` or the port would overflow.
+pub fn default_peer_addr(addr: &str) -> Option<String> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    Some(format!("{host}:{}", port.checked_add(PEER_PORT_OFFSET)?))
+}
+
+impl NodeAddr {
+    /// The peer address: as given, or derived from `addr`.
+    pub fn peer_addr(&self) -> Option<String> {
+        self.peer_addr
+            .clone()
+            .or_else(|| default_peer_addr(&self.addr))
+    }
+}
+
+impl Config {
+    /// The peer listener's address: as given, or derived from
+    /// `listen_addr` (port 0 stays 0: a free port).
+    pub fn peer_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        if let Some(addr) = self.peer_listen_addr {
+            return Ok(addr);
+        }
+        let mut addr = self.listen_addr;
+        if addr.port() != 0 {
+            let port = addr.port().checked_add(PEER_PORT_OFFSET).ok_or_else(|| {
+                ConfigError(format!(
+                    "listen_addr port {} + {PEER_PORT_OFFSET} is not a port: set peer_listen_addr",
+                    addr.port()
+                ))
+            })?;
+            addr.set_port(port);
+        }
+        Ok(addr)
+    }
 }
 
 /// The cluster description and replication tuning. Every node of a cluster
@@ -90,6 +145,12 @@ pub struct ClusterConfig {
     /// Every node of the cluster. Empty: a cluster of this node alone, at
     /// `listen_addr`.
     pub nodes: Vec<NodeAddr>,
+    /// Shared by every node: a peer call must carry it or is refused
+    /// (`UNAUTHENTICATED`). Printable ASCII, at most 256 bytes. Empty: peers
+    /// are not authenticated (a warning at start unless the peer listener
+    /// is on loopback). Until TLS it crosses the network in clear: it keeps
+    /// out clients and strays, not an attacker on the path.
+    pub secret: String,
     /// Shards the key space is cut into (hash arcs).
     pub shard_count: u32,
     /// Replicas per shard (capped at the number of nodes).
@@ -140,6 +201,7 @@ impl Default for ClusterConfig {
         Self {
             node_id: 1,
             nodes: Vec::new(),
+            secret: String::new(),
             shard_count: 16,
             replication_factor: 3,
             metadata_voters: 3,
@@ -225,6 +287,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+            peer_listen_addr: None,
             data_dir: PathBuf::from("quiver-data"),
             sync_writes: true,
             block_cache_bytes: 256 << 20,
@@ -286,6 +349,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen_addr: Option<SocketAddr>,
+    /// Peer listen address [default: the listen port + 10000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_listen_addr: Option<SocketAddr>,
     /// Data directory [default: ./quiver-data].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -310,7 +377,8 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip)]
     pub node_id: Option<u64>,
-    /// Every node of the cluster: `1=host:port,2=host:port,...`.
+    /// Every node of the cluster: `1=host:port,2=host:port,...`, each
+    /// optionally with its peer address: `1=host:port/host:peerport`.
     #[arg(long, value_parser = parse_nodes)]
     #[serde(skip)]
     pub cluster_nodes: Option<NodeList>,
@@ -331,16 +399,21 @@ pub struct NodeList(pub Vec<NodeAddr>);
 fn parse_nodes(text: &str) -> Result<NodeList, String> {
     let mut nodes = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
+        let (id, addrs) = part
             .split_once('=')
-            .ok_or_else(|| format!("{part:?} is not id=host:port"))?;
+            .ok_or_else(|| format!("{part:?} is not id=host:port[/host:peerport]"))?;
         let id: u64 = id
             .trim()
             .parse()
             .map_err(|_| format!("node id {id:?} is not a number"))?;
+        let (addr, peer_addr) = match addrs.split_once('/') {
+            Some((addr, peer)) => (addr, Some(peer.trim().to_owned())),
+            None => (addrs, None),
+        };
         nodes.push(NodeAddr {
             id,
             addr: addr.trim().to_owned(),
+            peer_addr,
         });
     }
     Ok(NodeList(nodes))
@@ -509,7 +582,24 @@ impl Config {
                     node.id, node.addr
                 )));
             }
+            match node.peer_addr() {
+                Some(peer) if !peer.is_empty() && peer.contains(':') => {}
+                _ => {
+                    return Err(ConfigError(format!(
+                        "cluster.nodes: node {} has no usable peer address (give peer_addr, host:port)",
+                        node.id
+                    )));
+                }
+            }
         }
+        if c.secret.len() > CLUSTER_SECRET_BYTES_MAX
+            || !c.secret.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ConfigError(format!(
+                "cluster.secret must be printable ASCII without spaces, at most {CLUSTER_SECRET_BYTES_MAX} bytes"
+            )));
+        }
+        self.peer_listen_addr()?;
         if !c.nodes.is_empty() && !ids.contains(&c.node_id) {
             return Err(ConfigError(format!(
                 "cluster.node_id {} is not one of cluster.nodes",
@@ -596,5 +686,67 @@ mod tests {
         let config = Config::load_from(&Flags::default(), Env::prefixed("QUIVER_TEST_NOTHING_"))
             .expect("defaults load");
         assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn peer_addresses_are_given_or_the_client_port_plus_ten_thousand() {
+        let flags = Flags::parse_from([
+            "quiverd",
+            "--node-id",
+            "2",
+            "--cluster-nodes",
+            "1=10.0.0.1:7470,2=10.0.0.2:7470/10.0.9.2:9000",
+            "--listen-addr",
+            "10.0.0.2:7470",
+        ]);
+        let config = Config::load_from(&flags, Env::prefixed("QUIVER_TEST_NOTHING_")).unwrap();
+        let peers: Vec<Option<String>> = config
+            .cluster
+            .nodes
+            .iter()
+            .map(NodeAddr::peer_addr)
+            .collect();
+        assert_eq!(
+            peers,
+            vec![Some("10.0.0.1:17470".into()), Some("10.0.9.2:9000".into())]
+        );
+        assert_eq!(
+            config.peer_listen_addr().unwrap(),
+            "10.0.0.2:17470".parse().unwrap()
+        );
+        let ephemeral = Config {
+            listen_addr: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        assert_eq!(ephemeral.peer_listen_addr().unwrap().port(), 0);
+        // A port that cannot move by 10000 needs an explicit peer address.
+        let flags = Flags::parse_from(["quiverd", "--listen-addr", "127.0.0.1:60000"]);
+        let err = Config::load_from(&flags, Env::prefixed("QUIVER_TEST_NOTHING_"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("peer_listen_addr"), "{err}");
+        let flags = Flags::parse_from(["quiverd", "--cluster-nodes", "1=127.0.0.1:60000"]);
+        let err = Config::load_from(&flags, Env::prefixed("QUIVER_TEST_NOTHING_"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("peer address"), "{err}");
+    }
+
+    #[test]
+    fn a_cluster_secret_must_be_a_plain_header_value() {
+        for bad in [
+            "has space",
+            "tab\there",
+            &"x".repeat(CLUSTER_SECRET_BYTES_MAX + 1),
+        ] {
+            let config = Config {
+                cluster: ClusterConfig {
+                    secret: bad.to_owned(),
+                    ..ClusterConfig::default()
+                },
+                ..Config::default()
+            };
+            assert!(config.validate().is_err(), "{bad:?}");
+        }
     }
 }

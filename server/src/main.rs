@@ -22,12 +22,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("bind {}", config.listen_addr))?;
-    // Scripts and tests read the bound address (port 0 picks one) from this line.
+    let peer_addr = config.peer_listen_addr()?;
+    let peer_listener = TcpListener::bind(peer_addr)
+        .await
+        .with_context(|| format!("bind the peer listener {peer_addr}"))?;
+    // Scripts and tests read the bound addresses (port 0 picks one) from
+    // these lines, the client address first.
     println!(
         "quiverd listening on {}",
         listener.local_addr().context("read the bound address")?
     );
-    quiver_server::serve(config, listener, shutdown_signal())
+    println!(
+        "quiverd peers on {}",
+        peer_listener
+            .local_addr()
+            .context("read the bound peer address")?
+    );
+    quiver_server::serve(config, listener, peer_listener, shutdown_signal())
         .await
         .context("run the node")
 }

@@ -80,7 +80,11 @@ impl Node {
     }
 
     /// Opens the node's groups as configured and starts their Raft instances.
-    pub async fn open(config: &Config, listen_addr: SocketAddr) -> Result<Node, ClusterError> {
+    pub async fn open(
+        config: &Config,
+        listen_addr: SocketAddr,
+        peer_addr: SocketAddr,
+    ) -> Result<Node, ClusterError> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let registry = Registry::default();
         let cache = Arc::new(HotCache::new(
@@ -105,6 +109,7 @@ impl Node {
             StartOptions {
                 data_dir: &config.data_dir,
                 self_addr: listen_addr.to_string(),
+                self_peer_addr: peer_addr.to_string(),
                 store,
                 observer: cache.clone(),
                 clock: clock.clone(),

@@ -1,7 +1,11 @@
-//! Assembles and runs a node's gRPC server: the feature store service, the
-//! internal peer service (Raft traffic and forwarded requests, same port),
-//! the standard health service and server reflection, with graceful
-//! shutdown.
+//! Assembles and runs a node's two gRPC servers: on the client port the
+//! feature store service, the standard health service and server
+//! reflection; on the peer port the internal peer service (Raft traffic and
+//! forwarded requests), behind the cluster secret. The client port does not
+//! serve peer calls (`UNIMPLEMENTED`), so a client can never propose around
+//! the schema checks, vote or install a snapshot. Graceful shutdown drains
+//! clients first; peers are served until the Raft groups have stopped, so
+//! the requests being drained can still reach their leaders.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,6 +17,7 @@ use tonic::transport::server::TcpIncoming;
 
 use quiver_proto::peer::peer_server::PeerServer;
 
+use crate::cluster::auth::CheckPeerCalls;
 use crate::cluster::network::PEER_MESSAGE_BYTES_MAX;
 use crate::cluster::peer_service::PeerService;
 use crate::config::Config;
@@ -40,23 +45,47 @@ pub enum ServeError {
     Cluster(#[from] crate::cluster::ClusterError),
 }
 
-/// Opens the node and serves on `listener` until `shutdown` resolves, then
-/// stops accepting, lets in-flight requests finish and flushes the store.
+/// Opens the node and serves clients on `listener` and peers on
+/// `peer_listener` until `shutdown` resolves, then stops accepting clients,
+/// lets in-flight requests finish, stops the Raft groups and flushes the
+/// stores, and stops serving peers last.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
+    peer_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let listen_addr = listener.local_addr()?;
-    let node = Arc::new(Node::open(&config, listen_addr).await?);
+    let peer_addr = peer_listener.local_addr()?;
+    if config.cluster.secret.is_empty() && !peer_addr.ip().is_loopback() {
+        tracing::warn!(
+            %peer_addr,
+            "cluster.secret is empty: any host that reaches the peer port can act as a peer"
+        );
+    }
+    let node = Arc::new(Node::open(&config, listen_addr, peer_addr).await?);
     tokio::spawn(crate::expiry::expiry_loop(
         Arc::downgrade(&node),
         Duration::from_secs(config.ttl_expire_interval_seconds),
         config.ttl_grace_seconds,
     ));
-    let peer = PeerServer::new(PeerService::new(node.cluster.clone()))
-        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+    let peer = tonic::service::interceptor::InterceptedService::new(
+        PeerServer::new(PeerService::new(node.cluster.clone()))
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+        CheckPeerCalls::new(&config.cluster.secret),
+    );
+    let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let peer_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(peer)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(peer_listener).with_nodelay(Some(true)),
+                async {
+                    let _ = peer_stop_rx.await;
+                },
+            ),
+    );
     let request_bytes_max = usize::try_from(config.limits.request_bytes_max).unwrap_or(usize::MAX);
     // Responses are bounded where they are built (limits.get_response_bytes_max);
     // this is the backstop, with room for the framing around the values.
@@ -76,7 +105,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    tracing::info!(%listen_addr, data_dir = %config.data_dir.display(), "serving");
+    tracing::info!(%listen_addr, %peer_addr, data_dir = %config.data_dir.display(), "serving");
     // Fires when shutdown starts, to bound the drain: idle client connections
     // that never close must not keep a stopping node alive.
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
@@ -87,7 +116,6 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_store)
-        .add_service(peer)
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small responses wait on delayed ACKs (~40 ms).
             TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -115,6 +143,12 @@ pub async fn serve(
     }
 
     node.cluster.shutdown().await;
+    let _ = peer_stop_tx.send(());
+    match peer_server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "peer server"),
+        Err(e) => tracing::warn!(error = %e, "peer server task"),
+    }
     tracing::info!("raft groups stopped, stores flushed; stopped");
     Ok(())
 }

@@ -303,7 +303,7 @@ impl FeatureStore for FeatureStoreService {
             rows_stale,
             node_id: node.cluster.node_id,
             nodes: placement
-                .nodes
+                .client_addrs
                 .iter()
                 .map(|(id, addr)| pb::NodeStatus {
                     node_id: *id,

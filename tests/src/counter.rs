@@ -68,11 +68,24 @@ impl std::ops::DerefMut for Running {
 /// Starts a 3-node cluster with `env` (`QUIVER_CLUSTER__...` tuning) once
 /// no other test's cluster runs, and waits for every group's leader.
 pub async fn start(env: &[(&str, &str)]) -> Running {
+    start_cluster(env, false).await
+}
+
+/// [`start`] with every peer link through a proxy (`cluster.links`), for
+/// partitions.
+pub async fn start_with_links(env: &[(&str, &str)]) -> Running {
+    start_cluster(env, true).await
+}
+
+async fn start_cluster(env: &[(&str, &str)], with_links: bool) -> Running {
     let turn = ONE_CLUSTER.lock().await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cluster = Cluster::start(dir.path(), 3, env)
-        .await
-        .expect("cluster starts");
+    let started = if with_links {
+        Cluster::start_with_links(dir.path(), 3, env).await
+    } else {
+        Cluster::start(dir.path(), 3, env).await
+    };
+    let mut cluster = started.expect("cluster starts");
     cluster
         .wait_for_leaders(LEADER_WAIT)
         .await

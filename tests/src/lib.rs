@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 pub mod counter;
 pub mod linearizability;
+pub mod links;
 
 /// How long a node may take to start or stop. Generous: CI has 2 cores.
 pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,6 +56,7 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 pub struct Node {
     child: Child,
     addr: SocketAddr,
+    peer_addr: SocketAddr,
     listen: String,
     data_dir: PathBuf,
     extra_args: Vec<String>,
@@ -80,10 +82,11 @@ impl Node {
     ) -> Result<Node> {
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let log_path = data_dir.with_extension("log");
-        let (child, addr) = spawn(data_dir, listen, &extra_args, env, &log_path)?;
+        let (child, addr, peer_addr) = spawn(data_dir, listen, &extra_args, env, &log_path)?;
         Ok(Node {
             child,
             addr,
+            peer_addr,
             listen: listen.to_owned(),
             data_dir: data_dir.to_path_buf(),
             extra_args,
@@ -100,6 +103,11 @@ impl Node {
     /// The node's gRPC address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The node's peer listener (internal traffic only).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
     }
 
     /// `http://addr`, for clients.
@@ -208,7 +216,7 @@ impl Node {
         if self.child.try_wait()?.is_none() {
             self.terminate()?;
         }
-        let (child, addr) = spawn(
+        let (child, addr, peer_addr) = spawn(
             &self.data_dir,
             &self.listen,
             &self.extra_args,
@@ -217,6 +225,7 @@ impl Node {
         )?;
         self.child = child;
         self.addr = addr;
+        self.peer_addr = peer_addr;
         self.wait_ready().await
     }
 }
@@ -234,7 +243,7 @@ fn spawn(
     extra_args: &[String],
     env: &[(String, String)],
     log_path: &Path,
-) -> Result<(Child, SocketAddr)> {
+) -> Result<(Child, SocketAddr, SocketAddr)> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -265,13 +274,15 @@ fn spawn(
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
-        let first = lines.next();
-        let _ = tx.send(first);
+        // The client address, then the peer address.
+        let first = lines.next().and_then(Result::ok);
+        let second = lines.next().and_then(Result::ok);
+        let _ = tx.send(first.zip(second));
         // Keep draining so the child never blocks on a full pipe.
         for _ in lines {}
     });
-    let line = match rx.recv_timeout(NODE_START_TIMEOUT) {
-        Ok(Some(Ok(line))) => line,
+    let (line, peer_line) = match rx.recv_timeout(NODE_START_TIMEOUT) {
+        Ok(Some(lines)) => lines,
         other => {
             let _ = child.kill();
             let log = std::fs::read_to_string(log_path).unwrap_or_default();
@@ -283,7 +294,12 @@ fn spawn(
         .ok_or_else(|| anyhow!("unexpected first line from quiverd: {line:?}"))?
         .parse()
         .with_context(|| format!("parse address in {line:?}"))?;
-    Ok((child, addr))
+    let peer_addr = peer_line
+        .strip_prefix("quiverd peers on ")
+        .ok_or_else(|| anyhow!("unexpected second line from quiverd: {peer_line:?}"))?
+        .parse()
+        .with_context(|| format!("parse address in {peer_line:?}"))?;
+    Ok((child, addr, peer_addr))
 }
 
 /// A cluster of `quiverd` processes on loopback, each with its own data
@@ -292,7 +308,13 @@ fn spawn(
 pub struct Cluster {
     /// The nodes; node id `i + 1` is `nodes[i]`.
     pub nodes: Vec<Node>,
+    /// The peer links' proxies, when started with them.
+    pub links: Option<std::sync::Arc<links::Links>>,
 }
+
+/// The cluster secret test clusters share: every test cluster
+/// authenticates its peers, as production should.
+pub const TEST_CLUSTER_SECRET: &str = "quiver-test-cluster-secret";
 
 impl Cluster {
     /// Starts `count` nodes under `root` and waits until each answers.
@@ -300,41 +322,88 @@ impl Cluster {
     /// description can name them before the nodes start. `env` tunes
     /// replication (`QUIVER_CLUSTER__...`).
     pub async fn start(root: &Path, count: usize, env: &[(&str, &str)]) -> Result<Cluster> {
+        Self::start_inner(root, count, env, false).await
+    }
+
+    /// [`Self::start`] with every node's peer traffic to every other node
+    /// through a proxy of [`links::Links`], so tests can partition them.
+    pub async fn start_with_links(
+        root: &Path,
+        count: usize,
+        env: &[(&str, &str)],
+    ) -> Result<Cluster> {
+        Self::start_inner(root, count, env, true).await
+    }
+
+    async fn start_inner(
+        root: &Path,
+        count: usize,
+        env: &[(&str, &str)],
+        with_links: bool,
+    ) -> Result<Cluster> {
+        // A client and a peer port per node.
         let mut ports = Vec::new();
         {
-            let listeners: Vec<std::net::TcpListener> = (0..count)
+            let listeners: Vec<std::net::TcpListener> = (0..2 * count)
                 .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
                 .collect::<std::io::Result<_>>()?;
             for listener in &listeners {
                 ports.push(listener.local_addr()?.port());
             }
         }
-        let description = ports
-            .iter()
-            .enumerate()
-            .map(|(i, port)| format!("{}=127.0.0.1:{port}", i + 1))
-            .collect::<Vec<_>>()
-            .join(",");
-        let env: Vec<(String, String)> = env
+        let (client_ports, peer_ports) = ports.split_at(count);
+        let links = with_links.then(|| std::sync::Arc::new(links::Links::default()));
+        // Node i's view of the cluster: its own peer port, and the others'
+        // through the i -> j proxies when there are links.
+        let mut descriptions = Vec::new();
+        for from in 1..=count as u64 {
+            let mut parts = Vec::new();
+            for to in 1..=count as u64 {
+                let client = client_ports[(to - 1) as usize];
+                let peer_target: SocketAddr =
+                    format!("127.0.0.1:{}", peer_ports[(to - 1) as usize]).parse()?;
+                let peer = match &links {
+                    Some(links) if from != to => links.add(from, to, peer_target).await?,
+                    _ => peer_target,
+                };
+                parts.push(format!("{to}=127.0.0.1:{client}/{peer}"));
+            }
+            descriptions.push(parts.join(","));
+        }
+        let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
+        if !env.iter().any(|(k, _)| k == "QUIVER_CLUSTER__SECRET") {
+            env.push((
+                "QUIVER_CLUSTER__SECRET".to_owned(),
+                TEST_CLUSTER_SECRET.to_owned(),
+            ));
+        }
         let mut nodes = Vec::new();
-        for (i, port) in ports.iter().enumerate() {
+        for (i, port) in client_ports.iter().enumerate() {
             let id = (i + 1).to_string();
             let data_dir = root.join(format!("node{id}"));
             let listen = format!("127.0.0.1:{port}");
+            let peer_listen = format!("127.0.0.1:{}", peer_ports[i]);
             nodes.push(Node::spawn_at(
                 &data_dir,
                 &listen,
-                &["--node-id", &id, "--cluster-nodes", &description],
+                &[
+                    "--node-id",
+                    &id,
+                    "--cluster-nodes",
+                    &descriptions[i],
+                    "--peer-listen-addr",
+                    &peer_listen,
+                ],
                 &env,
             )?);
         }
         for node in &nodes {
             node.wait_ready().await?;
         }
-        Ok(Cluster { nodes })
+        Ok(Cluster { nodes, links })
     }
 
     /// Node `id` (1-based).

@@ -223,6 +223,76 @@ impl Ledger {
     }
 }
 
+/// A bounded-staleness read that broke its bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleRead {
+    /// The read.
+    pub read: Operation,
+    /// Why: what it should at least have seen, or that what it saw was
+    /// never written (or not yet invoked when the read completed).
+    pub reason: String,
+}
+
+/// Checks reads that promise bounded staleness (not linearizability): a
+/// read invoked at `t` must hold every write acknowledged before
+/// `t - bound_us` (that write or a newer one: values are ordered by event
+/// time), and may only return a value some write of its key had been
+/// invoked with by the time the read completed.
+pub fn stale_reads(history: &[Operation], reads: &[Operation], bound_us: u64) -> Vec<StaleRead> {
+    let mut writes: BTreeMap<&str, Vec<&Operation>> = BTreeMap::new();
+    for op in history {
+        if matches!(op.kind, Kind::Write { .. }) {
+            writes.entry(op.key.as_str()).or_default().push(op);
+        }
+    }
+    let mut violations = Vec::new();
+    for read in reads {
+        let Kind::Read { value } = read.kind else {
+            continue;
+        };
+        let Some(completed) = read.completed else {
+            continue;
+        };
+        let key_writes = writes.get(read.key.as_str()).map_or(&[][..], Vec::as_slice);
+        let required = key_writes
+            .iter()
+            .filter(|w| {
+                w.completed
+                    .is_some_and(|c| c.saturating_add(bound_us) < read.invoked)
+            })
+            .filter_map(|w| match w.kind {
+                Kind::Write { ts, .. } => Some(ts),
+                Kind::Read { .. } => None,
+            })
+            .max();
+        let seen = value.map(|(ts, _)| ts);
+        if let Some(required) = required
+            && seen.is_none_or(|ts| ts < required)
+        {
+            violations.push(StaleRead {
+                read: read.clone(),
+                reason: format!(
+                    "saw {seen:?}, but the write at {required} was acknowledged more than {bound_us} µs before the read began"
+                ),
+            });
+            continue;
+        }
+        if let Some((ts, v)) = value {
+            let written = key_writes.iter().any(|w| {
+                w.invoked <= completed
+                    && matches!(w.kind, Kind::Write { ts: wts, value: wv } if wts == ts && wv == v)
+            });
+            if !written {
+                violations.push(StaleRead {
+                    read: read.clone(),
+                    reason: format!("saw ({ts}, {v}), which no write had been invoked with"),
+                });
+            }
+        }
+    }
+    violations
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +438,29 @@ mod tests {
                 ("b".to_owned(), (2, 20), Some((1, 10))),
                 ("c".to_owned(), (2, 20), None)
             ]
+        );
+    }
+
+    #[test]
+    fn bounded_staleness_allows_lag_within_the_bound_only() {
+        let history = vec![write("k", 0, Some(10), 1), write("k", 20, Some(30), 2)];
+        let ok = [
+            // Within the bound of the second write: the first will do.
+            read("k", 100, 110, Some(1)),
+            read("k", 1030, 1040, Some(2)),
+            // Nothing acknowledged long enough ago yet.
+            read("k", 5, 8, None),
+        ];
+        assert!(stale_reads(&history, &ok, 1000).is_empty());
+        let stale = [read("k", 1031, 1040, Some(1)), read("k", 1011, 1040, None)];
+        assert_eq!(stale_reads(&history, &stale, 1000).len(), 2);
+        // A value nobody wrote, or one written only after the read ended.
+        let invented = [read("k", 40, 50, Some(7))];
+        assert_eq!(stale_reads(&history, &invented, 1000).len(), 1);
+        let future = vec![write("k", 200, None, 9)];
+        assert_eq!(
+            stale_reads(&future, &[read("k", 40, 50, Some(9))], 1000).len(),
+            1
         );
     }
 }

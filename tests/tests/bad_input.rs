@@ -427,3 +427,40 @@ async fn a_get_response_over_its_byte_limit_is_refused_naming_the_limit() {
         .await
         .expect("still serving");
 }
+
+/// The client port serves no peer calls, and the peer port serves only
+/// calls carrying the cluster secret: a client cannot propose around the
+/// schema checks, vote or install a snapshot.
+#[tokio::test]
+async fn peer_calls_need_the_peer_port_and_the_cluster_secret() {
+    use quiver_proto::peer::PeerBatch;
+    use quiver_proto::peer::peer_client::PeerClient;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_with_config(dir.path(), "[cluster]\nsecret = \"right-secret\"\n").await;
+    let call = |addr: std::net::SocketAddr, secret: Option<&'static str>| async move {
+        let mut client = PeerClient::connect(format!("http://{addr}")).await.unwrap();
+        let mut request = tonic::Request::new(PeerBatch { calls: Vec::new() });
+        if let Some(secret) = secret {
+            request
+                .metadata_mut()
+                .insert("x-quiver-cluster-secret", secret.parse().unwrap());
+        }
+        client.call_batch(request).await.map(|_| ())
+    };
+    expect_code(
+        call(node.addr(), Some("right-secret")).await,
+        Code::Unimplemented,
+        "",
+    );
+    for secret in [None, Some("wrong-secret"), Some("right-secre")] {
+        expect_code(
+            call(node.peer_addr(), secret).await,
+            Code::Unauthenticated,
+            "cluster secret",
+        );
+    }
+    call(node.peer_addr(), Some("right-secret")).await.unwrap();
+    // And the node still serves clients.
+    let mut client = node.client().await.unwrap();
+    client.status(pb::StatusRequest {}).await.unwrap();
+}

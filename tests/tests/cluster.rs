@@ -642,3 +642,76 @@ async fn rows_expired_past_ttl_and_grace_stay_expired_on_every_replica() {
         }
     }
 }
+
+/// A partition through the peer-link proxies: node 1, cut off from both
+/// peers (its connections black-holed, as behind a dead switch), loses
+/// every group it led to the majority side, which takes writes; node 1
+/// itself never serves a value older than those writes at LEADER or STRONG
+/// (its lease runs out, it cannot get a read index), and after the heal it
+/// catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_node_serves_nothing_stale_and_the_majority_goes_on() {
+    use quiver_tests::counter::start_with_links;
+    use quiver_tests::links::LinkState;
+    let mut cluster = start_with_links(&FOUR_SHARDS).await;
+    let links = cluster.links.clone().unwrap();
+    let c1 = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&c1).await;
+    let keys = keys(24, "p");
+    let old: Vec<(String, i64)> = keys.iter().map(|k| (k.clone(), 1)).collect();
+    retry("first write", LEADER_WAIT, || {
+        let (mut c1, old) = (c1.clone(), old.clone());
+        async move { write_values(&mut c1, &old).await }
+    })
+    .await;
+
+    eprintln!("--- node 1 isolated: the majority elects leaders and takes writes");
+    links.isolate(1, LinkState::Blackhole);
+    let c2 = cluster.node(2).client().await.unwrap();
+    let new: Vec<(String, i64)> = keys.iter().map(|k| (k.clone(), 2)).collect();
+    retry(
+        "write through node 2 while node 1 is cut off",
+        LEADER_WAIT,
+        || {
+            let (mut c2, new) = (c2.clone(), new.clone());
+            async move { write_values(&mut c2, &new).await }
+        },
+    )
+    .await;
+    let deadline = Instant::now() + std::time::Duration::from_secs(4);
+    let mut refused = 0;
+    while Instant::now() < deadline {
+        for level in [pb::Consistency::Leader, pb::Consistency::Strong] {
+            let mut c1 = c1.clone();
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                read_values(&mut c1, &keys, level),
+            )
+            .await;
+            match read {
+                Ok(Ok((values, _))) => assert!(
+                    values.iter().all(|v| *v == Some(2)),
+                    "isolated node 1 served stale values at {level:?}: {values:?}"
+                ),
+                _ => refused += 1,
+            }
+        }
+    }
+    assert!(refused > 0, "node 1 cannot serve every read while isolated");
+
+    eprintln!("--- healed: node 1 catches up");
+    links.heal_all();
+    let expected: Vec<Option<i64>> = vec![Some(2); keys.len()];
+    retry("node 1 reads the majority's writes", CONVERGE_WAIT, || {
+        let (mut c1, keys, expected) = (c1.clone(), keys.clone(), expected.clone());
+        async move {
+            let (values, _) = read_values(&mut c1, &keys, pb::Consistency::Replica).await?;
+            if values == expected {
+                Ok(())
+            } else {
+                Err(format!("{values:?}"))
+            }
+        }
+    })
+    .await;
+}

@@ -1,8 +1,23 @@
 //! The nemesis: concurrent clients write and STRONG-read a few keys through
-//! random nodes while the nodes are killed with SIGKILL and restarted, or
+//! random nodes while the nodes are killed with SIGKILL and restarted,
 //! frozen with SIGSTOP and woken up again (a paused leader that wakes still
-//! believing it leads). Afterwards every key's history must be linearizable
-//! (tests/src/linearizability.rs) and no acknowledged write may be missing.
+//! believing it leads), or cut off from each other: a node isolated (its
+//! peer connections refused, or black-holed so calls wait out their
+//! deadlines), one-way partitions (a node that can send but not be reached,
+//! or the reverse), and two nodes cut from each other while both reach the
+//! third. Partitions go through a proxy per directed peer link
+//! (tests/src/links.rs); clients always reach every node. Afterwards every
+//! key's history must be linearizable (tests/src/linearizability.rs) and no
+//! acknowledged write may be missing.
+//!
+//! Reads are `STRONG`, `LEADER` or `REPLICA`. `STRONG` and `LEADER` reads
+//! both go into the linearizability check (a `LEADER` read is served only
+//! under a lease, whose one assumption, bounded clock drift between
+//! processes, holds on one machine). `REPLICA` reads promise bounded
+//! staleness: with `replica_lag_entries_max = 0` a replica serves only if
+//! it heard from its leader within `election_timeout_max_ms` (1 s), so a
+//! read must hold every write acknowledged more than that before it began;
+//! checked with 1 s more for scheduling on a loaded machine.
 //!
 //! Seeded: the fault schedule and each client's choices come from the seed,
 //! so `QUIVER_NEMESIS_SEEDS=7 cargo test --workspace --test nemesis --
@@ -11,8 +26,10 @@
 //! `scripts/nemesis.sh` runs the long campaign. `make test` runs two short
 //! seeds.
 //!
-//! Not here yet: network partitions (they need peer traffic on its own
-//! listener, to put a proxy in the way) and clock jumps.
+//! Not here: clock jumps. Nothing this test checks reads the wall clock
+//! (leases and timeouts use monotonic time; event times come from the
+//! clients); the wall clock only stamps entries' leader time and moves ttl
+//! expiry floors, whose rules have their own tests.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -23,9 +40,11 @@ use std::time::{Duration, Instant};
 
 use quiver_proto::v1 as pb;
 use quiver_tests::counter::{
-    CONVERGE_WAIT, FOUR_SHARDS, LEADER_WAIT, apply_counter_view, connect, read_values, retry, start,
+    CONVERGE_WAIT, FOUR_SHARDS, LEADER_WAIT, apply_counter_view, connect, read_values, retry,
+    start_with_links,
 };
-use quiver_tests::linearizability::{Kind, Ledger, Operation, check};
+use quiver_tests::linearizability::{Kind, Ledger, Operation, check, stale_reads};
+use quiver_tests::links::LinkState;
 use quiver_tests::{int64, now_us, row, write_rows};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -41,6 +60,15 @@ const KEYS: usize = 12;
 /// A client gives up on one operation after this long; a write given up on
 /// may still have happened (the checker allows both).
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
+/// The staleness a `REPLICA` read may show: the 1 s contact window plus 1 s
+/// of slack.
+const REPLICA_STALENESS_BOUND_US: u64 = 2_000_000;
+/// The cluster: few shards, and replicas that serve only when caught up
+/// with what their leader last told them (so staleness is bounded in time).
+const NEMESIS_ENV: [(&str, &str); 2] = [
+    FOUR_SHARDS[0],
+    ("QUIVER_CLUSTER__REPLICA_LAG_ENTRIES_MAX", "0"),
+];
 
 /// What one run saw, for the report line.
 #[derive(Debug, Default)]
@@ -48,6 +76,7 @@ struct Report {
     writes_acknowledged: usize,
     writes_unknown: usize,
     reads: usize,
+    replica_reads: usize,
     faults: Vec<String>,
 }
 
@@ -59,7 +88,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn histories_under_kills_and_pauses_are_linearizable_and_keep_every_acknowledged_write() {
+async fn histories_under_kills_pauses_and_partitions_are_linearizable_and_keep_every_acknowledged_write()
+ {
     let seeds: Vec<u64> = match std::env::var("QUIVER_NEMESIS_SEEDS") {
         Ok(list) => list
             .split(',')
@@ -80,7 +110,8 @@ async fn histories_under_kills_and_pauses_are_linearizable_and_keep_every_acknow
 /// One seed: a fresh cluster, clients and nemesis for `length`, then the
 /// checks. Panics (keeping the cluster's logs) on a violation.
 async fn run(seed: u64, length: Duration) {
-    let mut cluster = start(&FOUR_SHARDS).await;
+    let mut cluster = start_with_links(&NEMESIS_ENV).await;
+    let links = cluster.links.clone().expect("started with links");
     let first = cluster.node(1).client().await.unwrap();
     apply_counter_view(&first).await;
     let addrs: Vec<_> = cluster.nodes.iter().map(|n| n.addr()).collect();
@@ -98,6 +129,7 @@ async fn run(seed: u64, length: Duration) {
         clients.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(client_id));
             let mut history = Vec::new();
+            let mut replica_reads = Vec::new();
             let mut connections = BTreeMap::new();
             while !stop.load(Ordering::Relaxed) {
                 let node = rng.random_range(0..addrs.len());
@@ -133,25 +165,35 @@ async fn run(seed: u64, length: Duration) {
                     });
                 } else {
                     let keys = [key.clone()];
+                    let level = match rng.random_range(0..10u32) {
+                        0..4 => pb::Consistency::Strong,
+                        4..7 => pb::Consistency::Leader,
+                        _ => pb::Consistency::Replica,
+                    };
                     let outcome = tokio::time::timeout(
                         OPERATION_TIMEOUT,
-                        read_values(&mut client, &keys, pb::Consistency::Strong),
+                        read_values(&mut client, &keys, level),
                     )
                     .await;
                     // A failed read says nothing; it is left out.
                     if let Ok(Ok((values, _))) = outcome {
-                        history.push(Operation {
+                        let read = Operation {
                             key,
                             invoked,
                             completed: Some(since()),
                             kind: Kind::Read {
                                 value: values[0].map(|v| (v, v)),
                             },
-                        });
+                        };
+                        if level == pb::Consistency::Replica {
+                            replica_reads.push(read);
+                        } else {
+                            history.push(read);
+                        }
                     }
                 }
             }
-            history
+            (history, replica_reads)
         }));
     }
 
@@ -162,28 +204,75 @@ async fn run(seed: u64, length: Duration) {
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
         let victim = rng.random_range(1..=3u64);
+        let others: Vec<u64> = (1..=3).filter(|&n| n != victim).collect();
         let down = Duration::from_millis(rng.random_range(300..2500));
-        if rng.random_bool(0.5) {
-            report
-                .faults
-                .push(format!("kill -9 node {victim} for {down:?}"));
-            cluster.node(victim).kill9().unwrap();
-            tokio::time::sleep(down).await;
-            cluster.node(victim).restart().await.unwrap();
+        let cut = if rng.random_bool(0.5) {
+            LinkState::Refuse
         } else {
-            report
-                .faults
-                .push(format!("SIGSTOP node {victim} for {down:?}"));
-            cluster.node(victim).pause().unwrap();
-            tokio::time::sleep(down).await;
-            cluster.node(victim).resume().unwrap();
+            LinkState::Blackhole
+        };
+        match rng.random_range(0..6u32) {
+            0 => {
+                report
+                    .faults
+                    .push(format!("kill -9 node {victim} for {down:?}"));
+                cluster.node(victim).kill9().unwrap();
+                tokio::time::sleep(down).await;
+                cluster.node(victim).restart().await.unwrap();
+            }
+            1 => {
+                report
+                    .faults
+                    .push(format!("SIGSTOP node {victim} for {down:?}"));
+                cluster.node(victim).pause().unwrap();
+                tokio::time::sleep(down).await;
+                cluster.node(victim).resume().unwrap();
+            }
+            fault => {
+                // Partitions last longer: long enough for elections on
+                // both sides of the cut.
+                let down = down * 2;
+                let what = match fault {
+                    2 => {
+                        links.isolate(victim, cut);
+                        format!("node {victim} isolated")
+                    }
+                    3 => {
+                        for &other in &others {
+                            links.set(victim, other, cut);
+                        }
+                        format!("node {victim} cannot reach the others (they reach it)")
+                    }
+                    4 => {
+                        for &other in &others {
+                            links.set(other, victim, cut);
+                        }
+                        format!("the others cannot reach node {victim} (it reaches them)")
+                    }
+                    _ => {
+                        links.set_both(others[0], others[1], cut);
+                        format!(
+                            "nodes {} and {} cut from each other (both reach node {victim})",
+                            others[0], others[1]
+                        )
+                    }
+                };
+                report.faults.push(format!("{what} ({cut:?}) for {down:?}"));
+                tokio::time::sleep(down).await;
+                links.heal_all();
+            }
         }
     }
+    links.heal_all();
     stop.store(true, Ordering::Relaxed);
     let mut history = Vec::new();
+    let mut replica_reads = Vec::new();
     for client in clients {
-        history.extend(client.await.unwrap());
+        let (linearizable, bounded) = client.await.unwrap();
+        history.extend(linearizable);
+        replica_reads.extend(bounded);
     }
+    report.replica_reads = replica_reads.len();
 
     // Healed: every acknowledged write must be there, read through each node.
     cluster.wait_for_leaders(LEADER_WAIT).await.unwrap();
@@ -232,16 +321,26 @@ async fn run(seed: u64, length: Duration) {
     }
 
     let violations = check(&history);
+    let stale = stale_reads(&history, &replica_reads, REPLICA_STALENESS_BOUND_US);
     eprintln!(
-        "nemesis seed {seed}: {:?}, {} operations ({} writes acknowledged, {} unknown, {} reads), \
-         {} faults, {} linearizability violations",
+        "nemesis seed {seed}: {:?}, {} operations ({} writes acknowledged, {} unknown, \
+         {} STRONG/LEADER reads, {} REPLICA reads), {} faults, {} linearizability violations, \
+         {} REPLICA reads staler than {} ms",
         length,
-        history.len(),
+        history.len() + replica_reads.len(),
         report.writes_acknowledged,
         report.writes_unknown,
         report.reads,
+        report.replica_reads,
         report.faults.len(),
-        violations.len()
+        violations.len(),
+        stale.len(),
+        REPLICA_STALENESS_BOUND_US / 1000
+    );
+    assert!(
+        stale.is_empty(),
+        "seed {seed}: REPLICA reads past their staleness bound: {stale:#?}; faults: {:?}",
+        report.faults
     );
     assert!(
         violations.is_empty(),

@@ -9,6 +9,7 @@
 //! Leader changes and unreachable replicas are retried a bounded number of
 //! times with backoff; the last error is reported as `UNAVAILABLE`.
 
+pub mod auth;
 pub mod hibernate;
 pub mod network;
 pub mod peer_service;
@@ -146,6 +147,8 @@ pub struct StartOptions<'a> {
     pub data_dir: &'a Path,
     /// This node's client-facing address (used for a one-node cluster).
     pub self_addr: String,
+    /// This node's peer address (likewise).
+    pub self_peer_addr: String,
     /// Options of every group's store; `registry` must be the node's.
     pub store: StoreOptions,
     /// Cache coherence.
@@ -163,13 +166,14 @@ impl Cluster {
         config: &ClusterConfig,
         options: StartOptions<'_>,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let placement = Placement::new(config, &options.self_addr);
+        let placement = Placement::new(config, &options.self_addr, &options.self_peer_addr);
         let node_id = config.node_id;
         let clients = Arc::new(
             PeerClients::new(
                 &placement.nodes,
                 Duration::from_millis(config.peer_timeout_ms),
                 Duration::from_millis(config.snapshot_timeout_ms),
+                &config.secret,
             )
             .map_err(ClusterError::Start)?,
         );

@@ -29,6 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
+use super::auth::SignPeerCalls;
 use super::wire::{self, PeerCall, PeerResult, SnapshotHeader};
 
 /// Bytes of file data per snapshot chunk.
@@ -112,7 +113,7 @@ struct Queued {
 /// Takes calls off one peer lane's queue and sends them as batches, at most
 /// `in_flight_max` at a time. Ends when the queue's senders are dropped.
 async fn send_batches(
-    client: PeerClient<Channel>,
+    client: PeerClient<PeerChannel>,
     mut queue: mpsc::Receiver<Queued>,
     in_flight_max: usize,
 ) {
@@ -156,7 +157,7 @@ async fn send_batches(
 /// waiting then (a commit in a group without quorum) must not keep the
 /// lane's other calls from going out.
 async fn send_batch(
-    mut client: PeerClient<Channel>,
+    mut client: PeerClient<PeerChannel>,
     mut batch: Vec<Queued>,
     permit: OwnedSemaphorePermit,
 ) {
@@ -247,10 +248,13 @@ pub enum PeerError {
     },
 }
 
+/// A channel to a peer whose every call carries the cluster secret.
+pub type PeerChannel = tonic::service::interceptor::InterceptedService<Channel, SignPeerCalls>;
+
 /// Channels to every peer, and a batching queue per peer and lane.
 #[derive(Debug)]
 pub struct PeerClients {
-    clients: BTreeMap<NodeId, PeerClient<Channel>>,
+    clients: BTreeMap<NodeId, PeerClient<PeerChannel>>,
     queues: BTreeMap<NodeId, [mpsc::Sender<Queued>; LANES]>,
     timeout: Duration,
     snapshot_timeout: Duration,
@@ -264,7 +268,9 @@ impl PeerClients {
         nodes: &BTreeMap<NodeId, String>,
         timeout: Duration,
         snapshot_timeout: Duration,
+        secret: &str,
     ) -> Result<Self, String> {
+        let sign = SignPeerCalls::new(secret)?;
         let mut clients = BTreeMap::new();
         let mut queues = BTreeMap::new();
         for (&id, addr) in nodes {
@@ -275,7 +281,7 @@ impl PeerClients {
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(timeout);
             let connect = || {
-                PeerClient::new(endpoint.connect_lazy())
+                PeerClient::with_interceptor(endpoint.connect_lazy(), sign.clone())
                     .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
                     .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
             };
@@ -304,7 +310,7 @@ impl PeerClients {
         })
     }
 
-    fn client(&self, node: NodeId) -> Result<PeerClient<Channel>, PeerError> {
+    fn client(&self, node: NodeId) -> Result<PeerClient<PeerChannel>, PeerError> {
         self.clients
             .get(&node)
             .cloned()
@@ -665,7 +671,7 @@ mod tests {
     }
 
     fn clients(addr: String, timeout: Duration) -> Arc<PeerClients> {
-        Arc::new(PeerClients::new(&BTreeMap::from([(2, addr)]), timeout, timeout).unwrap())
+        Arc::new(PeerClients::new(&BTreeMap::from([(2, addr)]), timeout, timeout, "").unwrap())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,8 +17,10 @@ use crate::config::{ClusterConfig, NodeAddr};
 /// The static cluster map.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Placement {
-    /// Node id to address.
+    /// Node id to peer address (where Raft traffic goes).
     pub nodes: BTreeMap<NodeId, String>,
+    /// Node id to client address (shown in status).
+    pub client_addrs: BTreeMap<NodeId, String>,
     /// Number of shards (groups `1..=shard_count`).
     pub shard_count: u32,
     /// Replicas of every shard.
@@ -30,17 +32,34 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Computes the map from a cluster description (`self_addr` is used when
-    /// the description is empty: a one-node cluster).
-    pub fn new(config: &ClusterConfig, self_addr: &str) -> Placement {
-        let nodes: BTreeMap<NodeId, String> = if config.nodes.is_empty() {
-            BTreeMap::from([(config.node_id, self_addr.to_owned())])
+    /// Computes the map from a cluster description (this node's client and
+    /// peer addresses are used when the description is empty: a one-node
+    /// cluster). A node without a usable peer address is refused by config
+    /// validation; here it maps to its client address.
+    pub fn new(config: &ClusterConfig, self_addr: &str, self_peer_addr: &str) -> Placement {
+        let (nodes, client_addrs) = if config.nodes.is_empty() {
+            (
+                BTreeMap::from([(config.node_id, self_peer_addr.to_owned())]),
+                BTreeMap::from([(config.node_id, self_addr.to_owned())]),
+            )
         } else {
-            config
-                .nodes
-                .iter()
-                .map(|NodeAddr { id, addr }| (*id, addr.clone()))
-                .collect()
+            (
+                config
+                    .nodes
+                    .iter()
+                    .map(|node: &NodeAddr| {
+                        (
+                            node.id,
+                            node.peer_addr().unwrap_or_else(|| node.addr.clone()),
+                        )
+                    })
+                    .collect(),
+                config
+                    .nodes
+                    .iter()
+                    .map(|node| (node.id, node.addr.clone()))
+                    .collect(),
+            )
         };
         let ids: Vec<NodeId> = nodes.keys().copied().collect();
         let rf = (config.replication_factor as usize).min(ids.len());
@@ -59,6 +78,7 @@ impl Placement {
             .collect();
         Placement {
             nodes,
+            client_addrs,
             shard_count: config.shard_count,
             replicas,
             metadata_voters: voters,
@@ -157,6 +177,7 @@ mod tests {
                 .map(|id| NodeAddr {
                     id,
                     addr: format!("127.0.0.1:{}", 7000 + id),
+                    peer_addr: None,
                 })
                 .collect(),
             shard_count: shards,
@@ -167,7 +188,7 @@ mod tests {
 
     #[test]
     fn shards_cover_the_ring_in_order() {
-        let placement = Placement::new(&config(3, 16, 3), "");
+        let placement = Placement::new(&config(3, 16, 3), "", "");
         assert_eq!(placement.shard_of_hash(0), 1);
         assert_eq!(placement.shard_of_hash(u64::MAX), 16);
         assert_eq!(placement.shard_of_hash(1 << 60), 2);
@@ -181,8 +202,8 @@ mod tests {
 
     #[test]
     fn replicas_are_distinct_deterministic_and_balanced() {
-        let placement = Placement::new(&config(5, 64, 3), "");
-        let again = Placement::new(&config(5, 64, 3), "");
+        let placement = Placement::new(&config(5, 64, 3), "", "");
+        let again = Placement::new(&config(5, 64, 3), "", "");
         assert_eq!(placement, again);
         let mut per_node = BTreeMap::<NodeId, usize>::new();
         for replicas in placement.replicas.values() {
@@ -204,8 +225,8 @@ mod tests {
 
     #[test]
     fn adding_a_node_moves_few_replicas() {
-        let before = Placement::new(&config(5, 128, 3), "");
-        let after = Placement::new(&config(6, 128, 3), "");
+        let before = Placement::new(&config(5, 128, 3), "", "");
+        let after = Placement::new(&config(6, 128, 3), "", "");
         let moved: usize = before
             .replicas
             .iter()
@@ -220,7 +241,11 @@ mod tests {
 
     #[test]
     fn replication_is_capped_by_node_count() {
-        let placement = Placement::new(&ClusterConfig::default(), "127.0.0.1:7470");
+        let placement = Placement::new(
+            &ClusterConfig::default(),
+            "127.0.0.1:7470",
+            "127.0.0.1:17470",
+        );
         assert_eq!(placement.nodes.len(), 1);
         assert!(placement.replicas.values().all(|r| r == &vec![1]));
         assert_eq!(placement.groups_of(1).len(), 17);
