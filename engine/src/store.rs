@@ -253,11 +253,8 @@ impl StateStore {
         for item in self.db.iterator_cf(meta, IteratorMode::Start) {
             let (key, value) = item?;
             if let Some(name) = key.strip_prefix(META_VIEW_PREFIX) {
-                match serde_json::from_slice::<FeatureView>(&value) {
-                    Ok(mut view) => {
-                        view.rebuild_index();
-                        views.push(view);
-                    }
+                match FeatureView::decode_stored(&value) {
+                    Ok(view) => views.push(view),
                     // One record we cannot read must not keep the node (and
                     // with it every other view) from starting: the view is
                     // left out and reported. Its rows stay on disk (the

@@ -268,6 +268,50 @@ impl FeatureView {
     }
 
     /// Restores the name index after deserialisation.
+    /// Decodes a view as the registry stores it (JSON) and checks what the
+    /// rest of the engine relies on: the rules a declared view obeys, plus
+    /// distinct field ids below `next_field_id`. Bytes from disk or a
+    /// snapshot may be anything: a typed error, never a panic.
+    pub fn decode_stored(bytes: &[u8]) -> Result<FeatureView, ViewError> {
+        let bad = |reason: String| ViewError::BadShape {
+            view: String::from("(stored record)"),
+            reason,
+        };
+        let mut view: FeatureView =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("undecodable: {e}")))?;
+        let spec = ViewSpec {
+            name: view.name.clone(),
+            entities: view.entities.clone(),
+            features: view
+                .features
+                .iter()
+                .map(|f| FeatureSpec {
+                    name: f.name.clone(),
+                    value_type: f.value_type,
+                    default: f.default.clone(),
+                })
+                .collect(),
+            ttl_seconds: view.ttl_seconds,
+            description: view.description.clone(),
+        };
+        spec.validate()?;
+        let mut ids = std::collections::HashSet::new();
+        for feature in &view.features {
+            if feature.field_id == 0
+                || feature.field_id >= view.next_field_id
+                || !ids.insert(feature.field_id)
+            {
+                return Err(bad(format!(
+                    "view {:?}: field id {} of {:?} is zero, repeated or not below next_field_id {}",
+                    view.name, feature.field_id, feature.name, view.next_field_id
+                )));
+            }
+        }
+        view.rebuild_index();
+        Ok(view)
+    }
+
+    /// Rebuilds the name index after deserialisation.
     pub fn rebuild_index(&mut self) {
         self.by_name = self
             .features
@@ -503,6 +547,73 @@ mod tests {
                 }
                 Err(ViewError::InvalidDefault { .. }) => proptest::prop_assert!(!all_finite),
                 Err(other) => proptest::prop_assert!(false, "unexpected {other}"),
+            }
+        }
+    }
+
+    fn stored_view_json() -> Vec<u8> {
+        let (view, _) = FeatureView::evolve(
+            None,
+            spec(&[("a", ValueType::Int64), ("b", ValueType::String)]),
+            4,
+        )
+        .unwrap();
+        serde_json::to_vec(&view).unwrap()
+    }
+
+    #[test]
+    fn a_stored_view_decodes_and_broken_invariants_are_refused() {
+        let json = stored_view_json();
+        let view = FeatureView::decode_stored(&json).unwrap();
+        assert_eq!(view.feature_index("b"), Some(1));
+        let text = String::from_utf8(json).unwrap();
+        for broken in [
+            text.replace("\"field_id\":2", "\"field_id\":1"),
+            text.replace("\"next_field_id\":3", "\"next_field_id\":2"),
+            text.replace("\"name\":\"b\"", "\"name\":\"a\""),
+            text.replace("\"features\":[", "\"features\":[],\"x\":["),
+        ] {
+            assert_ne!(broken, text, "the replacement applies");
+            assert!(
+                FeatureView::decode_stored(broken.as_bytes()).is_err(),
+                "{broken}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Stored view records may be anything (a torn write, a bad disk, a
+        /// bad snapshot): arbitrary bytes and valid records with bytes
+        /// changed decode to a typed error or to a view that keeps every
+        /// invariant, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_view_decoder(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)
+        ) {
+            if let Ok(view) = FeatureView::decode_stored(&bytes) {
+                proptest::prop_assert!(!view.features.is_empty());
+            }
+        }
+
+        #[test]
+        fn mutated_records_never_panic_the_view_decoder(
+            flips in proptest::collection::vec(
+                (proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..4),
+            cut in proptest::prelude::any::<usize>(),
+        ) {
+            let mut bytes = stored_view_json();
+            for (at, value) in flips {
+                let len = bytes.len();
+                bytes[at % len] = value;
+            }
+            let keep = cut % (bytes.len() + 1);
+            for candidate in [&bytes[..], &bytes[..keep]] {
+                if let Ok(view) = FeatureView::decode_stored(candidate) {
+                    for (i, feature) in view.features.iter().enumerate() {
+                        proptest::prop_assert_eq!(view.feature_index(&feature.name), Some(i));
+                        proptest::prop_assert!(feature.field_id < view.next_field_id);
+                    }
+                }
             }
         }
     }

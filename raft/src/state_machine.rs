@@ -106,6 +106,23 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Decodes a manifest (from disk; bytes that may be anything) and checks
+    /// its version and that every file name is one plain path component.
+    pub fn decode(bytes: &[u8]) -> io::Result<Manifest> {
+        let manifest: Manifest = serde_json::from_slice(bytes)
+            .map_err(|e| invalid(format!("snapshot manifest: {e}")))?;
+        if manifest.version != MANIFEST_VERSION {
+            return Err(invalid(format!(
+                "snapshot manifest version {} is not {MANIFEST_VERSION}",
+                manifest.version
+            )));
+        }
+        for file in &manifest.files {
+            checked_name(&file.name)?;
+        }
+        Ok(manifest)
+    }
+
     /// Total bytes of the snapshot's files.
     pub fn bytes(&self) -> u64 {
         self.files.iter().map(|f| f.bytes).sum()
@@ -172,14 +189,8 @@ impl SnapshotDir {
     /// Loads a snapshot directory and checks every file against the
     /// manifest (size and crc32).
     pub fn load_verified(dir: &Path) -> io::Result<SnapshotDir> {
-        let manifest: Manifest = serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE))?)
+        let manifest = Manifest::decode(&std::fs::read(dir.join(MANIFEST_FILE))?)
             .map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
-        if manifest.version != MANIFEST_VERSION {
-            return Err(invalid(format!(
-                "snapshot manifest version {} is not {MANIFEST_VERSION}",
-                manifest.version
-            )));
-        }
         let snapshot = SnapshotDir::new(dir.to_path_buf(), manifest);
         for file in &snapshot.manifest.files {
             let path = snapshot.db_dir().join(checked_name(&file.name)?);
@@ -861,5 +872,79 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta: snapshot.manifest.meta.clone(),
                 snapshot,
             }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn manifest_json() -> Vec<u8> {
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            group: 3,
+            snapshot_id: "1-20-17000".into(),
+            meta: SnapshotMeta::default(),
+            files: vec![
+                SnapshotFile {
+                    name: "000012.sst".into(),
+                    bytes: 4096,
+                    crc32: 7,
+                },
+                SnapshotFile {
+                    name: "MANIFEST-000005".into(),
+                    bytes: 300,
+                    crc32: 9,
+                },
+            ],
+        };
+        serde_json::to_vec(&manifest).unwrap()
+    }
+
+    #[test]
+    fn a_manifest_decodes_and_escaping_names_or_other_versions_are_refused() {
+        let json = manifest_json();
+        assert_eq!(Manifest::decode(&json).unwrap().files.len(), 2);
+        let text = String::from_utf8(json).unwrap();
+        for broken in [
+            text.replace("000012.sst", "../../etc/passwd"),
+            text.replace("000012.sst", ""),
+            text.replace("\"version\":1", "\"version\":2"),
+        ] {
+            assert_ne!(broken, text);
+            assert!(Manifest::decode(broken.as_bytes()).is_err(), "{broken}");
+        }
+    }
+
+    proptest! {
+        /// A manifest read from disk may be anything (torn, corrupt): a
+        /// typed error or a manifest whose every file name is plain.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_manifest_decoder(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600)
+        ) {
+            if let Ok(manifest) = Manifest::decode(&bytes) {
+                prop_assert!(manifest.files.iter().all(|f| checked_name(&f.name).is_ok()));
+            }
+        }
+
+        #[test]
+        fn mutated_manifests_never_panic_the_decoder(
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            cut in any::<usize>(),
+        ) {
+            let mut bytes = manifest_json();
+            for (at, value) in flips {
+                let len = bytes.len();
+                bytes[at % len] = value;
+            }
+            let keep = cut % (bytes.len() + 1);
+            for candidate in [&bytes[..], &bytes[..keep]] {
+                if let Ok(manifest) = Manifest::decode(candidate) {
+                    prop_assert!(manifest.files.iter().all(|f| checked_name(&f.name).is_ok()));
+                }
+            }
+        }
     }
 }
