@@ -267,7 +267,6 @@ impl FeatureView {
         Ok((view, changed))
     }
 
-    /// Restores the name index after deserialisation.
     /// Decodes a view as the registry stores it (JSON) and checks what the
     /// rest of the engine relies on: the rules a declared view obeys, plus
     /// distinct field ids below `next_field_id`. Bytes from disk or a

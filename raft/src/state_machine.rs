@@ -452,18 +452,20 @@ impl StateMachine {
                 },
                 Err(error) => self.reject(error, meta_puts)?,
             },
-            Command::Expire { floors } => {
-                let capped: Vec<(u32, i64)> = floors
+            Command::Expire { retention } => {
+                // The floor is the shard leader's clock (stamped on this
+                // entry) minus the retention: the proposer's clock plays no
+                // part. Cached rows need no invalidation: the read path
+                // checks the floor on every cache hit.
+                let floors: Vec<(u32, i64)> = retention
                     .iter()
-                    .map(|&(view_id, floor_us)| (view_id, floor_us.min(leader_ts_us)))
+                    .map(|&(view_id, retention_us)| {
+                        (view_id, leader_ts_us.saturating_sub(retention_us.max(0)))
+                    })
                     .collect();
                 let moved = store
-                    .advance_expiry(&capped, meta_puts)
+                    .advance_expiry(&floors, meta_puts)
                     .map_err(engine_io)?;
-                // Cached rows below the new floor must not be served.
-                for &view_id in &moved {
-                    self.shared.observer.view_invalidated(view_id);
-                }
                 Response::Expired {
                     views_advanced: moved.len() as u64,
                 }
@@ -705,7 +707,7 @@ fn latest_snapshot(dir: &Path) -> Option<SnapshotDir> {
         let Ok(bytes) = std::fs::read(entry.path().join(MANIFEST_FILE)) else {
             continue;
         };
-        let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
+        let Ok(manifest) = Manifest::decode(&bytes) else {
             continue;
         };
         let candidate = SnapshotDir::new(entry.path(), manifest);

@@ -78,16 +78,16 @@ pub enum Command {
         /// The view name.
         name: String,
     },
-    /// Move views' expiry floors forward (data shards): rows with an event
-    /// time below a view's floor are expired on every replica at this log
-    /// position, never served again, refused if written, and dropped by
-    /// compaction. The shard leader proposes it from its clock and the
-    /// view's ttl plus grace; apply reads no clock and no registry, so
-    /// replicas cannot disagree on what is expired (each floor is capped at
-    /// the entry's own leader time, so no entry can expire the future).
+    /// Move views' expiry floors forward (data shards) to the entry's
+    /// leader time minus each view's retention (ttl + grace): rows with an
+    /// event time below a view's floor are expired on every replica at this
+    /// log position, never served again, refused if written, and dropped by
+    /// compaction. Apply reads no clock and no registry (the leader time is
+    /// in the entry), so replicas cannot disagree on what is expired, and
+    /// only the shard leader's clock counts, never the proposer's.
     Expire {
-        /// `(view id, floor µs)`.
-        floors: Vec<(u32, i64)>,
+        /// `(view id, retention µs)`.
+        retention: Vec<(u32, i64)>,
     },
 }
 
@@ -131,7 +131,9 @@ impl fmt::Display for Command {
             } => write!(f, "invalidate {} keys of view {view_id}", entity_keys.len()),
             Command::ApplyView { spec } => write!(f, "apply view {}", spec.name),
             Command::DeleteView { name } => write!(f, "delete view {name}"),
-            Command::Expire { floors } => write!(f, "expire rows of {} views", floors.len()),
+            Command::Expire { retention } => {
+                write!(f, "expire rows of {} views", retention.len())
+            }
         }
     }
 }

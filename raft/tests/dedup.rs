@@ -1,6 +1,7 @@
 //! A request id is applied once, also after a restart: a router retry of a
 //! Delete that had committed must not delete a row written after it. A
-//! command the store refuses still counts as applied.
+//! command the store refuses still counts as applied. An `Expire` entry's
+//! floor comes from its own leader time and nothing else.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -174,4 +175,50 @@ async fn a_refused_command_records_its_position_and_its_id() {
     );
     apply(&mut sm, vec![entry(4, 0x10, view(1))]).await;
     assert!(sm.store().registry().load().view("v").is_some());
+}
+
+fn expire_at(index: u64, leader_ts_us: i64, retention_us: i64) -> Entry {
+    Entry::new_normal(
+        log_id::<TypeConfig>(1, 1, index),
+        Proposal {
+            request_id: 0x100 + u128::from(index),
+            leader_ts_us,
+            command: Command::Expire {
+                retention: vec![(7, retention_us)],
+            },
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expire_entry_moves_the_floor_by_its_own_leader_time_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::open(1, dir.path(), options(), Arc::new(NoObserver)).unwrap();
+    // The row's event time is 500; retention 100.
+    apply(
+        &mut sm,
+        vec![entry(1, 0xA, write(1)), expire_at(2, 550, 100)],
+    )
+    .await;
+    assert_eq!(sm.store().expiry_floor(7), 450);
+    assert_eq!(stored(&sm), Some(Value::Int64(1)), "500 is above the floor");
+    // A leader whose clock is far ahead: the floor follows it (for good).
+    apply(&mut sm, vec![expire_at(3, 10_000, 100)]).await;
+    assert_eq!(sm.store().expiry_floor(7), 9_900);
+    assert_eq!(stored(&sm), None);
+    // A later leader with the right clock cannot move it back.
+    apply(
+        &mut sm,
+        vec![expire_at(4, 2_000, 100), entry(5, 0xB, write(2))],
+    )
+    .await;
+    assert_eq!(sm.store().expiry_floor(7), 9_900);
+    assert_eq!(stored(&sm), None, "a write below the floor is stale");
+    drop(sm);
+    let sm = StateMachine::open(1, dir.path(), options(), Arc::new(NoObserver)).unwrap();
+    assert_eq!(
+        sm.store().expiry_floor(7),
+        9_900,
+        "the floor survives a restart"
+    );
 }

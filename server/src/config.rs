@@ -147,10 +147,20 @@ pub struct ClusterConfig {
     pub nodes: Vec<NodeAddr>,
     /// Shared by every node: a peer call must carry it or is refused
     /// (`UNAUTHENTICATED`). Printable ASCII, at most 256 bytes. Empty: peers
-    /// are not authenticated (a warning at start unless the peer listener
-    /// is on loopback). Until TLS it crosses the network in clear: it keeps
-    /// out clients and strays, not an attacker on the path.
+    /// are not authenticated, which a multi-node cluster whose peer
+    /// listener is not on loopback refuses to start with unless
+    /// `allow_unauthenticated_peers` says so. Until TLS it crosses the
+    /// network in clear: it keeps out clients and strays, not an attacker
+    /// on the path.
     pub secret: String,
+    /// Also accepted from peers (never sent), for rotating `secret` with
+    /// rolling restarts: first every node accepts the new secret here while
+    /// sending the old, then every node sends the new with the old here,
+    /// then this is emptied. Same rules as `secret`.
+    pub previous_secret: String,
+    /// Start without a `secret` although peers are reachable beyond
+    /// loopback (a trusted private network).
+    pub allow_unauthenticated_peers: bool,
     /// Shards the key space is cut into (hash arcs).
     pub shard_count: u32,
     /// Replicas per shard (capped at the number of nodes).
@@ -202,6 +212,8 @@ impl Default for ClusterConfig {
             node_id: 1,
             nodes: Vec::new(),
             secret: String::new(),
+            previous_secret: String::new(),
+            allow_unauthenticated_peers: false,
             shard_count: 16,
             replication_factor: 3,
             metadata_voters: 3,
@@ -592,14 +604,52 @@ impl Config {
                 }
             }
         }
-        if c.secret.len() > CLUSTER_SECRET_BYTES_MAX
-            || !c.secret.bytes().all(|b| b.is_ascii_graphic())
+        for (name, secret) in [
+            ("cluster.secret", &c.secret),
+            ("cluster.previous_secret", &c.previous_secret),
+        ] {
+            if secret.len() > CLUSTER_SECRET_BYTES_MAX
+                || !secret.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(ConfigError(format!(
+                    "{name} must be printable ASCII without spaces, at most {CLUSTER_SECRET_BYTES_MAX} bytes"
+                )));
+            }
+        }
+        let peer_listen = self.peer_listen_addr()?;
+        if c.nodes.len() > 1
+            && c.secret.is_empty()
+            && !c.allow_unauthenticated_peers
+            && !peer_listen.ip().is_loopback()
         {
             return Err(ConfigError(format!(
-                "cluster.secret must be printable ASCII without spaces, at most {CLUSTER_SECRET_BYTES_MAX} bytes"
+                "cluster.secret is empty and the peer listener {peer_listen} is not on loopback: \
+                 set cluster.secret (the same on every node), or cluster.allow_unauthenticated_peers = true"
             )));
         }
-        self.peer_listen_addr()?;
+        let client_addrs: std::collections::HashSet<&str> =
+            c.nodes.iter().map(|node| node.addr.as_str()).collect();
+        for node in &c.nodes {
+            let peer = node.peer_addr().unwrap_or_default();
+            if client_addrs.contains(peer.as_str()) {
+                return Err(ConfigError(format!(
+                    "cluster.nodes: node {}'s peer address {peer} is a client address",
+                    node.id
+                )));
+            }
+            // This node's own entry must name the port it listens on for
+            // peers, or no peer ever reaches it.
+            if node.id == c.node_id && peer_listen.port() != 0 {
+                let port = peer
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok());
+                if port != Some(peer_listen.port()) {
+                    return Err(ConfigError(format!(
+                        "cluster.nodes: this node's peer address {peer} does not match peer_listen_addr {peer_listen}"
+                    )));
+                }
+            }
+        }
         if !c.nodes.is_empty() && !ids.contains(&c.node_id) {
             return Err(ConfigError(format!(
                 "cluster.node_id {} is not one of cluster.nodes",
@@ -690,16 +740,41 @@ mod tests {
 
     #[test]
     fn peer_addresses_are_given_or_the_client_port_plus_ten_thousand() {
-        let flags = Flags::parse_from([
-            "quiverd",
-            "--node-id",
-            "2",
-            "--cluster-nodes",
-            "1=10.0.0.1:7470,2=10.0.0.2:7470/10.0.9.2:9000",
-            "--listen-addr",
-            "10.0.0.2:7470",
-        ]);
-        let config = Config::load_from(&flags, Env::prefixed("QUIVER_TEST_NOTHING_")).unwrap();
+        let args = |node: &'static str, listen: &'static str, peer: Option<&'static str>| {
+            let mut args = vec![
+                "quiverd",
+                "--node-id",
+                node,
+                "--cluster-nodes",
+                "1=10.0.0.1:7470,2=10.0.0.2:7470/10.0.9.2:9000",
+                "--listen-addr",
+                listen,
+            ];
+            if let Some(peer) = peer {
+                args.extend(["--peer-listen-addr", peer]);
+            }
+            Flags::parse_from(args)
+        };
+        let mut config = Config::default();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("QUIVER_CLUSTER__SECRET", "s3cret");
+            config = Config::load(&args("1", "10.0.0.1:7470", None)).expect("loads");
+            // Node 2's own entry names peer port 9000: it must listen there.
+            let err = Config::load(&args("2", "10.0.0.2:7470", None))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("does not match peer_listen_addr"), "{err}");
+            Config::load(&args("2", "10.0.0.2:7470", Some("0.0.0.0:9000"))).expect("loads");
+            Ok(())
+        });
+        // Beyond loopback, peers must authenticate unless told otherwise.
+        let err = Config::load_from(
+            &args("1", "10.0.0.1:7470", None),
+            Env::prefixed("QUIVER_TEST_NOTHING_"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cluster.secret is empty"), "{err}");
         let peers: Vec<Option<String>> = config
             .cluster
             .nodes
@@ -712,7 +787,7 @@ mod tests {
         );
         assert_eq!(
             config.peer_listen_addr().unwrap(),
-            "10.0.0.2:17470".parse().unwrap()
+            "10.0.0.1:17470".parse().unwrap()
         );
         let ephemeral = Config {
             listen_addr: "127.0.0.1:0".parse().unwrap(),

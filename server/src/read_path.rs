@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use quiver_engine::codec::decode_stored;
-use quiver_engine::keys::storage_key;
+use quiver_engine::keys::{split_storage_key, storage_key};
 use quiver_engine::view::Feature;
-use quiver_engine::{Catalog, FeatureView, RowFreshness, StoredRow, Value};
+use quiver_engine::{Catalog, FeatureView, RowFreshness, StateStore, StoredRow, Value};
 use quiver_proto::v1 as pb;
 use quiver_raft::{GroupId, StateMachine};
 
@@ -259,6 +259,7 @@ async fn read_shard(
             // trip to the blocking pool (a thread handoff each way).
             let mut rows: Vec<Fetched> = Vec::with_capacity(keys.len());
             let mut missing = Vec::new();
+            let store = state.store();
             for (slot, key) in keys.into_iter().enumerate() {
                 let cached = if use_cache {
                     node.cache.peek(&key)
@@ -266,7 +267,7 @@ async fn read_shard(
                     None
                 };
                 match cached {
-                    Some(row) => rows.push(Ok(row)),
+                    Some(row) => rows.push(Ok(unexpired(&store, &key, row))),
                     None => {
                         rows.push(Ok(None));
                         missing.push((slot, key));
@@ -316,6 +317,22 @@ async fn read_shard(
     }
 }
 
+/// A cached row below its view's expiry floor reads as absent, as the store
+/// would answer. An applied `Expire` touches no cache entry (a view-wide
+/// sweep per round would empty the cache, and could still not reach a read
+/// that took its placeholder before the floor moved and fills it after):
+/// the floor is checked on every hit instead (one lock-free map lookup).
+fn unexpired(
+    store: &StateStore,
+    key: &[u8],
+    row: Option<Arc<StoredRow>>,
+) -> Option<Arc<StoredRow>> {
+    row.filter(|row| {
+        split_storage_key(key)
+            .is_none_or(|(_, view_id, _)| row.event_ts_us >= store.expiry_floor(view_id))
+    })
+}
+
 /// Reads keys from this node's replica, hot cache first. Blocking.
 fn read_local(
     cache: &HotCache,
@@ -325,13 +342,14 @@ fn read_local(
 ) -> Vec<Fetched> {
     let mut results: Vec<Fetched> = vec![Ok(None); keys.len()];
     let mut misses = Vec::new();
+    let floors_of = state.store();
     for (slot, key) in keys.iter().enumerate() {
         if !use_cache {
             misses.push((slot, None));
             continue;
         }
         match cache.lookup(key) {
-            Lookup::Hit(row) => results[slot] = Ok(row),
+            Lookup::Hit(row) => results[slot] = Ok(unexpired(&floors_of, key, row)),
             Lookup::Miss(guard) => misses.push((slot, guard)),
         }
     }

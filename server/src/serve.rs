@@ -66,14 +66,16 @@ pub async fn serve(
     let node = Arc::new(Node::open(&config, listen_addr, peer_addr).await?);
     tokio::spawn(crate::expiry::expiry_loop(
         Arc::downgrade(&node),
-        Duration::from_secs(config.ttl_expire_interval_seconds),
-        config.ttl_grace_seconds,
+        crate::expiry::ExpiryTiming::new(
+            config.ttl_expire_interval_seconds,
+            config.ttl_grace_seconds,
+        ),
     ));
     let peer = tonic::service::interceptor::InterceptedService::new(
         PeerServer::new(PeerService::new(node.cluster.clone()))
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
-        CheckPeerCalls::new(&config.cluster.secret),
+        CheckPeerCalls::new(&config.cluster.secret, &config.cluster.previous_secret),
     );
     let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let peer_server = tokio::spawn(
@@ -135,20 +137,35 @@ pub async fn serve(
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
-        result = server => result?,
+    // Whatever ended the client server (a drain, the deadline, or an
+    // error), the groups are stopped and the stores flushed.
+    let outcome = tokio::select! {
+        result = server => result,
         () = drain_deadline => {
             tracing::warn!(drain_ms = config.shutdown_drain_ms, "drain deadline passed; closing remaining connections");
+            Ok(())
         }
-    }
+    };
 
     node.cluster.shutdown().await;
     let _ = peer_stop_tx.send(());
-    match peer_server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "peer server"),
-        Err(e) => tracing::warn!(error = %e, "peer server task"),
+    // A peer stream that never ends (a snapshot to a stuck receiver) must
+    // not keep a stopping node alive.
+    let mut peer_server = peer_server;
+    match tokio::time::timeout(
+        Duration::from_millis(config.shutdown_drain_ms),
+        &mut peer_server,
+    )
+    .await
+    {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "peer server"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "peer server task"),
+        Err(_) => {
+            tracing::warn!("peer connections still open after the drain deadline; closing them");
+            peer_server.abort();
+        }
     }
     tracing::info!("raft groups stopped, stores flushed; stopped");
-    Ok(())
+    outcome.map_err(ServeError::from)
 }

@@ -341,15 +341,14 @@ impl Cluster {
         env: &[(&str, &str)],
         with_links: bool,
     ) -> Result<Cluster> {
-        // A client and a peer port per node.
+        // A client and a peer port per node, held until the proxies have
+        // their own ports (so none of them takes a node's).
         let mut ports = Vec::new();
-        {
-            let listeners: Vec<std::net::TcpListener> = (0..2 * count)
-                .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-                .collect::<std::io::Result<_>>()?;
-            for listener in &listeners {
-                ports.push(listener.local_addr()?.port());
-            }
+        let reserved: Vec<std::net::TcpListener> = (0..2 * count)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<_>>()?;
+        for listener in &reserved {
+            ports.push(listener.local_addr()?.port());
         }
         let (client_ports, peer_ports) = ports.split_at(count);
         let links = with_links.then(|| std::sync::Arc::new(links::Links::default()));
@@ -370,6 +369,7 @@ impl Cluster {
             }
             descriptions.push(parts.join(","));
         }
+        drop(reserved);
         let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -107,9 +107,19 @@ impl Links {
     }
 }
 
-async fn accept(listener: TcpListener, target: SocketAddr, state: watch::Receiver<LinkState>) {
+async fn accept(listener: TcpListener, target: SocketAddr, mut state: watch::Receiver<LinkState>) {
     loop {
-        let Ok((inbound, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // The link's owner is gone: stop listening.
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Ok((inbound, _)) = accepted else {
             return;
         };
         if *state.borrow() == LinkState::Refuse {

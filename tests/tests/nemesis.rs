@@ -77,6 +77,7 @@ struct Report {
     writes_unknown: usize,
     reads: usize,
     replica_reads: usize,
+    replica_reads_by_followers: usize,
     faults: Vec<String>,
 }
 
@@ -130,6 +131,7 @@ async fn run(seed: u64, length: Duration) {
             let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(client_id));
             let mut history = Vec::new();
             let mut replica_reads = Vec::new();
+            let mut by_followers = 0usize;
             let mut connections = BTreeMap::new();
             while !stop.load(Ordering::Relaxed) {
                 let node = rng.random_range(0..addrs.len());
@@ -176,7 +178,7 @@ async fn run(seed: u64, length: Duration) {
                     )
                     .await;
                     // A failed read says nothing; it is left out.
-                    if let Ok(Ok((values, _))) = outcome {
+                    if let Ok(Ok((values, sources))) = outcome {
                         let read = Operation {
                             key,
                             invoked,
@@ -186,6 +188,7 @@ async fn run(seed: u64, length: Duration) {
                             },
                         };
                         if level == pb::Consistency::Replica {
+                            by_followers += usize::from(sources.iter().all(|s| !s.leader));
                             replica_reads.push(read);
                         } else {
                             history.push(read);
@@ -193,7 +196,7 @@ async fn run(seed: u64, length: Duration) {
                     }
                 }
             }
-            (history, replica_reads)
+            (history, replica_reads, by_followers)
         }));
     }
 
@@ -268,9 +271,10 @@ async fn run(seed: u64, length: Duration) {
     let mut history = Vec::new();
     let mut replica_reads = Vec::new();
     for client in clients {
-        let (linearizable, bounded) = client.await.unwrap();
+        let (linearizable, bounded, by_followers) = client.await.unwrap();
         history.extend(linearizable);
         replica_reads.extend(bounded);
+        report.replica_reads_by_followers += by_followers;
     }
     report.replica_reads = replica_reads.len();
 
@@ -324,7 +328,8 @@ async fn run(seed: u64, length: Duration) {
     let stale = stale_reads(&history, &replica_reads, REPLICA_STALENESS_BOUND_US);
     eprintln!(
         "nemesis seed {seed}: {:?}, {} operations ({} writes acknowledged, {} unknown, \
-         {} STRONG/LEADER reads, {} REPLICA reads), {} faults, {} linearizability violations, \
+         {} STRONG/LEADER reads, {} REPLICA reads ({} by followers)), {} faults, \
+         {} linearizability violations, \
          {} REPLICA reads staler than {} ms",
         length,
         history.len() + replica_reads.len(),
@@ -332,6 +337,7 @@ async fn run(seed: u64, length: Duration) {
         report.writes_unknown,
         report.reads,
         report.replica_reads,
+        report.replica_reads_by_followers,
         report.faults.len(),
         violations.len(),
         stale.len(),
@@ -346,6 +352,10 @@ async fn run(seed: u64, length: Duration) {
         violations.is_empty(),
         "seed {seed}: not linearizable: {violations:#?}; faults: {:?}",
         report.faults
+    );
+    assert!(
+        report.replica_reads_by_followers >= 5,
+        "seed {seed}: the staleness check saw too few follower reads to mean anything: {report:?}"
     );
     assert!(
         report.writes_acknowledged >= 20 && report.reads >= 20,

@@ -42,17 +42,21 @@ impl Interceptor for SignPeerCalls {
     }
 }
 
-/// Refuses incoming peer calls that do not carry the secret.
+/// Refuses incoming peer calls that do not carry the secret (or, while a
+/// secret is being rotated, the previous one).
 #[derive(Debug, Clone)]
 pub struct CheckPeerCalls {
     secret: Vec<u8>,
+    previous: Vec<u8>,
 }
 
 impl CheckPeerCalls {
-    /// For `secret` (empty: every call is let through).
-    pub fn new(secret: &str) -> Self {
+    /// For `secret` (empty: every call is let through), also accepting
+    /// `previous` unless it is empty.
+    pub fn new(secret: &str, previous: &str) -> Self {
         Self {
             secret: secret.as_bytes().to_vec(),
+            previous: previous.as_bytes().to_vec(),
         }
     }
 }
@@ -67,7 +71,8 @@ impl Interceptor for CheckPeerCalls {
             .get(SECRET_HEADER)
             .map(|value| value.as_bytes())
             .unwrap_or_default();
-        if constant_time_eq(given, &self.secret) {
+        let previous_ok = !self.previous.is_empty() && constant_time_eq(given, &self.previous);
+        if constant_time_eq(given, &self.secret) || previous_ok {
             Ok(request)
         } else {
             Err(Status::unauthenticated(
@@ -101,7 +106,7 @@ mod tests {
 
     #[test]
     fn only_the_exact_secret_passes() {
-        let mut check = CheckPeerCalls::new("s3cret");
+        let mut check = CheckPeerCalls::new("s3cret", "");
         assert_eq!(checked(&mut check, Some("s3cret")), Ok(()));
         for wrong in [
             None,
@@ -116,19 +121,27 @@ mod tests {
                 "{wrong:?}"
             );
         }
-        let mut open = CheckPeerCalls::new("");
+        let mut open = CheckPeerCalls::new("", "");
         assert_eq!(checked(&mut open, None), Ok(()));
+        // Rotation: the previous secret is accepted too, an empty one never.
+        let mut rotating = CheckPeerCalls::new("new-one", "old-one");
+        assert_eq!(checked(&mut rotating, Some("old-one")), Ok(()));
+        assert_eq!(checked(&mut rotating, Some("new-one")), Ok(()));
+        assert_eq!(
+            checked(&mut rotating, Some("")),
+            Err(tonic::Code::Unauthenticated)
+        );
     }
 
     #[test]
     fn signed_calls_pass_the_check() {
         let mut sign = SignPeerCalls::new("s3cret").unwrap();
         let signed = sign.call(Request::new(())).unwrap();
-        assert!(CheckPeerCalls::new("s3cret").call(signed).is_ok());
+        assert!(CheckPeerCalls::new("s3cret", "").call(signed).is_ok());
         let unsigned = SignPeerCalls::new("")
             .unwrap()
             .call(Request::new(()))
             .unwrap();
-        assert!(CheckPeerCalls::new("s3cret").call(unsigned).is_err());
+        assert!(CheckPeerCalls::new("s3cret", "").call(unsigned).is_err());
     }
 }

@@ -240,6 +240,47 @@ impl Liveness {
 
 /// Whether a moment `then_ms` (0 = never) is less than `within_ms` before
 /// `now_ms`.
+/// How often the stall watch ticks.
+pub const STALL_TICK_MS: u64 = 100;
+/// A tick this late means the process stood still (`SIGSTOP`, a VM pause,
+/// a starved runtime).
+pub const STALL_MS: u64 = 300;
+
+/// Notices when this process stood still. Messages that reached the socket
+/// meanwhile are stale when they are read (an append the leader sent before
+/// a follower was stopped carries an old commit index, yet it would count
+/// as fresh contact the moment it arrives), so after a stall a replica's
+/// own state is not trusted for `REPLICA` reads until every contact it
+/// could have stamped from such messages has aged out
+/// (`election_timeout_max_ms`); meanwhile they go to the leader.
+#[derive(Debug, Default)]
+pub struct StallWatch {
+    last_tick_ms: AtomicU64,
+    blocked_until_ms: AtomicU64,
+}
+
+impl StallWatch {
+    /// A tick at `now_ms`; after a stall, blocks for `block_ms`.
+    pub fn tick(&self, now_ms: u64, block_ms: u64) {
+        let last = self.last_tick_ms.swap(now_ms, Ordering::SeqCst);
+        if last > 0 && now_ms.saturating_sub(last) > STALL_MS {
+            self.blocked_until_ms
+                .fetch_max(now_ms.saturating_add(block_ms), Ordering::SeqCst);
+        }
+    }
+
+    /// Whether this replica's state may be trusted as fresh at `now_ms`:
+    /// the watch ticked lately (so no stall is under way unnoticed, as right
+    /// after a `SIGCONT`, before the watch runs) and no stall ended within
+    /// the block window.
+    pub fn clear(&self, now_ms: u64) -> bool {
+        let last = self.last_tick_ms.load(Ordering::SeqCst);
+        last > 0
+            && now_ms.saturating_sub(last) <= STALL_MS
+            && now_ms >= self.blocked_until_ms.load(Ordering::SeqCst)
+    }
+}
+
 fn is_recent(then_ms: u64, now_ms: u64, within_ms: u64) -> bool {
     then_ms > 0 && now_ms.saturating_sub(then_ms) < within_ms
 }
@@ -390,6 +431,9 @@ impl Cluster {
             return false;
         };
         let now = self.now_ms();
+        if !self.stall.clear(now) {
+            return false;
+        }
         if is_recent(
             hosted.pulse.leader_contact_ms.load(Ordering::SeqCst),
             now,
@@ -713,9 +757,8 @@ impl Cluster {
     }
 }
 
-/// Runs a liveness round every `cluster.liveness_interval_ms` until the
-/// cluster is dropped.
-pub(super) async fn liveness_loop(cluster: std::sync::Weak<Cluster>, interval: Duration) {
+/// Calls `f` every `interval` until the cluster is dropped or stops.
+async fn every(cluster: std::sync::Weak<Cluster>, interval: Duration, f: impl Fn(&Arc<Cluster>)) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -726,13 +769,49 @@ pub(super) async fn liveness_loop(cluster: std::sync::Weak<Cluster>, interval: D
         if cluster.stopping.load(Ordering::SeqCst) {
             return;
         }
-        cluster.liveness_round();
+        f(&cluster);
     }
+}
+
+/// Runs a liveness round every `cluster.liveness_interval_ms` until the
+/// cluster is dropped.
+pub(super) async fn liveness_loop(cluster: std::sync::Weak<Cluster>, interval: Duration) {
+    every(cluster, interval, |cluster| cluster.liveness_round()).await;
+}
+
+/// Ticks the stall watch until the cluster is dropped.
+pub(super) async fn stall_loop(cluster: std::sync::Weak<Cluster>) {
+    every(cluster, Duration::from_millis(STALL_TICK_MS), |cluster| {
+        cluster
+            .stall
+            .tick(cluster.now_ms(), cluster.config.election_timeout_max_ms);
+    })
+    .await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stall_blocks_replica_reads_until_stale_contacts_age_out() {
+        let watch = StallWatch::default();
+        assert!(!watch.clear(50), "not before the first tick");
+        watch.tick(100, 1_000);
+        assert!(watch.clear(150));
+        watch.tick(200, 1_000);
+        // Stopped from 200 to 2,000: before the watch runs again, the late
+        // tick itself says so.
+        assert!(!watch.clear(2_000));
+        watch.tick(2_000, 1_000);
+        assert!(!watch.clear(2_050), "blocked after the stall");
+        for now in (2_100..3_000).step_by(100) {
+            watch.tick(now, 1_000);
+            assert!(!watch.clear(now));
+        }
+        watch.tick(3_000, 1_000);
+        assert!(watch.clear(3_000), "open again once contacts aged out");
+    }
 
     #[test]
     fn the_first_live_voter_calls_the_election() {

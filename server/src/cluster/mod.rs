@@ -130,6 +130,8 @@ pub struct Cluster {
     started: tokio::time::Instant,
     /// Set when shutdown begins: background loops stop.
     stopping: std::sync::atomic::AtomicBool,
+    /// Notices when this process stood still (REPLICA reads' freshness).
+    stall: hibernate::StallWatch,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -259,9 +261,11 @@ impl Cluster {
             liveness: hibernate::Liveness::default(),
             started: tokio::time::Instant::now(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            stall: hibernate::StallWatch::default(),
         });
         cluster.bootstrap().await?;
         tokio::spawn(reconcile_metadata_learners(Arc::downgrade(&cluster)));
+        tokio::spawn(hibernate::stall_loop(Arc::downgrade(&cluster)));
         tokio::spawn(hibernate::liveness_loop(
             Arc::downgrade(&cluster),
             Duration::from_millis(config.liveness_interval_ms),
