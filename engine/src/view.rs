@@ -278,22 +278,7 @@ impl FeatureView {
         };
         let mut view: FeatureView =
             serde_json::from_slice(bytes).map_err(|e| bad(format!("undecodable: {e}")))?;
-        let spec = ViewSpec {
-            name: view.name.clone(),
-            entities: view.entities.clone(),
-            features: view
-                .features
-                .iter()
-                .map(|f| FeatureSpec {
-                    name: f.name.clone(),
-                    value_type: f.value_type,
-                    default: f.default.clone(),
-                })
-                .collect(),
-            ttl_seconds: view.ttl_seconds,
-            description: view.description.clone(),
-        };
-        spec.validate()?;
+        view.spec().validate()?;
         let mut ids = std::collections::HashSet::new();
         for feature in &view.features {
             if feature.field_id == 0

@@ -48,7 +48,8 @@ pub struct Config {
     /// Listen address of the internal peer service (Raft traffic and
     /// forwarded requests), which the client port does not serve. Unset:
     /// `listen_addr`'s host at its port + 10000 (Redis cluster's bus
-    /// convention), or a free port if `listen_addr`'s port is 0.
+    /// convention; on loopback for a one-node cluster), or a free port if
+    /// `listen_addr`'s port is 0.
     pub peer_listen_addr: Option<SocketAddr>,
     /// Where the node keeps its data.
     pub data_dir: PathBuf,
@@ -116,12 +117,17 @@ impl NodeAddr {
 
 impl Config {
     /// The peer listener's address: as given, or derived from
-    /// `listen_addr` (port 0 stays 0: a free port).
+    /// `listen_addr` (port 0 stays 0: a free port). A cluster of one node
+    /// has no peers: its derived peer listener is on loopback, wherever
+    /// its clients are served.
     pub fn peer_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         if let Some(addr) = self.peer_listen_addr {
             return Ok(addr);
         }
         let mut addr = self.listen_addr;
+        if self.cluster.nodes.len() <= 1 {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         if addr.port() != 0 {
             let port = addr.port().checked_add(PEER_PORT_OFFSET).ok_or_else(|| {
                 ConfigError(format!(
@@ -580,6 +586,9 @@ impl Config {
                 "at most {CLUSTER_NODES_MAX} cluster.nodes"
             )));
         }
+        let peer_listen = self.peer_listen_addr()?;
+        let client_addrs: std::collections::HashSet<&str> =
+            c.nodes.iter().map(|node| node.addr.as_str()).collect();
         let mut ids = std::collections::HashSet::new();
         for node in &c.nodes {
             if node.id == 0 || !ids.insert(node.id) {
@@ -594,43 +603,15 @@ impl Config {
                     node.id, node.addr
                 )));
             }
-            match node.peer_addr() {
-                Some(peer) if !peer.is_empty() && peer.contains(':') => {}
+            let peer = match node.peer_addr() {
+                Some(peer) if !peer.is_empty() && peer.contains(':') => peer,
                 _ => {
                     return Err(ConfigError(format!(
                         "cluster.nodes: node {} has no usable peer address (give peer_addr, host:port)",
                         node.id
                     )));
                 }
-            }
-        }
-        for (name, secret) in [
-            ("cluster.secret", &c.secret),
-            ("cluster.previous_secret", &c.previous_secret),
-        ] {
-            if secret.len() > CLUSTER_SECRET_BYTES_MAX
-                || !secret.bytes().all(|b| b.is_ascii_graphic())
-            {
-                return Err(ConfigError(format!(
-                    "{name} must be printable ASCII without spaces, at most {CLUSTER_SECRET_BYTES_MAX} bytes"
-                )));
-            }
-        }
-        let peer_listen = self.peer_listen_addr()?;
-        if c.nodes.len() > 1
-            && c.secret.is_empty()
-            && !c.allow_unauthenticated_peers
-            && !peer_listen.ip().is_loopback()
-        {
-            return Err(ConfigError(format!(
-                "cluster.secret is empty and the peer listener {peer_listen} is not on loopback: \
-                 set cluster.secret (the same on every node), or cluster.allow_unauthenticated_peers = true"
-            )));
-        }
-        let client_addrs: std::collections::HashSet<&str> =
-            c.nodes.iter().map(|node| node.addr.as_str()).collect();
-        for node in &c.nodes {
-            let peer = node.peer_addr().unwrap_or_default();
+            };
             if client_addrs.contains(peer.as_str()) {
                 return Err(ConfigError(format!(
                     "cluster.nodes: node {}'s peer address {peer} is a client address",
@@ -649,6 +630,27 @@ impl Config {
                     )));
                 }
             }
+        }
+        for (name, secret) in [
+            ("cluster.secret", &c.secret),
+            ("cluster.previous_secret", &c.previous_secret),
+        ] {
+            if secret.len() > CLUSTER_SECRET_BYTES_MAX
+                || !secret.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(ConfigError(format!(
+                    "{name} must be printable ASCII without spaces, at most {CLUSTER_SECRET_BYTES_MAX} bytes"
+                )));
+            }
+        }
+        // Whatever reaches the peer port can propose around every schema
+        // check: beyond loopback it must be authenticated.
+        if c.secret.is_empty() && !c.allow_unauthenticated_peers && !peer_listen.ip().is_loopback()
+        {
+            return Err(ConfigError(format!(
+                "cluster.secret is empty and the peer listener {peer_listen} is not on loopback: \
+                 set cluster.secret (the same on every node), or cluster.allow_unauthenticated_peers = true"
+            )));
         }
         if !c.nodes.is_empty() && !ids.contains(&c.node_id) {
             return Err(ConfigError(format!(
@@ -794,6 +796,17 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(ephemeral.peer_listen_addr().unwrap().port(), 0);
+        // One node has no peers: its peer port stays on loopback, so it
+        // needs no secret however its clients are served.
+        let alone = Config {
+            listen_addr: "0.0.0.0:7470".parse().unwrap(),
+            ..Config::default()
+        };
+        assert_eq!(
+            alone.peer_listen_addr().unwrap(),
+            "127.0.0.1:17470".parse().unwrap()
+        );
+        alone.validate().unwrap();
         // A port that cannot move by 10000 needs an explicit peer address.
         let flags = Flags::parse_from(["quiverd", "--listen-addr", "127.0.0.1:60000"]);
         let err = Config::load_from(&flags, Env::prefixed("QUIVER_TEST_NOTHING_"))

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use quiver_engine::codec::decode_stored;
-use quiver_engine::keys::{split_storage_key, storage_key};
+use quiver_engine::keys::storage_key;
 use quiver_engine::view::Feature;
 use quiver_engine::{Catalog, FeatureView, RowFreshness, StateStore, StoredRow, Value};
 use quiver_proto::v1 as pb;
@@ -327,10 +327,7 @@ fn unexpired(
     key: &[u8],
     row: Option<Arc<StoredRow>>,
 ) -> Option<Arc<StoredRow>> {
-    row.filter(|row| {
-        split_storage_key(key)
-            .is_none_or(|(_, view_id, _)| row.event_ts_us >= store.expiry_floor(view_id))
-    })
+    row.filter(|row| !store.is_expired(key, row.event_ts_us))
 }
 
 /// Reads keys from this node's replica, hot cache first. Blocking.

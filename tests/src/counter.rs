@@ -149,6 +149,29 @@ pub async fn read_values(
     Ok((values, response.sources))
 }
 
+/// Retries a read of `keys` at `level` through `client` until it returns
+/// `expected` (panics with the last read after [`CONVERGE_WAIT`]).
+pub async fn wait_for_values(
+    what: &str,
+    client: &Client,
+    keys: &[String],
+    level: pb::Consistency,
+    expected: &[Option<i64>],
+) {
+    retry(what, CONVERGE_WAIT, || {
+        let (mut client, keys) = (client.clone(), keys.to_vec());
+        async move {
+            let (read, _) = read_values(&mut client, &keys, level).await?;
+            if read == expected {
+                Ok(())
+            } else {
+                Err(format!("{read:?}"))
+            }
+        }
+    })
+    .await;
+}
+
 /// Writes `counter:value` rows; a larger value gets a later event time.
 pub async fn write_values(client: &mut Client, values: &[(String, i64)]) -> Result<(), String> {
     let ts = now_us();

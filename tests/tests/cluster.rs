@@ -15,7 +15,7 @@ use quiver_proto::v1 as pb;
 use quiver_tests::apply_view;
 use quiver_tests::counter::{
     CONVERGE_WAIT, FOUR_SHARDS, LEADER_WAIT, apply_counter_view, connect, counter_view, keys,
-    leader_of, read_values, retry, start, write_values,
+    leader_of, read_values, retry, start, wait_for_values, write_values,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,19 +56,14 @@ async fn writes_through_any_node_are_read_through_every_node() {
             );
         }
         // Replicas converge: every node's own replicas catch up.
-        retry("replica reads converge", CONVERGE_WAIT, || {
-            let keys = keys.clone();
-            let mut client = client.clone();
-            async move {
-                let (read, _) = read_values(&mut client, &keys, pb::Consistency::Replica).await?;
-                let expected: Vec<Option<i64>> = (0..keys.len() as i64).map(Some).collect();
-                if read == expected {
-                    Ok(())
-                } else {
-                    Err(format!("{read:?}"))
-                }
-            }
-        })
+        let expected: Vec<Option<i64>> = (0..keys.len() as i64).map(Some).collect();
+        wait_for_values(
+            "replica reads converge",
+            &client,
+            &keys,
+            pb::Consistency::Replica,
+            &expected,
+        )
         .await;
     }
     // With RF 3 on 3 nodes every node holds every shard: REPLICA reads are
@@ -122,18 +117,13 @@ async fn a_view_applied_while_a_node_is_down_reaches_it() {
         listed.views.iter().any(|v| v.name == "counter"),
         "node 3 knows the view"
     );
-    retry("node 3 serves the view's rows", CONVERGE_WAIT, || {
-        let keys = keys.clone();
-        let mut c3 = c3.clone();
-        async move {
-            let (read, _) = read_values(&mut c3, &keys, pb::Consistency::Replica).await?;
-            if read.iter().all(|v| *v == Some(7)) {
-                Ok(())
-            } else {
-                Err(format!("{read:?}"))
-            }
-        }
-    })
+    wait_for_values(
+        "node 3 serves the view's rows",
+        &c3,
+        &keys,
+        pb::Consistency::Replica,
+        &vec![Some(7); keys.len()],
+    )
     .await;
     drop(
         c1.list_feature_views(pb::ListFeatureViewsRequest {})
@@ -232,18 +222,13 @@ async fn a_node_far_behind_is_repaired_by_snapshot() {
     write_values(&mut c1, &[(keys[0].clone(), 100)])
         .await
         .unwrap();
-    retry("node 3 follows after the snapshot", CONVERGE_WAIT, || {
-        let keys = vec![keys[0].clone()];
-        let mut c3 = c3.clone();
-        async move {
-            let (read, _) = read_values(&mut c3, &keys, pb::Consistency::Replica).await?;
-            if read == vec![Some(100)] {
-                Ok(())
-            } else {
-                Err(format!("{read:?}"))
-            }
-        }
-    })
+    wait_for_values(
+        "node 3 follows after the snapshot",
+        &c3,
+        &keys[..1],
+        pb::Consistency::Replica,
+        &[Some(100)],
+    )
     .await;
 }
 
@@ -701,17 +686,12 @@ async fn an_isolated_node_serves_nothing_stale_and_the_majority_goes_on() {
 
     eprintln!("--- healed: node 1 catches up");
     links.heal_all();
-    let expected: Vec<Option<i64>> = vec![Some(2); keys.len()];
-    retry("node 1 reads the majority's writes", CONVERGE_WAIT, || {
-        let (mut c1, keys, expected) = (c1.clone(), keys.clone(), expected.clone());
-        async move {
-            let (values, _) = read_values(&mut c1, &keys, pb::Consistency::Replica).await?;
-            if values == expected {
-                Ok(())
-            } else {
-                Err(format!("{values:?}"))
-            }
-        }
-    })
+    wait_for_values(
+        "node 1 reads the majority's writes",
+        &c1,
+        &keys,
+        pb::Consistency::Replica,
+        &vec![Some(2); keys.len()],
+    )
     .await;
 }
