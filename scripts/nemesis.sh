@@ -39,16 +39,27 @@ source ./scripts/ensure-deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
 echo "==> building"
 cargo build --workspace --bins
-cargo test --workspace --test nemesis --no-run
+built=$(cargo test --workspace --test nemesis --no-run 2>&1 | tee /dev/stderr |
+    sed -n 's/.*Executable tests\/nemesis.rs (\(.*\))$/\1/p' | tail -1)
+[[ -x "$built" ]] || { echo "could not find the nemesis test executable" >&2; exit 1; }
+# The campaign runs copies of what was built, so that the sources (and the
+# target dir) may change while it runs and every seed still tests one build.
+stash=$(mktemp -d /var/tmp/quiver-nemesis-build.XXXXXX)
+cp "$CARGO_TARGET_DIR/debug/quiverd" "$CARGO_TARGET_DIR/debug/quiverctl" "$stash/"
+cp "$built" "$stash/nemesis"
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | head -1)
+echo "==> testing the build of $commit${dirty:+ (with uncommitted changes)}, kept in $stash"
 
-: > "$out"
+echo "# nemesis campaign on $commit${dirty:+ (with uncommitted changes)}, ${seconds}s per seed" > "$out"
 failed=0
 IFS=, read -r -a list <<< "$seed_list"
 for seed in "${list[@]}"; do
     log=$(mktemp)
     echo "==> seed $seed (${seconds}s)"
-    if QUIVER_NEMESIS_SEEDS="$seed" QUIVER_NEMESIS_SECONDS="$seconds" \
-        cargo test --workspace --test nemesis -- --nocapture > "$log" 2>&1; then
+    # cargo test runs a test from its package's directory; so does this.
+    if (cd tests && QUIVER_BIN_DIR="$stash" QUIVER_NEMESIS_SEEDS="$seed" \
+        QUIVER_NEMESIS_SECONDS="$seconds" "$stash/nemesis" --nocapture) > "$log" 2>&1; then
         grep '^nemesis seed' "$log" | tee -a "$out" || true
     else
         failed=$((failed + 1))
@@ -59,5 +70,6 @@ for seed in "${list[@]}"; do
     fi
     rm -f "$log"
 done
-echo "==> ${#list[@]} seeds, $failed failed; results in $out"
+echo "==> ${#list[@]} seeds on $commit, $failed failed; results in $out"
+rm -rf "$stash"
 [[ $failed -eq 0 ]]
