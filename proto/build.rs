@@ -4,7 +4,11 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["quiver/v1/quiver.proto", "quiver/peer/v1/peer.proto"];
+    let files = [
+        "quiver/v1/quiver.proto",
+        "quiver/admin/v1/admin.proto",
+        "quiver/peer/v1/peer.proto",
+    ];
     for file in &files {
         println!("cargo:rerun-if-changed=proto/{file}");
     }

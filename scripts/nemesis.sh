@@ -37,15 +37,17 @@ fi
 
 source ./scripts/ensure-deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
+# The campaign runs copies of what was built, so that the sources (and the
+# target dir) may change while it runs and every seed still tests one build.
+# Each is copied as soon as it is built: another checkout building into the
+# same target dir overwrites the same files.
+stash=$(mktemp -d /var/tmp/quiver-nemesis-build.XXXXXX)
 echo "==> building"
 cargo build --workspace --bins
+cp "$CARGO_TARGET_DIR/debug/quiverd" "$CARGO_TARGET_DIR/debug/quiverctl" "$stash/"
 built=$(cargo test --workspace --test nemesis --no-run 2>&1 | tee /dev/stderr |
     sed -n 's/.*Executable tests\/nemesis.rs (\(.*\))$/\1/p' | tail -1)
 [[ -x "$built" ]] || { echo "could not find the nemesis test executable" >&2; exit 1; }
-# The campaign runs copies of what was built, so that the sources (and the
-# target dir) may change while it runs and every seed still tests one build.
-stash=$(mktemp -d /var/tmp/quiver-nemesis-build.XXXXXX)
-cp "$CARGO_TARGET_DIR/debug/quiverd" "$CARGO_TARGET_DIR/debug/quiverctl" "$stash/"
 cp "$built" "$stash/nemesis"
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | head -1)

@@ -1,4 +1,5 @@
-//! Quiver's wire API: the public `quiver.v1` protobuf package, the internal
+//! Quiver's wire API: the public `quiver.v1` protobuf package, the operators'
+//! `quiver.admin.v1` package, the internal
 //! node-to-node `quiver.peer.v1` package (not a public API: postcard payloads,
 //! same-version nodes only, though reflection lists it), the tonic client and
 //! server code generated from them, and the descriptor set for gRPC
@@ -19,6 +20,15 @@ pub mod quiver {
         tonic::include_proto!("quiver.v1");
     }
 
+    /// The operator API (`quiverctl`).
+    pub mod admin {
+        /// Version 1.
+        #[allow(missing_docs, clippy::all)]
+        pub mod v1 {
+            tonic::include_proto!("quiver.admin.v1");
+        }
+    }
+
     /// The internal node-to-node service.
     pub mod peer {
         /// Version 1.
@@ -29,6 +39,7 @@ pub mod quiver {
     }
 }
 
+pub use quiver::admin::v1 as admin;
 pub use quiver::peer::v1 as peer;
 pub use quiver::v1;
 

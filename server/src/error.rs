@@ -110,6 +110,8 @@ impl ServiceError {
                     RejectKind::LimitExceeded => Code::ResourceExhausted,
                 },
                 ClusterError::Start(_) => Code::Internal,
+                ClusterError::NoSuchGroup(_) => Code::NotFound,
+                ClusterError::Refused { .. } => Code::FailedPrecondition,
             },
         }
     }

@@ -1,5 +1,5 @@
 //! quiverd, Quiver's server: the gRPC front end (`quiver.v1.FeatureStore`,
-//! health, reflection), the cluster (the Raft groups a node hosts, placement,
+//! `quiver.admin.v1.Admin`, health, reflection), the cluster (the Raft groups a node hosts, placement,
 //! the internal peer service, routing of proposals and reads), the read path
 //! (key dedup, per-shard fan-out, hot cache, status judgement), the write
 //! path (limits, schema, one proposal per shard), configuration, and
@@ -12,6 +12,7 @@
 // Tests may unwrap; production code may not (workspace lint).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod admin;
 pub mod admission;
 pub mod cache;
 pub mod cluster;

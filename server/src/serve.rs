@@ -11,12 +11,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use quiver_proto::admin::admin_server::AdminServer;
 use quiver_proto::v1::feature_store_server::FeatureStoreServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use quiver_proto::peer::peer_server::PeerServer;
 
+use crate::admin::AdminService;
 use crate::cluster::auth::CheckPeerCalls;
 use crate::cluster::network::PEER_MESSAGE_BYTES_MAX;
 use crate::cluster::peer_service::PeerService;
@@ -98,6 +100,10 @@ pub async fn serve(
         .max_decoding_message_size(request_bytes_max)
         .max_encoding_message_size(response_bytes_max);
 
+    let admin = AdminServer::new(AdminService::new(node.clone()))
+        .max_decoding_message_size(request_bytes_max)
+        .max_encoding_message_size(response_bytes_max);
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<FeatureStoreServer<FeatureStoreService>>()
@@ -118,6 +124,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_store)
+        .add_service(admin)
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small responses wait on delayed ACKs (~40 ms).
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -695,3 +695,150 @@ async fn an_isolated_node_serves_nothing_stale_and_the_majority_goes_on() {
     )
     .await;
 }
+
+/// Election timeouts long enough that an election cannot pass for a
+/// handover: anything that moves leadership faster was a handover.
+const SLOW_ELECTIONS: [(&str, &str); 4] = [
+    FOUR_SHARDS[0],
+    ("QUIVER_CLUSTER__ELECTION_TIMEOUT_MIN_MS", "5000"),
+    ("QUIVER_CLUSTER__ELECTION_TIMEOUT_MAX_MS", "6000"),
+    // A group may sleep only after a lease without traffic.
+    ("QUIVER_CLUSTER__HIBERNATE_AFTER_MS", "6000"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_on_request_and_on_shutdown_without_an_election_timeout() {
+    let election_timeout_min = std::time::Duration::from_millis(5000);
+    let mut cluster = start(&SLOW_ELECTIONS).await;
+    let c1 = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&c1).await;
+    let key = "handover".to_owned();
+    let mut probe = c1.clone();
+    let (_, sources) = read_values(
+        &mut probe,
+        std::slice::from_ref(&key),
+        pb::Consistency::Leader,
+    )
+    .await
+    .unwrap();
+    let shard = sources[0].shard;
+    let leader = leader_of(&mut cluster, shard).await;
+    let target = (1..=3).find(|&n| n != leader).unwrap();
+    let third = (1..=3).find(|&n| n != leader && n != target).unwrap();
+
+    // A writer through the node that leads nothing of interest to the
+    // test, recording when each write was acknowledged.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let mut client = cluster.node(third).client().await.unwrap();
+        let stop = stop.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut value = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if write_values(&mut client, &[(key.clone(), value)])
+                    .await
+                    .is_ok()
+                {
+                    acknowledged.push((Instant::now(), value));
+                    value += 1;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            acknowledged
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    // By request, through a node that does not lead the shard.
+    let endpoint = cluster.node(third).endpoint();
+    let shard_arg = shard.to_string();
+    let to_arg = target.to_string();
+    let transfer = || -> serde_json::Value {
+        let args = [
+            "--json",
+            "shard",
+            "transfer-leader",
+            &shard_arg,
+            "--to",
+            &to_arg,
+        ];
+        let out = quiver_tests::quiverctl(&endpoint, &args).unwrap();
+        serde_json::from_str(&out).unwrap()
+    };
+    let asked = Instant::now();
+    let done = transfer();
+    let took = asked.elapsed();
+    let out = done.to_string();
+    assert_eq!(done["leader_id"], target, "{out}");
+    assert_eq!(done["moved"], true, "{out}");
+    assert!(
+        took < election_timeout_min,
+        "the handover took {took:?}: {out}"
+    );
+    assert_eq!(leader_of(&mut cluster, shard).await, target);
+    // Asking again changes nothing.
+    let again = transfer();
+    assert_eq!(again["moved"], false, "{again}");
+    // What cannot be done is refused with the reason.
+    for (args, code) in [
+        (
+            vec!["shard", "transfer-leader", "99", "--to", "1"],
+            "NotFound",
+        ),
+        (
+            vec!["shard", "transfer-leader", &shard_arg, "--to", "9"],
+            "InvalidArgument",
+        ),
+    ] {
+        let err = quiver_tests::quiverctl(&endpoint, &args)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(code), "{args:?}: {err}");
+    }
+
+    // On shutdown: the new leader stops (SIGTERM) and hands its groups over
+    // first, so the writer does not wait out an election.
+    tokio::task::block_in_place(|| cluster.node(target).terminate()).unwrap();
+    let after_stop = leader_of(&mut cluster, shard).await;
+    assert_ne!(after_stop, target);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = writer.await.unwrap();
+    assert!(
+        acknowledged.len() > 10,
+        "the writer made progress: {}",
+        acknowledged.len()
+    );
+    let gap = acknowledged
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .max()
+        .unwrap();
+    assert!(
+        gap < election_timeout_min,
+        "writes stopped for {gap:?}: leadership moved by election, not by handover"
+    );
+    eprintln!(
+        "handover: {took:?} by request ({} ms on the leader); longest gap in acknowledged \
+         writes over the request and a shutdown: {gap:?}",
+        done["elapsed_ms"]
+    );
+    // Every acknowledged write holds: a STRONG read says the last one (or
+    // the attempt after it, whose outcome the writer did not learn).
+    let last = acknowledged.last().unwrap().1;
+    let mut reader = cluster.node(leader).client().await.unwrap();
+    let (read, _) = read_values(
+        &mut reader,
+        std::slice::from_ref(&key),
+        pb::Consistency::Strong,
+    )
+    .await
+    .unwrap();
+    assert!(
+        read == vec![Some(last)] || read == vec![Some(last + 1)],
+        "read {read:?}, last acknowledged {last}"
+    );
+    cluster.node(target).restart().await.unwrap();
+}

@@ -5,7 +5,8 @@
 //! peer connections refused, or black-holed so calls wait out their
 //! deadlines), one-way partitions (a node that can send but not be reached,
 //! or the reverse), and two nodes cut from each other while both reach the
-//! third. Partitions go through a proxy per directed peer link
+//! third; and every group's leadership handed to one node at once (the
+//! admin `TransferLeader`). Partitions go through a proxy per directed peer link
 //! (tests/src/links.rs); clients always reach every node. Afterwards every
 //! key's history must be linearizable (tests/src/linearizability.rs) and no
 //! acknowledged write may be missing.
@@ -38,6 +39,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use quiver_proto::admin as admin_pb;
+use quiver_proto::admin::admin_client::AdminClient;
 use quiver_proto::v1 as pb;
 use quiver_tests::counter::{
     CONVERGE_WAIT, FOUR_SHARDS, LEADER_WAIT, apply_counter_view, connect, read_values, retry,
@@ -70,6 +73,55 @@ const NEMESIS_ENV: [(&str, &str); 2] = [
     ("QUIVER_CLUSTER__REPLICA_LAG_ENTRIES_MAX", "0"),
 ];
 
+/// What one handover fault did, per group.
+#[derive(Debug, Default)]
+struct Handovers {
+    moved: usize,
+    already: usize,
+    /// Refusals (the target behind, or not heard from) and timeouts, with
+    /// their status codes: outcomes too, the checks hold whatever they are.
+    failed: Vec<tonic::Code>,
+}
+
+/// Asks the node at `endpoint` (a URL) to hand every group (the metadata
+/// group and the four shards) to node `to`, all at once.
+async fn transfer_all(endpoint: &str, to: u64) -> Handovers {
+    let mut outcome = Handovers::default();
+    let channel = match tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .unwrap()
+        .timeout(OPERATION_TIMEOUT * 3)
+        .connect()
+        .await
+    {
+        Ok(channel) => channel,
+        Err(_) => {
+            outcome.failed.push(tonic::Code::Unavailable);
+            return outcome;
+        }
+    };
+    let admin = AdminClient::new(channel);
+    let calls = (0..=4u32).map(|shard| {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .transfer_leader(admin_pb::TransferLeaderRequest {
+                    shard,
+                    to_node_id: to,
+                })
+                .await
+                .map(|done| done.into_inner().moved)
+        }
+    });
+    for result in futures::future::join_all(calls).await {
+        match result {
+            Ok(true) => outcome.moved += 1,
+            Ok(false) => outcome.already += 1,
+            Err(status) => outcome.failed.push(status.code()),
+        }
+    }
+    outcome
+}
+
 /// What one run saw, for the report line.
 #[derive(Debug, Default)]
 struct Report {
@@ -79,6 +131,8 @@ struct Report {
     replica_reads: usize,
     replica_reads_by_followers: usize,
     faults: Vec<String>,
+    /// Groups whose leadership a handover fault moved.
+    groups_handed_over: usize,
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -214,7 +268,7 @@ async fn run(seed: u64, length: Duration) {
         } else {
             LinkState::Blackhole
         };
-        match rng.random_range(0..6u32) {
+        match rng.random_range(0..7u32) {
             0 => {
                 report
                     .faults
@@ -230,6 +284,21 @@ async fn run(seed: u64, length: Duration) {
                 cluster.node(victim).pause().unwrap();
                 tokio::time::sleep(down).await;
                 cluster.node(victim).resume().unwrap();
+            }
+            6 => {
+                // Every group handed to one node at once, through a random
+                // node (as `quiverctl shard transfer-leader` does, and as a
+                // stopping node does for the groups it leads): old leaders
+                // must stop serving LEADER reads the moment they start.
+                let via = cluster.node(rng.random_range(1..=3u64)).endpoint();
+                let done = transfer_all(&via, victim).await;
+                report.groups_handed_over += done.moved;
+                report.faults.push(format!(
+                    "every group handed to node {victim} ({} moved, {} led by it already, \
+                     failed: {:?}), then {down:?}",
+                    done.moved, done.already, done.failed
+                ));
+                tokio::time::sleep(down).await;
             }
             fault => {
                 // Partitions last longer: long enough for elections on
@@ -328,8 +397,8 @@ async fn run(seed: u64, length: Duration) {
     let stale = stale_reads(&history, &replica_reads, REPLICA_STALENESS_BOUND_US);
     eprintln!(
         "nemesis seed {seed}: {:?}, {} operations ({} writes acknowledged, {} unknown, \
-         {} STRONG/LEADER reads, {} REPLICA reads ({} by followers)), {} faults, \
-         {} linearizability violations, \
+         {} STRONG/LEADER reads, {} REPLICA reads ({} by followers)), {} faults \
+         ({} groups handed over), {} linearizability violations, \
          {} REPLICA reads staler than {} ms",
         length,
         history.len() + replica_reads.len(),
@@ -339,10 +408,12 @@ async fn run(seed: u64, length: Duration) {
         report.replica_reads,
         report.replica_reads_by_followers,
         report.faults.len(),
+        report.groups_handed_over,
         violations.len(),
         stale.len(),
         REPLICA_STALENESS_BOUND_US / 1000
     );
+    eprintln!("seed {seed} faults: {:#?}", report.faults);
     assert!(
         stale.is_empty(),
         "seed {seed}: REPLICA reads past their staleness bound: {stale:#?}; faults: {:?}",

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use quiver_proto::admin::admin_client::AdminClient;
 use quiver_proto::v1::feature_store_client::FeatureStoreClient;
 use tonic::transport::{Channel, Endpoint};
 
@@ -14,6 +15,18 @@ pub type Client = FeatureStoreClient<Channel>;
 
 /// Connects to `endpoint` (`host:port` or a URL).
 pub async fn connect(endpoint: &str) -> Result<Client> {
+    let channel = channel(endpoint).await?;
+    Ok(FeatureStoreClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX))
+}
+
+/// A client of one node's admin service.
+pub async fn connect_admin(endpoint: &str) -> Result<AdminClient<Channel>> {
+    let channel = channel(endpoint).await?;
+    Ok(AdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX))
+}
+
+/// A channel to `endpoint`.
+async fn channel(endpoint: &str) -> Result<Channel> {
     let url = if endpoint.contains("://") {
         endpoint.to_owned()
     } else {
@@ -28,7 +41,7 @@ pub async fn connect(endpoint: &str) -> Result<Client> {
         .with_context(|| {
             format!("connect to quiverd at {url} (is it running? see --endpoint / QUIVER_ENDPOINT)")
         })?;
-    Ok(FeatureStoreClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX))
+    Ok(channel)
 }
 
 /// Turns a gRPC status into an error that says what the server said.

@@ -13,6 +13,7 @@ mod get;
 mod probe;
 mod put;
 mod sample;
+mod shard;
 mod status;
 mod values;
 mod views;
@@ -55,6 +56,9 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Show the node's status.
     Status,
+    /// Inspect and move shards.
+    #[command(subcommand)]
+    Shard(ShardCommand),
     /// Generate the sample data set.
     #[command(subcommand)]
     Sample(SampleCommand),
@@ -78,6 +82,15 @@ enum ViewsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ShardCommand {
+    /// Every shard: its leader, term and replicas, as each node reports it.
+    List,
+    /// Hand a shard's leadership to another of its voters (no election
+    /// timeout: the target campaigns at once).
+    TransferLeader(shard::TransferArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum SampleCommand {
     /// Write drivers.csv and customers.jsonl for sample/views.yaml.
     Generate(sample::GenerateArgs),
@@ -96,6 +109,9 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Sample(SampleCommand::Generate(args)) = &cli.command {
         return sample::generate(args);
     }
+    if let Command::Shard(ShardCommand::TransferLeader(args)) = &cli.command {
+        return shard::transfer_leader(&cli.endpoint, args, cli.json).await;
+    }
     let mut client = client::connect(&cli.endpoint).await?;
     match cli.command {
         Command::Views(ViewsCommand::Apply { file }) => {
@@ -107,6 +123,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Get(args) => get::run(&mut client, &args, cli.json).await,
         Command::Probe(args) => probe::run(&mut client, &args, cli.json).await,
         Command::Status => status::run(&mut client, cli.json).await,
+        Command::Shard(ShardCommand::List) => shard::list(&mut client, cli.json).await,
+        Command::Shard(ShardCommand::TransferLeader(_)) => unreachable!("handled before"),
         Command::Sample(_) => unreachable!("handled before connecting"),
     }
 }

@@ -14,6 +14,7 @@ pub mod hibernate;
 pub mod network;
 pub mod peer_service;
 pub mod placement;
+pub mod transfer;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
@@ -65,6 +66,18 @@ pub enum ClusterError {
     /// The node could not start its groups.
     #[error("cluster start: {0}")]
     Start(String),
+    /// The cluster has no such group.
+    #[error("no shard {0}")]
+    NoSuchGroup(GroupId),
+    /// An operation's precondition does not hold (retrying as is will not
+    /// help).
+    #[error("shard {group}: {message}")]
+    Refused {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        message: String,
+    },
 }
 
 /// One group hosted here.
@@ -77,6 +90,9 @@ pub struct Group {
     pub log: LogStore,
     /// Its activity and hibernation state.
     pub pulse: hibernate::Pulse,
+    /// The last term in which this replica, as leader, started a handover
+    /// (0: never): its lease for that term is void (see `transfer`).
+    handed_over_term: std::sync::atomic::AtomicU64,
 }
 
 /// Who served a shard read.
@@ -246,6 +262,7 @@ impl Cluster {
                     state,
                     log,
                     pulse: hibernate::Pulse::asleep(),
+                    handed_over_term: std::sync::atomic::AtomicU64::new(0),
                 },
             );
         }
@@ -541,7 +558,7 @@ impl Cluster {
             let metrics = hosted.raft.metrics();
             let m = metrics.borrow_watched();
             let is_leader = m.state == ServerState::Leader;
-            (is_leader, is_leader && self.lease_valid(&m))
+            (is_leader, is_leader && self.lease_valid(hosted, &m))
         };
         if is_leader
             && !lease_valid
@@ -639,7 +656,7 @@ impl Cluster {
                 m.current_leader,
                 m.last_applied.map_or(0, |id| id.index),
                 m.cluster_committed.map_or(0, |id| id.index),
-                is_leader && self.lease_valid(&m),
+                is_leader && self.lease_valid(hosted, &m),
             )
         };
         if is_leader {
@@ -695,7 +712,16 @@ impl Cluster {
 
     /// Whether a leader's lease lets it serve reads from its own state now
     /// (see `check_local_read`). A lone voter is its own quorum.
-    fn lease_valid(&self, m: &openraft::RaftMetrics<quiver_raft::TypeConfig>) -> bool {
+    /// A leader that started a handover has none: it told the voters they
+    /// may elect another at once.
+    fn lease_valid(
+        &self,
+        hosted: &Group,
+        m: &openraft::RaftMetrics<quiver_raft::TypeConfig>,
+    ) -> bool {
+        if hosted.handed_over_in(m.current_term) {
+            return false;
+        }
         let own_term_applied = m
             .last_applied
             .is_some_and(|id| id.leader_id.term == m.current_term);
@@ -861,8 +887,10 @@ impl Cluster {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Stops every group's Raft and flushes its store.
+    /// Hands the groups this node leads to other voters, then stops every
+    /// group's Raft and flushes its store.
     pub async fn shutdown(&self) {
+        self.hand_over_all().await;
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         for (group, hosted) in &self.groups {

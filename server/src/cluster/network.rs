@@ -86,7 +86,9 @@ impl Lane {
             | PeerCall::Ping(_)
             | PeerCall::TransferLeader(_) => Lane::Control,
             PeerCall::AppendEntries(_) => Lane::Append,
-            PeerCall::Propose(_) => Lane::Propose,
+            // A handover waits for an election, as a proposal waits for a
+            // quorum: never in the lane heartbeats and votes use.
+            PeerCall::Propose(_) | PeerCall::HandOver { .. } => Lane::Propose,
             PeerCall::Read { .. } | PeerCall::ReadIndex => Lane::Read,
         }
     }

@@ -92,6 +92,7 @@ impl PeerService {
             },
             PeerCall::Ping(ping) => PeerResult::Pong(cluster.on_ping(ping).await),
             PeerCall::Propose(command) => cluster.propose_local(group, command).await,
+            PeerCall::HandOver { to } => cluster.hand_over_local(group, to).await,
             PeerCall::ReadIndex => cluster.read_index_local(group).await,
             PeerCall::Read { keys, level } => self.read(group, keys, level).await,
         }

@@ -47,6 +47,12 @@ pub enum PeerCall {
     PreVote(VoteRequest<TypeConfig>),
     /// The leader hands leadership to the receiver.
     TransferLeader(TransferLeaderRequest<TypeConfig>),
+    /// An operator's request to the group's leader: hand leadership to `to`
+    /// (which starts the Raft [`PeerCall::TransferLeader`] exchange).
+    HandOver {
+        /// The voter that should lead.
+        to: NodeId,
+    },
 }
 
 /// What a node tells each peer every liveness interval (and answers a
@@ -129,6 +135,20 @@ pub enum PeerResult {
     PreVote(VoteResponse<TypeConfig>),
     /// Leader transfer answer.
     TransferLeader(TransferLeaderResponse<TypeConfig>),
+    /// The answer to [`PeerCall::HandOver`]: who leads now.
+    HandedOver {
+        /// The leader now.
+        leader: NodeId,
+        /// Its term.
+        term: u64,
+        /// Whether leadership moved (false: the target already led).
+        moved: bool,
+        /// How long the handover took on the old leader.
+        elapsed_ms: u64,
+    },
+    /// The leader refused the operation: a precondition does not hold, and
+    /// asking another node would not help.
+    Refused(String),
 }
 
 /// The first chunk of a snapshot stream.

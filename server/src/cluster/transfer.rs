@@ -1,0 +1,266 @@
+//! Leadership transfer: a group's leader hands leadership to a chosen voter,
+//! which campaigns at once instead of after an election timeout. Used by the
+//! admin `TransferLeader` call and by a node that shuts down.
+//!
+//! A leader that starts a transfer stops proposing (openraft answers
+//! "forward to the target"), and the voters it tells drop their leader lease
+//! so they may vote at once. Its own lease is therefore void from that
+//! moment: [`Group::handed_over_term`] records the term, and LEADER and
+//! REPLICA reads on this replica stop trusting the lease for that term
+//! (`Cluster::lease_valid`), whether or not the transfer completes.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use quiver_raft::{GroupId, NodeId};
+
+use super::wire::{PeerCall, PeerResult};
+use super::{Cluster, ClusterError, Group};
+
+/// How far (in entries) the target's replicated log may trail the leader's
+/// last log for a transfer to start: the target must catch up before it can
+/// win, and every write waits meanwhile. TiKV refuses beyond 128 too.
+pub const TRANSFER_LAG_ENTRIES_MAX: u64 = 128;
+
+/// How long a stopping node waits for its groups' handovers, all together.
+pub const SHUTDOWN_HANDOVER_WAIT: Duration = Duration::from_secs(3);
+
+/// What a completed handover reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandedOver {
+    /// The leader now.
+    pub leader: NodeId,
+    /// Its term.
+    pub term: u64,
+    /// Whether leadership moved (false: the target already led).
+    pub moved: bool,
+    /// How long the handover took on the old leader.
+    pub elapsed_ms: u64,
+}
+
+impl Group {
+    /// Whether this replica started a handover in `term` (its lease for
+    /// that term is void).
+    pub(super) fn handed_over_in(&self, term: u64) -> bool {
+        let marked = self.handed_over_term.load(Ordering::SeqCst);
+        marked != 0 && marked >= term
+    }
+}
+
+impl Cluster {
+    /// Hands `group`'s leadership to voter `to`, asking whichever node leads
+    /// the group now.
+    pub async fn transfer_leader(
+        &self,
+        group: GroupId,
+        to: NodeId,
+    ) -> Result<HandedOver, ClusterError> {
+        if group != quiver_raft::METADATA_GROUP && !self.placement.replicas.contains_key(&group) {
+            return Err(ClusterError::NoSuchGroup(group));
+        }
+        let voters = self.placement.voters(group);
+        if !voters.contains(&to) {
+            return Err(ClusterError::Refused {
+                group,
+                message: format!("node {to} is not a voter of shard {group} (voters: {voters:?})"),
+            });
+        }
+        let outcome = self
+            .route(group, self.first_target(group), |target| async move {
+                let result = if target == self.node_id {
+                    self.hand_over_local(group, to).await
+                } else {
+                    self.clients
+                        .forward(target, group, &PeerCall::HandOver { to })
+                        .await
+                        .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
+                };
+                match result {
+                    PeerResult::HandedOver {
+                        leader,
+                        term,
+                        moved,
+                        elapsed_ms,
+                    } => Ok(Ok(HandedOver {
+                        leader,
+                        term,
+                        moved,
+                        elapsed_ms,
+                    })),
+                    // A refusal holds wherever it is asked: stop routing.
+                    PeerResult::Refused(message) => Ok(Err(message)),
+                    other => Err(other),
+                }
+            })
+            .await?;
+        match outcome {
+            Ok(done) => {
+                self.remember_leader(group, done.leader);
+                Ok(done)
+            }
+            Err(message) => Err(ClusterError::Refused { group, message }),
+        }
+    }
+
+    /// The leader's side of [`Self::transfer_leader`]: checks that `to` can
+    /// take over, starts the transfer and waits until this replica sees `to`
+    /// lead (at most the longest election timeout: past it, the group elects
+    /// a leader the usual way).
+    pub async fn hand_over_local(&self, group: GroupId, to: NodeId) -> PeerResult {
+        let Some(hosted) = self.groups.get(&group) else {
+            return PeerResult::NoSuchGroup;
+        };
+        self.activity(group).await;
+        let (state, leader, term, last_index, matched, is_voter) = {
+            let metrics = hosted.raft.metrics();
+            let m = metrics.borrow_watched();
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|replication| replication.get(&to))
+                .map(|id| id.as_ref().map_or(0, |id| id.index));
+            (
+                m.state,
+                m.current_leader,
+                m.current_term,
+                m.last_log_index.unwrap_or(0),
+                matched,
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == to),
+            )
+        };
+        if state != ServerState::Leader {
+            return PeerResult::NotLeader {
+                leader: leader.filter(|&l| l != self.node_id),
+            };
+        }
+        if to == self.node_id {
+            return PeerResult::HandedOver {
+                leader: to,
+                term,
+                moved: false,
+                elapsed_ms: 0,
+            };
+        }
+        if hosted.handed_over_in(term) {
+            return PeerResult::Failed(format!(
+                "a handover of shard {group} is already under way in term {term}"
+            ));
+        }
+        if !is_voter {
+            return PeerResult::Refused(format!("node {to} is not a voter of shard {group}"));
+        }
+        if !self
+            .liveness
+            .is_up(to, self.now_ms(), self.config.liveness_timeout_ms)
+        {
+            return PeerResult::Refused(format!(
+                "node {to} has not been heard from for {} ms",
+                self.config.liveness_timeout_ms
+            ));
+        }
+        let behind = last_index.saturating_sub(matched.unwrap_or(0));
+        if matched.is_none() || behind > TRANSFER_LAG_ENTRIES_MAX {
+            return PeerResult::Refused(format!(
+                "node {to} is {behind} entries behind the leader of shard {group} (at most \
+                 {TRANSFER_LAG_ENTRIES_MAX}); retry when it has caught up"
+            ));
+        }
+        // Void the lease before the voters hear of the transfer: from then
+        // on they may elect `to` at once.
+        hosted.handed_over_term.store(term, Ordering::SeqCst);
+        let started = Instant::now();
+        if let Err(e) = hosted.raft.trigger().transfer_leader(to).await {
+            return PeerResult::Failed(e.to_string());
+        }
+        let wait = Duration::from_millis(self.config.election_timeout_max_ms);
+        let seen = hosted
+            .raft
+            .wait(Some(wait))
+            .metrics(
+                |m| m.current_leader == Some(to) && m.current_term > term,
+                "leadership handed over",
+            )
+            .await;
+        match seen {
+            Ok(m) => {
+                let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(
+                    group,
+                    to,
+                    term = m.current_term,
+                    elapsed_ms,
+                    "leadership handed over"
+                );
+                PeerResult::HandedOver {
+                    leader: to,
+                    term: m.current_term,
+                    moved: true,
+                    elapsed_ms,
+                }
+            }
+            Err(e) => PeerResult::Failed(format!(
+                "node {to} did not take over shard {group} within {} ms ({e}); the shard \
+                 elects a leader as after a leader failure",
+                wait.as_millis()
+            )),
+        }
+    }
+
+    /// Before a node stops: hands every group it leads to the voter
+    /// furthest along, so that the others need not wait out an election
+    /// timeout. Best effort and bounded by [`SHUTDOWN_HANDOVER_WAIT`].
+    pub(super) async fn hand_over_all(&self) {
+        let mut handovers = Vec::new();
+        for (&group, hosted) in &self.groups {
+            let Some(to) = self.handover_target(hosted) else {
+                continue;
+            };
+            handovers.push(async move { (group, to, self.hand_over_local(group, to).await) });
+        }
+        if handovers.is_empty() {
+            return;
+        }
+        let all = futures::future::join_all(handovers);
+        match tokio::time::timeout(SHUTDOWN_HANDOVER_WAIT, all).await {
+            Ok(results) => {
+                for (group, to, result) in results {
+                    if !matches!(result, PeerResult::HandedOver { .. }) {
+                        tracing::warn!(group, to, ?result, "handover on shutdown failed");
+                    }
+                }
+            }
+            Err(_) => tracing::warn!(
+                wait_ms = SHUTDOWN_HANDOVER_WAIT.as_millis(),
+                "handovers on shutdown did not all finish in time"
+            ),
+        }
+    }
+
+    /// The voter a stopping leader hands `hosted` to: the one up and
+    /// furthest along, if this replica leads.
+    fn handover_target(&self, hosted: &Group) -> Option<NodeId> {
+        let metrics = hosted.raft.metrics();
+        let m = metrics.borrow_watched();
+        if m.state != ServerState::Leader {
+            return None;
+        }
+        let now = self.now_ms();
+        let replication = m.replication.as_ref()?;
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .filter(|&v| v != self.node_id)
+            .filter(|&v| self.liveness.is_up(v, now, self.config.liveness_timeout_ms))
+            .filter_map(|v| {
+                let matched = replication.get(&v)?.as_ref()?.index;
+                Some((matched, v))
+            })
+            .max()
+            .map(|(_, v)| v)
+    }
+}
