@@ -10,6 +10,7 @@
 
 mod client;
 mod get;
+mod plan;
 mod probe;
 mod put;
 mod sample;
@@ -59,6 +60,9 @@ enum Command {
     /// Inspect and move shards.
     #[command(subcommand)]
     Shard(ShardCommand),
+    /// Plan (and with --apply, carry out) leader handovers so that every
+    /// node leads about as many groups.
+    Rebalance(shard::RebalanceArgs),
     /// Generate the sample data set.
     #[command(subcommand)]
     Sample(SampleCommand),
@@ -112,6 +116,9 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Shard(ShardCommand::TransferLeader(args)) = &cli.command {
         return shard::transfer_leader(&cli.endpoint, args, cli.json).await;
     }
+    if let Command::Rebalance(args) = &cli.command {
+        return shard::rebalance(&cli.endpoint, args, cli.json).await;
+    }
     let mut client = client::connect(&cli.endpoint).await?;
     match cli.command {
         Command::Views(ViewsCommand::Apply { file }) => {
@@ -124,7 +131,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Probe(args) => probe::run(&mut client, &args, cli.json).await,
         Command::Status => status::run(&mut client, cli.json).await,
         Command::Shard(ShardCommand::List) => shard::list(&mut client, cli.json).await,
-        Command::Shard(ShardCommand::TransferLeader(_)) => unreachable!("handled before"),
+        Command::Shard(ShardCommand::TransferLeader(_)) | Command::Rebalance(_) => {
+            unreachable!("handled before")
+        }
         Command::Sample(_) => unreachable!("handled before connecting"),
     }
 }

@@ -1,4 +1,4 @@
-//! `quiverctl shard list|transfer-leader`.
+//! `quiverctl shard list|transfer-leader` and `quiverctl rebalance`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,7 +9,10 @@ use comfy_table::Table;
 use quiver_proto::admin as admin_pb;
 use quiver_proto::v1 as pb;
 
+use indicatif::{ProgressBar, ProgressStyle};
+
 use crate::client::{self, Client, status_error};
+use crate::plan::{GroupLeadership, balance_leaders};
 
 /// How long `shard list` waits for each other node's status.
 const NODE_STATUS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -70,8 +73,17 @@ struct ShardView {
     replicas: BTreeMap<u64, pb::GroupStatus>,
 }
 
-/// `shard list`: every node's view of the shards it holds, merged.
-pub async fn list(client: &mut Client, json: bool) -> Result<()> {
+/// What every node that answered says of the shards it holds.
+struct ClusterView {
+    shards: BTreeMap<u32, ShardView>,
+    /// Nodes that answered.
+    up: Vec<u64>,
+    /// Nodes that did not, and why.
+    unreachable: Vec<(u64, String)>,
+}
+
+/// Asks the node behind `client`, then every other node it names.
+async fn cluster_view(client: &mut Client) -> Result<ClusterView> {
     let first = client
         .status(pb::StatusRequest {})
         .await
@@ -84,22 +96,36 @@ pub async fn list(client: &mut Client, json: bool) -> Result<()> {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {NODE_STATUS_TIMEOUT:?}")));
         reports.push((node.node_id, report));
     }
-    let mut shards: BTreeMap<u32, ShardView> = BTreeMap::new();
-    let mut unreachable = Vec::new();
+    let mut view = ClusterView {
+        shards: BTreeMap::new(),
+        up: Vec::new(),
+        unreachable: Vec::new(),
+    };
     for (node_id, report) in reports {
         match report {
             Ok(groups) => {
+                view.up.push(node_id);
                 for group in groups {
-                    let view = shards.entry(group.group).or_default();
+                    let shard = view.shards.entry(group.group).or_default();
                     if group.role == "leader" {
-                        view.leader = Some(group.clone());
+                        shard.leader = Some(group.clone());
                     }
-                    view.replicas.insert(node_id, group);
+                    shard.replicas.insert(node_id, group);
                 }
             }
-            Err(e) => unreachable.push((node_id, format!("{e:#}"))),
+            Err(e) => view.unreachable.push((node_id, format!("{e:#}"))),
         }
     }
+    Ok(view)
+}
+
+/// `shard list`: every node's view of the shards it holds, merged.
+pub async fn list(client: &mut Client, json: bool) -> Result<()> {
+    let ClusterView {
+        shards,
+        unreachable,
+        ..
+    } = cluster_view(client).await?;
     if json {
         let rows: Vec<serde_json::Value> = shards
             .iter()
@@ -181,4 +207,125 @@ async fn node_groups(addr: &str) -> Result<Vec<pb::GroupStatus>> {
         .with_context(|| format!("status of {addr}"))?
         .into_inner();
     Ok(status.groups)
+}
+
+/// `rebalance`.
+#[derive(Debug, Args)]
+pub struct RebalanceArgs {
+    /// Carry the plan out (without it, only print it).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub apply: bool,
+    /// Only print the plan (the default).
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `rebalance`: plans leader handovers so every node that answered leads
+/// about as many groups; prints the plan, and with `--apply` carries it out
+/// one handover at a time. (Replica moves come with the cluster map.)
+pub async fn rebalance(endpoint: &str, args: &RebalanceArgs, json: bool) -> Result<()> {
+    let mut client = client::connect(endpoint).await?;
+    let view = cluster_view(&mut client).await?;
+    let groups: Vec<GroupLeadership> = view
+        .shards
+        .iter()
+        .map(|(&group, shard)| GroupLeadership {
+            group,
+            leader: shard.leader.as_ref().map(|l| l.leader_id),
+            voters: shard
+                .leader
+                .as_ref()
+                .map(|l| l.voters.clone())
+                .unwrap_or_default(),
+        })
+        .collect();
+    let moves = balance_leaders(&groups, &view.up);
+    let mut results: Vec<Option<String>> = vec![None; moves.len()];
+    if args.apply && !moves.is_empty() {
+        let mut admin = client::connect_admin(endpoint).await?;
+        let progress = if json {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(moves.len() as u64)
+        };
+        progress.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+            )
+            .expect("valid progress template"),
+        );
+        for (m, result) in moves.iter().zip(results.iter_mut()) {
+            progress.set_message(format!("shard {} to node {}", m.group, m.to));
+            let outcome = admin
+                .transfer_leader(admin_pb::TransferLeaderRequest {
+                    shard: m.group,
+                    to_node_id: m.to,
+                })
+                .await;
+            *result = Some(match outcome {
+                Ok(done) => format!("done in {} ms", done.into_inner().elapsed_ms),
+                Err(status) => format!("failed: {} ({:?})", status.message(), status.code()),
+            });
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+    }
+    if json {
+        let rows: Vec<serde_json::Value> = moves
+            .iter()
+            .zip(&results)
+            .map(|(m, result)| {
+                serde_json::json!({
+                    "shard": m.group, "from": m.from, "to": m.to, "why": m.why, "result": result,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "applied": args.apply,
+                "moves": rows,
+                "unreachable": view.unreachable.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            }))?
+        );
+    } else {
+        if moves.is_empty() {
+            println!("leaders are balanced: nothing to move");
+        } else {
+            let mut table = Table::new();
+            let mut header = vec!["shard", "leader now", "to", "why"];
+            if args.apply {
+                header.push("result");
+            }
+            table.set_header(header);
+            for (m, result) in moves.iter().zip(&results) {
+                let mut row = vec![
+                    m.group.to_string(),
+                    m.from.to_string(),
+                    m.to.to_string(),
+                    m.why.clone(),
+                ];
+                if let Some(result) = result {
+                    row.push(result.clone());
+                }
+                table.add_row(row);
+            }
+            println!("{table}");
+            if !args.apply {
+                println!("dry run: `quiverctl rebalance --apply` carries this out");
+            }
+        }
+        for (node, error) in &view.unreachable {
+            println!("node {node} did not answer and is left out: {error}");
+        }
+    }
+    let failed = results
+        .iter()
+        .flatten()
+        .filter(|r| r.starts_with("failed"))
+        .count();
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} handovers failed", moves.len());
+    }
+    Ok(())
 }
