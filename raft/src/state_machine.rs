@@ -37,6 +37,10 @@ use crate::types::{
 };
 
 const APPLIED_KEY: &[u8] = b"raft/applied";
+/// The shard's leader time (µs, big-endian i64): the largest leader time of
+/// any applied entry. Written in the batch of the entry that raised it, so
+/// checkpoints and snapshots carry it with the applied position.
+const LEADER_TIME_KEY: &[u8] = b"raft/leader_time";
 /// Most committed entries applied in one trip to the blocking pool.
 const APPLY_BATCH_ENTRIES_MAX: usize = 256;
 /// `req/<request id>`: this request id was applied; the value is empty when
@@ -236,6 +240,9 @@ struct Shared {
     store: ArcSwap<StateStore>,
     generation: Mutex<u64>,
     applied: Mutex<(Option<LogId>, StoredMembership)>,
+    /// See [`StateMachine::leader_time_us`]. Only apply (one task) and an
+    /// install (which excludes apply) change it.
+    leader_time_us: std::sync::atomic::AtomicI64,
     snapshot: Mutex<Option<SnapshotDir>>,
     observer: Arc<dyn ApplyObserver>,
     /// Held shared while a snapshot is built from the live store, exclusive
@@ -284,6 +291,7 @@ impl StateMachine {
         let store =
             StateStore::open(db_path(&dir, generation), options.clone()).map_err(engine_io)?;
         let applied = read_applied(&store)?;
+        let leader_time_us = read_leader_time(&store)?;
         remove_stale_dirs(&dir, generation);
         let snapshot = latest_snapshot(&dir.join(SNAPSHOTS_DIR));
         Ok(Self {
@@ -294,6 +302,7 @@ impl StateMachine {
                 store: ArcSwap::from_pointee(store),
                 generation: Mutex::new(generation),
                 applied: Mutex::new(applied),
+                leader_time_us: std::sync::atomic::AtomicI64::new(leader_time_us),
                 snapshot: Mutex::new(snapshot),
                 observer,
                 swap: parking_lot::RwLock::new(()),
@@ -309,6 +318,19 @@ impl StateMachine {
     /// The last applied log id.
     pub fn applied(&self) -> Option<LogId> {
         self.shared.applied.lock().0
+    }
+
+    /// The shard's leader time: the largest leader clock reading stamped
+    /// on any applied entry (µs; 0 before the first). It never goes back,
+    /// also across leader changes to a node with a slower clock: an entry
+    /// stamped below it is applied at it. It is a function of the log alone,
+    /// the same on every replica, and it is the time each entry counts as
+    /// written at (rows' write time, tombstones, ttl expiry floors, and the
+    /// cut of a point-in-time restore).
+    pub fn leader_time_us(&self) -> i64 {
+        self.shared
+            .leader_time_us
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The state directory.
@@ -363,16 +385,24 @@ impl StateMachine {
         let store = self.store();
         let Proposal {
             request_id,
-            leader_ts_us,
+            leader_ts_us: stamped_us,
             command,
         } = proposal;
+        // The entry's time: its leader's clock, or the shard's leader time
+        // if that clock is behind it (a new leader with a slower clock).
+        let previous_us = self.leader_time_us();
+        let leader_ts_us = stamped_us.max(previous_us);
+        let time_bytes = leader_ts_us.to_be_bytes();
+        let time_put =
+            (leader_ts_us > previous_us).then_some((LEADER_TIME_KEY, Some(&time_bytes[..])));
         let request_key = [REQUEST_PREFIX, &request_id.to_be_bytes()[..]].concat();
         if request_id != 0
             && let Some(outcome) = store.get_meta(&request_key).map_err(engine_io)?
         {
-            store
-                .put_meta(&[(APPLIED_KEY, Some(meta))])
-                .map_err(engine_io)?;
+            let mut ops = vec![(APPLIED_KEY, Some(meta))];
+            ops.extend(time_put);
+            store.put_meta(&ops).map_err(engine_io)?;
+            self.set_leader_time(leader_ts_us);
             // A retry gets the first attempt's refusal again; a retry of
             // something that was done is told it was.
             return Ok(if outcome.is_empty() {
@@ -398,6 +428,7 @@ impl StateMachine {
         };
         let id_bytes = request_id.to_be_bytes();
         let mut ops: Vec<(&[u8], Option<&[u8]>)> = vec![(APPLIED_KEY, Some(meta))];
+        ops.extend(time_put);
         if request_id != 0 {
             if let Some(evicted) = &evicted {
                 ops.push((evicted.as_slice(), None));
@@ -478,8 +509,16 @@ impl StateMachine {
                 Err(error) => self.reject(error, meta_puts)?,
             },
         };
+        // Written with the entry's batch (or refused with it): it holds now.
+        self.set_leader_time(leader_ts_us);
         tracing::trace!(group = self.shared.group, %log_id, "applied");
         Ok(response)
+    }
+
+    fn set_leader_time(&self, leader_ts_us: i64) {
+        self.shared
+            .leader_time_us
+            .fetch_max(leader_ts_us, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn build(&self) -> io::Result<SnapshotDir> {
@@ -590,6 +629,7 @@ impl StateMachine {
         }
         sync_dir(&next_db)?;
         let store = StateStore::open(&next_db, self.shared.options.clone()).map_err(engine_io)?;
+        let leader_time_us = read_leader_time(&store)?;
         // The checkpoint holds the applied position its data corresponds to;
         // record what openraft installed, in case they differ in form.
         let meta_bytes = encode_applied(&meta.last_log_id, &meta.last_membership)?;
@@ -604,6 +644,11 @@ impl StateMachine {
         };
         self.shared.store.store(Arc::new(store));
         *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
+        // The snapshot's, not the max with ours: an install replaces the
+        // state, and the time is part of it.
+        self.shared
+            .leader_time_us
+            .store(leader_time_us, std::sync::atomic::Ordering::SeqCst);
         self.shared.observer.store_replaced();
         self.replace_current_snapshot(own);
         // Readers may still hold the old store for a moment; RocksDB keeps
@@ -778,6 +823,16 @@ fn decode_applied(bytes: Option<&[u8]>) -> io::Result<(Option<LogId>, StoredMemb
         Some(bytes) => {
             postcard::from_bytes(bytes).map_err(|e| invalid(format!("applied state record: {e}")))
         }
+    }
+}
+
+/// The stored leader time; a record of the wrong size is corruption.
+fn read_leader_time(store: &StateStore) -> io::Result<i64> {
+    match store.get_meta(LEADER_TIME_KEY).map_err(engine_io)? {
+        None => Ok(0),
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
+            .map(i64::from_be_bytes)
+            .map_err(|_| invalid(format!("leader time record of {} bytes", bytes.len()))),
     }
 }
 

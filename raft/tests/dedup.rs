@@ -194,10 +194,11 @@ fn expire_at(index: u64, leader_ts_us: i64, retention_us: i64) -> Entry {
 async fn an_expire_entry_moves_the_floor_by_its_own_leader_time_only() {
     let dir = tempfile::tempdir().unwrap();
     let mut sm = StateMachine::open(1, dir.path(), options(), Arc::new(NoObserver)).unwrap();
-    // The row's event time is 500; retention 100.
+    // The row's event time is 500 (written at leader time 1_000); retention
+    // 1_100.
     apply(
         &mut sm,
-        vec![entry(1, 0xA, write(1)), expire_at(2, 550, 100)],
+        vec![entry(1, 0xA, write(1)), expire_at(2, 1_550, 1_100)],
     )
     .await;
     assert_eq!(sm.store().expiry_floor(7), 450);
@@ -221,4 +222,91 @@ async fn an_expire_entry_moves_the_floor_by_its_own_leader_time_only() {
         9_900,
         "the floor survives a restart"
     );
+}
+
+/// A write of `value` at event time `event_ts_us`, stamped `leader_ts_us`
+/// by a leader of `term`.
+fn write_stamped(index: u64, term: u64, leader_ts_us: i64, event_ts_us: i64, value: i64) -> Entry {
+    Entry::new_normal(
+        log_id::<TypeConfig>(term, 1, index),
+        Proposal {
+            request_id: 0x200 + u128::from(index),
+            leader_ts_us,
+            command: Command::Write {
+                view_id: 7,
+                rows: vec![RowWrite {
+                    entity_key: "k".into(),
+                    event_ts_us,
+                    values: vec![(1, Value::Int64(value))],
+                }],
+            },
+        },
+    )
+}
+
+fn written_ts(sm: &StateMachine) -> Option<i64> {
+    let row = sm
+        .store()
+        .get_rows(&[storage_key(7, b"k")])
+        .remove(0)
+        .unwrap()?;
+    Some(row.written_ts_us)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_time_never_goes_back_across_leaders_restarts_and_snapshots() {
+    use openraft::storage::RaftSnapshotBuilder;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut sm = StateMachine::open(1, dir.path(), options(), Arc::new(NoObserver)).unwrap();
+    assert_eq!(sm.leader_time_us(), 0);
+    apply(&mut sm, vec![write_stamped(1, 1, 5_000, 500, 1)]).await;
+    assert_eq!(sm.leader_time_us(), 5_000);
+    assert_eq!(written_ts(&sm), Some(5_000));
+
+    // A new leader (term 2) whose clock is 3 ms behind: its entries count
+    // at the shard's time, not its own. The expiry floor is 5_000 - 4_400
+    // (its own clock would have put it at -1_400 and kept the row).
+    let slow = Entry::new_normal(
+        log_id::<TypeConfig>(2, 2, 2),
+        Proposal {
+            request_id: 0x302,
+            leader_ts_us: 2_000,
+            command: Command::Expire {
+                retention: vec![(7, 4_400)],
+            },
+        },
+    );
+    apply(&mut sm, vec![slow]).await;
+    assert_eq!(sm.leader_time_us(), 5_000, "never back");
+    assert_eq!(sm.store().expiry_floor(7), 600);
+    assert_eq!(stored(&sm), None, "event time 500 is below the floor");
+    apply(&mut sm, vec![write_stamped(3, 2, 2_500, 700, 2)]).await;
+    assert_eq!(stored(&sm), Some(Value::Int64(2)));
+    assert_eq!(written_ts(&sm), Some(5_000), "written at the shard's time");
+    // The clock catches up and passes it: the time follows again.
+    apply(&mut sm, vec![write_stamped(4, 2, 6_000, 800, 3)]).await;
+    assert_eq!(sm.leader_time_us(), 6_000);
+    assert_eq!(written_ts(&sm), Some(6_000));
+
+    drop(sm);
+    let mut sm = StateMachine::open(1, dir.path(), options(), Arc::new(NoObserver)).unwrap();
+    assert_eq!(sm.leader_time_us(), 6_000, "it survives a restart");
+
+    let snapshot = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut other =
+        StateMachine::open(1, other_dir.path(), options(), Arc::new(NoObserver)).unwrap();
+    other
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(other.leader_time_us(), 6_000, "a snapshot carries it");
+    apply(&mut other, vec![write_stamped(5, 3, 1_000, 900, 4)]).await;
+    assert_eq!(written_ts(&other), Some(6_000));
 }
