@@ -879,3 +879,98 @@ async fn leadership_moves_on_request_and_on_shutdown_without_an_election_timeout
     );
     eprintln!("leaders per node before rebalance {before:?}, after {after:?}");
 }
+
+/// A leader that starts a handover tells the voters they may elect the
+/// target at once, so its own lease is void from then on. Here the old
+/// leader cannot hear the new one (the others' links to it are cut; its own
+/// links to them work, so its handover goes out): it must not serve a
+/// `LEADER` read from its state, which misses the new leader's write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_hands_over_serves_no_read_from_its_lease() {
+    use quiver_proto::admin as admin_pb;
+    use quiver_tests::counter::start_with_links;
+    use quiver_tests::links::LinkState;
+    // Long leases: without the rule, the old leader's would cover the read.
+    let mut cluster = start_with_links(&SLOW_ELECTIONS).await;
+    let links = cluster.links.clone().unwrap();
+    let c1 = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&c1).await;
+    let key = "lease".to_owned();
+    retry("first write", LEADER_WAIT, || {
+        let (mut c1, key) = (c1.clone(), key.clone());
+        async move { write_values(&mut c1, &[(key, 1)]).await }
+    })
+    .await;
+    let mut probe = c1.clone();
+    let (_, sources) = read_values(
+        &mut probe,
+        std::slice::from_ref(&key),
+        pb::Consistency::Leader,
+    )
+    .await
+    .unwrap();
+    let shard = sources[0].shard;
+    let old = leader_of(&mut cluster, shard).await;
+    let target = (1..=3).find(|&n| n != old).unwrap();
+    let mut old_client = cluster.node(old).client().await.unwrap();
+    // The old leader serves the key from its lease: 1.
+    let (read, _) = read_values(
+        &mut old_client,
+        std::slice::from_ref(&key),
+        pb::Consistency::Leader,
+    )
+    .await
+    .unwrap();
+    assert_eq!(read, vec![Some(1)]);
+
+    for other in (1..=3).filter(|&n| n != old) {
+        links.set(other, old, LinkState::Refuse);
+    }
+    // Asked of the old leader itself: it starts the handover, then waits in
+    // vain to hear the target lead.
+    let endpoint = cluster.node(old).endpoint();
+    let handover = tokio::spawn(async move {
+        let mut admin = quiver_proto::admin::admin_client::AdminClient::connect(endpoint)
+            .await
+            .unwrap();
+        admin
+            .transfer_leader(admin_pb::TransferLeaderRequest {
+                shard,
+                to_node_id: target,
+            })
+            .await
+    });
+    let mut target_client = cluster.node(target).client().await.unwrap();
+    retry("the target leads and takes a write", LEADER_WAIT, || {
+        let (mut client, key) = (target_client.clone(), key.clone());
+        async move { write_values(&mut client, &[(key, 2)]).await }
+    })
+    .await;
+    let (read, sources) = read_values(
+        &mut target_client,
+        std::slice::from_ref(&key),
+        pb::Consistency::Strong,
+    )
+    .await
+    .unwrap();
+    assert_eq!(read, vec![Some(2)]);
+    assert_eq!(sources[0].node_id, target, "{sources:?}");
+    // Through the old leader, well inside the lease it had: not 1.
+    match read_values(
+        &mut old_client,
+        std::slice::from_ref(&key),
+        pb::Consistency::Leader,
+    )
+    .await
+    {
+        Ok((read, sources)) => assert_eq!(
+            read,
+            vec![Some(2)],
+            "a LEADER read after the handover began: {sources:?}"
+        ),
+        // Redirected and failed: allowed; stale: not.
+        Err(e) => eprintln!("the old leader's read failed: {e}"),
+    }
+    links.heal_all();
+    let _ = handover.await.unwrap();
+}

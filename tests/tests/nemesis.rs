@@ -122,6 +122,21 @@ async fn transfer_all(endpoint: &str, to: u64) -> Handovers {
     outcome
 }
 
+/// Whether the node at `addr` says it leads a group (false if it does not
+/// answer within a second).
+async fn leads_a_group(addr: std::net::SocketAddr) -> bool {
+    let ask = async {
+        let mut client = connect(addr).await.ok()?;
+        let status = client.status(pb::StatusRequest {}).await.ok()?.into_inner();
+        Some(status.groups.iter().any(|g| g.role == "leader"))
+    };
+    tokio::time::timeout(Duration::from_secs(1), ask)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
 /// What one run saw, for the report line.
 #[derive(Debug, Default)]
 struct Report {
@@ -288,17 +303,43 @@ async fn run(seed: u64, length: Duration) {
             6 => {
                 // Every group handed to one node at once, through a random
                 // node (as `quiverctl shard transfer-leader` does, and as a
-                // stopping node does for the groups it leads): old leaders
-                // must stop serving LEADER reads the moment they start.
+                // stopping node does for the groups it leads). Half the
+                // time one of the old leaders is cut off a moment after the
+                // handovers begin, so it cannot learn that it was deposed:
+                // it must not serve LEADER reads from a lease it voided.
                 let via = cluster.node(rng.random_range(1..=3u64)).endpoint();
-                let done = transfer_all(&via, victim).await;
+                let cut_off = if rng.random_bool(0.5) {
+                    let after_ms = rng.random_range(0..50u64);
+                    // One that leads something now, if either does.
+                    let mut old_leader = others[rng.random_range(0..2)];
+                    for &other in &others {
+                        let addr = cluster.node(other).addr();
+                        if leads_a_group(addr).await {
+                            old_leader = other;
+                            break;
+                        }
+                    }
+                    Some((old_leader, after_ms))
+                } else {
+                    None
+                };
+                let handovers = tokio::spawn(async move { transfer_all(&via, victim).await });
+                let also = if let Some((old_leader, after_ms)) = cut_off {
+                    tokio::time::sleep(Duration::from_millis(after_ms)).await;
+                    links.isolate(old_leader, cut);
+                    format!(", node {old_leader} isolated ({cut:?}) {after_ms} ms after asking")
+                } else {
+                    String::new()
+                };
+                let done = handovers.await.unwrap();
                 report.groups_handed_over += done.moved;
+                tokio::time::sleep(down).await;
+                links.heal_all();
                 report.faults.push(format!(
                     "every group handed to node {victim} ({} moved, {} led by it already, \
-                     failed: {:?}), then {down:?}",
+                     failed: {:?}){also}, then {down:?}",
                     done.moved, done.already, done.failed
                 ));
-                tokio::time::sleep(down).await;
             }
             fault => {
                 // Partitions last longer: long enough for elections on

@@ -107,7 +107,11 @@ async fn cluster_view(client: &mut Client) -> Result<ClusterView> {
                 view.up.push(node_id);
                 for group in groups {
                     let shard = view.shards.entry(group.group).or_default();
-                    if group.role == "leader" {
+                    // Two may say they lead (one cut off, deposed without
+                    // knowing it): the higher term is the leader.
+                    if group.role == "leader"
+                        && shard.leader.as_ref().is_none_or(|l| l.term < group.term)
+                    {
                         shard.leader = Some(group.clone());
                     }
                     shard.replicas.insert(node_id, group);

@@ -396,6 +396,8 @@ impl Cluster {
         let view = GroupView::of(&hosted.raft);
         let timeout = self.config.liveness_timeout_ms;
         match view.state {
+            // A leader that started a handover vouches for nothing.
+            ServerState::Leader if hosted.handed_over_in(view.term) => None,
             ServerState::Leader if hosted.pulse.is_asleep() => {
                 let vouched = is_recent(
                     hosted.pulse.core_checked_ms.load(Ordering::SeqCst),
@@ -541,6 +543,14 @@ impl Cluster {
         let last_index = view.last_index?;
         if pulse.led_term.swap(view.term, Ordering::SeqCst) != view.term {
             pulse.touch(now, &hosted.raft);
+        }
+        if hosted.handed_over_in(view.term) {
+            // A leader that started a handover sends no heartbeats and
+            // takes no writes: if the handover failed, the group must stay
+            // awake so that its voters elect a leader, not sleep under this
+            // one.
+            pulse.touch(now, &hosted.raft);
+            return None;
         }
         if pulse.is_asleep() && pulse.slept_at_index.load(Ordering::SeqCst) != last_index {
             // Entries appended without a request through this node (a

@@ -89,19 +89,24 @@ impl Cluster {
                         moved,
                         elapsed_ms,
                     })),
-                    // A refusal holds wherever it is asked: stop routing.
-                    PeerResult::Refused(message) => Ok(Err(message)),
+                    // A refusal holds wherever it is asked, and a handover
+                    // that started must not be started again elsewhere (it
+                    // could move leadership twice): stop routing.
+                    PeerResult::Refused(message) => {
+                        Ok(Err(ClusterError::Refused { group, message }))
+                    }
+                    PeerResult::TimedOut(last) => Ok(Err(ClusterError::Unavailable {
+                        group,
+                        attempts: 1,
+                        last,
+                    })),
                     other => Err(other),
                 }
             })
             .await?;
-        match outcome {
-            Ok(done) => {
-                self.remember_leader(group, done.leader);
-                Ok(done)
-            }
-            Err(message) => Err(ClusterError::Refused { group, message }),
-        }
+        let done = outcome?;
+        self.remember_leader(group, done.leader);
+        Ok(done)
     }
 
     /// The leader's side of [`Self::transfer_leader`]: checks that `to` can
@@ -146,11 +151,6 @@ impl Cluster {
                 elapsed_ms: 0,
             };
         }
-        if hosted.handed_over_in(term) {
-            return PeerResult::Failed(format!(
-                "a handover of shard {group} is already under way in term {term}"
-            ));
-        }
         if !is_voter {
             return PeerResult::Refused(format!("node {to} is not a voter of shard {group}"));
         }
@@ -171,8 +171,13 @@ impl Cluster {
             ));
         }
         // Void the lease before the voters hear of the transfer: from then
-        // on they may elect `to` at once.
-        hosted.handed_over_term.store(term, Ordering::SeqCst);
+        // on they may elect `to` at once. One handover per term: a second
+        // one (an operator's call racing a shutdown) could split the vote.
+        if hosted.handed_over_term.fetch_max(term, Ordering::SeqCst) >= term {
+            return PeerResult::Refused(format!(
+                "a handover of shard {group} is already under way in term {term}"
+            ));
+        }
         let started = Instant::now();
         if let Err(e) = hosted.raft.trigger().transfer_leader(to).await {
             return PeerResult::Failed(e.to_string());
@@ -203,11 +208,26 @@ impl Cluster {
                     elapsed_ms,
                 }
             }
-            Err(e) => PeerResult::Failed(format!(
-                "node {to} did not take over shard {group} within {} ms ({e}); the shard \
-                 elects a leader as after a leader failure",
-                wait.as_millis()
-            )),
+            Err(e) => {
+                // This replica stays a leader that neither writes nor
+                // heartbeats until a vote deposes it: ask the next voter
+                // that can take over, so one campaigns now rather than
+                // after an election timeout.
+                let fallback = self.handover_target(hosted, &[to]);
+                if let Some(next) = fallback
+                    && let Err(e) = hosted.raft.trigger().transfer_leader(next).await
+                {
+                    tracing::warn!(group, next, error = %e, "fallback handover");
+                }
+                PeerResult::TimedOut(format!(
+                    "node {to} did not take over shard {group} within {} ms ({e}); {}",
+                    wait.as_millis(),
+                    match fallback {
+                        Some(next) => format!("handed to node {next} instead"),
+                        None => "the shard elects a leader as after a leader failure".into(),
+                    }
+                ))
+            }
         }
     }
 
@@ -216,10 +236,13 @@ impl Cluster {
     /// timeout. Best effort and bounded by [`SHUTDOWN_HANDOVER_WAIT`].
     pub(super) async fn hand_over_all(&self) {
         let mut handovers = Vec::new();
+        // Spread over the voters, not all to the one furthest along.
+        let mut given: std::collections::HashMap<NodeId, usize> = std::collections::HashMap::new();
         for (&group, hosted) in &self.groups {
-            let Some(to) = self.handover_target(hosted) else {
+            let Some(to) = self.handover_target_spread(hosted, &given) else {
                 continue;
             };
+            *given.entry(to).or_default() += 1;
             handovers.push(async move { (group, to, self.hand_over_local(group, to).await) });
         }
         if handovers.is_empty() {
@@ -241,26 +264,51 @@ impl Cluster {
         }
     }
 
-    /// The voter a stopping leader hands `hosted` to: the one up and
-    /// furthest along, if this replica leads.
-    fn handover_target(&self, hosted: &Group) -> Option<NodeId> {
+    /// The voters this leader could hand `hosted` to now: up, not in
+    /// `except`, and at most [`TRANSFER_LAG_ENTRIES_MAX`] entries behind,
+    /// with how far behind each is. Empty if this replica does not lead.
+    fn handover_candidates(&self, hosted: &Group, except: &[NodeId]) -> Vec<(u64, NodeId)> {
         let metrics = hosted.raft.metrics();
         let m = metrics.borrow_watched();
         if m.state != ServerState::Leader {
-            return None;
+            return Vec::new();
         }
+        let Some(replication) = m.replication.as_ref() else {
+            return Vec::new();
+        };
+        let last_index = m.last_log_index.unwrap_or(0);
         let now = self.now_ms();
-        let replication = m.replication.as_ref()?;
         m.membership_config
             .membership()
             .voter_ids()
-            .filter(|&v| v != self.node_id)
+            .filter(|v| *v != self.node_id && !except.contains(v))
             .filter(|&v| self.liveness.is_up(v, now, self.config.liveness_timeout_ms))
             .filter_map(|v| {
                 let matched = replication.get(&v)?.as_ref()?.index;
-                Some((matched, v))
+                let behind = last_index.saturating_sub(matched);
+                (behind <= TRANSFER_LAG_ENTRIES_MAX).then_some((behind, v))
             })
-            .max()
+            .collect()
+    }
+
+    /// The candidate furthest along (see [`Self::handover_candidates`]).
+    fn handover_target(&self, hosted: &Group, except: &[NodeId]) -> Option<NodeId> {
+        self.handover_candidates(hosted, except)
+            .into_iter()
+            .min()
+            .map(|(_, v)| v)
+    }
+
+    /// The candidate given the fewest groups so far in `given`, then the
+    /// one furthest along.
+    fn handover_target_spread(
+        &self,
+        hosted: &Group,
+        given: &std::collections::HashMap<NodeId, usize>,
+    ) -> Option<NodeId> {
+        self.handover_candidates(hosted, &[])
+            .into_iter()
+            .min_by_key(|&(behind, v)| (given.get(&v).copied().unwrap_or(0), behind, v))
             .map(|(_, v)| v)
     }
 }

@@ -149,6 +149,9 @@ pub enum PeerResult {
     /// The leader refused the operation: a precondition does not hold, and
     /// asking another node would not help.
     Refused(String),
+    /// The leader started the operation but it did not finish in time;
+    /// asking again (perhaps of a new leader) would start it again.
+    TimedOut(String),
 }
 
 /// The first chunk of a snapshot stream.
