@@ -55,8 +55,10 @@ start_cluster() {
     for id in $(seq "$count"); do
         port=$((BASE_PORT + id - 1))
         rm -rf "$CLUSTER_DIR/node$id"
+        # Prometheus metrics on the client port + 20000 (27470, 27471, ...).
         "$BIN/quiverd" --node-id "$id" --cluster-nodes "$nodes" \
             --listen-addr "127.0.0.1:$port" --data-dir "$CLUSTER_DIR/node$id" \
+            --metrics-listen-addr "127.0.0.1:$((port + 20000))" \
             ${QUIVER_NODE_FLAGS:-} >"$CLUSTER_DIR/node$id.out" 2>"$CLUSTER_DIR/node$id.log" &
         echo $! >"$CLUSTER_DIR/node$id.pid"
     done

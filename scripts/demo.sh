@@ -76,6 +76,7 @@ NODES="1=127.0.0.1:$PORT,2=127.0.0.1:$((PORT + 1)),3=$N3"
 QUIVER_CLUSTER__SECRET="$(cat "$DEMO_DIR/secret")"
 export QUIVER_CLUSTER__SECRET
 "$BIN/quiverd" --node-id 1 --cluster-nodes "$NODES" --listen-addr "127.0.0.1:$PORT" \
+    --metrics-listen-addr "127.0.0.1:$((PORT + 20000))" \
     --data-dir "$DEMO_DIR/node1" >"$DEMO_DIR/node1.out" 2>>"$DEMO_DIR/node1.log" &
 echo $! >"$DEMO_DIR/node1.pid"
 # Caught up: node 1's own replica (not the leader it falls back to while it
@@ -101,4 +102,6 @@ echo
 echo "The cluster is still running: nodes at 127.0.0.1:$PORT-$((PORT + 2)), data and logs in $DEMO_DIR. Try:"
 echo "  $CTL --endpoint 127.0.0.1:$((PORT + 1)) get --features driver_hourly_stats:conv_rate 1001 --consistency strong"
 echo "  $CTL status"
+echo "  $CTL shard list"
+echo "  curl -s 127.0.0.1:$((PORT + 20000))/metrics | grep quiver_requests_total"
 echo "Stop it with: make demo-stop"

@@ -18,6 +18,7 @@ pub const CLUSTER_SHARDS_MAX: u32 = 4096;
 const CONFIG_KEYS: &[&str] = &[
     "listen_addr",
     "peer_listen_addr",
+    "metrics_listen_addr",
     "data_dir",
     "sync_writes",
     "block_cache_bytes",
@@ -51,6 +52,9 @@ pub struct Config {
     /// convention; on loopback for a one-node cluster), or a free port if
     /// `listen_addr`'s port is 0.
     pub peer_listen_addr: Option<SocketAddr>,
+    /// Where Prometheus scrapes `/metrics` (plain HTTP). Unset: no metrics
+    /// listener. Port 0 picks a free port (printed at start).
+    pub metrics_listen_addr: Option<SocketAddr>,
     /// Where the node keeps its data.
     pub data_dir: PathBuf,
     /// fsync the write-ahead log before acknowledging a write.
@@ -306,6 +310,7 @@ impl Default for Config {
         Self {
             listen_addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
             peer_listen_addr: None,
+            metrics_listen_addr: None,
             data_dir: PathBuf::from("quiver-data"),
             sync_writes: true,
             block_cache_bytes: 256 << 20,
@@ -371,6 +376,10 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_listen_addr: Option<SocketAddr>,
+    /// Prometheus `/metrics` listen address [default: none].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen_addr: Option<SocketAddr>,
     /// Data directory [default: ./quiver-data].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -534,6 +543,16 @@ impl Config {
             return Err(ConfigError(
                 "limits.request_bytes_max must be below 4 GiB".into(),
             ));
+        }
+        if let Some(metrics) = self.metrics_listen_addr
+            && metrics.port() != 0
+        {
+            let peer = self.peer_listen_addr()?;
+            if metrics == self.listen_addr || metrics == peer {
+                return Err(ConfigError(format!(
+                    "metrics_listen_addr {metrics} is also the client or the peer listen address"
+                )));
+            }
         }
         self.validate_cluster()
     }
@@ -731,6 +750,25 @@ mod tests {
             assert!(Config::load(&flags).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_metrics_listener_has_its_own_port() {
+        let load = |args: &[&str]| {
+            let flags = Flags::parse_from(args);
+            Config::load_from(&flags, Env::prefixed("QUIVER_TEST_NOTHING_"))
+        };
+        let config = load(&["quiverd", "--metrics-listen-addr", "127.0.0.1:9470"]).unwrap();
+        assert_eq!(
+            config.metrics_listen_addr,
+            Some("127.0.0.1:9470".parse().unwrap())
+        );
+        for taken in ["127.0.0.1:7470", "127.0.0.1:17470"] {
+            let err = load(&["quiverd", "--metrics-listen-addr", taken])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("metrics_listen_addr"), "{err}");
+        }
     }
 
     #[test]

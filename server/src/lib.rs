@@ -2,8 +2,8 @@
 //! `quiver.admin.v1.Admin`, health, reflection), the cluster (the Raft groups a node hosts, placement,
 //! the internal peer service, routing of proposals and reads), the read path
 //! (key dedup, per-shard fan-out, hot cache, status judgement), the write
-//! path (limits, schema, one proposal per shard), configuration, and
-//! error-to-status mapping.
+//! path (limits, schema, one proposal per shard), configuration, Prometheus
+//! metrics, and error-to-status mapping.
 //!
 //! Architecture invariant: the server reaches storage only through
 //! `quiver-raft` and `quiver-engine`, and clients only through `quiver-proto`
@@ -20,6 +20,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod expiry;
+pub mod metrics;
 pub mod node;
 pub mod read_path;
 pub mod serve;

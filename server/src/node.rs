@@ -45,6 +45,8 @@ pub struct Node {
     pub started: Instant,
     /// Shares metadata read indexes between concurrent requests.
     pub freshness: MetadataFreshness,
+    /// The newest event time written per view (a metric).
+    pub view_freshness: crate::metrics::Freshness,
 }
 
 impl Node {
@@ -128,6 +130,7 @@ impl Node {
             data_dir: config.data_dir.clone(),
             started: Instant::now(),
             freshness: MetadataFreshness::default(),
+            view_freshness: crate::metrics::Freshness::default(),
         })
     }
 

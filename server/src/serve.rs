@@ -45,6 +45,9 @@ pub enum ServeError {
     /// The node's Raft groups could not start.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// Metrics could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Opens the node and serves clients on `listener` and peers on
@@ -66,6 +69,31 @@ pub async fn serve(
         );
     }
     let node = Arc::new(Node::open(&config, listen_addr, peer_addr).await?);
+    let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics_server = match config.metrics_listen_addr {
+        None => None,
+        Some(addr) => {
+            let handle = crate::metrics::install()?;
+            let listener = TcpListener::bind(addr).await?;
+            let bound = listener.local_addr()?;
+            // Scripts read the bound address (port 0 picks one) as they do
+            // the client and peer ones.
+            println!("quiverd metrics on {bound}");
+            tracing::info!(%bound, "serving /metrics");
+            crate::metrics::collect(&node);
+            tokio::spawn(crate::metrics::collect_loop(
+                Arc::downgrade(&node),
+                handle.clone(),
+            ));
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                handle,
+                async move {
+                    let _ = metrics_stop_rx.await;
+                },
+            )))
+        }
+    };
     tokio::spawn(crate::expiry::expiry_loop(
         Arc::downgrade(&node),
         crate::expiry::ExpiryTiming::new(
@@ -118,6 +146,7 @@ pub async fn serve(
     // that never close must not keep a stopping node alive.
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .layer(crate::metrics::RequestMetricsLayer)
         .concurrency_limit_per_connection(
             usize::try_from(config.limits.connection_requests_max).unwrap_or(usize::MAX),
         )
@@ -171,6 +200,16 @@ pub async fn serve(
         Err(_) => {
             tracing::warn!("peer connections still open after the drain deadline; closing them");
             peer_server.abort();
+        }
+    }
+    let _ = metrics_stop_tx.send(());
+    if let Some(metrics_server) = metrics_server {
+        // Scrapes are short; one that hangs must not keep the node alive.
+        if tokio::time::timeout(Duration::from_secs(1), metrics_server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("a /metrics connection still open at shutdown; closing it");
         }
     }
     tracing::info!("raft groups stopped, stores flushed; stopped");

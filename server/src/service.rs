@@ -136,6 +136,7 @@ impl FeatureStore for FeatureStoreService {
         node.cluster
             .wait_applied(METADATA_GROUP, log_id.index, REGISTRY_APPLY_WAIT)
             .await;
+        node.view_freshness.forget(&name);
         tracing::info!(view = %name, "feature view deleted");
         Ok(Response::new(pb::DeleteFeatureViewResponse {}))
     }

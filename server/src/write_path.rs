@@ -75,6 +75,7 @@ pub async fn write(
             values,
         });
     }
+    let newest_event_us = rows.iter().map(|row| row.event_ts_us).max();
     let by_shard = node
         .cluster
         .placement
@@ -101,6 +102,9 @@ pub async fn write(
         other => Err(other),
     })
     .await?;
+    if let Some(newest) = newest_event_us {
+        node.view_freshness.written(&view.name, newest);
+    }
     Ok(response)
 }
 

@@ -459,3 +459,140 @@ async fn every_acknowledged_write_survives_kill_9() {
 fn tracing_phase(phase: &str) {
     eprintln!("--- {phase}");
 }
+
+/// Scrapes `http://{addr}/metrics` with a bare HTTP/1.0 request and parses
+/// it with a Prometheus text-format parser.
+async fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: quiver\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).unwrap()
+}
+
+fn sample<'a>(
+    scrape: &'a prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<&'a prometheus_parse::Sample> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+}
+
+fn value_of(sample: &prometheus_parse::Sample) -> f64 {
+    match &sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("not a scalar: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_method_and_code_and_follow_the_node() {
+    // A free port for the metrics listener (the node binds it again).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        &dir.path().join("node"),
+        &["--metrics-listen-addr", &metrics_addr],
+    )
+    .await
+    .unwrap();
+    let mut client = node.client().await.unwrap();
+    apply(&mut client, driver_view(0)).await.unwrap();
+    let ts = now_us();
+    write(
+        &mut client,
+        "driver",
+        vec![row("d1", ts, &[("trips", int64(3))])],
+    )
+    .await
+    .unwrap();
+    get(&mut client, &["d1"], &["driver:trips"]).await;
+    let unknown = client
+        .get(pb::GetRequest {
+            entity_keys: vec!["d1".into()],
+            features: vec!["no_such_view:x".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let scraped = scrape(&metrics_addr).await;
+    let requests = |method: &str, code: &str| {
+        sample(
+            &scraped,
+            "quiver_requests_total",
+            &[("method", method), ("code", code)],
+        )
+        .map_or(0.0, value_of)
+    };
+    assert_eq!(requests("Write", "Ok"), 1.0);
+    assert_eq!(requests("Get", "Ok"), 1.0);
+    assert_eq!(requests("Get", "NotFound"), 1.0);
+    assert_eq!(requests("ApplyFeatureView", "Ok"), 1.0);
+    let latency = scraped
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "quiver_request_duration_seconds" && s.labels.get("method") == Some("Get")
+        })
+        .expect("a Get latency histogram");
+    match &latency.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            let total = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
+            assert_eq!(total, 2.0, "both Gets counted: {buckets:?}");
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+    let newest = sample(
+        &scraped,
+        "quiver_view_newest_event_time_seconds",
+        &[("view", "driver")],
+    )
+    .map(value_of)
+    .expect("freshness of the written view");
+    assert!((newest - ts as f64 / 1e6).abs() < 1e-3, "{newest} vs {ts}");
+    // The state gauges follow within a collection interval (5 s): the row
+    // applied, the cache miss of the first Get, and one node leading every
+    // group (the metadata group and 16 shards).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let scraped = scrape(&metrics_addr).await;
+        let applied = sample(&scraped, "quiver_rows_applied_total", &[]).map_or(0.0, value_of);
+        let misses = sample(&scraped, "quiver_cache_misses_total", &[]).map_or(0.0, value_of);
+        let leaders: f64 = scraped
+            .samples
+            .iter()
+            .filter(|s| s.metric == "quiver_group_is_leader")
+            .map(value_of)
+            .sum();
+        if applied >= 1.0 && misses >= 1.0 && leaders == 17.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows applied {applied}, cache misses {misses}, groups led {leaders} after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -193,6 +193,7 @@ impl Cluster {
             .await;
         match seen {
             Ok(m) => {
+                crate::metrics::handover("moved");
                 let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 tracing::info!(
                     group,
@@ -209,6 +210,7 @@ impl Cluster {
                 }
             }
             Err(e) => {
+                crate::metrics::handover("timed_out");
                 // This replica stays a leader that neither writes nor
                 // heartbeats until a vote deposes it: ask the next voter
                 // that can take over, so one campaigns now rather than

@@ -1,0 +1,285 @@
+//! Prometheus metrics: a recorder (the `metrics` crate's facade, rendered by
+//! `metrics-exporter-prometheus`), a tower layer that counts and times every
+//! gRPC call on the client port, a loop that copies the node's state (cache,
+//! storage counters, every hosted group's Raft position) into gauges, and
+//! the HTTP listener Prometheus scrapes (`metrics_listen_addr`, `/metrics`).
+//!
+//! Names end in their unit (`_seconds`, `_bytes`, `_total`). Label values
+//! come from fixed sets (method names, status codes, group ids of this
+//! cluster), never from what a client sends, so a client cannot grow the
+//! number of series.
+
+use std::collections::HashMap;
+use std::sync::{OnceLock, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use parking_lot::Mutex;
+use tokio::net::TcpListener;
+
+use crate::node::Node;
+
+/// How often the gauges are refreshed from the node's state: cheap (one
+/// pass over the hosted groups), and well under a scrape interval.
+pub const METRICS_COLLECT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Histogram buckets of request latency (seconds): 100 µs to 10 s.
+const LATENCY_BUCKETS_SECONDS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Methods of the client port, the only values of the `method` label.
+const METHODS: &[&str] = &[
+    "/quiver.v1.FeatureStore/ApplyFeatureView",
+    "/quiver.v1.FeatureStore/ListFeatureViews",
+    "/quiver.v1.FeatureStore/DeleteFeatureView",
+    "/quiver.v1.FeatureStore/Write",
+    "/quiver.v1.FeatureStore/WriteStream",
+    "/quiver.v1.FeatureStore/Get",
+    "/quiver.v1.FeatureStore/Invalidate",
+    "/quiver.v1.FeatureStore/Delete",
+    "/quiver.v1.FeatureStore/Status",
+    "/quiver.admin.v1.Admin/TransferLeader",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+];
+
+/// Why metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The recorder could not be built or installed.
+    #[error("metrics recorder: {0}")]
+    Recorder(#[from] metrics_exporter_prometheus::BuildError),
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls return the same
+/// handle).
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS_SECONDS)?
+        .install_recorder()?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Serves `/metrics` on `listener` until `stop` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+}
+
+/// Refreshes the gauges every [`METRICS_COLLECT_INTERVAL`] until the node
+/// is gone or stopping.
+pub async fn collect_loop(node: Weak<Node>, handle: PrometheusHandle) {
+    loop {
+        tokio::time::sleep(METRICS_COLLECT_INTERVAL).await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        if node.cluster.is_stopping() {
+            return;
+        }
+        collect(&node);
+        // Histograms are merged lazily; keep them from piling up between
+        // scrapes.
+        handle.run_upkeep();
+    }
+}
+
+/// Copies the node's state into gauges and counters once.
+pub fn collect(node: &Node) {
+    let cache = node.cache.stats();
+    metrics::gauge!("quiver_cache_entries").set(cache.entries as f64);
+    metrics::gauge!("quiver_cache_used_bytes").set(cache.bytes_used as f64);
+    metrics::gauge!("quiver_cache_max_bytes").set(cache.bytes_max as f64);
+    metrics::counter!("quiver_cache_hits_total").absolute(cache.hits);
+    metrics::counter!("quiver_cache_misses_total").absolute(cache.misses);
+    let (mut rows_applied, mut rows_stale) = (0, 0);
+    for (_, group) in node.cluster.groups() {
+        let stats = group.state.store().stats();
+        rows_applied += stats.rows_written;
+        rows_stale += stats.rows_stale;
+    }
+    metrics::counter!("quiver_rows_applied_total").absolute(rows_applied);
+    metrics::counter!("quiver_rows_stale_total").absolute(rows_stale);
+    for status in node.cluster.group_status() {
+        let group = status.group.to_string();
+        let labels = [("group", group.clone())];
+        metrics::gauge!("quiver_group_is_leader", &labels).set(if status.role == "leader" {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("quiver_group_asleep", &labels).set(if status.asleep { 1.0 } else { 0.0 });
+        metrics::gauge!("quiver_group_term", &labels).set(status.term as f64);
+        metrics::gauge!("quiver_group_applied_index", &labels).set(status.applied_index as f64);
+        metrics::gauge!("quiver_group_last_log_index", &labels).set(status.last_log_index as f64);
+        metrics::gauge!("quiver_group_log_bytes", &labels).set(status.log_bytes as f64);
+        metrics::gauge!("quiver_group_rows_estimate", &labels).set(status.rows_estimate as f64);
+        for lag in &status.lag {
+            let labels = [
+                ("group", group.clone()),
+                ("follower", lag.node_id.to_string()),
+            ];
+            metrics::gauge!("quiver_group_follower_lag_entries", &labels)
+                .set(lag.entries_behind as f64);
+        }
+    }
+    for (&group, hosted) in node.cluster.groups() {
+        let labels = [("group", group.to_string())];
+        metrics::gauge!("quiver_group_leader_time_seconds", &labels)
+            .set(hosted.state.leader_time_us() as f64 / 1e6);
+    }
+}
+
+/// The newest event time written per view through this node, so that
+/// `time() - quiver_view_newest_event_time_seconds` is how far behind a
+/// materialization job is.
+#[derive(Debug, Default)]
+pub struct Freshness {
+    newest_us: Mutex<HashMap<String, i64>>,
+}
+
+impl Freshness {
+    /// Records that rows of `view` up to event time `event_ts_us` were
+    /// acknowledged. View names come from the registry (bounded by
+    /// `registry_views_max`), not from requests that failed to resolve.
+    pub fn written(&self, view: &str, event_ts_us: i64) {
+        let mut newest = self.newest_us.lock();
+        let entry = newest.entry(view.to_owned()).or_insert(i64::MIN);
+        if event_ts_us > *entry {
+            *entry = event_ts_us;
+            metrics::gauge!("quiver_view_newest_event_time_seconds", "view" => view.to_owned())
+                .set(event_ts_us as f64 / 1e6);
+        }
+    }
+
+    /// Forgets a deleted view.
+    pub fn forget(&self, view: &str) {
+        self.newest_us.lock().remove(view);
+    }
+}
+
+/// Counts and times every call on the client port:
+/// `quiver_requests_total{method, code}` and
+/// `quiver_request_duration_seconds{method}` (to the response headers:
+/// for unary calls, the whole handler).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestMetricsLayer;
+
+impl<S> tower::Layer<S> for RequestMetricsLayer {
+    type Service = RequestMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestMetrics { inner }
+    }
+}
+
+/// See [`RequestMetricsLayer`].
+#[derive(Debug, Clone)]
+pub struct RequestMetrics<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for RequestMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let method = method_label(request.uri().path());
+        let started = Instant::now();
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let result = future.await;
+            let code = match &result {
+                // An error is in the headers (trailers-only); success is
+                // in the trailers, after the headers.
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map_or(tonic::Code::Ok, tonic::Code::from_i32),
+                Err(_) => tonic::Code::Internal,
+            };
+            metrics::counter!(
+                "quiver_requests_total",
+                "method" => method,
+                "code" => format!("{code:?}")
+            )
+            .increment(1);
+            metrics::histogram!("quiver_request_duration_seconds", "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            result
+        })
+    }
+}
+
+/// The `method` label of a request path: the method's name if it is one of
+/// ours, "reflection" for server reflection, "other" for anything else.
+fn method_label(path: &str) -> &'static str {
+    if let Some(known) = METHODS.iter().find(|m| **m == path) {
+        return known.rsplit('/').next().unwrap_or("other");
+    }
+    if path.starts_with("/grpc.reflection.") {
+        "reflection"
+    } else {
+        "other"
+    }
+}
+
+/// Records the outcome of a leader handover this node carried out.
+pub fn handover(outcome: &'static str) {
+    metrics::counter!("quiver_leader_handovers_total", "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_come_from_a_fixed_set() {
+        assert_eq!(method_label("/quiver.v1.FeatureStore/Get"), "Get");
+        assert_eq!(
+            method_label("/quiver.admin.v1.Admin/TransferLeader"),
+            "TransferLeader"
+        );
+        assert_eq!(
+            method_label("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            "reflection"
+        );
+        assert_eq!(
+            method_label("/quiver.v1.FeatureStore/NoSuchMethod"),
+            "other"
+        );
+        assert_eq!(method_label("/x"), "other");
+    }
+}
