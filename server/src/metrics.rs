@@ -233,7 +233,7 @@ where
             metrics::counter!(
                 "quiver_requests_total",
                 "method" => method,
-                "code" => format!("{code:?}")
+                "code" => code_label(code)
             )
             .increment(1);
             metrics::histogram!("quiver_request_duration_seconds", "method" => method)
@@ -253,6 +253,31 @@ fn method_label(path: &str) -> &'static str {
         "reflection"
     } else {
         "other"
+    }
+}
+
+/// The `code` label: the status code's name, without an allocation per
+/// request.
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "Ok",
+        Code::Cancelled => "Cancelled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
     }
 }
 
@@ -281,5 +306,13 @@ mod tests {
             "other"
         );
         assert_eq!(method_label("/x"), "other");
+    }
+
+    #[test]
+    fn code_labels_are_the_codes_names() {
+        for value in 0..=16 {
+            let code = tonic::Code::from_i32(value);
+            assert_eq!(code_label(code), format!("{code:?}"));
+        }
     }
 }
