@@ -227,6 +227,8 @@ impl quiver_raft::ApplyObserver for HotCache {
     }
 
     fn store_replaced(&self) {
+        // A replica's store is replaced only by a snapshot install.
+        metrics::counter!("quiver_snapshot_installs_total").increment(1);
         self.clear();
     }
 }

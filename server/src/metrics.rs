@@ -144,6 +144,10 @@ pub fn collect(node: &Node) {
                 .set(lag.entries_behind as f64);
         }
     }
+    for (peer, lane, depth) in node.cluster.peer_queue_depths() {
+        let labels = [("peer", peer.to_string()), ("lane", lane.to_owned())];
+        metrics::gauge!("quiver_peer_queue_depth_calls", &labels).set(depth as f64);
+    }
     for (&group, hosted) in node.cluster.groups() {
         let labels = [("group", group.to_string())];
         metrics::gauge!("quiver_group_leader_time_seconds", &labels)

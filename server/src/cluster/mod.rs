@@ -882,6 +882,11 @@ impl Cluster {
             .collect()
     }
 
+    /// Calls waiting per peer and lane (see `PeerClients::queue_depths`).
+    pub fn peer_queue_depths(&self) -> Vec<(NodeId, &'static str, usize)> {
+        self.clients.queue_depths()
+    }
+
     /// Whether shutdown has begun (background loops stop).
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)

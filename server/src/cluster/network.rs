@@ -253,6 +253,17 @@ pub enum PeerError {
 /// A channel to a peer whose every call carries the cluster secret.
 pub type PeerChannel = tonic::service::interceptor::InterceptedService<Channel, SignPeerCalls>;
 
+/// Counts a peer call that never got an answer: refused at a full queue,
+/// or past its deadline.
+fn dropped(node: NodeId, reason: &'static str) {
+    metrics::counter!(
+        "quiver_peer_calls_dropped_total",
+        "peer" => node.to_string(),
+        "reason" => reason
+    )
+    .increment(1);
+}
+
 /// Channels to every peer, and a batching queue per peer and lane.
 #[derive(Debug)]
 pub struct PeerClients {
@@ -332,6 +343,20 @@ impl PeerClients {
             .await
     }
 
+    /// Calls waiting in each peer's lanes now, for the metrics.
+    pub fn queue_depths(&self) -> Vec<(NodeId, &'static str, usize)> {
+        let mut depths = Vec::new();
+        for (&node, lanes) in &self.queues {
+            for (lane, queue) in ["control", "append", "propose", "read"]
+                .into_iter()
+                .zip(lanes)
+            {
+                depths.push((node, lane, queue.max_capacity() - queue.capacity()));
+            }
+        }
+        depths
+    }
+
     /// One call with a deadline: queued for the next batch to `node`.
     pub async fn call_with_timeout(
         &self,
@@ -359,6 +384,7 @@ impl PeerClients {
             .map_err(|e| {
                 rpc_error(match e {
                     mpsc::error::TrySendError::Full(_) => {
+                        dropped(node, "queue_full");
                         tonic::Status::unavailable("too many calls queued for this peer")
                     }
                     mpsc::error::TrySendError::Closed(_) => {
@@ -368,7 +394,10 @@ impl PeerClients {
             })?;
         let payload = tokio::time::timeout(timeout, answer)
             .await
-            .map_err(|_| rpc_error(tonic::Status::deadline_exceeded("peer call deadline")))?
+            .map_err(|_| {
+                dropped(node, "deadline");
+                rpc_error(tonic::Status::deadline_exceeded("peer call deadline"))
+            })?
             .map_err(|_| rpc_error(tonic::Status::cancelled("peer batch dropped")))?
             .map_err(rpc_error)?;
         wire::decode(&payload).map_err(|e| PeerError::BadReply {
@@ -593,6 +622,12 @@ impl RaftNetworkV2<TypeConfig> for GroupPeer {
             closed = &mut cancel => return Err(StreamingError::Closed(closed)),
             result = send => result,
         };
+        let outcome = if matches!(result, Ok(PeerResult::SnapshotInstalled { .. })) {
+            "installed"
+        } else {
+            "failed"
+        };
+        metrics::counter!("quiver_snapshot_sends_total", "outcome" => outcome).increment(1);
         match result.map_err(to_rpc_error)? {
             PeerResult::SnapshotInstalled { vote } => Ok(SnapshotResponse { vote }),
             other => Err(unexpected(other).into()),
