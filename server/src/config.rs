@@ -548,7 +548,15 @@ impl Config {
             && metrics.port() != 0
         {
             let peer = self.peer_listen_addr()?;
-            if metrics == self.listen_addr || metrics == peer {
+            // The same port on overlapping addresses (an unspecified one
+            // overlaps every other) cannot be bound twice.
+            let clashes = |other: SocketAddr| {
+                other.port() == metrics.port()
+                    && (other.ip() == metrics.ip()
+                        || other.ip().is_unspecified()
+                        || metrics.ip().is_unspecified())
+            };
+            if clashes(self.listen_addr) || clashes(peer) {
                 return Err(ConfigError(format!(
                     "metrics_listen_addr {metrics} is also the client or the peer listen address"
                 )));
@@ -763,7 +771,7 @@ mod tests {
             config.metrics_listen_addr,
             Some("127.0.0.1:9470".parse().unwrap())
         );
-        for taken in ["127.0.0.1:7470", "127.0.0.1:17470"] {
+        for taken in ["127.0.0.1:7470", "127.0.0.1:17470", "0.0.0.0:7470"] {
             let err = load(&["quiverd", "--metrics-listen-addr", taken])
                 .unwrap_err()
                 .to_string();

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use parking_lot::Mutex;
 use tokio::net::TcpListener;
 
@@ -24,6 +25,11 @@ use crate::node::Node;
 /// How often the gauges are refreshed from the node's state: cheap (one
 /// pass over the hosted groups), and well under a scrape interval.
 pub const METRICS_COLLECT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A gauge not refreshed for this long is dropped from the output: a group
+/// this node no longer leads has no follower lag, a deleted view no
+/// freshness.
+pub const METRICS_GAUGE_IDLE: Duration = Duration::from_secs(30);
 
 /// Histogram buckets of request latency (seconds): 100 µs to 10 s.
 const LATENCY_BUCKETS_SECONDS: [f64; 16] = [
@@ -64,6 +70,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         return Ok(handle.clone());
     }
     let handle = PrometheusBuilder::new()
+        .idle_timeout(MetricKindMask::GAUGE, Some(METRICS_GAUGE_IDLE))
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS_SECONDS)?
         .install_recorder()?;
     Ok(HANDLE.get_or_init(|| handle).clone())
@@ -89,7 +96,7 @@ pub async fn serve(
 
 /// Refreshes the gauges every [`METRICS_COLLECT_INTERVAL`] until the node
 /// is gone or stopping.
-pub async fn collect_loop(node: Weak<Node>, handle: PrometheusHandle) {
+pub async fn collect_loop(node: Weak<Node>, handle: PrometheusHandle, mut collector: Collector) {
     loop {
         tokio::time::sleep(METRICS_COLLECT_INTERVAL).await;
         let Some(node) = node.upgrade() else {
@@ -98,29 +105,58 @@ pub async fn collect_loop(node: Weak<Node>, handle: PrometheusHandle) {
         if node.cluster.is_stopping() {
             return;
         }
-        collect(&node);
+        collector.collect(&node);
         // Histograms are merged lazily; keep them from piling up between
         // scrapes.
         handle.run_upkeep();
     }
 }
 
-/// Copies the node's state into gauges and counters once.
-pub fn collect(node: &Node) {
+/// Copies the node's state into gauges and counters.
+#[derive(Debug, Default)]
+pub struct Collector {
+    /// Each group's storage counters at the last pass: a store replaced by
+    /// a snapshot install starts its counters at 0 again, so the totals
+    /// advance by each store's own increase, never by a sum that can drop.
+    rows_seen: HashMap<quiver_raft::GroupId, (u64, u64)>,
+}
+
+impl Collector {
+    /// One pass.
+    pub fn collect(&mut self, node: &Node) {
+        collect_state(node);
+        let (mut applied, mut stale) = (0, 0);
+        for (&group, hosted) in node.cluster.groups() {
+            let stats = hosted.state.store().stats();
+            let now = (stats.rows_written, stats.rows_stale);
+            let before = self.rows_seen.insert(group, now).unwrap_or((0, 0));
+            // Lower than before: a new store, counting from 0.
+            let increase = |now: u64, before: u64| if now >= before { now - before } else { now };
+            applied += increase(now.0, before.0);
+            stale += increase(now.1, before.1);
+        }
+        metrics::counter!("quiver_rows_applied_total").increment(applied);
+        metrics::counter!("quiver_rows_stale_total").increment(stale);
+        // Views that exist now; a deleted view's gauge goes idle.
+        let catalog = node.registry.load();
+        for (view, newest_us) in node
+            .view_freshness
+            .newest(|name| catalog.view(name).is_some())
+        {
+            metrics::gauge!("quiver_view_newest_event_time_seconds", "view" => view)
+                .set(newest_us as f64 / 1e6);
+        }
+    }
+}
+
+/// The gauges and the counters that only grow while the process lives.
+fn collect_state(node: &Node) {
     let cache = node.cache.stats();
     metrics::gauge!("quiver_cache_entries").set(cache.entries as f64);
     metrics::gauge!("quiver_cache_used_bytes").set(cache.bytes_used as f64);
     metrics::gauge!("quiver_cache_max_bytes").set(cache.bytes_max as f64);
     metrics::counter!("quiver_cache_hits_total").absolute(cache.hits);
     metrics::counter!("quiver_cache_misses_total").absolute(cache.misses);
-    let (mut rows_applied, mut rows_stale) = (0, 0);
-    for (_, group) in node.cluster.groups() {
-        let stats = group.state.store().stats();
-        rows_applied += stats.rows_written;
-        rows_stale += stats.rows_stale;
-    }
-    metrics::counter!("quiver_rows_applied_total").absolute(rows_applied);
-    metrics::counter!("quiver_rows_stale_total").absolute(rows_stale);
     for status in node.cluster.group_status() {
         let group = status.group.to_string();
         let labels = [("group", group.clone())];
@@ -157,7 +193,8 @@ pub fn collect(node: &Node) {
 
 /// The newest event time written per view through this node, so that
 /// `time() - quiver_view_newest_event_time_seconds` is how far behind a
-/// materialization job is.
+/// materialization job is. Published by the [`Collector`], for views that
+/// still exist.
 #[derive(Debug, Default)]
 pub struct Freshness {
     newest_us: Mutex<HashMap<String, i64>>,
@@ -165,21 +202,32 @@ pub struct Freshness {
 
 impl Freshness {
     /// Records that rows of `view` up to event time `event_ts_us` were
-    /// acknowledged. View names come from the registry (bounded by
-    /// `registry_views_max`), not from requests that failed to resolve.
+    /// acknowledged (one short lock per write request; no allocation but
+    /// for a view's first write).
     pub fn written(&self, view: &str, event_ts_us: i64) {
         let mut newest = self.newest_us.lock();
-        let entry = newest.entry(view.to_owned()).or_insert(i64::MIN);
-        if event_ts_us > *entry {
-            *entry = event_ts_us;
-            metrics::gauge!("quiver_view_newest_event_time_seconds", "view" => view.to_owned())
-                .set(event_ts_us as f64 / 1e6);
+        match newest.get_mut(view) {
+            Some(seen) => *seen = (*seen).max(event_ts_us),
+            None => {
+                newest.insert(view.to_owned(), event_ts_us);
+            }
         }
     }
 
     /// Forgets a deleted view.
     pub fn forget(&self, view: &str) {
         self.newest_us.lock().remove(view);
+    }
+
+    /// Every view for which `exists` holds, with its newest event time;
+    /// the others are forgotten (so the map never outgrows the registry).
+    fn newest(&self, exists: impl Fn(&str) -> bool) -> Vec<(String, i64)> {
+        let mut newest = self.newest_us.lock();
+        newest.retain(|view, _| exists(view));
+        newest
+            .iter()
+            .map(|(view, &ts)| (view.clone(), ts))
+            .collect()
     }
 }
 
@@ -218,12 +266,18 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = method_label(request.uri().path());
-        let started = Instant::now();
+        let outcome = Outcome {
+            method: method_label(request.uri().path()),
+            started: Instant::now(),
+            code: None,
+        };
         let future = self.inner.call(request);
         Box::pin(async move {
+            // The whole record moves into the future (not just the field
+            // set below), so it drops when the future does.
+            let mut outcome = outcome;
             let result = future.await;
-            let code = match &result {
+            outcome.code = Some(match &result {
                 // An error is in the headers (trailers-only); success is
                 // in the trailers, after the headers.
                 Ok(response) => response
@@ -233,17 +287,33 @@ where
                     .and_then(|v| v.parse::<i32>().ok())
                     .map_or(tonic::Code::Ok, tonic::Code::from_i32),
                 Err(_) => tonic::Code::Internal,
-            };
-            metrics::counter!(
-                "quiver_requests_total",
-                "method" => method,
-                "code" => code_label(code)
-            )
-            .increment(1);
-            metrics::histogram!("quiver_request_duration_seconds", "method" => method)
-                .record(started.elapsed().as_secs_f64());
+            });
             result
         })
+    }
+}
+
+/// One call's record, written when the call ends, also when it never
+/// finishes: past the client's deadline (`grpc-timeout`) tonic drops the
+/// handler and answers `CANCELLED`, and a client that goes away drops it
+/// too.
+struct Outcome {
+    method: &'static str,
+    started: Instant,
+    code: Option<tonic::Code>,
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(tonic::Code::Cancelled);
+        metrics::counter!(
+            "quiver_requests_total",
+            "method" => self.method,
+            "code" => code_label(code)
+        )
+        .increment(1);
+        metrics::histogram!("quiver_request_duration_seconds", "method" => self.method)
+            .record(self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -74,16 +74,20 @@ pub async fn serve(
         None => None,
         Some(addr) => {
             let handle = crate::metrics::install()?;
-            let listener = TcpListener::bind(addr).await?;
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("bind the metrics listener {addr}: {e}"))
+            })?;
             let bound = listener.local_addr()?;
             // Scripts read the bound address (port 0 picks one) as they do
             // the client and peer ones.
             println!("quiverd metrics on {bound}");
             tracing::info!(%bound, "serving /metrics");
-            crate::metrics::collect(&node);
+            let mut collector = crate::metrics::Collector::default();
+            collector.collect(&node);
             tokio::spawn(crate::metrics::collect_loop(
                 Arc::downgrade(&node),
                 handle.clone(),
+                collector,
             ));
             Some(tokio::spawn(crate::metrics::serve(
                 listener,
@@ -203,13 +207,14 @@ pub async fn serve(
         }
     }
     let _ = metrics_stop_tx.send(());
-    if let Some(metrics_server) = metrics_server {
+    if let Some(mut metrics_server) = metrics_server {
         // Scrapes are short; one that hangs must not keep the node alive.
-        if tokio::time::timeout(Duration::from_secs(1), metrics_server)
+        if tokio::time::timeout(Duration::from_secs(1), &mut metrics_server)
             .await
             .is_err()
         {
             tracing::warn!("a /metrics connection still open at shutdown; closing it");
+            metrics_server.abort();
         }
     }
     tracing::info!("raft groups stopped, stores flushed; stopped");

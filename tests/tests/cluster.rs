@@ -974,3 +974,61 @@ async fn a_leader_that_hands_over_serves_no_read_from_its_lease() {
     links.heal_all();
     let _ = handover.await.unwrap();
 }
+
+/// A client's deadline (`grpc-timeout`) bounds the whole request, routing
+/// retries included: a model server gets its answer (an error) when its
+/// budget runs out, not when the node's retry budget does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_bounds_a_request_whose_shard_has_no_quorum() {
+    let mut cluster = start(&FOUR_SHARDS).await;
+    let c1 = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&c1).await;
+    retry("first write", LEADER_WAIT, || {
+        let mut c1 = c1.clone();
+        async move { write_values(&mut c1, &[("dl".to_owned(), 1)]).await }
+    })
+    .await;
+    cluster.node(2).kill9().unwrap();
+    cluster.node(3).kill9().unwrap();
+    let request = || pb::GetRequest {
+        entity_keys: vec!["dl".into()],
+        features: vec!["counter:value".into()],
+        consistency: pb::Consistency::Strong as i32,
+        skip_cache: true,
+    };
+    let mut client = c1.clone();
+    // Without a deadline: the node tries until its routing budget is spent
+    // (the view's name resolves at a metadata read index, which has no
+    // quorum either), then answers UNAVAILABLE.
+    let started = Instant::now();
+    let answer = client.get(request()).await;
+    let budget = started.elapsed();
+    match answer {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        Ok(answer) => assert_eq!(
+            answer.into_inner().entities[0].features[0].status(),
+            pb::FeatureStatus::Unavailable
+        ),
+    }
+    // With one: answered when it passes.
+    let deadline = std::time::Duration::from_millis(300);
+    let mut bounded = tonic::Request::new(request());
+    bounded.set_timeout(deadline);
+    let started = Instant::now();
+    let err = client.get(bounded).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
+        "{err:?}"
+    );
+    assert!(
+        took < budget / 2 && took >= deadline,
+        "with a {deadline:?} deadline: {took:?}; without: {budget:?}"
+    );
+    eprintln!("no quorum: answered in {took:?} with a {deadline:?} deadline, {budget:?} without");
+    cluster.node(2).restart().await.unwrap();
+    cluster.node(3).restart().await.unwrap();
+}

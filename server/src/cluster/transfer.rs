@@ -180,6 +180,7 @@ impl Cluster {
         }
         let started = Instant::now();
         if let Err(e) = hosted.raft.trigger().transfer_leader(to).await {
+            crate::metrics::handover("failed");
             return PeerResult::Failed(e.to_string());
         }
         let wait = Duration::from_millis(self.config.election_timeout_max_ms);
