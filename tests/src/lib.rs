@@ -57,6 +57,8 @@ pub struct Node {
     child: Child,
     addr: SocketAddr,
     peer_addr: SocketAddr,
+    /// The `/metrics` address, once the node printed it.
+    metrics_addr: MetricsSlot,
     listen: String,
     data_dir: PathBuf,
     extra_args: Vec<String>,
@@ -82,17 +84,34 @@ impl Node {
     ) -> Result<Node> {
         let extra_args: Vec<String> = extra_args.iter().map(|s| (*s).to_owned()).collect();
         let log_path = data_dir.with_extension("log");
-        let (child, addr, peer_addr) = spawn(data_dir, listen, &extra_args, env, &log_path)?;
+        let (child, addr, peer_addr, metrics_addr) =
+            spawn(data_dir, listen, &extra_args, env, &log_path)?;
         Ok(Node {
             child,
             addr,
             peer_addr,
+            metrics_addr,
             listen: listen.to_owned(),
             data_dir: data_dir.to_path_buf(),
             extra_args,
             env: env.to_vec(),
             log_path,
         })
+    }
+
+    /// The address of the node's `/metrics` listener (started with
+    /// `--metrics-listen-addr`, port 0 allowed), as it printed it.
+    pub async fn metrics_addr(&self) -> Result<SocketAddr> {
+        let deadline = Instant::now() + NODE_START_TIMEOUT;
+        loop {
+            if let Some(addr) = *self.metrics_addr.lock().map_err(|_| anyhow!("poisoned"))? {
+                return Ok(addr);
+            }
+            if Instant::now() > deadline {
+                bail!("quiverd printed no metrics address; log: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Whether the process is running.
@@ -216,7 +235,7 @@ impl Node {
         if self.child.try_wait()?.is_none() {
             self.terminate()?;
         }
-        let (child, addr, peer_addr) = spawn(
+        let (child, addr, peer_addr, metrics_addr) = spawn(
             &self.data_dir,
             &self.listen,
             &self.extra_args,
@@ -226,6 +245,7 @@ impl Node {
         self.child = child;
         self.addr = addr;
         self.peer_addr = peer_addr;
+        self.metrics_addr = metrics_addr;
         self.wait_ready().await
     }
 }
@@ -237,13 +257,16 @@ impl Drop for Node {
     }
 }
 
+/// Where the output reader puts the metrics address when it sees it.
+type MetricsSlot = std::sync::Arc<std::sync::Mutex<Option<SocketAddr>>>;
+
 fn spawn(
     data_dir: &Path,
     listen: &str,
     extra_args: &[String],
     env: &[(String, String)],
     log_path: &Path,
-) -> Result<(Child, SocketAddr, SocketAddr)> {
+) -> Result<(Child, SocketAddr, SocketAddr, MetricsSlot)> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -272,14 +295,25 @@ fn spawn(
     // Read the "listening on" line on a thread so a silent child cannot hang
     // the test past its deadline.
     let (tx, rx) = mpsc::channel();
+    let metrics_slot = MetricsSlot::default();
+    let metrics_seen = metrics_slot.clone();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         // The client address, then the peer address.
         let first = lines.next().and_then(Result::ok);
         let second = lines.next().and_then(Result::ok);
         let _ = tx.send(first.zip(second));
-        // Keep draining so the child never blocks on a full pipe.
-        for _ in lines {}
+        // Keep draining so the child never blocks on a full pipe; the
+        // metrics address, if any, comes once the node is open.
+        for line in lines.map_while(Result::ok) {
+            if let Some(addr) = line
+                .strip_prefix("quiverd metrics on ")
+                .and_then(|a| a.parse().ok())
+                && let Ok(mut slot) = metrics_seen.lock()
+            {
+                *slot = Some(addr);
+            }
+        }
     });
     let (line, peer_line) = match rx.recv_timeout(NODE_START_TIMEOUT) {
         Ok(Some(lines)) => lines,
@@ -299,7 +333,7 @@ fn spawn(
         .ok_or_else(|| anyhow!("unexpected second line from quiverd: {peer_line:?}"))?
         .parse()
         .with_context(|| format!("parse address in {peer_line:?}"))?;
-    Ok((child, addr, peer_addr))
+    Ok((child, addr, peer_addr, metrics_slot))
 }
 
 /// A cluster of `quiverd` processes on loopback, each with its own data

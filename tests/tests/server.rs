@@ -502,20 +502,14 @@ fn value_of(sample: &prometheus_parse::Sample) -> f64 {
 
 #[tokio::test]
 async fn metrics_count_requests_by_method_and_code_and_follow_the_node() {
-    // A free port for the metrics listener (the node binds it again).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_addr = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(
         &dir.path().join("node"),
-        &["--metrics-listen-addr", &metrics_addr],
+        &["--metrics-listen-addr", "127.0.0.1:0"],
     )
     .await
     .unwrap();
+    let metrics_addr = node.metrics_addr().await.unwrap().to_string();
     let mut client = node.client().await.unwrap();
     apply(&mut client, driver_view(0)).await.unwrap();
     let ts = now_us();
