@@ -198,6 +198,7 @@ impl Conn {
                     features: vec![dataset::VIEW.into()],
                     consistency: pb::Consistency::Leader as i32,
                     skip_cache: *skip_cache,
+                    max_staleness_ms: 0,
                 };
                 let response = client.get(request).await?.into_inner();
                 ensure_answered("Get", response.entities.len(), ids.len())?;

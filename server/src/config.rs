@@ -287,6 +287,9 @@ pub struct Limits {
     /// Largest encoded Get response; a Get that would exceed it fails with
     /// `INVALID_ARGUMENT` naming this limit (ask for fewer keys or features).
     pub get_response_bytes_max: u64,
+    /// Largest `max_staleness_ms` a Get may ask for: how stale a follower's
+    /// answer a caller may accept when its leader is slow or gone.
+    pub replica_staleness_ms_max: u64,
     /// Longest entity key.
     pub entity_key_bytes_max: u64,
     /// Largest single feature value.
@@ -343,6 +346,7 @@ impl Default for Limits {
             get_feature_refs_max: 1_000,
             get_values_max: 1_000_000,
             get_response_bytes_max: 64 << 20,
+            replica_staleness_ms_max: 300_000,
             entity_key_bytes_max: 512,
             value_bytes_max: 1 << 20,
             event_ts_future_seconds_max: 24 * 3600,
@@ -515,6 +519,10 @@ impl Config {
             ("limits.get_feature_refs_max", l.get_feature_refs_max),
             ("limits.get_values_max", l.get_values_max),
             ("limits.get_response_bytes_max", l.get_response_bytes_max),
+            (
+                "limits.replica_staleness_ms_max",
+                l.replica_staleness_ms_max,
+            ),
             ("limits.entity_key_bytes_max", l.entity_key_bytes_max),
             ("limits.value_bytes_max", l.value_bytes_max),
             ("limits.connection_requests_max", l.connection_requests_max),

@@ -106,6 +106,27 @@ pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse
     for key in &request.entity_keys {
         node.check_entity_key(key)?;
     }
+    let within_ms = request.max_staleness_ms;
+    let level = match request.consistency() {
+        pb::Consistency::Strong if within_ms > 0 => {
+            return Err(ServiceError::InvalidArgument(
+                "max_staleness_ms allows a stale answer; a STRONG read allows none".into(),
+            ));
+        }
+        pb::Consistency::Strong => ReadLevel::Strong,
+        pb::Consistency::Replica => ReadLevel::Replica { within_ms },
+        // A staleness budget allows a follower's answer.
+        pb::Consistency::Leader | pb::Consistency::Unspecified if within_ms > 0 => {
+            ReadLevel::Replica { within_ms }
+        }
+        pb::Consistency::Leader | pb::Consistency::Unspecified => ReadLevel::Leader,
+    };
+    ServiceError::check_limit(
+        "max_staleness_ms",
+        usize::try_from(request.max_staleness_ms).unwrap_or(usize::MAX),
+        "limits.replica_staleness_ms_max",
+        limits.replica_staleness_ms_max,
+    )?;
     let _admitted = node.admission.read().await?;
     let plan = if request.consistency() == pb::Consistency::Strong {
         // Linearizable: names resolve at a metadata read index, so a view
@@ -144,11 +165,6 @@ pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse
         })
         .collect();
 
-    let level = match request.consistency() {
-        pb::Consistency::Strong => ReadLevel::Strong,
-        pb::Consistency::Replica => ReadLevel::Replica,
-        pb::Consistency::Leader | pb::Consistency::Unspecified => ReadLevel::Leader,
-    };
     let (rows, sources) = fetch(node, &plan.views, &unique_keys, level, !request.skip_cache).await;
     let now_us = node.clock.now_us();
 

@@ -131,6 +131,7 @@ pub async fn read_values(
             features: vec!["counter:value".into()],
             consistency: consistency as i32,
             skip_cache: false,
+            max_staleness_ms: 0,
         })
         .await
         .map_err(|e| e.to_string())?

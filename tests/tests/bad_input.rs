@@ -285,6 +285,29 @@ async fn bad_input_is_rejected_with_typed_errors_and_nothing_is_stored() {
         Code::InvalidArgument,
         "get_values_max",
     );
+    let stale_get = |consistency: pb::Consistency, max_staleness_ms: u64| pb::GetRequest {
+        entity_keys: keys(1),
+        features: vec!["v:n".into()],
+        consistency: consistency as i32,
+        max_staleness_ms,
+        ..Default::default()
+    };
+    expect_code(
+        client
+            .get(stale_get(pb::Consistency::Replica, 300_001))
+            .await,
+        Code::InvalidArgument,
+        "replica_staleness_ms_max",
+    );
+    expect_code(
+        client.get(stale_get(pb::Consistency::Strong, 1_000)).await,
+        Code::InvalidArgument,
+        "STRONG",
+    );
+    client
+        .get(stale_get(pb::Consistency::Leader, 300_000))
+        .await
+        .expect("a budget at the limit is fine");
     expect_code(
         get(&mut client, vec![], vec!["v".into()]).await,
         Code::InvalidArgument,

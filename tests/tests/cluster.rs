@@ -556,6 +556,7 @@ async fn rows_expired_past_ttl_and_grace_stay_expired_on_every_replica() {
                     features: vec!["counter:value".into()],
                     consistency: level as i32,
                     skip_cache: false,
+                    max_staleness_ms: 0,
                 })
                 .await
                 .map_err(|e| e.to_string())?
@@ -995,6 +996,7 @@ async fn a_deadline_bounds_a_request_whose_shard_has_no_quorum() {
         features: vec!["counter:value".into()],
         consistency: pb::Consistency::Strong as i32,
         skip_cache: true,
+        max_staleness_ms: 0,
     };
     let mut client = c1.clone();
     // Without a deadline: the node tries until its routing budget is spent
@@ -1031,4 +1033,92 @@ async fn a_deadline_bounds_a_request_whose_shard_has_no_quorum() {
     eprintln!("no quorum: answered in {took:?} with a {deadline:?} deadline, {budget:?} without");
     cluster.node(2).restart().await.unwrap();
     cluster.node(3).restart().await.unwrap();
+}
+
+/// A caller's staleness budget (`max_staleness_ms`) lets a follower answer
+/// while its shard has no leader, which the default bound (the 1 s lease)
+/// refuses: the degraded answer a model server would rather have than none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staleness_budget_lets_a_follower_answer_while_its_leader_is_gone() {
+    let mut cluster = start(&FOUR_SHARDS).await;
+    let c1 = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&c1).await;
+    let key = "budget".to_owned();
+    retry("write", LEADER_WAIT, || {
+        let (mut c1, key) = (c1.clone(), key.clone());
+        async move { write_values(&mut c1, &[(key, 7)]).await }
+    })
+    .await;
+    let mut probe = c1.clone();
+    let (_, sources) = read_values(
+        &mut probe,
+        std::slice::from_ref(&key),
+        pb::Consistency::Leader,
+    )
+    .await
+    .unwrap();
+    let shard = sources[0].shard;
+    let leader = leader_of(&mut cluster, shard).await;
+    let follower = (1..=3).find(|&n| n != leader).unwrap();
+    let mut client = cluster.node(follower).client().await.unwrap();
+    // The follower has the write applied before its leader goes.
+    retry(
+        "the follower serves the write itself",
+        CONVERGE_WAIT,
+        || {
+            let (mut client, key) = (client.clone(), key.clone());
+            async move {
+                let (read, sources) =
+                    read_values(&mut client, &[key], pb::Consistency::Replica).await?;
+                if read == vec![Some(7)] && sources[0].node_id == follower {
+                    Ok(())
+                } else {
+                    Err(format!("{read:?} from {sources:?}"))
+                }
+            }
+        },
+    )
+    .await;
+    for other in (1..=3).filter(|&n| n != follower) {
+        cluster.node(other).kill9().unwrap();
+    }
+    let request = |max_staleness_ms: u64| {
+        let mut request = tonic::Request::new(pb::GetRequest {
+            entity_keys: vec![key.clone()],
+            features: vec!["counter:value".into()],
+            consistency: pb::Consistency::Leader as i32,
+            skip_cache: true,
+            max_staleness_ms,
+        });
+        request.set_timeout(std::time::Duration::from_secs(2));
+        request
+    };
+    // Past the lease, nothing but the budget lets it answer.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let answer = client.get(request(60_000)).await.unwrap().into_inner();
+    let feature = &answer.entities[0].features[0];
+    assert_eq!(feature.status(), pb::FeatureStatus::Present, "{answer:?}");
+    assert_eq!(
+        feature.value.as_ref().and_then(|v| v.kind.clone()),
+        Some(pb::value::Kind::Int64Val(7))
+    );
+    assert_eq!(answer.sources[0].node_id, follower);
+    assert!(!answer.sources[0].leader);
+    // Without one: no answer (UNAVAILABLE, or the deadline first).
+    match client.get(request(0)).await {
+        Err(status) => assert!(
+            matches!(
+                status.code(),
+                tonic::Code::Cancelled | tonic::Code::Unavailable
+            ),
+            "{status:?}"
+        ),
+        Ok(answer) => assert_eq!(
+            answer.into_inner().entities[0].features[0].status(),
+            pb::FeatureStatus::Unavailable
+        ),
+    }
+    for other in (1..=3).filter(|&n| n != follower) {
+        cluster.node(other).restart().await.unwrap();
+    }
 }

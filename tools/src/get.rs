@@ -29,6 +29,10 @@ pub struct GetArgs {
     /// Bypass the server's hot cache.
     #[arg(long)]
     skip_cache: bool,
+    /// Accept a follower's answer if it heard from its leader within this
+    /// long (e.g. 30s): served even while the leader is gone.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_staleness: Option<Duration>,
     /// Send the same batch this many times and print latency percentiles
     /// instead of the values.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=REPEAT_MAX))]
@@ -60,6 +64,9 @@ pub async fn run(client: &mut Client, args: &GetArgs, json: bool) -> Result<()> 
         features: args.features.clone(),
         consistency: consistency as i32,
         skip_cache: args.skip_cache,
+        max_staleness_ms: args
+            .max_staleness
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     };
     if let Some(repeat) = args.repeat {
         return measure(client, request, repeat, json).await;

@@ -423,12 +423,18 @@ impl Cluster {
     }
 
     /// Whether a follower's replica is fresh enough for a `REPLICA` read at
-    /// `applied_index`: it heard from its leader within the lease, or the
+    /// `applied_index`: it heard from its leader within `within_ms`, or the
     /// leader's fresh news says the group sleeps at an index this replica
     /// is within `cluster.replica_lag_entries_max` of. (A replica cut off
     /// from its leader keeps its old commit index and would otherwise look
     /// fresh forever.)
-    pub(super) fn replica_fresh(&self, group: GroupId, leader: NodeId, applied_index: u64) -> bool {
+    pub(super) fn replica_fresh(
+        &self,
+        group: GroupId,
+        leader: Option<NodeId>,
+        applied_index: u64,
+        within_ms: u64,
+    ) -> bool {
         let Some(hosted) = self.groups.get(&group) else {
             return false;
         };
@@ -439,10 +445,13 @@ impl Cluster {
         if is_recent(
             hosted.pulse.leader_contact_ms.load(Ordering::SeqCst),
             now,
-            self.config.election_timeout_max_ms,
+            within_ms,
         ) {
             return true;
         }
+        let Some(leader) = leader else {
+            return false;
+        };
         let timeout = self.config.liveness_timeout_ms;
         let peers = self.liveness.peers.lock();
         peers.get(&leader).is_some_and(|heard| {

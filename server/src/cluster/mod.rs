@@ -592,11 +592,12 @@ impl Cluster {
         keys: &[Vec<u8>],
         level: ReadLevel,
     ) -> Result<ShardRead, ClusterError> {
-        let first = if level == ReadLevel::Replica && self.groups.contains_key(&group) {
-            self.node_id
-        } else {
-            self.first_target(group)
-        };
+        let first =
+            if matches!(level, ReadLevel::Replica { .. }) && self.groups.contains_key(&group) {
+                self.node_id
+            } else {
+                self.first_target(group)
+            };
         self.route(group, first, |target| async move {
             if target == self.node_id {
                 let source = self.check_local_read(group, level).await?;
@@ -675,14 +676,29 @@ impl Cluster {
             // own term (so it holds every write acknowledged by a previous
             // leader). Otherwise it renews the lease first, with a heartbeat
             // round, which also finds out if it was deposed.
-            ReadLevel::Leader | ReadLevel::Replica if is_leader => {
+            ReadLevel::Leader | ReadLevel::Replica { .. } if is_leader => {
                 (!lease_valid).then(|| LinearizerOption::new(Some(self.read_lease()), true))
             }
-            ReadLevel::Replica => {
-                let fresh = current_leader.is_some_and(|leader| {
-                    applied_index.saturating_add(self.config.replica_lag_entries_max) >= committed
-                        && self.replica_fresh(group, leader, applied_index)
-                });
+            ReadLevel::Replica { within_ms } => {
+                let caught_up =
+                    applied_index.saturating_add(self.config.replica_lag_entries_max) >= committed;
+                let fresh = caught_up
+                    && if within_ms == 0 {
+                        // The default: a follower that knows its leader,
+                        // heard from it within the lease.
+                        current_leader.is_some_and(|leader| {
+                            self.replica_fresh(
+                                group,
+                                Some(leader),
+                                applied_index,
+                                self.config.election_timeout_max_ms,
+                            )
+                        })
+                    } else {
+                        // The caller's budget: also while an election is
+                        // under way (its leader gone), within the window.
+                        self.replica_fresh(group, current_leader, applied_index, within_ms)
+                    };
                 if !fresh {
                     return Err(PeerResult::NotLeader {
                         leader: current_leader,

@@ -15,8 +15,13 @@ pub enum ReadLevel {
     Leader,
     /// Linearizable (read index on the leader).
     Strong,
-    /// Any replica within the staleness bound.
-    Replica,
+    /// Any replica that heard from its leader within `within_ms` (and is
+    /// within `cluster.replica_lag_entries_max` of its commit index).
+    Replica {
+        /// The contact window (ms); 0: the leader lease
+        /// (`cluster.election_timeout_max_ms`).
+        within_ms: u64,
+    },
 }
 
 /// One call to a peer, for one group.
