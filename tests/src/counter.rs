@@ -246,3 +246,25 @@ pub async fn connect(addr: std::net::SocketAddr) -> Result<Client, String> {
         .map_err(|e| e.to_string())?;
     Ok(quiver_proto::v1::feature_store_client::FeatureStoreClient::new(channel))
 }
+
+/// Applies the counter view through `client`, writes `key = value` (retried
+/// until a leader takes it), and returns the key's shard and its leader.
+pub async fn write_and_locate(
+    cluster: &mut Cluster,
+    client: &Client,
+    key: &str,
+    value: i64,
+) -> (u32, u64) {
+    apply_counter_view(client).await;
+    retry("first write", LEADER_WAIT, || {
+        let (mut client, key) = (client.clone(), key.to_owned());
+        async move { write_values(&mut client, &[(key, value)]).await }
+    })
+    .await;
+    let mut probe = client.clone();
+    let (_, sources) = read_values(&mut probe, &[key.to_owned()], pb::Consistency::Leader)
+        .await
+        .expect("read the key back");
+    let shard = sources[0].shard;
+    (shard, leader_of(cluster, shard).await)
+}

@@ -15,7 +15,7 @@ use quiver_proto::v1 as pb;
 use quiver_tests::apply_view;
 use quiver_tests::counter::{
     CONVERGE_WAIT, FOUR_SHARDS, LEADER_WAIT, apply_counter_view, connect, counter_view, keys,
-    leader_of, read_values, retry, start, wait_for_values, write_values,
+    leader_of, read_values, retry, start, wait_for_values, write_and_locate, write_values,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -895,23 +895,8 @@ async fn a_leader_that_hands_over_serves_no_read_from_its_lease() {
     let mut cluster = start_with_links(&SLOW_ELECTIONS).await;
     let links = cluster.links.clone().unwrap();
     let c1 = cluster.node(1).client().await.unwrap();
-    apply_counter_view(&c1).await;
     let key = "lease".to_owned();
-    retry("first write", LEADER_WAIT, || {
-        let (mut c1, key) = (c1.clone(), key.clone());
-        async move { write_values(&mut c1, &[(key, 1)]).await }
-    })
-    .await;
-    let mut probe = c1.clone();
-    let (_, sources) = read_values(
-        &mut probe,
-        std::slice::from_ref(&key),
-        pb::Consistency::Leader,
-    )
-    .await
-    .unwrap();
-    let shard = sources[0].shard;
-    let old = leader_of(&mut cluster, shard).await;
+    let (shard, old) = write_and_locate(&mut cluster, &c1, &key, 1).await;
     let target = (1..=3).find(|&n| n != old).unwrap();
     let mut old_client = cluster.node(old).client().await.unwrap();
     // The old leader serves the key from its lease: 1.
@@ -1042,23 +1027,8 @@ async fn a_deadline_bounds_a_request_whose_shard_has_no_quorum() {
 async fn a_staleness_budget_lets_a_follower_answer_while_its_leader_is_gone() {
     let mut cluster = start(&FOUR_SHARDS).await;
     let c1 = cluster.node(1).client().await.unwrap();
-    apply_counter_view(&c1).await;
     let key = "budget".to_owned();
-    retry("write", LEADER_WAIT, || {
-        let (mut c1, key) = (c1.clone(), key.clone());
-        async move { write_values(&mut c1, &[(key, 7)]).await }
-    })
-    .await;
-    let mut probe = c1.clone();
-    let (_, sources) = read_values(
-        &mut probe,
-        std::slice::from_ref(&key),
-        pb::Consistency::Leader,
-    )
-    .await
-    .unwrap();
-    let shard = sources[0].shard;
-    let leader = leader_of(&mut cluster, shard).await;
+    let (_, leader) = write_and_locate(&mut cluster, &c1, &key, 7).await;
     let follower = (1..=3).find(|&n| n != leader).unwrap();
     let mut client = cluster.node(follower).client().await.unwrap();
     // The follower has the write applied before its leader goes.
