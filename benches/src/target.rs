@@ -199,6 +199,7 @@ impl Conn {
                     consistency: pb::Consistency::Leader as i32,
                     skip_cache: *skip_cache,
                     max_staleness_ms: 0,
+                    degraded: false,
                 };
                 let response = client.get(request).await?.into_inner();
                 ensure_answered("Get", response.entities.len(), ids.len())?;

@@ -82,8 +82,27 @@ impl ReadPlan {
 /// corrupt; already logged).
 type Fetched = Result<Option<Arc<StoredRow>>, ()>;
 
-/// Serves a Get.
-pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse, ServiceError> {
+/// The share of a degraded Get's deadline its shards' normal reads may
+/// take; the rest is for the fallback and the answer.
+const DEGRADED_BUDGET_SHARE: f64 = 0.8;
+
+/// What a Get does with a shard it cannot read at the requested level.
+#[derive(Debug, Clone, Copy)]
+enum OnFailure {
+    /// Its rows are `UNAVAILABLE`.
+    Strict,
+    /// This node's replica answers (`STALE`), else defaults; the normal
+    /// read gets `budget`, if the call has a deadline.
+    Degraded { budget: Option<std::time::Duration> },
+}
+
+/// Serves a Get; `deadline` is the caller's (`grpc-timeout`), if it gave
+/// one.
+pub async fn get(
+    node: &Node,
+    request: pb::GetRequest,
+    deadline: Option<std::time::Duration>,
+) -> Result<pb::GetResponse, ServiceError> {
     let limits = &node.limits;
     if request.entity_keys.is_empty() {
         return Err(ServiceError::invalid("no entity keys given"));
@@ -165,7 +184,23 @@ pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse
         })
         .collect();
 
-    let (rows, sources) = fetch(node, &plan.views, &unique_keys, level, !request.skip_cache).await;
+    let on_failure = if request.degraded {
+        OnFailure::Degraded {
+            budget: deadline.map(|d| d.mul_f64(DEGRADED_BUDGET_SHARE)),
+        }
+    } else {
+        OnFailure::Strict
+    };
+    let (rows, stale, sources) = fetch(
+        node,
+        &plan.views,
+        &unique_keys,
+        level,
+        !request.skip_cache,
+        on_failure,
+    )
+    .await;
+    let degraded = request.degraded;
     let now_us = node.clock.now_us();
 
     // The response is bounded as it is built: keys x features is checked
@@ -178,11 +213,16 @@ pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse
         let mut features = Vec::with_capacity(plan.columns.len());
         for &(v, f) in &plan.columns {
             let view = &plan.views[v];
+            let at = v * unique_keys.len() + slot;
             let result = feature_result(
                 view,
                 &view.features[f],
-                &rows[v * unique_keys.len() + slot],
-                now_us,
+                &rows[at],
+                Judge {
+                    now_us,
+                    stale: stale[at],
+                    degraded,
+                },
             );
             response_bytes = response_bytes.saturating_add(result.encoded_len());
             if response_bytes > response_bytes_max {
@@ -216,15 +256,17 @@ pub async fn get(node: &Node, request: pb::GetRequest) -> Result<pb::GetResponse
 }
 
 /// Looks up `views x keys`, shard by shard in parallel. Result index:
-/// `view * keys.len() + key`. A shard that cannot be read leaves its rows
-/// unreadable (served as `UNAVAILABLE`), the other shards still answer.
+/// `view * keys.len() + key`, with whether the row came from a degraded
+/// fallback. A shard that cannot be read leaves its rows unreadable (served
+/// as `UNAVAILABLE`, or per `on_failure`), the other shards still answer.
 async fn fetch(
     node: &Node,
     views: &[Arc<FeatureView>],
     keys: &[&str],
     level: ReadLevel,
     use_cache: bool,
-) -> (Vec<Fetched>, Vec<ReadSource>) {
+    on_failure: OnFailure,
+) -> (Vec<Fetched>, Vec<bool>, Vec<ReadSource>) {
     let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<Vec<u8>>)> = BTreeMap::new();
     for (k, key) in keys.iter().enumerate() {
         let shard = node.cluster.placement.shard_of_key(key);
@@ -237,17 +279,26 @@ async fn fetch(
     let reads = by_shard
         .into_iter()
         .map(|(shard, (slots, storage_keys))| async move {
-            let rows = read_shard(node, shard, storage_keys, level, use_cache).await;
+            let rows = match on_failure {
+                OnFailure::Strict => read_shard(node, shard, storage_keys, level, use_cache)
+                    .await
+                    .map(|(rows, source)| (rows, source, false)),
+                OnFailure::Degraded { budget } => {
+                    read_degraded(node, shard, storage_keys, level, use_cache, budget).await
+                }
+            };
             (slots, rows)
         });
     let mut results: Vec<Fetched> = vec![Ok(None); views.len() * keys.len()];
+    let mut stale = vec![false; views.len() * keys.len()];
     let mut sources = Vec::new();
     for (slots, shard_rows) in futures::future::join_all(reads).await {
         match shard_rows {
-            Ok((rows, source)) => {
+            Ok((rows, source, from_fallback)) => {
                 sources.push(source);
                 for (slot, row) in slots.into_iter().zip(rows) {
                     results[slot] = row;
+                    stale[slot] = from_fallback;
                 }
             }
             Err(error) => {
@@ -258,7 +309,61 @@ async fn fetch(
             }
         }
     }
-    (results, sources)
+    (results, stale, sources)
+}
+
+/// A degraded shard read: the requested level within `budget`, else this
+/// node's own replica as it is (true: the rows are from the fallback).
+async fn read_degraded(
+    node: &Node,
+    shard: GroupId,
+    keys: Vec<Vec<u8>>,
+    level: ReadLevel,
+    use_cache: bool,
+    budget: Option<std::time::Duration>,
+) -> Result<(Vec<Fetched>, ReadSource, bool), ServiceError> {
+    let attempt = read_shard(node, shard, keys.clone(), level, use_cache);
+    let outcome = match budget {
+        Some(budget) => tokio::time::timeout(budget, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ServiceError::TaskFailed(format!(
+                    "shard {shard}: no answer within {budget:?}"
+                )))
+            }),
+        None => attempt.await,
+    };
+    let error = match outcome {
+        Ok((rows, source)) => return Ok((rows, source, false)),
+        Err(error) => error,
+    };
+    let Some(hosted) = node.cluster.group(shard) else {
+        return Err(error);
+    };
+    tracing::debug!(shard, %error, "degraded read: answering from this node's replica");
+    let state = hosted.state.clone();
+    let source = ReadSource {
+        group: shard,
+        node_id: node.cluster.node_id,
+        leader: false,
+        applied_index: state.applied().map_or(0, |id| id.index),
+    };
+    let rows = tokio::task::spawn_blocking(move || {
+        state
+            .store()
+            .get_rows(&keys)
+            .into_iter()
+            .map(|row| match row {
+                Ok(row) => Ok(row.map(Arc::new)),
+                Err(error) => {
+                    tracing::error!(%error, "row unreadable; served as UNAVAILABLE");
+                    Err(())
+                }
+            })
+            .collect::<Vec<Fetched>>()
+    })
+    .await?;
+    Ok((rows, source, true))
 }
 
 /// Reads one shard's keys from the replica the level asks for.
@@ -393,8 +498,53 @@ fn read_local(
     results
 }
 
+/// How a fetched row is judged.
+#[derive(Debug, Clone, Copy)]
+struct Judge {
+    now_us: i64,
+    /// From a degraded fallback (a replica not known to be fresh).
+    stale: bool,
+    /// The Get asked for degraded answers.
+    degraded: bool,
+}
+
 /// The value and status of one feature of one entity.
 fn feature_result(
+    view: &FeatureView,
+    feature: &Feature,
+    fetched: &Fetched,
+    judge: Judge,
+) -> pb::FeatureResult {
+    let result = judged(view, feature, fetched, judge.now_us);
+    if judge.degraded && fetched.is_err() {
+        // Nothing could be read: the view's default, if it has one.
+        if let Some(default) = &feature.default {
+            metrics::counter!("quiver_degraded_serves_total", "status" => "defaulted").increment(1);
+            return pb::FeatureResult {
+                value: Some(value_to_pb(default)),
+                status: pb::FeatureStatus::Defaulted as i32,
+                event_ts_us: 0,
+            };
+        }
+        return result;
+    }
+    if !judge.stale {
+        return result;
+    }
+    metrics::counter!("quiver_degraded_serves_total", "status" => "stale").increment(1);
+    match result.status() {
+        // What the stale replica holds, marked as such; a row it does not
+        // have may exist elsewhere: STALE without a value, not NOT_FOUND.
+        pb::FeatureStatus::Present | pb::FeatureStatus::NotFound => pb::FeatureResult {
+            status: pb::FeatureStatus::Stale as i32,
+            ..result
+        },
+        _ => result,
+    }
+}
+
+/// The value and status of one feature of one entity, as the row says.
+fn judged(
     view: &FeatureView,
     feature: &Feature,
     fetched: &Fetched,

@@ -45,6 +45,27 @@ fn per_shard(
         .collect()
 }
 
+/// The caller's deadline from its `grpc-timeout` header (gRPC's format:
+/// at most 8 digits and a unit, H M S m u n); none if absent or malformed
+/// (tonic enforces it either way; this only lets a degraded Get plan).
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
 #[tonic::async_trait]
 impl FeatureStore for FeatureStoreService {
     async fn apply_feature_view(
@@ -188,7 +209,8 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let response = read_path::get(&self.node, request.into_inner()).await?;
+        let deadline = grpc_timeout(request.metadata());
+        let response = read_path::get(&self.node, request.into_inner(), deadline).await?;
         Ok(Response::new(response))
     }
 
@@ -326,5 +348,27 @@ impl FeatureStore for FeatureStoreService {
                 misses: cache.misses,
             }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_and_bad_ones_are_ignored() {
+        let with = |value: &str| {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("grpc-timeout", value.parse().unwrap());
+            grpc_timeout(&metadata)
+        };
+        assert_eq!(with("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(with("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(with("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "300", "300x", "123456789m", "-1m", "1.5S"] {
+            assert_eq!(with(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

@@ -132,6 +132,7 @@ pub async fn read_values(
             consistency: consistency as i32,
             skip_cache: false,
             max_staleness_ms: 0,
+            degraded: false,
         })
         .await
         .map_err(|e| e.to_string())?

@@ -557,6 +557,7 @@ async fn rows_expired_past_ttl_and_grace_stay_expired_on_every_replica() {
                     consistency: level as i32,
                     skip_cache: false,
                     max_staleness_ms: 0,
+                    degraded: false,
                 })
                 .await
                 .map_err(|e| e.to_string())?
@@ -982,6 +983,7 @@ async fn a_deadline_bounds_a_request_whose_shard_has_no_quorum() {
         consistency: pb::Consistency::Strong as i32,
         skip_cache: true,
         max_staleness_ms: 0,
+        degraded: false,
     };
     let mut client = c1.clone();
     // Without a deadline: the node tries until its routing budget is spent
@@ -1022,7 +1024,9 @@ async fn a_deadline_bounds_a_request_whose_shard_has_no_quorum() {
 
 /// A caller's staleness budget (`max_staleness_ms`) lets a follower answer
 /// while its shard has no leader, which the default bound (the 1 s lease)
-/// refuses: the degraded answer a model server would rather have than none.
+/// refuses; a degraded Get answers from the follower's own rows, marked
+/// STALE, within the caller's deadline: the answers a model server would
+/// rather have than none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_staleness_budget_lets_a_follower_answer_while_its_leader_is_gone() {
     let mut cluster = start(&FOUR_SHARDS).await;
@@ -1059,6 +1063,7 @@ async fn a_staleness_budget_lets_a_follower_answer_while_its_leader_is_gone() {
             consistency: pb::Consistency::Leader as i32,
             skip_cache: true,
             max_staleness_ms,
+            degraded: false,
         });
         request.set_timeout(std::time::Duration::from_secs(2));
         request
@@ -1088,6 +1093,36 @@ async fn a_staleness_budget_lets_a_follower_answer_while_its_leader_is_gone() {
             pb::FeatureStatus::Unavailable
         ),
     }
+
+    // Degraded, with no budget but a 300 ms deadline: within it, the
+    // follower's own rows marked STALE (a key it has no row for: STALE
+    // without a value, not NOT_FOUND).
+    let mut degraded = tonic::Request::new(pb::GetRequest {
+        entity_keys: vec![key.clone(), "never-written".into()],
+        features: vec!["counter:value".into()],
+        consistency: pb::Consistency::Leader as i32,
+        skip_cache: true,
+        max_staleness_ms: 0,
+        degraded: true,
+    });
+    let deadline = std::time::Duration::from_millis(300);
+    degraded.set_timeout(deadline);
+    let asked = Instant::now();
+    let answer = client.get(degraded).await.unwrap().into_inner();
+    let took = asked.elapsed();
+    assert!(took < deadline, "answered after {took:?}");
+    let stale = &answer.entities[0].features[0];
+    assert_eq!(stale.status(), pb::FeatureStatus::Stale, "{answer:?}");
+    assert_eq!(
+        stale.value.as_ref().and_then(|v| v.kind.clone()),
+        Some(pb::value::Kind::Int64Val(7))
+    );
+    assert!(stale.event_ts_us > 0);
+    let absent = &answer.entities[1].features[0];
+    assert_eq!(absent.status(), pb::FeatureStatus::Stale);
+    assert!(absent.value.is_none());
+    assert_eq!(answer.sources[0].node_id, follower);
+    eprintln!("degraded read without quorum answered in {took:?} (deadline {deadline:?})");
     for other in (1..=3).filter(|&n| n != follower) {
         cluster.node(other).restart().await.unwrap();
     }

@@ -33,6 +33,10 @@ pub struct GetArgs {
     /// long (e.g. 30s): served even while the leader is gone.
     #[arg(long, value_parser = humantime::parse_duration)]
     max_staleness: Option<Duration>,
+    /// Answer what can be read when a shard cannot be read in time: this
+    /// node's replica (stale) or defaults, instead of unavailable.
+    #[arg(long)]
+    degraded: bool,
     /// Send the same batch this many times and print latency percentiles
     /// instead of the values.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=REPEAT_MAX))]
@@ -67,6 +71,7 @@ pub async fn run(client: &mut Client, args: &GetArgs, json: bool) -> Result<()> 
         max_staleness_ms: args
             .max_staleness
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        degraded: args.degraded,
     };
     if let Some(repeat) = args.repeat {
         return measure(client, request, repeat, json).await;
