@@ -24,7 +24,7 @@ mod ttl_filter;
 pub mod value;
 pub mod view;
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, SkewedClock, SystemClock};
 pub use error::{EngineError, ViewError};
 pub use registry::{Catalog, Registry};
 pub use row::{RowFreshness, StoredRow};

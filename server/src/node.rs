@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quiver_engine::store::BlockCache;
-use quiver_engine::{Catalog, Clock, FeatureView, Registry, StoreOptions, SystemClock};
+use quiver_engine::{
+    Catalog, Clock, FeatureView, Registry, SkewedClock, StoreOptions, SystemClock,
+};
 
 use quiver_raft::{Command, GroupId, METADATA_GROUP, RequestId, Response as Applied};
 
@@ -21,6 +23,10 @@ use crate::error::ServiceError;
 /// Memtable size of each group's store: a node holds many groups, so each
 /// gets a small one.
 const GROUP_WRITE_BUFFER_BYTES: usize = 16 << 20;
+
+/// Names a file in the data directory whose content (µs) offsets this
+/// node's wall clock: for fault tests, never set in production.
+pub const CLOCK_SKEW_FILE_ENV: &str = "QUIVER_TEST_CLOCK_SKEW_FILE";
 
 /// Everything a request handler needs.
 #[derive(Debug)]
@@ -87,7 +93,16 @@ impl Node {
         listen_addr: SocketAddr,
         peer_addr: SocketAddr,
     ) -> Result<Node, ClusterError> {
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let clock: Arc<dyn Clock> = match std::env::var_os(CLOCK_SKEW_FILE_ENV) {
+            // Fault tests only (the nemesis's clock jumps): the named file,
+            // in the data directory, holds this node's wall-clock offset.
+            Some(name) => {
+                let path = config.data_dir.join(name);
+                tracing::warn!(path = %path.display(), "test-only wall-clock skew file in use");
+                Arc::new(SkewedClock::watching(path))
+            }
+            None => Arc::new(SystemClock),
+        };
         let registry = Registry::default();
         let cache = Arc::new(HotCache::new(
             config.cache.bytes_max,

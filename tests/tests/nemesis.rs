@@ -5,8 +5,8 @@
 //! peer connections refused, or black-holed so calls wait out their
 //! deadlines), one-way partitions (a node that can send but not be reached,
 //! or the reverse), and two nodes cut from each other while both reach the
-//! third; and every group's leadership handed to one node at once (the
-//! admin `TransferLeader`). Partitions go through a proxy per directed peer link
+//! third; every group's leadership handed to one node at once (the admin
+//! `TransferLeader`); and one node's wall clock jumping. Partitions go through a proxy per directed peer link
 //! (tests/src/links.rs); clients always reach every node. Afterwards every
 //! key's history must be linearizable (tests/src/linearizability.rs) and no
 //! acknowledged write may be missing.
@@ -27,10 +27,12 @@
 //! `scripts/nemesis.sh` runs the long campaign. `make test` runs two short
 //! seeds.
 //!
-//! Not here: clock jumps. Nothing this test checks reads the wall clock
-//! (leases and timeouts use monotonic time; event times come from the
-//! clients); the wall clock only stamps entries' leader time and moves ttl
-//! expiry floors, whose rules have their own tests.
+//! Clock jumps: one node's wall clock (the one quiverd reads: entries'
+//! leader times, ttl judgement, the write path's future check) jumps by up
+//! to 10 minutes either way and back, through a test-only skew file
+//! (`QUIVER_TEST_CLOCK_SKEW_FILE`); leases and timeouts use monotonic time
+//! and must not notice. The counter view has no ttl, so a jump changes no
+//! answer the checks look at, which is the claim tested.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -68,10 +70,15 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
 const REPLICA_STALENESS_BOUND_US: u64 = 2_000_000;
 /// The cluster: few shards, and replicas that serve only when caught up
 /// with what their leader last told them (so staleness is bounded in time).
-const NEMESIS_ENV: [(&str, &str); 2] = [
+const NEMESIS_ENV: [(&str, &str); 3] = [
     FOUR_SHARDS[0],
     ("QUIVER_CLUSTER__REPLICA_LAG_ENTRIES_MAX", "0"),
+    // Each node's wall clock follows this file in its data directory.
+    ("QUIVER_TEST_CLOCK_SKEW_FILE", CLOCK_SKEW_FILE),
 ];
+
+/// See `NEMESIS_ENV`.
+const CLOCK_SKEW_FILE: &str = "clock-skew-us";
 
 /// What one handover fault did, per group.
 #[derive(Debug, Default)]
@@ -283,7 +290,7 @@ async fn run(seed: u64, length: Duration) {
         } else {
             LinkState::Blackhole
         };
-        match rng.random_range(0..7u32) {
+        match rng.random_range(0..8u32) {
             0 => {
                 report
                     .faults
@@ -299,6 +306,21 @@ async fn run(seed: u64, length: Duration) {
                 cluster.node(victim).pause().unwrap();
                 tokio::time::sleep(down).await;
                 cluster.node(victim).resume().unwrap();
+            }
+            7 => {
+                // One node's wall clock jumps, up to 10 minutes either way,
+                // and back: leader times, ttl judgement and the write
+                // path's "too far in the future" check read it; leases and
+                // timeouts (monotonic) must not care.
+                let jump_s =
+                    rng.random_range(1..=600i64) * if rng.random_bool(0.5) { 1 } else { -1 };
+                let file = cluster.node(victim).data_dir().join(CLOCK_SKEW_FILE);
+                std::fs::write(&file, (jump_s * 1_000_000).to_string()).unwrap();
+                report.faults.push(format!(
+                    "node {victim}'s wall clock {jump_s:+} s for {down:?}"
+                ));
+                tokio::time::sleep(down).await;
+                std::fs::write(&file, "0").unwrap();
             }
             6 => {
                 // Every group handed to one node at once, through a random
