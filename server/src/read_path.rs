@@ -92,16 +92,16 @@ enum OnFailure {
     /// Its rows are `UNAVAILABLE`.
     Strict,
     /// This node's replica answers (`STALE`), else defaults; the normal
-    /// read gets `budget`, if the call has a deadline.
-    Degraded { budget: Option<std::time::Duration> },
+    /// read must be done by `until`, if the call has a deadline.
+    Degraded { until: Option<tokio::time::Instant> },
 }
 
-/// Serves a Get; `deadline` is the caller's (`grpc-timeout`), if it gave
-/// one.
+/// Serves a Get; `deadline` is when the call arrived and the caller's
+/// timeout (`grpc-timeout`), if it gave one.
 pub async fn get(
     node: &Node,
     request: pb::GetRequest,
-    deadline: Option<std::time::Duration>,
+    deadline: Option<(tokio::time::Instant, std::time::Duration)>,
 ) -> Result<pb::GetResponse, ServiceError> {
     let limits = &node.limits;
     if request.entity_keys.is_empty() {
@@ -130,6 +130,11 @@ pub async fn get(
         pb::Consistency::Strong if within_ms > 0 => {
             return Err(ServiceError::InvalidArgument(
                 "max_staleness_ms allows a stale answer; a STRONG read allows none".into(),
+            ));
+        }
+        pb::Consistency::Strong if request.degraded => {
+            return Err(ServiceError::InvalidArgument(
+                "degraded allows a stale answer; a STRONG read allows none".into(),
             ));
         }
         pb::Consistency::Strong => ReadLevel::Strong,
@@ -186,7 +191,8 @@ pub async fn get(
 
     let on_failure = if request.degraded {
         OnFailure::Degraded {
-            budget: deadline.map(|d| d.mul_f64(DEGRADED_BUDGET_SHARE)),
+            until: deadline
+                .map(|(arrived, timeout)| arrived + timeout.mul_f64(DEGRADED_BUDGET_SHARE)),
         }
     } else {
         OnFailure::Strict
@@ -245,11 +251,12 @@ pub async fn get(
         entities,
         sources: sources
             .into_iter()
-            .map(|s| pb::ReadSource {
+            .map(|(s, stale)| pb::ReadSource {
                 shard: s.group,
                 node_id: s.node_id,
                 leader: s.leader,
                 applied_index: s.applied_index,
+                stale,
             })
             .collect(),
     })
@@ -266,7 +273,7 @@ async fn fetch(
     level: ReadLevel,
     use_cache: bool,
     on_failure: OnFailure,
-) -> (Vec<Fetched>, Vec<bool>, Vec<ReadSource>) {
+) -> (Vec<Fetched>, Vec<bool>, Vec<(ReadSource, bool)>) {
     let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<Vec<u8>>)> = BTreeMap::new();
     for (k, key) in keys.iter().enumerate() {
         let shard = node.cluster.placement.shard_of_key(key);
@@ -283,8 +290,8 @@ async fn fetch(
                 OnFailure::Strict => read_shard(node, shard, storage_keys, level, use_cache)
                     .await
                     .map(|(rows, source)| (rows, source, false)),
-                OnFailure::Degraded { budget } => {
-                    read_degraded(node, shard, storage_keys, level, use_cache, budget).await
+                OnFailure::Degraded { until } => {
+                    read_degraded(node, shard, storage_keys, level, use_cache, until).await
                 }
             };
             (slots, rows)
@@ -295,7 +302,7 @@ async fn fetch(
     for (slots, shard_rows) in futures::future::join_all(reads).await {
         match shard_rows {
             Ok((rows, source, from_fallback)) => {
-                sources.push(source);
+                sources.push((source, from_fallback));
                 for (slot, row) in slots.into_iter().zip(rows) {
                     results[slot] = row;
                     stale[slot] = from_fallback;
@@ -320,15 +327,15 @@ async fn read_degraded(
     keys: Vec<Vec<u8>>,
     level: ReadLevel,
     use_cache: bool,
-    budget: Option<std::time::Duration>,
+    until: Option<tokio::time::Instant>,
 ) -> Result<(Vec<Fetched>, ReadSource, bool), ServiceError> {
     let attempt = read_shard(node, shard, keys.clone(), level, use_cache);
-    let outcome = match budget {
-        Some(budget) => tokio::time::timeout(budget, attempt)
+    let outcome = match until {
+        Some(until) => tokio::time::timeout_at(until, attempt)
             .await
             .unwrap_or_else(|_| {
                 Err(ServiceError::TaskFailed(format!(
-                    "shard {shard}: no answer within {budget:?}"
+                    "shard {shard}: no answer within the call's budget"
                 )))
             }),
         None => attempt.await,
@@ -340,17 +347,14 @@ async fn read_degraded(
     let Some(hosted) = node.cluster.group(shard) else {
         return Err(error);
     };
-    tracing::debug!(shard, %error, "degraded read: answering from this node's replica");
+    tracing::warn!(shard, %error, "degraded read: answering from this node's replica");
     let state = hosted.state.clone();
-    let source = ReadSource {
-        group: shard,
-        node_id: node.cluster.node_id,
-        leader: false,
-        applied_index: state.applied().map_or(0, |id| id.index),
-    };
-    let rows = tokio::task::spawn_blocking(move || {
-        state
-            .store()
+    let node_id = node.cluster.node_id;
+    let (rows, applied_index) = tokio::task::spawn_blocking(move || {
+        let store = state.store();
+        // The position of the store read, not of one a snapshot replaced.
+        let applied_index = state.applied().map_or(0, |id| id.index);
+        let rows = store
             .get_rows(&keys)
             .into_iter()
             .map(|row| match row {
@@ -360,9 +364,16 @@ async fn read_degraded(
                     Err(())
                 }
             })
-            .collect::<Vec<Fetched>>()
+            .collect::<Vec<Fetched>>();
+        (rows, applied_index)
     })
     .await?;
+    let source = ReadSource {
+        group: shard,
+        node_id,
+        leader: false,
+        applied_index,
+    };
     Ok((rows, source, true))
 }
 
@@ -532,10 +543,17 @@ fn feature_result(
         return result;
     }
     metrics::counter!("quiver_degraded_serves_total", "status" => "stale").increment(1);
-    match result.status() {
-        // What the stale replica holds, marked as such; a row it does not
-        // have may exist elsewhere: STALE without a value, not NOT_FOUND.
-        pb::FeatureStatus::Present | pb::FeatureStatus::NotFound => pb::FeatureResult {
+    match fetched {
+        // A row the stale replica does not have may exist elsewhere: STALE
+        // without a value, not NOT_FOUND or the default.
+        Ok(None) => pb::FeatureResult {
+            value: None,
+            status: pb::FeatureStatus::Stale as i32,
+            event_ts_us: 0,
+        },
+        // What it holds, marked as such (the source says STALE too, for
+        // NULL_VALUE and OUTSIDE_MAX_AGE judged from it).
+        Ok(Some(_)) if result.status() == pb::FeatureStatus::Present => pb::FeatureResult {
             status: pb::FeatureStatus::Stale as i32,
             ..result
         },

@@ -51,7 +51,9 @@ fn per_shard(
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
+    // `to_str` succeeded, so the value is visible ASCII and the split above
+    // fell on a character boundary; the spec allows digits only (no sign).
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let amount: u64 = digits.parse().ok()?;
@@ -209,7 +211,9 @@ impl FeatureStore for FeatureStoreService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let deadline = grpc_timeout(request.metadata());
+        // The deadline counts from the call's arrival, admission included.
+        let deadline =
+            grpc_timeout(request.metadata()).map(|timeout| (tokio::time::Instant::now(), timeout));
         let response = read_path::get(&self.node, request.into_inner(), deadline).await?;
         Ok(Response::new(response))
     }
@@ -366,7 +370,7 @@ mod tests {
         assert_eq!(with("2S"), Some(Duration::from_secs(2)));
         assert_eq!(with("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(with("99999999n"), Some(Duration::from_nanos(99_999_999)));
-        for bad in ["", "m", "300", "300x", "123456789m", "-1m", "1.5S"] {
+        for bad in ["", "m", "300", "300x", "123456789m", "-1m", "+5m", "1.5S"] {
             assert_eq!(with(bad), None, "{bad:?}");
         }
         assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);

@@ -256,28 +256,46 @@ pub const STALL_MS: u64 = 300;
 #[derive(Debug, Default)]
 pub struct StallWatch {
     last_tick_ms: AtomicU64,
-    blocked_until_ms: AtomicU64,
+    /// The last stall: when it was noticed, and how long it lasted (at
+    /// most: the gap between two ticks).
+    stalled_ms: AtomicU64,
+    stall_len_ms: AtomicU64,
 }
 
 impl StallWatch {
-    /// A tick at `now_ms`; after a stall, blocks for `block_ms`.
-    pub fn tick(&self, now_ms: u64, block_ms: u64) {
+    /// A tick at `now_ms`.
+    pub fn tick(&self, now_ms: u64) {
         let last = self.last_tick_ms.swap(now_ms, Ordering::SeqCst);
-        if last > 0 && now_ms.saturating_sub(last) > STALL_MS {
-            self.blocked_until_ms
-                .fetch_max(now_ms.saturating_add(block_ms), Ordering::SeqCst);
+        let gap = now_ms.saturating_sub(last);
+        if last > 0 && gap > STALL_MS {
+            self.stall_len_ms.store(gap, Ordering::SeqCst);
+            self.stalled_ms.store(now_ms, Ordering::SeqCst);
         }
     }
 
-    /// Whether this replica's state may be trusted as fresh at `now_ms`:
-    /// the watch ticked lately (so no stall is under way unnoticed, as right
-    /// after a `SIGCONT`, before the watch runs) and no stall ended within
-    /// the block window.
-    pub fn clear(&self, now_ms: u64) -> bool {
+    /// How recent a contact stamp must be at `now_ms` for a read that
+    /// accepts contact within `window_ms`, or `None` if this replica's state
+    /// is not to be trusted now: while the watch has not ticked lately (a
+    /// stall under way unnoticed, as right after a `SIGCONT`), and for
+    /// `block_ms` (the lease) after a stall, as for every `REPLICA` read.
+    /// A larger window is then still within reach of stamps made from
+    /// messages that waited in the socket, up to the stall's length L too
+    /// young: until `window_ms` after the stall it shrinks by L.
+    pub fn window(&self, now_ms: u64, window_ms: u64, block_ms: u64) -> Option<u64> {
         let last = self.last_tick_ms.load(Ordering::SeqCst);
-        last > 0
-            && now_ms.saturating_sub(last) <= STALL_MS
-            && now_ms >= self.blocked_until_ms.load(Ordering::SeqCst)
+        if last == 0 || now_ms.saturating_sub(last) > STALL_MS {
+            return None;
+        }
+        let stalled = self.stalled_ms.load(Ordering::SeqCst);
+        if stalled == 0 || now_ms >= stalled.saturating_add(window_ms.max(block_ms)) {
+            return Some(window_ms);
+        }
+        if now_ms < stalled.saturating_add(block_ms) {
+            return None;
+        }
+        window_ms
+            .checked_sub(self.stall_len_ms.load(Ordering::SeqCst))
+            .filter(|&w| w > 0)
     }
 }
 
@@ -439,9 +457,12 @@ impl Cluster {
             return false;
         };
         let now = self.now_ms();
-        if !self.stall.clear(now) {
+        let Some(within_ms) =
+            self.stall
+                .window(now, within_ms, self.config.election_timeout_max_ms)
+        else {
             return false;
-        }
+        };
         if is_recent(
             hosted.pulse.leader_contact_ms.load(Ordering::SeqCst),
             now,
@@ -801,9 +822,7 @@ pub(super) async fn liveness_loop(cluster: std::sync::Weak<Cluster>, interval: D
 /// Ticks the stall watch until the cluster is dropped.
 pub(super) async fn stall_loop(cluster: std::sync::Weak<Cluster>) {
     every(cluster, Duration::from_millis(STALL_TICK_MS), |cluster| {
-        cluster
-            .stall
-            .tick(cluster.now_ms(), cluster.config.election_timeout_max_ms);
+        cluster.stall.tick(cluster.now_ms());
     })
     .await;
 }
@@ -815,21 +834,43 @@ mod tests {
     #[test]
     fn a_stall_blocks_replica_reads_until_stale_contacts_age_out() {
         let watch = StallWatch::default();
-        assert!(!watch.clear(50), "not before the first tick");
-        watch.tick(100, 1_000);
-        assert!(watch.clear(150));
-        watch.tick(200, 1_000);
+        assert_eq!(
+            watch.window(50, 1_000, 1_000),
+            None,
+            "not before the first tick"
+        );
+        watch.tick(100);
+        assert_eq!(watch.window(150, 1_000, 1_000), Some(1_000));
+        watch.tick(200);
         // Stopped from 200 to 2,000: before the watch runs again, the late
         // tick itself says so.
-        assert!(!watch.clear(2_000));
-        watch.tick(2_000, 1_000);
-        assert!(!watch.clear(2_050), "blocked after the stall");
+        assert_eq!(watch.window(2_000, 1_000, 1_000), None);
+        watch.tick(2_000);
+        assert_eq!(
+            watch.window(2_050, 1_000, 1_000),
+            None,
+            "blocked after the stall"
+        );
         for now in (2_100..3_000).step_by(100) {
-            watch.tick(now, 1_000);
-            assert!(!watch.clear(now));
+            watch.tick(now);
+            assert_eq!(watch.window(now, 1_000, 1_000), None);
         }
-        watch.tick(3_000, 1_000);
-        assert!(watch.clear(3_000), "open again once contacts aged out");
+        watch.tick(3_000);
+        assert_eq!(
+            watch.window(3_000, 1_000, 1_000),
+            Some(1_000),
+            "contacts aged out"
+        );
+        // A read accepting older contact (a caller's staleness budget):
+        // blocked for the lease as every read, then until its whole window
+        // after the stall has passed, the window shrinks by the stall's
+        // length (1.8 s), since a stamp may be that much too young.
+        assert_eq!(watch.window(2_500, 10_000, 1_000), None);
+        assert_eq!(watch.window(3_000, 10_000, 1_000), Some(8_200));
+        for now in (3_100..12_000).step_by(100) {
+            watch.tick(now);
+        }
+        assert_eq!(watch.window(12_000, 10_000, 1_000), Some(10_000));
     }
 
     #[test]
