@@ -73,7 +73,67 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         .idle_timeout(MetricKindMask::GAUGE, Some(METRICS_GAUGE_IDLE))
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS_SECONDS)?
         .install_recorder()?;
+    describe();
     Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// HELP lines (docs/operations.md has the full table).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "quiver_requests_total",
+        "Calls on the client port by method and status code."
+    );
+    describe_histogram!(
+        "quiver_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to the response headers, by method."
+    );
+    describe_counter!(
+        "quiver_rows_applied_total",
+        "Rows this node's replicas applied."
+    );
+    describe_counter!(
+        "quiver_rows_stale_total",
+        "Rows refused as older than the stored row."
+    );
+    describe_counter!(
+        "quiver_cache_hits_total",
+        "Hot cache lookups served from the cache."
+    );
+    describe_counter!(
+        "quiver_cache_misses_total",
+        "Hot cache lookups that went to storage."
+    );
+    describe_gauge!("quiver_group_is_leader", "1 if this node leads the group.");
+    describe_gauge!(
+        "quiver_group_term",
+        "The group's Raft term as this replica knows it."
+    );
+    describe_gauge!(
+        "quiver_group_follower_lag_entries",
+        "On a leader: entries each follower is behind its last log."
+    );
+    describe_gauge!(
+        "quiver_view_newest_event_time_seconds",
+        "Newest event time written through this node, per view."
+    );
+    describe_counter!(
+        "quiver_leader_handovers_total",
+        "Handovers this node started as leader."
+    );
+    describe_gauge!(
+        "quiver_peer_queue_depth_calls",
+        "Calls waiting per peer and lane."
+    );
+    describe_counter!(
+        "quiver_peer_calls_dropped_total",
+        "Peer calls that got no answer."
+    );
+    describe_counter!(
+        "quiver_degraded_serves_total",
+        "Values a degraded Get answered stale or defaulted."
+    );
 }
 
 /// Serves `/metrics` on `listener` until `stop` resolves.
