@@ -1180,3 +1180,135 @@ async fn a_staleness_budget_lets_a_follower_answer_while_its_leader_is_gone() {
         cluster.node(other).restart().await.unwrap();
     }
 }
+
+/// A degraded Get through a node that holds no replica of a shard whose
+/// replicas are all down answers that shard's features with their defaults
+/// (DEFAULTED), and a shard it does hold from its own replica (STALE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_get_falls_back_to_defaults_where_no_replica_is_local() {
+    use quiver_tests::{double, feature, row, write_rows};
+    // Two replicas per shard on three nodes: each node lacks some shards.
+    let mut cluster = start(&[FOUR_SHARDS[0], ("QUIVER_CLUSTER__REPLICATION_FACTOR", "2")]).await;
+    let lone = 1;
+    let mut client = cluster.node(lone).client().await.unwrap();
+    let view = pb::FeatureView {
+        name: "dv".into(),
+        entities: vec!["id".into()],
+        features: vec![feature("score", pb::ValueType::Double, Some(double(0.5)))],
+        ttl_seconds: 0,
+        description: "degraded defaults".into(),
+        version: 0,
+    };
+    apply_view(&mut client, view).await.unwrap();
+    let hosted: Vec<u32> = cluster
+        .node(lone)
+        .client()
+        .await
+        .unwrap()
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups
+        .iter()
+        .map(|g| g.group)
+        .collect();
+    // Keys until one lands on a shard node 1 holds and one on a shard it
+    // does not.
+    let (mut local, mut remote) = (None, None);
+    for i in 0..200 {
+        let key = format!("d{i}");
+        retry("write", LEADER_WAIT, || {
+            let (mut client, key) = (client.clone(), key.clone());
+            async move {
+                write_rows(
+                    &mut client,
+                    "dv",
+                    vec![row(&key, quiver_tests::now_us(), &[("score", double(0.9))])],
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        let answer = client
+            .get(pb::GetRequest {
+                entity_keys: vec![key.clone()],
+                features: vec!["dv:score".into()],
+                consistency: pb::Consistency::Strong as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let shard = answer.sources[0].shard;
+        if hosted.contains(&shard) {
+            local.get_or_insert(key);
+        } else {
+            remote.get_or_insert(key);
+        }
+        if local.is_some() && remote.is_some() {
+            break;
+        }
+    }
+    let (local, remote) = (local.unwrap(), remote.unwrap());
+    // The local key's value is on node 1's replica before the others go.
+    retry("node 1 holds the local key", CONVERGE_WAIT, || {
+        let (mut client, local) = (client.clone(), local.clone());
+        async move {
+            let answer = client
+                .get(pb::GetRequest {
+                    entity_keys: vec![local],
+                    features: vec!["dv:score".into()],
+                    consistency: pb::Consistency::Replica as i32,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            (answer.sources[0].node_id == lone
+                && answer.entities[0].features[0].status() == pb::FeatureStatus::Present)
+                .then_some(())
+                .ok_or_else(|| format!("{answer:?}"))
+        }
+    })
+    .await;
+    cluster.node(2).kill9().unwrap();
+    cluster.node(3).kill9().unwrap();
+    let mut request = tonic::Request::new(pb::GetRequest {
+        entity_keys: vec![local.clone(), remote.clone()],
+        features: vec!["dv:score".into()],
+        consistency: pb::Consistency::Leader as i32,
+        degraded: true,
+        ..Default::default()
+    });
+    request.set_timeout(std::time::Duration::from_secs(1));
+    let answer = client.get(request).await.unwrap().into_inner();
+    let value = |e: usize| answer.entities[e].features[0].clone();
+    // Node 1 may still lead the local key's shard under its lease (no other
+    // leader can be elected with the other replica down): PRESENT then,
+    // STALE from its replica after.
+    assert!(
+        matches!(
+            value(0).status(),
+            pb::FeatureStatus::Stale | pb::FeatureStatus::Present
+        ),
+        "{answer:?}"
+    );
+    assert_eq!(
+        value(0).value.and_then(|v| v.kind),
+        Some(pb::value::Kind::DoubleVal(0.9))
+    );
+    assert_eq!(
+        value(1).status(),
+        pb::FeatureStatus::Defaulted,
+        "{answer:?}"
+    );
+    assert_eq!(
+        value(1).value.and_then(|v| v.kind),
+        Some(pb::value::Kind::DoubleVal(0.5))
+    );
+    cluster.node(2).restart().await.unwrap();
+    cluster.node(3).restart().await.unwrap();
+}
