@@ -68,15 +68,20 @@ pub async fn serve(
             "cluster.secret is empty: any host that reaches the peer port can act as a peer"
         );
     }
+    // Bound before the node opens: a taken port fails the start before any
+    // Raft group runs.
+    let metrics_listener = match config.metrics_listen_addr {
+        None => None,
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("bind the metrics listener {addr}: {e}"))
+        })?),
+    };
     let node = Arc::new(Node::open(&config, listen_addr, peer_addr).await?);
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let metrics_server = match config.metrics_listen_addr {
+    let metrics_server = match metrics_listener {
         None => None,
-        Some(addr) => {
+        Some(listener) => {
             let handle = crate::metrics::install()?;
-            let listener = TcpListener::bind(addr).await.map_err(|e| {
-                std::io::Error::new(e.kind(), format!("bind the metrics listener {addr}: {e}"))
-            })?;
             let bound = listener.local_addr()?;
             // Scripts read the bound address (port 0 picks one) as they do
             // the client and peer ones.
