@@ -713,18 +713,8 @@ async fn leadership_moves_on_request_and_on_shutdown_without_an_election_timeout
     let election_timeout_min = std::time::Duration::from_millis(5000);
     let mut cluster = start(&SLOW_ELECTIONS).await;
     let c1 = cluster.node(1).client().await.unwrap();
-    apply_counter_view(&c1).await;
     let key = "handover".to_owned();
-    let mut probe = c1.clone();
-    let (_, sources) = read_values(
-        &mut probe,
-        std::slice::from_ref(&key),
-        pb::Consistency::Leader,
-    )
-    .await
-    .unwrap();
-    let shard = sources[0].shard;
-    let leader = leader_of(&mut cluster, shard).await;
+    let (shard, leader) = write_and_locate(&mut cluster, &c1, &key, 0).await;
     let target = (1..=3).find(|&n| n != leader).unwrap();
     let third = (1..=3).find(|&n| n != leader && n != target).unwrap();
 
