@@ -62,16 +62,17 @@ fn keys(c: &mut Criterion) {
             .collect(),
         ..Default::default()
     };
-    let placement = quiver_server::cluster::placement::Placement::new(&cluster, "", "");
+    let layout = quiver_server::cluster::placement::StaticLayout::new(&cluster, "", "");
+    let map = std::sync::Arc::new(layout.map.clone());
+    let placement = quiver_server::cluster::placement::Placement::new(map.clone(), true);
     group.bench_function("shard_of_key_16_shards", |b| {
         b.iter(|| placement.shard_of_key(std::hint::black_box("user:0000123456")))
     });
     group.bench_function("placement_3_nodes_16_shards", |b| {
         b.iter(|| {
             quiver_server::cluster::placement::Placement::new(
-                std::hint::black_box(&cluster),
-                "",
-                "",
+                std::hint::black_box(map.clone()),
+                true,
             )
         })
     });

@@ -4,6 +4,8 @@
 //!
 //! - [`types`]: the openraft type configuration and the replicated commands
 //!   (each in a [`Proposal`] with a request id and the leader's clock);
+//! - [`cluster_map`]: the cluster map (nodes, shards and their replicas,
+//!   operators), state of the metadata group;
 //! - [`log_store`]: `RaftLogStorage` on [`quiver_engine::seglog`];
 //! - [`state_machine`]: `RaftStateMachine` on [`quiver_engine::StateStore`],
 //!   snapshots as RocksDB checkpoints with a manifest of every file's size
@@ -17,6 +19,7 @@
 // Tests may unwrap; production code may not (workspace lint).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cluster_map;
 pub mod log_store;
 pub mod state_machine;
 pub mod types;
@@ -24,7 +27,8 @@ pub mod types;
 pub use log_store::LogStore;
 pub use state_machine::{ApplyObserver, Manifest, NoObserver, SnapshotDir, StateMachine};
 pub use types::{
-    Command, GroupId, METADATA_GROUP, NodeId, Proposal, RequestId, Response, TypeConfig,
+    Command, GroupId, METADATA_GROUP, NODE_ID_MAX, NodeId, Proposal, ReplicaId, RequestId,
+    Response, TypeConfig,
 };
 
 /// A Raft group handle of Quiver's configuration.

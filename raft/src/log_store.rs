@@ -316,7 +316,7 @@ mod tests {
 
     fn entry(index: u64, key: &str, value: i64) -> Entry {
         Entry::new_normal(
-            openraft::testing::log_id::<TypeConfig>(3, 1, index),
+            openraft::testing::log_id::<TypeConfig>(3, crate::ReplicaId(1), index),
             Proposal {
                 request_id: (u128::from(index) << 64) | 7,
                 leader_ts_us: 1_700_000_000_000_000,

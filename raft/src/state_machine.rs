@@ -31,12 +31,16 @@ use quiver_engine::keys::ViewId;
 use quiver_engine::{StateStore, StoreOptions};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster_map::{ClusterMap, MapCommand, MapError, MapOutcome};
 use crate::types::{
-    Command, Entry, GroupId, LogId, Proposal, RejectKind, Response, SnapshotMeta, StoredMembership,
-    TypeConfig,
+    Command, Entry, GroupId, LogId, METADATA_GROUP, Proposal, RejectKind, Response, SnapshotMeta,
+    StoredMembership, TypeConfig,
 };
 
 const APPLIED_KEY: &[u8] = b"raft/applied";
+/// The cluster map (metadata group only), written in the batch of the entry
+/// that changed it.
+const MAP_KEY: &[u8] = b"cluster/map";
 /// The shard's leader time (µs, big-endian i64): the largest leader time of
 /// any applied entry. Written in the batch of the entry that raised it, so
 /// checkpoints and snapshots carry it with the applied position.
@@ -245,6 +249,9 @@ struct Shared {
     leader_time_us: std::sync::atomic::AtomicI64,
     snapshot: Mutex<Option<SnapshotDir>>,
     observer: Arc<dyn ApplyObserver>,
+    /// The cluster map as of the last applied entry (metadata group; `None`
+    /// before it is bootstrapped, and always in shard groups).
+    map: tokio::sync::watch::Sender<Option<Arc<ClusterMap>>>,
     /// Held shared while a snapshot is built from the live store, exclusive
     /// while an install swaps the store and deletes the old one.
     swap: parking_lot::RwLock<()>,
@@ -292,6 +299,7 @@ impl StateMachine {
             StateStore::open(db_path(&dir, generation), options.clone()).map_err(engine_io)?;
         let applied = read_applied(&store)?;
         let leader_time_us = read_leader_time(&store)?;
+        let map = read_map(&store)?;
         remove_stale_dirs(&dir, generation);
         let snapshot = latest_snapshot(&dir.join(SNAPSHOTS_DIR));
         Ok(Self {
@@ -305,6 +313,7 @@ impl StateMachine {
                 leader_time_us: std::sync::atomic::AtomicI64::new(leader_time_us),
                 snapshot: Mutex::new(snapshot),
                 observer,
+                map: tokio::sync::watch::Sender::new(map),
                 swap: parking_lot::RwLock::new(()),
             }),
         })
@@ -331,6 +340,17 @@ impl StateMachine {
         self.shared
             .leader_time_us
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The cluster map as of the last applied entry, and its changes
+    /// (metadata group).
+    pub fn watch_map(&self) -> tokio::sync::watch::Receiver<Option<Arc<ClusterMap>>> {
+        self.shared.map.subscribe()
+    }
+
+    /// The cluster map as of the last applied entry.
+    pub fn cluster_map(&self) -> Option<Arc<ClusterMap>> {
+        self.shared.map.borrow().clone()
     }
 
     /// The state directory.
@@ -501,6 +521,7 @@ impl StateMachine {
                     views_advanced: moved.len() as u64,
                 }
             }
+            Command::Map(command) => self.apply_map(command, leader_ts_us, meta_puts)?,
             Command::DeleteView { name } => match store.delete_view_with(&name, meta_puts) {
                 Ok(view) => {
                     self.shared.observer.view_invalidated(view.id);
@@ -630,6 +651,7 @@ impl StateMachine {
         sync_dir(&next_db)?;
         let store = StateStore::open(&next_db, self.shared.options.clone()).map_err(engine_io)?;
         let leader_time_us = read_leader_time(&store)?;
+        let map = read_map(&store)?;
         // The checkpoint holds the applied position its data corresponds to;
         // record what openraft installed, in case they differ in form.
         let meta_bytes = encode_applied(&meta.last_log_id, &meta.last_membership)?;
@@ -649,6 +671,7 @@ impl StateMachine {
         self.shared
             .leader_time_us
             .store(leader_time_us, std::sync::atomic::Ordering::SeqCst);
+        self.shared.map.send_replace(map);
         self.shared.observer.store_replaced();
         self.replace_current_snapshot(own);
         // Readers may still hold the old store for a moment; RocksDB keeps
@@ -664,6 +687,61 @@ impl StateMachine {
 }
 
 impl StateMachine {
+    /// Applies a cluster-map command: the new map is written in the entry's
+    /// batch and published; a refusal is recorded like any other.
+    fn apply_map(
+        &self,
+        command: MapCommand,
+        leader_ts_us: i64,
+        meta_puts: quiver_engine::store::MetaPuts<'_>,
+    ) -> io::Result<Response> {
+        let current = self.cluster_map();
+        let result = if self.shared.group != METADATA_GROUP {
+            Err(MapError::Invalid(
+                "cluster-map commands belong to the metadata group".into(),
+            ))
+        } else {
+            match (current, command) {
+                (None, MapCommand::Bootstrap(map)) => map.check().map(|()| {
+                    let version = map.version;
+                    (*map, MapOutcome::Changed { version })
+                }),
+                (None, _) => Err(MapError::NotFound(
+                    "the cluster map is not bootstrapped yet".into(),
+                )),
+                (Some(map), command) => {
+                    let mut next = (*map).clone();
+                    next.apply(command, leader_ts_us)
+                        .map(|outcome| (next, outcome))
+                }
+            }
+        };
+        match result {
+            Ok((next, outcome)) => {
+                let bytes = next.encode().map_err(io::Error::other)?;
+                let mut puts = meta_puts.to_vec();
+                puts.push((MAP_KEY, Some(bytes.as_slice())));
+                self.store().put_meta(&puts).map_err(engine_io)?;
+                self.shared.map.send_replace(Some(Arc::new(next)));
+                Ok(Response::Map(outcome))
+            }
+            Err(error) => {
+                let kind = match &error {
+                    MapError::NotFound(_) => RejectKind::NotFound,
+                    MapError::Conflict(_) => RejectKind::Conflict,
+                    MapError::Invalid(_) => RejectKind::Invalid,
+                };
+                self.refuse(
+                    Response::Rejected {
+                        kind,
+                        message: error.to_string(),
+                    },
+                    meta_puts,
+                )
+            }
+        }
+    }
+
     /// A command the store refused deterministically still counts as applied:
     /// its log position is recorded, and its request id with the refusal
     /// itself (so a retry is answered with the same refusal, not judged
@@ -673,7 +751,16 @@ impl StateMachine {
         error: EngineError,
         meta_puts: quiver_engine::store::MetaPuts<'_>,
     ) -> io::Result<Response> {
-        let response = rejection(error)?;
+        self.refuse(rejection(error)?, meta_puts)
+    }
+
+    /// Records `response` (a refusal) as the outcome of the entry's request
+    /// id, with the entry's position.
+    fn refuse(
+        &self,
+        response: Response,
+        meta_puts: quiver_engine::store::MetaPuts<'_>,
+    ) -> io::Result<Response> {
         let outcome = postcard::to_stdvec(&response).map_err(io::Error::other)?;
         let puts: Vec<(&[u8], Option<&[u8]>)> = meta_puts
             .iter()
@@ -833,6 +920,16 @@ fn read_leader_time(store: &StateStore) -> io::Result<i64> {
         Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
             .map(i64::from_be_bytes)
             .map_err(|_| invalid(format!("leader time record of {} bytes", bytes.len()))),
+    }
+}
+
+/// The stored cluster map, checked; an undecodable one is corruption.
+fn read_map(store: &StateStore) -> io::Result<Option<Arc<ClusterMap>>> {
+    match store.get_meta(MAP_KEY).map_err(engine_io)? {
+        None => Ok(None),
+        Some(bytes) => ClusterMap::decode(&bytes)
+            .map(|map| Some(Arc::new(map)))
+            .map_err(|e| invalid(format!("stored cluster map: {e}"))),
     }
 }
 

@@ -6,23 +6,88 @@ use quiver_engine::store::RowWrite;
 use quiver_engine::view::{FeatureView, ViewSpec};
 use serde::{Deserialize, Serialize};
 
-/// A node of the cluster.
+/// A node of the cluster: one `quiverd` process and its data directory.
+/// Ids are `1..=NODE_ID_MAX` and never reused: a node that leaves is
+/// remembered as removed, a joining node gets the next unused id.
 pub type NodeId = u64;
 
-/// A Raft group: 0 is the metadata group (feature-view registry), shards are
-/// `1..=shard_count`.
+/// The largest node id: a [`ReplicaId`] keeps the node in its low 32 bits.
+pub const NODE_ID_MAX: NodeId = u32::MAX as NodeId;
+
+/// One replica of one Raft group: openraft's node id.
+///
+/// openraft forbids reusing an id inside a group: a replica that came back
+/// empty under an id that once voted could replay a membership in which it
+/// is part of a quorum, and nothing would notice. So a replica's id is its
+/// node (low 32 bits) and an incarnation (high 32 bits) drawn from the
+/// cluster map's never-decreasing counter whenever a replica is created on
+/// a running cluster; a node that hosts a group again after giving it away
+/// hosts it under a new id. The replicas a node creates at the first start
+/// of a static cluster have incarnation 0, so their id is the node id (what
+/// every id was before replica ids existed: the stored format is the same).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct ReplicaId(pub u64);
+
+impl ReplicaId {
+    /// The replica of `node` with `incarnation`.
+    pub fn new(node: NodeId, incarnation: u32) -> ReplicaId {
+        ReplicaId((u64::from(incarnation) << 32) | (node & NODE_ID_MAX))
+    }
+
+    /// The replica a node's first start creates (incarnation 0).
+    pub fn first(node: NodeId) -> ReplicaId {
+        ReplicaId::new(node, 0)
+    }
+
+    /// The node hosting this replica.
+    pub fn node(self) -> NodeId {
+        self.0 & NODE_ID_MAX
+    }
+
+    /// Which of the node's replicas of the group this is.
+    pub fn incarnation(self) -> u32 {
+        // The high half of a u64 fits a u32.
+        (self.0 >> 32) as u32
+    }
+}
+
+impl fmt::Display for ReplicaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.incarnation() {
+            0 => write!(f, "{}", self.node()),
+            incarnation => write!(f, "{}.{incarnation}", self.node()),
+        }
+    }
+}
+
+/// openraft's storage conformance suite builds ids from numbers; Quiver's
+/// own code builds them with [`ReplicaId::new`].
+impl From<u64> for ReplicaId {
+    fn from(id: u64) -> ReplicaId {
+        ReplicaId(id)
+    }
+}
+
+/// A Raft group: 0 is the metadata group (feature-view registry and cluster
+/// map), shards are numbered from 1 (a static cluster starts with
+/// `1..=shard_count`; splits allocate more from the cluster map).
 pub type GroupId = u32;
 
 /// The metadata group.
 pub const METADATA_GROUP: GroupId = 0;
 
 openraft::declare_raft_types!(
-    /// Quiver's openraft configuration: commands in, responses out, nodes
-    /// addressed by their peer address.
+    /// Quiver's openraft configuration: commands in, responses out, members
+    /// are replicas (a node hosts one replica of each of its groups); the
+    /// `BasicNode` address is informational, peers are found through the
+    /// cluster map by the replica's node.
     pub TypeConfig:
         D = Proposal,
         R = Response,
-        NodeId = NodeId,
+        NodeId = ReplicaId,
         Node = openraft::BasicNode,
 );
 
@@ -89,6 +154,8 @@ pub enum Command {
         /// `(view id, retention µs)`.
         retention: Vec<(u32, i64)>,
     },
+    /// Change the cluster map (metadata group only).
+    Map(crate::cluster_map::MapCommand),
 }
 
 /// Identifies one proposal across the router's retries: the state machine
@@ -134,6 +201,7 @@ impl fmt::Display for Command {
             Command::Expire { retention } => {
                 write!(f, "expire rows of {} views", retention.len())
             }
+            Command::Map(command) => write!(f, "{command}"),
         }
     }
 }
@@ -199,4 +267,7 @@ pub enum Response {
         /// Why, for people.
         message: String,
     },
+    /// The cluster map changed (appended last: the encoding of the
+    /// variants before it stays as it was).
+    Map(crate::cluster_map::MapOutcome),
 }

@@ -13,7 +13,7 @@ use openraft::testing::log_id;
 use quiver_engine::keys::storage_key;
 use quiver_engine::{RowWrite, StoreOptions, Value};
 use quiver_raft::types::{Entry, RejectKind};
-use quiver_raft::{Command, NoObserver, Proposal, Response, StateMachine, TypeConfig};
+use quiver_raft::{Command, NoObserver, Proposal, ReplicaId, Response, StateMachine, TypeConfig};
 
 fn options() -> StoreOptions {
     StoreOptions {
@@ -26,7 +26,7 @@ fn options() -> StoreOptions {
 
 fn entry(index: u64, request_id: u128, command: Command) -> Entry {
     Entry::new_normal(
-        log_id::<TypeConfig>(1, 1, index),
+        log_id::<TypeConfig>(1, ReplicaId(1), index),
         Proposal {
             request_id,
             leader_ts_us: 1_000,
@@ -179,7 +179,7 @@ async fn a_refused_command_records_its_position_and_its_id() {
 
 fn expire_at(index: u64, leader_ts_us: i64, retention_us: i64) -> Entry {
     Entry::new_normal(
-        log_id::<TypeConfig>(1, 1, index),
+        log_id::<TypeConfig>(1, ReplicaId(1), index),
         Proposal {
             request_id: 0x100 + u128::from(index),
             leader_ts_us,
@@ -228,7 +228,7 @@ async fn an_expire_entry_moves_the_floor_by_its_own_leader_time_only() {
 /// by a leader of `term`.
 fn write_stamped(index: u64, term: u64, leader_ts_us: i64, event_ts_us: i64, value: i64) -> Entry {
     Entry::new_normal(
-        log_id::<TypeConfig>(term, 1, index),
+        log_id::<TypeConfig>(term, ReplicaId(1), index),
         Proposal {
             request_id: 0x200 + u128::from(index),
             leader_ts_us,
@@ -268,7 +268,7 @@ async fn the_leader_time_never_goes_back_across_leaders_restarts_and_snapshots()
     // at the shard's time, not its own. The expiry floor is 5_000 - 4_400
     // (its own clock would have put it at -1_400 and kept the row).
     let slow = Entry::new_normal(
-        log_id::<TypeConfig>(2, 2, 2),
+        log_id::<TypeConfig>(2, ReplicaId(2), 2),
         Proposal {
             request_id: 0x302,
             leader_ts_us: 2_000,

@@ -16,7 +16,7 @@ use quiver_raft::{Command, NoObserver, Proposal, StateMachine, TypeConfig};
 
 fn write(index: u64) -> Entry {
     Entry::new_normal(
-        log_id::<TypeConfig>(1, 1, index),
+        log_id::<TypeConfig>(1, quiver_raft::ReplicaId(1), index),
         Proposal {
             request_id: u128::from(index),
             leader_ts_us: 1_000,

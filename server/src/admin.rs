@@ -1,13 +1,23 @@
 //! The `quiver.admin.v1.Admin` gRPC service: operator calls, checked here
-//! and carried out by the cluster on whichever node must do them.
+//! and carried out by the cluster on whichever node must do them (changes
+//! of the cluster map go to the metadata group's leader like any proposal).
 
 use quiver_proto::admin as pb;
 use quiver_proto::admin::admin_server::Admin;
-use quiver_raft::NodeId;
+use quiver_raft::cluster_map::{
+    ClusterMap, MapCommand, MapOutcome, NodeState, Operator, OperatorKind, OperatorRequest,
+    ReplicaDesc, ReplicaRole,
+};
+use quiver_raft::{GroupId, NodeId, ReplicaId};
 use tonic::{Request, Response, Status};
 
+use crate::cluster::ClusterError;
+use crate::cluster::scheduler::Planned;
 use crate::error::ServiceError;
 use crate::node::NodeRef;
+
+/// Longest node address accepted in a join.
+const JOIN_ADDR_BYTES_MAX: usize = quiver_raft::cluster_map::NODE_ADDR_BYTES_MAX;
 
 /// The service, sharing one node.
 #[derive(Debug, Clone)]
@@ -20,6 +30,138 @@ impl AdminService {
     pub fn new(node: NodeRef) -> Self {
         Self { node }
     }
+
+    fn map_version(outcome: &MapOutcome) -> u64 {
+        match outcome {
+            MapOutcome::Changed { version } => *version,
+            MapOutcome::NodeAdded { .. } | MapOutcome::OperatorStarted(_) => 0,
+        }
+    }
+}
+
+fn role(replica: &ReplicaDesc) -> String {
+    match replica.role {
+        ReplicaRole::Voter => "voter",
+        ReplicaRole::Learner => "learner",
+    }
+    .to_owned()
+}
+
+fn replica_info(replica: &ReplicaDesc) -> pb::ReplicaInfo {
+    pb::ReplicaInfo {
+        replica_id: replica.id.0,
+        node_id: replica.id.node(),
+        role: role(replica),
+    }
+}
+
+/// An operator as the admin API shows it.
+pub fn operator_info(op: &Operator) -> pb::OperatorInfo {
+    let (kind, from, to) = match op.kind {
+        OperatorKind::Move { from, to } => ("move", from.map_or(0, |r| r.0), to.0),
+        OperatorKind::Remove { replica } => ("remove", replica.0, 0),
+    };
+    pb::OperatorInfo {
+        id: op.id,
+        shard: op.shard,
+        kind: kind.to_owned(),
+        from_replica_id: from,
+        to_replica_id: to,
+        step: op.step.to_string(),
+        reason: op.reason.clone(),
+        started_us: op.started_us,
+        step_started_us: op.step_started_us,
+    }
+}
+
+fn planned_info(planned: &Planned) -> pb::PlannedOperator {
+    let (kind, from, to) = match planned.request {
+        OperatorRequest::Move { from, to_node } => {
+            ("move", from.map_or(0, ReplicaId::node), to_node)
+        }
+        OperatorRequest::Remove { replica } => ("remove", replica.node(), 0),
+    };
+    pb::PlannedOperator {
+        shard: planned.shard,
+        kind: kind.to_owned(),
+        from_node_id: from,
+        to_node_id: to,
+        reason: planned.reason.clone(),
+    }
+}
+
+fn map_response(
+    map: &ClusterMap,
+    replicated: bool,
+    up: impl Fn(NodeId) -> bool,
+) -> pb::GetClusterMapResponse {
+    pb::GetClusterMapResponse {
+        version: map.version,
+        replication_factor: map.replication_factor,
+        nodes: map
+            .nodes
+            .iter()
+            .map(|(&id, info)| pb::NodeInfo {
+                node_id: id,
+                addr: info.addr.clone(),
+                peer_addr: info.peer_addr.clone(),
+                state: info.state.to_string(),
+                replicas: u32::try_from(map.replicas_on(id).count()).unwrap_or(u32::MAX),
+                up: info.state != NodeState::Removed && up(id),
+            })
+            .collect(),
+        shards: map
+            .shards
+            .iter()
+            .map(|(&shard, desc)| pb::ShardInfo {
+                shard,
+                start: desc.start,
+                end: desc.end.unwrap_or(0),
+                to_end: desc.end.is_none(),
+                conf_ver: desc.epoch.conf_ver,
+                version: desc.epoch.version,
+                replicas: desc.replicas.iter().map(replica_info).collect(),
+            })
+            .collect(),
+        operators: map.operators.values().map(operator_info).collect(),
+        replicated,
+        tombstones: map
+            .tombstones
+            .iter()
+            .map(|&(_, id)| pb::ReplicaInfo {
+                replica_id: id.0,
+                node_id: id.node(),
+                role: "removed".into(),
+            })
+            .collect(),
+    }
+}
+
+fn parse_state(state: &str) -> Result<NodeState, Status> {
+    match state {
+        "serving" => Ok(NodeState::Serving),
+        "draining" => Ok(NodeState::Draining),
+        "removed" => Ok(NodeState::Removed),
+        other => Err(Status::invalid_argument(format!(
+            "node state {other:?}: serving, draining or removed"
+        ))),
+    }
+}
+
+fn check_addr(name: &str, addr: &str) -> Result<(), Status> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| Status::invalid_argument(format!("{name} {addr:?} is not host:port")))?;
+    if host.is_empty()
+        || port.parse::<u16>().is_err()
+        || addr.len() > JOIN_ADDR_BYTES_MAX
+        || addr.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(Status::invalid_argument(format!(
+            "{name} {addr:?} is not host:port"
+        )));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -30,10 +172,11 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let request = request.into_inner();
         let to: NodeId = request.to_node_id;
-        if !self.node.cluster.placement.nodes.contains_key(&to) {
+        let placement = self.node.cluster.placement();
+        if !placement.is_member(to) {
             return Err(Status::invalid_argument(format!(
                 "no node {to} in the cluster (nodes: {:?})",
-                self.node.cluster.placement.nodes.keys().collect::<Vec<_>>()
+                placement.peer_addrs().keys().collect::<Vec<_>>()
             )));
         }
         let done = self
@@ -47,6 +190,157 @@ impl Admin for AdminService {
             term: done.term,
             moved: done.moved,
             elapsed_ms: done.elapsed_ms,
+        }))
+    }
+
+    async fn join_cluster(
+        &self,
+        request: Request<pb::JoinClusterRequest>,
+    ) -> Result<Response<pb::JoinClusterResponse>, Status> {
+        let request = request.into_inner();
+        if !self.node.cluster.accepts_secret(&request.secret) {
+            return Err(ServiceError::Unauthenticated(
+                "joining needs the cluster secret (cluster.secret)".into(),
+            )
+            .into());
+        }
+        check_addr("addr", &request.addr)?;
+        check_addr("peer_addr", &request.peer_addr)?;
+        let (node_id, map) = self
+            .node
+            .cluster
+            .join_node(request.addr, request.peer_addr)
+            .await
+            .map_err(ServiceError::from)?;
+        let cluster_map = map
+            .encode()
+            .map_err(|e| Status::internal(format!("encoding the cluster map: {e}")))?;
+        tracing::info!(node_id, "a node joined");
+        Ok(Response::new(pb::JoinClusterResponse {
+            node_id,
+            cluster_map,
+        }))
+    }
+
+    async fn get_cluster_map(
+        &self,
+        _request: Request<pb::GetClusterMapRequest>,
+    ) -> Result<Response<pb::GetClusterMapResponse>, Status> {
+        let cluster = &self.node.cluster;
+        cluster.sync_metadata().await.map_err(ServiceError::from)?;
+        let placement = cluster.placement();
+        Ok(Response::new(map_response(
+            &placement.map,
+            placement.replicated,
+            |node| cluster.node_up(node),
+        )))
+    }
+
+    async fn set_node_state(
+        &self,
+        request: Request<pb::SetNodeStateRequest>,
+    ) -> Result<Response<pb::SetNodeStateResponse>, Status> {
+        let request = request.into_inner();
+        let state = parse_state(&request.state)?;
+        let outcome = self
+            .node
+            .cluster
+            .change_map(MapCommand::SetNodeState {
+                node: request.node_id,
+                state,
+                force: request.force,
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        tracing::info!(node = request.node_id, %state, force = request.force, "node state set");
+        Ok(Response::new(pb::SetNodeStateResponse {
+            map_version: Self::map_version(&outcome),
+        }))
+    }
+
+    async fn move_replica(
+        &self,
+        request: Request<pb::MoveReplicaRequest>,
+    ) -> Result<Response<pb::MoveReplicaResponse>, Status> {
+        let request = request.into_inner();
+        let cluster = &self.node.cluster;
+        cluster.sync_metadata().await.map_err(ServiceError::from)?;
+        let shard: GroupId = request.shard;
+        let placement = cluster.placement();
+        let desc = placement
+            .shard(shard)
+            .ok_or_else(|| ServiceError::from(ClusterError::NoSuchGroup(shard)))?;
+        let from = match request.from_node_id {
+            0 => None,
+            node => Some(
+                desc.replica_on(node)
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "node {node} holds no replica of shard {shard}"
+                        ))
+                    })?
+                    .id,
+            ),
+        };
+        let request = match (from, request.to_node_id) {
+            (None, 0) => {
+                return Err(Status::invalid_argument(
+                    "name the node to move from, the node to move to, or both",
+                ));
+            }
+            (Some(replica), 0) => OperatorRequest::Remove { replica },
+            (from, to_node) => OperatorRequest::Move { from, to_node },
+        };
+        let outcome = cluster
+            .change_map(MapCommand::StartOperator {
+                shard,
+                request,
+                reason: "by hand (quiverctl shard move)".into(),
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        let MapOutcome::OperatorStarted(op) = outcome else {
+            return Err(Status::internal(format!(
+                "unexpected answer to an operator start: {outcome:?}"
+            )));
+        };
+        tracing::info!(shard, op = op.id, kind = ?op.kind, "operator started by hand");
+        Ok(Response::new(pb::MoveReplicaResponse {
+            operator: Some(operator_info(&op)),
+        }))
+    }
+
+    async fn cancel_operator(
+        &self,
+        request: Request<pb::CancelOperatorRequest>,
+    ) -> Result<Response<pb::CancelOperatorResponse>, Status> {
+        let request = request.into_inner();
+        let outcome = self
+            .node
+            .cluster
+            .change_map(MapCommand::CancelOperator {
+                shard: request.shard,
+                id: request.operator_id,
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::CancelOperatorResponse {
+            map_version: Self::map_version(&outcome),
+        }))
+    }
+
+    async fn plan_replicas(
+        &self,
+        _request: Request<pb::PlanReplicasRequest>,
+    ) -> Result<Response<pb::PlanReplicasResponse>, Status> {
+        let planned = self
+            .node
+            .cluster
+            .plan_replicas()
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::PlanReplicasResponse {
+            planned: planned.iter().map(planned_info).collect(),
         }))
     }
 }

@@ -26,6 +26,7 @@ const CONFIG_KEYS: &[&str] = &[
     "ttl_expire_interval_seconds",
     "log_format",
     "shutdown_drain_ms",
+    "join",
     "cache",
     "limits",
     "cluster",
@@ -74,6 +75,11 @@ pub struct Config {
     /// On shutdown, how long to wait for in-flight requests and open client
     /// connections before closing them.
     pub shutdown_drain_ms: u64,
+    /// The client address (`host:port`) of any member of a running cluster
+    /// to join at this node's first start: the cluster gives it a node id
+    /// and, once it has caught up, replicas. Ignored once the data directory
+    /// has been used (a restarted node is already a member).
+    pub join: Option<String>,
     /// The hot row cache.
     pub cache: CacheConfig,
     /// Per-request limits.
@@ -129,7 +135,7 @@ impl Config {
             return Ok(addr);
         }
         let mut addr = self.listen_addr;
-        if self.cluster.nodes.len() <= 1 {
+        if self.cluster.nodes.len() <= 1 && self.join.is_none() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
         if addr.port() != 0 {
@@ -214,6 +220,21 @@ pub struct ClusterConfig {
     /// led elect a new leader at once (pre-vote first, so a live leader
     /// cannot be deposed by one slow link).
     pub liveness_timeout_ms: u64,
+    /// The metadata leader's scheduler keeps every shard at
+    /// `replication_factor` voters on serving nodes and the nodes' replica
+    /// counts within one of each other, by starting replica moves. Off:
+    /// only moves asked for by hand (`quiverctl shard move`) happen.
+    pub schedule_replicas: bool,
+    /// Most replica moves under way in the cluster at once (each new
+    /// replica may need a snapshot).
+    pub operators_max: u32,
+    /// A new replica that has not caught up with its shard's leader this
+    /// long after it was added is removed and its move cancelled.
+    pub operator_catch_up_timeout_ms: u64,
+    /// A node not heard from for this long has its replicas re-created on
+    /// other nodes (it is not removed: if it comes back, its old replicas
+    /// are deleted).
+    pub replace_down_after_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -243,6 +264,10 @@ impl Default for ClusterConfig {
             hibernate_after_ms: 2_000,
             liveness_interval_ms: 200,
             liveness_timeout_ms: 1_000,
+            schedule_replicas: true,
+            operators_max: 4,
+            operator_catch_up_timeout_ms: 600_000,
+            replace_down_after_ms: 1_800_000,
         }
     }
 }
@@ -321,6 +346,7 @@ impl Default for Config {
             ttl_expire_interval_seconds: 300,
             log_format: LogFormat::Text,
             shutdown_drain_ms: 10_000,
+            join: None,
             cache: CacheConfig::default(),
             limits: Limits::default(),
             cluster: ClusterConfig::default(),
@@ -421,6 +447,11 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip)]
     pub replication_factor: Option<u32>,
+    /// Join the running cluster that the node at this client address
+    /// (`host:port`) belongs to, at this node's first start.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
 }
 
 /// A parsed `--cluster-nodes` value.
@@ -614,6 +645,28 @@ impl Config {
         if c.snapshot_logs_since == 0 || c.peer_timeout_ms == 0 || c.log_segment_bytes_max < 4096 {
             return Err(ConfigError(
                 "cluster.snapshot_logs_since and cluster.peer_timeout_ms must be positive, cluster.log_segment_bytes_max at least 4096".into(),
+            ));
+        }
+        if c.operators_max == 0
+            || c.operator_catch_up_timeout_ms == 0
+            || c.replace_down_after_ms < c.liveness_timeout_ms
+        {
+            return Err(ConfigError(
+                "cluster.operators_max and cluster.operator_catch_up_timeout_ms must be positive, \
+                 cluster.replace_down_after_ms at least cluster.liveness_timeout_ms"
+                    .into(),
+            ));
+        }
+        if let Some(join) = &self.join
+            && (join.is_empty() || !join.contains(':') || join.len() > 256)
+        {
+            return Err(ConfigError(format!("join {join:?} is not host:port")));
+        }
+        if self.join.is_some() && !c.nodes.is_empty() {
+            return Err(ConfigError(
+                "join and cluster.nodes exclude each other: a joining node learns the cluster \
+                 from the member it joins through"
+                    .into(),
             ));
         }
         if c.nodes.len() > CLUSTER_NODES_MAX {

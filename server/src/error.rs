@@ -38,6 +38,9 @@ pub enum ServiceError {
     /// Routing or replication failed, or a replicated command was refused.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The caller did not prove who it is (the cluster secret).
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The node has as much work in flight as it takes; retry later.
     #[error("overloaded: too many {what} ({limit_name}); retry in {retry_after_ms} ms")]
     Overloaded {
@@ -90,6 +93,7 @@ impl ServiceError {
                 Code::InvalidArgument
             }
             ServiceError::NotFound(_) => Code::NotFound,
+            ServiceError::Unauthenticated(_) => Code::Unauthenticated,
             ServiceError::Engine(e) => match e {
                 EngineError::View(ViewError::IncompatibleChange { .. }) => Code::FailedPrecondition,
                 EngineError::View(_) => Code::InvalidArgument,

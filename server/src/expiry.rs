@@ -134,8 +134,9 @@ fn due(
     let sleeping_lag_us = timing.interval_us().saturating_mul(SLEEPING_ROUNDS);
     cluster
         .groups()
-        .filter(|(group, hosted)| **group != METADATA_GROUP && hosted.raft.is_leader())
-        .filter_map(|(&group, hosted)| {
+        .into_iter()
+        .filter(|(group, hosted)| *group != METADATA_GROUP && hosted.raft.is_leader())
+        .filter_map(|(group, hosted)| {
             let store = hosted.state.store();
             let lag_us = if hosted.pulse.is_asleep() {
                 sleeping_lag_us

@@ -20,6 +20,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod expiry;
+pub mod join;
 pub mod metrics;
 pub mod node;
 pub mod read_path;

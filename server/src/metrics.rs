@@ -186,7 +186,7 @@ impl Collector {
     pub fn collect(&mut self, node: &Node) {
         collect_state(node);
         let (mut applied, mut stale) = (0, 0);
-        for (&group, hosted) in node.cluster.groups() {
+        for (group, hosted) in node.cluster.groups() {
             let stats = hosted.state.store().stats();
             let now = (stats.rows_written, stats.rows_stale);
             let before = self.rows_seen.insert(group, now).unwrap_or((0, 0));
@@ -244,7 +244,7 @@ fn collect_state(node: &Node) {
         let labels = [("peer", peer.to_string()), ("lane", lane.to_owned())];
         metrics::gauge!("quiver_peer_queue_depth_calls", &labels).set(depth as f64);
     }
-    for (&group, hosted) in node.cluster.groups() {
+    for (group, hosted) in node.cluster.groups() {
         let labels = [("group", group.to_string())];
         metrics::gauge!("quiver_group_leader_time_seconds", &labels)
             .set(hosted.state.leader_time_us() as f64 / 1e6);

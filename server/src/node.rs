@@ -121,6 +121,16 @@ impl Node {
             registry: Some(registry.clone()),
             load_catalog: false,
         };
+        if let Some(member) = &config.join {
+            crate::join::join_if_new(
+                member,
+                &config.data_dir,
+                listen_addr,
+                peer_addr,
+                &config.cluster.secret,
+            )
+            .await?;
+        }
         let cluster = Cluster::start(
             &config.cluster,
             StartOptions {

@@ -275,8 +275,9 @@ async fn fetch(
     on_failure: OnFailure,
 ) -> (Vec<Fetched>, Vec<bool>, Vec<(ReadSource, bool)>) {
     let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<Vec<u8>>)> = BTreeMap::new();
+    let placement = node.cluster.placement();
     for (k, key) in keys.iter().enumerate() {
-        let shard = node.cluster.placement.shard_of_key(key);
+        let shard = placement.shard_of_key(key);
         let (slots, storage_keys) = by_shard.entry(shard).or_default();
         for (v, view) in views.iter().enumerate() {
             slots.push(v * keys.len() + k);

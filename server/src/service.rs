@@ -38,7 +38,7 @@ fn per_shard(
     command: impl Fn(Vec<String>) -> Command,
 ) -> Vec<(GroupId, Command)> {
     node.cluster
-        .placement
+        .placement()
         .by_shard(keys, |key| key.as_str())
         .into_iter()
         .map(|(shard, keys)| (shard, command(keys)))
@@ -318,7 +318,7 @@ impl FeatureStore for FeatureStoreService {
             rows_written += stats.rows_written;
             rows_stale += stats.rows_stale;
         }
-        let placement = &node.cluster.placement;
+        let placement = node.cluster.placement();
         Ok(Response::new(pb::StatusResponse {
             node_version: env!("CARGO_PKG_VERSION").to_owned(),
             listen_addr: node.listen_addr.to_string(),
@@ -330,20 +330,18 @@ impl FeatureStore for FeatureStoreService {
             rows_stale,
             node_id: node.cluster.node_id,
             nodes: placement
-                .client_addrs
+                .map
+                .nodes
                 .iter()
-                .map(|(id, addr)| pb::NodeStatus {
+                .filter(|(_, info)| info.state != quiver_raft::cluster_map::NodeState::Removed)
+                .map(|(id, info)| pb::NodeStatus {
                     node_id: *id,
-                    addr: addr.clone(),
+                    addr: info.addr.clone(),
                 })
                 .collect(),
             groups: node.cluster.group_status(),
-            shard_count: placement.shard_count,
-            replication_factor: placement
-                .replicas
-                .values()
-                .next()
-                .map_or(0, |r| u32::try_from(r.len()).unwrap_or(u32::MAX)),
+            shard_count: u32::try_from(placement.map.shards.len()).unwrap_or(u32::MAX),
+            replication_factor: placement.map.replication_factor,
             cache: Some(pb::CacheStatus {
                 entries: cache.entries,
                 bytes_used: cache.bytes_used,

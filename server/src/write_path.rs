@@ -78,7 +78,7 @@ pub async fn write(
     let newest_event_us = rows.iter().map(|row| row.event_ts_us).max();
     let by_shard = node
         .cluster
-        .placement
+        .placement()
         .by_shard(rows, |row| row.entity_key.as_str());
     let proposals = by_shard.into_iter().map(|(shard, rows)| {
         let command = Command::Write {

@@ -18,6 +18,7 @@ use quiver_proto::v1::feature_store_client::FeatureStoreClient;
 use tonic::transport::Channel;
 
 pub mod counter;
+pub mod dynamic;
 pub mod linearizability;
 pub mod links;
 
@@ -73,6 +74,34 @@ impl Node {
         let node = Self::spawn_at(data_dir, "127.0.0.1:0", extra_args, &[])?;
         node.wait_ready().await?;
         Ok(node)
+    }
+
+    /// [`Self::start`] with environment variables for the node.
+    pub async fn start_with_env(
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Node> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let node = Self::spawn_at(data_dir, "127.0.0.1:0", extra_args, &env)?;
+        node.wait_ready().await?;
+        Ok(node)
+    }
+
+    /// A client of the node's admin service.
+    pub async fn admin(
+        &self,
+    ) -> Result<quiver_proto::admin::admin_client::AdminClient<tonic::transport::Channel>> {
+        let channel = tonic::transport::Endpoint::from_shared(self.endpoint())?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .connect()
+            .await
+            .with_context(|| format!("connect to {}", self.addr))?;
+        Ok(quiver_proto::admin::admin_client::AdminClient::new(channel))
     }
 
     /// Starts a node on a fixed address without waiting for it.

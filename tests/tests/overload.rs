@@ -61,10 +61,16 @@ async fn a_bulk_load_with_a_core_taken_completes_without_elections() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(BULK_ROWS_DEFAULT);
-    // Node 1 takes at most 2,500 rows in flight: quiverctl's 4 batches of
-    // 1,000 in flight overflow it, so some are refused with a retry hint
-    // and retried with their request ids (the path this test is about).
-    let mut cluster = start(&[("QUIVER_LIMITS__WRITE_INFLIGHT_ROWS_MAX", "2500")]).await;
+    // Node 1 takes at most 2,500 rows in flight and refuses more at once
+    // (no admission wait: on a fast machine a batch would otherwise wait
+    // for a slot and never be refused): quiverctl's 4 batches of 1,000 in
+    // flight overflow it, so some are refused with a retry hint and retried
+    // with their request ids (the path this test is about).
+    let mut cluster = start(&[
+        ("QUIVER_LIMITS__WRITE_INFLIGHT_ROWS_MAX", "2500"),
+        ("QUIVER_LIMITS__ADMISSION_WAIT_MS", "0"),
+    ])
+    .await;
     let c1 = cluster.node(1).client().await.unwrap();
     apply_counter_view(&c1).await;
 

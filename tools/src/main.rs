@@ -9,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod client;
+mod cluster;
 mod get;
 mod plan;
 mod probe;
@@ -60,8 +61,15 @@ enum Command {
     /// Inspect and move shards.
     #[command(subcommand)]
     Shard(ShardCommand),
-    /// Plan (and with --apply, carry out) leader handovers so that every
-    /// node leads about as many groups.
+    /// The cluster's nodes: list, add, drain, remove.
+    #[command(subcommand)]
+    Node(cluster::NodeCommand),
+    /// Replica moves under way.
+    #[command(subcommand)]
+    Operator(cluster::OperatorCommand),
+    /// Plan (and with --apply, carry out) the replica moves the scheduler
+    /// wants and leader handovers so that every node leads about as many
+    /// groups.
     Rebalance(shard::RebalanceArgs),
     /// Generate the sample data set.
     #[command(subcommand)]
@@ -92,6 +100,12 @@ enum ShardCommand {
     /// Hand a shard's leadership to another of its voters (no election
     /// timeout: the target campaigns at once).
     TransferLeader(shard::TransferArgs),
+    /// Move a shard's replica from one node to another (or add or remove
+    /// one): add a learner, let it catch up, swap it in, remove the old.
+    Move(cluster::MoveArgs),
+    /// The shards as the cluster map holds them: hash ranges, epochs,
+    /// replicas.
+    Map,
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +133,19 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Rebalance(args) = &cli.command {
         return shard::rebalance(&cli.endpoint, args, cli.json).await;
     }
+    match &cli.command {
+        Command::Node(command) => return cluster::node(&cli.endpoint, command, cli.json).await,
+        Command::Operator(command) => {
+            return cluster::operator(&cli.endpoint, command, cli.json).await;
+        }
+        Command::Shard(ShardCommand::Move(args)) => {
+            return cluster::move_replica(&cli.endpoint, args, cli.json).await;
+        }
+        Command::Shard(ShardCommand::Map) => {
+            return cluster::shard_map(&cli.endpoint, cli.json).await;
+        }
+        _ => {}
+    }
     let mut client = client::connect(&cli.endpoint).await?;
     match cli.command {
         Command::Views(ViewsCommand::Apply { file }) => {
@@ -131,7 +158,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Probe(args) => probe::run(&mut client, &args, cli.json).await,
         Command::Status => status::run(&mut client, cli.json).await,
         Command::Shard(ShardCommand::List) => shard::list(&mut client, cli.json).await,
-        Command::Shard(ShardCommand::TransferLeader(_)) | Command::Rebalance(_) => {
+        Command::Shard(
+            ShardCommand::TransferLeader(_) | ShardCommand::Move(_) | ShardCommand::Map,
+        )
+        | Command::Rebalance(_)
+        | Command::Node(_)
+        | Command::Operator(_) => {
             unreachable!("handled before")
         }
         Command::Sample(_) => unreachable!("handled before connecting"),

@@ -224,10 +224,12 @@ pub struct RebalanceArgs {
     pub dry_run: bool,
 }
 
-/// `rebalance`: plans leader handovers so every node that answered leads
-/// about as many groups; prints the plan, and with `--apply` carries it out
-/// one handover at a time. (Replica moves come with the cluster map.)
+/// `rebalance`: shows the replica moves the scheduler wants (with
+/// `--apply`, starts them), then plans leader handovers so every node that
+/// answered leads about as many groups; prints the plan, and with `--apply`
+/// carries it out one handover at a time.
 pub async fn rebalance(endpoint: &str, args: &RebalanceArgs, json: bool) -> Result<()> {
+    let replica_moves = replica_moves(endpoint, args.apply, json).await?;
     let mut client = client::connect(endpoint).await?;
     let view = cluster_view(&mut client).await?;
     let groups: Vec<GroupLeadership> = view
@@ -288,13 +290,14 @@ pub async fn rebalance(endpoint: &str, args: &RebalanceArgs, json: bool) -> Resu
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "applied": args.apply,
+                "replica_moves": replica_moves,
                 "moves": rows,
                 "unreachable": view.unreachable.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             }))?
         );
     } else {
         if moves.is_empty() {
-            println!("leaders are balanced: nothing to move");
+            println!("leaders are balanced: no handover to make");
         } else {
             let mut table = Table::new();
             let mut header = vec!["shard", "leader now", "to", "why"];
@@ -332,4 +335,67 @@ pub async fn rebalance(endpoint: &str, args: &RebalanceArgs, json: bool) -> Resu
         anyhow::bail!("{failed} of {} handovers failed", moves.len());
     }
     Ok(())
+}
+
+/// The scheduler's replica moves: printed (unless `json`), started with
+/// `apply`, and returned as JSON rows.
+async fn replica_moves(endpoint: &str, apply: bool, json: bool) -> Result<Vec<serde_json::Value>> {
+    let mut admin = client::connect_admin(endpoint).await?;
+    let planned = crate::cluster::replica_plan(&mut admin).await?;
+    let mut rows = Vec::new();
+    let mut table = Table::new();
+    let mut header = vec!["shard", "kind", "from node", "to node", "why"];
+    if apply {
+        header.push("result");
+    }
+    table.set_header(header);
+    for p in &planned {
+        let result = if apply {
+            let started = admin
+                .move_replica(admin_pb::MoveReplicaRequest {
+                    shard: p.shard,
+                    from_node_id: p.from_node_id,
+                    to_node_id: p.to_node_id,
+                })
+                .await;
+            Some(match started {
+                Ok(answer) => format!(
+                    "started operator {}",
+                    answer.into_inner().operator.map_or(0, |op| op.id)
+                ),
+                Err(status) => format!("not started: {} ({:?})", status.message(), status.code()),
+            })
+        } else {
+            None
+        };
+        let node = |id: u64| {
+            if id == 0 {
+                "-".to_owned()
+            } else {
+                id.to_string()
+            }
+        };
+        let mut row = vec![
+            p.shard.to_string(),
+            p.kind.clone(),
+            node(p.from_node_id),
+            node(p.to_node_id),
+            p.reason.clone(),
+        ];
+        row.extend(result.clone());
+        table.add_row(row);
+        rows.push(serde_json::json!({
+            "shard": p.shard, "kind": p.kind, "from": p.from_node_id, "to": p.to_node_id,
+            "why": p.reason, "result": result,
+        }));
+    }
+    if !json {
+        if planned.is_empty() {
+            println!("replicas are where they should be: no replica move to make");
+        } else {
+            println!("replica moves (the scheduler also starts these by itself):");
+            println!("{table}");
+        }
+    }
+    Ok(rows)
 }

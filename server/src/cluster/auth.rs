@@ -61,18 +61,26 @@ impl CheckPeerCalls {
     }
 }
 
+impl CheckPeerCalls {
+    /// Whether `given` is the secret (or the previous one); anything is
+    /// when there is no secret.
+    pub fn accepts(&self, given: &[u8]) -> bool {
+        if self.secret.is_empty() {
+            return true;
+        }
+        let previous_ok = !self.previous.is_empty() && constant_time_eq(given, &self.previous);
+        constant_time_eq(given, &self.secret) || previous_ok
+    }
+}
+
 impl Interceptor for CheckPeerCalls {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        if self.secret.is_empty() {
-            return Ok(request);
-        }
         let given = request
             .metadata()
             .get(SECRET_HEADER)
             .map(|value| value.as_bytes())
             .unwrap_or_default();
-        let previous_ok = !self.previous.is_empty() && constant_time_eq(given, &self.previous);
-        if constant_time_eq(given, &self.secret) || previous_ok {
+        if self.accepts(given) {
             Ok(request)
         } else {
             Err(Status::unauthenticated(

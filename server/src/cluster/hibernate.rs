@@ -52,7 +52,7 @@ use std::time::Duration;
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use parking_lot::Mutex;
-use quiver_raft::{GroupId, NodeId, Raft};
+use quiver_raft::{GroupId, NodeId, Raft, ReplicaId};
 
 use super::wire::{Hibernating, PeerCall, PeerResult, Ping};
 use super::{Cluster, Group};
@@ -322,7 +322,7 @@ impl GroupView {
         let m = metrics.borrow_watched();
         GroupView {
             state: m.state,
-            leader: m.current_leader,
+            leader: m.current_leader.map(ReplicaId::node),
             term: m.current_term,
             last_index: m.last_log_index,
             applied_index: m.last_applied.map(|id| id.index),
@@ -331,13 +331,15 @@ impl GroupView {
     }
 }
 
-/// The group's voters, in id order.
+/// The nodes of the group's voters, in replica id order (a group has at
+/// most one replica per node).
 fn voters(raft: &Raft) -> Vec<NodeId> {
     raft.metrics()
         .borrow_watched()
         .membership_config
         .membership()
         .voter_ids()
+        .map(ReplicaId::node)
         .collect()
 }
 
@@ -370,7 +372,7 @@ impl Cluster {
     /// followers wake too. On a follower this does nothing: its sleep is its
     /// leader's to decide, and waking it could only start an election.
     pub(super) async fn activity(&self, group: GroupId) {
-        let Some(hosted) = self.groups.get(&group) else {
+        let Some(hosted) = self.host.get(group) else {
             return;
         };
         if hosted.raft.metrics().borrow_watched().state != ServerState::Leader {
@@ -387,7 +389,7 @@ impl Cluster {
     /// as from its leader: the replica may tick again (its election timer
     /// was just restarted by the append).
     pub fn leader_contact(&self, group: GroupId) {
-        let Some(hosted) = self.groups.get(&group) else {
+        let Some(hosted) = self.host.get(group) else {
             return;
         };
         hosted
@@ -410,7 +412,7 @@ impl Cluster {
         if now < self.config.election_timeout_max_ms {
             return Some("refusing votes for one lease after a restart".into());
         }
-        let hosted = self.groups.get(&group)?;
+        let hosted = self.host.get(group)?;
         let view = GroupView::of(&hosted.raft);
         let timeout = self.config.liveness_timeout_ms;
         match view.state {
@@ -453,7 +455,7 @@ impl Cluster {
         applied_index: u64,
         within_ms: u64,
     ) -> bool {
-        let Some(hosted) = self.groups.get(&group) else {
+        let Some(hosted) = self.host.get(group) else {
             return false;
         };
         let now = self.now_ms();
@@ -506,7 +508,8 @@ impl Cluster {
         let peers = self.liveness.snapshot();
         let mut hibernating = Vec::new();
         let mut wake: BTreeMap<NodeId, Vec<GroupId>> = BTreeMap::new();
-        for (&group, hosted) in &self.groups {
+        for (group, hosted) in self.host.all() {
+            let hosted = &*hosted;
             let view = GroupView::of(&hosted.raft);
             match view.state {
                 ServerState::Leader => {
@@ -528,7 +531,7 @@ impl Cluster {
             }
         }
         *self.liveness.mine.lock() = hibernating.clone();
-        for &peer in self.placement.nodes.keys() {
+        for peer in self.clients.nodes() {
             if peer == self.node_id || !self.liveness.start_ping(peer) {
                 continue;
             }
@@ -542,7 +545,7 @@ impl Cluster {
             let clients = self.clients.clone();
             tokio::spawn(async move {
                 let answer = clients
-                    .call_with_timeout(peer, 0, &PeerCall::Ping(ping), timeout)
+                    .call_with_timeout(peer, 0, None, &PeerCall::Ping(ping), timeout)
                     .await;
                 let Some(cluster) = cluster.upgrade() else {
                     return;
@@ -633,7 +636,7 @@ impl Cluster {
             let Some(cluster) = cluster.upgrade() else {
                 return;
             };
-            let Some(hosted) = cluster.groups.get(&group) else {
+            let Some(hosted) = cluster.host.get(group) else {
                 return;
             };
             if matches!(answered, Ok(Ok(()))) {
@@ -668,15 +671,15 @@ impl Cluster {
             if membership.get_joint_config().len() > 1 {
                 return false;
             }
-            let mut members: Vec<NodeId> = membership.voter_ids().collect();
-            members.extend(membership.learner_ids());
+            let mut members: Vec<NodeId> = membership.voter_ids().map(ReplicaId::node).collect();
+            members.extend(membership.learner_ids().map(ReplicaId::node));
             let matched = m
                 .replication
                 .as_ref()
                 .map(|replication| {
                     replication
                         .iter()
-                        .map(|(id, matched)| (*id, matched.map(|l| l.index)))
+                        .map(|(id, matched)| (id.node(), matched.map(|l| l.index)))
                         .collect()
                 })
                 .unwrap_or_default();

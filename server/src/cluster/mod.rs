@@ -1,19 +1,37 @@
-//! The cluster as one node sees it: the Raft groups it hosts, the static map
-//! of where every group lives, and routing of proposals and reads to the
-//! replica that must serve them.
+//! The cluster as one node sees it: the Raft groups it hosts, the cluster
+//! map it routes by, and the work the metadata group's leader does for the
+//! whole cluster.
 //!
-//! Every node hosts the metadata group (voter or learner) and the shards the
-//! placement gives it. A request arriving at any node is routed per shard:
-//! proposals go to the shard leader (locally, or forwarded over the `Peer`
-//! service), reads to the leader or a replica depending on consistency.
-//! Leader changes and unreachable replicas are retried a bounded number of
-//! times with backoff; the last error is reported as `UNAVAILABLE`.
+//! Every node hosts a replica of the metadata group (voter or learner) and
+//! the shard replicas the cluster map gives it. A request arriving at any
+//! node is routed per shard (`router`): proposals go to the shard leader
+//! (locally, or forwarded over the `Peer` service), reads to the leader or
+//! a replica depending on consistency (`reads`).
+//!
+//! Rooms:
+//! - `identity`: the node's id and first-start record in its data directory;
+//! - `host`: the replicas hosted here, opened, stopped and destroyed at run
+//!   time;
+//! - `placement`: the cluster map and its range index;
+//! - `metadata`: following the map (hosting what it says, peers it names)
+//!   and, on the metadata leader, keeping the metadata group's membership;
+//! - `operator`, `scheduler`: replica moves, and what decides them;
+//! - `router`, `reads`: request routing and read levels;
+//! - `hibernate`, `transfer`: idle groups, leadership handover;
+//! - `network`, `peer_service`, `wire`, `auth`: the peer transport.
 
 pub mod auth;
 pub mod hibernate;
+pub mod host;
+pub mod identity;
+pub mod metadata;
 pub mod network;
+pub mod operator;
 pub mod peer_service;
 pub mod placement;
+pub mod reads;
+pub mod router;
+pub mod scheduler;
 pub mod transfer;
 pub mod wire;
 
@@ -22,25 +40,22 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use openraft::async_runtime::WatchReceiver;
-use openraft::{BasicNode, LinearizerOption, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, SnapshotPolicy};
 use parking_lot::Mutex;
 use quiver_engine::seglog::LogOptions;
 use quiver_engine::{Clock, StoreOptions};
 use quiver_proto::v1 as pb;
-use quiver_raft::types::{LogId, RejectKind};
-use quiver_raft::{
-    ApplyObserver, Command, GroupId, LogStore, METADATA_GROUP, NodeId, Proposal, Raft, RequestId,
-    Response, StateMachine,
-};
+use quiver_raft::cluster_map::ClusterMap;
+use quiver_raft::types::RejectKind;
+use quiver_raft::{ApplyObserver, GroupId, METADATA_GROUP, NodeId, ReplicaId, StateMachine};
 
 use crate::config::ClusterConfig;
-use network::{GroupNetwork, PeerClients};
-use placement::Placement;
-use wire::{PeerCall, PeerResult, ReadLevel, ReadRows};
-
-/// How much shorter than openraft's leader lease a read trusts it.
-const LEASE_MARGIN_MS: u64 = 100;
+pub use host::Group;
+use host::{GROUPS_DIR, GroupFactory, GroupHost};
+use network::PeerClients;
+use placement::{Placement, StaticLayout};
 
 /// Errors of routing and replication.
 #[derive(Debug, thiserror::Error)]
@@ -80,21 +95,6 @@ pub enum ClusterError {
     },
 }
 
-/// One group hosted here.
-pub struct Group {
-    /// Its Raft handle.
-    pub raft: Raft,
-    /// Its state machine (the live store).
-    pub state: StateMachine,
-    /// Its log.
-    pub log: LogStore,
-    /// Its activity and hibernation state.
-    pub pulse: hibernate::Pulse,
-    /// The last term in which this replica, as leader, started a handover
-    /// (0: never): its lease for that term is void (see `transfer`).
-    handed_over_term: std::sync::atomic::AtomicU64,
-}
-
 /// Who served a shard read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadSource {
@@ -132,10 +132,19 @@ pub enum ShardRead {
 pub struct Cluster {
     /// This node.
     pub node_id: NodeId,
-    /// Where every group lives.
-    pub placement: Placement,
+    /// Where every group lives, as this node last learned it.
+    placement: ArcSwap<Placement>,
+    /// A static cluster's first layout (`None` on a node that joined).
+    layout: Option<StaticLayout>,
+    /// How this node reaches the nodes its static description names: their
+    /// peer addresses as this node was told them, which win over the map's
+    /// (each node of a test cluster reaches the others through its own
+    /// proxies, and an operator may route peers differently per node).
+    static_routes: BTreeMap<NodeId, String>,
+    /// This node's own client and peer addresses.
+    self_addrs: (String, String),
     clients: Arc<PeerClients>,
-    groups: BTreeMap<GroupId, Group>,
+    host: GroupHost,
     leader_hints: Mutex<HashMap<GroupId, NodeId>>,
     request_sequence: std::sync::atomic::AtomicU64,
     config: ClusterConfig,
@@ -148,13 +157,15 @@ pub struct Cluster {
     stopping: std::sync::atomic::AtomicBool,
     /// Notices when this process stood still (REPLICA reads' freshness).
     stall: hibernate::StallWatch,
+    /// Operators this node is carrying out (as metadata leader), by shard.
+    operators: operator::Running,
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
             .field("node_id", &self.node_id)
-            .field("groups", &self.groups.keys().collect::<Vec<_>>())
+            .field("host", &self.host)
             .finish_non_exhaustive()
     }
 }
@@ -178,17 +189,42 @@ pub struct StartOptions<'a> {
 }
 
 impl Cluster {
-    /// Opens every group this node hosts, starts their Raft instances and
-    /// bootstraps groups this node is the designated initializer of.
+    /// Opens every replica this node hosts and starts their Raft instances.
+    /// At the first start of a static cluster's node, creates and
+    /// bootstraps the replicas its layout gives it; at the first start of a
+    /// node that joined, creates its (empty) metadata replica.
     pub async fn start(
         config: &ClusterConfig,
         options: StartOptions<'_>,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let placement = Placement::new(config, &options.self_addr, &options.self_peer_addr);
-        let node_id = config.node_id;
+        let identity = identity::Identity::load(options.data_dir, config.node_id)?;
+        let node_id = identity.node_id;
+        let layout = identity
+            .joined
+            .is_none()
+            .then(|| StaticLayout::new(config, &options.self_addr, &options.self_peer_addr));
+        let seed_map: ClusterMap = match (&identity.joined, &layout) {
+            (Some(joined), _) => joined.clone(),
+            (None, Some(layout)) => layout.map.clone(),
+            (None, None) => {
+                return Err(ClusterError::Start("no cluster description".into()));
+            }
+        };
+        let static_routes: BTreeMap<NodeId, String> = if identity.joined.is_some() {
+            BTreeMap::new()
+        } else {
+            config
+                .nodes
+                .iter()
+                .filter_map(|node| node.peer_addr().map(|addr| (node.id, addr)))
+                .collect()
+        };
         let clients = Arc::new(
             PeerClients::new(
-                &placement.nodes,
+                &peer_routes(
+                    &Placement::new(Arc::new(seed_map.clone()), false),
+                    &static_routes,
+                ),
                 Duration::from_millis(config.peer_timeout_ms),
                 Duration::from_millis(config.snapshot_timeout_ms),
                 &config.secret,
@@ -221,67 +257,93 @@ impl Cluster {
             .validate()
             .map_err(|e| ClusterError::Start(e.to_string()))?,
         );
-        let log_options = LogOptions {
-            segment_bytes_max: config.log_segment_bytes_max,
-            sync: options.sync_log,
-            ..LogOptions::default()
-        };
-        let mut groups = BTreeMap::new();
-        for group in placement.groups_of(node_id) {
-            let dir = options.data_dir.join("groups").join(group.to_string());
-            let log = LogStore::open(dir.join("log"), log_options)
-                .map_err(|e| ClusterError::Start(format!("group {group} log: {e}")))?;
-            let store_options = StoreOptions {
-                load_catalog: group == METADATA_GROUP,
-                ..options.store.clone()
+        let host = GroupHost::new(GroupFactory {
+            root: options.data_dir.join(GROUPS_DIR),
+            raft_config,
+            log_options: LogOptions {
+                segment_bytes_max: config.log_segment_bytes_max,
+                sync: options.sync_log,
+                ..LogOptions::default()
+            },
+            store: options.store,
+            observer: options.observer,
+            clients: clients.clone(),
+        });
+        host.factory.empty_trash();
+        // What to open: every replica on disk, and at a first start the ones
+        // this node is to create (a crash during an earlier first start may
+        // have created some: none of them was ever initialized or voted,
+        // since the first start's record is written after all of them).
+        let first_start = identity.first_start;
+        let mut to_open: BTreeMap<GroupId, (ReplicaId, bool)> = host
+            .factory
+            .existing(node_id)?
+            .into_iter()
+            .map(|(group, replica)| (group, (replica, false)))
+            .collect();
+        if first_start {
+            let groups = match &layout {
+                Some(layout) => layout.groups_of(node_id),
+                None => vec![METADATA_GROUP],
             };
-            let state = StateMachine::open(
-                group,
-                dir.join("state"),
-                store_options,
-                options.observer.clone(),
-            )
-            .map_err(|e| ClusterError::Start(format!("group {group} state: {e}")))?;
-            let network = GroupNetwork {
-                group,
-                clients: clients.clone(),
-            };
-            let raft = Raft::new(
-                node_id,
-                raft_config.clone(),
-                network,
-                log.clone(),
-                state.clone(),
-            )
-            .await
-            .map_err(|e| ClusterError::Start(format!("group {group} raft: {e}")))?;
-            groups.insert(
-                group,
-                Group {
-                    raft,
-                    state,
-                    log,
-                    pulse: hibernate::Pulse::asleep(),
-                    handed_over_term: std::sync::atomic::AtomicU64::new(0),
-                },
-            );
+            for group in groups {
+                to_open
+                    .entry(group)
+                    .or_insert((ReplicaId::first(node_id), true));
+            }
         }
+        let Some((metadata, create)) = to_open.remove(&METADATA_GROUP) else {
+            return Err(ClusterError::Start(format!(
+                "{} holds no metadata replica: this node's data is lost; start it with an empty \
+                 data directory and --join (it gets a new node id)",
+                options.data_dir.display()
+            )));
+        };
+        let metadata_state = host
+            .open(METADATA_GROUP, metadata, create)
+            .await?
+            .state
+            .clone();
+        let placement = match metadata_state.cluster_map() {
+            Some(map) => Placement::new(map, true),
+            None => Placement::new(Arc::new(seed_map), identity.joined.is_some()),
+        };
+        for (group, (replica, create)) in to_open {
+            if placement.map.tombstones.contains(&(group, replica)) {
+                if let Err(e) = host.destroy(group, replica).await {
+                    tracing::warn!(group, %replica, error = %e, "destroying a removed replica");
+                }
+                continue;
+            }
+            host.open(group, replica, create).await?;
+        }
+        identity::write_node(options.data_dir, node_id)?;
         let cluster = Arc::new(Cluster {
             node_id,
-            placement,
+            placement: ArcSwap::from_pointee(placement),
+            layout,
+            static_routes,
+            self_addrs: (options.self_addr.clone(), options.self_peer_addr.clone()),
             clients,
-            groups,
+            host,
             leader_hints: Mutex::new(HashMap::new()),
-            request_sequence: std::sync::atomic::AtomicU64::new(random_sequence_start()),
+            request_sequence: router::request_sequence_start(),
             config: config.clone(),
             clock: options.clock,
             liveness: hibernate::Liveness::default(),
             started: tokio::time::Instant::now(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             stall: hibernate::StallWatch::default(),
+            operators: operator::Running::default(),
         });
-        cluster.bootstrap().await?;
-        tokio::spawn(reconcile_metadata_learners(Arc::downgrade(&cluster)));
+        if first_start {
+            cluster.initialize_static().await?;
+        }
+        tokio::spawn(metadata::follow_map(
+            Arc::downgrade(&cluster),
+            metadata_state.watch_map(),
+        ));
+        tokio::spawn(metadata::leader_loop(Arc::downgrade(&cluster)));
         tokio::spawn(hibernate::stall_loop(Arc::downgrade(&cluster)));
         tokio::spawn(hibernate::liveness_loop(
             Arc::downgrade(&cluster),
@@ -290,13 +352,16 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Initializes the groups whose first voter (in rendezvous order) is
-    /// this node, if they have never been initialized (first start of the
-    /// cluster). The initializer usually wins the first election, so this
-    /// also spreads the first leaders over the nodes.
-    async fn bootstrap(&self) -> Result<(), ClusterError> {
-        for (&group, hosted) in &self.groups {
-            let voters = self.placement.voters(group);
+    /// At a static cluster's first start: initializes the groups whose first
+    /// voter (in rendezvous order) is this node. The initializer usually
+    /// wins the first election, so this also spreads the first leaders over
+    /// the nodes.
+    async fn initialize_static(&self) -> Result<(), ClusterError> {
+        let Some(layout) = &self.layout else {
+            return Ok(());
+        };
+        for (group, hosted) in self.host.all() {
+            let voters = layout.voters(group);
             if voters.first() != Some(&self.node_id) {
                 continue;
             }
@@ -308,9 +373,17 @@ impl Cluster {
             if initialized {
                 continue;
             }
-            let members: BTreeMap<NodeId, BasicNode> = voters
+            let members: BTreeMap<ReplicaId, BasicNode> = voters
                 .iter()
-                .map(|id| (*id, BasicNode::new(self.placement.nodes[id].clone())))
+                .map(|&node| {
+                    let addr = layout
+                        .map
+                        .nodes
+                        .get(&node)
+                        .map(|info| info.peer_addr.clone())
+                        .unwrap_or_default();
+                    (ReplicaId::first(node), BasicNode::new(addr))
+                })
                 .collect();
             if let Err(e) = hosted.raft.initialize(members).await {
                 tracing::warn!(group, error = %e, "group initialization refused");
@@ -319,549 +392,32 @@ impl Cluster {
         Ok(())
     }
 
-    /// The group hosted here, if any.
-    pub fn group(&self, group: GroupId) -> Option<&Group> {
-        self.groups.get(&group)
+    /// How this node reaches every member of `placement`'s map.
+    pub(super) fn peer_routes(&self, placement: &Placement) -> BTreeMap<NodeId, String> {
+        peer_routes(placement, &self.static_routes)
     }
 
-    /// Every hosted group.
-    pub fn groups(&self) -> impl Iterator<Item = (&GroupId, &Group)> {
-        self.groups.iter()
+    /// The cluster map as this node routes by it now.
+    pub fn placement(&self) -> Arc<Placement> {
+        self.placement.load_full()
     }
 
-    /// The leader this node's replica of `group` knows of. Reads the field
-    /// under the watch borrow: cloning the whole metrics (with a leader's
-    /// replication maps) on every request would be waste.
-    fn known_leader(&self, group: GroupId) -> Option<NodeId> {
-        self.groups
-            .get(&group)
-            .and_then(|g| g.raft.metrics().borrow_watched().current_leader)
+    /// The replica of `group` hosted here, if any.
+    pub fn group(&self, group: GroupId) -> Option<Arc<Group>> {
+        self.host.get(group)
     }
 
-    /// Where to send the first attempt for a group's leader.
-    fn first_target(&self, group: GroupId) -> NodeId {
-        if let Some(&hint) = self.leader_hints.lock().get(&group) {
-            return hint;
-        }
-        if let Some(leader) = self.known_leader(group) {
-            return leader;
-        }
-        let voters = self.placement.voters(group);
-        if voters.contains(&self.node_id) {
-            self.node_id
-        } else {
-            voters.first().copied().unwrap_or(self.node_id)
-        }
-    }
-
-    /// The next target after a failure without a usable leader hint: the
-    /// leader this node's own replica now knows, if it is not one that just
-    /// failed; else the next voter that has not failed in this request (all
-    /// of them failed: start the rotation again).
-    fn retry_target(&self, group: GroupId, current: NodeId, failed: &mut Vec<NodeId>) -> NodeId {
-        if let Some(leader) = self.known_leader(group)
-            && !failed.contains(&leader)
-        {
-            return leader;
-        }
-        let voters = self.placement.voters(group);
-        if voters.iter().all(|voter| failed.contains(voter)) {
-            failed.clear();
-        }
-        let start = voters
-            .iter()
-            .position(|&v| v == current)
-            .map_or(0, |i| i + 1);
-        let rotation: Vec<NodeId> = (0..voters.len())
-            .map(|offset| voters[(start + offset) % voters.len()])
-            .filter(|voter| !failed.contains(voter))
-            .collect();
-        // A node the liveness pings say is down (paused, cut off) would cost
-        // a whole peer deadline: try the others first.
-        let now = self.now_ms();
-        let timeout = self.config.liveness_timeout_ms;
-        rotation
-            .iter()
-            .copied()
-            .find(|&voter| voter == self.node_id || self.liveness.is_up(voter, now, timeout))
-            .or_else(|| rotation.first().copied())
-            .or_else(|| voters.first().copied())
-            .unwrap_or(self.node_id)
-    }
-
-    /// Waits before a retry: the backoff for `attempt`, cut short when this
-    /// node's own replica of the group learns of a new leader (during a
-    /// failover the retry then goes out the moment the election is won, not
-    /// up to a backoff later).
-    async fn pause_before_retry(&self, group: GroupId, attempt: u32) {
-        let pause = Self::backoff(attempt);
-        let Some(hosted) = self.groups.get(&group) else {
-            tokio::time::sleep(pause).await;
-            return;
-        };
-        let before = self.known_leader(group);
-        // Times out (an error) when nothing changed: either way, retry.
-        let _ = hosted
-            .raft
-            .wait(Some(pause))
-            .metrics(
-                |m| m.current_leader.is_some() && m.current_leader != before,
-                "a new leader",
-            )
-            .await;
-    }
-
-    /// A request id unique across this cluster's proposals: the node id in
-    /// the high half, then a counter started at a random point at boot (a
-    /// clock could restart at a fixed epoch before NTP and reissue ids still
-    /// in the dedup ring; two random starts collide with odds of about
-    /// ids-per-run / 2^64).
-    fn next_request_id(&self) -> RequestId {
-        let sequence = self
-            .request_sequence
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        (u128::from(self.node_id) << 64) | u128::from(sequence)
-    }
-
-    fn remember_leader(&self, group: GroupId, leader: NodeId) {
-        self.leader_hints.lock().insert(group, leader);
-    }
-
-    fn forget_leader(&self, group: GroupId) {
-        self.leader_hints.lock().remove(&group);
-    }
-
-    fn backoff(attempt: u32) -> Duration {
-        Duration::from_millis((25u64 << attempt.min(5)).min(500))
-    }
-
-    fn peer_timeout(&self) -> Duration {
-        Duration::from_millis(self.config.peer_timeout_ms)
-    }
-
-    /// Proposes a command to a group's leader wherever it is, and returns
-    /// once the entry is committed and applied on the leader.
-    pub async fn propose(
-        &self,
-        group: GroupId,
-        command: Command,
-    ) -> Result<(Response, LogId), ClusterError> {
-        self.propose_with_id(group, command, None).await
-    }
-
-    /// [`Self::propose`] with the client's idempotency key, if it gave one
-    /// (the same key in every group: each group deduplicates on its own).
-    pub async fn propose_with_id(
-        &self,
-        group: GroupId,
-        command: Command,
-        request_id: Option<RequestId>,
-    ) -> Result<(Response, LogId), ClusterError> {
-        // One id for every attempt: a retry of an entry that did commit is
-        // answered AlreadyApplied instead of being applied twice.
-        let proposal = Proposal {
-            request_id: request_id.unwrap_or_else(|| self.next_request_id()),
-            leader_ts_us: 0,
-            command,
-        };
-        let (response, log_id) = self
-            .route(group, self.first_target(group), |target| {
-                let proposal = proposal.clone();
-                async move {
-                    let result = if target == self.node_id {
-                        self.propose_local(group, proposal).await
-                    } else {
-                        self.clients
-                            .forward(target, group, &PeerCall::Propose(proposal))
-                            .await
-                            .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
-                    };
-                    match result {
-                        PeerResult::Proposed { response, log_id } => {
-                            self.remember_leader(group, target);
-                            Ok((response, log_id))
-                        }
-                        other => Err(other),
-                    }
-                }
-            })
-            .await?;
-        match response {
-            Response::Rejected { kind, message } => Err(ClusterError::Rejected { kind, message }),
-            response => Ok((response, log_id)),
-        }
-    }
-
-    /// Tries `attempt` on a node at a time until it succeeds: a "not the
-    /// leader, try N" answer moves to N at once, any other failure rotates
-    /// over the group's voters after a backoff. At most
-    /// `cluster.route_retries_max` attempts.
-    async fn route<T, F, Fut>(
-        &self,
-        group: GroupId,
-        first: NodeId,
-        mut attempt: F,
-    ) -> Result<T, ClusterError>
-    where
-        F: FnMut(NodeId) -> Fut,
-        Fut: std::future::Future<Output = Result<T, PeerResult>>,
-    {
-        let mut target = first;
-        let mut last = String::from("no attempt made");
-        let attempts = self.config.route_retries_max.max(1);
-        // Nodes that failed in this request: a redirect to one of them (a
-        // replica that has not noticed its leader died) is no hint.
-        let mut failed: Vec<NodeId> = Vec::new();
-        for n in 0..attempts {
-            match attempt(target).await {
-                Ok(value) => return Ok(value),
-                Err(PeerResult::NotLeader {
-                    leader: Some(leader),
-                }) if leader != target && !failed.contains(&leader) => {
-                    last = format!("node {target} is not the leader; node {leader} is");
-                    self.remember_leader(group, leader);
-                    target = leader;
-                    // A redirect is cheap; still back off when it repeats.
-                    if n > 2 {
-                        self.pause_before_retry(group, n).await;
-                    }
-                }
-                Err(other) => {
-                    last = format!("node {target}: {}", describe(&other));
-                    tracing::debug!(group, attempt = n, %last, "routing: attempt failed");
-                    self.forget_leader(group);
-                    if !failed.contains(&target) {
-                        failed.push(target);
-                    }
-                    self.pause_before_retry(group, n).await;
-                    target = self.retry_target(group, target, &mut failed);
-                }
-            }
-        }
-        Err(ClusterError::Unavailable {
-            group,
-            attempts,
-            last,
-        })
-    }
-
-    /// Proposes on this node's replica (which must lead the group).
-    pub async fn propose_local(&self, group: GroupId, mut proposal: Proposal) -> PeerResult {
-        let Some(hosted) = self.groups.get(&group) else {
-            return PeerResult::NoSuchGroup;
-        };
-        self.activity(group).await;
-        // openraft refuses writes from a leader whose lease ran out (a group
-        // that slept, or a leader just elected), as "not the leader, none
-        // known": renew it with a heartbeat round first.
-        let (is_leader, lease_valid) = {
-            let metrics = hosted.raft.metrics();
-            let m = metrics.borrow_watched();
-            let is_leader = m.state == ServerState::Leader;
-            (is_leader, is_leader && self.lease_valid(hosted, &m))
-        };
-        if is_leader
-            && !lease_valid
-            && let Err(refused) = self
-                .confirm_leadership(hosted, LinearizerOption::new(Some(self.read_lease()), true))
-                .await
-        {
-            return refused;
-        }
-        // The leader's clock, stamped where the entry is created.
-        proposal.leader_ts_us = self.clock.now_us();
-        match tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(proposal)).await {
-            Err(_) => PeerResult::Failed("commit timed out (no quorum?)".into()),
-            Ok(Ok(written)) => PeerResult::Proposed {
-                response: written.data,
-                log_id: written.log_id,
-            },
-            Ok(Err(e)) => match e.forward_to_leader() {
-                Some(forward) => PeerResult::NotLeader {
-                    leader: forward.leader_id,
-                },
-                None => PeerResult::Failed(e.to_string()),
-            },
-        }
-    }
-
-    /// Reads keys of one shard at the requested level.
-    pub async fn read(
-        &self,
-        group: GroupId,
-        keys: &[Vec<u8>],
-        level: ReadLevel,
-    ) -> Result<ShardRead, ClusterError> {
-        let first =
-            if matches!(level, ReadLevel::Replica { .. }) && self.groups.contains_key(&group) {
-                self.node_id
-            } else {
-                self.first_target(group)
-            };
-        self.route(group, first, |target| async move {
-            if target == self.node_id {
-                let source = self.check_local_read(group, level).await?;
-                let state = self.groups[&group].state.clone();
-                return Ok(ShardRead::Local { state, source });
-            }
-            let call = PeerCall::Read {
-                keys: keys.to_vec(),
-                level,
-            };
-            match self.clients.forward(target, group, &call).await {
-                Ok(PeerResult::Read(ReadRows {
-                    rows,
-                    node_id,
-                    leader,
-                    applied_index,
-                })) => {
-                    if leader {
-                        self.remember_leader(group, node_id);
-                    }
-                    Ok(ShardRead::Remote {
-                        rows,
-                        source: ReadSource {
-                            group,
-                            node_id,
-                            leader,
-                            applied_index,
-                        },
-                    })
-                }
-                Ok(other) => Err(other),
-                Err(e) => Err(PeerResult::Failed(e.to_string())),
-            }
-        })
-        .await
-    }
-
-    /// Whether this node may serve a read of `group` at `level` now (for
-    /// STRONG, after confirming leadership and catching up to the read
-    /// index). The error is the routing answer for the caller.
-    pub async fn check_local_read(
-        &self,
-        group: GroupId,
-        level: ReadLevel,
-    ) -> Result<ReadSource, PeerResult> {
-        let Some(hosted) = self.groups.get(&group) else {
-            return Err(PeerResult::NoSuchGroup);
-        };
-        // The fields a read needs, copied under the watch borrow (which must
-        // not be held across an await).
-        let (is_leader, current_leader, mut applied_index, committed, lease_valid) = {
-            let metrics = hosted.raft.metrics();
-            let m = metrics.borrow_watched();
-            let is_leader = m.state == ServerState::Leader;
-            (
-                is_leader,
-                m.current_leader,
-                m.last_applied.map_or(0, |id| id.index),
-                m.cluster_committed.map_or(0, |id| id.index),
-                is_leader && self.lease_valid(hosted, &m),
-            )
-        };
-        if is_leader {
-            self.activity(group).await;
-        }
-        let policy = match level {
-            ReadLevel::Strong => Some(LinearizerOption::from(ReadPolicy::ReadIndex)),
-            ReadLevel::Leader if !is_leader => {
-                return Err(PeerResult::NotLeader {
-                    leader: current_leader,
-                });
-            }
-            // A leader serves its own state only under a lease: a quorum
-            // acknowledged it less than a lease ago (so no other leader can
-            // have been elected since), and it has applied an entry of its
-            // own term (so it holds every write acknowledged by a previous
-            // leader). Otherwise it renews the lease first, with a heartbeat
-            // round, which also finds out if it was deposed.
-            ReadLevel::Leader | ReadLevel::Replica { .. } if is_leader => {
-                (!lease_valid).then(|| LinearizerOption::new(Some(self.read_lease()), true))
-            }
-            ReadLevel::Replica { within_ms } => {
-                let caught_up =
-                    applied_index.saturating_add(self.config.replica_lag_entries_max) >= committed;
-                let fresh = caught_up
-                    && if within_ms == 0 {
-                        // The default: a follower that knows its leader,
-                        // heard from it within the lease.
-                        current_leader.is_some_and(|leader| {
-                            self.replica_fresh(
-                                group,
-                                Some(leader),
-                                applied_index,
-                                self.config.election_timeout_max_ms,
-                            )
-                        })
-                    } else {
-                        // The caller's budget: also while an election is
-                        // under way (its leader gone), within the window.
-                        self.replica_fresh(group, current_leader, applied_index, within_ms)
-                    };
-                if !fresh {
-                    return Err(PeerResult::NotLeader {
-                        leader: current_leader,
-                    });
-                }
-                None
-            }
-            ReadLevel::Leader => None,
-        };
-        if let Some(policy) = policy {
-            self.confirm_leadership(hosted, policy).await?;
-            // It waited for apply: read the position again.
-            applied_index = hosted
-                .raft
-                .metrics()
-                .borrow_watched()
-                .last_applied
-                .map_or(0, |id| id.index);
-        }
-        Ok(ReadSource {
-            group,
-            node_id: self.node_id,
-            leader: is_leader,
-            applied_index,
-        })
-    }
-
-    /// Whether a leader's lease lets it serve reads from its own state now
-    /// (see `check_local_read`). A lone voter is its own quorum.
-    /// A leader that started a handover has none: it told the voters they
-    /// may elect another at once.
-    fn lease_valid(
-        &self,
-        hosted: &Group,
-        m: &openraft::RaftMetrics<quiver_raft::TypeConfig>,
-    ) -> bool {
-        if hosted.handed_over_in(m.current_term) {
-            return false;
-        }
-        let own_term_applied = m
-            .last_applied
-            .is_some_and(|id| id.leader_id.term == m.current_term);
-        let alone = m
-            .membership_config
-            .membership()
-            .voter_ids()
-            .eq([self.node_id]);
-        let lease = self.read_lease();
-        own_term_applied
-            && (alone
-                || m.last_quorum_acked.as_ref().is_some_and(|acked| {
-                    <openraft::TokioInstant as openraft::Instant>::now() < **acked + lease
-                }))
-    }
-
-    /// Confirms with a quorum that this replica leads `hosted` (a read index
-    /// or a lease renewal, as `option` says) and waits until it has applied
-    /// everything committed before; the error is the routing answer.
-    async fn confirm_leadership(
-        &self,
-        hosted: &Group,
-        option: LinearizerOption,
-    ) -> Result<(), PeerResult> {
-        match tokio::time::timeout(self.peer_timeout(), hosted.raft.ensure_linearizable(option))
-            .await
-        {
-            Err(_) => Err(PeerResult::Failed(
-                "confirming leadership timed out (no quorum?)".into(),
-            )),
-            Ok(Err(e)) => Err(match e.forward_to_leader() {
-                Some(forward) => PeerResult::NotLeader {
-                    leader: forward.leader_id,
-                },
-                None => PeerResult::Failed(e.to_string()),
-            }),
-            Ok(Ok(_)) => Ok(()),
-        }
-    }
-
-    /// How old a quorum's acknowledgement may be for a leader to serve reads
-    /// from its own state: openraft's lease (election_timeout_max), less a
-    /// margin for the clocks of leader and followers running at slightly
-    /// different rates.
-    fn read_lease(&self) -> Duration {
-        Duration::from_millis(
-            self.config
-                .election_timeout_max_ms
-                .saturating_sub(LEASE_MARGIN_MS),
-        )
-    }
-
-    /// The leader side of a read index: confirms leadership and returns an
-    /// applied index covering every entry committed before the call.
-    pub async fn read_index_local(&self, group: GroupId) -> PeerResult {
-        match self.check_local_read(group, ReadLevel::Strong).await {
-            Ok(source) => PeerResult::ReadIndex {
-                applied_index: source.applied_index,
-            },
-            Err(result) => result,
-        }
-    }
-
-    /// Waits until this node's replica of `group` has applied `index`.
-    pub async fn wait_applied(&self, group: GroupId, index: u64, timeout: Duration) -> bool {
-        let Some(hosted) = self.groups.get(&group) else {
-            return false;
-        };
-        hosted
-            .raft
-            .wait(Some(timeout))
-            .applied_index_at_least(Some(index), "caught up")
-            .await
-            .is_ok()
-    }
-
-    /// Brings this node's metadata replica up to date with the leader's
-    /// commit (used when a request names a view this node does not know yet:
-    /// it may have been applied through another node a moment ago).
-    pub async fn sync_metadata(&self) -> Result<(), ClusterError> {
-        let read_index = self
-            .route(
-                METADATA_GROUP,
-                self.first_target(METADATA_GROUP),
-                |target| async move {
-                    let result = if target == self.node_id {
-                        self.read_index_local(METADATA_GROUP).await
-                    } else {
-                        // The peer may itself wait a peer timeout for its read
-                        // index: forward, which allows twice that.
-                        self.clients
-                            .forward(target, METADATA_GROUP, &PeerCall::ReadIndex)
-                            .await
-                            .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
-                    };
-                    match result {
-                        PeerResult::ReadIndex { applied_index } => Ok(applied_index),
-                        other => Err(other),
-                    }
-                },
-            )
-            .await;
-        let index = read_index?;
-        if self
-            .wait_applied(METADATA_GROUP, index, self.peer_timeout())
-            .await
-        {
-            Ok(())
-        } else {
-            Err(ClusterError::Unavailable {
-                group: METADATA_GROUP,
-                attempts: 1,
-                last: format!(
-                    "this node's metadata replica did not reach the read index {index} in time"
-                ),
-            })
-        }
+    /// Every hosted replica, by group.
+    pub fn groups(&self) -> Vec<(GroupId, Arc<Group>)> {
+        self.host.all()
     }
 
     /// Status of every hosted group.
     pub fn group_status(&self) -> Vec<pb::GroupStatus> {
-        self.groups
-            .iter()
-            .map(|(&group, hosted)| {
+        self.host
+            .all()
+            .into_iter()
+            .map(|(group, hosted)| {
                 let m = hosted.raft.metrics().borrow_watched().clone();
                 let membership = m.membership_config.membership();
                 let last_log_index = m.last_log_index.unwrap_or(0);
@@ -871,11 +427,12 @@ impl Cluster {
                     .map(|replication| {
                         replication
                             .iter()
-                            .filter(|(id, _)| **id != self.node_id)
+                            .filter(|(id, _)| **id != hosted.replica)
                             .map(|(id, matched)| pb::ReplicaLag {
-                                node_id: *id,
+                                node_id: id.node(),
                                 entries_behind: last_log_index
                                     .saturating_sub(matched.map_or(0, |l| l.index)),
+                                replica_id: id.0,
                             })
                             .collect()
                     })
@@ -883,16 +440,17 @@ impl Cluster {
                 pb::GroupStatus {
                     group,
                     role: format!("{:?}", m.state).to_lowercase(),
-                    leader_id: m.current_leader.unwrap_or(0),
+                    leader_id: m.current_leader.map_or(0, ReplicaId::node),
                     term: m.current_term,
                     applied_index: m.last_applied.map_or(0, |id| id.index),
                     last_log_index,
-                    voters: membership.voter_ids().collect(),
-                    learners: membership.learner_ids().collect(),
+                    voters: membership.voter_ids().map(ReplicaId::node).collect(),
+                    learners: membership.learner_ids().map(ReplicaId::node).collect(),
                     lag,
                     log_bytes: hosted.log.bytes(),
                     rows_estimate: hosted.state.store().stats().rows_estimate,
                     asleep: hosted.pulse.is_asleep(),
+                    replica_id: hosted.replica.0,
                 }
             })
             .collect()
@@ -914,66 +472,21 @@ impl Cluster {
         self.hand_over_all().await;
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        for (group, hosted) in &self.groups {
-            if let Err(e) = hosted.raft.shutdown().await {
-                tracing::warn!(group, error = %e, "raft shutdown");
-            }
-            if let Err(e) = hosted.state.flush() {
-                tracing::warn!(group, error = %e, "flush on shutdown");
-            }
-            hosted.log.close();
-        }
+        self.host.stop_all().await;
     }
 }
 
-fn random_sequence_start() -> u64 {
-    // Half the space: the counter never wraps into ids of an earlier start.
-    rand::random::<u64>() >> 1
-}
-
-fn describe(result: &PeerResult) -> String {
-    match result {
-        PeerResult::Failed(reason) => reason.clone(),
-        PeerResult::NoSuchGroup => "holds no replica".into(),
-        PeerResult::NotLeader { leader: None } => "not the leader, no leader known".into(),
-        PeerResult::NotLeader { leader: Some(l) } => format!("not the leader (leader {l})"),
-        other => format!("unexpected reply {other:?}"),
-    }
-}
-
-/// Adds configured metadata learners the leader has not added yet (nodes
-/// beyond the metadata voters follow the registry as learners).
-async fn reconcile_metadata_learners(cluster: std::sync::Weak<Cluster>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let Some(cluster) = cluster.upgrade() else {
-            return;
-        };
-        let Some(hosted) = cluster.groups.get(&METADATA_GROUP) else {
-            return;
-        };
-        if cluster.placement.metadata_learners.is_empty() {
-            return;
-        }
-        if !hosted.raft.is_leader() {
-            continue;
-        }
-        let metrics = hosted.raft.metrics().borrow_watched().clone();
-        let present: Vec<NodeId> = metrics
-            .membership_config
-            .membership()
-            .learner_ids()
-            .collect();
-        for &learner in &cluster.placement.metadata_learners {
-            if present.contains(&learner) {
-                continue;
-            }
-            let node = BasicNode::new(cluster.placement.nodes[&learner].clone());
-            // A membership change is a proposal: the group must be awake.
-            cluster.activity(METADATA_GROUP).await;
-            if let Err(e) = hosted.raft.add_learner(learner, node, false).await {
-                tracing::debug!(learner, error = %e, "adding metadata learner");
-            }
+/// The map's peer addresses, overridden by the static routes for the nodes
+/// those name.
+fn peer_routes(
+    placement: &Placement,
+    static_routes: &BTreeMap<NodeId, String>,
+) -> BTreeMap<NodeId, String> {
+    let mut routes = placement.peer_addrs();
+    for (node, addr) in routes.iter_mut() {
+        if let Some(route) = static_routes.get(node) {
+            addr.clone_from(route);
         }
     }
+    routes
 }

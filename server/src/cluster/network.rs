@@ -24,7 +24,7 @@ use openraft::type_config::alias::SnapshotOf;
 use quiver_proto::peer::{PeerBatch, PeerRequest, SnapshotChunk, peer_client::PeerClient};
 use quiver_raft::state_machine::checked_name;
 use quiver_raft::types::Vote;
-use quiver_raft::{GroupId, NodeId, SnapshotDir, TypeConfig};
+use quiver_raft::{GroupId, NodeId, ReplicaId, SnapshotDir, TypeConfig};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -88,7 +88,10 @@ impl Lane {
             PeerCall::AppendEntries(_) => Lane::Append,
             // A handover waits for an election, as a proposal waits for a
             // quorum: never in the lane heartbeats and votes use.
-            PeerCall::Propose(_) | PeerCall::HandOver { .. } => Lane::Propose,
+            PeerCall::Propose(_)
+            | PeerCall::HandOver { .. }
+            | PeerCall::ShardState
+            | PeerCall::ChangeMembership { .. } => Lane::Propose,
             PeerCall::Read { .. } | PeerCall::ReadIndex => Lane::Read,
         }
     }
@@ -107,6 +110,8 @@ type ReplyTo = oneshot::Sender<Result<Vec<u8>, tonic::Status>>;
 /// One call waiting for a batch.
 struct Queued {
     group: GroupId,
+    /// The receiving replica (0: whichever the peer hosts).
+    replica: u64,
     payload: Vec<u8>,
     deadline: Instant,
     reply: ReplyTo,
@@ -173,6 +178,7 @@ async fn send_batch(
         .iter_mut()
         .map(|call| PeerRequest {
             group: call.group,
+            replica: call.replica,
             payload: std::mem::take(&mut call.payload),
         })
         .collect();
@@ -264,11 +270,21 @@ fn dropped(node: NodeId, reason: &'static str) {
     .increment(1);
 }
 
-/// Channels to every peer, and a batching queue per peer and lane.
+/// The channels to one peer and its batching queue per lane. The sender
+/// tasks stop when this is dropped (their queues close).
+#[derive(Debug)]
+struct PeerConn {
+    addr: String,
+    client: PeerClient<PeerChannel>,
+    queues: [mpsc::Sender<Queued>; LANES],
+}
+
+/// Channels to every peer, and a batching queue per peer and lane. The set
+/// of peers follows the cluster map ([`PeerClients::set_nodes`]).
 #[derive(Debug)]
 pub struct PeerClients {
-    clients: BTreeMap<NodeId, PeerClient<PeerChannel>>,
-    queues: BTreeMap<NodeId, [mpsc::Sender<Queued>; LANES]>,
+    conns: parking_lot::RwLock<BTreeMap<NodeId, Arc<PeerConn>>>,
+    sign: SignPeerCalls,
     timeout: Duration,
     snapshot_timeout: Duration,
 }
@@ -283,51 +299,81 @@ impl PeerClients {
         snapshot_timeout: Duration,
         secret: &str,
     ) -> Result<Self, String> {
-        let sign = SignPeerCalls::new(secret)?;
-        let mut clients = BTreeMap::new();
-        let mut queues = BTreeMap::new();
-        for (&id, addr) in nodes {
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| format!("node {id} address {addr:?}: {e}"))?
-                .connect_timeout(timeout)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(timeout);
-            let connect = || {
-                PeerClient::with_interceptor(endpoint.connect_lazy(), sign.clone())
-                    .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-                    .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
-            };
-            // Two connections: control traffic never shares one with data.
-            let data = connect();
-            let control = connect();
-            let lanes = std::array::from_fn(|index| {
-                let lane = [Lane::Control, Lane::Append, Lane::Propose, Lane::Read][index];
-                let client = if lane == Lane::Control {
-                    control.clone()
-                } else {
-                    data.clone()
-                };
-                let (tx, rx) = mpsc::channel(PEER_QUEUE_CALLS_MAX);
-                tokio::spawn(send_batches(client, rx, lane.batches_in_flight_max()));
-                tx
-            });
-            queues.insert(id, lanes);
-            clients.insert(id, data);
-        }
-        Ok(Self {
-            clients,
-            queues,
+        let clients = Self {
+            conns: parking_lot::RwLock::new(BTreeMap::new()),
+            sign: SignPeerCalls::new(secret)?,
             timeout,
             snapshot_timeout,
+        };
+        clients.set_nodes(nodes)?;
+        Ok(clients)
+    }
+
+    /// Makes the peers exactly `nodes`: new ones get channels, ones whose
+    /// address changed get new channels, ones no longer listed are dropped
+    /// (their queued calls fail). An address that does not parse is
+    /// refused, and nothing changes.
+    pub fn set_nodes(&self, nodes: &BTreeMap<NodeId, String>) -> Result<(), String> {
+        let current = self.conns.read().clone();
+        let mut next = BTreeMap::new();
+        for (&id, addr) in nodes {
+            match current.get(&id) {
+                Some(conn) if conn.addr == *addr => {
+                    next.insert(id, conn.clone());
+                }
+                _ => {
+                    next.insert(id, Arc::new(self.connect(id, addr)?));
+                }
+            }
+        }
+        *self.conns.write() = next;
+        Ok(())
+    }
+
+    fn connect(&self, id: NodeId, addr: &str) -> Result<PeerConn, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("node {id} address {addr:?}: {e}"))?
+            .connect_timeout(self.timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(self.timeout);
+        let connect = || {
+            PeerClient::with_interceptor(endpoint.connect_lazy(), self.sign.clone())
+                .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        };
+        // Two connections: control traffic never shares one with data.
+        let data = connect();
+        let control = connect();
+        let queues = std::array::from_fn(|index| {
+            let lane = [Lane::Control, Lane::Append, Lane::Propose, Lane::Read][index];
+            let client = if lane == Lane::Control {
+                control.clone()
+            } else {
+                data.clone()
+            };
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_CALLS_MAX);
+            tokio::spawn(send_batches(client, rx, lane.batches_in_flight_max()));
+            tx
+        });
+        Ok(PeerConn {
+            addr: addr.to_owned(),
+            client: data,
+            queues,
         })
     }
 
-    fn client(&self, node: NodeId) -> Result<PeerClient<PeerChannel>, PeerError> {
-        self.clients
+    fn conn(&self, node: NodeId) -> Result<Arc<PeerConn>, PeerError> {
+        self.conns
+            .read()
             .get(&node)
             .cloned()
             .ok_or(PeerError::UnknownNode(node))
+    }
+
+    /// The peers known now.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        self.conns.read().keys().copied().collect()
     }
 
     /// A forwarded client request (propose, read): the peer spends up to the
@@ -339,17 +385,17 @@ impl PeerClients {
         group: GroupId,
         call: &PeerCall,
     ) -> Result<PeerResult, PeerError> {
-        self.call_with_timeout(node, group, call, self.timeout * 2)
+        self.call_with_timeout(node, group, None, call, self.timeout * 2)
             .await
     }
 
     /// Calls waiting in each peer's lanes now, for the metrics.
     pub fn queue_depths(&self) -> Vec<(NodeId, &'static str, usize)> {
         let mut depths = Vec::new();
-        for (&node, lanes) in &self.queues {
+        for (&node, conn) in self.conns.read().iter() {
             for (lane, queue) in ["control", "append", "propose", "read"]
                 .into_iter()
-                .zip(lanes)
+                .zip(&conn.queues)
             {
                 depths.push((node, lane, queue.max_capacity() - queue.capacity()));
             }
@@ -357,16 +403,18 @@ impl PeerClients {
         depths
     }
 
-    /// One call with a deadline: queued for the next batch to `node`.
+    /// One call with a deadline: queued for the next batch to `node`, for
+    /// its replica `replica` of `group` (`None`: whichever it hosts).
     pub async fn call_with_timeout(
         &self,
         node: NodeId,
         group: GroupId,
+        replica: Option<ReplicaId>,
         call: &PeerCall,
         timeout: Duration,
     ) -> Result<PeerResult, PeerError> {
-        let queue =
-            &self.queues.get(&node).ok_or(PeerError::UnknownNode(node))?[Lane::of(call) as usize];
+        let conn = self.conn(node)?;
+        let queue = &conn.queues[Lane::of(call) as usize];
         let rpc_error = |status| PeerError::Rpc { node, status };
         let payload = wire::encode(call).map_err(|e| {
             rpc_error(tonic::Status::internal(format!(
@@ -377,6 +425,7 @@ impl PeerClients {
         queue
             .try_send(Queued {
                 group,
+                replica: replica.map_or(0, |r| r.0),
                 payload,
                 deadline: Instant::now() + timeout,
                 reply,
@@ -406,15 +455,16 @@ impl PeerClients {
         })
     }
 
-    /// Streams a snapshot directory to `node`.
+    /// Streams a snapshot directory to `replica` of `group`.
     async fn send_snapshot(
         &self,
-        node: NodeId,
+        replica: ReplicaId,
         group: GroupId,
         vote: Vote,
         snapshot: SnapshotDir,
     ) -> Result<PeerResult, PeerError> {
-        let mut client = self.client(node)?;
+        let node = replica.node();
+        let mut client = self.conn(node)?.client.clone();
         let (sender, receiver) = tokio::sync::mpsc::channel::<SnapshotChunk>(4);
         let header = wire::encode(&SnapshotHeader {
             vote,
@@ -431,6 +481,7 @@ impl PeerClients {
             let first = SnapshotChunk {
                 group,
                 header,
+                replica: replica.0,
                 ..SnapshotChunk::default()
             };
             if sender.blocking_send(first).is_err() {
@@ -453,6 +504,7 @@ impl PeerClients {
                         file: file.name.clone(),
                         offset,
                         data,
+                        replica: 0,
                     };
                     if sender.blocking_send(chunk).is_err() {
                         return Ok(());
@@ -507,7 +559,7 @@ pub struct GroupNetwork {
 impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
     type Network = GroupPeer;
 
-    async fn new_client(&mut self, target: NodeId, _node: &openraft::BasicNode) -> GroupPeer {
+    async fn new_client(&mut self, target: ReplicaId, _node: &openraft::BasicNode) -> GroupPeer {
         GroupPeer {
             group: self.group,
             target,
@@ -516,11 +568,12 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
     }
 }
 
-/// openraft's connection to one peer of one group.
+/// openraft's connection to one replica of one group (on the node the
+/// replica id names; its address comes from the cluster map).
 #[derive(Debug)]
 pub struct GroupPeer {
     group: GroupId,
-    target: NodeId,
+    target: ReplicaId,
     clients: Arc<PeerClients>,
 }
 
@@ -554,7 +607,13 @@ impl GroupPeer {
         option: &RPCOption,
     ) -> Result<PeerResult, RPCError<TypeConfig>> {
         self.clients
-            .call_with_timeout(self.target, self.group, call, option.soft_ttl())
+            .call_with_timeout(
+                self.target.node(),
+                self.group,
+                Some(self.target),
+                call,
+                option.soft_ttl(),
+            )
             .await
             .map_err(to_rpc_error)
     }

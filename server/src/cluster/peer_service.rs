@@ -34,8 +34,26 @@ impl PeerService {
         Self { cluster }
     }
 
-    async fn handle(&self, group: GroupId, call: PeerCall) -> PeerResult {
+    async fn handle(&self, group: GroupId, replica: u64, call: PeerCall) -> PeerResult {
         let cluster = &self.cluster;
+        // A Raft call names the replica it is for: another replica of the
+        // group hosted here (created under a new id after the named one was
+        // removed) must not answer for it.
+        let raft_call = matches!(
+            call,
+            PeerCall::AppendEntries(_)
+                | PeerCall::Vote(_)
+                | PeerCall::PreVote(_)
+                | PeerCall::TransferLeader(_)
+        );
+        if raft_call
+            && replica != 0
+            && cluster
+                .group(group)
+                .is_some_and(|hosted| hosted.replica.0 != replica)
+        {
+            return PeerResult::NoSuchGroup;
+        }
         match call {
             PeerCall::AppendEntries(rpc) => match cluster.group(group) {
                 None => PeerResult::NoSuchGroup,
@@ -95,6 +113,10 @@ impl PeerService {
             PeerCall::HandOver { to } => cluster.hand_over_local(group, to).await,
             PeerCall::ReadIndex => cluster.read_index_local(group).await,
             PeerCall::Read { keys, level } => self.read(group, keys, level).await,
+            PeerCall::ShardState => cluster.shard_state_local(group).await,
+            PeerCall::ChangeMembership { change, expect } => {
+                cluster.change_membership_local(group, change, expect).await
+            }
         }
     }
 
@@ -141,6 +163,9 @@ impl PeerService {
         let Some(hosted) = self.cluster.group(group) else {
             return Ok(PeerResult::NoSuchGroup);
         };
+        if first.replica != 0 && hosted.replica.0 != first.replica {
+            return Ok(PeerResult::NoSuchGroup);
+        }
         let header: SnapshotHeader = wire::decode(&first.header)
             .map_err(|e| Status::invalid_argument(format!("snapshot header: {e}")))?;
         let manifest = header.manifest;
@@ -295,7 +320,7 @@ impl Peer for PeerService {
                 let service = service.clone();
                 async move {
                     let result = match wire::decode::<PeerCall>(&call.payload) {
-                        Ok(decoded) => service.handle(call.group, decoded).await,
+                        Ok(decoded) => service.handle(call.group, call.replica, decoded).await,
                         Err(e) => PeerResult::Failed(format!("undecodable peer call: {e}")),
                     };
                     Ok(PeerBatchReply {

@@ -1,96 +1,60 @@
-//! Where data lives: shards as arcs of the 64-bit key-hash ring, replicas by
-//! rendezvous hashing of shard over nodes.
+//! Where data lives, as this node last learned it: the cluster map (nodes,
+//! shards as arcs of the 64-bit key-hash ring, each shard's replicas) with a
+//! range index for finding a key's shard.
 //!
-//! Shard `s` (1-based) owns hashes `[(s-1)·2⁶⁴/S, s·2⁶⁴/S)`; since stored keys
-//! start with the big-endian hash, a shard is one contiguous key range. The
-//! replicas of a group are the `rf` nodes with the highest
-//! `xxh3(group, node)` score: deterministic on every node, and adding a node
-//! moves only the groups it now wins (about 1/N of them).
+//! The map is state of the metadata group ([`quiver_raft::cluster_map`]);
+//! every node routes by the copy its metadata replica has applied. Before the
+//! metadata group has stored a map (a new static cluster), every node routes
+//! by the map it would bootstrap from its configuration, which is the same on
+//! every node: shard `s` of `S` owns hashes `[(s-1)·2⁶⁴/S, s·2⁶⁴/S)` and its
+//! replicas are the `rf` nodes with the highest `xxh3(shard, node)` score
+//! (rendezvous hashing: deterministic, and adding a node moves only the
+//! shards it now wins).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use quiver_raft::{GroupId, METADATA_GROUP, NodeId};
+use quiver_raft::cluster_map::{ClusterMap, NodeInfo, NodeState, ShardDesc};
+use quiver_raft::{GroupId, METADATA_GROUP, NodeId, ReplicaId};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::{ClusterConfig, NodeAddr};
 
-/// The static cluster map.
-#[derive(Debug, Clone, PartialEq)]
+/// The cluster map and its range index.
+#[derive(Debug, Clone)]
 pub struct Placement {
-    /// Node id to peer address (where Raft traffic goes).
-    pub nodes: BTreeMap<NodeId, String>,
-    /// Node id to client address (shown in status).
-    pub client_addrs: BTreeMap<NodeId, String>,
-    /// Number of shards (groups `1..=shard_count`).
-    pub shard_count: u32,
-    /// Replicas of every shard.
-    pub replicas: BTreeMap<GroupId, Vec<NodeId>>,
-    /// Voters of the metadata group.
-    pub metadata_voters: Vec<NodeId>,
-    /// Every other node follows the metadata group as a learner.
-    pub metadata_learners: Vec<NodeId>,
+    /// The map.
+    pub map: Arc<ClusterMap>,
+    /// Whether the map is the metadata group's (false: this node's
+    /// configuration, before the group stored one).
+    pub replicated: bool,
+    /// Shard by first hash.
+    ranges: BTreeMap<u64, GroupId>,
 }
 
 impl Placement {
-    /// Computes the map from a cluster description (this node's client and
-    /// peer addresses are used when the description is empty: a one-node
-    /// cluster). A node without a usable peer address is refused by config
-    /// validation; here it maps to its client address.
-    pub fn new(config: &ClusterConfig, self_addr: &str, self_peer_addr: &str) -> Placement {
-        let (nodes, client_addrs) = if config.nodes.is_empty() {
-            (
-                BTreeMap::from([(config.node_id, self_peer_addr.to_owned())]),
-                BTreeMap::from([(config.node_id, self_addr.to_owned())]),
-            )
-        } else {
-            (
-                config
-                    .nodes
-                    .iter()
-                    .map(|node: &NodeAddr| {
-                        (
-                            node.id,
-                            node.peer_addr().unwrap_or_else(|| node.addr.clone()),
-                        )
-                    })
-                    .collect(),
-                config
-                    .nodes
-                    .iter()
-                    .map(|node| (node.id, node.addr.clone()))
-                    .collect(),
-            )
-        };
-        let ids: Vec<NodeId> = nodes.keys().copied().collect();
-        let rf = (config.replication_factor as usize).min(ids.len());
-        let replicas = (1..=config.shard_count)
-            .map(|shard| (shard, rendezvous(shard, &ids, rf)))
-            .collect();
-        let voters = rendezvous(
-            METADATA_GROUP,
-            &ids,
-            (config.metadata_voters as usize).min(ids.len()),
-        );
-        let learners = ids
+    /// The placement of `map` (which must pass [`ClusterMap::check`]).
+    pub fn new(map: Arc<ClusterMap>, replicated: bool) -> Placement {
+        let ranges = map
+            .shards
             .iter()
-            .copied()
-            .filter(|id| !voters.contains(id))
+            .map(|(&id, desc)| (desc.start, id))
             .collect();
         Placement {
-            nodes,
-            client_addrs,
-            shard_count: config.shard_count,
-            replicas,
-            metadata_voters: voters,
-            metadata_learners: learners,
+            map,
+            replicated,
+            ranges,
         }
     }
 
     /// The shard owning a key hash.
     pub fn shard_of_hash(&self, hash: u64) -> GroupId {
-        let shard = (u128::from(hash) * u128::from(self.shard_count)) >> 64;
-        // shard < shard_count <= u32::MAX, so the cast is exact.
-        shard as GroupId + 1
+        // The shards cover the ring from 0 (a checked map), so some shard
+        // starts at or below any hash.
+        self.ranges
+            .range(..=hash)
+            .next_back()
+            .map_or(1, |(_, &shard)| shard)
     }
 
     /// The shard owning an entity key.
@@ -115,34 +79,131 @@ impl Placement {
         by_shard
     }
 
-    /// The nodes holding a replica (voter or learner) of a group.
-    pub fn members(&self, group: GroupId) -> Vec<NodeId> {
-        if group == METADATA_GROUP {
-            let mut all = self.metadata_voters.clone();
-            all.extend(&self.metadata_learners);
-            all
+    /// A shard's descriptor.
+    pub fn shard(&self, group: GroupId) -> Option<&ShardDesc> {
+        self.map.shards.get(&group)
+    }
+
+    /// The nodes holding a voter of a shard, in replica order (empty for the
+    /// metadata group, whose members the map does not hold).
+    pub fn shard_voters(&self, group: GroupId) -> Vec<NodeId> {
+        self.shard(group)
+            .map(|desc| desc.voters().map(ReplicaId::node).collect())
+            .unwrap_or_default()
+    }
+
+    /// A node's entry.
+    pub fn node(&self, node: NodeId) -> Option<&NodeInfo> {
+        self.map.nodes.get(&node)
+    }
+
+    /// The nodes that are part of the cluster (not removed): id and peer
+    /// address.
+    pub fn peer_addrs(&self) -> BTreeMap<NodeId, String> {
+        self.map
+            .nodes
+            .iter()
+            .filter(|(_, info)| info.state != NodeState::Removed)
+            .map(|(&id, info)| (id, info.peer_addr.clone()))
+            .collect()
+    }
+
+    /// Whether `node` is part of the cluster (not removed).
+    pub fn is_member(&self, node: NodeId) -> bool {
+        self.node(node)
+            .is_some_and(|info| info.state != NodeState::Removed)
+    }
+}
+
+/// What a static cluster description bootstraps: the map, and the voters
+/// of the metadata group.
+#[derive(Debug, Clone)]
+pub struct StaticLayout {
+    /// The first map.
+    pub map: ClusterMap,
+    /// The metadata group's first voters (the others follow as learners).
+    pub metadata_voters: Vec<NodeId>,
+}
+
+impl StaticLayout {
+    /// The layout of a cluster description (this node's client and peer
+    /// addresses are used when the description is empty: a one-node
+    /// cluster). A node without a usable peer address is refused by config
+    /// validation; here it maps to its client address.
+    pub fn new(config: &ClusterConfig, self_addr: &str, self_peer_addr: &str) -> StaticLayout {
+        let nodes: BTreeMap<NodeId, NodeInfo> = if config.nodes.is_empty() {
+            BTreeMap::from([(
+                config.node_id,
+                NodeInfo {
+                    addr: self_addr.to_owned(),
+                    peer_addr: self_peer_addr.to_owned(),
+                    state: NodeState::Serving,
+                },
+            )])
         } else {
-            self.replicas.get(&group).cloned().unwrap_or_default()
+            config
+                .nodes
+                .iter()
+                .map(|node: &NodeAddr| {
+                    (
+                        node.id,
+                        NodeInfo {
+                            addr: node.addr.clone(),
+                            peer_addr: node.peer_addr().unwrap_or_else(|| node.addr.clone()),
+                            state: NodeState::Serving,
+                        },
+                    )
+                })
+                .collect()
+        };
+        let ids: Vec<NodeId> = nodes.keys().copied().collect();
+        let rf = (config.replication_factor as usize).min(ids.len());
+        let replicas: BTreeMap<GroupId, Vec<NodeId>> = (1..=config.shard_count)
+            .map(|shard| (shard, rendezvous(shard, &ids, rf)))
+            .collect();
+        let metadata_voters = rendezvous(
+            METADATA_GROUP,
+            &ids,
+            (config.metadata_voters as usize).min(ids.len()),
+        );
+        StaticLayout {
+            map: ClusterMap::bootstrap(
+                nodes,
+                &replicas,
+                config.replication_factor,
+                config.metadata_voters,
+            ),
+            metadata_voters,
         }
     }
 
-    /// The voters of a group.
+    /// The voters a static cluster initializes a group with, best first
+    /// (the first one initializes it).
     pub fn voters(&self, group: GroupId) -> Vec<NodeId> {
         if group == METADATA_GROUP {
-            self.metadata_voters.clone()
-        } else {
-            self.members(group)
+            return self.metadata_voters.clone();
         }
+        // Bootstrapped in rendezvous order, which `ClusterMap::bootstrap`
+        // sorted by id: recompute the order from the scores.
+        let ids: Vec<NodeId> = self
+            .map
+            .shards
+            .get(&group)
+            .map(|desc| desc.voters().map(ReplicaId::node).collect())
+            .unwrap_or_default();
+        rendezvous(group, &ids, ids.len())
     }
 
-    /// Groups with a replica on `node`, metadata group first.
+    /// Groups a static cluster's first start creates on `node`, metadata
+    /// group first.
     pub fn groups_of(&self, node: NodeId) -> Vec<GroupId> {
         let mut groups = vec![METADATA_GROUP];
         groups.extend(
-            self.replicas
+            self.map
+                .shards
                 .iter()
-                .filter(|(_, replicas)| replicas.contains(&node))
-                .map(|(group, _)| *group),
+                .filter(|(_, desc)| desc.replica_on(node).is_some())
+                .map(|(&group, _)| group),
         );
         groups
     }
@@ -186,32 +247,37 @@ mod tests {
         }
     }
 
+    fn placement(layout: &StaticLayout) -> Placement {
+        Placement::new(Arc::new(layout.map.clone()), false)
+    }
+
     #[test]
     fn shards_cover_the_ring_in_order() {
-        let placement = Placement::new(&config(3, 16, 3), "", "");
+        let placement = placement(&StaticLayout::new(&config(3, 16, 3), "", ""));
         assert_eq!(placement.shard_of_hash(0), 1);
         assert_eq!(placement.shard_of_hash(u64::MAX), 16);
         assert_eq!(placement.shard_of_hash(1 << 60), 2);
         let mut last = 1;
         for step in 0..1000u64 {
-            let shard = placement.shard_of_hash(step.wrapping_mul(u64::MAX / 1000));
+            let hash = step.wrapping_mul(u64::MAX / 1000);
+            let shard = placement.shard_of_hash(hash);
             assert!(shard >= last && shard <= 16);
+            assert_eq!(Some(shard), placement.map.shard_of_hash(hash));
             last = shard;
         }
     }
 
     #[test]
     fn replicas_are_distinct_deterministic_and_balanced() {
-        let placement = Placement::new(&config(5, 64, 3), "", "");
-        let again = Placement::new(&config(5, 64, 3), "", "");
-        assert_eq!(placement, again);
+        let layout = StaticLayout::new(&config(5, 64, 3), "", "");
+        let again = StaticLayout::new(&config(5, 64, 3), "", "");
+        assert_eq!(layout.map, again.map);
         let mut per_node = BTreeMap::<NodeId, usize>::new();
-        for replicas in placement.replicas.values() {
-            let mut sorted = replicas.clone();
-            sorted.dedup();
-            assert_eq!(sorted.len(), 3);
-            for node in replicas {
-                *per_node.entry(*node).or_default() += 1;
+        for desc in layout.map.shards.values() {
+            assert_eq!(desc.replicas.len(), 3);
+            for replica in &desc.replicas {
+                assert_eq!(replica.id.incarnation(), 0);
+                *per_node.entry(replica.id.node()).or_default() += 1;
             }
         }
         // 192 replicas over 5 nodes: none starved, none hoarding.
@@ -219,20 +285,26 @@ mod tests {
             per_node.values().all(|&n| (20..=60).contains(&n)),
             "{per_node:?}"
         );
-        assert_eq!(placement.metadata_voters.len(), 3);
-        assert_eq!(placement.metadata_learners.len(), 2);
+        assert_eq!(layout.metadata_voters.len(), 3);
+        // The first voter of a shard is its best rendezvous score, as
+        // before the map existed (existing clusters initialized that way).
+        for shard in 1..=64 {
+            let ids: Vec<NodeId> = (1..=5).collect();
+            assert_eq!(layout.voters(shard), rendezvous(shard, &ids, 3));
+        }
     }
 
     #[test]
     fn adding_a_node_moves_few_replicas() {
-        let before = Placement::new(&config(5, 128, 3), "", "");
-        let after = Placement::new(&config(6, 128, 3), "", "");
+        let before = StaticLayout::new(&config(5, 128, 3), "", "");
+        let after = StaticLayout::new(&config(6, 128, 3), "", "");
         let moved: usize = before
-            .replicas
+            .map
+            .shards
             .iter()
             .map(|(group, old)| {
-                let new = &after.replicas[group];
-                old.iter().filter(|n| !new.contains(n)).count()
+                let new = &after.map.shards[group];
+                old.replicas.iter().filter(|r| !new.has(r.id)).count()
             })
             .sum();
         // Expected about 384/6 = 64 replica moves; far below a reshuffle.
@@ -241,13 +313,20 @@ mod tests {
 
     #[test]
     fn replication_is_capped_by_node_count() {
-        let placement = Placement::new(
+        let layout = StaticLayout::new(
             &ClusterConfig::default(),
             "127.0.0.1:7470",
             "127.0.0.1:17470",
         );
-        assert_eq!(placement.nodes.len(), 1);
-        assert!(placement.replicas.values().all(|r| r == &vec![1]));
-        assert_eq!(placement.groups_of(1).len(), 17);
+        assert_eq!(layout.map.nodes.len(), 1);
+        assert!(
+            layout
+                .map
+                .shards
+                .values()
+                .all(|d| d.voters().eq([ReplicaId::first(1)]))
+        );
+        assert_eq!(layout.groups_of(1).len(), 17);
+        assert_eq!(layout.map.nodes[&1].peer_addr, "127.0.0.1:17470");
     }
 }

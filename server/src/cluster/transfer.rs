@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
-use quiver_raft::{GroupId, NodeId};
+use quiver_raft::{GroupId, NodeId, ReplicaId};
 
 use super::wire::{PeerCall, PeerResult};
 use super::{Cluster, ClusterError, Group};
@@ -57,10 +57,10 @@ impl Cluster {
         group: GroupId,
         to: NodeId,
     ) -> Result<HandedOver, ClusterError> {
-        if group != quiver_raft::METADATA_GROUP && !self.placement.replicas.contains_key(&group) {
+        if group != quiver_raft::METADATA_GROUP && self.placement().shard(group).is_none() {
             return Err(ClusterError::NoSuchGroup(group));
         }
-        let voters = self.placement.voters(group);
+        let voters = self.voter_nodes(group);
         if !voters.contains(&to) {
             return Err(ClusterError::Refused {
                 group,
@@ -114,28 +114,33 @@ impl Cluster {
     /// lead (at most the longest election timeout: past it, the group elects
     /// a leader the usual way).
     pub async fn hand_over_local(&self, group: GroupId, to: NodeId) -> PeerResult {
-        let Some(hosted) = self.groups.get(&group) else {
+        let Some(hosted) = self.host.get(group) else {
             return PeerResult::NoSuchGroup;
         };
+        let hosted = &*hosted;
         self.activity(group).await;
-        let (state, leader, term, last_index, matched, is_voter) = {
+        let (state, leader, term, last_index, matched, target) = {
             let metrics = hosted.raft.metrics();
             let m = metrics.borrow_watched();
-            let matched = m
-                .replication
-                .as_ref()
-                .and_then(|replication| replication.get(&to))
-                .map(|id| id.as_ref().map_or(0, |id| id.index));
+            // The voter replica on node `to` (a group has one per node).
+            let target = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .find(|v| v.node() == to);
+            let matched = target.and_then(|target| {
+                m.replication
+                    .as_ref()
+                    .and_then(|replication| replication.get(&target))
+                    .map(|id| id.as_ref().map_or(0, |id| id.index))
+            });
             (
                 m.state,
-                m.current_leader,
+                m.current_leader.map(ReplicaId::node),
                 m.current_term,
                 m.last_log_index.unwrap_or(0),
                 matched,
-                m.membership_config
-                    .membership()
-                    .voter_ids()
-                    .any(|v| v == to),
+                target,
             )
         };
         if state != ServerState::Leader {
@@ -151,9 +156,9 @@ impl Cluster {
                 elapsed_ms: 0,
             };
         }
-        if !is_voter {
+        let Some(target) = target else {
             return PeerResult::Refused(format!("node {to} is not a voter of shard {group}"));
-        }
+        };
         if !self
             .liveness
             .is_up(to, self.now_ms(), self.config.liveness_timeout_ms)
@@ -179,7 +184,7 @@ impl Cluster {
             ));
         }
         let started = Instant::now();
-        if let Err(e) = hosted.raft.trigger().transfer_leader(to).await {
+        if let Err(e) = hosted.raft.trigger().transfer_leader(target).await {
             crate::metrics::handover("failed");
             return PeerResult::Failed(e.to_string());
         }
@@ -188,7 +193,7 @@ impl Cluster {
             .raft
             .wait(Some(wait))
             .metrics(
-                |m| m.current_leader == Some(to) && m.current_term > term,
+                |m| m.current_leader == Some(target) && m.current_term > term,
                 "leadership handed over",
             )
             .await;
@@ -220,13 +225,13 @@ impl Cluster {
                 if let Some(next) = fallback
                     && let Err(e) = hosted.raft.trigger().transfer_leader(next).await
                 {
-                    tracing::warn!(group, next, error = %e, "fallback handover");
+                    tracing::warn!(group, %next, error = %e, "fallback handover");
                 }
                 PeerResult::TimedOut(format!(
                     "node {to} did not take over shard {group} within {} ms ({e}); {}",
                     wait.as_millis(),
                     match fallback {
-                        Some(next) => format!("handed to node {next} instead"),
+                        Some(next) => format!("handed to node {} instead", next.node()),
                         None => "the shard elects a leader as after a leader failure".into(),
                     }
                 ))
@@ -241,10 +246,11 @@ impl Cluster {
         let mut handovers = Vec::new();
         // Spread over the voters, not all to the one furthest along.
         let mut given: std::collections::HashMap<NodeId, usize> = std::collections::HashMap::new();
-        for (&group, hosted) in &self.groups {
-            let Some(to) = self.handover_target_spread(hosted, &given) else {
+        for (group, hosted) in self.host.all() {
+            let Some(to) = self.handover_target_spread(&hosted, &given) else {
                 continue;
             };
+            let to = to.node();
             *given.entry(to).or_default() += 1;
             handovers.push(async move { (group, to, self.hand_over_local(group, to).await) });
         }
@@ -267,10 +273,10 @@ impl Cluster {
         }
     }
 
-    /// The voters this leader could hand `hosted` to now: up, not in
-    /// `except`, and at most [`TRANSFER_LAG_ENTRIES_MAX`] entries behind,
+    /// The voters this leader could hand `hosted` to now: up, not on a node
+    /// in `except`, and at most [`TRANSFER_LAG_ENTRIES_MAX`] entries behind,
     /// with how far behind each is. Empty if this replica does not lead.
-    fn handover_candidates(&self, hosted: &Group, except: &[NodeId]) -> Vec<(u64, NodeId)> {
+    fn handover_candidates(&self, hosted: &Group, except: &[NodeId]) -> Vec<(u64, ReplicaId)> {
         let metrics = hosted.raft.metrics();
         let m = metrics.borrow_watched();
         if m.state != ServerState::Leader {
@@ -284,8 +290,11 @@ impl Cluster {
         m.membership_config
             .membership()
             .voter_ids()
-            .filter(|v| *v != self.node_id && !except.contains(v))
-            .filter(|&v| self.liveness.is_up(v, now, self.config.liveness_timeout_ms))
+            .filter(|v| *v != hosted.replica && !except.contains(&v.node()))
+            .filter(|v| {
+                self.liveness
+                    .is_up(v.node(), now, self.config.liveness_timeout_ms)
+            })
             .filter_map(|v| {
                 let matched = replication.get(&v)?.as_ref()?.index;
                 let behind = last_index.saturating_sub(matched);
@@ -295,7 +304,7 @@ impl Cluster {
     }
 
     /// The candidate furthest along (see [`Self::handover_candidates`]).
-    fn handover_target(&self, hosted: &Group, except: &[NodeId]) -> Option<NodeId> {
+    fn handover_target(&self, hosted: &Group, except: &[NodeId]) -> Option<ReplicaId> {
         self.handover_candidates(hosted, except)
             .into_iter()
             .min()
@@ -308,10 +317,10 @@ impl Cluster {
         &self,
         hosted: &Group,
         given: &std::collections::HashMap<NodeId, usize>,
-    ) -> Option<NodeId> {
+    ) -> Option<ReplicaId> {
         self.handover_candidates(hosted, &[])
             .into_iter()
-            .min_by_key(|&(behind, v)| (given.get(&v).copied().unwrap_or(0), behind, v))
+            .min_by_key(|&(behind, v)| (given.get(&v.node()).copied().unwrap_or(0), behind, v))
             .map(|(_, v)| v)
     }
 }

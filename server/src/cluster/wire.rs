@@ -8,6 +8,8 @@ use quiver_raft::types::{LogId, Vote};
 use quiver_raft::{GroupId, Manifest, NodeId, Proposal, Response, TypeConfig};
 use serde::{Deserialize, Serialize};
 
+use super::operator::{MembershipChange, ShardState};
+
 /// How fresh a forwarded read must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReadLevel {
@@ -57,6 +59,16 @@ pub enum PeerCall {
     HandOver {
         /// The voter that should lead.
         to: NodeId,
+    },
+    /// The group's membership as its leader sees it (for an operator).
+    ShardState,
+    /// An operator's membership change, made by the group's leader if the
+    /// membership is still the one at `expect`.
+    ChangeMembership {
+        /// The change.
+        change: MembershipChange,
+        /// The log id of the membership it was decided on.
+        expect: Option<LogId>,
     },
 }
 
@@ -157,6 +169,14 @@ pub enum PeerResult {
     /// The leader started the operation but it did not finish in time;
     /// asking again (perhaps of a new leader) would start it again.
     TimedOut(String),
+    /// The answer to [`PeerCall::ShardState`].
+    ShardState(ShardState),
+    /// The answer to [`PeerCall::ChangeMembership`]: the change is
+    /// committed.
+    MembershipChanged {
+        /// The membership entry's log id.
+        log_id: LogId,
+    },
 }
 
 /// The first chunk of a snapshot stream.

@@ -1,0 +1,381 @@
+//! The Raft groups this node hosts, opened, stopped and destroyed while the
+//! node runs.
+//!
+//! Each hosted group is one replica, with its own directory under
+//! `<data_dir>/groups/`: `<group>` for a replica of incarnation 0 (what a
+//! static cluster's first start creates; the layout before replica ids
+//! existed) and `<group>.<incarnation>` for a replica created on a running
+//! cluster. A node hosts at most one replica of a group.
+//!
+//! A replica is created empty only where the caller says it may be: at a
+//! static cluster's first start, or as the learner a move operator adds.
+//! A replica whose directory is gone is never re-created under its id (it
+//! may have voted; see [`quiver_raft::ReplicaId`]). Destroying a replica
+//! renames its directory into `groups/.trash/` (so a crash midway leaves
+//! no half-deleted replica that could be opened again) and deletes it there;
+//! `.trash` is emptied at start.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use quiver_engine::StoreOptions;
+use quiver_engine::durable::sync_dir;
+use quiver_engine::seglog::LogOptions;
+use quiver_raft::{
+    ApplyObserver, GroupId, LogStore, METADATA_GROUP, Raft, ReplicaId, StateMachine,
+};
+
+use super::ClusterError;
+use super::hibernate::Pulse;
+use super::network::{GroupNetwork, PeerClients};
+
+/// The directory holding every replica's directory.
+pub const GROUPS_DIR: &str = "groups";
+/// Where destroyed replicas wait for deletion.
+const TRASH_DIR: &str = ".trash";
+
+/// One group replica hosted here.
+pub struct Group {
+    /// The group.
+    pub group: GroupId,
+    /// This replica's id in the group.
+    pub replica: ReplicaId,
+    /// Its Raft handle.
+    pub raft: Raft,
+    /// Its state machine (the live store).
+    pub state: StateMachine,
+    /// Its log.
+    pub log: LogStore,
+    /// Its activity and hibernation state.
+    pub pulse: Pulse,
+    /// The last term in which this replica, as leader, started a handover
+    /// (0: never): its lease for that term is void (see `transfer`).
+    pub(super) handed_over_term: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("group", &self.group)
+            .field("replica", &self.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What opening a replica needs.
+pub struct GroupFactory {
+    /// `<data_dir>/groups`.
+    pub root: PathBuf,
+    /// openraft's configuration, shared by every group.
+    pub raft_config: Arc<openraft::Config>,
+    /// Log options.
+    pub log_options: LogOptions,
+    /// Store options (the node's shared block cache and registry).
+    pub store: StoreOptions,
+    /// Cache coherence.
+    pub observer: Arc<dyn ApplyObserver>,
+    /// Peer channels.
+    pub clients: Arc<PeerClients>,
+}
+
+impl GroupFactory {
+    /// A replica's directory.
+    pub fn dir(&self, group: GroupId, replica: ReplicaId) -> PathBuf {
+        self.root.join(dir_name(group, replica))
+    }
+
+    /// The replicas whose directories exist, by group (a group with two
+    /// directories, which this node never creates, is an error).
+    pub fn existing(
+        &self,
+        node: quiver_raft::NodeId,
+    ) -> Result<BTreeMap<GroupId, ReplicaId>, ClusterError> {
+        let mut found = BTreeMap::new();
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(start_error(&self.root, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| start_error(&self.root, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((group, incarnation)) = parse_dir_name(&name) else {
+                if name != TRASH_DIR {
+                    tracing::warn!(dir = %entry.path().display(), "not a replica directory; ignored");
+                }
+                continue;
+            };
+            let replica = ReplicaId::new(node, incarnation);
+            if let Some(other) = found.insert(group, replica) {
+                return Err(ClusterError::Start(format!(
+                    "{} holds two replicas of group {group} ({other} and {replica})",
+                    self.root.display()
+                )));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Opens (creating if `create` and missing) a replica and starts its
+    /// Raft instance (asleep: hibernation wakes it when the pings say so).
+    pub async fn open(
+        &self,
+        group: GroupId,
+        replica: ReplicaId,
+        create: bool,
+    ) -> Result<Group, ClusterError> {
+        let dir = self.dir(group, replica);
+        if !create && !dir.is_dir() {
+            return Err(ClusterError::Start(format!(
+                "replica {replica} of group {group}: {} is missing",
+                dir.display()
+            )));
+        }
+        let log = LogStore::open(dir.join("log"), self.log_options)
+            .map_err(|e| ClusterError::Start(format!("group {group} log: {e}")))?;
+        let store_options = StoreOptions {
+            load_catalog: group == METADATA_GROUP,
+            ..self.store.clone()
+        };
+        let state = StateMachine::open(
+            group,
+            dir.join("state"),
+            store_options,
+            self.observer.clone(),
+        )
+        .map_err(|e| ClusterError::Start(format!("group {group} state: {e}")))?;
+        if create {
+            sync_dir(&self.root).map_err(|e| start_error(&self.root, e))?;
+        }
+        let network = GroupNetwork {
+            group,
+            clients: self.clients.clone(),
+        };
+        let raft = Raft::new(
+            replica,
+            self.raft_config.clone(),
+            network,
+            log.clone(),
+            state.clone(),
+        )
+        .await
+        .map_err(|e| ClusterError::Start(format!("group {group} raft: {e}")))?;
+        Ok(Group {
+            group,
+            replica,
+            raft,
+            state,
+            log,
+            pulse: Pulse::asleep(),
+            handed_over_term: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Deletes what earlier runs left in the trash.
+    pub fn empty_trash(&self) {
+        let trash = self.root.join(TRASH_DIR);
+        if let Err(e) = std::fs::remove_dir_all(&trash)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %trash.display(), error = %e, "cannot empty the trash");
+        }
+    }
+}
+
+fn start_error(path: &Path, e: std::io::Error) -> ClusterError {
+    ClusterError::Start(format!("{}: {e}", path.display()))
+}
+
+/// A replica's directory name.
+fn dir_name(group: GroupId, replica: ReplicaId) -> String {
+    match replica.incarnation() {
+        0 => group.to_string(),
+        incarnation => format!("{group}.{incarnation}"),
+    }
+}
+
+/// The group and incarnation a directory name stands for.
+fn parse_dir_name(name: &str) -> Option<(GroupId, u32)> {
+    let (group, incarnation) = match name.split_once('.') {
+        Some((group, incarnation)) => (group, incarnation.parse().ok().filter(|&i| i > 0)?),
+        None => (name, 0),
+    };
+    // Canonical digits only: "07" or "+7" would name a second directory.
+    let group: GroupId = group.parse().ok()?;
+    (dir_name(group, ReplicaId::new(1, incarnation)) == name).then_some((group, incarnation))
+}
+
+/// The groups hosted now. Lookups take a read lock for a map access and
+/// clone an `Arc`: never held across an await.
+pub struct GroupHost {
+    groups: RwLock<BTreeMap<GroupId, Arc<Group>>>,
+    /// Serializes opening, stopping and destroying (each awaits openraft).
+    changes: tokio::sync::Mutex<()>,
+    /// How to open one.
+    pub factory: GroupFactory,
+}
+
+impl std::fmt::Debug for GroupHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupHost")
+            .field("groups", &self.groups.read().keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupHost {
+    /// A host with no group yet.
+    pub fn new(factory: GroupFactory) -> GroupHost {
+        GroupHost {
+            groups: RwLock::new(BTreeMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+            factory,
+        }
+    }
+
+    /// The replica of `group` hosted here.
+    pub fn get(&self, group: GroupId) -> Option<Arc<Group>> {
+        self.groups.read().get(&group).cloned()
+    }
+
+    /// Whether a replica of `group` is hosted here.
+    pub fn contains(&self, group: GroupId) -> bool {
+        self.groups.read().contains_key(&group)
+    }
+
+    /// Every hosted replica, by group.
+    pub fn all(&self) -> Vec<(GroupId, Arc<Group>)> {
+        self.groups
+            .read()
+            .iter()
+            .map(|(&group, hosted)| (group, hosted.clone()))
+            .collect()
+    }
+
+    /// Opens a replica and hosts it (see [`GroupFactory::open`]). Refused if
+    /// another replica of the group is hosted.
+    pub async fn open(
+        &self,
+        group: GroupId,
+        replica: ReplicaId,
+        create: bool,
+    ) -> Result<Arc<Group>, ClusterError> {
+        let _changes = self.changes.lock().await;
+        if let Some(hosted) = self.get(group) {
+            return if hosted.replica == replica {
+                Ok(hosted)
+            } else {
+                Err(ClusterError::Start(format!(
+                    "group {group}: replica {} is hosted here, cannot open {replica}",
+                    hosted.replica
+                )))
+            };
+        }
+        let hosted = Arc::new(self.factory.open(group, replica, create).await?);
+        self.groups.write().insert(group, hosted.clone());
+        if create {
+            // Rows of this shard cached while another replica (or none) was
+            // here are not kept coherent by this one's apply.
+            self.factory.observer.store_replaced();
+        }
+        tracing::info!(group, %replica, create, "replica opened");
+        Ok(hosted)
+    }
+
+    /// Stops hosting `group`: its Raft instance shuts down and its store is
+    /// flushed. Returns the stopped replica.
+    pub async fn stop(&self, group: GroupId) -> Option<Arc<Group>> {
+        let _changes = self.changes.lock().await;
+        self.stop_locked(group).await
+    }
+
+    async fn stop_locked(&self, group: GroupId) -> Option<Arc<Group>> {
+        let hosted = self.groups.write().remove(&group)?;
+        stop_group(&hosted).await;
+        Some(hosted)
+    }
+
+    /// Stops `replica` of `group` if it is hosted, and deletes its
+    /// directory for good.
+    pub async fn destroy(&self, group: GroupId, replica: ReplicaId) -> std::io::Result<()> {
+        let _changes = self.changes.lock().await;
+        if self
+            .get(group)
+            .is_some_and(|hosted| hosted.replica == replica)
+        {
+            self.stop_locked(group).await;
+            self.factory.observer.store_replaced();
+        }
+        let dir = self.factory.dir(group, replica);
+        let root = self.factory.root.clone();
+        let trash = tokio::task::spawn_blocking(move || trash_dir(&root, &dir))
+            .await
+            .map_err(std::io::Error::other)?;
+        trash?;
+        tracing::info!(group, %replica, "replica destroyed");
+        Ok(())
+    }
+
+    /// Stops every group (shutdown).
+    pub async fn stop_all(&self) {
+        let _changes = self.changes.lock().await;
+        let all: Vec<Arc<Group>> = std::mem::take(&mut *self.groups.write())
+            .into_values()
+            .collect();
+        for hosted in all {
+            stop_group(&hosted).await;
+        }
+    }
+}
+
+/// Moves a replica's directory into the trash (durably: once this returns,
+/// the replica is never opened again) and deletes it there. Blocks.
+fn trash_dir(root: &Path, dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let trash = root.join(TRASH_DIR);
+    std::fs::create_dir_all(&trash)?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let to = trash.join(format!("{name}-{nanos}"));
+    std::fs::rename(dir, &to)?;
+    sync_dir(root)?;
+    std::fs::remove_dir_all(&to)
+}
+
+async fn stop_group(hosted: &Group) {
+    if let Err(e) = hosted.raft.shutdown().await {
+        tracing::warn!(group = hosted.group, error = %e, "raft shutdown");
+    }
+    if let Err(e) = hosted.state.flush() {
+        tracing::warn!(group = hosted.group, error = %e, "flush on stop");
+    }
+    hosted.log.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_names_round_trip_and_odd_names_are_not_replicas() {
+        for (group, incarnation) in [(0, 0), (7, 0), (7, 3), (4096, u32::MAX)] {
+            let name = dir_name(group, ReplicaId::new(9, incarnation));
+            assert_eq!(parse_dir_name(&name), Some((group, incarnation)), "{name}");
+        }
+        for odd in [
+            "", ".trash", "07", "+7", "7.", "7.0", "7.x", "7.3.1", "x", "-1",
+        ] {
+            assert_eq!(parse_dir_name(odd), None, "{odd:?}");
+        }
+    }
+}

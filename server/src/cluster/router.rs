@@ -1,0 +1,370 @@
+//! Routing: every request for a group goes to the replica that must serve
+//! it (the leader for proposals, LEADER and STRONG reads; this node's own
+//! replica or the leader for REPLICA reads), here or over the `Peer`
+//! service, with bounded retries across leader changes.
+
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::{LinearizerOption, ServerState};
+use quiver_raft::types::LogId;
+use quiver_raft::{Command, GroupId, NodeId, Proposal, ReplicaId, RequestId, Response};
+
+use super::wire::{PeerCall, PeerResult, ReadLevel, ReadRows};
+use super::{Cluster, ClusterError, ReadSource, ShardRead};
+
+impl Cluster {
+    /// The nodes holding a voter of `group`: for a shard, as the cluster
+    /// map says; for the metadata group, as this node's replica of it last
+    /// learned.
+    pub(super) fn voter_nodes(&self, group: GroupId) -> Vec<NodeId> {
+        if group == quiver_raft::METADATA_GROUP {
+            return self
+                .host
+                .get(group)
+                .map(|hosted| {
+                    hosted
+                        .raft
+                        .metrics()
+                        .borrow_watched()
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .map(ReplicaId::node)
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        self.placement().shard_voters(group)
+    }
+
+    /// The leader this node's replica of `group` knows of. Reads the field
+    /// under the watch borrow: cloning the whole metrics (with a leader's
+    /// replication maps) on every request would be waste.
+    pub(super) fn known_leader(&self, group: GroupId) -> Option<NodeId> {
+        self.host
+            .get(group)
+            .and_then(|g| g.raft.metrics().borrow_watched().current_leader)
+            .map(ReplicaId::node)
+    }
+
+    /// Where to send the first attempt for a group's leader.
+    pub(super) fn first_target(&self, group: GroupId) -> NodeId {
+        if let Some(&hint) = self.leader_hints.lock().get(&group) {
+            return hint;
+        }
+        if let Some(leader) = self.known_leader(group) {
+            return leader;
+        }
+        let voters = self.voter_nodes(group);
+        if voters.contains(&self.node_id) {
+            self.node_id
+        } else {
+            voters.first().copied().unwrap_or(self.node_id)
+        }
+    }
+
+    /// The next target after a failure without a usable leader hint: the
+    /// leader this node's own replica now knows, if it is not one that just
+    /// failed; else the next voter that has not failed in this request (all
+    /// of them failed: start the rotation again).
+    fn retry_target(&self, group: GroupId, current: NodeId, failed: &mut Vec<NodeId>) -> NodeId {
+        if let Some(leader) = self.known_leader(group)
+            && !failed.contains(&leader)
+        {
+            return leader;
+        }
+        let voters = self.voter_nodes(group);
+        if voters.iter().all(|voter| failed.contains(voter)) {
+            failed.clear();
+        }
+        let start = voters
+            .iter()
+            .position(|&v| v == current)
+            .map_or(0, |i| i + 1);
+        let rotation: Vec<NodeId> = (0..voters.len())
+            .map(|offset| voters[(start + offset) % voters.len()])
+            .filter(|voter| !failed.contains(voter))
+            .collect();
+        // A node the liveness pings say is down (paused, cut off) would cost
+        // a whole peer deadline: try the others first.
+        let now = self.now_ms();
+        let timeout = self.config.liveness_timeout_ms;
+        rotation
+            .iter()
+            .copied()
+            .find(|&voter| voter == self.node_id || self.liveness.is_up(voter, now, timeout))
+            .or_else(|| rotation.first().copied())
+            .or_else(|| voters.first().copied())
+            .unwrap_or(self.node_id)
+    }
+
+    /// Waits before a retry: the backoff for `attempt`, cut short when this
+    /// node's own replica of the group learns of a new leader (during a
+    /// failover the retry then goes out the moment the election is won, not
+    /// up to a backoff later).
+    async fn pause_before_retry(&self, group: GroupId, attempt: u32) {
+        let pause = Self::backoff(attempt);
+        let Some(hosted) = self.host.get(group) else {
+            tokio::time::sleep(pause).await;
+            return;
+        };
+        let before = hosted.raft.metrics().borrow_watched().current_leader;
+        // Times out (an error) when nothing changed: either way, retry.
+        let _ = hosted
+            .raft
+            .wait(Some(pause))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != before,
+                "a new leader",
+            )
+            .await;
+    }
+
+    /// A request id unique across this cluster's proposals: the node id in
+    /// the high half, then a counter started at a random point at boot (a
+    /// clock could restart at a fixed epoch before NTP and reissue ids still
+    /// in the dedup ring; two random starts collide with odds of about
+    /// ids-per-run / 2^64).
+    fn next_request_id(&self) -> RequestId {
+        let sequence = self
+            .request_sequence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        (u128::from(self.node_id) << 64) | u128::from(sequence)
+    }
+
+    pub(super) fn remember_leader(&self, group: GroupId, leader: NodeId) {
+        self.leader_hints.lock().insert(group, leader);
+    }
+
+    fn forget_leader(&self, group: GroupId) {
+        self.leader_hints.lock().remove(&group);
+    }
+
+    fn backoff(attempt: u32) -> Duration {
+        Duration::from_millis((25u64 << attempt.min(5)).min(500))
+    }
+
+    pub(super) fn peer_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.peer_timeout_ms)
+    }
+
+    /// Proposes a command to a group's leader wherever it is, and returns
+    /// once the entry is committed and applied on the leader.
+    pub async fn propose(
+        &self,
+        group: GroupId,
+        command: Command,
+    ) -> Result<(Response, LogId), ClusterError> {
+        self.propose_with_id(group, command, None).await
+    }
+
+    /// [`Self::propose`] with the client's idempotency key, if it gave one
+    /// (the same key in every group: each group deduplicates on its own).
+    pub async fn propose_with_id(
+        &self,
+        group: GroupId,
+        command: Command,
+        request_id: Option<RequestId>,
+    ) -> Result<(Response, LogId), ClusterError> {
+        // One id for every attempt: a retry of an entry that did commit is
+        // answered AlreadyApplied instead of being applied twice.
+        let proposal = Proposal {
+            request_id: request_id.unwrap_or_else(|| self.next_request_id()),
+            leader_ts_us: 0,
+            command,
+        };
+        let (response, log_id) = self
+            .route(group, self.first_target(group), |target| {
+                let proposal = proposal.clone();
+                async move {
+                    let result = if target == self.node_id {
+                        self.propose_local(group, proposal).await
+                    } else {
+                        self.clients
+                            .forward(target, group, &PeerCall::Propose(proposal))
+                            .await
+                            .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
+                    };
+                    match result {
+                        PeerResult::Proposed { response, log_id } => {
+                            self.remember_leader(group, target);
+                            Ok((response, log_id))
+                        }
+                        other => Err(other),
+                    }
+                }
+            })
+            .await?;
+        match response {
+            Response::Rejected { kind, message } => Err(ClusterError::Rejected { kind, message }),
+            response => Ok((response, log_id)),
+        }
+    }
+
+    /// Tries `attempt` on a node at a time until it succeeds: a "not the
+    /// leader, try N" answer moves to N at once, any other failure rotates
+    /// over the group's voters after a backoff. At most
+    /// `cluster.route_retries_max` attempts.
+    pub(super) async fn route<T, F, Fut>(
+        &self,
+        group: GroupId,
+        first: NodeId,
+        mut attempt: F,
+    ) -> Result<T, ClusterError>
+    where
+        F: FnMut(NodeId) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PeerResult>>,
+    {
+        let mut target = first;
+        let mut last = String::from("no attempt made");
+        let attempts = self.config.route_retries_max.max(1);
+        // Nodes that failed in this request: a redirect to one of them (a
+        // replica that has not noticed its leader died) is no hint.
+        let mut failed: Vec<NodeId> = Vec::new();
+        for n in 0..attempts {
+            match attempt(target).await {
+                Ok(value) => return Ok(value),
+                Err(PeerResult::NotLeader {
+                    leader: Some(leader),
+                }) if leader != target && !failed.contains(&leader) => {
+                    last = format!("node {target} is not the leader; node {leader} is");
+                    self.remember_leader(group, leader);
+                    target = leader;
+                    // A redirect is cheap; still back off when it repeats.
+                    if n > 2 {
+                        self.pause_before_retry(group, n).await;
+                    }
+                }
+                Err(other) => {
+                    last = format!("node {target}: {}", describe(&other));
+                    tracing::debug!(group, attempt = n, %last, "routing: attempt failed");
+                    self.forget_leader(group);
+                    if !failed.contains(&target) {
+                        failed.push(target);
+                    }
+                    self.pause_before_retry(group, n).await;
+                    target = self.retry_target(group, target, &mut failed);
+                }
+            }
+        }
+        Err(ClusterError::Unavailable {
+            group,
+            attempts,
+            last,
+        })
+    }
+
+    /// Proposes on this node's replica (which must lead the group).
+    pub async fn propose_local(&self, group: GroupId, mut proposal: Proposal) -> PeerResult {
+        let Some(hosted) = self.host.get(group) else {
+            return PeerResult::NoSuchGroup;
+        };
+        let hosted = &*hosted;
+        self.activity(group).await;
+        // openraft refuses writes from a leader whose lease ran out (a group
+        // that slept, or a leader just elected), as "not the leader, none
+        // known": renew it with a heartbeat round first.
+        let (is_leader, lease_valid) = {
+            let metrics = hosted.raft.metrics();
+            let m = metrics.borrow_watched();
+            let is_leader = m.state == ServerState::Leader;
+            (is_leader, is_leader && self.lease_valid(hosted, &m))
+        };
+        if is_leader
+            && !lease_valid
+            && let Err(refused) = self
+                .confirm_leadership(hosted, LinearizerOption::new(Some(self.read_lease()), true))
+                .await
+        {
+            return refused;
+        }
+        // The leader's clock, stamped where the entry is created.
+        proposal.leader_ts_us = self.clock.now_us();
+        match tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(proposal)).await {
+            Err(_) => PeerResult::Failed("commit timed out (no quorum?)".into()),
+            Ok(Ok(written)) => PeerResult::Proposed {
+                response: written.data,
+                log_id: written.log_id,
+            },
+            Ok(Err(e)) => match e.forward_to_leader() {
+                Some(forward) => PeerResult::NotLeader {
+                    leader: forward.leader_id.map(ReplicaId::node),
+                },
+                None => PeerResult::Failed(e.to_string()),
+            },
+        }
+    }
+
+    /// Reads keys of one shard at the requested level.
+    pub async fn read(
+        &self,
+        group: GroupId,
+        keys: &[Vec<u8>],
+        level: ReadLevel,
+    ) -> Result<ShardRead, ClusterError> {
+        let first = if matches!(level, ReadLevel::Replica { .. }) && self.host.contains(group) {
+            self.node_id
+        } else {
+            self.first_target(group)
+        };
+        self.route(group, first, |target| async move {
+            if target == self.node_id {
+                let source = self.check_local_read(group, level).await?;
+                let Some(hosted) = self.host.get(group) else {
+                    return Err(PeerResult::NoSuchGroup);
+                };
+                let state = hosted.state.clone();
+                return Ok(ShardRead::Local { state, source });
+            }
+            let call = PeerCall::Read {
+                keys: keys.to_vec(),
+                level,
+            };
+            match self.clients.forward(target, group, &call).await {
+                Ok(PeerResult::Read(ReadRows {
+                    rows,
+                    node_id,
+                    leader,
+                    applied_index,
+                })) => {
+                    if leader {
+                        self.remember_leader(group, node_id);
+                    }
+                    Ok(ShardRead::Remote {
+                        rows,
+                        source: ReadSource {
+                            group,
+                            node_id,
+                            leader,
+                            applied_index,
+                        },
+                    })
+                }
+                Ok(other) => Err(other),
+                Err(e) => Err(PeerResult::Failed(e.to_string())),
+            }
+        })
+        .await
+    }
+}
+
+fn random_sequence_start() -> u64 {
+    // Half the space: the counter never wraps into ids of an earlier start.
+    rand::random::<u64>() >> 1
+}
+
+/// The first request id of this process's counter.
+pub(super) fn request_sequence_start() -> std::sync::atomic::AtomicU64 {
+    std::sync::atomic::AtomicU64::new(random_sequence_start())
+}
+
+fn describe(result: &PeerResult) -> String {
+    match result {
+        PeerResult::Failed(reason) => reason.clone(),
+        PeerResult::NoSuchGroup => "holds no replica".into(),
+        PeerResult::NotLeader { leader: None } => "not the leader, no leader known".into(),
+        PeerResult::NotLeader { leader: Some(l) } => format!("not the leader (leader {l})"),
+        other => format!("unexpected reply {other:?}"),
+    }
+}

@@ -1,0 +1,475 @@
+//! The scheduler: run by the metadata group's leader every round, it looks
+//! at the cluster map and starts the operators that bring it where it
+//! should be, a few at a time. The planner ([`plan`]) is a pure function of
+//! the map and of which nodes are down, so it is tested on its own and the
+//! same one answers `quiverctl rebalance --dry-run`.
+//!
+//! Rules, in order (the first that applies to a shard wins):
+//! 1. a voter on a draining or removed node, or on a node down for longer
+//!    than `cluster.replace_down_after_ms`, moves to a serving node (or, if
+//!    none can take it and the shard has voters to spare, is removed);
+//! 2. a shard with fewer voters than the replication factor (capped by the
+//!    serving nodes that are up) gets one more;
+//! 3. a shard with more voters than the replication factor loses one;
+//! 4. when nothing else is due: if the serving nodes' replica counts differ
+//!    by more than one, a replica moves from the fullest to the emptiest.
+//!
+//! Limits: at most `operators_max` operators in the cluster, at most one
+//! that adds a replica to any one node (its snapshot), never a replica on a
+//! node that already holds one of the shard or has not yet deleted an old
+//! one (PD's store limits play this part in TiKV).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use quiver_raft::cluster_map::{ClusterMap, NodeState, OperatorKind, OperatorRequest, ReplicaRole};
+use quiver_raft::{GroupId, NodeId, ReplicaId};
+
+use super::Cluster;
+
+/// One operator the scheduler would start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    /// The shard.
+    pub shard: GroupId,
+    /// What to do.
+    pub request: OperatorRequest,
+    /// Why (shown by `quiverctl operator list` and the dry run).
+    pub reason: String,
+}
+
+/// The operators to start now, at most `operators_max` running in all
+/// (counting those in the map).
+pub fn plan(map: &ClusterMap, down: &BTreeSet<NodeId>, operators_max: usize) -> Vec<Planned> {
+    let mut planner = Planner::new(map, down);
+    let mut planned = Vec::new();
+    let mut budget = operators_max.saturating_sub(map.operators.len());
+    for (&shard, desc) in &map.shards {
+        if budget == 0 {
+            return planned;
+        }
+        if map.operators.contains_key(&shard) {
+            continue;
+        }
+        if let Some(one) = planner.repair(shard, desc) {
+            planner.account(&one);
+            planned.push(one);
+            budget -= 1;
+        }
+    }
+    if planned.is_empty() && map.operators.is_empty() && budget > 0 {
+        planned.extend(planner.balance());
+    }
+    planned
+}
+
+struct Planner<'a> {
+    map: &'a ClusterMap,
+    /// Serving nodes that are up: where replicas may go.
+    targets: BTreeSet<NodeId>,
+    /// Replicas per node (operators' new replicas included).
+    load: BTreeMap<NodeId, usize>,
+    /// Nodes receiving a replica now.
+    receiving: BTreeSet<NodeId>,
+    down: &'a BTreeSet<NodeId>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(map: &'a ClusterMap, down: &'a BTreeSet<NodeId>) -> Self {
+        let targets: BTreeSet<NodeId> = map.serving_nodes().filter(|n| !down.contains(n)).collect();
+        let mut load: BTreeMap<NodeId, usize> = targets.iter().map(|&n| (n, 0)).collect();
+        for desc in map.shards.values() {
+            for replica in &desc.replicas {
+                *load.entry(replica.id.node()).or_default() += 1;
+            }
+        }
+        let receiving = map
+            .operators
+            .values()
+            .filter_map(|op| match op.kind {
+                OperatorKind::Move { to, .. } => Some(to.node()),
+                OperatorKind::Remove { .. } => None,
+            })
+            .collect();
+        Planner {
+            map,
+            targets,
+            load,
+            receiving,
+            down,
+        }
+    }
+
+    /// Whether a voter on `node` must go.
+    fn must_leave(&self, node: NodeId) -> Option<&'static str> {
+        match self.map.nodes.get(&node).map(|info| info.state) {
+            None | Some(NodeState::Removed) => Some("its node was removed"),
+            Some(NodeState::Draining) => Some("its node is draining"),
+            _ if self.down.contains(&node) => Some("its node has been down too long"),
+            _ => None,
+        }
+    }
+
+    /// The serving node that should take a new replica of `shard`: up, not
+    /// holding one, not receiving another now, fewest replicas.
+    fn target_for(&self, shard: GroupId) -> Option<NodeId> {
+        let desc = self.map.shards.get(&shard)?;
+        self.targets
+            .iter()
+            .copied()
+            .filter(|&node| desc.replica_on(node).is_none())
+            .filter(|node| !self.receiving.contains(node))
+            .filter(|&node| {
+                !self
+                    .map
+                    .tombstones
+                    .iter()
+                    .any(|&(s, r)| s == shard && r.node() == node)
+            })
+            .min_by_key(|node| (self.load.get(node).copied().unwrap_or(0), *node))
+    }
+
+    fn wanted_voters(&self) -> usize {
+        (self.map.replication_factor as usize).clamp(1, self.targets.len().max(1))
+    }
+
+    fn repair(
+        &self,
+        shard: GroupId,
+        desc: &quiver_raft::cluster_map::ShardDesc,
+    ) -> Option<Planned> {
+        let voters: Vec<ReplicaId> = desc.voters().collect();
+        let wanted = self.wanted_voters();
+        for &voter in &voters {
+            let Some(why) = self.must_leave(voter.node()) else {
+                continue;
+            };
+            if let Some(to_node) = self.target_for(shard) {
+                return Some(Planned {
+                    shard,
+                    request: OperatorRequest::Move {
+                        from: Some(voter),
+                        to_node,
+                    },
+                    reason: format!("replica {voter}: {why}"),
+                });
+            }
+            // No node can take it: drop it if the others make a quorum of
+            // what is wanted, or if its node is gone for good.
+            let gone = self
+                .map
+                .nodes
+                .get(&voter.node())
+                .is_none_or(|info| info.state == NodeState::Removed);
+            if voters.len() > 1 && (voters.len() > wanted || gone) {
+                return Some(Planned {
+                    shard,
+                    request: OperatorRequest::Remove { replica: voter },
+                    reason: format!("replica {voter}: {why}, and no node can take it"),
+                });
+            }
+        }
+        let healthy = voters
+            .iter()
+            .filter(|v| self.must_leave(v.node()).is_none())
+            .count();
+        if healthy < wanted
+            && let Some(to_node) = self.target_for(shard)
+        {
+            return Some(Planned {
+                shard,
+                request: OperatorRequest::Move {
+                    from: None,
+                    to_node,
+                },
+                reason: format!("{healthy} of {wanted} voters"),
+            });
+        }
+        if voters.len() > wanted {
+            // The voter on the fullest node goes.
+            let replica = voters
+                .iter()
+                .copied()
+                .max_by_key(|v| (self.load.get(&v.node()).copied().unwrap_or(0), v.node()))?;
+            return Some(Planned {
+                shard,
+                request: OperatorRequest::Remove { replica },
+                reason: format!(
+                    "{} voters, the replication factor is {wanted}",
+                    voters.len()
+                ),
+            });
+        }
+        let learner = desc
+            .replicas
+            .iter()
+            .find(|r| r.role == ReplicaRole::Learner)?;
+        // A learner no operator owns (an operator finished with it still
+        // listed): it goes.
+        Some(Planned {
+            shard,
+            request: OperatorRequest::Remove {
+                replica: learner.id,
+            },
+            reason: format!("learner {} belongs to no operator", learner.id),
+        })
+        .filter(|_| voters.len() > 1 || voters.first() != Some(&learner.id))
+    }
+
+    fn account(&mut self, planned: &Planned) {
+        if let OperatorRequest::Move { to_node, .. } = planned.request {
+            self.receiving.insert(to_node);
+            *self.load.entry(to_node).or_default() += 1;
+        }
+    }
+
+    /// One move from the fullest serving node to the emptiest, if their
+    /// replica counts differ by more than one.
+    fn balance(&self) -> Option<Planned> {
+        let counts: Vec<(usize, NodeId)> = self
+            .targets
+            .iter()
+            .map(|&node| (self.load.get(&node).copied().unwrap_or(0), node))
+            .collect();
+        let &(low, emptiest) = counts.iter().min()?;
+        let &(high, fullest) = counts
+            .iter()
+            .max_by_key(|(n, node)| (*n, std::cmp::Reverse(*node)))?;
+        if high <= low + 1 {
+            return None;
+        }
+        let (&shard, desc) = self.map.shards.iter().find(|(shard, desc)| {
+            desc.replica_on(fullest)
+                .is_some_and(|r| r.role == ReplicaRole::Voter)
+                && self.target_for(**shard) == Some(emptiest)
+        })?;
+        let from = desc.replica_on(fullest)?.id;
+        Some(Planned {
+            shard,
+            request: OperatorRequest::Move {
+                from: Some(from),
+                to_node: emptiest,
+            },
+            reason: format!("balance: node {fullest} holds {high} replicas, node {emptiest} {low}"),
+        })
+    }
+}
+
+impl Cluster {
+    /// The nodes the liveness pings say have been down for longer than
+    /// `cluster.replace_down_after_ms`.
+    pub(super) fn long_down_nodes(&self, map: &ClusterMap) -> BTreeSet<NodeId> {
+        let now = self.now_ms();
+        let after = self.config.replace_down_after_ms;
+        map.nodes
+            .keys()
+            .copied()
+            .filter(|&node| node != self.node_id && !self.liveness.is_up(node, now, after))
+            .collect()
+    }
+
+    /// One scheduler round: starts what [`plan`] says.
+    pub(super) async fn schedule(&self, map: &ClusterMap) {
+        if !self.config.schedule_replicas {
+            return;
+        }
+        let down = self.long_down_nodes(map);
+        for planned in plan(map, &down, self.config.operators_max as usize) {
+            tracing::info!(shard = planned.shard, request = ?planned.request, reason = %planned.reason, "scheduling an operator");
+            let started = self
+                .change_map(quiver_raft::cluster_map::MapCommand::StartOperator {
+                    shard: planned.shard,
+                    request: planned.request,
+                    reason: planned.reason,
+                })
+                .await;
+            if let Err(e) = started {
+                tracing::info!(error = %e, "operator not started");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use quiver_raft::cluster_map::{MapCommand, MapOutcome, NodeInfo, ReplicaDesc};
+
+    fn map(states: &[NodeState], shards: u32, on: &[NodeId], rf: u32) -> ClusterMap {
+        let nodes = states
+            .iter()
+            .enumerate()
+            .map(|(i, &state)| {
+                let id = i as NodeId + 1;
+                (
+                    id,
+                    NodeInfo {
+                        addr: format!("h:{id}"),
+                        peer_addr: format!("p:{id}"),
+                        state,
+                    },
+                )
+            })
+            .collect();
+        let replicas = (1..=shards).map(|s| (s, on.to_vec())).collect();
+        ClusterMap::bootstrap(nodes, &replicas, rf, 3)
+    }
+
+    /// Carries out a planned operator on the map the way the executor
+    /// would: the new replica becomes a voter, the old one goes.
+    fn complete(map: &mut ClusterMap, planned: &Planned) {
+        let MapOutcome::OperatorStarted(op) = map
+            .apply(
+                MapCommand::StartOperator {
+                    shard: planned.shard,
+                    request: planned.request,
+                    reason: planned.reason.clone(),
+                },
+                0,
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        let desc = &map.shards[&planned.shard];
+        let replicas: Vec<ReplicaDesc> = desc
+            .replicas
+            .iter()
+            .filter(|r| match op.kind {
+                OperatorKind::Move { from, .. } => Some(r.id) != from,
+                OperatorKind::Remove { replica } => r.id != replica,
+            })
+            .map(|r| ReplicaDesc {
+                id: r.id,
+                role: ReplicaRole::Voter,
+            })
+            .collect();
+        map.apply(
+            MapCommand::FinishOperator {
+                shard: planned.shard,
+                id: op.id,
+                replicas,
+            },
+            0,
+        )
+        .unwrap();
+        // The old replica's node deletes it.
+        for (shard, replica) in map.tombstones.clone() {
+            map.apply(MapCommand::ReplicaDestroyed { shard, replica }, 0)
+                .unwrap();
+        }
+    }
+
+    /// Runs the scheduler to a fixed point (bounded), one operator at a
+    /// time.
+    fn settle(map: &mut ClusterMap, down: &BTreeSet<NodeId>) -> usize {
+        for round in 0..500 {
+            let planned = plan(map, down, 1);
+            let Some(one) = planned.first() else {
+                return round;
+            };
+            complete(map, one);
+        }
+        panic!("the scheduler did not settle: {map:#?}");
+    }
+
+    fn counts(map: &ClusterMap) -> BTreeMap<NodeId, usize> {
+        let mut counts: BTreeMap<NodeId, usize> = map.serving_nodes().map(|n| (n, 0)).collect();
+        for desc in map.shards.values() {
+            for r in &desc.replicas {
+                *counts.entry(r.id.node()).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn one_node_grows_to_three_replicas_as_nodes_join() {
+        use NodeState::*;
+        let mut m = map(&[Serving, Serving, Serving], 4, &[1], 3);
+        let moves = settle(&mut m, &BTreeSet::new());
+        assert_eq!(moves, 8, "two new replicas for each of 4 shards");
+        for desc in m.shards.values() {
+            assert_eq!(desc.voters().count(), 3);
+        }
+    }
+
+    #[test]
+    fn a_draining_node_is_emptied_and_the_rest_balanced() {
+        use NodeState::*;
+        let mut m = map(&[Draining, Serving, Serving, Serving], 8, &[1, 2, 3], 3);
+        settle(&mut m, &BTreeSet::new());
+        let counts = counts(&m);
+        assert_eq!(m.replicas_on(1).count(), 0);
+        assert_eq!(counts.values().sum::<usize>(), 24);
+        assert!(counts.values().all(|&n| n == 8), "{counts:?}");
+    }
+
+    #[test]
+    fn replicas_of_a_long_dead_node_are_recreated_elsewhere() {
+        use NodeState::*;
+        let mut m = map(&[Serving, Serving, Serving, Serving], 4, &[1, 2, 3], 3);
+        settle(&mut m, &BTreeSet::from([2]));
+        assert!(
+            m.shards.values().all(|d| d.replica_on(2).is_none()),
+            "{m:#?}"
+        );
+        assert!(m.shards.values().all(|d| d.voters().count() == 3));
+    }
+
+    #[test]
+    fn a_draining_node_with_nowhere_to_go_keeps_its_replicas() {
+        use NodeState::*;
+        let mut m = map(&[Draining, Serving, Serving], 2, &[1, 2, 3], 3);
+        // Two serving nodes cannot take a third voter: the replication
+        // factor is capped by the nodes there are, so it is removed.
+        settle(&mut m, &BTreeSet::new());
+        assert!(m.shards.values().all(|d| d.replica_on(1).is_none()));
+        assert!(m.shards.values().all(|d| d.voters().count() == 2));
+    }
+
+    proptest! {
+        /// Whatever the nodes' states and downtimes, the scheduler settles,
+        /// never places two replicas of a shard on one node (the map would
+        /// refuse it), never leaves a shard without a voter, and ends with
+        /// serving nodes' counts within one of each other.
+        #[test]
+        fn the_scheduler_settles_balanced(
+            states in proptest::collection::vec(0u8..3, 1..7),
+            shards in 1u32..12,
+            rf in 1u32..4,
+            down_mask in any::<u8>(),
+        ) {
+            let states: Vec<NodeState> = states
+                .iter()
+                .map(|s| [NodeState::Serving, NodeState::Serving, NodeState::Draining][usize::from(*s)])
+                .collect();
+            let node_count = states.len() as NodeId;
+            let on: Vec<NodeId> = (1..=node_count.min(u64::from(rf))).collect();
+            let mut m = map(&states, shards, &on, rf);
+            let down: BTreeSet<NodeId> = (1..=node_count)
+                .filter(|n| down_mask & (1 << (n - 1)) != 0)
+                .collect();
+            settle(&mut m, &down);
+            m.check().unwrap();
+            let up_serving: BTreeSet<NodeId> =
+                m.serving_nodes().filter(|n| !down.contains(n)).collect();
+            for desc in m.shards.values() {
+                prop_assert!(desc.voters().count() >= 1);
+                if !up_serving.is_empty() {
+                    let wanted = (rf as usize).min(up_serving.len());
+                    let healthy = desc.voters().filter(|v| up_serving.contains(&v.node())).count();
+                    prop_assert_eq!(healthy, wanted, "{:?}", desc);
+                }
+            }
+            let loads: Vec<usize> = up_serving
+                .iter()
+                .map(|n| m.replicas_on(*n).count())
+                .collect();
+            if let (Some(min), Some(max)) = (loads.iter().min(), loads.iter().max()) {
+                prop_assert!(max - min <= 1, "{:?}", loads);
+            }
+        }
+    }
+}

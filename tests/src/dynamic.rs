@@ -1,0 +1,197 @@
+//! What the dynamic-cluster tests share: a writer that keeps an
+//! acknowledged-write ledger while the cluster changes under it, the check
+//! of that ledger, and waits on the cluster map.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use quiver_proto::admin as admin_pb;
+use quiver_proto::v1 as pb;
+
+use crate::Client;
+use crate::counter::{read_values, write_values};
+
+/// How long a test waits for the cluster map to reach a state.
+pub const MAP_WAIT: Duration = Duration::from_secs(120);
+
+/// What the writer did: per key, the highest value acknowledged and the
+/// highest value attempted (an unacknowledged write may or may not have
+/// been applied).
+#[derive(Debug, Default, Clone)]
+pub struct Ledger {
+    /// Highest acknowledged value per key.
+    pub acked: HashMap<String, i64>,
+    /// Highest attempted value per key.
+    pub attempted: HashMap<String, i64>,
+    /// Writes acknowledged.
+    pub acks: u64,
+    /// Writes that failed (retryable or not).
+    pub failures: u64,
+    /// Longest time without an acknowledged write.
+    pub longest_gap: Duration,
+}
+
+/// A writer running in the background.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<Ledger>,
+}
+
+impl Writer {
+    /// Writes `keys` in rounds, each round every key with the next value
+    /// (one request per round), until stopped.
+    pub fn start(client: Client, keys: Vec<String>) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut client = client;
+            let mut ledger = Ledger::default();
+            let mut last_ack = Instant::now();
+            let mut value = 0i64;
+            while !stopped.load(Ordering::SeqCst) {
+                value += 1;
+                let batch: Vec<(String, i64)> = keys.iter().map(|k| (k.clone(), value)).collect();
+                for key in &keys {
+                    ledger.attempted.insert(key.clone(), value);
+                }
+                match tokio::time::timeout(
+                    Duration::from_secs(20),
+                    write_values(&mut client, &batch),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {
+                        for key in &keys {
+                            ledger.acked.insert(key.clone(), value);
+                        }
+                        ledger.acks += 1;
+                        ledger.longest_gap = ledger.longest_gap.max(last_ack.elapsed());
+                        last_ack = Instant::now();
+                    }
+                    _ => ledger.failures += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            ledger
+        });
+        Writer { stop, handle }
+    }
+
+    /// Stops the writer and returns its ledger.
+    pub async fn stop(self) -> Ledger {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.await.expect("the writer task")
+    }
+}
+
+/// Reads every key of the ledger at STRONG through `client`: each holds a
+/// value at least the highest acknowledged and at most the highest
+/// attempted.
+pub async fn check_ledger(client: &Client, ledger: &Ledger, through: &str) -> Result<(), String> {
+    let keys: Vec<String> = ledger.attempted.keys().cloned().collect();
+    let mut client = client.clone();
+    let (values, _) = read_values(&mut client, &keys, pb::Consistency::Strong).await?;
+    for (key, value) in keys.iter().zip(values) {
+        let acked = ledger.acked.get(key).copied().unwrap_or(0);
+        let attempted = ledger.attempted.get(key).copied().unwrap_or(0);
+        let value = value.unwrap_or(0);
+        if value < acked || value > attempted {
+            return Err(format!(
+                "through {through}: {key} = {value}, acknowledged up to {acked}, attempted up to {attempted}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The cluster map as the node at `endpoint` answers it.
+pub async fn cluster_map(endpoint: &str) -> Result<admin_pb::GetClusterMapResponse, String> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    admin_pb::admin_client::AdminClient::new(channel)
+        .get_cluster_map(admin_pb::GetClusterMapRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|e| e.to_string())
+}
+
+/// Waits until the map `endpoint` answers satisfies `done` (which says
+/// what is missing otherwise); returns that map.
+pub async fn wait_map(
+    endpoint: &str,
+    what: &str,
+    mut done: impl FnMut(&admin_pb::GetClusterMapResponse) -> Result<(), String>,
+) -> admin_pb::GetClusterMapResponse {
+    let deadline = Instant::now() + MAP_WAIT;
+    let mut last = String::new();
+    loop {
+        match cluster_map(endpoint).await {
+            Ok(map) => match done(&map) {
+                Ok(()) => return map,
+                Err(missing) => last = missing,
+            },
+            Err(e) => last = e,
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: not reached after {MAP_WAIT:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The voters' nodes of `shard` in `map`.
+pub fn voter_nodes(map: &admin_pb::GetClusterMapResponse, shard: u32) -> Vec<u64> {
+    map.shards
+        .iter()
+        .find(|s| s.shard == shard)
+        .map(|s| {
+            s.replicas
+                .iter()
+                .filter(|r| r.role == "voter")
+                .map(|r| r.node_id)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every shard has `voters` voters on the nodes in `on`, no learner, no
+/// operator is under way, and no tombstone is left.
+pub fn settled(
+    map: &admin_pb::GetClusterMapResponse,
+    voters: usize,
+    on: &[u64],
+) -> Result<(), String> {
+    if !map.operators.is_empty() {
+        return Err(format!("{} operators under way", map.operators.len()));
+    }
+    if !map.tombstones.is_empty() {
+        return Err(format!("{} tombstones left", map.tombstones.len()));
+    }
+    for shard in &map.shards {
+        let nodes: Vec<u64> = shard.replicas.iter().map(|r| r.node_id).collect();
+        let all_voters = shard.replicas.iter().all(|r| r.role == "voter");
+        if nodes.len() != voters || !all_voters || !nodes.iter().all(|n| on.contains(n)) {
+            return Err(format!("shard {} replicas {:?}", shard.shard, shard.replicas));
+        }
+    }
+    Ok(())
+}
+
+/// Replicas per node (of the nodes in `on`).
+pub fn replica_counts(map: &admin_pb::GetClusterMapResponse, on: &[u64]) -> Vec<u32> {
+    on.iter()
+        .map(|id| {
+            map.nodes
+                .iter()
+                .find(|n| n.node_id == *id)
+                .map_or(0, |n| n.replicas)
+        })
+        .collect()
+}

@@ -1,0 +1,259 @@
+//! The cluster changes under load: replica moves, nodes joining, a node
+//! drained and removed, each while a writer keeps an acknowledged-write
+//! ledger that is then checked through every node at STRONG.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::Duration;
+
+use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry};
+use quiver_tests::dynamic::{
+    Writer, check_ledger, replica_counts, settled, voter_nodes, wait_map,
+};
+use quiver_tests::{Cluster, Node, TEST_CLUSTER_SECRET, quiverctl};
+
+/// One cluster at a time (2 cores).
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Keeps the directory of a failed test (data and node logs).
+struct Kept(Option<tempfile::TempDir>);
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.0.take()
+        {
+            eprintln!("cluster data and node logs kept in {}", dir.keep().display());
+        }
+    }
+}
+
+impl Kept {
+    fn new() -> Kept {
+        Kept(Some(tempfile::tempdir().unwrap()))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.as_ref().unwrap().path()
+    }
+}
+
+/// The directories of a node's replicas (`groups/<shard>[.<incarnation>]`).
+fn replica_dirs(node: &Node) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(node.data_dir().join("groups"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_moves_away_and_back_to_the_same_node_under_writes() {
+    let _turn = ONE_CLUSTER.lock().await;
+    let dir = Kept::new();
+    let mut cluster = Cluster::start(
+        dir.path(),
+        4,
+        &[
+            ("QUIVER_CLUSTER__SHARD_COUNT", "2"),
+            ("QUIVER_CLUSTER__SCHEDULE_REPLICAS", "false"),
+        ],
+    )
+    .await
+    .unwrap();
+    cluster.wait_for_leaders(CONVERGE_WAIT).await.unwrap();
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+
+    eprintln!("--- a writer keeps a ledger through node 2");
+    let writer = Writer::start(cluster.node(2).client().await.unwrap(), keys(40, "mv"));
+    let map = wait_map(&endpoint, "the map is stored", |map| {
+        map.replicated.then_some(()).ok_or("not stored".into())
+    })
+    .await;
+    let voters = voter_nodes(&map, 1);
+    assert_eq!(voters.len(), 3, "{map:?}");
+    let away = voters[0];
+    let spare = (1..=4).find(|n| !voters.contains(n)).unwrap();
+    let before = replica_dirs(cluster.node(away));
+    assert!(before.contains(&"1".to_owned()), "{before:?}");
+
+    eprintln!("--- shard 1 moves from node {away} to node {spare}");
+    let out = quiverctl(
+        &endpoint,
+        &[
+            "shard", "move", "1", "--from", &away.to_string(), "--to", &spare.to_string(), "--wait",
+        ],
+    )
+    .unwrap();
+    eprintln!("{out}");
+    let map = wait_map(&endpoint, "the move is done and cleaned up", |map| {
+        settled(map, 3, &[1, 2, 3, 4])
+    })
+    .await;
+    let now = voter_nodes(&map, 1);
+    assert!(now.contains(&spare) && !now.contains(&away), "{now:?}");
+    retry("node {away} deletes its replica", CONVERGE_WAIT, || {
+        let dirs = replica_dirs(cluster.node(away));
+        async move {
+            if dirs.iter().any(|d| d == "1" || d.starts_with("1.")) {
+                Err(format!("{dirs:?}"))
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .await;
+
+    eprintln!("--- and back to node {away}, under a new replica id");
+    quiverctl(
+        &endpoint,
+        &[
+            "shard", "move", "1", "--from", &spare.to_string(), "--to", &away.to_string(), "--wait",
+        ],
+    )
+    .unwrap();
+    let map = wait_map(&endpoint, "the move back is done", |map| {
+        settled(map, 3, &[1, 2, 3, 4])
+    })
+    .await;
+    let shard = map.shards.iter().find(|s| s.shard == 1).unwrap();
+    let back = shard
+        .replicas
+        .iter()
+        .find(|r| r.node_id == away)
+        .expect("a replica on the node again");
+    assert_ne!(back.replica_id >> 32, 0, "a new incarnation: {back:?}");
+    assert!(shard.conf_ver >= 2, "{shard:?}");
+    let dirs = replica_dirs(cluster.node(away));
+    assert!(
+        dirs.contains(&format!("1.{}", back.replica_id >> 32)),
+        "{dirs:?}"
+    );
+    // Its status reports the new replica.
+    let status = cluster.node(away).status().await.unwrap();
+    let group = status.groups.iter().find(|g| g.group == 1).unwrap();
+    assert_eq!(group.replica_id, back.replica_id);
+
+    eprintln!("--- the writer's acknowledged writes are all there, through every node");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ledger = writer.stop().await;
+    eprintln!(
+        "writer: {} acknowledged, {} failed, longest gap {:?}",
+        ledger.acks, ledger.failures, ledger.longest_gap
+    );
+    assert!(ledger.acks > 10, "{ledger:?}");
+    for id in 1..=4 {
+        let client = cluster.node(id).client().await.unwrap();
+        retry("the ledger reads back", CONVERGE_WAIT, || {
+            let (client, ledger) = (client.clone(), ledger.clone());
+            async move { check_ledger(&client, &ledger, &format!("node {id}")).await }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_grows_to_four_then_the_first_is_drained_and_removed() {
+    let _turn = ONE_CLUSTER.lock().await;
+    let dir = Kept::new();
+    let env = [("QUIVER_CLUSTER__SECRET", TEST_CLUSTER_SECRET)];
+    eprintln!("--- node 1 starts alone (4 shards, replication factor 3)");
+    let first = Node::start_with_env(&dir.path().join("node1"), &["--shard-count", "4"], &env)
+        .await
+        .unwrap();
+    let endpoint = first.endpoint();
+    let client = first.client().await.unwrap();
+    apply_counter_view(&client).await;
+    let preload = keys(200, "pre");
+    retry("preload", CONVERGE_WAIT, || {
+        let mut client = client.clone();
+        let values: Vec<(String, i64)> = preload.iter().map(|k| (k.clone(), 7)).collect();
+        async move { quiver_tests::counter::write_values(&mut client, &values).await }
+    })
+    .await;
+    let writer = Writer::start(client.clone(), keys(40, "grow"));
+
+    eprintln!("--- nodes 2 and 3 join through node 1");
+    let mut nodes = vec![first];
+    for id in 2..=3 {
+        let node = Node::start_with_env(
+            &dir.path().join(format!("node{id}")),
+            &["--join", &endpoint],
+            &env,
+        )
+        .await
+        .unwrap();
+        nodes.push(node);
+    }
+    wait_map(&endpoint, "every shard has 3 voters on nodes 1-3", |map| {
+        settled(map, 3, &[1, 2, 3])
+    })
+    .await;
+
+    eprintln!("--- node 4 joins: the replicas spread to it");
+    nodes.push(
+        Node::start_with_env(&dir.path().join("node4"), &["--join", &endpoint], &env)
+            .await
+            .unwrap(),
+    );
+    let map = wait_map(&endpoint, "balanced over 4 nodes", |map| {
+        settled(map, 3, &[1, 2, 3, 4])?;
+        let counts = replica_counts(map, &[1, 2, 3, 4]);
+        if counts.iter().all(|&c| c == 3) {
+            Ok(())
+        } else {
+            Err(format!("replicas per node {counts:?}"))
+        }
+    })
+    .await;
+    eprintln!("nodes: {:?}", map.nodes);
+
+    eprintln!("--- node 1 is drained, then removed");
+    let out = quiverctl(&endpoint, &["node", "drain", "1", "--wait"]).unwrap();
+    eprintln!("{out}");
+    let map = wait_map(&endpoint, "drained and balanced over nodes 2-4", |map| {
+        settled(map, 3, &[2, 3, 4])
+    })
+    .await;
+    assert_eq!(replica_counts(&map, &[2, 3, 4]), vec![4, 4, 4]);
+    quiverctl(&endpoint, &["node", "remove", "1"]).unwrap();
+    let endpoint2 = nodes[1].endpoint();
+    wait_map(&endpoint2, "node 1 removed", |map| {
+        let one = map.nodes.iter().find(|n| n.node_id == 1).unwrap();
+        (one.state == "removed").then_some(()).ok_or(format!("{one:?}"))
+    })
+    .await;
+
+    eprintln!("--- the writer's acknowledged writes are all there, through nodes 2-4");
+    let ledger = writer.stop().await;
+    eprintln!(
+        "writer: {} acknowledged, {} failed, longest gap {:?}",
+        ledger.acks, ledger.failures, ledger.longest_gap
+    );
+    nodes[0].kill9().unwrap();
+    for node in &nodes[1..] {
+        let client = node.client().await.unwrap();
+        retry("the ledger reads back", CONVERGE_WAIT, || {
+            let (client, ledger) = (client.clone(), ledger.clone());
+            async move { check_ledger(&client, &ledger, "a remaining node").await }
+        })
+        .await;
+        let mut client = client.clone();
+        let (values, _) = quiver_tests::counter::read_values(
+            &mut client,
+            &preload,
+            quiver_proto::v1::Consistency::Strong,
+        )
+        .await
+        .unwrap();
+        assert!(values.iter().all(|v| *v == Some(7)), "{values:?}");
+    }
+}
