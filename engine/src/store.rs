@@ -659,6 +659,34 @@ impl StateStore {
         Ok(())
     }
 
+    /// Deletes every row whose key hash lies in `[from_hash, to_hash)`
+    /// (`to_hash` `None`: up to the end of the ring), with `meta_puts`, in
+    /// one batch: a shard split giving away half of its range. A range
+    /// delete, so the cost does not grow with the rows; compaction reclaims
+    /// the space later ([`Self::compact_hash_range`]).
+    pub fn delete_hash_range_with(
+        &self,
+        from_hash: u64,
+        to_hash: Option<u64>,
+        meta_puts: MetaPuts<'_>,
+    ) -> Result<()> {
+        let (from, to) = hash_range_keys(from_hash, to_hash);
+        let _guard = self.write_lock.lock();
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_DATA), &from, &to);
+        add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
+        self.db.write_opt(batch, &self.write_options)?;
+        Ok(())
+    }
+
+    /// Compacts the rows of a hash range (after it was deleted, to give the
+    /// space back).
+    pub fn compact_hash_range(&self, from_hash: u64, to_hash: Option<u64>) {
+        let (from, to) = hash_range_keys(from_hash, to_hash);
+        self.db
+            .compact_range_cf(self.cf(CF_DATA), Some(from.as_slice()), Some(to.as_slice()));
+    }
+
     /// Reads one key of the `meta` column family.
     pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get_cf(self.cf(CF_META), key)?)
@@ -743,6 +771,18 @@ fn add_meta_puts(batch: &mut WriteBatch, meta: &rocksdb::ColumnFamily, meta_puts
             None => batch.delete_cf(meta, key),
         }
     }
+}
+
+/// The storage keys bounding a hash range: `[from, to)`. Every key is
+/// `hash (8 bytes) | view id (4) | entity key`, and an entity key is UTF-8,
+/// which never holds a 0xFF byte: thirteen 0xFF bytes lie past every key.
+fn hash_range_keys(from_hash: u64, to_hash: Option<u64>) -> (Vec<u8>, Vec<u8>) {
+    let from = from_hash.to_be_bytes().to_vec();
+    let to = match to_hash {
+        Some(to) => to.to_be_bytes().to_vec(),
+        None => vec![0xFF; 13],
+    };
+    (from, to)
 }
 
 fn view_key(name: &str) -> Vec<u8> {

@@ -63,8 +63,13 @@ impl LogStore {
         let dir = dir.as_ref().to_path_buf();
         let log = SegmentedLog::open(&dir, options)?;
         let vote = read_small(&dir.join(VOTE_FILE)).map_err(|e| io_log_error(&dir, e))?;
-        let purged: Option<LogId> =
-            read_small(&dir.join(PURGED_FILE)).map_err(|e| io_log_error(&dir, e))?;
+        // Written as an `Option<LogId>` (by `purge` and `seed`): read as
+        // one. (Read as a bare `LogId`, the option's tag shifted every field
+        // by one: a restarted replica took (1, term, node) for its purge
+        // point.)
+        let purged: Option<LogId> = read_small::<Option<LogId>>(&dir.join(PURGED_FILE))
+            .map_err(|e| io_log_error(&dir, e))?
+            .flatten();
         let last = match log.last_index() {
             Some(index) => {
                 let bytes = log
@@ -87,6 +92,14 @@ impl LogStore {
                 last: Mutex::new(last),
             }),
         })
+    }
+
+    /// Creates an empty log in `dir` whose entries up to `log_id` count as
+    /// purged: a split child's replica starts there (see
+    /// `state_machine::split`).
+    pub fn seed(dir: &Path, log_id: LogId) -> io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        write_small(&dir.join(PURGED_FILE), &Some(log_id))
     }
 
     /// Bytes in segment files.
@@ -330,6 +343,32 @@ mod tests {
                 },
             },
         )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_purge_point_and_the_vote_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let purged = openraft::testing::log_id::<TypeConfig>(7, crate::ReplicaId(3), 40);
+        {
+            let mut log = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+            let vote = Vote::new(7, crate::ReplicaId(3));
+            log.save_vote(&vote).await.unwrap();
+            log.purge(purged).await.unwrap();
+            log.close();
+        }
+        let mut log = LogStore::open(dir.path(), LogOptions::default()).unwrap();
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(purged));
+        assert_eq!(state.last_log_id, Some(purged));
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(Vote::new(7, crate::ReplicaId(3)))
+        );
+        // A seeded log (a split child's) reads back the same way.
+        let seeded = dir.path().join("seeded");
+        LogStore::seed(&seeded, purged).unwrap();
+        let mut log = LogStore::open(&seeded, LogOptions::default()).unwrap();
+        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(purged));
     }
 
     // Log records come back from disk: whatever they hold, decoding gives an

@@ -31,6 +31,11 @@ use quiver_engine::keys::ViewId;
 use quiver_engine::{StateStore, StoreOptions};
 use serde::{Deserialize, Serialize};
 
+mod split;
+
+pub use split::child_seed;
+use split::SplitAt;
+
 use crate::cluster_map::{ClusterMap, MapCommand, MapError, MapOutcome};
 use crate::types::{
     Command, Entry, GroupId, LogId, METADATA_GROUP, Proposal, RejectKind, Response, SnapshotMeta,
@@ -41,6 +46,9 @@ const APPLIED_KEY: &[u8] = b"raft/applied";
 /// The cluster map (metadata group only), written in the batch of the entry
 /// that changed it.
 const MAP_KEY: &[u8] = b"cluster/map";
+/// The shard's range ([`RangeDesc`]), written by its first split (a shard
+/// that never split owns whatever the map routes to it).
+const RANGE_KEY: &[u8] = b"shard/range";
 /// The shard's leader time (µs, big-endian i64): the largest leader time of
 /// any applied entry. Written in the batch of the entry that raised it, so
 /// checkpoints and snapshots carry it with the applied position.
@@ -60,6 +68,39 @@ const CURRENT_DB_FILE: &str = "CURRENT_DB";
 const SNAPSHOTS_DIR: &str = "snapshots";
 const MANIFEST_FILE: &str = "manifest.json";
 const MANIFEST_VERSION: u32 = 1;
+
+/// A shard's hash range as its own log decided it: set by the first split
+/// that touched it, and carried by checkpoints and snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeDesc {
+    /// First hash.
+    pub start: u64,
+    /// First hash past it (`None`: the end of the ring).
+    pub end: Option<u64>,
+    /// Splits that changed it (the map's epoch version).
+    pub version: u64,
+    /// The shards split off it, with the index of the split entry.
+    pub children: Vec<(GroupId, u64)>,
+}
+
+impl RangeDesc {
+    /// Whether the range holds `hash`.
+    pub fn contains(&self, hash: u64) -> bool {
+        hash >= self.start && self.end.is_none_or(|end| hash < end)
+    }
+}
+
+/// Where a split puts the new shard's replica on this node, and who opens
+/// it. Implemented by the server's group host (it names replica
+/// directories and hosts groups); every shard replica needs one before it
+/// can apply a split.
+pub trait SplitHandler: Send + Sync + 'static {
+    /// The replica directory (holding `log/` and `state/`) of this node's
+    /// replica of `child`.
+    fn child_dir(&self, child: GroupId) -> PathBuf;
+    /// The child's replica is complete on disk: host it.
+    fn child_created(&self, child: GroupId);
+}
 
 /// What a replica tells the node when applied entries change rows, so the
 /// node's hot cache stays coherent with every replica's state.
@@ -252,6 +293,10 @@ struct Shared {
     /// The cluster map as of the last applied entry (metadata group; `None`
     /// before it is bootstrapped, and always in shard groups).
     map: tokio::sync::watch::Sender<Option<Arc<ClusterMap>>>,
+    /// The shard's range, as of the last applied entry.
+    range: Mutex<Option<RangeDesc>>,
+    /// Who creates split children's replicas.
+    split_handler: Mutex<Option<Arc<dyn SplitHandler>>>,
     /// Held shared while a snapshot is built from the live store, exclusive
     /// while an install swaps the store and deletes the old one.
     swap: parking_lot::RwLock<()>,
@@ -300,6 +345,7 @@ impl StateMachine {
         let applied = read_applied(&store)?;
         let leader_time_us = read_leader_time(&store)?;
         let map = read_map(&store)?;
+        let range = read_range(&store)?;
         remove_stale_dirs(&dir, generation);
         let snapshot = latest_snapshot(&dir.join(SNAPSHOTS_DIR));
         Ok(Self {
@@ -314,6 +360,8 @@ impl StateMachine {
                 snapshot: Mutex::new(snapshot),
                 observer,
                 map: tokio::sync::watch::Sender::new(map),
+                range: Mutex::new(range),
+                split_handler: Mutex::new(None),
                 swap: parking_lot::RwLock::new(()),
             }),
         })
@@ -351,6 +399,26 @@ impl StateMachine {
     /// The cluster map as of the last applied entry.
     pub fn cluster_map(&self) -> Option<Arc<ClusterMap>> {
         self.shared.map.borrow().clone()
+    }
+
+    /// The shard's range as its log decided it (`None`: it never split, and
+    /// owns what the map routes to it).
+    pub fn range(&self) -> Option<RangeDesc> {
+        self.shared.range.lock().clone()
+    }
+
+    /// Whether the shard owns the key `hash` as of the last applied entry.
+    pub fn owns(&self, hash: u64) -> bool {
+        self.shared
+            .range
+            .lock()
+            .as_ref()
+            .is_none_or(|range| range.contains(hash))
+    }
+
+    /// Sets who creates this replica's split children.
+    pub fn set_split_handler(&self, handler: Arc<dyn SplitHandler>) {
+        *self.shared.split_handler.lock() = Some(handler);
     }
 
     /// The state directory.
@@ -431,6 +499,16 @@ impl StateMachine {
                 postcard::from_bytes(&outcome)
                     .map_err(|e| invalid(format!("request {request_id:x}: stored outcome: {e}")))?
             });
+        }
+        // Keys a split gave away are refused, and the refusal is not kept
+        // against the request id: the router retries it on the shard that
+        // owns them now.
+        if let Some(refusal) = self.wrong_shard(&command) {
+            let mut ops = vec![(APPLIED_KEY, Some(meta))];
+            ops.extend(time_put);
+            store.put_meta(&ops).map_err(engine_io)?;
+            self.set_leader_time(leader_ts_us);
+            return Ok(refusal);
         }
         let slot_key = [
             REQUEST_SLOT_PREFIX,
@@ -522,6 +600,24 @@ impl StateMachine {
                 }
             }
             Command::Map(command) => self.apply_map(command, leader_ts_us, meta_puts)?,
+            Command::Split {
+                child,
+                at,
+                start,
+                end,
+                version,
+            } => self.apply_split(
+                log_id,
+                SplitAt {
+                    child,
+                    at,
+                    start,
+                    end,
+                    version,
+                },
+                leader_ts_us,
+                meta_puts,
+            )?,
             Command::DeleteView { name } => match store.delete_view_with(&name, meta_puts) {
                 Ok(view) => {
                     self.shared.observer.view_invalidated(view.id);
@@ -652,6 +748,7 @@ impl StateMachine {
         let store = StateStore::open(&next_db, self.shared.options.clone()).map_err(engine_io)?;
         let leader_time_us = read_leader_time(&store)?;
         let map = read_map(&store)?;
+        let range = read_range(&store)?;
         // The checkpoint holds the applied position its data corresponds to;
         // record what openraft installed, in case they differ in form.
         let meta_bytes = encode_applied(&meta.last_log_id, &meta.last_membership)?;
@@ -672,6 +769,7 @@ impl StateMachine {
             .leader_time_us
             .store(leader_time_us, std::sync::atomic::Ordering::SeqCst);
         self.shared.map.send_replace(map);
+        *self.shared.range.lock() = range;
         self.shared.observer.store_replaced();
         self.replace_current_snapshot(own);
         // Readers may still hold the old store for a moment; RocksDB keeps
@@ -920,6 +1018,16 @@ fn read_leader_time(store: &StateStore) -> io::Result<i64> {
         Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
             .map(i64::from_be_bytes)
             .map_err(|_| invalid(format!("leader time record of {} bytes", bytes.len()))),
+    }
+}
+
+/// The stored shard range; an undecodable one is corruption.
+fn read_range(store: &StateStore) -> io::Result<Option<RangeDesc>> {
+    match store.get_meta(RANGE_KEY).map_err(engine_io)? {
+        None => Ok(None),
+        Some(bytes) => postcard::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|e| invalid(format!("stored shard range: {e}"))),
     }
 }
 

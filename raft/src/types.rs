@@ -156,6 +156,22 @@ pub enum Command {
     },
     /// Change the cluster map (metadata group only).
     Map(crate::cluster_map::MapCommand),
+    /// Split the shard at hash `at`: every replica creates a replica of
+    /// shard `child` holding `[at, end)` from a checkpoint of its own, and
+    /// keeps `[start, at)`. Applied only if the shard's range and version
+    /// are still the ones given (the epoch the split was decided on).
+    Split {
+        /// The new shard.
+        child: GroupId,
+        /// Where the range is cut.
+        at: u64,
+        /// The shard's first hash, as the proposer knows it.
+        start: u64,
+        /// Its end, as the proposer knows it.
+        end: Option<u64>,
+        /// Its range version, as the proposer knows it.
+        version: u64,
+    },
 }
 
 /// Identifies one proposal across the router's retries: the state machine
@@ -202,6 +218,7 @@ impl fmt::Display for Command {
                 write!(f, "expire rows of {} views", retention.len())
             }
             Command::Map(command) => write!(f, "{command}"),
+            Command::Split { child, at, .. } => write!(f, "split at {at:#x} into shard {child}"),
         }
     }
 }
@@ -218,6 +235,10 @@ pub enum RejectKind {
     NotFound,
     /// A limit would be exceeded.
     LimitExceeded,
+    /// The shard does not own the keys (or no longer has the range) the
+    /// command was routed with: a split moved them. Retryable through the
+    /// current cluster map; never recorded against the request id.
+    WrongShard,
 }
 
 /// What applying a command did.
@@ -270,4 +291,9 @@ pub enum Response {
     /// The cluster map changed (appended last: the encoding of the
     /// variants before it stays as it was).
     Map(crate::cluster_map::MapOutcome),
+    /// The shard split.
+    Split {
+        /// The new shard.
+        child: GroupId,
+    },
 }

@@ -112,6 +112,8 @@ impl ServiceError {
                     RejectKind::Conflict => Code::FailedPrecondition,
                     RejectKind::NotFound => Code::NotFound,
                     RejectKind::LimitExceeded => Code::ResourceExhausted,
+                    // A split moved the keys: retryable once the map caught up.
+                    RejectKind::WrongShard => Code::Unavailable,
                 },
                 ClusterError::Start(_) => Code::Internal,
                 ClusterError::NoSuchGroup(_) => Code::NotFound,

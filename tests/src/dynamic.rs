@@ -130,15 +130,14 @@ pub async fn wait_map(
     mut done: impl FnMut(&admin_pb::GetClusterMapResponse) -> Result<(), String>,
 ) -> admin_pb::GetClusterMapResponse {
     let deadline = Instant::now() + MAP_WAIT;
-    let mut last = String::new();
     loop {
-        match cluster_map(endpoint).await {
+        let last = match cluster_map(endpoint).await {
             Ok(map) => match done(&map) {
                 Ok(()) => return map,
-                Err(missing) => last = missing,
+                Err(missing) => missing,
             },
-            Err(e) => last = e,
-        }
+            Err(e) => e,
+        };
         if Instant::now() > deadline {
             panic!("{what}: not reached after {MAP_WAIT:?}: {last}");
         }

@@ -547,3 +547,28 @@ fn a_checkpoint_leaves_nothing_applied_only_in_the_unsynced_wal() {
         Some(&b"42"[..])
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+    /// A split's range delete removes exactly the rows whose key hash lies
+    /// in the range, whatever the cut points (the ring's ends included).
+    #[test]
+    fn a_hash_range_delete_removes_exactly_its_range(
+        keys in proptest::collection::btree_set("[a-z]{1,8}", 1..40),
+        from in any::<u64>(),
+        to in proptest::option::of(any::<u64>()),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
+        let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+        let rows: Vec<RowWrite> = keys.iter().map(|k| row(k, 1, 1)).collect();
+        store.write_rows(view.id, &rows).unwrap();
+        store.delete_hash_range_with(from, to, &[(b"k", Some(b"v"))]).unwrap();
+        prop_assert_eq!(store.get_meta(b"k").unwrap(), Some(b"v".to_vec()));
+        for key in &keys {
+            let hash = crate::keys::entity_hash(key.as_bytes());
+            let gone = hash >= from && to.is_none_or(|to| hash < to);
+            prop_assert_eq!(trips(&store, &view, key).is_none(), gone, "{} {:#x}", key, hash);
+        }
+    }
+}
