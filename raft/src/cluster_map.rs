@@ -154,6 +154,14 @@ pub enum OperatorKind {
         /// The replica that leaves.
         replica: ReplicaId,
     },
+    /// Split the shard's range at `at`: `[at, end)` becomes shard `child`,
+    /// with replicas on the same nodes (under the same replica ids).
+    Split {
+        /// Where the range is cut.
+        at: u64,
+        /// The new shard.
+        child: GroupId,
+    },
 }
 
 /// How far an operator got. Steps only go forward; from `Promote` on an
@@ -218,6 +226,11 @@ pub enum OperatorRequest {
         /// The replica.
         replica: ReplicaId,
     },
+    /// Split the shard at hash `at` (`None`: the middle of its range).
+    Split {
+        /// Where to cut.
+        at: Option<u64>,
+    },
 }
 
 /// The cluster map (see the module doc).
@@ -238,6 +251,8 @@ pub struct ClusterMap {
     pub next_incarnation: u32,
     /// The next operator id.
     pub next_operator_id: u64,
+    /// The next shard id a split hands out.
+    pub next_shard_id: GroupId,
     /// Every node that ever was.
     pub nodes: BTreeMap<NodeId, NodeInfo>,
     /// Every shard.
@@ -300,15 +315,16 @@ pub enum MapCommand {
         /// The step it enters.
         step: OperatorStep,
     },
-    /// Ends an operator: the shard's replicas are now `replicas` (what its
-    /// membership says); replicas that left are tombstoned.
+    /// Ends an operator whose change the shard's membership now holds
+    /// (committed): a move's new replica votes and the old one is gone, a
+    /// removal's replica is gone, a split applied. The map derives the
+    /// shard's replicas from the operator; replicas that left are
+    /// tombstoned.
     FinishOperator {
         /// The shard.
         shard: GroupId,
         /// The operator.
         id: u64,
-        /// The shard's replicas now.
-        replicas: Vec<ReplicaDesc>,
     },
     /// Cancels an operator before `Promote`: it no longer advances; its
     /// executor takes the new replica out of the shard's membership and
@@ -452,6 +468,7 @@ impl ClusterMap {
             })
             .collect();
         let next_node_id = nodes.keys().max().map_or(1, |max| max + 1);
+        let next_shard_id = replicas.keys().max().map_or(1, |max| max + 1);
         ClusterMap {
             format: MAP_FORMAT,
             version: 1,
@@ -460,6 +477,7 @@ impl ClusterMap {
             next_node_id,
             next_incarnation: 1,
             next_operator_id: 1,
+            next_shard_id,
             nodes,
             shards,
             operators: BTreeMap::new(),
@@ -522,8 +540,11 @@ impl ClusterMap {
         ordered.sort_by_key(|(_, desc)| desc.start);
         let mut expected_start = Some(0u64);
         for &(&shard, desc) in &ordered {
-            if shard == crate::types::METADATA_GROUP {
-                return Err(invalid("shard 0 is the metadata group"));
+            if shard == crate::types::METADATA_GROUP || shard >= self.next_shard_id {
+                return Err(invalid(format!(
+                    "shard {shard} (next {})",
+                    self.next_shard_id
+                )));
             }
             if Some(desc.start) != expected_start {
                 return Err(invalid(format!(
@@ -592,6 +613,20 @@ impl ClusterMap {
                     if !desc.has(replica) {
                         return Err(invalid(format!(
                             "operator {} removes a replica shard {shard} does not have",
+                            op.id
+                        )));
+                    }
+                }
+                OperatorKind::Split { at, child } => {
+                    if !desc.contains(at) || at == desc.start {
+                        return Err(invalid(format!(
+                            "operator {} cuts shard {shard} outside its range",
+                            op.id
+                        )));
+                    }
+                    if self.shards.contains_key(&child) || child >= self.next_shard_id {
+                        return Err(invalid(format!(
+                            "operator {} splits into shard {child}, which exists or was not handed out",
                             op.id
                         )));
                     }
@@ -667,14 +702,11 @@ impl ClusterMap {
                 op.step_started_us = now_us;
                 Ok(MapOutcome::Changed { version: 0 })
             }
-            MapCommand::FinishOperator {
-                shard,
-                id,
-                replicas,
-            } => self.finish_operator(shard, id, replicas),
+            MapCommand::FinishOperator { shard, id } => self.finish_operator(shard, id),
             MapCommand::CancelOperator { shard, id } => {
                 let op = self.operator_mut(shard, id)?;
-                if op.step >= OperatorStep::Promote {
+                let split = matches!(op.kind, OperatorKind::Split { .. });
+                if op.step >= OperatorStep::Promote && !split {
                     return Err(conflict(format!(
                         "operator {id} on shard {shard} is promoting its replica; it can only \
                          finish"
@@ -697,7 +729,7 @@ impl ClusterMap {
                     && let Some(desc) = self.shards.get_mut(&shard)
                 {
                     desc.replicas.retain(|r| r.id != to);
-                    self.tombstones.insert((shard, to));
+                    self.tombstone(shard, to);
                 }
                 Ok(MapOutcome::Changed { version: 0 })
             }
@@ -889,6 +921,31 @@ impl ClusterMap {
                 }
                 OperatorKind::Remove { replica }
             }
+            OperatorRequest::Split { at } => {
+                let end = desc.end.map_or(1u128 << 64, u128::from);
+                let middle = ((u128::from(desc.start) + end) / 2) as u64;
+                let at = at.unwrap_or(middle);
+                if at <= desc.start || !desc.contains(at) {
+                    return Err(invalid(format!(
+                        "{at:#018x} is not inside shard {shard}'s range (a split needs a range of \
+                         at least two hashes)"
+                    )));
+                }
+                if desc.replicas.iter().any(|r| r.role == ReplicaRole::Learner) {
+                    return Err(conflict(format!(
+                        "shard {shard} has a learner; split it once its move is done"
+                    )));
+                }
+                if self.shards.len() >= MAP_SHARDS_MAX {
+                    return Err(conflict(format!("the cluster has {MAP_SHARDS_MAX} shards")));
+                }
+                let child = self.next_shard_id;
+                self.next_shard_id = self
+                    .next_shard_id
+                    .checked_add(1)
+                    .ok_or_else(|| conflict("shard ids are exhausted"))?;
+                OperatorKind::Split { at, child }
+            }
         };
         let op = Operator {
             id: self.next_operator_id,
@@ -896,7 +953,7 @@ impl ClusterMap {
             kind,
             step: match kind {
                 OperatorKind::Move { .. } => OperatorStep::AddLearner,
-                OperatorKind::Remove { .. } => OperatorStep::Promote,
+                OperatorKind::Remove { .. } | OperatorKind::Split { .. } => OperatorStep::Promote,
             },
             reason,
             started_us: now_us,
@@ -908,42 +965,73 @@ impl ClusterMap {
         Ok(MapOutcome::OperatorStarted(op))
     }
 
-    fn finish_operator(
-        &mut self,
-        shard: GroupId,
-        id: u64,
-        mut replicas: Vec<ReplicaDesc>,
-    ) -> Result<MapOutcome, MapError> {
+    fn finish_operator(&mut self, shard: GroupId, id: u64) -> Result<MapOutcome, MapError> {
         let op = self.operator_mut(shard, id)?.clone();
         if op.cancelled {
             return Err(conflict(format!("operator {id} was cancelled")));
         }
+        let leaving = match op.kind {
+            OperatorKind::Split { at, child } => return self.finish_split(shard, at, child),
+            OperatorKind::Move { from, .. } => from,
+            OperatorKind::Remove { replica } => Some(replica),
+        };
         let desc = self
             .shards
             .get_mut(&shard)
             .ok_or_else(|| MapError::NotFound(format!("no shard {shard}")))?;
-        // The new list may only hold replicas the shard had (the learner of
-        // a move included): never an id the map did not hand out for it.
-        if let Some(stranger) = replicas.iter().find(|r| !desc.has(r.id)) {
-            return Err(invalid(format!(
-                "replica {} is not one of shard {shard}'s",
-                stranger.id
-            )));
+        desc.replicas.retain(|r| Some(r.id) != leaving);
+        if let OperatorKind::Move { to, .. } = op.kind {
+            for replica in &mut desc.replicas {
+                if replica.id == to {
+                    replica.role = ReplicaRole::Voter;
+                }
+            }
         }
-        replicas.sort();
-        replicas.dedup_by_key(|r| r.id);
-        let left: Vec<ReplicaId> = desc
-            .replicas
-            .iter()
-            .map(|r| r.id)
-            .filter(|id| !replicas.iter().any(|r| r.id == *id))
-            .collect();
-        desc.replicas = replicas;
         desc.epoch.conf_ver += 1;
-        for replica in left {
-            self.tombstones.insert((shard, replica));
+        if let Some(leaving) = leaving {
+            self.tombstone(shard, leaving);
         }
         self.operators.remove(&op.shard);
+        Ok(MapOutcome::Changed { version: 0 })
+    }
+
+    /// Records that `replica` must be deleted by its node (unless that node
+    /// is gone for good: nothing would ever confirm it).
+    fn tombstone(&mut self, shard: GroupId, replica: ReplicaId) {
+        let removed = self
+            .nodes
+            .get(&replica.node())
+            .is_none_or(|info| info.state == NodeState::Removed);
+        if !removed {
+            self.tombstones.insert((shard, replica));
+        }
+    }
+
+    /// The shard split at `at` (its replicas applied the split): `[at, end)`
+    /// is shard `child` now, on the same replicas.
+    fn finish_split(
+        &mut self,
+        shard: GroupId,
+        at: u64,
+        child: GroupId,
+    ) -> Result<MapOutcome, MapError> {
+        let desc = self
+            .shards
+            .get_mut(&shard)
+            .ok_or_else(|| MapError::NotFound(format!("no shard {shard}")))?;
+        let child_desc = ShardDesc {
+            start: at,
+            end: desc.end,
+            epoch: ShardEpoch {
+                conf_ver: desc.epoch.conf_ver,
+                version: desc.epoch.version + 1,
+            },
+            replicas: desc.replicas.clone(),
+        };
+        desc.end = Some(at);
+        desc.epoch.version += 1;
+        self.shards.insert(child, child_desc);
+        self.operators.remove(&shard);
         Ok(MapOutcome::Changed { version: 0 })
     }
 
@@ -1106,22 +1194,18 @@ mod tests {
             .is_err(),
             "only a cancelled operator is dropped"
         );
-        let after: Vec<ReplicaDesc> = [ReplicaId::first(2), ReplicaId::first(3), to]
-            .into_iter()
-            .map(|id| ReplicaDesc {
-                id,
-                role: ReplicaRole::Voter,
-            })
-            .collect();
         m.apply(
             MapCommand::FinishOperator {
                 shard: 2,
                 id: op.id,
-                replicas: after,
             },
             14,
         )
         .unwrap();
+        assert_eq!(
+            m.shards[&2].voters().collect::<Vec<_>>(),
+            vec![ReplicaId::first(2), ReplicaId::first(3), to]
+        );
         assert!(m.tombstones.contains(&(2, ReplicaId::first(1))));
         assert!(m.operators.is_empty());
         assert_eq!(m.shards[&2].epoch.conf_ver, 1);
@@ -1206,9 +1290,54 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_split_cuts_the_range_and_the_child_inherits_the_replicas() {
+        let mut m = map(3, 2);
+        let MapOutcome::OperatorStarted(op) = m
+            .apply(
+                MapCommand::StartOperator {
+                    shard: 2,
+                    request: OperatorRequest::Split { at: None },
+                    reason: String::new(),
+                },
+                1,
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        let OperatorKind::Split { at, child } = op.kind else {
+            panic!("{op:?}")
+        };
+        assert_eq!(child, 3);
+        assert_eq!(at, (1u64 << 63) + (1 << 62), "the middle of shard 2's half");
+        m.apply(
+            MapCommand::FinishOperator {
+                shard: 2,
+                id: op.id,
+            },
+            2,
+        )
+        .unwrap();
+        assert_eq!(m.shards[&2].end, Some(at));
+        assert_eq!(m.shards[&3].start, at);
+        assert_eq!(m.shards[&3].end, None);
+        assert_eq!(m.shards[&3].replicas, m.shards[&2].replicas);
+        assert_eq!(m.shards[&2].epoch.version, 1);
+        assert_eq!(m.shard_of_hash(at), Some(3));
+        assert_eq!(m.shard_of_hash(at - 1), Some(2));
+        // A range of one hash cannot be cut.
+        let at_start = MapCommand::StartOperator {
+            shard: 3,
+            request: OperatorRequest::Split { at: Some(at) },
+            reason: String::new(),
+        };
+        assert!(m.apply(at_start, 3).is_err());
+    }
+
     fn arb_command() -> impl Strategy<Value = MapCommand> {
         let node = 1u64..7;
-        let shard = 1u32..5;
+        let shard = 1u32..8;
         prop_oneof![
             (0u8..6).prop_map(|n| MapCommand::AddNode {
                 addr: format!("h{n}:1"),
@@ -1241,6 +1370,13 @@ mod tests {
                     reason: "p".into(),
                 }
             ),
+            (shard.clone(), proptest::option::of(any::<u64>())).prop_map(|(shard, at)| {
+                MapCommand::StartOperator {
+                    shard,
+                    request: OperatorRequest::Split { at },
+                    reason: String::new(),
+                }
+            }),
             (shard.clone(), node.clone(), 0u32..3).prop_map(|(shard, n, inc)| {
                 MapCommand::StartOperator {
                     shard,
@@ -1261,26 +1397,8 @@ mod tests {
                     ][usize::from(s)],
                 }
             }),
-            (
-                shard.clone(),
-                0u64..6,
-                proptest::collection::vec((node.clone(), 0u32..4, any::<bool>()), 0..4)
-            )
-                .prop_map(|(shard, id, replicas)| MapCommand::FinishOperator {
-                    shard,
-                    id,
-                    replicas: replicas
-                        .into_iter()
-                        .map(|(n, inc, voter)| ReplicaDesc {
-                            id: ReplicaId::new(n, inc),
-                            role: if voter {
-                                ReplicaRole::Voter
-                            } else {
-                                ReplicaRole::Learner
-                            },
-                        })
-                        .collect(),
-                }),
+            (shard.clone(), 0u64..6)
+                .prop_map(|(shard, id)| MapCommand::FinishOperator { shard, id }),
             (shard.clone(), 0u64..6)
                 .prop_map(|(shard, id)| MapCommand::CancelOperator { shard, id }),
             (shard.clone(), 0u64..6).prop_map(|(shard, id)| MapCommand::DropOperator { shard, id }),

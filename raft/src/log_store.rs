@@ -368,7 +368,10 @@ mod tests {
         let seeded = dir.path().join("seeded");
         LogStore::seed(&seeded, purged).unwrap();
         let mut log = LogStore::open(&seeded, LogOptions::default()).unwrap();
-        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(purged));
+        assert_eq!(
+            log.get_log_state().await.unwrap().last_purged_log_id,
+            Some(purged)
+        );
     }
 
     // Log records come back from disk: whatever they hold, decoding gives an

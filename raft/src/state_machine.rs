@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 
 mod split;
 
-pub use split::child_seed;
 use split::SplitAt;
+pub use split::child_seed;
 
 use crate::cluster_map::{ClusterMap, MapCommand, MapError, MapOutcome};
 use crate::types::{
@@ -112,6 +112,10 @@ pub trait ApplyObserver: Send + Sync + 'static {
     fn view_invalidated(&self, view_id: ViewId) -> u64;
     /// The whole store was replaced (snapshot installed): drop everything.
     fn store_replaced(&self);
+    /// A replica was created or destroyed on this node: rows cached while
+    /// another replica of its shard (or none) was here are not kept
+    /// coherent by the new one, so drop everything.
+    fn replica_changed(&self);
 }
 
 /// An observer that ignores everything (tests, tools).
@@ -126,6 +130,7 @@ impl ApplyObserver for NoObserver {
         0
     }
     fn store_replaced(&self) {}
+    fn replica_changed(&self) {}
 }
 
 /// One file of a snapshot.
@@ -817,11 +822,25 @@ impl StateMachine {
         match result {
             Ok((next, outcome)) => {
                 let bytes = next.encode().map_err(io::Error::other)?;
-                let mut puts = meta_puts.to_vec();
+                let response = Response::Map(outcome);
+                // A retry of this request id is answered with this outcome
+                // (the node id a join got, the operator a move started), not
+                // with a bare "already applied".
+                let recorded = postcard::to_stdvec(&response).map_err(io::Error::other)?;
+                let mut puts: Vec<(&[u8], Option<&[u8]>)> = meta_puts
+                    .iter()
+                    .map(|&(key, value)| {
+                        if key.starts_with(REQUEST_PREFIX) && value.is_some() {
+                            (key, Some(recorded.as_slice()))
+                        } else {
+                            (key, value)
+                        }
+                    })
+                    .collect();
                 puts.push((MAP_KEY, Some(bytes.as_slice())));
                 self.store().put_meta(&puts).map_err(engine_io)?;
                 self.shared.map.send_replace(Some(Arc::new(next)));
-                Ok(Response::Map(outcome))
+                Ok(response)
             }
             Err(error) => {
                 let kind = match &error {

@@ -156,15 +156,18 @@ async fn a_split_leaves_each_half_its_rows_and_refuses_the_other_half() {
     assert_eq!(responses[2], Response::Split { child: 9 });
     assert_eq!(*children.created.lock(), vec![9]);
     assert!(present(&sm, &low).iter().all(|&p| p));
-    assert!(present(&sm, &high).iter().all(|&p| !p), "the parent gave them away");
+    assert!(
+        present(&sm, &high).iter().all(|&p| !p),
+        "the parent gave them away"
+    );
     let range = sm.range().unwrap();
     assert_eq!((range.start, range.end, range.version), (0, Some(AT), 1));
     assert_eq!(range.children, vec![(9, 3)]);
 
     eprintln!("--- the child holds the other half, seeded at the split's index");
     let child_dir = dir.path().join("groups/9");
-    let child = StateMachine::open(9, child_dir.join("state"), options(), Arc::new(NoObserver))
-        .unwrap();
+    let child =
+        StateMachine::open(9, child_dir.join("state"), options(), Arc::new(NoObserver)).unwrap();
     assert_eq!(child.applied(), Some(child_seed(3)));
     assert!(present(&child, &high).iter().all(|&p| p));
     assert!(present(&child, &low).iter().all(|&p| !p));
@@ -189,7 +192,13 @@ async fn a_split_leaves_each_half_its_rows_and_refuses_the_other_half() {
     )
     .await;
     assert!(
-        matches!(&responses[0], Response::Rejected { kind: RejectKind::WrongShard, .. }),
+        matches!(
+            &responses[0],
+            Response::Rejected {
+                kind: RejectKind::WrongShard,
+                ..
+            }
+        ),
         "{responses:?}"
     );
     assert!(
@@ -197,7 +206,13 @@ async fn a_split_leaves_each_half_its_rows_and_refuses_the_other_half() {
         "{responses:?}"
     );
     assert!(
-        matches!(&responses[2], Response::Rejected { kind: RejectKind::WrongShard, .. }),
+        matches!(
+            &responses[2],
+            Response::Rejected {
+                kind: RejectKind::WrongShard,
+                ..
+            }
+        ),
         "{responses:?}"
     );
     assert_eq!(sm.applied().map(|id| id.index), Some(6));
@@ -284,8 +299,8 @@ async fn openraft_opens_a_split_child_elects_and_appends_after_the_seed() {
     eprintln!("--- the child's replica opens as a replica at its seed");
     let child_dir = dir.path().join("groups/9");
     let log = LogStore::open(child_dir.join("log"), LogOptions::default()).unwrap();
-    let child = StateMachine::open(9, child_dir.join("state"), options(), Arc::new(NoObserver))
-        .unwrap();
+    let child =
+        StateMachine::open(9, child_dir.join("state"), options(), Arc::new(NoObserver)).unwrap();
     let config = Arc::new(
         openraft::Config {
             heartbeat_interval: 50,

@@ -57,9 +57,10 @@ fn replica_info(replica: &ReplicaDesc) -> pb::ReplicaInfo {
 
 /// An operator as the admin API shows it.
 pub fn operator_info(op: &Operator) -> pb::OperatorInfo {
-    let (kind, from, to) = match op.kind {
-        OperatorKind::Move { from, to } => ("move", from.map_or(0, |r| r.0), to.0),
-        OperatorKind::Remove { replica } => ("remove", replica.0, 0),
+    let (kind, from, to, split_at, child_shard) = match op.kind {
+        OperatorKind::Move { from, to } => ("move", from.map_or(0, |r| r.0), to.0, 0, 0),
+        OperatorKind::Remove { replica } => ("remove", replica.0, 0, 0, 0),
+        OperatorKind::Split { at, child } => ("split", 0, 0, at, child),
     };
     pb::OperatorInfo {
         id: op.id,
@@ -71,6 +72,9 @@ pub fn operator_info(op: &Operator) -> pb::OperatorInfo {
         reason: op.reason.clone(),
         started_us: op.started_us,
         step_started_us: op.step_started_us,
+        split_at,
+        child_shard,
+        cancelled: op.cancelled,
     }
 }
 
@@ -80,6 +84,7 @@ fn planned_info(planned: &Planned) -> pb::PlannedOperator {
             ("move", from.map_or(0, ReplicaId::node), to_node)
         }
         OperatorRequest::Remove { replica } => ("remove", replica.node(), 0),
+        OperatorRequest::Split { .. } => ("split", 0, 0),
     };
     pb::PlannedOperator {
         shard: planned.shard,
@@ -227,13 +232,15 @@ impl Admin for AdminService {
         _request: Request<pb::GetClusterMapRequest>,
     ) -> Result<Response<pb::GetClusterMapResponse>, Status> {
         let cluster = &self.node.cluster;
-        cluster.sync_metadata().await.map_err(ServiceError::from)?;
-        let placement = cluster.placement();
-        Ok(Response::new(map_response(
-            &placement.map,
-            placement.replicated,
-            |node| cluster.node_up(node),
-        )))
+        // Before the metadata group stored a map, the node's own layout.
+        let (map, replicated) = match cluster.current_map().await {
+            Ok(map) => (map, true),
+            Err(_) if !cluster.placement().replicated => (cluster.placement().map.clone(), false),
+            Err(e) => return Err(ServiceError::from(e).into()),
+        };
+        Ok(Response::new(map_response(&map, replicated, |node| {
+            cluster.node_up(node)
+        })))
     }
 
     async fn set_node_state(
@@ -264,11 +271,11 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::MoveReplicaResponse>, Status> {
         let request = request.into_inner();
         let cluster = &self.node.cluster;
-        cluster.sync_metadata().await.map_err(ServiceError::from)?;
+        let map = cluster.current_map().await.map_err(ServiceError::from)?;
         let shard: GroupId = request.shard;
-        let placement = cluster.placement();
-        let desc = placement
-            .shard(shard)
+        let desc = map
+            .shards
+            .get(&shard)
             .ok_or_else(|| ServiceError::from(ClusterError::NoSuchGroup(shard)))?;
         let from = match request.from_node_id {
             0 => None,
@@ -306,6 +313,32 @@ impl Admin for AdminService {
         };
         tracing::info!(shard, op = op.id, kind = ?op.kind, "operator started by hand");
         Ok(Response::new(pb::MoveReplicaResponse {
+            operator: Some(operator_info(&op)),
+        }))
+    }
+
+    async fn split_shard(
+        &self,
+        request: Request<pb::SplitShardRequest>,
+    ) -> Result<Response<pb::SplitShardResponse>, Status> {
+        let request = request.into_inner();
+        let outcome = self
+            .node
+            .cluster
+            .change_map(MapCommand::StartOperator {
+                shard: request.shard,
+                request: OperatorRequest::Split { at: request.at },
+                reason: "by hand (quiverctl shard split)".into(),
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        let MapOutcome::OperatorStarted(op) = outcome else {
+            return Err(Status::internal(format!(
+                "unexpected answer to an operator start: {outcome:?}"
+            )));
+        };
+        tracing::info!(shard = request.shard, op = op.id, kind = ?op.kind, "split started by hand");
+        Ok(Response::new(pb::SplitShardResponse {
             operator: Some(operator_info(&op)),
         }))
     }

@@ -231,6 +231,10 @@ impl quiver_raft::ApplyObserver for HotCache {
         metrics::counter!("quiver_snapshot_installs_total").increment(1);
         self.clear();
     }
+
+    fn replica_changed(&self) {
+        self.clear();
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use quiver_engine::{
     Catalog, Clock, FeatureView, Registry, SkewedClock, StoreOptions, SystemClock,
 };
 
+use quiver_raft::types::RejectKind;
 use quiver_raft::{Command, GroupId, METADATA_GROUP, RequestId, Response as Applied};
 
 use crate::admission::Admission;
@@ -19,6 +20,10 @@ use crate::cache::HotCache;
 use crate::cluster::{Cluster, ClusterError, StartOptions};
 use crate::config::{Config, Limits};
 use crate::error::ServiceError;
+
+/// Commands refused because a split moved their keys, cut again and
+/// proposed again at most this many times.
+const WRONG_SHARD_RETRIES_MAX: u32 = 5;
 
 /// Memtable size of each group's store: a node holds many groups, so each
 /// gets a small one.
@@ -59,30 +64,56 @@ impl Node {
     /// Proposes one command per shard in parallel and hands each response to
     /// `add`, which returns it back as `Err` if it is not the kind expected.
     /// A retry answered `AlreadyApplied` (its first attempt committed but the
-    /// answer was lost) counts as done and adds nothing. Waits for every
-    /// shard, then fails with the first error: shards that committed stay
-    /// committed.
+    /// answer was lost) counts as done and adds nothing. A command refused
+    /// because a split moved some of its keys is cut again by the current
+    /// map and proposed to the shards that own them now (with the same
+    /// request id). Waits for every shard, then fails with the first error:
+    /// shards that committed stay committed.
     pub async fn propose_all(
         &self,
         proposals: impl IntoIterator<Item = (GroupId, Command)>,
         request_id: Option<RequestId>,
         mut add: impl FnMut(Applied) -> Result<(), Applied>,
     ) -> Result<(), ServiceError> {
-        let futures = proposals
-            .into_iter()
-            .map(|(shard, command)| self.cluster.propose_with_id(shard, command, request_id));
+        let mut pending: Vec<(GroupId, Command)> = proposals.into_iter().collect();
         let mut first_error = None;
-        for result in futures::future::join_all(futures).await {
-            let outcome = match result {
-                Ok((Applied::AlreadyApplied, _)) => Ok(()),
-                Ok((response, _)) => add(response).map_err(|other| {
-                    ServiceError::TaskFailed(format!("unexpected response {other:?}"))
-                }),
-                Err(e) => Err(e.into()),
-            };
-            if let Err(e) = outcome {
-                first_error.get_or_insert(e);
+        for attempt in 0..=WRONG_SHARD_RETRIES_MAX {
+            let futures = pending.iter().map(|(shard, command)| {
+                self.cluster
+                    .propose_with_id(*shard, command.clone(), request_id)
+            });
+            let results = futures::future::join_all(futures).await;
+            let mut moved = Vec::new();
+            for ((shard, command), result) in pending.into_iter().zip(results) {
+                let outcome = match result {
+                    Ok((Applied::AlreadyApplied, _)) => Ok(()),
+                    Ok((response, _)) => add(response).map_err(|other| {
+                        ServiceError::TaskFailed(format!("unexpected response {other:?}"))
+                    }),
+                    Err(ClusterError::Rejected {
+                        kind: RejectKind::WrongShard,
+                        ..
+                    }) if attempt < WRONG_SHARD_RETRIES_MAX => {
+                        moved.push((shard, command));
+                        Ok(())
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = outcome {
+                    first_error.get_or_insert(e);
+                }
             }
+            if moved.is_empty() {
+                break;
+            }
+            // The map records a split moments after the shard applies it.
+            tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            self.cluster.sync_metadata().await?;
+            let placement = self.cluster.placement();
+            pending = moved
+                .into_iter()
+                .flat_map(|(shard, command)| regroup(&placement, shard, command))
+                .collect();
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -242,6 +273,55 @@ impl MetadataFreshness {
             outcome.as_ref().map(|_| ()).map_err(ToString::to_string),
         ));
         outcome
+    }
+}
+
+/// Cuts a data command by the shards that own its keys now.
+fn regroup(
+    placement: &crate::cluster::placement::Placement,
+    shard: GroupId,
+    command: Command,
+) -> Vec<(GroupId, Command)> {
+    match command {
+        Command::Write { view_id, rows } => placement
+            .by_shard(rows, |row| row.entity_key.as_str())
+            .into_iter()
+            .map(|(shard, rows)| (shard, Command::Write { view_id, rows }))
+            .collect(),
+        Command::Delete {
+            view_id,
+            entity_keys,
+        } => placement
+            .by_shard(entity_keys, |key| key.as_str())
+            .into_iter()
+            .map(|(shard, entity_keys)| {
+                (
+                    shard,
+                    Command::Delete {
+                        view_id,
+                        entity_keys,
+                    },
+                )
+            })
+            .collect(),
+        Command::Invalidate {
+            view_id,
+            entity_keys,
+        } => placement
+            .by_shard(entity_keys, |key| key.as_str())
+            .into_iter()
+            .map(|(shard, entity_keys)| {
+                (
+                    shard,
+                    Command::Invalidate {
+                        view_id,
+                        entity_keys,
+                    },
+                )
+            })
+            .collect(),
+        // Only data commands name keys a split could move.
+        other => vec![(shard, other)],
     }
 }
 

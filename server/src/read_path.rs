@@ -378,7 +378,24 @@ async fn read_degraded(
     Ok((rows, source, true))
 }
 
-/// Reads one shard's keys from the replica the level asks for.
+/// Reads of keys a split moved, tried again through the map at most this
+/// many times (each waits for a metadata read index: the map records a
+/// split moments after the shard applies it).
+const WRONG_SHARD_RETRIES_MAX: u32 = 5;
+
+fn wrong_shard(error: &ServiceError) -> bool {
+    matches!(
+        error,
+        ServiceError::Cluster(crate::cluster::ClusterError::Rejected {
+            kind: quiver_raft::types::RejectKind::WrongShard,
+            ..
+        })
+    )
+}
+
+/// Reads one shard's keys from the replica the level asks for; keys a
+/// split moved meanwhile are read where the current map says they are (the
+/// first source answers for all of them).
 async fn read_shard(
     node: &Node,
     shard: GroupId,
@@ -386,8 +403,79 @@ async fn read_shard(
     level: ReadLevel,
     use_cache: bool,
 ) -> Result<(Vec<Fetched>, ReadSource), ServiceError> {
+    let mut last = match read_one_shard(node, shard, keys.clone(), level, use_cache).await {
+        Err(error) if wrong_shard(&error) => error,
+        other => return other,
+    };
+    for attempt in 0..WRONG_SHARD_RETRIES_MAX {
+        tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+        node.cluster.sync_metadata().await?;
+        let placement = node.cluster.placement();
+        let mut by_shard: BTreeMap<GroupId, Vec<usize>> = BTreeMap::new();
+        for (slot, key) in keys.iter().enumerate() {
+            let hash = quiver_engine::keys::split_storage_key(key).map_or(0, |(hash, _, _)| hash);
+            by_shard
+                .entry(placement.shard_of_hash(hash))
+                .or_default()
+                .push(slot);
+        }
+        let mut rows: Vec<Fetched> = vec![Ok(None); keys.len()];
+        let mut first_source = None;
+        let mut failed = None;
+        for (group, slots) in by_shard {
+            let subset: Vec<Vec<u8>> = slots.iter().map(|&slot| keys[slot].clone()).collect();
+            match read_one_shard(node, group, subset, level, use_cache).await {
+                Ok((read, source)) => {
+                    first_source.get_or_insert(source);
+                    for (slot, row) in slots.into_iter().zip(read) {
+                        rows[slot] = row;
+                    }
+                }
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
+            }
+        }
+        match (failed, first_source) {
+            (None, Some(source)) => return Ok((rows, source)),
+            (Some(error), _) if wrong_shard(&error) => last = error,
+            (Some(error), _) => return Err(error),
+            (None, None) => {
+                return Ok((
+                    rows,
+                    ReadSource {
+                        group: shard,
+                        node_id: node.cluster.node_id,
+                        leader: false,
+                        applied_index: 0,
+                    },
+                ));
+            }
+        }
+    }
+    Err(last)
+}
+
+/// [`read_shard`] without the retry through the map.
+async fn read_one_shard(
+    node: &Node,
+    shard: GroupId,
+    keys: Vec<Vec<u8>>,
+    level: ReadLevel,
+    use_cache: bool,
+) -> Result<(Vec<Fetched>, ReadSource), ServiceError> {
     match node.cluster.read(shard, &keys, level).await? {
-        ShardRead::Local { state, source } => {
+        ShardRead::Local {
+            state,
+            source,
+            range_version,
+        } => {
+            // A split between the ownership check and the read may have
+            // deleted rows it gave away: then read through the map again.
+            let moved = |state: &StateMachine| {
+                state.range().map_or(0, |range| range.version) != range_version
+            };
             // Keys in the hot cache are answered here; only the rest cost a
             // trip to the blocking pool (a thread handoff each way).
             let mut rows: Vec<Fetched> = Vec::with_capacity(keys.len());
@@ -410,14 +498,23 @@ async fn read_shard(
             if missing.is_empty() {
                 return Ok((rows, source));
             }
+            let after = state.clone();
             let (slots, missing_keys): (Vec<usize>, Vec<Vec<u8>>) = missing.into_iter().unzip();
             let cache = node.cache.clone();
             let loaded = tokio::task::spawn_blocking(move || {
-                read_local(&cache, &state, &missing_keys, use_cache)
+                read_local(&cache, &state, &missing_keys, use_cache, range_version)
             })
             .await?;
             for (slot, row) in slots.into_iter().zip(loaded) {
                 rows[slot] = row;
+            }
+            if moved(&after) {
+                return Err(ServiceError::Cluster(
+                    crate::cluster::ClusterError::Rejected {
+                        kind: quiver_raft::types::RejectKind::WrongShard,
+                        message: format!("shard {shard} split during the read"),
+                    },
+                ));
             }
             Ok((rows, source))
         }
@@ -469,6 +566,7 @@ fn read_local(
     state: &StateMachine,
     keys: &[Vec<u8>],
     use_cache: bool,
+    range_version: u64,
 ) -> Vec<Fetched> {
     let mut results: Vec<Fetched> = vec![Ok(None); keys.len()];
     let mut misses = Vec::new();
@@ -492,11 +590,18 @@ fn read_local(
         .collect();
     // Loaded after the placeholders: see ShardRead::Local.
     let fetched = state.store().get_rows(&storage_keys);
+    // Rows read after a split gave them away are absent here but present in
+    // the new shard: never cached. (A split updates the range before it
+    // clears the cache, so a fill that passes this check is either of rows
+    // read before the split, or removed by the clear.)
+    let still_owned = state.range().map_or(0, |range| range.version) == range_version;
     for ((slot, guard), result) in misses.into_iter().zip(fetched) {
         results[slot] = match result {
             Ok(row) => {
                 let row = row.map(Arc::new);
-                if let Some(guard) = guard {
+                if let Some(guard) = guard
+                    && still_owned
+                {
                     cache.fill(guard, row.clone());
                 }
                 Ok(row)

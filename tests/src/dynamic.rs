@@ -177,7 +177,10 @@ pub fn settled(
         let nodes: Vec<u64> = shard.replicas.iter().map(|r| r.node_id).collect();
         let all_voters = shard.replicas.iter().all(|r| r.role == "voter");
         if nodes.len() != voters || !all_voters || !nodes.iter().all(|n| on.contains(n)) {
-            return Err(format!("shard {} replicas {:?}", shard.shard, shard.replicas));
+            return Err(format!(
+                "shard {} replicas {:?}",
+                shard.shard, shard.replicas
+            ));
         }
     }
     Ok(())

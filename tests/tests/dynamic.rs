@@ -7,9 +7,7 @@
 use std::time::Duration;
 
 use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry};
-use quiver_tests::dynamic::{
-    Writer, check_ledger, replica_counts, settled, voter_nodes, wait_map,
-};
+use quiver_tests::dynamic::{Writer, check_ledger, replica_counts, settled, voter_nodes, wait_map};
 use quiver_tests::{Cluster, Node, TEST_CLUSTER_SECRET, quiverctl};
 
 /// One cluster at a time (2 cores).
@@ -23,7 +21,10 @@ impl Drop for Kept {
         if std::thread::panicking()
             && let Some(dir) = self.0.take()
         {
-            eprintln!("cluster data and node logs kept in {}", dir.keep().display());
+            eprintln!(
+                "cluster data and node logs kept in {}",
+                dir.keep().display()
+            );
         }
     }
 }
@@ -89,7 +90,14 @@ async fn a_replica_moves_away_and_back_to_the_same_node_under_writes() {
     let out = quiverctl(
         &endpoint,
         &[
-            "shard", "move", "1", "--from", &away.to_string(), "--to", &spare.to_string(), "--wait",
+            "shard",
+            "move",
+            "1",
+            "--from",
+            &away.to_string(),
+            "--to",
+            &spare.to_string(),
+            "--wait",
         ],
     )
     .unwrap();
@@ -116,7 +124,14 @@ async fn a_replica_moves_away_and_back_to_the_same_node_under_writes() {
     quiverctl(
         &endpoint,
         &[
-            "shard", "move", "1", "--from", &spare.to_string(), "--to", &away.to_string(), "--wait",
+            "shard",
+            "move",
+            "1",
+            "--from",
+            &spare.to_string(),
+            "--to",
+            &away.to_string(),
+            "--wait",
         ],
     )
     .unwrap();
@@ -228,7 +243,9 @@ async fn one_node_grows_to_four_then_the_first_is_drained_and_removed() {
     let endpoint2 = nodes[1].endpoint();
     wait_map(&endpoint2, "node 1 removed", |map| {
         let one = map.nodes.iter().find(|n| n.node_id == 1).unwrap();
-        (one.state == "removed").then_some(()).ok_or(format!("{one:?}"))
+        (one.state == "removed")
+            .then_some(())
+            .ok_or(format!("{one:?}"))
     })
     .await;
 
@@ -255,5 +272,109 @@ async fn one_node_grows_to_four_then_the_first_is_drained_and_removed() {
         .await
         .unwrap();
         assert!(values.iter().all(|v| *v == Some(7)), "{values:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
+    let _turn = ONE_CLUSTER.lock().await;
+    let dir = Kept::new();
+    let mut cluster = Cluster::start(dir.path(), 3, &[("QUIVER_CLUSTER__SHARD_COUNT", "2")])
+        .await
+        .unwrap();
+    cluster.wait_for_leaders(CONVERGE_WAIT).await.unwrap();
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    let preload = keys(400, "split");
+    retry("preload", CONVERGE_WAIT, || {
+        let mut client = client.clone();
+        let values: Vec<(String, i64)> = preload.iter().map(|k| (k.clone(), 7)).collect();
+        async move { quiver_tests::counter::write_values(&mut client, &values).await }
+    })
+    .await;
+    wait_map(&endpoint, "the map is stored", |map| {
+        map.replicated.then_some(()).ok_or("not stored".into())
+    })
+    .await;
+
+    eprintln!("--- shard 1 splits while a writer writes through node 2");
+    let writer = Writer::start(cluster.node(2).client().await.unwrap(), keys(60, "during"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = quiverctl(&endpoint, &["--json", "shard", "split", "1", "--wait"]).unwrap();
+    eprintln!("{out}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let child = report["child"].as_u64().unwrap() as u32;
+    let at = report["at"].as_u64().unwrap();
+    assert_eq!(child, 3);
+    assert_eq!(at, 1 << 62, "the middle of shard 1's half of the ring");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ledger = writer.stop().await;
+    eprintln!(
+        "writer: {} acknowledged, {} failed, longest gap {:?}",
+        ledger.acks, ledger.failures, ledger.longest_gap
+    );
+    assert!(ledger.acks > 5, "{ledger:?}");
+
+    eprintln!("--- the map and every node know shard {child}");
+    let map = wait_map(&endpoint, "three shards", |map| {
+        if map.shards.len() == 3 && map.operators.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{:?}", map.shards))
+        }
+    })
+    .await;
+    let parent = map.shards.iter().find(|s| s.shard == 1).unwrap();
+    let new = map.shards.iter().find(|s| s.shard == child).unwrap();
+    assert_eq!((parent.start, parent.end, parent.version), (0, at, 1));
+    assert_eq!((new.start, new.version), (at, 1));
+    assert_eq!(voter_nodes(&map, 1), voter_nodes(&map, child));
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        retry("the child is hosted and led", CONVERGE_WAIT, || {
+            let node_status = node.status();
+            async move {
+                let status = node_status.await.map_err(|e| e.to_string())?;
+                match status.groups.iter().find(|g| g.group == child) {
+                    Some(g) if g.leader_id != 0 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        })
+        .await;
+    }
+
+    eprintln!("--- every preloaded row and every acknowledged write reads back, through every node");
+    for id in 1..=3 {
+        let mut client = cluster.node(id).client().await.unwrap();
+        let (values, sources) = quiver_tests::counter::read_values(
+            &mut client,
+            &preload,
+            quiver_proto::v1::Consistency::Strong,
+        )
+        .await
+        .unwrap();
+        assert!(values.iter().all(|v| *v == Some(7)), "{values:?}");
+        let shards: std::collections::BTreeSet<u32> = sources.iter().map(|s| s.shard).collect();
+        assert!(shards.contains(&child), "{sources:?}");
+        retry("the ledger reads back", CONVERGE_WAIT, || {
+            let (client, ledger) = (client.clone(), ledger.clone());
+            async move { check_ledger(&client, &ledger, &format!("node {id}")).await }
+        })
+        .await;
+    }
+
+    eprintln!("--- each half holds only its own rows");
+    for id in 1..=3 {
+        let status = cluster.node(id).status().await.unwrap();
+        let rows = |group: u32| {
+            status
+                .groups
+                .iter()
+                .find(|g| g.group == group)
+                .map_or(0, |g| g.rows_estimate)
+        };
+        eprintln!("node {id}: shard 1 ~{} rows, shard {child} ~{} rows", rows(1), rows(child));
     }
 }

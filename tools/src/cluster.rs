@@ -98,6 +98,31 @@ pub struct MoveArgs {
     pub timeout_seconds: u64,
 }
 
+/// `shard split`.
+#[derive(Debug, Args)]
+pub struct SplitArgs {
+    /// The shard.
+    pub shard: u32,
+    /// The first hash of the new shard, in hex (0x...) or decimal; default:
+    /// the middle of the shard's range.
+    #[arg(long, value_parser = parse_hash)]
+    pub at: Option<u64>,
+    /// Wait until the split is done.
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_seconds: u64,
+}
+
+fn parse_hash(text: &str) -> Result<u64, String> {
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
+        None => text.replace('_', "").parse(),
+    };
+    parsed.map_err(|e| format!("{text:?} is not a 64-bit hash: {e}"))
+}
+
 /// `operator ...`.
 #[derive(Debug, Subcommand)]
 pub enum OperatorCommand {
@@ -301,6 +326,21 @@ async fn wait_drained(
 }
 
 fn operator_row(op: &pb::OperatorInfo) -> Vec<String> {
+    if op.kind == "split" {
+        return vec![
+            op.id.to_string(),
+            op.shard.to_string(),
+            op.kind.clone(),
+            "-".into(),
+            format!("shard {} from {:#018x}", op.child_shard, op.split_at),
+            if op.cancelled {
+                "cancelled".into()
+            } else {
+                op.step.clone()
+            },
+            op.reason.clone(),
+        ];
+    }
     let replica = |id: u64| {
         if id == 0 {
             "-".to_owned()
@@ -458,6 +498,57 @@ pub async fn move_replica(endpoint: &str, args: &MoveArgs, json: bool) -> Result
         }
     } else if json {
         println!("{}", operator_json(&op));
+    }
+    Ok(())
+}
+
+/// `shard split`.
+pub async fn split(endpoint: &str, args: &SplitArgs, json: bool) -> Result<()> {
+    let mut admin = client::connect_admin(endpoint).await?;
+    let op = admin
+        .split_shard(pb::SplitShardRequest {
+            shard: args.shard,
+            at: args.at,
+        })
+        .await
+        .map_err(|s| status_error(&format!("split shard {}", args.shard), s))?
+        .into_inner()
+        .operator
+        .context("the node answered without the operator")?;
+    if !json {
+        println!(
+            "operator {}: shard {} splits at {:#018x} into shard {}",
+            op.id, op.shard, op.split_at, op.child_shard
+        );
+    }
+    if args.wait {
+        let deadline = Instant::now() + Duration::from_secs(args.timeout_seconds);
+        while cluster_map(&mut admin)
+            .await?
+            .operators
+            .iter()
+            .any(|o| o.id == op.id)
+        {
+            if Instant::now() > deadline {
+                bail!("split {} not done after {} s", op.id, args.timeout_seconds);
+            }
+            tokio::time::sleep(WAIT_POLL).await;
+        }
+        if !json {
+            println!(
+                "done: shard {} holds the hashes from {:#018x}",
+                op.child_shard, op.split_at
+            );
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "operator": operator_json(&op), "at": op.split_at, "child": op.child_shard,
+                "done": args.wait,
+            })
+        );
     }
     Ok(())
 }

@@ -106,6 +106,9 @@ enum ShardCommand {
     /// The shards as the cluster map holds them: hash ranges, epochs,
     /// replicas.
     Map,
+    /// Split a shard's hash range in two; the new shard's replicas are on
+    /// the same nodes.
+    Split(cluster::SplitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +147,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Shard(ShardCommand::Map) => {
             return cluster::shard_map(&cli.endpoint, cli.json).await;
         }
+        Command::Shard(ShardCommand::Split(args)) => {
+            return cluster::split(&cli.endpoint, args, cli.json).await;
+        }
         _ => {}
     }
     let mut client = client::connect(&cli.endpoint).await?;
@@ -159,7 +165,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Status => status::run(&mut client, cli.json).await,
         Command::Shard(ShardCommand::List) => shard::list(&mut client, cli.json).await,
         Command::Shard(
-            ShardCommand::TransferLeader(_) | ShardCommand::Move(_) | ShardCommand::Map,
+            ShardCommand::TransferLeader(_)
+            | ShardCommand::Move(_)
+            | ShardCommand::Map
+            | ShardCommand::Split(_),
         )
         | Command::Rebalance(_)
         | Command::Node(_)

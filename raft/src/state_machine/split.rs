@@ -167,6 +167,11 @@ impl StateMachine {
             .delete_hash_range_with(split.at, split.end, &puts)
             .map_err(engine_io)?;
         *self.shared.range.lock() = Some(range);
+        // After the range: a read that cached a row of the half given away
+        // before this either finds the range changed or loses its entry here
+        // (the rows live on in the child; the node's cache must not say
+        // they are absent).
+        self.shared.observer.replica_changed();
         tracing::info!(
             group = self.shared.group,
             child = split.child,
@@ -251,7 +256,10 @@ impl StateMachine {
 
 fn describe(range: &RangeDesc) -> String {
     match range.end {
-        Some(end) => format!("{:#018x}..{end:#018x} (version {})", range.start, range.version),
+        Some(end) => format!(
+            "{:#018x}..{end:#018x} (version {})",
+            range.start, range.version
+        ),
         None => format!("{:#018x}..end (version {})", range.start, range.version),
     }
 }

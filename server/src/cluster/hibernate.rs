@@ -168,7 +168,7 @@ impl Pulse {
     }
 
     /// Wakes the group; true if it was asleep.
-    fn wake(&self, raft: &Raft) -> bool {
+    pub(super) fn wake(&self, raft: &Raft) -> bool {
         let _transition = self.transition.lock();
         if !self.is_asleep() {
             return false;

@@ -10,10 +10,13 @@
 //! A replica is created empty only where the caller says it may be: at a
 //! static cluster's first start, or as the learner a move operator adds.
 //! A replica whose directory is gone is never re-created under its id (it
-//! may have voted; see [`quiver_raft::ReplicaId`]). Destroying a replica
-//! renames its directory into `groups/.trash/` (so a crash midway leaves
-//! no half-deleted replica that could be opened again) and deletes it there;
-//! `.trash` is emptied at start.
+//! may have voted; see [`quiver_raft::ReplicaId`]): `groups/HOSTED` records,
+//! per group, the highest incarnation this node ever hosted, fsynced before
+//! a replica directory is created, and a replica at or below it is never
+//! created again, whatever a (possibly stale) cluster map says. Destroying
+//! a replica renames its directory into `groups/.trash/` (so a crash midway
+//! leaves no half-deleted replica that could be opened again) and deletes
+//! it there; `.trash` is emptied at start.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +38,10 @@ use super::network::{GroupNetwork, PeerClients};
 pub const GROUPS_DIR: &str = "groups";
 /// Where destroyed replicas wait for deletion.
 const TRASH_DIR: &str = ".trash";
+/// The highest incarnation hosted per group (see the module doc).
+const HOSTED_FILE: &str = "HOSTED";
+/// Largest `HOSTED` file read.
+const HOSTED_FILE_BYTES_MAX: u64 = 16 << 20;
 
 /// One group replica hosted here.
 pub struct Group {
@@ -53,6 +60,11 @@ pub struct Group {
     /// The last term in which this replica, as leader, started a handover
     /// (0: never): its lease for that term is void (see `transfer`).
     pub(super) handed_over_term: std::sync::atomic::AtomicU64,
+    /// While this replica, as leader in the given term, has a split in
+    /// flight that its store (at the given range version) has not applied:
+    /// no lease reads (the new shard may take writes before this leader
+    /// applies the split).
+    pub(super) splitting: parking_lot::Mutex<Option<(u64, u64)>>,
 }
 
 impl std::fmt::Debug for Group {
@@ -78,6 +90,10 @@ pub struct GroupFactory {
     pub observer: Arc<dyn ApplyObserver>,
     /// Peer channels.
     pub clients: Arc<PeerClients>,
+    /// Where split children are announced (the cluster opens them).
+    pub splits: tokio::sync::mpsc::Sender<SplitEvent>,
+    /// The highest incarnation hosted per group.
+    pub hosted: parking_lot::Mutex<BTreeMap<GroupId, u32>>,
 }
 
 impl GroupFactory {
@@ -118,8 +134,44 @@ impl GroupFactory {
         Ok(found)
     }
 
+    /// Reads `groups/HOSTED` (absent: nothing hosted yet).
+    pub fn load_hosted(&self) -> Result<(), ClusterError> {
+        let path = self.root.join(HOSTED_FILE);
+        let bytes = match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() > HOSTED_FILE_BYTES_MAX => {
+                return Err(start_error(&path, std::io::Error::other("too large")));
+            }
+            Ok(_) => std::fs::read(&path).map_err(|e| start_error(&path, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(start_error(&path, e)),
+        };
+        let hosted: BTreeMap<GroupId, u32> = serde_json::from_slice(&bytes)
+            .map_err(|e| start_error(&path, std::io::Error::other(e)))?;
+        *self.hosted.lock() = hosted;
+        Ok(())
+    }
+
+    /// Records that `replica` of `group` is (about to be) hosted here,
+    /// durably, if it raises the group's highest incarnation.
+    fn record_hosted(&self, group: GroupId, replica: ReplicaId) -> std::io::Result<()> {
+        let mut hosted = self.hosted.lock();
+        let known = hosted.get(&group).copied();
+        if known.is_some_and(|known| known >= replica.incarnation()) {
+            return Ok(());
+        }
+        let mut next = hosted.clone();
+        next.insert(group, replica.incarnation());
+        std::fs::create_dir_all(&self.root)?;
+        let bytes = serde_json::to_vec(&next).map_err(std::io::Error::other)?;
+        quiver_engine::durable::write_atomic(&self.root.join(HOSTED_FILE), &bytes)?;
+        *hosted = next;
+        Ok(())
+    }
+
     /// Opens (creating if `create` and missing) a replica and starts its
     /// Raft instance (asleep: hibernation wakes it when the pings say so).
+    /// A missing replica this node hosted before, or hosted a later
+    /// incarnation of, is never created (see the module doc).
     pub async fn open(
         &self,
         group: GroupId,
@@ -127,12 +179,27 @@ impl GroupFactory {
         create: bool,
     ) -> Result<Group, ClusterError> {
         let dir = self.dir(group, replica);
-        if !create && !dir.is_dir() {
-            return Err(ClusterError::Start(format!(
-                "replica {replica} of group {group}: {} is missing",
-                dir.display()
-            )));
+        let exists = dir.is_dir();
+        if !exists {
+            if !create {
+                return Err(ClusterError::Start(format!(
+                    "replica {replica} of group {group}: {} is missing",
+                    dir.display()
+                )));
+            }
+            let hosted_before = self.hosted.lock().get(&group).copied();
+            if hosted_before.is_some_and(|known| known >= replica.incarnation()) {
+                return Err(ClusterError::Start(format!(
+                    "replica {replica} of group {group} is gone from {} but this node hosted \
+                     incarnation {} of the group: it is never created again under an id that \
+                     may have voted",
+                    dir.display(),
+                    hosted_before.unwrap_or(0)
+                )));
+            }
         }
+        self.record_hosted(group, replica)
+            .map_err(|e| start_error(&self.root, e))?;
         let log = LogStore::open(dir.join("log"), self.log_options)
             .map_err(|e| ClusterError::Start(format!("group {group} log: {e}")))?;
         let store_options = StoreOptions {
@@ -146,6 +213,12 @@ impl GroupFactory {
             self.observer.clone(),
         )
         .map_err(|e| ClusterError::Start(format!("group {group} state: {e}")))?;
+        state.set_split_handler(Arc::new(SplitChildren {
+            parent: group,
+            root: self.root.clone(),
+            replica,
+            splits: self.splits.clone(),
+        }));
         if create {
             sync_dir(&self.root).map_err(|e| start_error(&self.root, e))?;
         }
@@ -170,6 +243,7 @@ impl GroupFactory {
             log,
             pulse: Pulse::asleep(),
             handed_over_term: std::sync::atomic::AtomicU64::new(0),
+            splitting: parking_lot::Mutex::new(None),
         })
     }
 
@@ -278,7 +352,7 @@ impl GroupHost {
         if create {
             // Rows of this shard cached while another replica (or none) was
             // here are not kept coherent by this one's apply.
-            self.factory.observer.store_replaced();
+            self.factory.observer.replica_changed();
         }
         tracing::info!(group, %replica, create, "replica opened");
         Ok(hosted)
@@ -298,22 +372,29 @@ impl GroupHost {
     }
 
     /// Stops `replica` of `group` if it is hosted, and deletes its
-    /// directory for good.
+    /// directory for good (the rename into the trash under the host's lock,
+    /// the deletion after it: a large replica does not hold up the others).
     pub async fn destroy(&self, group: GroupId, replica: ReplicaId) -> std::io::Result<()> {
-        let _changes = self.changes.lock().await;
-        if self
-            .get(group)
-            .is_some_and(|hosted| hosted.replica == replica)
-        {
-            self.stop_locked(group).await;
-            self.factory.observer.store_replaced();
+        let trashed = {
+            let _changes = self.changes.lock().await;
+            if self
+                .get(group)
+                .is_some_and(|hosted| hosted.replica == replica)
+            {
+                self.stop_locked(group).await;
+                self.factory.observer.replica_changed();
+            }
+            let dir = self.factory.dir(group, replica);
+            let root = self.factory.root.clone();
+            tokio::task::spawn_blocking(move || move_to_trash(&root, &dir))
+                .await
+                .map_err(std::io::Error::other)??
+        };
+        if let Some(trashed) = trashed {
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(trashed))
+                .await
+                .map_err(std::io::Error::other)??;
         }
-        let dir = self.factory.dir(group, replica);
-        let root = self.factory.root.clone();
-        let trash = tokio::task::spawn_blocking(move || trash_dir(&root, &dir))
-            .await
-            .map_err(std::io::Error::other)?;
-        trash?;
         tracing::info!(group, %replica, "replica destroyed");
         Ok(())
     }
@@ -330,11 +411,11 @@ impl GroupHost {
     }
 }
 
-/// Moves a replica's directory into the trash (durably: once this returns,
-/// the replica is never opened again) and deletes it there. Blocks.
-fn trash_dir(root: &Path, dir: &Path) -> std::io::Result<()> {
+/// Moves a replica's directory into the trash, durably (once this returns,
+/// the replica is never opened again), and returns where it went. Blocks.
+fn move_to_trash(root: &Path, dir: &Path) -> std::io::Result<Option<PathBuf>> {
     if !dir.exists() {
-        return Ok(());
+        return Ok(None);
     }
     let trash = root.join(TRASH_DIR);
     std::fs::create_dir_all(&trash)?;
@@ -349,7 +430,50 @@ fn trash_dir(root: &Path, dir: &Path) -> std::io::Result<()> {
     let to = trash.join(format!("{name}-{nanos}"));
     std::fs::rename(dir, &to)?;
     sync_dir(root)?;
-    std::fs::remove_dir_all(&to)
+    Ok(Some(to))
+}
+
+/// Where this node's replica of a split child goes, and who is told: the
+/// child's replica has the parent replica's id (ids are unique per group,
+/// and the child group has never used any).
+struct SplitChildren {
+    parent: GroupId,
+    root: PathBuf,
+    replica: ReplicaId,
+    splits: tokio::sync::mpsc::Sender<SplitEvent>,
+}
+
+/// A split child's replica is on disk and must be hosted.
+#[derive(Debug, Clone, Copy)]
+pub struct SplitEvent {
+    /// The shard that split.
+    pub parent: GroupId,
+    /// The new shard.
+    pub child: GroupId,
+    /// This node's replica of both.
+    pub replica: ReplicaId,
+}
+
+impl quiver_raft::state_machine::SplitHandler for SplitChildren {
+    fn child_dir(&self, child: GroupId) -> PathBuf {
+        self.root.join(dir_name(child, self.replica))
+    }
+
+    fn child_created(&self, child: GroupId) {
+        // A full queue only delays the child: the map follower opens replica
+        // directories it finds for the shards the map lists here.
+        let event = SplitEvent {
+            parent: self.parent,
+            child,
+            replica: self.replica,
+        };
+        if self.splits.try_send(event).is_err() {
+            tracing::warn!(
+                child,
+                "split queue full; the child opens on the next map round"
+            );
+        }
+    }
 }
 
 async fn stop_group(hosted: &Group) {

@@ -1,16 +1,30 @@
 //! Following the cluster map, and the metadata leader's duties.
 //!
-//! Every node follows the map its metadata replica applies: it routes by it,
-//! keeps a channel to every node it lists, creates the learner replica a
-//! move operator places on it, and destroys the replicas the map tombstoned
-//! here (then tells the map, which forgets the tombstone).
+//! Every node follows the map its metadata replica applies: it routes by it
+//! and keeps a channel to every node it lists (`follow_map`, at once on
+//! every change). Every round it also brings what it hosts in line with the
+//! map (`reconcile_loop`):
+//! - it hosts every replica the map places here: an existing directory is
+//!   opened; a missing one is created empty only if this node never hosted
+//!   that group at that incarnation or a later one (`host`'s `HOSTED`
+//!   record), so a stale map can create only replicas that never ran (a
+//!   move's learner, the child of a split this node's replica skipped by
+//!   installing a snapshot), never one that may have voted;
+//! - it destroys the replicas the map tombstoned here and tells the map,
+//!   which forgets the tombstone;
+//! - it destroys replicas the map does not know, once a metadata read index
+//!   confirmed its map is current (leftovers of cancelled moves; shards the
+//!   map does not list yet, such as a split's child before the map records
+//!   the split, are left alone).
 //!
-//! The metadata group's leader also, once a second:
+//! The metadata group's leader also, once a round:
 //! - stores the first map (a static cluster's layout) if there is none;
 //! - keeps the metadata group's membership in line with the map: every node
 //!   that is not removed follows it (a learner), joining nodes that caught
-//!   up become serving, and `metadata_voters` voters are kept on serving
-//!   nodes (a draining or removed node's vote moves to another node);
+//!   up become serving, and an odd number of voters (up to
+//!   `metadata_voters`) sits on serving nodes that are up and caught up (a
+//!   draining or removed node's vote moves to another node; a joint
+//!   membership left by a leader change is finished);
 //! - runs the operators the map holds (`operator`) and the scheduler
 //!   (`scheduler`).
 
@@ -20,9 +34,9 @@ use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers};
-use quiver_raft::cluster_map::{ClusterMap, MapCommand, NodeState, OperatorKind, ReplicaRole};
-use quiver_raft::types::RejectKind;
-use quiver_raft::{Command, METADATA_GROUP, NodeId, ReplicaId};
+use quiver_raft::cluster_map::{ClusterMap, MapCommand, MapOutcome, NodeState};
+use quiver_raft::types::{LogId, RejectKind};
+use quiver_raft::{Command, GroupId, METADATA_GROUP, NodeId, ReplicaId};
 
 use super::placement::Placement;
 use super::{Cluster, ClusterError};
@@ -30,12 +44,12 @@ use super::{Cluster, ClusterError};
 /// How often the metadata leader looks at the map and the membership, and
 /// every node re-checks what it hosts against the map.
 const ROUND: Duration = Duration::from_secs(1);
-/// A joining node becomes serving once its metadata replica is at most this
-/// many entries behind the leader.
-const JOIN_CATCH_UP_ENTRIES_MAX: u64 = 16;
+/// A joining node becomes serving, and a learner may vote, once its
+/// metadata replica is at most this many entries behind the leader.
+const CATCH_UP_ENTRIES_MAX: u64 = 16;
 
-/// Follows the map: on every change (and every [`ROUND`] for retries),
-/// routes by it and hosts what it says. Ends when the cluster is dropped.
+/// Follows the map: routes by every new one at once. Ends when the cluster
+/// is dropped.
 pub(super) async fn follow_map(
     cluster: Weak<Cluster>,
     mut changes: tokio::sync::watch::Receiver<Option<Arc<ClusterMap>>>,
@@ -52,12 +66,27 @@ pub(super) async fn follow_map(
             if let Some(map) = map {
                 cluster.adopt_map(map);
             }
-            cluster.reconcile_hosted().await;
         }
-        // A timeout is a retry round; a closed channel, the end.
-        if let Ok(Err(_)) = tokio::time::timeout(ROUND, changes.changed()).await {
+        if changes.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Brings what this node hosts in line with the map, every [`ROUND`]. Ends
+/// when the cluster is dropped.
+pub(super) async fn reconcile_loop(cluster: Weak<Cluster>) {
+    let mut ticker = tokio::time::interval(ROUND);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        if cluster.is_stopping() {
+            return;
+        }
+        cluster.reconcile_hosted().await;
     }
 }
 
@@ -91,13 +120,31 @@ impl Cluster {
         })
     }
 
+    /// The map this node's metadata replica has applied.
+    pub(super) fn applied_map(&self) -> Option<Arc<ClusterMap>> {
+        self.host
+            .get(METADATA_GROUP)
+            .and_then(|hosted| hosted.state.cluster_map())
+    }
+
+    /// The map as of a metadata read index taken now: every map change
+    /// acknowledged before this call is in it.
+    pub async fn current_map(&self) -> Result<Arc<ClusterMap>, ClusterError> {
+        self.sync_metadata().await?;
+        self.applied_map().ok_or_else(|| ClusterError::Unavailable {
+            group: METADATA_GROUP,
+            attempts: 1,
+            last: "the cluster map is not stored yet".into(),
+        })
+    }
+
     /// Routes by `map` from now on (unless it is older than the one in use).
     fn adopt_map(&self, map: Arc<ClusterMap>) {
         let current = self.placement();
-        if current.replicated && current.map.version > map.version {
+        if current.replicated && current.map.version >= map.version && *current.map == *map {
             return;
         }
-        if current.replicated && current.map.version == map.version && *current.map == *map {
+        if current.replicated && current.map.version > map.version {
             return;
         }
         let placement = Placement::new(map, true);
@@ -107,70 +154,78 @@ impl Cluster {
         self.placement.store(Arc::new(placement));
     }
 
-    /// Opens the learner replicas move operators place here, and destroys
-    /// the replicas the map tombstoned here.
+    /// One reconcile round (see the module doc).
     async fn reconcile_hosted(&self) {
-        let placement = self.placement();
-        if !placement.replicated {
+        let Some(map) = self.applied_map() else {
             return;
-        }
-        let map = &placement.map;
-        self.keep_own_addresses(map).await;
-        for op in map.operators.values() {
-            let OperatorKind::Move { to, .. } = op.kind else {
-                continue;
-            };
-            if to.node() != self.node_id
-                || self
-                    .host
-                    .get(op.shard)
-                    .is_some_and(|hosted| hosted.replica == to)
+        };
+        self.keep_own_addresses(&map).await;
+        // Host what the map places here.
+        for (shard, replica) in map.replicas_on(self.node_id) {
+            if self
+                .host
+                .get(shard)
+                .is_some_and(|hosted| hosted.replica == replica.id)
             {
                 continue;
             }
-            if let Some(old) = self.host.get(op.shard) {
-                // The map moves a replica here while an old one of the same
-                // shard is still hosted: the old one must be tombstoned and
-                // go first (the map refuses a move while it is).
-                tracing::warn!(shard = op.shard, old = %old.replica, new = %to, "a new replica waits for the old one to go");
+            if map.tombstones.contains(&(shard, replica.id)) {
                 continue;
             }
-            // A learner that never voted: safe to create (again).
-            if let Err(e) = self.host.open(op.shard, to, true).await {
-                tracing::warn!(shard = op.shard, replica = %to, error = %e, "creating a learner replica");
+            if let Some(old) = self.host.get(shard) {
+                // Another replica of the shard is still hosted here: it goes
+                // first (tombstoned, or a stray below).
+                tracing::debug!(shard, old = %old.replica, new = %replica.id, "a replica waits for the old one to go");
+                continue;
+            }
+            if let Err(e) = self.host.open(shard, replica.id, true).await {
+                tracing::warn!(shard, replica = %replica.id, error = %e, "hosting a replica the map places here");
             }
         }
-        let mine: Vec<(quiver_raft::GroupId, ReplicaId)> = map
+        // Destroy what the map tombstoned here.
+        let tombstoned: Vec<(GroupId, ReplicaId)> = map
             .tombstones
             .iter()
             .copied()
             .filter(|(_, replica)| replica.node() == self.node_id)
             .collect();
-        for (shard, replica) in mine {
+        for (shard, replica) in tombstoned {
             if let Err(e) = self.host.destroy(shard, replica).await {
                 tracing::warn!(shard, %replica, error = %e, "destroying a removed replica");
                 continue;
             }
             let done = self
-                .propose(
-                    METADATA_GROUP,
-                    Command::Map(MapCommand::ReplicaDestroyed { shard, replica }),
-                )
+                .change_map(MapCommand::ReplicaDestroyed { shard, replica })
                 .await;
             if let Err(e) = done {
                 tracing::debug!(shard, %replica, error = %e, "reporting a destroyed replica");
             }
         }
-        // Voters the map places here whose directory is gone are lost: never
-        // re-created under their id (they may have voted).
-        for (shard, replica) in map.replicas_on(self.node_id) {
-            if replica.role == ReplicaRole::Voter && !self.host.contains(shard) {
-                tracing::warn!(
-                    shard,
-                    replica = %replica.id,
-                    "the cluster map places a voter here that this node does not have; \
-                     move it away (quiverctl shard move)"
-                );
+        // Replicas the map does not know, in shards it does: gone for good,
+        // but only a current map may say so.
+        let strays = |map: &ClusterMap| -> Vec<(GroupId, ReplicaId)> {
+            self.host
+                .all()
+                .into_iter()
+                .filter(|(group, _)| *group != METADATA_GROUP)
+                .filter(|(group, hosted)| {
+                    map.shards
+                        .get(group)
+                        .is_some_and(|desc| !desc.has(hosted.replica))
+                })
+                .map(|(group, hosted)| (group, hosted.replica))
+                .collect()
+        };
+        if strays(&map).is_empty() {
+            return;
+        }
+        let Ok(current) = self.current_map().await else {
+            return;
+        };
+        for (shard, replica) in strays(&current) {
+            tracing::warn!(shard, %replica, "destroying a replica the cluster map does not know");
+            if let Err(e) = self.host.destroy(shard, replica).await {
+                tracing::warn!(shard, %replica, error = %e, "destroying a stray replica");
             }
         }
     }
@@ -203,12 +258,19 @@ impl Cluster {
     }
 
     /// Proposes a map change through the metadata leader.
-    pub async fn change_map(
+    pub async fn change_map(&self, command: MapCommand) -> Result<MapOutcome, ClusterError> {
+        self.change_map_at(command)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Self::change_map`], with the entry's log id.
+    async fn change_map_at(
         &self,
         command: MapCommand,
-    ) -> Result<quiver_raft::cluster_map::MapOutcome, ClusterError> {
+    ) -> Result<(MapOutcome, LogId), ClusterError> {
         match self.propose(METADATA_GROUP, Command::Map(command)).await? {
-            (quiver_raft::Response::Map(outcome), _) => Ok(outcome),
+            (quiver_raft::Response::Map(outcome), log_id) => Ok((outcome, log_id)),
             (other, _) => Err(ClusterError::Rejected {
                 kind: RejectKind::Invalid,
                 message: format!("unexpected answer to a map change: {other:?}"),
@@ -223,18 +285,13 @@ impl Cluster {
         addr: String,
         peer_addr: String,
     ) -> Result<(NodeId, Arc<ClusterMap>), ClusterError> {
-        let (response, log_id) = self
-            .propose(
-                METADATA_GROUP,
-                Command::Map(MapCommand::AddNode { addr, peer_addr }),
-            )
+        let (outcome, log_id) = self
+            .change_map_at(MapCommand::AddNode { addr, peer_addr })
             .await?;
-        let quiver_raft::Response::Map(quiver_raft::cluster_map::MapOutcome::NodeAdded { node }) =
-            response
-        else {
+        let MapOutcome::NodeAdded { node } = outcome else {
             return Err(ClusterError::Rejected {
                 kind: RejectKind::Invalid,
-                message: format!("unexpected answer to a join: {response:?}"),
+                message: format!("unexpected answer to a join: {outcome:?}"),
             });
         };
         if !self
@@ -248,9 +305,7 @@ impl Cluster {
             });
         }
         let map = self
-            .host
-            .get(METADATA_GROUP)
-            .and_then(|hosted| hosted.state.cluster_map())
+            .applied_map()
             .ok_or_else(|| ClusterError::Unavailable {
                 group: METADATA_GROUP,
                 attempts: 1,
@@ -276,14 +331,8 @@ impl Cluster {
     /// What the scheduler would start now, on the map as of a metadata read
     /// index.
     pub async fn plan_replicas(&self) -> Result<Vec<super::scheduler::Planned>, ClusterError> {
-        self.sync_metadata().await?;
-        let map = self.placement().map.clone();
-        let down = self.long_down_nodes(&map);
-        Ok(super::scheduler::plan(
-            &map,
-            &down,
-            self.config.operators_max as usize,
-        ))
+        let map = self.current_map().await?;
+        Ok(self.plan_for(&map))
     }
 
     async fn metadata_round(self: &Arc<Self>) -> Result<(), ClusterError> {
@@ -315,67 +364,97 @@ impl Cluster {
         let Some(hosted) = self.host.get(METADATA_GROUP) else {
             return Ok(());
         };
-        let (voters, learners, last_index, matched) = {
+        let (voters, learners, joint, membership_log_id, caught_up) = {
             let metrics = hosted.raft.metrics();
             let m = metrics.borrow_watched();
             let membership = m.membership_config.membership();
-            if membership.get_joint_config().len() > 1 {
-                // A change is under way; openraft finishes it.
-                return Ok(());
-            }
             let voters: BTreeSet<NodeId> = membership.voter_ids().map(ReplicaId::node).collect();
             let learners: BTreeSet<NodeId> =
                 membership.learner_ids().map(ReplicaId::node).collect();
-            let matched: BTreeMap<NodeId, u64> = m
+            let last_index = m.last_log_index.unwrap_or(0);
+            // Only a learner that has answered, and is close behind, counts
+            // as caught up (a node that never answered matches nothing).
+            let caught_up: BTreeSet<NodeId> = m
                 .replication
                 .as_ref()
                 .map(|replication| {
                     replication
                         .iter()
-                        .map(|(id, log)| (id.node(), log.as_ref().map_or(0, |l| l.index)))
+                        .filter_map(|(id, log)| {
+                            let index = log.as_ref()?.index;
+                            (index + CATCH_UP_ENTRIES_MAX >= last_index).then_some(id.node())
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
-            (voters, learners, m.last_log_index.unwrap_or(0), matched)
+            (
+                voters,
+                learners,
+                membership.get_joint_config().len() > 1,
+                *m.membership_config.log_id(),
+                caught_up,
+            )
         };
-        let change = metadata_change(map, &voters, &learners);
+        let precondition = openraft::raft::Precondition::LastMembershipLogId {
+            last_membership_log_id: membership_log_id,
+        };
+        let change = if joint {
+            // A leader change or crash between the two steps of a voter
+            // change leaves the group joint; openraft does not finish it.
+            Some(MetadataChange::Flatten)
+        } else {
+            let ready = |node: NodeId| {
+                node == self.node_id || (self.node_up(node) && caught_up.contains(&node))
+            };
+            metadata_change(map, &voters, &learners, ready)
+        };
         if let Some(change) = change {
             self.activity(METADATA_GROUP).await;
             tracing::info!(?change, "changing the metadata group's membership");
-            let result = match change {
+            let (changes, retain) = match change {
                 MetadataChange::AddLearner(node) => {
                     let addr = map
                         .nodes
                         .get(&node)
                         .map(|info| info.peer_addr.clone())
                         .unwrap_or_default();
-                    hosted
-                        .raft
-                        .add_learner(ReplicaId::first(node), BasicNode::new(addr), false)
-                        .await
-                        .map(|_| ())
-                }
-                MetadataChange::Voters(next) => hosted
-                    .raft
-                    .change_membership(
-                        ChangeMembers::ReplaceAllVoters(
-                            next.into_iter().map(ReplicaId::first).collect(),
-                        ),
+                    (
+                        ChangeMembers::AddNodes(BTreeMap::from([(
+                            ReplicaId::first(node),
+                            BasicNode::new(addr),
+                        )])),
                         true,
                     )
-                    .await
-                    .map(|_| ()),
-                MetadataChange::Remove(node) => hosted
-                    .raft
-                    .change_membership(
-                        ChangeMembers::RemoveNodes(BTreeSet::from([ReplicaId::first(node)])),
-                        false,
-                    )
-                    .await
-                    .map(|_| ()),
+                }
+                MetadataChange::Voters(next) => (
+                    ChangeMembers::ReplaceAllVoters(
+                        next.into_iter().map(ReplicaId::first).collect(),
+                    ),
+                    true,
+                ),
+                MetadataChange::Remove(node) => (
+                    ChangeMembers::RemoveNodes(BTreeSet::from([ReplicaId::first(node)])),
+                    false,
+                ),
+                MetadataChange::Flatten => (ChangeMembers::AddVoterIds(BTreeSet::new()), true),
             };
-            if let Err(e) = result {
-                tracing::info!(error = %e, "metadata membership change not made; retried next round");
+            // Bounded: a change without a quorum must not hold up the
+            // operators and the scheduler of this round forever.
+            let result = tokio::time::timeout(
+                self.peer_timeout(),
+                hosted
+                    .raft
+                    .change_membership_if(changes, retain, [precondition]),
+            )
+            .await;
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "metadata membership change not made; retried next round");
+                }
+                Err(_) => {
+                    tracing::info!("metadata membership change timed out; retried next round")
+                }
             }
             return Ok(());
         }
@@ -384,10 +463,7 @@ impl Cluster {
             if info.state != NodeState::Joining || !learners.contains(&node) {
                 continue;
             }
-            let caught_up = matched
-                .get(&node)
-                .is_some_and(|&index| index + JOIN_CATCH_UP_ENTRIES_MAX >= last_index);
-            if caught_up {
+            if self.node_up(node) && caught_up.contains(&node) {
                 tracing::info!(node, "a joining node caught up: serving");
                 self.change_map(MapCommand::SetNodeState {
                     node,
@@ -410,17 +486,21 @@ enum MetadataChange {
     Voters(BTreeSet<NodeId>),
     /// Remove a (removed) node's replica.
     Remove(NodeId),
+    /// Finish a joint membership.
+    Flatten,
 }
 
 /// The next change that brings the metadata membership (voters and learners
 /// by node) in line with the map, if any: learners first (a node must
-/// follow before it can vote), then the voters (as many as
-/// `metadata_voters` and serving nodes allow, keeping current voters on
-/// serving nodes), then removals.
+/// follow before it can vote), then the voters, then removals. Voters are
+/// kept on serving nodes, as many as `metadata_voters` and the serving
+/// nodes allow but always an odd number (two voters need both for every
+/// commit), and only nodes that are `ready` (up, caught up) are promoted.
 fn metadata_change(
     map: &ClusterMap,
     voters: &BTreeSet<NodeId>,
     learners: &BTreeSet<NodeId>,
+    ready: impl Fn(NodeId) -> bool,
 ) -> Option<MetadataChange> {
     let member = |node: &NodeId| voters.contains(node) || learners.contains(node);
     if let Some((&node, _)) = map
@@ -431,23 +511,29 @@ fn metadata_change(
         return Some(MetadataChange::AddLearner(node));
     }
     let serving: BTreeSet<NodeId> = map.serving_nodes().collect();
-    let wanted = (map.metadata_voters as usize).clamp(1, serving.len().max(1));
+    let mut wanted = (map.metadata_voters as usize).clamp(1, serving.len().max(1));
+    if wanted.is_multiple_of(2) {
+        wanted -= 1;
+    }
     let mut next: BTreeSet<NodeId> = voters
         .iter()
         .copied()
         .filter(|node| serving.contains(node))
         .take(wanted)
         .collect();
-    for node in &serving {
+    for &node in &serving {
         if next.len() >= wanted {
             break;
         }
-        if learners.contains(node) {
-            next.insert(*node);
+        if learners.contains(&node) && ready(node) {
+            next.insert(node);
         }
     }
-    // Never leave the group without a voter (no serving node: keep them).
-    if !next.is_empty() && next != *voters {
+    // Never leave the group without a voter, nor shrink it below what it
+    // has while the replacements are not ready (a voter set of an even
+    // size is only a step on the way).
+    let complete = next.len() == wanted || next.len() >= voters.len();
+    if !next.is_empty() && next != *voters && complete {
         return Some(MetadataChange::Voters(next));
     }
     map.nodes
@@ -456,6 +542,17 @@ fn metadata_change(
             info.state == NodeState::Removed && learners.contains(node) && !voters.contains(node)
         })
         .map(|(&node, _)| MetadataChange::Remove(node))
+}
+
+impl Cluster {
+    /// The scheduler's plan for `map` (nodes down for too long counted as
+    /// gone).
+    pub(super) fn plan_for(&self, map: &ClusterMap) -> Vec<super::scheduler::Planned> {
+        let down = self.long_down_nodes(map);
+        super::scheduler::plan(map, &down, self.config.operators_max as usize, |shard| {
+            self.operator_backing_off(shard)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -488,36 +585,62 @@ mod tests {
     #[test]
     fn the_metadata_membership_follows_the_map_one_step_at_a_time() {
         use NodeState::*;
+        let all_ready = |_| true;
         // One node, a second joins: it becomes a learner first.
         let map = map_with(&[(1, Serving), (2, Joining)], 3);
         assert_eq!(
-            metadata_change(&map, &set(&[1]), &set(&[])),
+            metadata_change(&map, &set(&[1]), &set(&[]), all_ready),
             Some(MetadataChange::AddLearner(2))
         );
         // A joining learner does not vote yet.
-        assert_eq!(metadata_change(&map, &set(&[1]), &set(&[2])), None);
-        // Serving: it votes, up to three voters.
+        assert_eq!(
+            metadata_change(&map, &set(&[1]), &set(&[2]), all_ready),
+            None
+        );
+        // Two serving nodes: still one voter (two would need both).
+        let map = map_with(&[(1, Serving), (2, Serving)], 3);
+        assert_eq!(
+            metadata_change(&map, &set(&[1]), &set(&[2]), all_ready),
+            None
+        );
+        // Three: all vote, once they are ready.
         let map = map_with(&[(1, Serving), (2, Serving), (3, Serving), (4, Serving)], 3);
         assert_eq!(
-            metadata_change(&map, &set(&[1]), &set(&[2, 3, 4])),
-            Some(MetadataChange::Voters(set(&[1, 2, 3])))
+            metadata_change(&map, &set(&[1]), &set(&[2, 3, 4]), |n| n != 3),
+            Some(MetadataChange::Voters(set(&[1, 2, 4])))
         );
-        assert_eq!(metadata_change(&map, &set(&[1, 2, 3]), &set(&[4])), None);
+        assert_eq!(
+            metadata_change(&map, &set(&[1]), &set(&[2, 3, 4]), |n| n == 1),
+            None,
+            "no promotion of learners that are not ready"
+        );
+        assert_eq!(
+            metadata_change(&map, &set(&[1, 2, 3]), &set(&[4]), all_ready),
+            None
+        );
         // Draining node 1: its vote moves to node 4.
         let map = map_with(
             &[(1, Draining), (2, Serving), (3, Serving), (4, Serving)],
             3,
         );
         assert_eq!(
-            metadata_change(&map, &set(&[1, 2, 3]), &set(&[4])),
+            metadata_change(&map, &set(&[1, 2, 3]), &set(&[4]), all_ready),
             Some(MetadataChange::Voters(set(&[2, 3, 4])))
+        );
+        // ... but not while node 4 is not ready: node 1 keeps voting.
+        assert_eq!(
+            metadata_change(&map, &set(&[1, 2, 3]), &set(&[4]), |n| n != 4),
+            None
         );
         // Removed node 1, now a learner: removed from the group.
         let map = map_with(&[(1, Removed), (2, Serving), (3, Serving), (4, Serving)], 3);
         assert_eq!(
-            metadata_change(&map, &set(&[2, 3, 4]), &set(&[1])),
+            metadata_change(&map, &set(&[2, 3, 4]), &set(&[1]), all_ready),
             Some(MetadataChange::Remove(1))
         );
-        assert_eq!(metadata_change(&map, &set(&[2, 3, 4]), &set(&[])), None);
+        assert_eq!(
+            metadata_change(&map, &set(&[2, 3, 4]), &set(&[]), all_ready),
+            None
+        );
     }
 }

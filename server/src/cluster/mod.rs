@@ -53,7 +53,7 @@ use quiver_raft::{ApplyObserver, GroupId, METADATA_GROUP, NodeId, ReplicaId, Sta
 
 use crate::config::ClusterConfig;
 pub use host::Group;
-use host::{GROUPS_DIR, GroupFactory, GroupHost};
+use host::{GROUPS_DIR, GroupFactory, GroupHost, SplitEvent};
 use network::PeerClients;
 use placement::{Placement, StaticLayout};
 
@@ -118,6 +118,10 @@ pub enum ShardRead {
         state: StateMachine,
         /// Provenance.
         source: ReadSource,
+        /// The shard's range version when it was found to own the keys:
+        /// if it changed by the time the rows are read, a split may have
+        /// taken them (read again through the map).
+        range_version: u64,
     },
     /// By another node, which returned the encoded rows.
     Remote {
@@ -126,6 +130,37 @@ pub enum ShardRead {
         /// Provenance.
         source: ReadSource,
     },
+}
+
+/// Split children waiting to be hosted, at most.
+const SPLIT_EVENTS_MAX: usize = 64;
+
+/// Hosts every split child as soon as its replica is on disk; the child of
+/// a shard this node leads campaigns at once (the others would wait out an
+/// election timeout).
+async fn host_split_children(
+    cluster: std::sync::Weak<Cluster>,
+    mut events: tokio::sync::mpsc::Receiver<SplitEvent>,
+) {
+    while let Some(event) = events.recv().await {
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        let led = cluster.group(event.parent).is_some_and(|parent| {
+            parent.raft.metrics().borrow_watched().state == openraft::ServerState::Leader
+        });
+        match cluster.host.open(event.child, event.replica, false).await {
+            Ok(child) => {
+                if led {
+                    child.pulse.wake(&child.raft);
+                    if let Err(e) = child.raft.trigger().elect(true).await {
+                        tracing::warn!(child = event.child, error = %e, "electing a split child");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(child = event.child, error = %e, "hosting a split child"),
+        }
+    }
 }
 
 /// The groups this node hosts and the routes to every other group.
@@ -257,6 +292,9 @@ impl Cluster {
             .validate()
             .map_err(|e| ClusterError::Start(e.to_string()))?,
         );
+        // Splits are rare; a full queue only delays a child to the next map
+        // round.
+        let (splits, split_events) = tokio::sync::mpsc::channel::<SplitEvent>(SPLIT_EVENTS_MAX);
         let host = GroupHost::new(GroupFactory {
             root: options.data_dir.join(GROUPS_DIR),
             raft_config,
@@ -268,8 +306,11 @@ impl Cluster {
             store: options.store,
             observer: options.observer,
             clients: clients.clone(),
+            splits,
+            hosted: Mutex::new(BTreeMap::new()),
         });
         host.factory.empty_trash();
+        host.factory.load_hosted()?;
         // What to open: every replica on disk, and at a first start the ones
         // this node is to create (a crash during an earlier first start may
         // have created some: none of them was ever initialized or voted,
@@ -343,6 +384,8 @@ impl Cluster {
             Arc::downgrade(&cluster),
             metadata_state.watch_map(),
         ));
+        tokio::spawn(metadata::reconcile_loop(Arc::downgrade(&cluster)));
+        tokio::spawn(host_split_children(Arc::downgrade(&cluster), split_events));
         tokio::spawn(metadata::leader_loop(Arc::downgrade(&cluster)));
         tokio::spawn(hibernate::stall_loop(Arc::downgrade(&cluster)));
         tokio::spawn(hibernate::liveness_loop(

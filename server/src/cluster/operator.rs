@@ -1,32 +1,38 @@
-//! Operators: changes of one shard's replicas, carried out by the metadata
-//! group's leader one step at a time, as PD's operators are (tikv/pd
-//! `pkg/schedule/operator`): add the new replica as a learner, wait until it
-//! has caught up (from the log or a snapshot), make it a voter in place of
-//! the old one in one joint membership change, let the old one go.
+//! Operators: changes of one shard's replicas or range, carried out by the
+//! metadata group's leader one step at a time, as PD's operators are
+//! (tikv/pd `pkg/schedule/operator`): a move adds the new replica as a
+//! learner, waits until it has caught up (from the log or a snapshot), makes
+//! it a voter in place of the old one in one joint membership change, and
+//! lets the old one go; a removal takes a voter out; a split proposes the
+//! split to the shard and records the new shard.
 //!
 //! The operator and its step live in the cluster map, so a new metadata
-//! leader resumes what the last one started. Every step is decided from
-//! the shard leader's membership as it is now (asked anew each time) and
-//! guarded by the membership log id it was decided on
-//! (`change_membership_if` with `LastMembershipLogId`), so a step that was
-//! done already, or a concurrent change, is noticed rather than repeated.
-//! The map records `Promote` before the voters change: from then on the
-//! operator only goes forward (a joint membership is never rolled back);
-//! before, a learner that does not catch up in time is removed and the
-//! operator cancelled.
+//! leader resumes what the last one started. Each step starts from the map
+//! as of a metadata read index (so a leader that has not applied its
+//! predecessor's last entries acts on nothing stale) and from the shard
+//! leader's membership as it is now, asked anew each time from a confirmed
+//! leader; every membership change is guarded by the membership log id it
+//! was decided on (`change_membership_if` with `LastMembershipLogId`), so a
+//! step that was done already, or a concurrent change, is noticed rather
+//! than repeated. The map records `Promote` before the voters change: from
+//! then on a move only goes forward (a joint membership is never rolled
+//! back); before, a learner that does not catch up in time is taken out of
+//! the membership and the operator dropped. An operator is finished (or
+//! dropped) in the map only once the shard's membership says so in a
+//! committed entry, and members the map does not know (a learner added by a
+//! deposed metadata leader's late step) are removed first.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::{BasicNode, ChangeMembers, ServerState};
+use openraft::{BasicNode, ChangeMembers, LinearizerOption, ReadPolicy, ServerState};
 use parking_lot::Mutex;
-use quiver_raft::cluster_map::{
-    ClusterMap, MapCommand, Operator, OperatorKind, OperatorStep, ReplicaDesc, ReplicaRole,
-};
-use quiver_raft::types::LogId;
-use quiver_raft::{GroupId, METADATA_GROUP, ReplicaId};
+use quiver_raft::cluster_map::{MapCommand, Operator, OperatorKind, OperatorStep};
+use quiver_raft::state_machine::RangeDesc;
+use quiver_raft::types::{LogId, RejectKind};
+use quiver_raft::{Command, GroupId, ReplicaId, RequestId, Response};
 use serde::{Deserialize, Serialize};
 
 use super::wire::{PeerCall, PeerResult};
@@ -37,14 +43,41 @@ use super::{Cluster, ClusterError};
 const CATCH_UP_ENTRIES_MAX: u64 = super::transfer::TRANSFER_LAG_ENTRIES_MAX;
 /// How long a step waits before it looks again.
 const STEP_PAUSE: Duration = Duration::from_millis(200);
+/// Handovers tried before a leaving leader's replica is removed without one
+/// (it then steps down by itself).
+const HANDOVER_ATTEMPTS_MAX: u32 = 3;
 
-/// The operators this node is carrying out, by shard (one task each).
+/// The operators this node is carrying out (one task per shard), and the
+/// shards whose last operator was cancelled, which the scheduler leaves
+/// alone for a while.
 #[derive(Debug, Default)]
 pub struct Running {
     shards: Mutex<BTreeSet<GroupId>>,
+    backoff: Mutex<HashMap<GroupId, Instant>>,
 }
 
-/// A shard's membership as its leader sees it.
+impl Running {
+    /// Whether the scheduler should leave `shard` alone now.
+    pub fn backing_off(&self, shard: GroupId) -> bool {
+        let mut backoff = self.backoff.lock();
+        match backoff.get(&shard) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                backoff.remove(&shard);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn back_off(&self, shard: GroupId, for_how_long: Duration) {
+        self.backoff
+            .lock()
+            .insert(shard, Instant::now() + for_how_long);
+    }
+}
+
+/// A shard's membership as its confirmed leader sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardState {
     /// The leader's replica.
@@ -53,6 +86,8 @@ pub struct ShardState {
     pub term: u64,
     /// The log id of the effective membership.
     pub membership_log_id: Option<LogId>,
+    /// Whether the effective membership is committed.
+    pub committed: bool,
     /// Its voter sets: one when uniform, two while joint.
     pub voter_sets: Vec<BTreeSet<ReplicaId>>,
     /// Every member (voters and learners).
@@ -61,6 +96,8 @@ pub struct ShardState {
     pub last_log_index: u64,
     /// How far each member's log matches the leader's.
     pub matched: BTreeMap<ReplicaId, u64>,
+    /// The shard's range as its log decided it (`None`: never split).
+    pub range: Option<RangeDesc>,
 }
 
 impl ShardState {
@@ -72,12 +109,6 @@ impl ShardState {
     /// Whether the membership is joint.
     pub fn is_joint(&self) -> bool {
         self.voter_sets.len() > 1
-    }
-
-    /// The members that do not vote.
-    pub fn learners(&self) -> BTreeSet<ReplicaId> {
-        let voting: BTreeSet<ReplicaId> = self.voter_sets.iter().flatten().copied().collect();
-        self.members.difference(&voting).copied().collect()
     }
 }
 
@@ -108,9 +139,24 @@ enum Progress {
     Wait,
 }
 
+/// What a step remembers between looks (on this metadata leader).
+#[derive(Debug, Default)]
+struct Memory {
+    /// Handovers of a leaving leader that failed.
+    handovers_failed: u32,
+}
+
+/// The request id of operator `id`'s split proposal: the same for every
+/// attempt, so a retry of one that committed is answered `AlreadyApplied`.
+/// Bit 127 set: never an id a node's router hands out (those carry the
+/// node id, below 2^32, in the high 64 bits).
+fn operator_request_id(id: u64) -> RequestId {
+    (1u128 << 127) | u128::from(id)
+}
+
 impl Cluster {
     /// Starts a task for every operator in `map` that has none here.
-    pub(super) fn run_operators(self: &Arc<Self>, map: &ClusterMap) {
+    pub(super) fn run_operators(self: &Arc<Self>, map: &quiver_raft::cluster_map::ClusterMap) {
         for (&shard, op) in &map.operators {
             if !self.operators.shards.lock().insert(shard) {
                 continue;
@@ -126,44 +172,51 @@ impl Cluster {
         }
     }
 
-    /// The operator `id` on `shard` as the map holds it now, if it is still
-    /// there and this node still leads the metadata group.
-    fn current_operator(&self, shard: GroupId, id: u64) -> Option<Operator> {
+    /// Whether the scheduler should leave `shard` alone now (its last
+    /// operator was cancelled lately).
+    pub(super) fn operator_backing_off(&self, shard: GroupId) -> bool {
+        self.operators.backing_off(shard)
+    }
+
+    /// The operator `id` on `shard` as the map holds it after a metadata
+    /// read index, if it is still there and this node leads the metadata
+    /// group.
+    async fn current_operator(&self, shard: GroupId, id: u64) -> Option<Operator> {
         if !self.leads_metadata() {
             return None;
         }
-        let map = self.host.get(METADATA_GROUP)?.state.cluster_map()?;
+        let map = self.current_map().await.ok()?;
         map.operators.get(&shard).filter(|op| op.id == id).cloned()
     }
 
+    fn step_timed_out(&self, op: &Operator) -> bool {
+        let waited_us = self.clock.now_us().saturating_sub(op.step_started_us);
+        let limit_us = i64::try_from(self.config.operator_catch_up_timeout_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        waited_us > limit_us
+    }
+
     /// One look at an operator: does what its step needs next.
-    async fn step(&self, op: &Operator) -> Result<Progress, ClusterError> {
+    async fn step(&self, op: &Operator, memory: &mut Memory) -> Result<Progress, ClusterError> {
         let shard = op.shard;
+        if let OperatorKind::Split { at, child } = op.kind {
+            return self.split(op, at, child).await;
+        }
         let state = self.shard_state(shard).await?;
         if op.cancelled {
-            // Out of the membership first, then out of the map: a replica
-            // the map forgot must not stay a member.
-            if let OperatorKind::Move { to, .. } = op.kind
-                && state.members.contains(&to)
-            {
-                self.change_membership(
-                    shard,
-                    MembershipChange::RemoveLearners(BTreeSet::from([to])),
-                    state.membership_log_id,
-                )
-                .await?;
-                return Ok(Progress::Wait);
-            }
-            self.change_map(MapCommand::DropOperator { shard, id: op.id })
-                .await?;
-            tracing::info!(shard, op = op.id, "operator cancelled");
-            return Ok(Progress::Finished);
+            return self.drop_cancelled(op, &state).await;
         }
         match (op.kind, op.step) {
             (OperatorKind::Move { to, .. }, OperatorStep::AddLearner) => {
                 if state.members.contains(&to) {
                     self.advance(op, OperatorStep::CatchUp).await?;
                     return Ok(Progress::Wait);
+                }
+                if self.step_timed_out(op) {
+                    return self
+                        .cancel(op, "the new replica could not be added in time")
+                        .await;
                 }
                 let addr = self
                     .placement()
@@ -186,14 +239,11 @@ impl Cluster {
                     self.advance(op, OperatorStep::Promote).await?;
                     return Ok(Progress::Wait);
                 }
-                let waited_us = self.clock.now_us().saturating_sub(op.step_started_us);
-                let limit_us = i64::try_from(self.config.operator_catch_up_timeout_ms)
-                    .unwrap_or(i64::MAX)
-                    .saturating_mul(1000);
-                if waited_us > limit_us {
-                    tracing::warn!(shard, op = op.id, replica = %to, matched, last = state.last_log_index, "the new replica did not catch up in time; cancelling");
-                    self.change_map(MapCommand::CancelOperator { shard, id: op.id })
-                        .await?;
+                if self.step_timed_out(op) {
+                    tracing::warn!(shard, op = op.id, replica = %to, matched, last = state.last_log_index, "the new replica did not catch up in time");
+                    return self
+                        .cancel(op, "the new replica did not catch up in time")
+                        .await;
                 }
                 Ok(Progress::Wait)
             }
@@ -203,26 +253,72 @@ impl Cluster {
                     target.remove(&from);
                 }
                 target.insert(to);
-                let leaving: BTreeSet<ReplicaId> = from.into_iter().collect();
-                self.promote(op, &state, target, &leaving).await
+                self.promote(op, &state, target, memory).await
             }
             (OperatorKind::Remove { replica }, _) => {
                 let mut target = state.voters();
                 target.remove(&replica);
-                self.promote(op, &state, target, &BTreeSet::from([replica]))
-                    .await
+                self.promote(op, &state, target, memory).await
             }
+            (OperatorKind::Split { .. }, _) => Ok(Progress::Finished),
         }
     }
 
-    /// Brings the voters to `target` and the `leaving` replicas out of the
-    /// group, then finishes the operator in the map.
+    /// Cancels `op` in the map; the next look takes its learner out.
+    async fn cancel(&self, op: &Operator, why: &str) -> Result<Progress, ClusterError> {
+        tracing::warn!(shard = op.shard, op = op.id, why, "cancelling an operator");
+        self.change_map(MapCommand::CancelOperator {
+            shard: op.shard,
+            id: op.id,
+        })
+        .await?;
+        Ok(Progress::Wait)
+    }
+
+    /// A cancelled operator: its new replica out of the membership first,
+    /// then (once that is committed) out of the map.
+    async fn drop_cancelled(
+        &self,
+        op: &Operator,
+        state: &ShardState,
+    ) -> Result<Progress, ClusterError> {
+        if let OperatorKind::Move { to, .. } = op.kind
+            && state.members.contains(&to)
+        {
+            self.change_membership(
+                op.shard,
+                MembershipChange::RemoveLearners(BTreeSet::from([to])),
+                state.membership_log_id,
+            )
+            .await?;
+            return Ok(Progress::Wait);
+        }
+        if !state.committed {
+            return Ok(Progress::Wait);
+        }
+        self.change_map(MapCommand::DropOperator {
+            shard: op.shard,
+            id: op.id,
+        })
+        .await?;
+        // Leave the shard alone for a while: the same move would likely
+        // fail the same way.
+        self.operators.back_off(
+            op.shard,
+            Duration::from_millis(self.config.operator_catch_up_timeout_ms),
+        );
+        tracing::info!(shard = op.shard, op = op.id, "operator cancelled");
+        Ok(Progress::Finished)
+    }
+
+    /// Brings the voters to `target` and every other member out of the
+    /// group, then (once committed) finishes the operator in the map.
     async fn promote(
         &self,
         op: &Operator,
         state: &ShardState,
         target: BTreeSet<ReplicaId>,
-        leaving: &BTreeSet<ReplicaId>,
+        memory: &mut Memory,
     ) -> Result<Progress, ClusterError> {
         let shard = op.shard;
         if target.is_empty() {
@@ -237,18 +333,24 @@ impl Cluster {
             return Ok(Progress::Wait);
         }
         if state.voters() != target {
-            if leaving.contains(&state.leader) {
+            if !target.contains(&state.leader) && memory.handovers_failed < HANDOVER_ATTEMPTS_MAX {
                 // Hand over first: a leader that removes itself steps down
                 // on its own, outside the handover that voids its lease.
-                let to = target
-                    .iter()
-                    .find(|r| state.voters().contains(r))
-                    .or_else(|| target.iter().next())
+                // To a voter that stays, is up, and is furthest along.
+                let candidate = state
+                    .voters()
+                    .intersection(&target)
                     .copied()
-                    .map_or(0, ReplicaId::node);
-                tracing::info!(shard, to, "handing over before the leader's replica leaves");
-                self.transfer_leader(shard, to).await?;
-                return Ok(Progress::Wait);
+                    .filter(|r| self.node_up(r.node()))
+                    .max_by_key(|r| state.matched.get(r).copied().unwrap_or(0));
+                if let Some(to) = candidate {
+                    tracing::info!(shard, to = %to, "handing over before the leader's replica leaves");
+                    if let Err(e) = self.transfer_leader(shard, to.node()).await {
+                        memory.handovers_failed += 1;
+                        tracing::info!(shard, error = %e, "handover before a removal failed");
+                    }
+                    return Ok(Progress::Wait);
+                }
             }
             self.change_membership(
                 shard,
@@ -258,37 +360,91 @@ impl Cluster {
             .await?;
             return Ok(Progress::Wait);
         }
-        let stragglers: BTreeSet<ReplicaId> =
-            state.members.intersection(leaving).copied().collect();
-        if !stragglers.is_empty() {
+        // Members that do not belong: the leaving replica if it stayed as a
+        // learner, and learners the map does not know.
+        let strays: BTreeSet<ReplicaId> = state.members.difference(&target).copied().collect();
+        if !strays.is_empty() {
             self.change_membership(
                 shard,
-                MembershipChange::RemoveLearners(stragglers),
+                MembershipChange::RemoveLearners(strays),
                 state.membership_log_id,
             )
             .await?;
             return Ok(Progress::Wait);
         }
-        let replicas: Vec<ReplicaDesc> = state
-            .members
-            .iter()
-            .map(|&id| ReplicaDesc {
-                id,
-                role: if target.contains(&id) {
-                    ReplicaRole::Voter
-                } else {
-                    ReplicaRole::Learner
-                },
-            })
-            .collect();
-        self.change_map(MapCommand::FinishOperator {
-            shard,
-            id: op.id,
-            replicas,
-        })
-        .await?;
+        if !state.committed {
+            // A new leader could still revert an uncommitted membership.
+            return Ok(Progress::Wait);
+        }
+        self.change_map(MapCommand::FinishOperator { shard, id: op.id })
+            .await?;
         tracing::info!(shard, op = op.id, kind = ?op.kind, "operator finished");
         Ok(Progress::Finished)
+    }
+
+    /// A split: proposed to the shard (once, whatever the retries: a fixed
+    /// request id), recorded in the map once the shard's range shows it.
+    async fn split(
+        &self,
+        op: &Operator,
+        at: u64,
+        child: GroupId,
+    ) -> Result<Progress, ClusterError> {
+        let shard = op.shard;
+        let state = self.shard_state(shard).await?;
+        let applied = state
+            .range
+            .as_ref()
+            .is_some_and(|range| range.children.iter().any(|&(c, _)| c == child));
+        if applied {
+            self.change_map(MapCommand::FinishOperator { shard, id: op.id })
+                .await?;
+            tracing::info!(
+                shard,
+                child,
+                at = format_args!("{at:#018x}"),
+                "split recorded in the map"
+            );
+            return Ok(Progress::Finished);
+        }
+        if op.cancelled {
+            self.change_map(MapCommand::DropOperator { shard, id: op.id })
+                .await?;
+            return Ok(Progress::Finished);
+        }
+        let placement = self.placement();
+        let desc = placement
+            .shard(shard)
+            .ok_or(ClusterError::NoSuchGroup(shard))?;
+        let command = Command::Split {
+            child,
+            at,
+            start: desc.start,
+            end: desc.end,
+            version: desc.epoch.version,
+        };
+        match self
+            .propose_with_id(shard, command, Some(operator_request_id(op.id)))
+            .await
+        {
+            Ok((Response::Split { .. } | Response::AlreadyApplied, _)) => Ok(Progress::Wait),
+            Ok((other, _)) => Err(ClusterError::Refused {
+                group: shard,
+                message: format!("unexpected answer to a split: {other:?}"),
+            }),
+            Err(ClusterError::Rejected {
+                kind: RejectKind::WrongShard | RejectKind::Invalid,
+                message,
+            }) => {
+                // The shard's range is not the one the map knows, or the cut
+                // is outside it: this split cannot happen.
+                tracing::error!(shard, %message, "a split was refused");
+                self.change_map(MapCommand::CancelOperator { shard, id: op.id })
+                    .await?;
+                Ok(Progress::Wait)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn advance(&self, op: &Operator, step: OperatorStep) -> Result<(), ClusterError> {
@@ -302,7 +458,7 @@ impl Cluster {
         .map(|_| ())
     }
 
-    /// A shard's membership, from its leader.
+    /// A shard's membership, from its confirmed leader.
     pub async fn shard_state(&self, shard: GroupId) -> Result<ShardState, ClusterError> {
         self.route(shard, self.first_target(shard), |target| async move {
             let result = if target == self.node_id {
@@ -314,7 +470,7 @@ impl Cluster {
                     .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
             };
             match result {
-                PeerResult::ShardState(state) => Ok(state),
+                PeerResult::ShardState(state) => Ok(*state),
                 other => Err(other),
             }
         })
@@ -362,12 +518,19 @@ impl Cluster {
         })
     }
 
-    /// The leader's side of [`Self::shard_state`].
+    /// The leader's side of [`Self::shard_state`]: confirmed by a read
+    /// index, so a deposed leader does not answer with its stale view.
     pub async fn shard_state_local(&self, shard: GroupId) -> PeerResult {
         let Some(hosted) = self.host.get(shard) else {
             return PeerResult::NoSuchGroup;
         };
         self.activity(shard).await;
+        if let Err(refused) = self
+            .confirm_leadership(&hosted, LinearizerOption::from(ReadPolicy::ReadIndex))
+            .await
+        {
+            return refused;
+        }
         let metrics = hosted.raft.metrics();
         let m = metrics.borrow_watched();
         if m.state != ServerState::Leader {
@@ -376,10 +539,11 @@ impl Cluster {
             };
         }
         let membership = m.membership_config.membership();
-        PeerResult::ShardState(ShardState {
+        PeerResult::ShardState(Box::new(ShardState {
             leader: hosted.replica,
             term: m.current_term,
             membership_log_id: *m.membership_config.log_id(),
+            committed: m.membership_config.log_id() == m.committed_membership_config.log_id(),
             voter_sets: membership.get_joint_config().clone(),
             members: membership.nodes().map(|(id, _)| *id).collect(),
             last_log_index: m.last_log_index.unwrap_or(0),
@@ -393,7 +557,8 @@ impl Cluster {
                         .collect()
                 })
                 .unwrap_or_default(),
-        })
+            range: hosted.state.range(),
+        }))
     }
 
     /// The leader's side of [`Self::change_membership`].
@@ -447,6 +612,7 @@ impl Cluster {
 /// Carries out operator `id` on `shard` until it is finished, cancelled,
 /// or this node no longer leads the metadata group.
 async fn carry_out(cluster: std::sync::Weak<Cluster>, shard: GroupId, id: u64) {
+    let mut memory = Memory::default();
     loop {
         let progress = {
             let Some(cluster) = cluster.upgrade() else {
@@ -455,10 +621,10 @@ async fn carry_out(cluster: std::sync::Weak<Cluster>, shard: GroupId, id: u64) {
             if cluster.is_stopping() {
                 return;
             }
-            let Some(op) = cluster.current_operator(shard, id) else {
+            let Some(op) = cluster.current_operator(shard, id).await else {
                 return;
             };
-            cluster.step(&op).await
+            cluster.step(&op, &mut memory).await
         };
         match progress {
             Ok(Progress::Finished) => return,

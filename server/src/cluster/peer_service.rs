@@ -128,12 +128,20 @@ impl PeerService {
         let Some(hosted) = self.cluster.group(group) else {
             return PeerResult::NoSuchGroup;
         };
+        let version = match super::router::owned_range_version(&hosted.state, group, &keys) {
+            Ok(version) => version,
+            Err(wrong) => return wrong,
+        };
         let store = hosted.state.store();
         let rows = tokio::task::spawn_blocking(move || store.get_raw(&keys)).await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => return PeerResult::Failed(e.to_string()),
         };
+        // A split during the read may have deleted rows it gave away.
+        if hosted.state.range().map_or(0, |range| range.version) != version {
+            return PeerResult::WrongShard(format!("shard {group} split during the read"));
+        }
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             match row {

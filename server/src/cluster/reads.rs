@@ -120,6 +120,12 @@ impl Cluster {
         if hosted.handed_over_in(m.current_term) {
             return false;
         }
+        if let Some((term, version)) = *hosted.splitting.lock()
+            && term == m.current_term
+            && hosted.state.range().map_or(0, |range| range.version) == version
+        {
+            return false;
+        }
         let own_term_applied = m
             .last_applied
             .is_some_and(|id| id.leader_id.term == m.current_term);

@@ -225,6 +225,13 @@ impl Cluster {
         for n in 0..attempts {
             match attempt(target).await {
                 Ok(value) => return Ok(value),
+                // Asking another replica would get the same answer.
+                Err(PeerResult::WrongShard(message)) => {
+                    return Err(ClusterError::Rejected {
+                        kind: quiver_raft::types::RejectKind::WrongShard,
+                        message,
+                    });
+                }
                 Err(PeerResult::NotLeader {
                     leader: Some(leader),
                 }) if leader != target && !failed.contains(&leader) => {
@@ -281,7 +288,20 @@ impl Cluster {
         }
         // The leader's clock, stamped where the entry is created.
         proposal.leader_ts_us = self.clock.now_us();
-        match tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(proposal)).await {
+        let splitting = matches!(proposal.command, Command::Split { .. });
+        if splitting {
+            let term = hosted.raft.metrics().borrow_watched().current_term;
+            let version = hosted.state.range().map_or(0, |range| range.version);
+            *hosted.splitting.lock() = Some((term, version));
+        }
+        let written =
+            tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(proposal)).await;
+        if splitting && matches!(written, Ok(Ok(_))) {
+            // Applied here (or refused): leases hold again. (A timeout keeps
+            // them off until the range changes or the term ends.)
+            *hosted.splitting.lock() = None;
+        }
+        match written {
             Err(_) => PeerResult::Failed("commit timed out (no quorum?)".into()),
             Ok(Ok(written)) => PeerResult::Proposed {
                 response: written.data,
@@ -315,7 +335,12 @@ impl Cluster {
                     return Err(PeerResult::NoSuchGroup);
                 };
                 let state = hosted.state.clone();
-                return Ok(ShardRead::Local { state, source });
+                let range_version = owned_range_version(&state, group, keys)?;
+                return Ok(ShardRead::Local {
+                    state,
+                    source,
+                    range_version,
+                });
             }
             let call = PeerCall::Read {
                 keys: keys.to_vec(),
@@ -347,6 +372,31 @@ impl Cluster {
         })
         .await
     }
+}
+
+/// The shard's range version if it owns every key (storage keys: the hash
+/// first); else the routing answer that a split moved them. A reader that
+/// finds the version changed after reading must not trust what it read (a
+/// split may have deleted the rows it gave away meanwhile).
+pub fn owned_range_version(
+    state: &quiver_raft::StateMachine,
+    group: GroupId,
+    keys: &[Vec<u8>],
+) -> Result<u64, PeerResult> {
+    let Some(range) = state.range() else {
+        return Ok(0);
+    };
+    for key in keys {
+        let Some((hash, _, _)) = quiver_engine::keys::split_storage_key(key) else {
+            continue;
+        };
+        if !range.contains(hash) {
+            return Err(PeerResult::WrongShard(format!(
+                "shard {group} no longer owns key hash {hash:#018x} (split)"
+            )));
+        }
+    }
+    Ok(range.version)
 }
 
 fn random_sequence_start() -> u64 {

@@ -9,7 +9,8 @@
 //!    than `cluster.replace_down_after_ms`, moves to a serving node (or, if
 //!    none can take it and the shard has voters to spare, is removed);
 //! 2. a shard with fewer voters than the replication factor (capped by the
-//!    serving nodes that are up) gets one more;
+//!    serving nodes, up or not: a node down for a while is not a reason to
+//!    drop replicas) gets one more on a serving node that is up;
 //! 3. a shard with more voters than the replication factor loses one;
 //! 4. when nothing else is due: if the serving nodes' replica counts differ
 //!    by more than one, a replica moves from the fullest to the emptiest.
@@ -17,7 +18,8 @@
 //! Limits: at most `operators_max` operators in the cluster, at most one
 //! that adds a replica to any one node (its snapshot), never a replica on a
 //! node that already holds one of the shard or has not yet deleted an old
-//! one (PD's store limits play this part in TiKV).
+//! one (PD's store limits play this part in TiKV), and a shard whose last
+//! operator was cancelled is left alone for a while (`skip`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -38,8 +40,13 @@ pub struct Planned {
 }
 
 /// The operators to start now, at most `operators_max` running in all
-/// (counting those in the map).
-pub fn plan(map: &ClusterMap, down: &BTreeSet<NodeId>, operators_max: usize) -> Vec<Planned> {
+/// (counting those in the map), none on a shard `skip` names.
+pub fn plan(
+    map: &ClusterMap,
+    down: &BTreeSet<NodeId>,
+    operators_max: usize,
+    skip: impl Fn(GroupId) -> bool,
+) -> Vec<Planned> {
     let mut planner = Planner::new(map, down);
     let mut planned = Vec::new();
     let mut budget = operators_max.saturating_sub(map.operators.len());
@@ -47,7 +54,7 @@ pub fn plan(map: &ClusterMap, down: &BTreeSet<NodeId>, operators_max: usize) -> 
         if budget == 0 {
             return planned;
         }
-        if map.operators.contains_key(&shard) {
+        if map.operators.contains_key(&shard) || skip(shard) {
             continue;
         }
         if let Some(one) = planner.repair(shard, desc) {
@@ -57,7 +64,7 @@ pub fn plan(map: &ClusterMap, down: &BTreeSet<NodeId>, operators_max: usize) -> 
         }
     }
     if planned.is_empty() && map.operators.is_empty() && budget > 0 {
-        planned.extend(planner.balance());
+        planned.extend(planner.balance().filter(|p| !skip(p.shard)));
     }
     planned
 }
@@ -66,6 +73,8 @@ struct Planner<'a> {
     map: &'a ClusterMap,
     /// Serving nodes that are up: where replicas may go.
     targets: BTreeSet<NodeId>,
+    /// Serving nodes, up or down.
+    serving: usize,
     /// Replicas per node (operators' new replicas included).
     load: BTreeMap<NodeId, usize>,
     /// Nodes receiving a replica now.
@@ -87,12 +96,13 @@ impl<'a> Planner<'a> {
             .values()
             .filter_map(|op| match op.kind {
                 OperatorKind::Move { to, .. } => Some(to.node()),
-                OperatorKind::Remove { .. } => None,
+                OperatorKind::Remove { .. } | OperatorKind::Split { .. } => None,
             })
             .collect();
         Planner {
             map,
             targets,
+            serving: map.serving_nodes().count(),
             load,
             receiving,
             down,
@@ -129,7 +139,7 @@ impl<'a> Planner<'a> {
     }
 
     fn wanted_voters(&self) -> usize {
-        (self.map.replication_factor as usize).clamp(1, self.targets.len().max(1))
+        (self.map.replication_factor as usize).clamp(1, self.serving.max(1))
     }
 
     fn repair(
@@ -272,8 +282,7 @@ impl Cluster {
         if !self.config.schedule_replicas {
             return;
         }
-        let down = self.long_down_nodes(map);
-        for planned in plan(map, &down, self.config.operators_max as usize) {
+        for planned in self.plan_for(map) {
             tracing::info!(shard = planned.shard, request = ?planned.request, reason = %planned.reason, "scheduling an operator");
             let started = self
                 .change_map(quiver_raft::cluster_map::MapCommand::StartOperator {
@@ -294,7 +303,7 @@ impl Cluster {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use quiver_raft::cluster_map::{MapCommand, MapOutcome, NodeInfo, ReplicaDesc};
+    use quiver_raft::cluster_map::{MapCommand, MapOutcome, NodeInfo};
 
     fn map(states: &[NodeState], shards: u32, on: &[NodeId], rf: u32) -> ClusterMap {
         let nodes = states
@@ -319,7 +328,7 @@ mod tests {
     /// Carries out a planned operator on the map the way the executor
     /// would: the new replica becomes a voter, the old one goes.
     fn complete(map: &mut ClusterMap, planned: &Planned) {
-        let MapOutcome::OperatorStarted(op) = map
+        let MapOutcome::OperatorStarted(_op) = map
             .apply(
                 MapCommand::StartOperator {
                     shard: planned.shard,
@@ -332,24 +341,11 @@ mod tests {
         else {
             panic!()
         };
-        let desc = &map.shards[&planned.shard];
-        let replicas: Vec<ReplicaDesc> = desc
-            .replicas
-            .iter()
-            .filter(|r| match op.kind {
-                OperatorKind::Move { from, .. } => Some(r.id) != from,
-                OperatorKind::Remove { replica } => r.id != replica,
-            })
-            .map(|r| ReplicaDesc {
-                id: r.id,
-                role: ReplicaRole::Voter,
-            })
-            .collect();
+        let id = map.operators[&planned.shard].id;
         map.apply(
             MapCommand::FinishOperator {
                 shard: planned.shard,
-                id: op.id,
-                replicas,
+                id,
             },
             0,
         )
@@ -365,7 +361,7 @@ mod tests {
     /// time.
     fn settle(map: &mut ClusterMap, down: &BTreeSet<NodeId>) -> usize {
         for round in 0..500 {
-            let planned = plan(map, down, 1);
+            let planned = plan(map, down, 1, |_| false);
             let Some(one) = planned.first() else {
                 return round;
             };

@@ -170,13 +170,16 @@ pub enum PeerResult {
     /// asking again (perhaps of a new leader) would start it again.
     TimedOut(String),
     /// The answer to [`PeerCall::ShardState`].
-    ShardState(ShardState),
+    ShardState(Box<ShardState>),
     /// The answer to [`PeerCall::ChangeMembership`]: the change is
     /// committed.
     MembershipChanged {
         /// The membership entry's log id.
         log_id: LogId,
     },
+    /// The shard no longer owns keys of the call (a split moved them):
+    /// route again by the current cluster map.
+    WrongShard(String),
 }
 
 /// The first chunk of a snapshot stream.
