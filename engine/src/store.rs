@@ -673,7 +673,10 @@ impl StateStore {
         let (from, to) = hash_range_keys(from_hash, to_hash);
         let _guard = self.write_lock.lock();
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf(CF_DATA), &from, &to);
+        // An empty range deletes nothing (RocksDB refuses an inverted one).
+        if from < to {
+            batch.delete_range_cf(self.cf(CF_DATA), &from, &to);
+        }
         add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())
@@ -683,6 +686,9 @@ impl StateStore {
     /// space back).
     pub fn compact_hash_range(&self, from_hash: u64, to_hash: Option<u64>) {
         let (from, to) = hash_range_keys(from_hash, to_hash);
+        if from >= to {
+            return;
+        }
         self.db
             .compact_range_cf(self.cf(CF_DATA), Some(from.as_slice()), Some(to.as_slice()));
     }

@@ -20,6 +20,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cluster_map;
+pub mod failpoint;
 pub mod log_store;
 pub mod state_machine;
 pub mod types;

@@ -345,7 +345,9 @@ async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
         .await;
     }
 
-    eprintln!("--- every preloaded row and every acknowledged write reads back, through every node");
+    eprintln!(
+        "--- every preloaded row and every acknowledged write reads back, through every node"
+    );
     for id in 1..=3 {
         let mut client = cluster.node(id).client().await.unwrap();
         let (values, sources) = quiver_tests::counter::read_values(
@@ -375,6 +377,10 @@ async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
                 .find(|g| g.group == group)
                 .map_or(0, |g| g.rows_estimate)
         };
-        eprintln!("node {id}: shard 1 ~{} rows, shard {child} ~{} rows", rows(1), rows(child));
+        eprintln!(
+            "node {id}: shard 1 ~{} rows, shard {child} ~{} rows",
+            rows(1),
+            rows(child)
+        );
     }
 }

@@ -155,6 +155,52 @@ struct Report {
     faults: Vec<String>,
     /// Groups whose leadership a handover fault moved.
     groups_handed_over: usize,
+    /// Splits and replica removals asked for.
+    operators: usize,
+    /// Shards at the end.
+    shards: usize,
+}
+
+/// An admin call through the node at `endpoint`; its error's code, or
+/// `Unavailable` if the node cannot be reached.
+async fn admin_call<T, F, Fut>(endpoint: &str, call: F) -> Result<T, tonic::Code>
+where
+    F: FnOnce(AdminClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|_| tonic::Code::InvalidArgument)?
+        .timeout(OPERATION_TIMEOUT * 3)
+        .connect()
+        .await
+        .map_err(|_| tonic::Code::Unavailable)?;
+    call(AdminClient::new(channel))
+        .await
+        .map_err(|status| status.code())
+}
+
+/// A shard the cluster map of the node at `endpoint` lists (shard 1 if it
+/// cannot tell).
+async fn random_shard(endpoint: &str, rng: &mut StdRng) -> u32 {
+    let shards = admin_call(endpoint, |mut admin| async move {
+        admin
+            .get_cluster_map(admin_pb::GetClusterMapRequest {})
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .shards
+                    .iter()
+                    .map(|s| s.shard)
+                    .collect::<Vec<_>>()
+            })
+    })
+    .await
+    .unwrap_or_default();
+    if shards.is_empty() {
+        1
+    } else {
+        shards[rng.random_range(0..shards.len())]
+    }
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -290,7 +336,7 @@ async fn run(seed: u64, length: Duration) {
         } else {
             LinkState::Blackhole
         };
-        match rng.random_range(0..8u32) {
+        match rng.random_range(0..10u32) {
             0 => {
                 report
                     .faults
@@ -306,6 +352,45 @@ async fn run(seed: u64, length: Duration) {
                 cluster.node(victim).pause().unwrap();
                 tokio::time::sleep(down).await;
                 cluster.node(victim).resume().unwrap();
+            }
+            8 => {
+                // A shard splits, through a random node, while the other
+                // faults go on: its keys move to a new shard mid-traffic.
+                let via = cluster.node(rng.random_range(1..=3u64)).endpoint();
+                let shard = random_shard(&via, &mut rng).await;
+                let answer = admin_call(&via, |mut admin| async move {
+                    admin
+                        .split_shard(admin_pb::SplitShardRequest { shard, at: None })
+                        .await
+                        .map(|r| r.into_inner().operator.map_or(0, |op| op.child_shard))
+                })
+                .await;
+                report.operators += 1;
+                report
+                    .faults
+                    .push(format!("split shard {shard} (via {via}): {answer:?}"));
+            }
+            9 => {
+                // A voter of a shard is removed; the scheduler adds a
+                // replica back on the same node, under a new replica id.
+                let via = cluster.node(rng.random_range(1..=3u64)).endpoint();
+                let shard = random_shard(&via, &mut rng).await;
+                let answer = admin_call(&via, |mut admin| async move {
+                    admin
+                        .move_replica(admin_pb::MoveReplicaRequest {
+                            shard,
+                            from_node_id: victim,
+                            to_node_id: 0,
+                        })
+                        .await
+                        .map(|r| r.into_inner().operator.map_or(0, |op| op.id))
+                })
+                .await;
+                report.operators += 1;
+                report.faults.push(format!(
+                    "node {victim}'s replica of shard {shard} removed (the scheduler re-adds one): \
+                     {answer:?}"
+                ));
             }
             7 => {
                 // One node's wall clock jumps, up to 10 minutes either way,
@@ -456,13 +541,22 @@ async fn run(seed: u64, length: Duration) {
         }));
     }
 
+    // Every operator the faults started ends (finished or cancelled), and
+    // every shard is back at three voters.
+    let via = cluster.node(1).endpoint();
+    let map = quiver_tests::dynamic::wait_map(&via, "operators end after the faults", |map| {
+        quiver_tests::dynamic::settled(map, 3, &[1, 2, 3])
+    })
+    .await;
+    report.shards = map.shards.len();
+
     let violations = check(&history);
     let stale = stale_reads(&history, &replica_reads, REPLICA_STALENESS_BOUND_US);
     eprintln!(
         "nemesis seed {seed}: {:?}, {} operations ({} writes acknowledged, {} unknown, \
          {} STRONG/LEADER reads, {} REPLICA reads ({} by followers)), {} faults \
-         ({} groups handed over), {} linearizability violations, \
-         {} REPLICA reads staler than {} ms",
+         ({} groups handed over, {} operators, {} shards at the end), {} linearizability \
+         violations, {} REPLICA reads staler than {} ms",
         length,
         history.len() + replica_reads.len(),
         report.writes_acknowledged,
@@ -472,6 +566,8 @@ async fn run(seed: u64, length: Duration) {
         report.replica_reads_by_followers,
         report.faults.len(),
         report.groups_handed_over,
+        report.operators,
+        report.shards,
         violations.len(),
         stale.len(),
         REPLICA_STALENESS_BOUND_US / 1000

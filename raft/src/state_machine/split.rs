@@ -154,6 +154,7 @@ impl StateMachine {
         let child_dir = handler.child_dir(split.child);
         if !child_dir.exists() {
             self.build_child(&child_dir, &split, log_id.index, &membership, leader_ts_us)?;
+            crate::failpoint::failpoint("split.child_built");
         }
         let mut range = current;
         range.end = Some(split.at);

@@ -35,6 +35,8 @@ use quiver_raft::types::{LogId, RejectKind};
 use quiver_raft::{Command, GroupId, ReplicaId, RequestId, Response};
 use serde::{Deserialize, Serialize};
 
+use quiver_raft::failpoint::failpoint;
+
 use super::wire::{PeerCall, PeerResult};
 use super::{Cluster, ClusterError};
 
@@ -229,6 +231,7 @@ impl Cluster {
                     state.membership_log_id,
                 )
                 .await?;
+                failpoint("operator.added_learner");
                 Ok(Progress::Wait)
             }
             (OperatorKind::Move { to, .. }, OperatorStep::CatchUp) => {
@@ -237,6 +240,7 @@ impl Cluster {
                     || (matched > 0 && matched + CATCH_UP_ENTRIES_MAX >= state.last_log_index);
                 if caught_up {
                     self.advance(op, OperatorStep::Promote).await?;
+                    failpoint("operator.promoting");
                     return Ok(Progress::Wait);
                 }
                 if self.step_timed_out(op) {
@@ -358,6 +362,7 @@ impl Cluster {
                 state.membership_log_id,
             )
             .await?;
+            failpoint("operator.voters_changed");
             return Ok(Progress::Wait);
         }
         // Members that do not belong: the leaving replica if it stayed as a
@@ -376,6 +381,7 @@ impl Cluster {
             // A new leader could still revert an uncommitted membership.
             return Ok(Progress::Wait);
         }
+        failpoint("operator.finishing");
         self.change_map(MapCommand::FinishOperator { shard, id: op.id })
             .await?;
         tracing::info!(shard, op = op.id, kind = ?op.kind, "operator finished");
@@ -427,7 +433,10 @@ impl Cluster {
             .propose_with_id(shard, command, Some(operator_request_id(op.id)))
             .await
         {
-            Ok((Response::Split { .. } | Response::AlreadyApplied, _)) => Ok(Progress::Wait),
+            Ok((Response::Split { .. } | Response::AlreadyApplied, _)) => {
+                failpoint("operator.split_applied");
+                Ok(Progress::Wait)
+            }
             Ok((other, _)) => Err(ClusterError::Refused {
                 group: shard,
                 message: format!("unexpected answer to a split: {other:?}"),
