@@ -2,7 +2,7 @@
 export CARGO_TARGET_DIR ?= /var/tmp/quiver-target
 SHELL := /bin/bash
 
-.PHONY: demo demo-stop test verify fix build bench deps
+.PHONY: demo demo-stop grow test verify fix build bench deps
 
 ## Start a local 3-node cluster, load the sample views and data, show features served.
 demo:
@@ -11,6 +11,11 @@ demo:
 ## Stop the demo cluster.
 demo-stop:
 	./scripts/demo.sh stop
+
+## A cluster that grows under load: one node, two join, a fourth joins, the
+## first is drained and removed, a shard splits (scripts/grow.sh stop ends it).
+grow:
+	./scripts/grow.sh
 
 ## The whole gate: formatting, the test suite, clippy -D warnings (what CI runs).
 test:

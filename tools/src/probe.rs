@@ -31,7 +31,7 @@ pub struct ProbeArgs {
     /// Time between the starts of two rounds.
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     interval: Duration,
-    /// How long to probe.
+    /// How long to probe (Ctrl-C ends it early, with the report).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Deadline of one round. Longer than a failover, so a round that spans
@@ -118,8 +118,15 @@ pub async fn run(client: &mut Client, args: &ProbeArgs, json: bool) -> Result<()
     // Normal rounds come an interval apart, plus a write's latency.
     let mut gaps = Gaps::new(args.interval * 4 + Duration::from_millis(100));
     let mut last_error = None;
+    // Ctrl-C (or SIGINT from a script) ends the probe early, with its
+    // report.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     while started.elapsed() < args.duration {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut interrupted => break,
+        }
         let event_ts_us = now_us();
         let rows = (0..args.keys)
             .map(|i| quiver_proto::v1::WriteRow {
