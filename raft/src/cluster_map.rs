@@ -109,6 +109,9 @@ pub struct ShardDesc {
     pub epoch: ShardEpoch,
     /// Its replicas, by id.
     pub replicas: Vec<ReplicaDesc>,
+    /// The shard it was split from, and the index of the split entry in
+    /// that shard's log (its replicas, on the parent's nodes, start there).
+    pub split_from: Option<(GroupId, u64)>,
 }
 
 impl ShardDesc {
@@ -326,6 +329,17 @@ pub enum MapCommand {
         /// The operator.
         id: u64,
     },
+    /// Ends a split operator: the shard applied the split at `index` (its
+    /// range lists the child), so `[at, end)` is the child's now. Also
+    /// after a cancel: a split that applied stands.
+    FinishSplit {
+        /// The shard that split.
+        shard: GroupId,
+        /// The operator.
+        id: u64,
+        /// The split entry's index in the shard's log.
+        index: u64,
+    },
     /// Cancels an operator before `Promote`: it no longer advances; its
     /// executor takes the new replica out of the shard's membership and
     /// then drops it.
@@ -370,8 +384,11 @@ impl fmt::Display for MapCommand {
             MapCommand::AdvanceOperator { shard, id, step } => {
                 write!(f, "operator {id} on shard {shard}: {step}")
             }
-            MapCommand::FinishOperator { shard, id, .. } => {
+            MapCommand::FinishOperator { shard, id } => {
                 write!(f, "finish operator {id} on shard {shard}")
+            }
+            MapCommand::FinishSplit { shard, id, index } => {
+                write!(f, "finish split {id} of shard {shard} (at index {index})")
             }
             MapCommand::CancelOperator { shard, id } => {
                 write!(f, "cancel operator {id} on shard {shard}")
@@ -463,6 +480,7 @@ impl ClusterMap {
                         end,
                         epoch: ShardEpoch::default(),
                         replicas,
+                        split_from: None,
                     },
                 )
             })
@@ -703,6 +721,13 @@ impl ClusterMap {
                 Ok(MapOutcome::Changed { version: 0 })
             }
             MapCommand::FinishOperator { shard, id } => self.finish_operator(shard, id),
+            MapCommand::FinishSplit { shard, id, index } => {
+                let op = self.operator_mut(shard, id)?.clone();
+                let OperatorKind::Split { at, child } = op.kind else {
+                    return Err(conflict(format!("operator {id} is not a split")));
+                };
+                self.finish_split(shard, at, child, index)
+            }
             MapCommand::CancelOperator { shard, id } => {
                 let op = self.operator_mut(shard, id)?;
                 let split = matches!(op.kind, OperatorKind::Split { .. });
@@ -971,7 +996,11 @@ impl ClusterMap {
             return Err(conflict(format!("operator {id} was cancelled")));
         }
         let leaving = match op.kind {
-            OperatorKind::Split { at, child } => return self.finish_split(shard, at, child),
+            OperatorKind::Split { .. } => {
+                return Err(conflict(format!(
+                    "operator {id} is a split: it finishes with the split's index"
+                )));
+            }
             OperatorKind::Move { from, .. } => from,
             OperatorKind::Remove { replica } => Some(replica),
         };
@@ -1014,6 +1043,7 @@ impl ClusterMap {
         shard: GroupId,
         at: u64,
         child: GroupId,
+        index: u64,
     ) -> Result<MapOutcome, MapError> {
         let desc = self
             .shards
@@ -1027,6 +1057,7 @@ impl ClusterMap {
                 version: desc.epoch.version + 1,
             },
             replicas: desc.replicas.clone(),
+            split_from: Some((shard, index)),
         };
         desc.end = Some(at);
         desc.epoch.version += 1;
@@ -1311,14 +1342,27 @@ mod tests {
         };
         assert_eq!(child, 3);
         assert_eq!(at, (1u64 << 63) + (1 << 62), "the middle of shard 2's half");
+        assert!(
+            m.apply(
+                MapCommand::FinishOperator {
+                    shard: 2,
+                    id: op.id
+                },
+                2
+            )
+            .is_err(),
+            "a split finishes with its index"
+        );
         m.apply(
-            MapCommand::FinishOperator {
+            MapCommand::FinishSplit {
                 shard: 2,
                 id: op.id,
+                index: 40,
             },
             2,
         )
         .unwrap();
+        assert_eq!(m.shards[&3].split_from, Some((2, 40)));
         assert_eq!(m.shards[&2].end, Some(at));
         assert_eq!(m.shards[&3].start, at);
         assert_eq!(m.shards[&3].end, None);
@@ -1399,6 +1443,8 @@ mod tests {
             }),
             (shard.clone(), 0u64..6)
                 .prop_map(|(shard, id)| MapCommand::FinishOperator { shard, id }),
+            (shard.clone(), 0u64..6, 0u64..100)
+                .prop_map(|(shard, id, index)| MapCommand::FinishSplit { shard, id, index }),
             (shard.clone(), 0u64..6)
                 .prop_map(|(shard, id)| MapCommand::CancelOperator { shard, id }),
             (shard.clone(), 0u64..6).prop_map(|(shard, id)| MapCommand::DropOperator { shard, id }),

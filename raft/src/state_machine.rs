@@ -100,8 +100,10 @@ impl RangeDesc {
 /// can apply a split.
 pub trait SplitHandler: Send + Sync + 'static {
     /// The replica directory (holding `log/` and `state/`) of this node's
-    /// replica of `child`.
-    fn child_dir(&self, child: GroupId) -> PathBuf;
+    /// replica of `child`, recorded as hosted before anything is created;
+    /// `None` if this node hosted the child under this id (or a later one)
+    /// before: a replay after it moved away must not build it again.
+    fn prepare_child(&self, child: GroupId) -> io::Result<Option<PathBuf>>;
     /// The child's replica is complete on disk: host it.
     fn child_created(&self, child: GroupId);
 }
@@ -467,6 +469,10 @@ impl StateMachine {
                 }
             }
             Command::Map(command) => self.apply_map(command, leader_ts_us, meta_puts)?,
+            Command::Fence => {
+                store.put_meta(meta_puts).map_err(engine_io)?;
+                Response::Fenced
+            }
             Command::Split {
                 child,
                 at,
@@ -530,7 +536,9 @@ impl StateMachine {
         let puts: Vec<(&[u8], Option<&[u8]>)> = meta_puts
             .iter()
             .map(|&(key, value)| {
-                if key.starts_with(REQUEST_PREFIX) {
+                // The request's own record (a put) takes the refusal; the
+                // eviction of an old id from the ring (a delete) stays one.
+                if key.starts_with(REQUEST_PREFIX) && value.is_some() {
                     (key, Some(outcome.as_slice()))
                 } else {
                     (key, value)

@@ -172,6 +172,10 @@ pub enum Command {
         /// Its range version, as the proposer knows it.
         version: u64,
     },
+    /// Applies nothing but its request id: an operator that gives up on a
+    /// proposal fences its request id, so that a copy still in flight is
+    /// answered `AlreadyApplied` instead of applied.
+    Fence,
 }
 
 /// Identifies one proposal across the router's retries: the state machine
@@ -219,6 +223,7 @@ impl fmt::Display for Command {
             }
             Command::Map(command) => write!(f, "{command}"),
             Command::Split { child, at, .. } => write!(f, "split at {at:#x} into shard {child}"),
+            Command::Fence => write!(f, "fence"),
         }
     }
 }
@@ -295,5 +300,9 @@ pub enum Response {
     Split {
         /// The new shard.
         child: GroupId,
+        /// The split entry's index (where the child's log starts).
+        index: u64,
     },
+    /// A fence was applied.
+    Fenced,
 }

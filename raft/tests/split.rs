@@ -49,8 +49,8 @@ struct Children {
 }
 
 impl SplitHandler for Children {
-    fn child_dir(&self, child: GroupId) -> PathBuf {
-        self.root.join(child.to_string())
+    fn prepare_child(&self, child: GroupId) -> std::io::Result<Option<PathBuf>> {
+        Ok(Some(self.root.join(child.to_string())))
     }
     fn child_created(&self, child: GroupId) {
         self.created.lock().push(child);
@@ -153,7 +153,7 @@ async fn a_split_leaves_each_half_its_rows_and_refuses_the_other_half() {
         ],
     )
     .await;
-    assert_eq!(responses[2], Response::Split { child: 9 });
+    assert_eq!(responses[2], Response::Split { child: 9, index: 3 });
     assert_eq!(*children.created.lock(), vec![9]);
     assert!(present(&sm, &low).iter().all(|&p| p));
     assert!(
@@ -347,4 +347,83 @@ async fn openraft_opens_a_split_child_elects_and_appends_after_the_seed() {
         .unwrap();
     assert_eq!(retried.data, Response::AlreadyApplied);
     raft.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_split_never_applies_and_a_passing_refusal_is_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let children = Arc::new(Children {
+        root: dir.path().join("groups"),
+        created: Mutex::new(Vec::new()),
+    });
+    let mut sm = StateMachine::open(
+        1,
+        dir.path().join("groups/1/state"),
+        options(),
+        Arc::new(NoObserver),
+    )
+    .unwrap();
+    sm.set_split_handler(children.clone());
+    let joint = Membership::new(
+        vec![
+            BTreeSet::from([ReplicaId(1)]),
+            BTreeSet::from([ReplicaId(1), ReplicaId(2)]),
+        ],
+        BTreeMap::from([
+            (ReplicaId(1), BasicNode::new("127.0.0.1:1")),
+            (ReplicaId(2), BasicNode::new("127.0.0.1:2")),
+        ]),
+    )
+    .unwrap();
+    let responses = apply(
+        &mut sm,
+        vec![
+            membership_entry(),
+            Entry::new_membership(log_id::<TypeConfig>(1, ReplicaId(1), 2), joint),
+            // Refused while joint, and not kept against request B...
+            entry(3, 0xB, split(0)),
+            // ... so once uniform, the same request splits.
+            membership_entry_at(4),
+            entry(5, 0xB, split(0)),
+            // A fence of another operator's request, then that split: it
+            // never applies.
+            entry(6, 0xC, Command::Fence),
+            entry(
+                7,
+                0xC,
+                Command::Split {
+                    child: 10,
+                    at: AT >> 1,
+                    start: 0,
+                    end: Some(AT),
+                    version: 1,
+                },
+            ),
+        ],
+    )
+    .await;
+    assert!(
+        matches!(
+            &responses[2],
+            Response::Rejected {
+                kind: RejectKind::Conflict,
+                ..
+            }
+        ),
+        "{responses:?}"
+    );
+    assert_eq!(responses[4], Response::Split { child: 9, index: 5 });
+    assert_eq!(responses[5], Response::Fenced);
+    assert_eq!(responses[6], Response::AlreadyApplied);
+    assert_eq!(*children.created.lock(), vec![9]);
+    assert_eq!(sm.range().unwrap().children, vec![(9, 5)]);
+}
+
+fn membership_entry_at(index: u64) -> Entry {
+    let membership = Membership::new(
+        vec![BTreeSet::from([ReplicaId(1)])],
+        BTreeMap::from([(ReplicaId(1), BasicNode::new("127.0.0.1:1"))]),
+    )
+    .unwrap();
+    Entry::new_membership(log_id::<TypeConfig>(1, ReplicaId(1), index), membership)
 }

@@ -367,6 +367,53 @@ async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
         .await;
     }
 
+    eprintln!(
+        "--- a split cancelled at once either stands or never happens, and every node agrees"
+    );
+    let out = quiverctl(&endpoint, &["--json", "shard", "split", "2"]).unwrap();
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let op = report["operator"]["id"].as_u64().unwrap().to_string();
+    let cancelled = quiverctl(&endpoint, &["operator", "cancel", "2", &op]);
+    eprintln!("cancel: {cancelled:?}");
+    let map = wait_map(&endpoint, "the cancelled split ends", |map| {
+        map.operators
+            .is_empty()
+            .then_some(())
+            .ok_or(format!("{:?}", map.operators))
+    })
+    .await;
+    let shards: Vec<u32> = map.shards.iter().map(|s| s.shard).collect();
+    eprintln!("shards after the cancelled split: {shards:?}");
+    assert!(shards.len() == 3 || shards.len() == 4, "{shards:?}");
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        let shards = shards.clone();
+        retry(
+            "every node hosts exactly the map's shards",
+            CONVERGE_WAIT,
+            || {
+                let node_status = node.status();
+                let shards = shards.clone();
+                async move {
+                    let status = node_status.await.map_err(|e| e.to_string())?;
+                    let mut hosted: Vec<u32> = status
+                        .groups
+                        .iter()
+                        .map(|g| g.group)
+                        .filter(|&g| g != 0)
+                        .collect();
+                    hosted.sort_unstable();
+                    if hosted == shards {
+                        Ok(())
+                    } else {
+                        Err(format!("hosts {hosted:?}, the map lists {shards:?}"))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+
     eprintln!("--- each half holds only its own rows");
     for id in 1..=3 {
         let status = cluster.node(id).status().await.unwrap();

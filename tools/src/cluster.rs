@@ -409,7 +409,7 @@ pub async fn operator(endpoint: &str, command: &OperatorCommand, json: bool) -> 
                 println!("{}", serde_json::json!({"cancelled": id, "shard": shard}));
             } else {
                 println!(
-                    "operator {id} on shard {shard} cancelled (its new replica is being removed)"
+                    "operator {id} on shard {shard} cancelled (a move's new replica is taken out; a split that applied already stands)"
                 );
             }
             Ok(())

@@ -284,6 +284,9 @@ impl StateMachine {
             let mut generation = self.shared.generation.lock();
             std::mem::replace(&mut *generation, next_generation)
         };
+        // The range first (see `split`): a reader that finds the new
+        // store's rows also finds the new range version.
+        *self.shared.range.lock() = range;
         self.shared.store.store(Arc::new(store));
         *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
         // The snapshot's, not the max with ours: an install replaces the
@@ -292,7 +295,6 @@ impl StateMachine {
             .leader_time_us
             .store(leader_time_us, std::sync::atomic::Ordering::SeqCst);
         self.shared.map.send_replace(map);
-        *self.shared.range.lock() = range;
         self.shared.observer.store_replaced();
         self.replace_current_snapshot(own);
         // Readers may still hold the old store for a moment; RocksDB keeps

@@ -98,17 +98,9 @@ impl StateMachine {
         {
             // Decided on another epoch: refused, not recorded (the request
             // id may be proposed again with the current one).
-            let unrecorded: Vec<(&[u8], Option<&[u8]>)> = meta_puts
-                .iter()
-                .copied()
-                .filter(|(key, _)| {
-                    !key.starts_with(REQUEST_PREFIX) && !key.starts_with(REQUEST_SLOT_PREFIX)
-                })
-                .collect();
-            self.store().put_meta(&unrecorded).map_err(engine_io)?;
-            return Ok(Response::Rejected {
-                kind: RejectKind::WrongShard,
-                message: format!(
+            return self.refuse_unrecorded(
+                RejectKind::WrongShard,
+                format!(
                     "shard {}: the split was decided on range version {} and the shard is at {} \
                      ({})",
                     self.shared.group,
@@ -116,7 +108,8 @@ impl StateMachine {
                     current.version,
                     describe(&current)
                 ),
-            });
+                meta_puts,
+            );
         }
         if split.at <= split.start || split.end.is_some_and(|end| split.at >= end) {
             return self.refuse(
@@ -134,14 +127,14 @@ impl StateMachine {
         }
         let membership = self.shared.applied.lock().1.clone();
         if membership.membership().get_joint_config().len() != 1 {
-            return self.refuse(
-                Response::Rejected {
-                    kind: RejectKind::Conflict,
-                    message: format!(
-                        "shard {}: its membership is changing; split it once that is done",
-                        self.shared.group
-                    ),
-                },
+            // Passing: the same split may be proposed again once the
+            // membership is uniform.
+            return self.refuse_unrecorded(
+                RejectKind::Conflict,
+                format!(
+                    "shard {}: its membership is changing; split it once that is done",
+                    self.shared.group
+                ),
                 meta_puts,
             );
         }
@@ -151,8 +144,11 @@ impl StateMachine {
                 self.shared.group, split.child
             ))
         })?;
-        let child_dir = handler.child_dir(split.child);
-        if !child_dir.exists() {
+        // `None`: this node hosted the child under this id before (a replay
+        // after the child moved away): it is never built again.
+        if let Some(child_dir) = handler.prepare_child(split.child)?
+            && !child_dir.exists()
+        {
             self.build_child(&child_dir, &split, log_id.index, &membership, leader_ts_us)?;
             crate::failpoint::failpoint("split.child_built");
         }
@@ -163,15 +159,18 @@ impl StateMachine {
         let range_bytes = postcard::to_stdvec(&range).map_err(io::Error::other)?;
         let mut puts = meta_puts.to_vec();
         puts.push((RANGE_KEY, Some(range_bytes.as_slice())));
+        // The new range is published before the rows go: a reader checks
+        // ownership, reads, then checks the range version, so a read that
+        // finds the rows deleted always finds the version changed too.
+        *self.shared.range.lock() = Some(range);
         let store = self.store();
         store
             .delete_hash_range_with(split.at, split.end, &puts)
             .map_err(engine_io)?;
-        *self.shared.range.lock() = Some(range);
-        // After the range: a read that cached a row of the half given away
-        // before this either finds the range changed or loses its entry here
-        // (the rows live on in the child; the node's cache must not say
-        // they are absent).
+        // After the delete: a read that cached a row of the half given away
+        // either finds the range changed or loses its entry here (the rows
+        // live on in the child; the node's cache must not say they are
+        // absent).
         self.shared.observer.replica_changed();
         tracing::info!(
             group = self.shared.group,
@@ -183,9 +182,31 @@ impl StateMachine {
         handler.child_created(split.child);
         // Give the space back in the background: the deleted half's table
         // files are shared with the child until compaction rewrites them.
-        let (at, end) = (split.at, split.end);
-        std::thread::spawn(move || store.compact_hash_range(at, end));
-        Ok(Response::Split { child: split.child })
+        compact_later(&store, split.at, split.end);
+        Ok(Response::Split {
+            child: split.child,
+            index: log_id.index,
+        })
+    }
+
+    /// Refuses an entry without recording the refusal against its request
+    /// id (its position and leader time are recorded): the same request may
+    /// be proposed again once what refused it has passed.
+    fn refuse_unrecorded(
+        &self,
+        kind: RejectKind,
+        message: String,
+        meta_puts: quiver_engine::store::MetaPuts<'_>,
+    ) -> io::Result<Response> {
+        let unrecorded: Vec<(&[u8], Option<&[u8]>)> = meta_puts
+            .iter()
+            .copied()
+            .filter(|(key, _)| {
+                !key.starts_with(REQUEST_PREFIX) && !key.starts_with(REQUEST_SLOT_PREFIX)
+            })
+            .collect();
+        self.store().put_meta(&unrecorded).map_err(engine_io)?;
+        Ok(Response::Rejected { kind, message })
     }
 
     /// Builds the child's replica directory (see the module doc).
@@ -252,6 +273,42 @@ impl StateMachine {
         staging.keep();
         sync_dir(parent)?;
         Ok(())
+    }
+}
+
+/// Compactions of given-away halves waiting for the one background worker,
+/// at most.
+const COMPACTIONS_QUEUED_MAX: usize = 16;
+
+/// Compacts a deleted hash range on one process-wide background thread
+/// (splits are rare; a full queue skips the compaction, and RocksDB's own
+/// compactions reclaim the space later).
+fn compact_later(store: &std::sync::Arc<StateStore>, from: u64, to: Option<u64>) {
+    use std::sync::mpsc::{SyncSender, sync_channel};
+    type Job = (std::sync::Weak<StateStore>, u64, Option<u64>);
+    static WORKER: std::sync::OnceLock<Option<SyncSender<Job>>> = std::sync::OnceLock::new();
+    let worker = WORKER.get_or_init(|| {
+        let (jobs, queue) = sync_channel::<Job>(COMPACTIONS_QUEUED_MAX);
+        std::thread::Builder::new()
+            .name("quiver-split-compaction".into())
+            .spawn(move || {
+                for (store, from, to) in queue {
+                    // A store replaced or destroyed meanwhile is not kept
+                    // open for this.
+                    if let Some(store) = store.upgrade() {
+                        store.compact_hash_range(from, to);
+                    }
+                }
+            })
+            .ok()
+            .map(|_| jobs)
+    });
+    if let Some(jobs) = worker
+        && jobs
+            .try_send((std::sync::Arc::downgrade(store), from, to))
+            .is_err()
+    {
+        tracing::debug!("split compaction queue full; left to RocksDB");
     }
 }
 

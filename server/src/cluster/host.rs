@@ -93,7 +93,70 @@ pub struct GroupFactory {
     /// Where split children are announced (the cluster opens them).
     pub splits: tokio::sync::mpsc::Sender<SplitEvent>,
     /// The highest incarnation hosted per group.
-    pub hosted: parking_lot::Mutex<BTreeMap<GroupId, u32>>,
+    pub hosted: Arc<HostedLedger>,
+}
+
+/// `groups/HOSTED`: per group, the highest incarnation this node ever
+/// hosted (see the module doc). Checked and written on blocking threads.
+#[derive(Debug)]
+pub struct HostedLedger {
+    root: PathBuf,
+    hosted: parking_lot::Mutex<BTreeMap<GroupId, u32>>,
+}
+
+impl HostedLedger {
+    /// The ledger of `root` (`<data_dir>/groups`), read from disk (absent:
+    /// nothing hosted yet).
+    pub fn load(root: &Path) -> Result<HostedLedger, ClusterError> {
+        let path = root.join(HOSTED_FILE);
+        let hosted = match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() > HOSTED_FILE_BYTES_MAX => {
+                return Err(start_error(&path, std::io::Error::other("too large")));
+            }
+            Ok(_) => {
+                let bytes = std::fs::read(&path).map_err(|e| start_error(&path, e))?;
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| start_error(&path, std::io::Error::other(e)))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(start_error(&path, e)),
+        };
+        Ok(HostedLedger {
+            root: root.to_path_buf(),
+            hosted: parking_lot::Mutex::new(hosted),
+        })
+    }
+
+    /// The highest incarnation of `group` hosted here, if any.
+    pub fn highest(&self, group: GroupId) -> Option<u32> {
+        self.hosted.lock().get(&group).copied()
+    }
+
+    /// Whether `replica` of `group` may be created empty here: this node
+    /// never hosted the group at that incarnation or a later one.
+    pub fn may_create(&self, group: GroupId, replica: ReplicaId) -> bool {
+        self.highest(group)
+            .is_none_or(|known| known < replica.incarnation())
+    }
+
+    /// Records, durably, that `replica` of `group` is (about to be) hosted
+    /// here, if it raises the group's highest incarnation. Blocks (fsync).
+    pub fn record(&self, group: GroupId, replica: ReplicaId) -> std::io::Result<()> {
+        let mut hosted = self.hosted.lock();
+        if hosted
+            .get(&group)
+            .is_some_and(|&known| known >= replica.incarnation())
+        {
+            return Ok(());
+        }
+        let mut next = hosted.clone();
+        next.insert(group, replica.incarnation());
+        std::fs::create_dir_all(&self.root)?;
+        let bytes = serde_json::to_vec(&next).map_err(std::io::Error::other)?;
+        quiver_engine::durable::write_atomic(&self.root.join(HOSTED_FILE), &bytes)?;
+        *hosted = next;
+        Ok(())
+    }
 }
 
 impl GroupFactory {
@@ -118,7 +181,7 @@ impl GroupFactory {
             let entry = entry.map_err(|e| start_error(&self.root, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some((group, incarnation)) = parse_dir_name(&name) else {
-                if name != TRASH_DIR {
+                if name != TRASH_DIR && name != HOSTED_FILE && !name.starts_with(".split-") {
                     tracing::warn!(dir = %entry.path().display(), "not a replica directory; ignored");
                 }
                 continue;
@@ -134,40 +197,6 @@ impl GroupFactory {
         Ok(found)
     }
 
-    /// Reads `groups/HOSTED` (absent: nothing hosted yet).
-    pub fn load_hosted(&self) -> Result<(), ClusterError> {
-        let path = self.root.join(HOSTED_FILE);
-        let bytes = match std::fs::metadata(&path) {
-            Ok(meta) if meta.len() > HOSTED_FILE_BYTES_MAX => {
-                return Err(start_error(&path, std::io::Error::other("too large")));
-            }
-            Ok(_) => std::fs::read(&path).map_err(|e| start_error(&path, e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(start_error(&path, e)),
-        };
-        let hosted: BTreeMap<GroupId, u32> = serde_json::from_slice(&bytes)
-            .map_err(|e| start_error(&path, std::io::Error::other(e)))?;
-        *self.hosted.lock() = hosted;
-        Ok(())
-    }
-
-    /// Records that `replica` of `group` is (about to be) hosted here,
-    /// durably, if it raises the group's highest incarnation.
-    fn record_hosted(&self, group: GroupId, replica: ReplicaId) -> std::io::Result<()> {
-        let mut hosted = self.hosted.lock();
-        let known = hosted.get(&group).copied();
-        if known.is_some_and(|known| known >= replica.incarnation()) {
-            return Ok(());
-        }
-        let mut next = hosted.clone();
-        next.insert(group, replica.incarnation());
-        std::fs::create_dir_all(&self.root)?;
-        let bytes = serde_json::to_vec(&next).map_err(std::io::Error::other)?;
-        quiver_engine::durable::write_atomic(&self.root.join(HOSTED_FILE), &bytes)?;
-        *hosted = next;
-        Ok(())
-    }
-
     /// Opens (creating if `create` and missing) a replica and starts its
     /// Raft instance (asleep: hibernation wakes it when the pings say so).
     /// A missing replica this node hosted before, or hosted a later
@@ -179,49 +208,56 @@ impl GroupFactory {
         create: bool,
     ) -> Result<Group, ClusterError> {
         let dir = self.dir(group, replica);
-        let exists = dir.is_dir();
-        if !exists {
-            if !create {
-                return Err(ClusterError::Start(format!(
-                    "replica {replica} of group {group}: {} is missing",
-                    dir.display()
-                )));
-            }
-            let hosted_before = self.hosted.lock().get(&group).copied();
-            if hosted_before.is_some_and(|known| known >= replica.incarnation()) {
-                return Err(ClusterError::Start(format!(
-                    "replica {replica} of group {group} is gone from {} but this node hosted \
-                     incarnation {} of the group: it is never created again under an id that \
-                     may have voted",
-                    dir.display(),
-                    hosted_before.unwrap_or(0)
-                )));
-            }
-        }
-        self.record_hosted(group, replica)
-            .map_err(|e| start_error(&self.root, e))?;
-        let log = LogStore::open(dir.join("log"), self.log_options)
-            .map_err(|e| ClusterError::Start(format!("group {group} log: {e}")))?;
+        let ledger = self.hosted.clone();
+        let root = self.root.clone();
+        let log_options = self.log_options;
         let store_options = StoreOptions {
             load_catalog: group == METADATA_GROUP,
             ..self.store.clone()
         };
-        let state = StateMachine::open(
-            group,
-            dir.join("state"),
-            store_options,
-            self.observer.clone(),
-        )
-        .map_err(|e| ClusterError::Start(format!("group {group} state: {e}")))?;
+        let observer = self.observer.clone();
+        // Disk work (the ledger's fsync, opening RocksDB and the log) off
+        // the async workers every group's heartbeats share.
+        let (log, state) = tokio::task::spawn_blocking(move || {
+            let exists = dir.is_dir();
+            if !exists {
+                if !create {
+                    return Err(ClusterError::Start(format!(
+                        "replica {replica} of group {group}: {} is missing",
+                        dir.display()
+                    )));
+                }
+                if !ledger.may_create(group, replica) {
+                    return Err(ClusterError::Start(format!(
+                        "replica {replica} of group {group} is gone from {} but this node hosted \
+                         incarnation {} of the group: it is never created again under an id \
+                         that may have voted",
+                        dir.display(),
+                        ledger.highest(group).unwrap_or(0)
+                    )));
+                }
+            }
+            ledger
+                .record(group, replica)
+                .map_err(|e| start_error(&root, e))?;
+            let log = LogStore::open(dir.join("log"), log_options)
+                .map_err(|e| ClusterError::Start(format!("group {group} log: {e}")))?;
+            let state = StateMachine::open(group, dir.join("state"), store_options, observer)
+                .map_err(|e| ClusterError::Start(format!("group {group} state: {e}")))?;
+            if !exists {
+                sync_dir(&root).map_err(|e| start_error(&root, e))?;
+            }
+            Ok((log, state))
+        })
+        .await
+        .map_err(|e| ClusterError::Start(format!("group {group}: {e}")))??;
         state.set_split_handler(Arc::new(SplitChildren {
             parent: group,
             root: self.root.clone(),
             replica,
             splits: self.splits.clone(),
+            hosted: self.hosted.clone(),
         }));
-        if create {
-            sync_dir(&self.root).map_err(|e| start_error(&self.root, e))?;
-        }
         let network = GroupNetwork {
             group,
             clients: self.clients.clone(),
@@ -247,13 +283,26 @@ impl GroupFactory {
         })
     }
 
-    /// Deletes what earlier runs left in the trash.
+    /// Deletes what earlier runs left in the trash, and split children a
+    /// crash left half built (`.split-*`: no split is under way at start;
+    /// a replayed split builds its child again).
     pub fn empty_trash(&self) {
         let trash = self.root.join(TRASH_DIR);
         if let Err(e) = std::fs::remove_dir_all(&trash)
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(dir = %trash.display(), error = %e, "cannot empty the trash");
+        }
+        let staging = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten();
+        for entry in staging {
+            if entry.file_name().to_string_lossy().starts_with(".split-")
+                && let Err(e) = std::fs::remove_dir_all(entry.path())
+            {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove a half-built split child");
+            }
         }
     }
 }
@@ -441,6 +490,7 @@ struct SplitChildren {
     root: PathBuf,
     replica: ReplicaId,
     splits: tokio::sync::mpsc::Sender<SplitEvent>,
+    hosted: Arc<HostedLedger>,
 }
 
 /// A split child's replica is on disk and must be hosted.
@@ -455,8 +505,17 @@ pub struct SplitEvent {
 }
 
 impl quiver_raft::state_machine::SplitHandler for SplitChildren {
-    fn child_dir(&self, child: GroupId) -> PathBuf {
-        self.root.join(dir_name(child, self.replica))
+    fn prepare_child(&self, child: GroupId) -> std::io::Result<Option<PathBuf>> {
+        let dir = self.root.join(dir_name(child, self.replica));
+        if dir.exists() {
+            return Ok(Some(dir));
+        }
+        if !self.hosted.may_create(child, self.replica) {
+            tracing::info!(child, replica = %self.replica, "a replayed split's child was hosted here before; not built again");
+            return Ok(None);
+        }
+        self.hosted.record(child, self.replica)?;
+        Ok(Some(dir))
     }
 
     fn child_created(&self, child: GroupId) {

@@ -21,8 +21,8 @@
 //! - stores the first map (a static cluster's layout) if there is none;
 //! - keeps the metadata group's membership in line with the map: every node
 //!   that is not removed follows it (a learner), joining nodes that caught
-//!   up become serving, and an odd number of voters (up to
-//!   `metadata_voters`) sits on serving nodes that are up and caught up (a
+//!   up become serving, and up to `metadata_voters` voters (an odd number
+//!   above two) sit on serving nodes that are up and caught up (a
 //!   draining or removed node's vote moves to another node; a joint
 //!   membership left by a leader change is finished);
 //! - runs the operators the map holds (`operator`) and the scheduler
@@ -176,6 +176,24 @@ impl Cluster {
                 // Another replica of the shard is still hosted here: it goes
                 // first (tombstoned, or a stray below).
                 tracing::debug!(shard, old = %old.replica, new = %replica.id, "a replica waits for the old one to go");
+                continue;
+            }
+            // A split's child is built by this node's replica of the parent
+            // (the same id) when it applies the split: not created empty
+            // while that replica has yet to (the child would hold nothing of
+            // the moved half here; only one that skipped the split by
+            // installing a snapshot leaves its child to be created).
+            let parent_pending = map
+                .shards
+                .get(&shard)
+                .and_then(|desc| desc.split_from)
+                .is_some_and(|(parent, index)| {
+                    self.host.get(parent).is_some_and(|hosted| {
+                        hosted.replica == replica.id
+                            && hosted.state.applied().is_none_or(|id| id.index < index)
+                    })
+                });
+            if parent_pending {
                 continue;
             }
             if let Err(e) = self.host.open(shard, replica.id, true).await {
@@ -494,8 +512,9 @@ enum MetadataChange {
 /// by node) in line with the map, if any: learners first (a node must
 /// follow before it can vote), then the voters, then removals. Voters are
 /// kept on serving nodes, as many as `metadata_voters` and the serving
-/// nodes allow but always an odd number (two voters need both for every
-/// commit), and only nodes that are `ready` (up, caught up) are promoted.
+/// nodes allow, an odd number above two (a fourth voter adds no fault
+/// tolerance; two are kept rather than one, for a second copy of the map),
+/// and only nodes that are `ready` (up, caught up) are promoted.
 fn metadata_change(
     map: &ClusterMap,
     voters: &BTreeSet<NodeId>,
@@ -512,15 +531,20 @@ fn metadata_change(
     }
     let serving: BTreeSet<NodeId> = map.serving_nodes().collect();
     let mut wanted = (map.metadata_voters as usize).clamp(1, serving.len().max(1));
-    if wanted.is_multiple_of(2) {
+    // An even count above two adds no fault tolerance (4 -> 3); two voters
+    // are kept rather than one, for a second copy of the map.
+    if wanted.is_multiple_of(2) && wanted > 2 {
         wanted -= 1;
     }
-    let mut next: BTreeSet<NodeId> = voters
+    // Current voters on serving nodes stay, the ready ones first (a voter
+    // that is down for a moment is not churned out while others could be).
+    let mut staying: Vec<NodeId> = voters
         .iter()
         .copied()
         .filter(|node| serving.contains(node))
-        .take(wanted)
         .collect();
+    staying.sort_by_key(|&node| (!ready(node), node));
+    let mut next: BTreeSet<NodeId> = staying.into_iter().take(wanted).collect();
     for &node in &serving {
         if next.len() >= wanted {
             break;
@@ -597,10 +621,21 @@ mod tests {
             metadata_change(&map, &set(&[1]), &set(&[2]), all_ready),
             None
         );
-        // Two serving nodes: still one voter (two would need both).
+        // Two serving nodes: two voters (a second copy of the map), once
+        // the second is ready.
         let map = map_with(&[(1, Serving), (2, Serving)], 3);
         assert_eq!(
             metadata_change(&map, &set(&[1]), &set(&[2]), all_ready),
+            Some(MetadataChange::Voters(set(&[1, 2])))
+        );
+        assert_eq!(
+            metadata_change(&map, &set(&[1]), &set(&[2]), |n| n == 1),
+            None
+        );
+        // Four serving nodes and five wanted: three voters.
+        let map = map_with(&[(1, Serving), (2, Serving), (3, Serving), (4, Serving)], 5);
+        assert_eq!(
+            metadata_change(&map, &set(&[1, 2, 3]), &set(&[4]), all_ready),
             None
         );
         // Three: all vote, once they are ready.

@@ -149,7 +149,13 @@ async fn host_split_children(
         let led = cluster.group(event.parent).is_some_and(|parent| {
             parent.raft.metrics().borrow_watched().state == openraft::ServerState::Leader
         });
+        // A replayed split announces a child that may be running already:
+        // it must not be made to campaign again.
+        let already = cluster
+            .group(event.child)
+            .is_some_and(|child| child.replica == event.replica);
         match cluster.host.open(event.child, event.replica, false).await {
+            Ok(_) if already => {}
             Ok(child) => {
                 if led {
                     child.pulse.wake(&child.raft);
@@ -307,10 +313,11 @@ impl Cluster {
             observer: options.observer,
             clients: clients.clone(),
             splits,
-            hosted: Mutex::new(BTreeMap::new()),
+            hosted: Arc::new(host::HostedLedger::load(
+                &options.data_dir.join(GROUPS_DIR),
+            )?),
         });
         host.factory.empty_trash();
-        host.factory.load_hosted()?;
         // What to open: every replica on disk, and at a first start the ones
         // this node is to create (a crash during an earlier first start may
         // have created some: none of them was ever initialized or voted,

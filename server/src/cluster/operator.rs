@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, LinearizerOption, ReadPolicy, ServerState};
 use parking_lot::Mutex;
-use quiver_raft::cluster_map::{MapCommand, Operator, OperatorKind, OperatorStep};
+use quiver_raft::cluster_map::{ClusterMap, MapCommand, Operator, OperatorKind, OperatorStep};
 use quiver_raft::state_machine::RangeDesc;
 use quiver_raft::types::{LogId, RejectKind};
 use quiver_raft::{Command, GroupId, ReplicaId, RequestId, Response};
@@ -144,8 +144,9 @@ enum Progress {
 /// What a step remembers between looks (on this metadata leader).
 #[derive(Debug, Default)]
 struct Memory {
-    /// Handovers of a leaving leader that failed.
-    handovers_failed: u32,
+    /// Handovers of a leaving leader tried (a handover that returns but
+    /// does not move leadership counts too).
+    handovers_tried: u32,
 }
 
 /// The request id of operator `id`'s split proposal: the same for every
@@ -183,12 +184,21 @@ impl Cluster {
     /// The operator `id` on `shard` as the map holds it after a metadata
     /// read index, if it is still there and this node leads the metadata
     /// group.
-    async fn current_operator(&self, shard: GroupId, id: u64) -> Option<Operator> {
+    async fn current_operator(
+        &self,
+        shard: GroupId,
+        id: u64,
+    ) -> Option<(Operator, Arc<ClusterMap>)> {
         if !self.leads_metadata() {
             return None;
         }
         let map = self.current_map().await.ok()?;
-        map.operators.get(&shard).filter(|op| op.id == id).cloned()
+        let op = map
+            .operators
+            .get(&shard)
+            .filter(|op| op.id == id)
+            .cloned()?;
+        Some((op, map))
     }
 
     fn step_timed_out(&self, op: &Operator) -> bool {
@@ -200,10 +210,15 @@ impl Cluster {
     }
 
     /// One look at an operator: does what its step needs next.
-    async fn step(&self, op: &Operator, memory: &mut Memory) -> Result<Progress, ClusterError> {
+    async fn step(
+        &self,
+        op: &Operator,
+        map: &ClusterMap,
+        memory: &mut Memory,
+    ) -> Result<Progress, ClusterError> {
         let shard = op.shard;
         if let OperatorKind::Split { at, child } = op.kind {
-            return self.split(op, at, child).await;
+            return self.split(op, map, at, child).await;
         }
         let state = self.shard_state(shard).await?;
         if op.cancelled {
@@ -337,7 +352,7 @@ impl Cluster {
             return Ok(Progress::Wait);
         }
         if state.voters() != target {
-            if !target.contains(&state.leader) && memory.handovers_failed < HANDOVER_ATTEMPTS_MAX {
+            if !target.contains(&state.leader) && memory.handovers_tried < HANDOVER_ATTEMPTS_MAX {
                 // Hand over first: a leader that removes itself steps down
                 // on its own, outside the handover that voids its lease.
                 // To a voter that stays, is up, and is furthest along.
@@ -349,8 +364,8 @@ impl Cluster {
                     .max_by_key(|r| state.matched.get(r).copied().unwrap_or(0));
                 if let Some(to) = candidate {
                     tracing::info!(shard, to = %to, "handing over before the leader's replica leaves");
+                    memory.handovers_tried += 1;
                     if let Err(e) = self.transfer_leader(shard, to.node()).await {
-                        memory.handovers_failed += 1;
                         tracing::info!(shard, error = %e, "handover before a removal failed");
                     }
                     return Ok(Progress::Wait);
@@ -388,40 +403,63 @@ impl Cluster {
         Ok(Progress::Finished)
     }
 
-    /// A split: proposed to the shard (once, whatever the retries: a fixed
-    /// request id), recorded in the map once the shard's range shows it.
+    /// A split: proposed to the shard with a request id fixed per operator
+    /// (a retry of one that applied is answered `AlreadyApplied`), and
+    /// recorded in the map (with the split's index) once the shard's range
+    /// lists the child. A cancelled split is fenced first: a fence with the
+    /// same request id, once applied, keeps any copy of the split still in
+    /// flight from applying; then the range says whether it had applied
+    /// (it is recorded: it stands) or not (the operator is dropped).
     async fn split(
         &self,
         op: &Operator,
+        map: &ClusterMap,
         at: u64,
         child: GroupId,
     ) -> Result<Progress, ClusterError> {
         let shard = op.shard;
+        let request_id = operator_request_id(op.id);
+        if op.cancelled {
+            match self
+                .propose_with_id(shard, Command::Fence, Some(request_id))
+                .await
+            {
+                Ok((Response::Fenced | Response::AlreadyApplied, _)) => {}
+                Ok((other, _)) => {
+                    return Err(ClusterError::Refused {
+                        group: shard,
+                        message: format!("unexpected answer to a fence: {other:?}"),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let state = self.shard_state(shard).await?;
         let applied = state
             .range
             .as_ref()
-            .is_some_and(|range| range.children.iter().any(|&(c, _)| c == child));
-        if applied {
-            self.change_map(MapCommand::FinishOperator { shard, id: op.id })
-                .await?;
-            tracing::info!(
-                shard,
-                child,
-                at = format_args!("{at:#018x}"),
-                "split recorded in the map"
-            );
-            return Ok(Progress::Finished);
+            .and_then(|range| range.children.iter().find(|&&(c, _)| c == child))
+            .map(|&(_, index)| index);
+        if let Some(index) = applied {
+            return self.finish_split(op, at, child, index).await;
         }
         if op.cancelled {
             self.change_map(MapCommand::DropOperator { shard, id: op.id })
                 .await?;
+            tracing::info!(shard, op = op.id, "split cancelled before it applied");
             return Ok(Progress::Finished);
         }
-        let placement = self.placement();
-        let desc = placement
-            .shard(shard)
+        let desc = map
+            .shards
+            .get(&shard)
             .ok_or(ClusterError::NoSuchGroup(shard))?;
+        // A split copies the parent's membership: only a settled one that
+        // the map agrees with (no learner half added, no joint config).
+        let listed: BTreeSet<ReplicaId> = desc.replicas.iter().map(|r| r.id).collect();
+        if state.is_joint() || !state.committed || state.members != listed {
+            tracing::info!(shard, "a split waits for the shard's membership to settle");
+            return Ok(Progress::Wait);
+        }
         let command = Command::Split {
             child,
             at,
@@ -429,14 +467,15 @@ impl Cluster {
             end: desc.end,
             version: desc.epoch.version,
         };
-        match self
-            .propose_with_id(shard, command, Some(operator_request_id(op.id)))
-            .await
-        {
-            Ok((Response::Split { .. } | Response::AlreadyApplied, _)) => {
+        match self.propose_with_id(shard, command, Some(request_id)).await {
+            Ok((Response::Split { index, .. }, _)) => {
                 failpoint("operator.split_applied");
-                Ok(Progress::Wait)
+                // Applied on the shard's leader: the map learns of it at
+                // once, so routers move on to the child without waiting.
+                self.finish_split(op, at, child, index).await
             }
+            // Applied by an earlier attempt: the next look finds its index.
+            Ok((Response::AlreadyApplied, _)) => Ok(Progress::Wait),
             Ok((other, _)) => Err(ClusterError::Refused {
                 group: shard,
                 message: format!("unexpected answer to a split: {other:?}"),
@@ -452,8 +491,32 @@ impl Cluster {
                     .await?;
                 Ok(Progress::Wait)
             }
+            // Passing (a membership change under way): tried again.
             Err(e) => Err(e),
         }
+    }
+
+    async fn finish_split(
+        &self,
+        op: &Operator,
+        at: u64,
+        child: GroupId,
+        index: u64,
+    ) -> Result<Progress, ClusterError> {
+        self.change_map(MapCommand::FinishSplit {
+            shard: op.shard,
+            id: op.id,
+            index,
+        })
+        .await?;
+        tracing::info!(
+            shard = op.shard,
+            child,
+            at = format_args!("{at:#018x}"),
+            index,
+            "split recorded in the map"
+        );
+        Ok(Progress::Finished)
     }
 
     async fn advance(&self, op: &Operator, step: OperatorStep) -> Result<(), ClusterError> {
@@ -630,10 +693,10 @@ async fn carry_out(cluster: std::sync::Weak<Cluster>, shard: GroupId, id: u64) {
             if cluster.is_stopping() {
                 return;
             }
-            let Some(op) = cluster.current_operator(shard, id).await else {
+            let Some((op, map)) = cluster.current_operator(shard, id).await else {
                 return;
             };
-            cluster.step(&op, &mut memory).await
+            cluster.step(&op, &map, &mut memory).await
         };
         match progress {
             Ok(Progress::Finished) => return,

@@ -296,9 +296,10 @@ impl Cluster {
         }
         let written =
             tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(proposal)).await;
-        if splitting && matches!(written, Ok(Ok(_))) {
-            // Applied here (or refused): leases hold again. (A timeout keeps
-            // them off until the range changes or the term ends.)
+        if splitting && written.is_ok() {
+            // Applied here, refused, or never appended (not the leader):
+            // leases hold again. (A timeout keeps them off until the range
+            // changes or the term ends: the entry may still apply.)
             *hosted.splitting.lock() = None;
         }
         match written {
