@@ -663,7 +663,7 @@ impl StateStore {
     /// (`to_hash` `None`: up to the end of the ring), with `meta_puts`, in
     /// one batch: a shard split giving away half of its range. A range
     /// delete, so the cost does not grow with the rows; compaction reclaims
-    /// the space later ([`Self::compact_hash_range`]).
+    /// the space later.
     pub fn delete_hash_range_with(
         &self,
         from_hash: u64,
@@ -680,17 +680,6 @@ impl StateStore {
         add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())
-    }
-
-    /// Compacts the rows of a hash range (after it was deleted, to give the
-    /// space back).
-    pub fn compact_hash_range(&self, from_hash: u64, to_hash: Option<u64>) {
-        let (from, to) = hash_range_keys(from_hash, to_hash);
-        if from >= to {
-            return;
-        }
-        self.db
-            .compact_range_cf(self.cf(CF_DATA), Some(from.as_slice()), Some(to.as_slice()));
     }
 
     /// Reads one key of the `meta` column family.

@@ -163,8 +163,7 @@ impl StateMachine {
         // ownership, reads, then checks the range version, so a read that
         // finds the rows deleted always finds the version changed too.
         *self.shared.range.lock() = Some(range);
-        let store = self.store();
-        store
+        self.store()
             .delete_hash_range_with(split.at, split.end, &puts)
             .map_err(engine_io)?;
         // After the delete: a read that cached a row of the half given away
@@ -180,9 +179,9 @@ impl StateMachine {
             "shard split"
         );
         handler.child_created(split.child);
-        // Give the space back in the background: the deleted half's table
-        // files are shared with the child until compaction rewrites them.
-        compact_later(&store, split.at, split.end);
+        // No compaction is forced: both halves share the checkpoint's table
+        // files (hard links, no second copy on disk) until RocksDB's own
+        // compactions rewrite each side's files with its half only.
         Ok(Response::Split {
             child: split.child,
             index: log_id.index,
@@ -273,42 +272,6 @@ impl StateMachine {
         staging.keep();
         sync_dir(parent)?;
         Ok(())
-    }
-}
-
-/// Compactions of given-away halves waiting for the one background worker,
-/// at most.
-const COMPACTIONS_QUEUED_MAX: usize = 16;
-
-/// Compacts a deleted hash range on one process-wide background thread
-/// (splits are rare; a full queue skips the compaction, and RocksDB's own
-/// compactions reclaim the space later).
-fn compact_later(store: &std::sync::Arc<StateStore>, from: u64, to: Option<u64>) {
-    use std::sync::mpsc::{SyncSender, sync_channel};
-    type Job = (std::sync::Weak<StateStore>, u64, Option<u64>);
-    static WORKER: std::sync::OnceLock<Option<SyncSender<Job>>> = std::sync::OnceLock::new();
-    let worker = WORKER.get_or_init(|| {
-        let (jobs, queue) = sync_channel::<Job>(COMPACTIONS_QUEUED_MAX);
-        std::thread::Builder::new()
-            .name("quiver-split-compaction".into())
-            .spawn(move || {
-                for (store, from, to) in queue {
-                    // A store replaced or destroyed meanwhile is not kept
-                    // open for this.
-                    if let Some(store) = store.upgrade() {
-                        store.compact_hash_range(from, to);
-                    }
-                }
-            })
-            .ok()
-            .map(|_| jobs)
-    });
-    if let Some(jobs) = worker
-        && jobs
-            .try_send((std::sync::Arc::downgrade(store), from, to))
-            .is_err()
-    {
-        tracing::debug!("split compaction queue full; left to RocksDB");
     }
 }
 
