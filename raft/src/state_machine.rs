@@ -42,8 +42,8 @@ pub use split::child_seed;
 
 use crate::cluster_map::ClusterMap;
 use crate::types::{
-    Command, Entry, GroupId, LogId, Proposal, RejectKind, Response, SnapshotMeta, StoredMembership,
-    TypeConfig,
+    Command, Entry, GroupId, LogId, Proposal, RejectKind, ReplicaId, Response, SnapshotMeta,
+    StoredMembership, TypeConfig,
 };
 
 const APPLIED_KEY: &[u8] = b"raft/applied";
@@ -104,6 +104,8 @@ pub trait SplitHandler: Send + Sync + 'static {
     /// `None` if this node hosted the child under this id (or a later one)
     /// before: a replay after it moved away must not build it again.
     fn prepare_child(&self, child: GroupId) -> io::Result<Option<PathBuf>>;
+    /// This node's replica of the splitting shard (and so of its child).
+    fn replica(&self) -> ReplicaId;
     /// The child's replica is complete on disk: host it.
     fn child_created(&self, child: GroupId);
 }

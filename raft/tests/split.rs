@@ -45,16 +45,59 @@ fn options() -> StoreOptions {
 /// Children go in `root/<child>`; their creation is recorded.
 struct Children {
     root: PathBuf,
+    replica: ReplicaId,
     created: Mutex<Vec<GroupId>>,
+}
+
+impl Children {
+    fn new(root: PathBuf, replica: ReplicaId) -> Arc<Children> {
+        Arc::new(Children {
+            root,
+            replica,
+            created: Mutex::new(Vec::new()),
+        })
+    }
 }
 
 impl SplitHandler for Children {
     fn prepare_child(&self, child: GroupId) -> std::io::Result<Option<PathBuf>> {
         Ok(Some(self.root.join(child.to_string())))
     }
+    fn replica(&self) -> ReplicaId {
+        self.replica
+    }
     fn child_created(&self, child: GroupId) {
         self.created.lock().push(child);
     }
+}
+
+/// Group 1's state machine as replica `replica`, splitting into `dir/groups`.
+fn parent(dir: &std::path::Path, replica: ReplicaId) -> (StateMachine, Arc<Children>) {
+    let children = Children::new(dir.join("groups"), replica);
+    let name = if replica.0 >> 32 == 0 {
+        "1".to_string()
+    } else {
+        format!("1.{}", replica.0 >> 32)
+    };
+    let sm = StateMachine::open(
+        1,
+        dir.join("groups").join(name).join("state"),
+        options(),
+        Arc::new(NoObserver),
+    )
+    .unwrap();
+    sm.set_split_handler(children.clone());
+    (sm, children)
+}
+
+/// The keys below the split point and those at or above it (both non-empty).
+fn halves(keys: &[String]) -> (Vec<String>, Vec<String>) {
+    let (low, high): (Vec<String>, Vec<String>) = keys
+        .iter()
+        .cloned()
+        .partition(|k| entity_hash(k.as_bytes()) < AT);
+    assert!(!low.is_empty() && !high.is_empty());
+    (low, high)
 }
 
 fn entry(index: u64, request_id: u128, command: Command) -> Entry {
@@ -124,24 +167,9 @@ fn membership_entry() -> Entry {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_leaves_each_half_its_rows_and_refuses_the_other_half() {
     let dir = tempfile::tempdir().unwrap();
-    let children = Arc::new(Children {
-        root: dir.path().join("groups"),
-        created: Mutex::new(Vec::new()),
-    });
-    let mut sm = StateMachine::open(
-        1,
-        dir.path().join("groups/1/state"),
-        options(),
-        Arc::new(NoObserver),
-    )
-    .unwrap();
-    sm.set_split_handler(children.clone());
+    let (mut sm, children) = parent(dir.path(), ReplicaId(1));
     let keys: Vec<String> = (0..200).map(|i| format!("key-{i}")).collect();
-    let (low, high): (Vec<String>, Vec<String>) = keys
-        .iter()
-        .cloned()
-        .partition(|k| entity_hash(k.as_bytes()) < AT);
-    assert!(!low.is_empty() && !high.is_empty());
+    let (low, high) = halves(&keys);
 
     eprintln!("--- write, then split at the middle of the ring");
     let responses = apply(
@@ -267,18 +295,7 @@ impl RaftNetworkV2<TypeConfig> for Alone {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_opens_a_split_child_elects_and_appends_after_the_seed() {
     let dir = tempfile::tempdir().unwrap();
-    let children = Arc::new(Children {
-        root: dir.path().join("groups"),
-        created: Mutex::new(Vec::new()),
-    });
-    let mut sm = StateMachine::open(
-        1,
-        dir.path().join("groups/1/state"),
-        options(),
-        Arc::new(NoObserver),
-    )
-    .unwrap();
-    sm.set_split_handler(children.clone());
+    let (mut sm, _children) = parent(dir.path(), ReplicaId(1));
     let keys: Vec<String> = (0..50).map(|i| format!("key-{i}")).collect();
     let high: Vec<String> = keys
         .iter()
@@ -352,18 +369,7 @@ async fn openraft_opens_a_split_child_elects_and_appends_after_the_seed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fenced_split_never_applies_and_a_passing_refusal_is_not_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let children = Arc::new(Children {
-        root: dir.path().join("groups"),
-        created: Mutex::new(Vec::new()),
-    });
-    let mut sm = StateMachine::open(
-        1,
-        dir.path().join("groups/1/state"),
-        options(),
-        Arc::new(NoObserver),
-    )
-    .unwrap();
-    sm.set_split_handler(children.clone());
+    let (mut sm, children) = parent(dir.path(), ReplicaId(1));
     let joint = Membership::new(
         vec![
             BTreeSet::from([ReplicaId(1)]),
@@ -426,4 +432,35 @@ fn membership_entry_at(index: u64) -> Entry {
     )
     .unwrap();
     Entry::new_membership(log_id::<TypeConfig>(1, ReplicaId(1), index), membership)
+}
+
+/// A replica added after the split (a later incarnation of this node's,
+/// catching up from the log) replays it: the parent keeps its half, but no
+/// child is built, since the child's members are the parent's at the split
+/// and this node's replica of it is the one that split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_after_a_split_replays_it_without_building_a_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sm, children) = parent(dir.path(), ReplicaId::new(1, 1));
+    let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
+    let (low, high) = halves(&keys);
+    let responses = apply(
+        &mut sm,
+        vec![
+            membership_entry(),
+            entry(2, 0xA, write(&keys, 1)),
+            entry(3, 0xB, split(0)),
+        ],
+    )
+    .await;
+    assert_eq!(responses[2], Response::Split { child: 9, index: 3 });
+    assert!(children.created.lock().is_empty(), "no child announced");
+    let built: Vec<_> = std::fs::read_dir(dir.path().join("groups"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(built, vec!["1.1".to_string()], "no child directory");
+    assert!(present(&sm, &low).iter().all(|&p| p));
+    assert!(present(&sm, &high).iter().all(|&p| !p));
+    assert_eq!(sm.range().unwrap().children, vec![(9, 3)]);
 }

@@ -1,9 +1,10 @@
 //! Operators survive a crash at each of their steps: the metadata leader
-//! (which carries operators out) or a replica applying a split aborts at a
-//! failpoint (`QUIVER_TEST_FAILPOINTS`, once per cluster), is restarted,
-//! and the operator completes or is rolled back; the shard's membership is
-//! the same on every node and in the map, and every acknowledged write
-//! reads back at STRONG through every node.
+//! (which carries operators out), a move's target, the shard's leader, or a
+//! replica applying a split aborts at a failpoint
+//! (`QUIVER_TEST_FAILPOINTS`, once per cluster), is restarted, and the
+//! operator completes or is rolled back; the shard's membership is the same
+//! on every node and in the map, and every acknowledged write reads back at
+//! STRONG through every node.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -189,6 +190,21 @@ async fn a_move_survives_its_metadata_leader_crashing_at_every_step() {
         "operator.promoting",
         "operator.voters_changed",
         "operator.finishing",
+    ] {
+        crash_at(failpoint, Operation::Move).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_survives_its_target_or_the_shard_leader_crashing() {
+    let _turn = ONE_CLUSTER.lock().await;
+    // The target just after it created its empty learner; the shard's
+    // leader (often the replica that leaves) just after adding the learner
+    // and just after the joint voter change.
+    for failpoint in [
+        "replica.learner_opened",
+        "shard.learner_added",
+        "shard.voters_changed",
     ] {
         crash_at(failpoint, Operation::Move).await;
     }

@@ -144,14 +144,34 @@ impl StateMachine {
                 self.shared.group, split.child
             ))
         })?;
-        // `None`: this node hosted the child under this id before (a replay
-        // after the child moved away): it is never built again.
-        if let Some(child_dir) = handler.prepare_child(split.child)?
-            && !child_dir.exists()
-        {
-            self.build_child(&child_dir, &split, log_id.index, &membership, leader_ts_us)?;
-            crate::failpoint::failpoint("split.child_built");
-        }
+        // The child's members are the parent's at the split. A replica
+        // added after it (a later incarnation replaying the entry) is not
+        // one: this node's replica of the child, if any, is the one that
+        // split, and a second must not be built beside it.
+        let replica = handler.replica();
+        let member = membership
+            .membership()
+            .nodes()
+            .any(|(id, _)| *id == replica);
+        let child_here = if !member {
+            tracing::info!(
+                group = self.shared.group,
+                child = split.child,
+                %replica,
+                "a replica that joined after the split replays it; the child is not built"
+            );
+            false
+        } else if let Some(child_dir) = handler.prepare_child(split.child)? {
+            if !child_dir.exists() {
+                self.build_child(&child_dir, &split, log_id.index, &membership, leader_ts_us)?;
+                crate::failpoint::failpoint("split.child_built");
+            }
+            true
+        } else {
+            // This node hosted the child under this id before (a replay
+            // after the child moved away): it is never built again.
+            false
+        };
         let mut range = current;
         range.end = Some(split.at);
         range.version += 1;
@@ -178,7 +198,9 @@ impl StateMachine {
             index = log_id.index,
             "shard split"
         );
-        handler.child_created(split.child);
+        if child_here {
+            handler.child_created(split.child);
+        }
         // No compaction is forced: both halves share the checkpoint's table
         // files (hard links, no second copy on disk) until RocksDB's own
         // compactions rewrite each side's files with its half only.

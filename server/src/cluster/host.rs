@@ -404,6 +404,11 @@ impl GroupHost {
             self.factory.observer.replica_changed();
         }
         tracing::info!(group, %replica, create, "replica opened");
+        if create && replica.incarnation() > 0 {
+            // Fault tests stop a move's target right after it made its
+            // learner.
+            quiver_raft::failpoint::failpoint("replica.learner_opened");
+        }
         Ok(hosted)
     }
 
@@ -516,6 +521,10 @@ impl quiver_raft::state_machine::SplitHandler for SplitChildren {
         }
         self.hosted.record(child, self.replica)?;
         Ok(Some(dir))
+    }
+
+    fn replica(&self) -> ReplicaId {
+        self.replica
     }
 
     fn child_created(&self, child: GroupId) {

@@ -644,6 +644,14 @@ impl Cluster {
             return PeerResult::NoSuchGroup;
         };
         self.activity(shard).await;
+        // Fault tests stop the shard leader right after the change.
+        let point = match change {
+            MembershipChange::AddLearner { .. } => "shard.learner_added",
+            MembershipChange::SetVoters(_) => "shard.voters_changed",
+            MembershipChange::Flatten | MembershipChange::RemoveLearners(_) => {
+                "shard.membership_changed"
+            }
+        };
         let (changes, retain) = match change {
             MembershipChange::AddLearner { replica, addr } => (
                 ChangeMembers::AddNodes(BTreeMap::from([(replica, BasicNode::new(addr))])),
@@ -663,9 +671,12 @@ impl Cluster {
             .change_membership_if(changes, retain, [precondition]);
         match tokio::time::timeout(self.peer_timeout(), change).await {
             Err(_) => PeerResult::Failed("membership change timed out (no quorum?)".into()),
-            Ok(Ok(written)) => PeerResult::MembershipChanged {
-                log_id: written.log_id,
-            },
+            Ok(Ok(written)) => {
+                failpoint(point);
+                PeerResult::MembershipChanged {
+                    log_id: written.log_id,
+                }
+            }
             Ok(Err(e)) => match e.forward_to_leader() {
                 Some(forward) => PeerResult::NotLeader {
                     leader: forward.leader_id.map(ReplicaId::node),
