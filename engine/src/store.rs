@@ -682,6 +682,31 @@ impl StateStore {
         Ok(())
     }
 
+    /// Approximate bytes of the rows whose key hash lies in `[from_hash,
+    /// to_hash)`: the table files' share of that range (RocksDB's estimate
+    /// from their indexes) plus every memtable of the data family (recent
+    /// writes, not yet in a file).
+    pub fn approximate_bytes(&self, from_hash: u64, to_hash: Option<u64>) -> u64 {
+        let (from, to) = hash_range_keys(from_hash, to_hash);
+        if from >= to {
+            return 0;
+        }
+        let cf = self.cf(CF_DATA);
+        let files = self
+            .db
+            .get_approximate_sizes_cf(&cf, &[rocksdb::Range::new(&from, &to)])
+            .first()
+            .copied()
+            .unwrap_or(0);
+        let memtables = self
+            .db
+            .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        files.saturating_add(memtables)
+    }
+
     /// Reads one key of the `meta` column family.
     pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get_cf(self.cf(CF_META), key)?)

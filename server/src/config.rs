@@ -235,6 +235,18 @@ pub struct ClusterConfig {
     /// other nodes (it is not removed: if it comes back, its old replicas
     /// are deleted).
     pub replace_down_after_ms: u64,
+    /// The scheduler splits a shard whose rows take more than this (its
+    /// leader's estimate: table files over its range plus memtables).
+    /// 0: never by size.
+    pub split_shard_bytes_max: u64,
+    /// The scheduler splits a shard written at more than this many rows per
+    /// second (over a load report interval). 0 (the default): never by
+    /// load; a split's new shard is led where its parent was, so this helps
+    /// only with leaders rebalanced afterwards (`quiverctl rebalance`).
+    pub split_shard_write_rows_per_second_max: u64,
+    /// How often shard leaders measure their shards' size and write rate
+    /// (carried to the scheduler by the liveness pings).
+    pub load_report_interval_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -268,6 +280,10 @@ impl Default for ClusterConfig {
             operators_max: 4,
             operator_catch_up_timeout_ms: 600_000,
             replace_down_after_ms: 1_800_000,
+            // TiKV's large-region split size.
+            split_shard_bytes_max: 256 << 20,
+            split_shard_write_rows_per_second_max: 0,
+            load_report_interval_ms: 10_000,
         }
     }
 }
@@ -648,11 +664,13 @@ impl Config {
             ));
         }
         if c.operators_max == 0
+            || c.load_report_interval_ms == 0
             || c.operator_catch_up_timeout_ms == 0
             || c.replace_down_after_ms < c.liveness_timeout_ms
         {
             return Err(ConfigError(
-                "cluster.operators_max and cluster.operator_catch_up_timeout_ms must be positive, \
+                "cluster.operators_max, cluster.load_report_interval_ms and \
+                 cluster.operator_catch_up_timeout_ms must be positive, \
                  cluster.replace_down_after_ms at least cluster.liveness_timeout_ms"
                     .into(),
             ));

@@ -431,3 +431,79 @@ async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_outgrows_its_size_limit_splits_by_itself() {
+    let _turn = ONE_CLUSTER.lock().await;
+    let dir = Kept::new();
+    let mut cluster = Cluster::start(
+        dir.path(),
+        3,
+        &[
+            ("QUIVER_CLUSTER__SHARD_COUNT", "1"),
+            ("QUIVER_CLUSTER__SPLIT_SHARD_BYTES_MAX", "250000"),
+            ("QUIVER_CLUSTER__LOAD_REPORT_INTERVAL_MS", "500"),
+        ],
+    )
+    .await
+    .unwrap();
+    cluster.wait_for_leaders(CONVERGE_WAIT).await.unwrap();
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+
+    eprintln!("--- one shard, written past 250 kB");
+    let all = keys(6000, "grow");
+    for batch in all.chunks(500) {
+        retry("a batch", CONVERGE_WAIT, || {
+            let mut client = client.clone();
+            let values: Vec<(String, i64)> = batch.iter().map(|k| (k.clone(), 5)).collect();
+            async move { quiver_tests::counter::write_values(&mut client, &values).await }
+        })
+        .await;
+    }
+
+    eprintln!("--- the scheduler splits it until every shard is under the limit");
+    let map = wait_map(&endpoint, "split by size", |map| {
+        if map.shards.len() >= 2 && map.operators.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} shards, {} operators",
+                map.shards.len(),
+                map.operators.len()
+            ))
+        }
+    })
+    .await;
+    // Splitting stops: a few more reports find every shard under it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let settled = wait_map(&endpoint, "no more splits", |map| {
+        map.operators
+            .is_empty()
+            .then_some(())
+            .ok_or("operators under way".into())
+    })
+    .await;
+    eprintln!(
+        "{} shards after the first split, {} once settled",
+        map.shards.len(),
+        settled.shards.len()
+    );
+    assert!(settled.shards.len() <= 8, "{:?}", settled.shards);
+
+    eprintln!("--- every row reads back through every node");
+    for id in 1..=3 {
+        let mut client = cluster.node(id).client().await.unwrap();
+        for batch in all.chunks(1000) {
+            let (values, _) = quiver_tests::counter::read_values(
+                &mut client,
+                batch,
+                quiver_proto::v1::Consistency::Strong,
+            )
+            .await
+            .unwrap();
+            assert!(values.iter().all(|v| *v == Some(5)), "{values:?}");
+        }
+    }
+}

@@ -490,6 +490,7 @@ impl Cluster {
     /// answer with this node's own news.
     pub async fn on_ping(&self, ping: Ping) -> Ping {
         let wake = ping.wake.clone();
+        self.loads.record(&ping.loads, self.now_ms());
         self.liveness.record(ping, self.now_ms());
         for group in wake {
             self.activity(group).await;
@@ -498,6 +499,7 @@ impl Cluster {
             from: self.node_id,
             hibernating: self.liveness.mine.lock().clone(),
             wake: Vec::new(),
+            loads: self.loads.mine(),
         }
     }
 
@@ -505,6 +507,8 @@ impl Cluster {
     /// the module doc say, then ping every peer.
     pub(super) fn liveness_round(self: &Arc<Self>) {
         let now = self.now_ms();
+        self.measure_loads(now);
+        let loads = self.loads.mine();
         let peers = self.liveness.snapshot();
         let mut hibernating = Vec::new();
         let mut wake: BTreeMap<NodeId, Vec<GroupId>> = BTreeMap::new();
@@ -539,6 +543,7 @@ impl Cluster {
                 from: self.node_id,
                 hibernating: hibernating.clone(),
                 wake: wake.remove(&peer).unwrap_or_default(),
+                loads: loads.clone(),
             };
             let cluster = Arc::downgrade(self);
             let timeout = Duration::from_millis(self.config.liveness_timeout_ms);
@@ -553,6 +558,7 @@ impl Cluster {
                 if let Ok(PeerResult::Pong(news)) = answer
                     && news.from == peer
                 {
+                    cluster.loads.record(&news.loads, cluster.now_ms());
                     cluster.liveness.record(news, cluster.now_ms());
                 }
                 cluster.liveness.end_ping(peer);

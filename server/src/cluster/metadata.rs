@@ -573,9 +573,14 @@ impl Cluster {
     /// gone).
     pub(super) fn plan_for(&self, map: &ClusterMap) -> Vec<super::scheduler::Planned> {
         let down = self.long_down_nodes(map);
-        super::scheduler::plan(map, &down, self.config.operators_max as usize, |shard| {
-            self.operator_backing_off(shard)
-        })
+        let splits = self.shards_to_split(map);
+        super::scheduler::plan(
+            map,
+            &down,
+            self.config.operators_max as usize,
+            &splits,
+            |shard| self.operator_backing_off(shard),
+        )
     }
 }
 

@@ -24,6 +24,7 @@ pub mod auth;
 pub mod hibernate;
 pub mod host;
 pub mod identity;
+pub mod load;
 pub mod metadata;
 pub mod network;
 pub mod operator;
@@ -200,6 +201,8 @@ pub struct Cluster {
     stall: hibernate::StallWatch,
     /// Operators this node is carrying out (as metadata leader), by shard.
     operators: operator::Running,
+    /// Shard loads: this node's measurements and every leader's reports.
+    loads: load::Loads,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -383,6 +386,7 @@ impl Cluster {
             stopping: std::sync::atomic::AtomicBool::new(false),
             stall: hibernate::StallWatch::default(),
             operators: operator::Running::default(),
+            loads: load::Loads::default(),
         });
         if first_start {
             cluster.initialize_static().await?;

@@ -12,7 +12,9 @@
 //!    serving nodes, up or not: a node down for a while is not a reason to
 //!    drop replicas) gets one more on a serving node that is up;
 //! 3. a shard with more voters than the replication factor loses one;
-//! 4. when nothing else is due: if the serving nodes' replica counts differ
+//! 4. a shard its leader reports too large or too busy (`load`) splits at
+//!    the middle of its range, one split at a time;
+//! 5. when nothing else is due: if the serving nodes' replica counts differ
 //!    by more than one, a replica moves from the fullest to the emptiest.
 //!
 //! Limits: at most `operators_max` operators in the cluster, at most one
@@ -40,13 +42,19 @@ pub struct Planned {
 }
 
 /// The operators to start now, at most `operators_max` running in all
-/// (counting those in the map), none on a shard `skip` names.
+/// (counting those in the map), none on a shard `skip` names; `splits`
+/// names the shards to split and why.
 pub fn plan(
     map: &ClusterMap,
     down: &BTreeSet<NodeId>,
     operators_max: usize,
+    splits: &BTreeMap<GroupId, String>,
     skip: impl Fn(GroupId) -> bool,
 ) -> Vec<Planned> {
+    let mut splitting = map
+        .operators
+        .values()
+        .any(|op| matches!(op.kind, OperatorKind::Split { .. }));
     let mut planner = Planner::new(map, down);
     let mut planned = Vec::new();
     let mut budget = operators_max.saturating_sub(map.operators.len());
@@ -60,6 +68,16 @@ pub fn plan(
         if let Some(one) = planner.repair(shard, desc) {
             planner.account(&one);
             planned.push(one);
+            budget -= 1;
+        } else if let Some(why) = splits.get(&shard)
+            && !splitting
+        {
+            splitting = true;
+            planned.push(Planned {
+                shard,
+                request: OperatorRequest::Split { at: None },
+                reason: format!("split: {why}"),
+            });
             budget -= 1;
         }
     }
@@ -361,7 +379,7 @@ mod tests {
     /// time.
     fn settle(map: &mut ClusterMap, down: &BTreeSet<NodeId>) -> usize {
         for round in 0..500 {
-            let planned = plan(map, down, 1, |_| false);
+            let planned = plan(map, down, 1, &BTreeMap::new(), |_| false);
             let Some(one) = planned.first() else {
                 return round;
             };

@@ -83,6 +83,8 @@ pub struct Ping {
     /// Groups the receiver leads, asleep, that the sender needs awake (it is
     /// behind and must be sent entries).
     pub wake: Vec<GroupId>,
+    /// The loads of the shards the sender leads (for the scheduler).
+    pub loads: Vec<super::load::ShardLoad>,
 }
 
 /// A group its leader has put to sleep: followers whose log ends at
