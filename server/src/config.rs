@@ -242,8 +242,14 @@ pub struct ClusterConfig {
     /// The scheduler splits a shard written at more than this many rows per
     /// second (over a load report interval). 0 (the default): never by
     /// load; a split's new shard is led where its parent was, so this helps
-    /// only with leaders rebalanced afterwards (`quiverctl rebalance`).
+    /// once leaders are balanced afterwards (`balance_leaders`).
     pub split_shard_write_rows_per_second_max: u64,
+    /// The metadata leader hands shard leadership over, one shard per round,
+    /// until every serving node leads within one shard of every other
+    /// (where the voters allow it), and moves leadership off draining nodes.
+    /// Off: leaders move only by hand (`quiverctl rebalance`,
+    /// `shard transfer-leader`) and by elections.
+    pub balance_leaders: bool,
     /// How often shard leaders measure their shards' size and write rate
     /// (carried to the scheduler by the liveness pings).
     pub load_report_interval_ms: u64,
@@ -284,6 +290,7 @@ impl Default for ClusterConfig {
             split_shard_bytes_max: 256 << 20,
             split_shard_write_rows_per_second_max: 0,
             load_report_interval_ms: 10_000,
+            balance_leaders: true,
         }
     }
 }

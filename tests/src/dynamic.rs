@@ -2,7 +2,7 @@
 //! acknowledged-write ledger while the cluster changes under it, the check
 //! of that ledger, and waits on the cluster map.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -104,6 +104,28 @@ pub async fn check_ledger(client: &Client, ledger: &Ledger, through: &str) -> Re
         }
     }
     Ok(())
+}
+
+/// How many groups each of `nodes` leads, as `quiverctl shard list` through
+/// `endpoint` reports (the metadata group counted if `metadata`).
+pub fn leader_counts(
+    endpoint: &str,
+    nodes: &[u64],
+    metadata: bool,
+) -> Result<BTreeMap<u64, usize>, String> {
+    let out =
+        crate::quiverctl(endpoint, &["--json", "shard", "list"]).map_err(|e| e.to_string())?;
+    let listed: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+    let mut counts: BTreeMap<u64, usize> = nodes.iter().map(|&n| (n, 0)).collect();
+    for shard in listed["shards"].as_array().ok_or("no shards listed")? {
+        if !metadata && shard["shard"].as_u64() == Some(0) {
+            continue;
+        }
+        if let Some(leader) = shard["leader_id"].as_u64() {
+            *counts.entry(leader).or_default() += 1;
+        }
+    }
+    Ok(counts)
 }
 
 /// The cluster map as the node at `endpoint` answers it.

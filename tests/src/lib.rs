@@ -313,6 +313,9 @@ fn spawn(
         .args(extra_args)
         .env_remove("QUIVER_CONFIG")
         .env_remove("QUIVER_BIN_DIR")
+        // Tests place leaders where they want them: the leader balancer is
+        // on only where a test turns it on (the nemesis, its own test).
+        .env("QUIVER_CLUSTER__BALANCE_LEADERS", "false")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         // QUIVER_TEST_LOG picks the nodes' log filter when debugging a test
         // (e.g. "info,quiver_server=debug").

@@ -837,17 +837,8 @@ async fn leadership_moves_on_request_and_on_shutdown_without_an_election_timeout
     // (the dry run changes nothing) and `--apply` carries them out.
     cluster.node(target).restart().await.unwrap();
     cluster.wait_for_leaders(LEADER_WAIT).await.unwrap();
-    let leader_counts = || -> BTreeMap<u64, usize> {
-        let out = quiver_tests::quiverctl(&endpoint, &["--json", "shard", "list"]).unwrap();
-        let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let mut counts: BTreeMap<u64, usize> = (1..=3).map(|n| (n, 0)).collect();
-        for shard in listed["shards"].as_array().unwrap() {
-            if let Some(leader) = shard["leader_id"].as_u64() {
-                *counts.entry(leader).or_default() += 1;
-            }
-        }
-        counts
-    };
+    let leader_counts =
+        || quiver_tests::dynamic::leader_counts(&endpoint, &[1, 2, 3], true).unwrap();
     let before = leader_counts();
     let plan = quiver_tests::quiverctl(&endpoint, &["--json", "rebalance"]).unwrap();
     let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();

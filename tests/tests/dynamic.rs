@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry};
-use quiver_tests::dynamic::{Writer, check_ledger, replica_counts, settled, voter_nodes, wait_map};
+use quiver_tests::dynamic::{
+    Writer, check_ledger, leader_counts, replica_counts, settled, voter_nodes, wait_map,
+};
 use quiver_tests::{Cluster, Node, TEST_CLUSTER_SECRET, quiverctl};
 
 /// One cluster at a time (2 cores).
@@ -54,11 +56,26 @@ fn replica_dirs(node: &Node) -> Vec<String> {
     names
 }
 
+/// Starts `count` nodes with `env` under `dir`, waits for every leader and
+/// applies the counter view; returns node 1's endpoint and a client of it.
+async fn started(
+    dir: &std::path::Path,
+    count: usize,
+    env: &[(&str, &str)],
+) -> (Cluster, String, quiver_tests::Client) {
+    let mut cluster = Cluster::start(dir, count, env).await.unwrap();
+    cluster.wait_for_leaders(CONVERGE_WAIT).await.unwrap();
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    (cluster, endpoint, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_moves_away_and_back_to_the_same_node_under_writes() {
     let _turn = ONE_CLUSTER.lock().await;
     let dir = Kept::new();
-    let mut cluster = Cluster::start(
+    let (mut cluster, endpoint, _client) = started(
         dir.path(),
         4,
         &[
@@ -66,12 +83,7 @@ async fn a_replica_moves_away_and_back_to_the_same_node_under_writes() {
             ("QUIVER_CLUSTER__SCHEDULE_REPLICAS", "false"),
         ],
     )
-    .await
-    .unwrap();
-    cluster.wait_for_leaders(CONVERGE_WAIT).await.unwrap();
-    let endpoint = cluster.node(1).endpoint();
-    let client = cluster.node(1).client().await.unwrap();
-    apply_counter_view(&client).await;
+    .await;
 
     eprintln!("--- a writer keeps a ledger through node 2");
     let writer = Writer::start(cluster.node(2).client().await.unwrap(), keys(40, "mv"));
@@ -279,13 +291,8 @@ async fn one_node_grows_to_four_then_the_first_is_drained_and_removed() {
 async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
     let _turn = ONE_CLUSTER.lock().await;
     let dir = Kept::new();
-    let mut cluster = Cluster::start(dir.path(), 3, &[("QUIVER_CLUSTER__SHARD_COUNT", "2")])
-        .await
-        .unwrap();
-    cluster.wait_for_leaders(CONVERGE_WAIT).await.unwrap();
-    let endpoint = cluster.node(1).endpoint();
-    let client = cluster.node(1).client().await.unwrap();
-    apply_counter_view(&client).await;
+    let (mut cluster, endpoint, client) =
+        started(dir.path(), 3, &[("QUIVER_CLUSTER__SHARD_COUNT", "2")]).await;
     let preload = keys(400, "split");
     retry("preload", CONVERGE_WAIT, || {
         let mut client = client.clone();
@@ -436,7 +443,7 @@ async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
 async fn a_shard_that_outgrows_its_size_limit_splits_by_itself() {
     let _turn = ONE_CLUSTER.lock().await;
     let dir = Kept::new();
-    let mut cluster = Cluster::start(
+    let (mut cluster, endpoint, client) = started(
         dir.path(),
         3,
         &[
@@ -445,12 +452,7 @@ async fn a_shard_that_outgrows_its_size_limit_splits_by_itself() {
             ("QUIVER_CLUSTER__LOAD_REPORT_INTERVAL_MS", "500"),
         ],
     )
-    .await
-    .unwrap();
-    cluster.wait_for_leaders(CONVERGE_WAIT).await.unwrap();
-    let endpoint = cluster.node(1).endpoint();
-    let client = cluster.node(1).client().await.unwrap();
-    apply_counter_view(&client).await;
+    .await;
 
     eprintln!("--- one shard, written past 250 kB");
     let all = keys(6000, "grow");
@@ -506,4 +508,77 @@ async fn a_shard_that_outgrows_its_size_limit_splits_by_itself() {
             assert!(values.iter().all(|v| *v == Some(5)), "{values:?}");
         }
     }
+}
+
+/// A node that was down comes back leading nothing (its shards elected
+/// leaders elsewhere); the metadata leader hands leadership over, one shard
+/// a round, until every node leads within one shard of the others, while a
+/// writer keeps its ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_spread_back_over_a_node_that_restarts() {
+    let _turn = ONE_CLUSTER.lock().await;
+    let dir = Kept::new();
+    let (mut cluster, endpoint, client) = started(
+        dir.path(),
+        3,
+        &[
+            ("QUIVER_CLUSTER__SHARD_COUNT", "9"),
+            ("QUIVER_CLUSTER__BALANCE_LEADERS", "true"),
+            ("QUIVER_CLUSTER__LOAD_REPORT_INTERVAL_MS", "500"),
+        ],
+    )
+    .await;
+    let nodes = [1, 2, 3];
+    let balanced = |what: &'static str| {
+        let endpoint = endpoint.clone();
+        retry(what, CONVERGE_WAIT, move || {
+            let endpoint = endpoint.clone();
+            async move {
+                let counts = leader_counts(&endpoint, &nodes, false)?;
+                let (min, max) = (
+                    counts.values().min().copied().unwrap_or(0),
+                    counts.values().max().copied().unwrap_or(0),
+                );
+                if counts.values().sum::<usize>() == 9 && max - min <= 1 {
+                    Ok(counts)
+                } else {
+                    Err(format!("leaders per node {counts:?}"))
+                }
+            }
+        })
+    };
+    eprintln!(
+        "--- balanced from the start: {:?}",
+        balanced("first balance").await
+    );
+
+    let writer = Writer::start(client.clone(), keys(60, "spread"));
+    eprintln!("--- node 3 down: its shards elect leaders on 1 and 2");
+    cluster.node(3).kill9().unwrap();
+    retry("nodes 1 and 2 lead every shard", CONVERGE_WAIT, || {
+        let endpoint = endpoint.clone();
+        async move {
+            let counts = leader_counts(&endpoint, &[1, 2], false)?;
+            (counts.values().sum::<usize>() == 9)
+                .then_some(())
+                .ok_or(format!("{counts:?}"))
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("--- node 3 back: it leads nothing until the balancer hands it shards");
+    cluster.node(3).restart().await.unwrap();
+    let after = balanced("leaders spread over node 3 again").await;
+    assert!(after[&3] >= 2, "{after:?}");
+    let ledger = writer.stop().await;
+    for id in nodes {
+        let client = cluster.node(id).client().await.unwrap();
+        check_ledger(&client, &ledger, &format!("node {id}"))
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "leaders per node {after:?}; {} writes acknowledged, {} failed, longest gap {:?}",
+        ledger.acks, ledger.failures, ledger.longest_gap
+    );
 }

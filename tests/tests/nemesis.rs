@@ -70,9 +70,13 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
 const REPLICA_STALENESS_BOUND_US: u64 = 2_000_000;
 /// The cluster: few shards, and replicas that serve only when caught up
 /// with what their leader last told them (so staleness is bounded in time).
-const NEMESIS_ENV: [(&str, &str); 3] = [
+const NEMESIS_ENV: [(&str, &str); 5] = [
     FOUR_SHARDS[0],
     ("QUIVER_CLUSTER__REPLICA_LAG_ENTRIES_MAX", "0"),
+    // The leader balancer hands leadership back and forth among the faults
+    // (reports every second, so it acts within the run).
+    ("QUIVER_CLUSTER__BALANCE_LEADERS", "true"),
+    ("QUIVER_CLUSTER__LOAD_REPORT_INTERVAL_MS", "1000"),
     // Each node's wall clock follows this file in its data directory.
     ("QUIVER_TEST_CLOCK_SKEW_FILE", CLOCK_SKEW_FILE),
 ];

@@ -351,18 +351,26 @@ async fn replica_moves(endpoint: &str, apply: bool, json: bool) -> Result<Vec<se
     table.set_header(header);
     for p in &planned {
         let result = if apply {
-            let started = admin
-                .move_replica(admin_pb::MoveReplicaRequest {
-                    shard: p.shard,
-                    from_node_id: p.from_node_id,
-                    to_node_id: p.to_node_id,
-                })
-                .await;
+            let started = if p.kind == "split" {
+                admin
+                    .split_shard(admin_pb::SplitShardRequest {
+                        shard: p.shard,
+                        at: None,
+                    })
+                    .await
+                    .map(|answer| answer.into_inner().operator)
+            } else {
+                admin
+                    .move_replica(admin_pb::MoveReplicaRequest {
+                        shard: p.shard,
+                        from_node_id: p.from_node_id,
+                        to_node_id: p.to_node_id,
+                    })
+                    .await
+                    .map(|answer| answer.into_inner().operator)
+            };
             Some(match started {
-                Ok(answer) => format!(
-                    "started operator {}",
-                    answer.into_inner().operator.map_or(0, |op| op.id)
-                ),
+                Ok(operator) => format!("started operator {}", operator.map_or(0, |op| op.id)),
                 Err(status) => format!("not started: {} ({:?})", status.message(), status.code()),
             })
         } else {

@@ -490,7 +490,12 @@ impl Cluster {
     /// answer with this node's own news.
     pub async fn on_ping(&self, ping: Ping) -> Ping {
         let wake = ping.wake.clone();
-        self.loads.record(&ping.loads, self.now_ms());
+        self.loads.record(
+            ping.from,
+            &ping.loads,
+            self.now_ms(),
+            self.load_reports_fresh_ms(),
+        );
         self.liveness.record(ping, self.now_ms());
         for group in wake {
             self.activity(group).await;
@@ -558,7 +563,12 @@ impl Cluster {
                 if let Ok(PeerResult::Pong(news)) = answer
                     && news.from == peer
                 {
-                    cluster.loads.record(&news.loads, cluster.now_ms());
+                    cluster.loads.record(
+                        peer,
+                        &news.loads,
+                        cluster.now_ms(),
+                        cluster.load_reports_fresh_ms(),
+                    );
                     cluster.liveness.record(news, cluster.now_ms());
                 }
                 cluster.liveness.end_ping(peer);

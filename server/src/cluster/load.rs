@@ -11,14 +11,20 @@
 //! made before the shard's last split is ignored. The scheduler splits a
 //! shard whose report exceeds `cluster.split_shard_bytes_max` or
 //! `cluster.split_shard_write_rows_per_second_max` (0: never).
+//!
+//! A report also says who leads the shard, and in which term: the leader
+//! balancer ([`super::scheduler::plan_leader`]) counts leaders from it. Of
+//! two reports for a shard the one of the higher term wins (a deposed
+//! leader that has not heard of its successor keeps reporting), and a
+//! handover the balancer made counts as a report of its new term.
 
 use std::collections::{BTreeMap, HashMap};
 
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use parking_lot::Mutex;
-use quiver_raft::GroupId;
 use quiver_raft::cluster_map::ClusterMap;
+use quiver_raft::{GroupId, NodeId};
 use serde::{Deserialize, Serialize};
 
 use super::Cluster;
@@ -39,13 +45,25 @@ pub struct ShardLoad {
     pub bytes: u64,
     /// Rows written per second over the last interval.
     pub write_rows_per_second: u64,
+    /// The reporting leader's term.
+    pub term: u64,
+}
+
+/// A report as received.
+#[derive(Debug, Clone, Copy)]
+struct Report {
+    load: ShardLoad,
+    /// The node that sent it (the shard's leader in `load.term`).
+    leader: NodeId,
+    /// When it arrived (ms since start).
+    at_ms: u64,
 }
 
 /// What this node knows of shard loads.
 #[derive(Debug, Default)]
 pub struct Loads {
-    /// The latest report per shard, and when it arrived (ms since start).
-    reported: Mutex<HashMap<GroupId, (ShardLoad, u64)>>,
+    /// The report of the highest term per shard.
+    reported: Mutex<HashMap<GroupId, Report>>,
     /// This node's own reports, as its pings carry them.
     mine: Mutex<Vec<ShardLoad>>,
     /// When this node last measured, and each led shard's row counter then.
@@ -58,12 +76,50 @@ impl Loads {
         self.mine.lock().clone()
     }
 
-    /// Records reports that arrived at `now_ms`.
-    pub fn record(&self, reports: &[ShardLoad], now_ms: u64) {
+    /// Records `leader`'s reports, arrived at `now_ms`; one of a lower
+    /// term than the shard's last report is kept only once that one is
+    /// older than `stale_after_ms`.
+    pub fn record(&self, leader: NodeId, reports: &[ShardLoad], now_ms: u64, stale_after_ms: u64) {
         let mut reported = self.reported.lock();
-        for report in reports.iter().take(LOAD_REPORTS_PER_PING_MAX) {
-            reported.insert(report.group, (*report, now_ms));
+        for load in reports.iter().take(LOAD_REPORTS_PER_PING_MAX) {
+            let report = Report {
+                load: *load,
+                leader,
+                at_ms: now_ms,
+            };
+            match reported.get_mut(&load.group) {
+                Some(known)
+                    if known.load.term > load.term
+                        && now_ms.saturating_sub(known.at_ms) <= stale_after_ms => {}
+                Some(known) => *known = report,
+                None => {
+                    reported.insert(load.group, report);
+                }
+            }
         }
+    }
+
+    /// `group`'s leadership moved to `leader` in `term` (a handover this
+    /// node made): counted at once, before that leader's next report.
+    pub fn handed_over(&self, group: GroupId, leader: NodeId, term: u64, now_ms: u64) {
+        if let Some(known) = self.reported.lock().get_mut(&group)
+            && known.load.term <= term
+        {
+            known.leader = leader;
+            known.load.term = term;
+            known.at_ms = now_ms;
+        }
+    }
+
+    /// Who leads each shard as of reports that arrived at most
+    /// `fresh_ms` before `now_ms`.
+    pub fn leaders(&self, now_ms: u64, fresh_ms: u64) -> BTreeMap<GroupId, NodeId> {
+        self.reported
+            .lock()
+            .iter()
+            .filter(|(_, report)| now_ms.saturating_sub(report.at_ms) <= fresh_ms)
+            .map(|(&group, report)| (group, report.leader))
+            .collect()
     }
 }
 
@@ -83,9 +139,12 @@ impl Cluster {
         let mut mine = Vec::new();
         let mut counters = HashMap::new();
         for (group, hosted) in self.host.all() {
-            if group == quiver_raft::METADATA_GROUP
-                || hosted.raft.metrics().borrow_watched().state != ServerState::Leader
-            {
+            let (state, term) = {
+                let metrics = hosted.raft.metrics();
+                let m = metrics.borrow_watched();
+                (m.state, m.current_term)
+            };
+            if group == quiver_raft::METADATA_GROUP || state != ServerState::Leader {
                 continue;
             }
             let Some(desc) = placement.shard(group) else {
@@ -111,11 +170,19 @@ impl Cluster {
                 version,
                 bytes: store.approximate_bytes(start, end),
                 write_rows_per_second: rate,
+                term,
             });
         }
-        self.loads.record(&mine, now_ms);
+        self.loads
+            .record(self.node_id, &mine, now_ms, self.load_reports_fresh_ms());
         *self.loads.mine.lock() = mine;
         *self.loads.samples.lock() = (now_ms, counters);
+    }
+
+    /// How long a shard's load report counts: three report intervals (a
+    /// leader that stops reporting is dead or deposed by then).
+    pub(super) fn load_reports_fresh_ms(&self) -> u64 {
+        self.config.load_report_interval_ms.saturating_mul(3)
     }
 
     /// The shards the scheduler should split now and why: a fresh report
@@ -128,11 +195,11 @@ impl Cluster {
             return BTreeMap::new();
         }
         let now = self.now_ms();
-        let fresh_ms = self.config.load_report_interval_ms.saturating_mul(3);
+        let fresh_ms = self.load_reports_fresh_ms();
         let reported = self.loads.reported.lock();
         let mut split = BTreeMap::new();
         for (&group, desc) in &map.shards {
-            let Some(&(load, at_ms)) = reported.get(&group) else {
+            let Some(&Report { load, at_ms, .. }) = reported.get(&group) else {
                 continue;
             };
             if load.version != desc.epoch.version || now.saturating_sub(at_ms) > fresh_ms {

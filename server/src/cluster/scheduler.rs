@@ -15,7 +15,13 @@
 //! 4. a shard its leader reports too large or too busy (`load`) splits at
 //!    the middle of its range, one split at a time;
 //! 5. when nothing else is due: if the serving nodes' replica counts differ
-//!    by more than one, a replica moves from the fullest to the emptiest.
+//!    by more than one, a replica moves from the fullest to the emptiest;
+//! 6. when no operator runs at all, leaders ([`plan_leader`], with
+//!    `cluster.balance_leaders`): a shard led by a node that is not serving
+//!    hands leadership to a serving voter, else, if the serving nodes that
+//!    are up lead numbers of shards more than one apart, the busiest hands
+//!    one over to its least busy fellow voter. One handover per round; who
+//!    leads what comes from the leaders' load reports (`load`).
 //!
 //! Limits: at most `operators_max` operators in the cluster, at most one
 //! that adds a replica to any one node (its snapshot), never a replica on a
@@ -282,6 +288,87 @@ impl<'a> Planner<'a> {
     }
 }
 
+/// One leadership handover the balancer would make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedHandover {
+    /// The shard.
+    pub shard: GroupId,
+    /// Its leader now.
+    pub from: NodeId,
+    /// The voter that should lead it.
+    pub to: NodeId,
+    /// Why.
+    pub reason: String,
+}
+
+/// The next leadership handover, if one is due: a shard led by a node that
+/// is draining or removed goes to the serving voter that is up
+/// and leads the fewest shards; otherwise, when the serving nodes that are
+/// up lead numbers of shards more than one apart, the most loaded node
+/// hands one shard to a fellow voter leading at least two fewer (the least
+/// loaded such). `leaders` says who leads each shard; shards with an
+/// operator under way are left alone.
+pub fn plan_leader(
+    map: &ClusterMap,
+    leaders: &BTreeMap<GroupId, NodeId>,
+    up: &BTreeSet<NodeId>,
+) -> Option<PlannedHandover> {
+    let serving: BTreeSet<NodeId> = map.serving_nodes().filter(|n| up.contains(n)).collect();
+    let mut led: BTreeMap<NodeId, usize> = serving.iter().map(|&n| (n, 0)).collect();
+    for (&shard, &leader) in leaders {
+        if map.shards.contains_key(&shard) {
+            *led.entry(leader).or_default() += 1;
+        }
+    }
+    let count = |node: NodeId| led.get(&node).copied().unwrap_or(0);
+    // The serving, up voter of `shard` other than `from` leading the fewest.
+    let least_loaded = |shard: GroupId, from: NodeId| {
+        map.shards.get(&shard).and_then(|desc| {
+            desc.voters()
+                .map(ReplicaId::node)
+                .filter(|&n| n != from && serving.contains(&n))
+                .min_by_key(|&n| (count(n), n))
+        })
+    };
+    let movable = |shard: &GroupId| !map.operators.contains_key(shard);
+    for (&shard, &leader) in leaders.iter().filter(|(shard, _)| movable(shard)) {
+        let leaving = matches!(
+            map.nodes.get(&leader).map(|info| info.state),
+            None | Some(NodeState::Draining | NodeState::Removed)
+        );
+        if !leaving || !map.shards.contains_key(&shard) {
+            continue;
+        }
+        if let Some(to) = least_loaded(shard, leader) {
+            return Some(PlannedHandover {
+                shard,
+                from: leader,
+                to,
+                reason: format!("node {leader} is not serving"),
+            });
+        }
+    }
+    let mut busiest: Vec<(usize, NodeId)> = serving.iter().map(|&n| (count(n), n)).collect();
+    busiest.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(high, from) in &busiest {
+        let best = leaders
+            .iter()
+            .filter(|&(shard, &leader)| leader == from && movable(shard))
+            .filter_map(|(&shard, _)| least_loaded(shard, from).map(|to| (count(to), to, shard)))
+            .filter(|&(low, _, _)| low + 1 < high)
+            .min();
+        if let Some((low, to, shard)) = best {
+            return Some(PlannedHandover {
+                shard,
+                from,
+                to,
+                reason: format!("balance: node {from} leads {high} shards, node {to} {low}"),
+            });
+        }
+    }
+    None
+}
+
 impl Cluster {
     /// The nodes the liveness pings say have been down for longer than
     /// `cluster.replace_down_after_ms`.
@@ -297,10 +384,13 @@ impl Cluster {
 
     /// One scheduler round: starts what [`plan`] says.
     pub(super) async fn schedule(&self, map: &ClusterMap) {
-        if !self.config.schedule_replicas {
-            return;
-        }
-        for planned in self.plan_for(map) {
+        let mut started_any = false;
+        let planned = if self.config.schedule_replicas {
+            self.plan_for(map)
+        } else {
+            Vec::new()
+        };
+        for planned in planned {
             tracing::info!(shard = planned.shard, request = ?planned.request, reason = %planned.reason, "scheduling an operator");
             let started = self
                 .change_map(quiver_raft::cluster_map::MapCommand::StartOperator {
@@ -313,6 +403,48 @@ impl Cluster {
                 tracing::info!(error = %e, "operator not started");
                 return;
             }
+            started_any = true;
+        }
+        if !started_any && map.operators.is_empty() {
+            self.balance_leaders(map).await;
+        }
+    }
+
+    /// The next leadership handover [`plan_leader`] wants, on this node's
+    /// load reports.
+    pub fn plan_leader_for(&self, map: &ClusterMap) -> Option<PlannedHandover> {
+        let now = self.now_ms();
+        let leaders = self.loads.leaders(now, self.load_reports_fresh_ms());
+        let up: BTreeSet<NodeId> = map
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&n| self.node_up(n))
+            .collect();
+        plan_leader(map, &leaders, &up)
+    }
+
+    /// One handover, if one is due and `cluster.balance_leaders` is on.
+    async fn balance_leaders(&self, map: &ClusterMap) {
+        if !self.config.balance_leaders {
+            return;
+        }
+        let Some(handover) = self.plan_leader_for(map) else {
+            return;
+        };
+        tracing::info!(
+            shard = handover.shard,
+            from = handover.from,
+            to = handover.to,
+            reason = %handover.reason,
+            "handing a shard's leadership over"
+        );
+        match self.transfer_leader(handover.shard, handover.to).await {
+            Ok(done) => {
+                self.loads
+                    .handed_over(handover.shard, done.leader, done.term, self.now_ms());
+            }
+            Err(e) => tracing::info!(shard = handover.shard, error = %e, "leader not handed over"),
         }
     }
 }
@@ -388,6 +520,14 @@ mod tests {
         panic!("the scheduler did not settle: {map:#?}");
     }
 
+    /// Node states from proptest's codes: 0 and 1 serving, 2 draining.
+    fn node_states(codes: &[u8]) -> Vec<NodeState> {
+        codes
+            .iter()
+            .map(|&c| [NodeState::Serving, NodeState::Serving, NodeState::Draining][usize::from(c)])
+            .collect()
+    }
+
     fn counts(map: &ClusterMap) -> BTreeMap<NodeId, usize> {
         let mut counts: BTreeMap<NodeId, usize> = map.serving_nodes().map(|n| (n, 0)).collect();
         for desc in map.shards.values() {
@@ -455,10 +595,7 @@ mod tests {
             rf in 1u32..4,
             down_mask in any::<u8>(),
         ) {
-            let states: Vec<NodeState> = states
-                .iter()
-                .map(|s| [NodeState::Serving, NodeState::Serving, NodeState::Draining][usize::from(*s)])
-                .collect();
+            let states = node_states(&states);
             let node_count = states.len() as NodeId;
             let on: Vec<NodeId> = (1..=node_count.min(u64::from(rf))).collect();
             let mut m = map(&states, shards, &on, rf);
@@ -485,5 +622,83 @@ mod tests {
                 prop_assert!(max - min <= 1, "{:?}", loads);
             }
         }
+
+        /// Whatever leads what, with every replica on every node, handing
+        /// over what [`plan_leader`] says one shard at a time ends within
+        /// one handover per shard, and leaves the serving nodes that are up
+        /// leading within one shard of each other, with nothing led by a
+        /// draining node that is up.
+        #[test]
+        fn leader_balancing_settles_within_one(
+            states in proptest::collection::vec(0u8..3, 2..6),
+            leaders in proptest::collection::vec(0u64..6, 1..24),
+            down_mask in any::<u8>(),
+        ) {
+            let states = node_states(&states);
+            let node_count = states.len() as NodeId;
+            let all: Vec<NodeId> = (1..=node_count).collect();
+            let m = map(&states, leaders.len() as u32, &all, node_count as u32);
+            let up: BTreeSet<NodeId> = (1..=node_count)
+                .filter(|n| down_mask & (1 << (n - 1)) == 0)
+                .collect();
+            let mut led: BTreeMap<GroupId, NodeId> = leaders
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i as GroupId + 1, l % node_count + 1))
+                .filter(|(_, l)| up.contains(l))
+                .collect();
+            for _ in 0..leaders.len() {
+                let Some(h) = plan_leader(&m, &led, &up) else {
+                    break;
+                };
+                prop_assert_eq!(led.get(&h.shard), Some(&h.from));
+                prop_assert!(up.contains(&h.to) && m.serving_nodes().any(|n| n == h.to));
+                led.insert(h.shard, h.to);
+            }
+            prop_assert!(plan_leader(&m, &led, &up).is_none(), "did not settle: {:?}", led);
+            let serving_up: Vec<NodeId> = m.serving_nodes().filter(|n| up.contains(n)).collect();
+            if !serving_up.is_empty() {
+                prop_assert!(led.values().all(|l| serving_up.contains(l)), "{:?}", led);
+                let counts: Vec<usize> = serving_up
+                    .iter()
+                    .map(|n| led.values().filter(|l| *l == n).count())
+                    .collect();
+                let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+                prop_assert!(max - min <= 1, "{:?}", counts);
+            }
+        }
+    }
+
+    #[test]
+    fn leadership_leaves_only_for_a_voter_and_not_during_an_operator() {
+        use NodeState::*;
+        // Shards 1-4 on nodes 1 and 2 only: node 3 can lead none of them.
+        let mut m = map(&[Serving, Serving, Serving], 4, &[1, 2], 2);
+        let up = BTreeSet::from([1, 2, 3]);
+        let mut led: BTreeMap<GroupId, NodeId> = (1..=4).map(|s| (s, 1)).collect();
+        let first = plan_leader(&m, &led, &up).unwrap();
+        assert_eq!((first.from, first.to), (1, 2), "{first:?}");
+        led.insert(first.shard, 2);
+        // 3 and 1: one more.
+        let second = plan_leader(&m, &led, &up).unwrap();
+        led.insert(second.shard, 2);
+        assert_eq!(plan_leader(&m, &led, &up), None, "2 and 2");
+        // An operator on a shard keeps its leader where it is.
+        led = (1..=4).map(|s| (s, 1)).collect();
+        for shard in 1..=4 {
+            m.apply(
+                MapCommand::StartOperator {
+                    shard,
+                    request: OperatorRequest::Move {
+                        from: None,
+                        to_node: 3,
+                    },
+                    reason: "test".into(),
+                },
+                0,
+            )
+            .unwrap();
+        }
+        assert_eq!(plan_leader(&m, &led, &up), None);
     }
 }
