@@ -222,11 +222,12 @@ pub struct ClusterConfig {
     pub liveness_timeout_ms: u64,
     /// The metadata leader's scheduler keeps every shard at
     /// `replication_factor` voters on serving nodes and the nodes' replica
-    /// counts within one of each other, by starting replica moves. Off:
-    /// only moves asked for by hand (`quiverctl shard move`) happen.
+    /// counts within one of each other, by starting replica moves, and
+    /// splits shards over their size or load limits. Off: only moves and
+    /// splits asked for by hand (`quiverctl shard move|split`) happen.
     pub schedule_replicas: bool,
-    /// Most replica moves under way in the cluster at once (each new
-    /// replica may need a snapshot).
+    /// Most operators (replica moves, removals, splits) under way in the
+    /// cluster at once (each new replica may need a snapshot).
     pub operators_max: u32,
     /// A new replica that has not caught up with its shard's leader this
     /// long after it was added is removed and its move cancelled.
@@ -237,7 +238,7 @@ pub struct ClusterConfig {
     pub replace_down_after_ms: u64,
     /// The scheduler splits a shard whose rows take more than this (its
     /// leader's estimate: table files over its range plus memtables).
-    /// 0: never by size.
+    /// 0: never by size; otherwise at least [`SPLIT_SHARD_BYTES_MIN`].
     pub split_shard_bytes_max: u64,
     /// The scheduler splits a shard written at more than this many rows per
     /// second (over a load report interval). 0 (the default): never by
@@ -251,7 +252,8 @@ pub struct ClusterConfig {
     /// `shard transfer-leader`) and by elections.
     pub balance_leaders: bool,
     /// How often shard leaders measure their shards' size and write rate
-    /// (carried to the scheduler by the liveness pings).
+    /// (carried to the scheduler by the liveness pings); at least
+    /// `liveness_interval_ms`.
     pub load_report_interval_ms: u64,
 }
 
@@ -294,6 +296,11 @@ impl Default for ClusterConfig {
         }
     }
 }
+
+/// The smallest `cluster.split_shard_bytes_max` other than 0 (never): an
+/// empty replica measures tens of kilobytes (its memtables), which must
+/// stay far below the limit.
+pub const SPLIT_SHARD_BYTES_MIN: u64 = 1 << 20;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -682,6 +689,20 @@ impl Config {
                     .into(),
             ));
         }
+        if c.split_shard_bytes_max != 0 && c.split_shard_bytes_max < SPLIT_SHARD_BYTES_MIN {
+            return Err(ConfigError(format!(
+                "cluster.split_shard_bytes_max must be 0 (never split by size) or at least \
+                 {SPLIT_SHARD_BYTES_MIN}: below that a store's fixed overhead would split shards \
+                 that hold nothing"
+            )));
+        }
+        if c.load_report_interval_ms < c.liveness_interval_ms {
+            return Err(ConfigError(
+                "cluster.load_report_interval_ms must be at least cluster.liveness_interval_ms \
+                 (the pings carry the reports)"
+                    .into(),
+            ));
+        }
         if let Some(join) = &self.join
             && (join.is_empty() || !join.contains(':') || join.len() > 256)
         {
@@ -842,6 +863,18 @@ mod tests {
             );
             let flags = Flags::parse_from(["quiverd", "--config", "missing.toml"]);
             assert!(Config::load(&flags).is_err());
+            // A size limit so small that empty shards would split forever.
+            jail.create_file("tiny.toml", "[cluster]\nsplit_shard_bytes_max = 1000\n")?;
+            let flags = Flags::parse_from(["quiverd", "--config", "tiny.toml"]);
+            let err = Config::load(&flags).unwrap_err().to_string();
+            assert!(err.contains("split_shard_bytes_max"), "{err}");
+            jail.create_file(
+                "fast.toml",
+                "[cluster]\nload_report_interval_ms = 50\nliveness_interval_ms = 200\n",
+            )?;
+            let flags = Flags::parse_from(["quiverd", "--config", "fast.toml"]);
+            let err = Config::load(&flags).unwrap_err().to_string();
+            assert!(err.contains("load_report_interval_ms"), "{err}");
             Ok(())
         });
     }

@@ -448,15 +448,15 @@ async fn a_shard_that_outgrows_its_size_limit_splits_by_itself() {
         3,
         &[
             ("QUIVER_CLUSTER__SHARD_COUNT", "1"),
-            ("QUIVER_CLUSTER__SPLIT_SHARD_BYTES_MAX", "250000"),
+            ("QUIVER_CLUSTER__SPLIT_SHARD_BYTES_MAX", "1048576"),
             ("QUIVER_CLUSTER__LOAD_REPORT_INTERVAL_MS", "500"),
         ],
     )
     .await;
 
-    eprintln!("--- one shard, written past 250 kB");
-    let all = keys(6000, "grow");
-    for batch in all.chunks(500) {
+    eprintln!("--- one shard, written past 1 MiB (the smallest limit allowed)");
+    let all = keys(30_000, "grow");
+    for batch in all.chunks(1000) {
         retry("a batch", CONVERGE_WAIT, || {
             let mut client = client.clone();
             let values: Vec<(String, i64)> = batch.iter().map(|k| (k.clone(), 5)).collect();
@@ -493,6 +493,15 @@ async fn a_shard_that_outgrows_its_size_limit_splits_by_itself() {
         settled.shards.len()
     );
     assert!(settled.shards.len() <= 8, "{:?}", settled.shards);
+    // And stays stopped: four more report intervals split nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = wait_map(&endpoint, "the map", |_| Ok(())).await;
+    assert_eq!(
+        later.shards.len(),
+        settled.shards.len(),
+        "splits went on: {:?}",
+        later.shards
+    );
 
     eprintln!("--- every row reads back through every node");
     for id in 1..=3 {

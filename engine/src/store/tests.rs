@@ -353,6 +353,45 @@ fn corrupt_rows_are_reported_not_served() {
     assert_eq!(trips(&store, &view, "bad"), Some((1, 1)));
 }
 
+/// A shard's size is measured over its own hash range: after a split
+/// deletes one half (whose files stay until compaction), the other half
+/// still measures about half of what the whole did, and an empty store
+/// measures little (its fixed overhead must stay far below the smallest
+/// size limit a split may be given).
+#[test]
+fn approximate_bytes_measure_a_hash_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), Arc::new(ManualClock::new(T0_US)));
+    let empty = store.approximate_bytes(0, None);
+    assert!(empty < 64 << 10, "an empty store measures {empty} bytes");
+    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    for batch in 0..20 {
+        let rows: Vec<RowWrite> = (0..1000)
+            .map(|i| row(&format!("driver-{batch}-{i}"), 1, i))
+            .collect();
+        store.write_rows(view.id, &rows).unwrap();
+    }
+    store.flush().unwrap();
+    const MIDDLE: u64 = 1 << 63;
+    let whole = store.approximate_bytes(0, None);
+    let low = store.approximate_bytes(0, Some(MIDDLE));
+    let high = store.approximate_bytes(MIDDLE, None);
+    assert!(whole > 200_000, "{whole}");
+    for half in [low, high] {
+        assert!(
+            half > whole / 4 && half < whole * 3 / 4,
+            "halves {low} and {high} of {whole}"
+        );
+    }
+    store.delete_hash_range_with(MIDDLE, None, &[]).unwrap();
+    store.flush().unwrap();
+    let kept = store.approximate_bytes(0, Some(MIDDLE));
+    assert!(
+        kept < whole * 3 / 4,
+        "the half kept measures {kept} of the {whole} the whole store did"
+    );
+}
+
 #[test]
 fn delete_rows_reports_what_existed() {
     let dir = tempfile::tempdir().unwrap();

@@ -504,7 +504,8 @@ impl Cluster {
             from: self.node_id,
             hibernating: self.liveness.mine.lock().clone(),
             wake: Vec::new(),
-            loads: self.loads.mine(),
+            // Loads travel in pings only: each peer pings this node too.
+            loads: Vec::new(),
         }
     }
 
@@ -512,8 +513,7 @@ impl Cluster {
     /// the module doc say, then ping every peer.
     pub(super) fn liveness_round(self: &Arc<Self>) {
         let now = self.now_ms();
-        self.measure_loads(now);
-        let loads = self.loads.mine();
+        self.start_measuring_loads(now);
         let peers = self.liveness.snapshot();
         let mut hibernating = Vec::new();
         let mut wake: BTreeMap<NodeId, Vec<GroupId>> = BTreeMap::new();
@@ -544,11 +544,12 @@ impl Cluster {
             if peer == self.node_id || !self.liveness.start_ping(peer) {
                 continue;
             }
+            let mut outgoing = self.loads.outgoing(peer);
             let ping = Ping {
                 from: self.node_id,
                 hibernating: hibernating.clone(),
                 wake: wake.remove(&peer).unwrap_or_default(),
-                loads: loads.clone(),
+                loads: std::mem::take(&mut outgoing.loads),
             };
             let cluster = Arc::downgrade(self);
             let timeout = Duration::from_millis(self.config.liveness_timeout_ms);
@@ -563,12 +564,7 @@ impl Cluster {
                 if let Ok(PeerResult::Pong(news)) = answer
                     && news.from == peer
                 {
-                    cluster.loads.record(
-                        peer,
-                        &news.loads,
-                        cluster.now_ms(),
-                        cluster.load_reports_fresh_ms(),
-                    );
+                    cluster.loads.delivered(peer, &outgoing);
                     cluster.liveness.record(news, cluster.now_ms());
                 }
                 cluster.liveness.end_ping(peer);

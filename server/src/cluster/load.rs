@@ -7,8 +7,13 @@
 //! says how big each half is) and the rows written per second since the
 //! last measurement. The liveness pings, which every node sends every peer
 //! anyway, carry the reports, so the metadata leader knows every shard's
-//! load without asking; a report names the shard's range version, and one
-//! made before the shard's last split is ignored. The scheduler splits a
+//! load without asking: each peer is sent each measurement once (at most
+//! [`LOAD_REPORTS_PER_PING_MAX`] reports per ping, the rest in the next
+//! pings), so an idle ping stays small. A report names the shard's range
+//! version, and one made before the shard's last split is ignored. The
+//! measurement runs on a blocking thread, never on the liveness loop (it
+//! asks RocksDB for sizes), and asks for sizes only when splits by size
+//! are on. The scheduler splits a
 //! shard whose report exceeds `cluster.split_shard_bytes_max` or
 //! `cluster.split_shard_write_rows_per_second_max` (0: never).
 //!
@@ -19,6 +24,8 @@
 //! handover the balancer made counts as a report of its new term.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
@@ -29,9 +36,15 @@ use serde::{Deserialize, Serialize};
 
 use super::Cluster;
 
-/// Most load reports one ping carries (a node leads at most this many
-/// shards worth reporting at once; the rest wait for the next round).
-pub const LOAD_REPORTS_PER_PING_MAX: usize = 4096;
+/// Most load reports one ping carries (a measurement of more shards goes
+/// out over several pings).
+pub const LOAD_REPORTS_PER_PING_MAX: usize = 1024;
+
+/// The narrowest hash range the scheduler splits (2^48 of the 2^64 hashes:
+/// at most 16 halvings of the whole ring). Splitting by write rate cannot
+/// spread one hot key, and without a floor every split would move that key
+/// into a smaller child that is just as hot.
+pub const SPLIT_RANGE_WIDTH_MIN: u128 = 1 << 48;
 
 /// One shard's load, as its leader measured it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,16 +77,60 @@ struct Report {
 pub struct Loads {
     /// The report of the highest term per shard.
     reported: Mutex<HashMap<GroupId, Report>>,
-    /// This node's own reports, as its pings carry them.
-    mine: Mutex<Vec<ShardLoad>>,
+    /// This node's latest measurement and its sequence number.
+    mine: Mutex<(u64, Arc<Vec<ShardLoad>>)>,
+    /// Per peer, the measurement and how many of its reports it was sent.
+    delivered: Mutex<HashMap<NodeId, (u64, usize)>>,
     /// When this node last measured, and each led shard's row counter then.
     samples: Mutex<(u64, HashMap<GroupId, u64>)>,
+    /// A measurement is running (on a blocking thread).
+    measuring: AtomicBool,
+}
+
+/// The reports one ping to a peer carries, and what to remember once the
+/// peer has them.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    /// The reports.
+    pub loads: Vec<ShardLoad>,
+    /// The measurement they belong to.
+    seq: u64,
+    /// How many of its reports the peer has after this ping.
+    upto: usize,
 }
 
 impl Loads {
-    /// This node's reports (what its pings carry).
-    pub fn mine(&self) -> Vec<ShardLoad> {
-        self.mine.lock().clone()
+    /// Replaces this node's reports with a new measurement.
+    fn set_mine(&self, loads: Vec<ShardLoad>) {
+        let mut mine = self.mine.lock();
+        *mine = (mine.0 + 1, Arc::new(loads));
+    }
+
+    /// What the next ping to `peer` carries: the part of the latest
+    /// measurement it has not been sent yet (empty once it has all).
+    pub fn outgoing(&self, peer: NodeId) -> Outgoing {
+        let (seq, loads) = self.mine.lock().clone();
+        let from = match self.delivered.lock().get(&peer) {
+            Some(&(sent, upto)) if sent == seq => upto,
+            _ => 0,
+        };
+        let upto = loads
+            .len()
+            .min(from.saturating_add(LOAD_REPORTS_PER_PING_MAX));
+        Outgoing {
+            loads: loads.get(from..upto).unwrap_or_default().to_vec(),
+            seq,
+            upto,
+        }
+    }
+
+    /// `peer` answered a ping that carried `sent`.
+    pub fn delivered(&self, peer: NodeId, sent: &Outgoing) {
+        let mut delivered = self.delivered.lock();
+        let known = delivered.entry(peer).or_default();
+        if known.0 < sent.seq || (known.0 == sent.seq && known.1 < sent.upto) {
+            *known = (sent.seq, sent.upto);
+        }
     }
 
     /// Records `leader`'s reports, arrived at `now_ms`; one of a lower
@@ -124,17 +181,34 @@ impl Loads {
 }
 
 impl Cluster {
-    /// Measures the shards this node leads, if an interval has passed since
-    /// the last time (called every liveness round).
-    pub(super) fn measure_loads(&self, now_ms: u64) {
-        let interval_ms = self.config.load_report_interval_ms;
+    /// Starts a measurement of the shards this node leads on a blocking
+    /// thread, if an interval has passed since the last one and none is
+    /// running (called every liveness round).
+    pub(super) fn start_measuring_loads(self: &Arc<Self>, now_ms: u64) {
+        let due = {
+            let samples = self.loads.samples.lock();
+            samples.0 == 0
+                || now_ms.saturating_sub(samples.0) >= self.config.load_report_interval_ms
+        };
+        if !due || self.loads.measuring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cluster = self.clone();
+        tokio::task::spawn_blocking(move || {
+            cluster.measure_loads(now_ms);
+            cluster.loads.measuring.store(false, Ordering::Release);
+        });
+    }
+
+    /// Measures the shards this node leads.
+    fn measure_loads(&self, now_ms: u64) {
         let (elapsed_ms, previous) = {
             let samples = self.loads.samples.lock();
-            if samples.0 != 0 && now_ms.saturating_sub(samples.0) < interval_ms {
-                return;
-            }
             (now_ms.saturating_sub(samples.0), samples.1.clone())
         };
+        // Sizes cost RocksDB work per shard: asked for only when they can
+        // trigger a split.
+        let measure_bytes = self.config.split_shard_bytes_max > 0;
         let placement = self.placement();
         let mut mine = Vec::new();
         let mut counters = HashMap::new();
@@ -168,14 +242,18 @@ impl Cluster {
             mine.push(ShardLoad {
                 group,
                 version,
-                bytes: store.approximate_bytes(start, end),
+                bytes: if measure_bytes {
+                    store.approximate_bytes(start, end)
+                } else {
+                    0
+                },
                 write_rows_per_second: rate,
                 term,
             });
         }
         self.loads
             .record(self.node_id, &mine, now_ms, self.load_reports_fresh_ms());
-        *self.loads.mine.lock() = mine;
+        self.loads.set_mine(mine);
         *self.loads.samples.lock() = (now_ms, counters);
     }
 
@@ -205,6 +283,10 @@ impl Cluster {
             if load.version != desc.epoch.version || now.saturating_sub(at_ms) > fresh_ms {
                 continue;
             }
+            let end = desc.end.map_or(1u128 << 64, u128::from);
+            if end.saturating_sub(u128::from(desc.start)) < SPLIT_RANGE_WIDTH_MIN {
+                continue;
+            }
             if bytes_max > 0 && load.bytes > bytes_max {
                 split.insert(
                     group,
@@ -225,5 +307,61 @@ impl Cluster {
             }
         }
         split
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(group: GroupId) -> ShardLoad {
+        ShardLoad {
+            group,
+            version: 0,
+            bytes: u64::from(group),
+            write_rows_per_second: 0,
+            term: 1,
+        }
+    }
+
+    /// Each peer is sent each measurement once, in pieces of at most
+    /// `LOAD_REPORTS_PER_PING_MAX`; a ping that got no answer is sent again;
+    /// a new measurement starts over.
+    #[test]
+    fn each_peer_gets_each_measurement_once_in_bounded_pings() {
+        let loads = Loads::default();
+        assert!(loads.outgoing(2).loads.is_empty(), "nothing measured yet");
+        let count = LOAD_REPORTS_PER_PING_MAX + 10;
+        loads.set_mine((0..count as GroupId).map(load).collect());
+        let first = loads.outgoing(2);
+        assert_eq!(first.loads.len(), LOAD_REPORTS_PER_PING_MAX);
+        // Unanswered: the same again.
+        assert_eq!(loads.outgoing(2).loads, first.loads);
+        loads.delivered(2, &first);
+        let second = loads.outgoing(2);
+        assert_eq!(second.loads.len(), 10);
+        assert_eq!(second.loads[0].group, LOAD_REPORTS_PER_PING_MAX as GroupId);
+        loads.delivered(2, &second);
+        assert!(loads.outgoing(2).loads.is_empty(), "peer 2 has it all");
+        // A late answer to the first ping takes nothing back.
+        loads.delivered(2, &first);
+        assert!(loads.outgoing(2).loads.is_empty());
+        // Peer 3 has been sent nothing.
+        assert_eq!(loads.outgoing(3).loads.len(), LOAD_REPORTS_PER_PING_MAX);
+        loads.set_mine(vec![load(7)]);
+        assert_eq!(loads.outgoing(2).loads, vec![load(7)]);
+    }
+
+    /// Of two leaders' reports the higher term wins until it goes stale.
+    #[test]
+    fn the_report_of_the_higher_term_wins_until_stale() {
+        let loads = Loads::default();
+        let mut newer = load(1);
+        newer.term = 5;
+        loads.record(2, &[newer], 1_000, 3_000);
+        loads.record(3, &[load(1)], 2_000, 3_000);
+        assert_eq!(loads.leaders(2_000, 3_000)[&1], 2);
+        loads.record(3, &[load(1)], 5_000, 3_000);
+        assert_eq!(loads.leaders(5_000, 3_000)[&1], 3);
     }
 }

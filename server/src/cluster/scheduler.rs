@@ -399,11 +399,12 @@ impl Cluster {
                     reason: planned.reason,
                 })
                 .await;
-            if let Err(e) = started {
-                tracing::info!(error = %e, "operator not started");
-                return;
+            // A refusal (the map moved on since the plan) concerns that
+            // shard only: the others' operators still start.
+            match started {
+                Ok(_) => started_any = true,
+                Err(e) => tracing::info!(shard = planned.shard, error = %e, "operator not started"),
             }
-            started_any = true;
         }
         if !started_any && map.operators.is_empty() {
             self.balance_leaders(map).await;
@@ -570,6 +571,56 @@ mod tests {
             "{m:#?}"
         );
         assert!(m.shards.values().all(|d| d.voters().count() == 3));
+    }
+
+    #[test]
+    fn shards_split_one_at_a_time_after_repairs_and_within_the_budget() {
+        use NodeState::*;
+        let mut m = map(&[Serving, Serving, Serving], 4, &[1, 2, 3], 3);
+        let splits: BTreeMap<GroupId, String> =
+            [(2, "big".to_string()), (3, "busy".to_string())].into();
+        let planned = plan(&m, &BTreeSet::new(), 4, &splits, |_| false);
+        assert_eq!(planned.len(), 1, "one split at a time: {planned:?}");
+        assert_eq!(planned[0].shard, 2);
+        assert_eq!(planned[0].request, OperatorRequest::Split { at: None });
+        assert!(planned[0].reason.contains("big"), "{}", planned[0].reason);
+        // A shard the scheduler leaves alone is not split either.
+        let planned = plan(&m, &BTreeSet::new(), 4, &splits, |s| s == 2);
+        assert_eq!(planned.iter().map(|p| p.shard).collect::<Vec<_>>(), [3]);
+        // No budget, no split.
+        assert!(plan(&m, &BTreeSet::new(), 0, &splits, |_| false).is_empty());
+        // While a split runs, no other starts (a repair still does).
+        m.apply(
+            MapCommand::StartOperator {
+                shard: 2,
+                request: OperatorRequest::Split { at: None },
+                reason: "test".into(),
+            },
+            0,
+        )
+        .unwrap();
+        assert!(plan(&m, &BTreeSet::new(), 4, &splits, |_| false).is_empty());
+        let down = BTreeSet::from([3]);
+        let mut m4 = map(&[Serving, Serving, Serving, Serving], 4, &[1, 2, 3], 3);
+        m4.apply(
+            MapCommand::StartOperator {
+                shard: 1,
+                request: OperatorRequest::Split { at: None },
+                reason: "test".into(),
+            },
+            0,
+        )
+        .unwrap();
+        let planned = plan(&m4, &down, 2, &splits, |_| false);
+        assert_eq!(
+            planned.len(),
+            1,
+            "the budget counts the running split: {planned:?}"
+        );
+        assert!(
+            matches!(planned[0].request, OperatorRequest::Move { .. }),
+            "{planned:?}"
+        );
     }
 
     #[test]
