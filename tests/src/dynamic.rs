@@ -1,10 +1,11 @@
 //! What the dynamic-cluster tests share: a writer that keeps an
-//! acknowledged-write ledger while the cluster changes under it, the check
-//! of that ledger, and waits on the cluster map.
+//! acknowledged-write ledger while the cluster changes under it, a reader
+//! that checks STRONG reads against the writer's progress as they happen,
+//! the check of that ledger, and waits on the cluster map.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use quiver_proto::admin as admin_pb;
@@ -33,9 +34,20 @@ pub struct Ledger {
     pub longest_gap: Duration,
 }
 
+/// How far a [`Writer`] has got, as it goes: every round writes one value
+/// to all its keys.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// The value of the last round acknowledged.
+    pub acked: AtomicI64,
+    /// The value of the last round attempted (published before it is sent).
+    pub attempted: AtomicI64,
+}
+
 /// A writer running in the background.
 pub struct Writer {
     stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
     handle: tokio::task::JoinHandle<Ledger>,
 }
 
@@ -45,6 +57,8 @@ impl Writer {
     pub fn start(client: Client, keys: Vec<String>) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let progress = Arc::new(Progress::default());
+        let published = progress.clone();
         let handle = tokio::spawn(async move {
             let mut client = client;
             let mut ledger = Ledger::default();
@@ -56,6 +70,7 @@ impl Writer {
                 for key in &keys {
                     ledger.attempted.insert(key.clone(), value);
                 }
+                published.attempted.store(value, Ordering::SeqCst);
                 match tokio::time::timeout(
                     Duration::from_secs(20),
                     write_values(&mut client, &batch),
@@ -66,6 +81,7 @@ impl Writer {
                         for key in &keys {
                             ledger.acked.insert(key.clone(), value);
                         }
+                        published.acked.store(value, Ordering::SeqCst);
                         ledger.acks += 1;
                         ledger.longest_gap = ledger.longest_gap.max(last_ack.elapsed());
                         last_ack = Instant::now();
@@ -76,13 +92,92 @@ impl Writer {
             }
             ledger
         });
-        Writer { stop, handle }
+        Writer {
+            stop,
+            progress,
+            handle,
+        }
+    }
+
+    /// The writer's progress, for a [`Reader`] of the same keys.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 
     /// Stops the writer and returns its ledger.
     pub async fn stop(self) -> Ledger {
         self.stop.store(true, Ordering::SeqCst);
         self.handle.await.expect("the writer task")
+    }
+}
+
+/// What a [`Reader`] saw.
+#[derive(Debug, Default, Clone)]
+pub struct Reads {
+    /// Reads that answered.
+    pub ok: u64,
+    /// Reads that failed (a retryable error or a timeout).
+    pub failures: u64,
+    /// Longest time without an answered read.
+    pub longest_gap: Duration,
+    /// Values a STRONG read must not have returned: older than a write
+    /// acknowledged before the read started, or newer than any attempted
+    /// by the time it answered.
+    pub violations: Vec<String>,
+}
+
+/// A STRONG reader running beside a [`Writer`]: a real-time check of
+/// linearizability for each read (every write acknowledged before it
+/// started is visible, and nothing not yet attempted is).
+pub struct Reader {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<Reads>,
+}
+
+impl Reader {
+    /// Reads `keys` (the writer's) at STRONG through `client` until stopped.
+    pub fn start(client: Client, keys: Vec<String>, progress: Arc<Progress>) -> Reader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut client = client;
+            let mut reads = Reads::default();
+            let mut last_ok = Instant::now();
+            while !stopped.load(Ordering::SeqCst) {
+                let floor = progress.acked.load(Ordering::SeqCst);
+                let read = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    read_values(&mut client, &keys, pb::Consistency::Strong),
+                )
+                .await;
+                let ceiling = progress.attempted.load(Ordering::SeqCst);
+                match read {
+                    Ok(Ok((values, _))) => {
+                        reads.ok += 1;
+                        reads.longest_gap = reads.longest_gap.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                        for (key, value) in keys.iter().zip(values) {
+                            let value = value.unwrap_or(0);
+                            if (value < floor || value > ceiling) && reads.violations.len() < 20 {
+                                reads
+                                    .violations
+                                    .push(format!("{key} = {value}, outside [{floor}, {ceiling}]"));
+                            }
+                        }
+                    }
+                    _ => reads.failures += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            reads
+        });
+        Reader { stop, handle }
+    }
+
+    /// Stops the reader and returns what it saw.
+    pub async fn stop(self) -> Reads {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.await.expect("the reader task")
     }
 }
 

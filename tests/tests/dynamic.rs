@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry};
 use quiver_tests::dynamic::{
-    Writer, check_ledger, leader_counts, replica_counts, settled, voter_nodes, wait_map,
+    Reader, Writer, check_ledger, leader_counts, replica_counts, settled, voter_nodes, wait_map,
 };
 use quiver_tests::{Cluster, Node, TEST_CLUSTER_SECRET, quiverctl};
 
@@ -284,6 +284,114 @@ async fn one_node_grows_to_four_then_the_first_is_drained_and_removed() {
         .await
         .unwrap();
         assert!(values.iter().all(|v| *v == Some(7)), "{values:?}");
+    }
+}
+
+/// Replica counts of `on` are each within one of their mean.
+fn balanced_within_one(
+    map: &quiver_proto::admin::GetClusterMapResponse,
+    on: &[u64],
+) -> Result<(), String> {
+    let counts = replica_counts(map, on);
+    let total: u32 = counts.iter().sum();
+    let n = counts.len() as u32;
+    // |count - total / n| <= 1, in integers.
+    if counts.iter().all(|&c| (c * n).abs_diff(total) <= n) {
+        Ok(())
+    } else {
+        Err(format!("replicas per node {counts:?}"))
+    }
+}
+
+/// The scale-out: three nodes grow to five under a writer and a
+/// STRONG reader checked in real time, then one drains back out; every
+/// acknowledged write reads back through every node and replicas end
+/// within one of the mean, with the leader balancer on throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_grow_to_five_and_one_drains_under_writes_and_strong_reads() {
+    let _turn = ONE_CLUSTER.lock().await;
+    let dir = Kept::new();
+    let env = [
+        ("QUIVER_CLUSTER__SHARD_COUNT", "6"),
+        ("QUIVER_CLUSTER__BALANCE_LEADERS", "true"),
+        ("QUIVER_CLUSTER__LOAD_REPORT_INTERVAL_MS", "500"),
+        ("QUIVER_CLUSTER__SECRET", TEST_CLUSTER_SECRET),
+    ];
+    let (mut cluster, endpoint, client) = started(dir.path(), 3, &env).await;
+    let keys = keys(40, "out");
+    let writer = Writer::start(client.clone(), keys.clone());
+    let reader = Reader::start(
+        cluster.node(3).client().await.unwrap(),
+        keys,
+        writer.progress(),
+    );
+
+    wait_map(&endpoint, "the map is stored", |map| {
+        map.replicated.then_some(()).ok_or("not stored".into())
+    })
+    .await;
+
+    eprintln!("--- nodes 4 and 5 join through node 1");
+    let mut joined = Vec::new();
+    for id in 4..=5 {
+        joined.push(
+            Node::start_with_env(
+                &dir.path().join(format!("node{id}")),
+                &["--join", &endpoint],
+                &env,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let all = [1, 2, 3, 4, 5];
+    let map = wait_map(&endpoint, "6 shards x 3 replicas over 5 nodes", |map| {
+        settled(map, 3, &all)?;
+        balanced_within_one(map, &all)
+    })
+    .await;
+    eprintln!("replicas per node {:?}", replica_counts(&map, &all));
+
+    eprintln!("--- node 3 (the reader's) drains back out");
+    let out = quiverctl(&endpoint, &["node", "drain", "3", "--wait"]).unwrap();
+    eprintln!("{out}");
+    let rest = [1, 2, 4, 5];
+    let map = wait_map(&endpoint, "drained and balanced over 4 nodes", |map| {
+        settled(map, 3, &rest)?;
+        balanced_within_one(map, &rest)
+    })
+    .await;
+    eprintln!("replicas per node {:?}", replica_counts(&map, &rest));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let ledger = writer.stop().await;
+    let reads = reader.stop().await;
+    eprintln!(
+        "writer: {} acknowledged, {} failed, longest gap {:?}; reader: {} reads, {} failed, longest gap {:?}",
+        ledger.acks,
+        ledger.failures,
+        ledger.longest_gap,
+        reads.ok,
+        reads.failures,
+        reads.longest_gap
+    );
+    assert!(reads.violations.is_empty(), "{:?}", reads.violations);
+    assert!(ledger.acks > 20 && reads.ok > 20, "{ledger:?} {reads:?}");
+
+    eprintln!("--- every acknowledged write reads back through every node");
+    let mut clients = Vec::new();
+    for id in 1..=3 {
+        clients.push((id, cluster.node(id).client().await.unwrap()));
+    }
+    for (i, node) in joined.iter().enumerate() {
+        clients.push((i as u64 + 4, node.client().await.unwrap()));
+    }
+    for (id, client) in clients {
+        retry("the ledger reads back", CONVERGE_WAIT, || {
+            let (client, ledger) = (client.clone(), ledger.clone());
+            async move { check_ledger(&client, &ledger, &format!("node {id}")).await }
+        })
+        .await;
     }
 }
 
