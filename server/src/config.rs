@@ -177,7 +177,10 @@ pub struct ClusterConfig {
     /// Start without a `secret` although peers are reachable beyond
     /// loopback (a trusted private network).
     pub allow_unauthenticated_peers: bool,
-    /// Shards the key space is cut into (hash arcs).
+    /// Shards a new cluster's key space is cut into (hash arcs); splits
+    /// add more. 0 (the default): one per node of `nodes` (one for a node
+    /// alone), so a new cluster starts with few Raft groups, which is what
+    /// writes are fastest on, and splits when size (or load) asks.
     pub shard_count: u32,
     /// Replicas per shard (capped at the number of nodes).
     pub replication_factor: u32,
@@ -257,6 +260,18 @@ pub struct ClusterConfig {
     pub load_report_interval_ms: u64,
 }
 
+impl ClusterConfig {
+    /// The shards a new cluster starts with: `shard_count`, or one per node
+    /// of the description when it is 0.
+    pub fn initial_shards(&self) -> u32 {
+        if self.shard_count > 0 {
+            self.shard_count
+        } else {
+            u32::try_from(self.nodes.len().max(1)).unwrap_or(CLUSTER_SHARDS_MAX)
+        }
+    }
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
@@ -265,7 +280,7 @@ impl Default for ClusterConfig {
             secret: String::new(),
             previous_secret: String::new(),
             allow_unauthenticated_peers: false,
-            shard_count: 16,
+            shard_count: 0,
             replication_factor: 3,
             metadata_voters: 3,
             heartbeat_ms: 100,
@@ -469,7 +484,7 @@ pub struct Flags {
     #[arg(long, value_parser = parse_nodes)]
     #[serde(skip)]
     pub cluster_nodes: Option<NodeList>,
-    /// Shards of the key space [default: 16].
+    /// Shards of a new cluster's key space [default: 0, one per node].
     #[arg(long)]
     #[serde(skip)]
     pub shard_count: Option<u32>,
@@ -639,9 +654,10 @@ impl Config {
         if c.node_id == 0 {
             return Err(ConfigError("cluster.node_id must be positive".into()));
         }
-        if !(1..=CLUSTER_SHARDS_MAX).contains(&c.shard_count) {
+        if c.shard_count > CLUSTER_SHARDS_MAX || c.nodes.len() > CLUSTER_SHARDS_MAX as usize {
             return Err(ConfigError(format!(
-                "cluster.shard_count must be 1..={CLUSTER_SHARDS_MAX}"
+                "cluster.shard_count (0: one per node) and the number of cluster.nodes \
+                 must be at most {CLUSTER_SHARDS_MAX}"
             )));
         }
         if c.replication_factor == 0 || c.metadata_voters == 0 {

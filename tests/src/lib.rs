@@ -316,6 +316,11 @@ fn spawn(
         // Tests place leaders where they want them: the leader balancer is
         // on only where a test turns it on (the nemesis, its own test).
         .env("QUIVER_CLUSTER__BALANCE_LEADERS", "false")
+        // The tests were written for a cluster of many groups (a batch that
+        // fans out over shards, a node leading several): 16 unless a test
+        // asks for another count (the product's default is one per node,
+        // which the scale-out test in tests/dynamic.rs starts with).
+        .env("QUIVER_CLUSTER__SHARD_COUNT", "16")
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         // QUIVER_TEST_LOG picks the nodes' log filter when debugging a test
         // (e.g. "info,quiver_server=debug").

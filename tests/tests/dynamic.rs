@@ -311,8 +311,9 @@ fn balanced_within_one(
 async fn three_nodes_grow_to_five_and_one_drains_under_writes_and_strong_reads() {
     let _turn = ONE_CLUSTER.lock().await;
     let dir = Kept::new();
+    // The product's default: a new cluster has one shard per node.
     let env = [
-        ("QUIVER_CLUSTER__SHARD_COUNT", "6"),
+        ("QUIVER_CLUSTER__SHARD_COUNT", "0"),
         ("QUIVER_CLUSTER__BALANCE_LEADERS", "true"),
         ("QUIVER_CLUSTER__LOAD_REPORT_INTERVAL_MS", "500"),
         ("QUIVER_CLUSTER__SECRET", TEST_CLUSTER_SECRET),
@@ -326,10 +327,11 @@ async fn three_nodes_grow_to_five_and_one_drains_under_writes_and_strong_reads()
         writer.progress(),
     );
 
-    wait_map(&endpoint, "the map is stored", |map| {
+    let map = wait_map(&endpoint, "the map is stored", |map| {
         map.replicated.then_some(()).ok_or("not stored".into())
     })
     .await;
+    assert_eq!(map.shards.len(), 3, "one shard per node");
 
     eprintln!("--- nodes 4 and 5 join through node 1");
     let mut joined = Vec::new();
@@ -345,7 +347,7 @@ async fn three_nodes_grow_to_five_and_one_drains_under_writes_and_strong_reads()
         );
     }
     let all = [1, 2, 3, 4, 5];
-    let map = wait_map(&endpoint, "6 shards x 3 replicas over 5 nodes", |map| {
+    let map = wait_map(&endpoint, "3 shards x 3 replicas over 5 nodes", |map| {
         settled(map, 3, &all)?;
         balanced_within_one(map, &all)
     })

@@ -158,7 +158,7 @@ impl StaticLayout {
         };
         let ids: Vec<NodeId> = nodes.keys().copied().collect();
         let rf = (config.replication_factor as usize).min(ids.len());
-        let replicas: BTreeMap<GroupId, Vec<NodeId>> = (1..=config.shard_count)
+        let replicas: BTreeMap<GroupId, Vec<NodeId>> = (1..=config.initial_shards())
             .map(|shard| (shard, rendezvous(shard, &ids, rf)))
             .collect();
         let metadata_voters = rendezvous(
@@ -326,7 +326,18 @@ mod tests {
                 .values()
                 .all(|d| d.voters().eq([ReplicaId::first(1)]))
         );
-        assert_eq!(layout.groups_of(1).len(), 17);
+        // The metadata group and, by default, one shard for a node alone.
+        assert_eq!(layout.groups_of(1).len(), 2);
         assert_eq!(layout.map.nodes[&1].peer_addr, "127.0.0.1:17470");
+    }
+
+    #[test]
+    fn a_new_cluster_starts_with_one_shard_per_node_by_default() {
+        let layout = StaticLayout::new(&config(3, 0, 3), "", "");
+        assert_eq!(layout.map.shards.len(), 3);
+        let layout = StaticLayout::new(&config(5, 0, 3), "", "");
+        assert_eq!(layout.map.shards.len(), 5);
+        let layout = StaticLayout::new(&config(3, 7, 3), "", "");
+        assert_eq!(layout.map.shards.len(), 7, "shard_count when given");
     }
 }
