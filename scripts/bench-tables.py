@@ -29,9 +29,9 @@ TABLES = [
     (
         "Durable replicated tier: Quiver RF 3 (3 nodes) vs etcd 3 members, 16 in flight",
         [
-            ("rf3-ingest-single", "Quiver RF 3, single-row writes", "etcd-ingest-single"),
+            ("rf3-ingest-single", "Quiver RF 3 (default: 3 shards), single-row writes", "etcd-ingest-single"),
             ("etcd-ingest-single", "etcd, single puts", None),
-            ("rf3-ingest-batch100", "Quiver RF 3, 100-row writes", "etcd-ingest-txn100"),
+            ("rf3-ingest-batch100", "Quiver RF 3 (default: 3 shards), 100-row writes", "etcd-ingest-txn100"),
             ("etcd-ingest-txn100", "etcd, Txn of 100 puts", None),
             ("rf3-serve-leader", "Quiver RF 3, serve 100 x 10 at LEADER", "etcd-serve"),
             ("etcd-serve", "etcd, Txn of 100 ranges (linearizable)", None),
@@ -41,12 +41,12 @@ TABLES = [
         "Write cost per Raft group: Quiver RF 3 (3 nodes), the same writes over 1, 3 or 16 shards, 16 in flight",
         [
             ("rf3-shards1-single", "1 shard, single-row writes", None),
-            ("rf3-shards3-single", "3 shards, single-row writes", None),
-            ("rf3-shards16-single", "16 shards (default), single-row writes", None),
+            ("rf3-shards3-single", "3 shards (default: one per node), single-row writes", None),
+            ("rf3-shards16-single", "16 shards, single-row writes", None),
             ("rf3-shards16-nofsync-single", "16 shards, fsync off, single-row writes", None),
             ("rf3-shards1-batch100", "1 shard, 100-row writes", None),
-            ("rf3-shards3-batch100", "3 shards, 100-row writes", None),
-            ("rf3-shards16-batch100", "16 shards (default), 100-row writes", None),
+            ("rf3-shards3-batch100", "3 shards (default: one per node), 100-row writes", None),
+            ("rf3-shards16-batch100", "16 shards, 100-row writes", None),
             ("rf3-shards16-nofsync-batch100", "16 shards, fsync off, 100-row writes", None),
         ],
     ),

@@ -118,9 +118,9 @@ for shards in 1 3 16; do
     ENTITIES="$SHARDS_ENTITIES" run_cluster "rf3-shards$shards-batch100" "--shard-count $shards" \
         --workload ingest --rows-per-write 100 --concurrency 16
 done
-ENTITIES="$SHARDS_ENTITIES" run_cluster rf3-shards16-nofsync-single "--sync-writes false" \
+ENTITIES="$SHARDS_ENTITIES" run_cluster rf3-shards16-nofsync-single "--shard-count 16 --sync-writes false" \
     --workload ingest --rows-per-write 1 --concurrency 16
-ENTITIES="$SHARDS_ENTITIES" run_cluster rf3-shards16-nofsync-batch100 "--sync-writes false" \
+ENTITIES="$SHARDS_ENTITIES" run_cluster rf3-shards16-nofsync-batch100 "--shard-count 16 --sync-writes false" \
     --workload ingest --rows-per-write 100 --concurrency 16
 fi
 python3 scripts/bench-tables.py "$OUT"

@@ -65,12 +65,20 @@ impl Cluster {
     }
 
     /// The next target after a failure without a usable leader hint: the
-    /// leader this node's own replica now knows, if it is not one that just
-    /// failed; else the next voter that has not failed in this request (all
-    /// of them failed: start the rotation again).
-    fn retry_target(&self, group: GroupId, current: NodeId, failed: &mut Vec<NodeId>) -> NodeId {
+    /// leader this node's own replica now knows, if it is not the node that
+    /// just failed nor one that did not answer (`dead`); else the next voter
+    /// that has not failed in this request (all of them failed: start the
+    /// rotation again).
+    fn retry_target(
+        &self,
+        group: GroupId,
+        current: NodeId,
+        failed: &mut Vec<NodeId>,
+        dead: &[NodeId],
+    ) -> NodeId {
         if let Some(leader) = self.known_leader(group)
-            && !failed.contains(&leader)
+            && leader != current
+            && !dead.contains(&leader)
         {
             return leader;
         }
@@ -99,24 +107,28 @@ impl Cluster {
             .unwrap_or(self.node_id)
     }
 
-    /// Waits before a retry: the backoff for `attempt`, cut short when this
-    /// node's own replica of the group learns of a new leader (during a
-    /// failover the retry then goes out the moment the election is won, not
-    /// up to a backoff later).
-    async fn pause_before_retry(&self, group: GroupId, attempt: u32) {
+    /// Waits before a retry: the backoff for `attempt`, cut short (or not
+    /// begun) once this node's own replica of the group knows a leader that
+    /// `usable` accepts (during a failover or a handover the retry then goes
+    /// out the moment the election is won, not up to a backoff later).
+    async fn pause_before_retry(
+        &self,
+        group: GroupId,
+        attempt: u32,
+        usable: impl Fn(NodeId) -> bool + Send + Sync,
+    ) {
         let pause = Self::backoff(attempt);
         let Some(hosted) = self.host.get(group) else {
             tokio::time::sleep(pause).await;
             return;
         };
-        let before = hosted.raft.metrics().borrow_watched().current_leader;
-        // Times out (an error) when nothing changed: either way, retry.
+        // Times out (an error) when no such leader shows: either way, retry.
         let _ = hosted
             .raft
             .wait(Some(pause))
             .metrics(
-                |m| m.current_leader.is_some() && m.current_leader != before,
-                "a new leader",
+                |m| m.current_leader.is_some_and(|l| usable(l.node())),
+                "a usable leader",
             )
             .await;
     }
@@ -219,9 +231,15 @@ impl Cluster {
         let mut target = first;
         let mut last = String::from("no attempt made");
         let attempts = self.config.route_retries_max.max(1);
-        // Nodes that failed in this request: a redirect to one of them (a
-        // replica that has not noticed its leader died) is no hint.
+        // Nodes that failed in this request (the rotation skips them), and
+        // of those the ones that did not answer as a live replica: a
+        // redirect to one of those (from a replica that has not noticed its
+        // leader died) is no hint. A replica that answered "no leader known"
+        // is alive and may be the candidate about to win (during a leader
+        // handover it is): a later redirect to it is followed, or every
+        // write in flight would wait out the backoff after a handover.
         let mut failed: Vec<NodeId> = Vec::new();
+        let mut dead: Vec<NodeId> = Vec::new();
         for n in 0..attempts {
             match attempt(target).await {
                 Ok(value) => return Ok(value),
@@ -234,14 +252,16 @@ impl Cluster {
                 }
                 Err(PeerResult::NotLeader {
                     leader: Some(leader),
-                }) if leader != target && !failed.contains(&leader) => {
+                }) if leader != target && !dead.contains(&leader) => {
                     last = format!("node {target} is not the leader; node {leader} is");
                     self.remember_leader(group, leader);
-                    target = leader;
-                    // A redirect is cheap; still back off when it repeats.
+                    // A redirect is cheap; still back off when it repeats,
+                    // unless this node's replica also says `leader` leads.
                     if n > 2 {
-                        self.pause_before_retry(group, n).await;
+                        self.pause_before_retry(group, n, |known| known == leader)
+                            .await;
                     }
+                    target = leader;
                 }
                 Err(other) => {
                     last = format!("node {target}: {}", describe(&other));
@@ -250,8 +270,16 @@ impl Cluster {
                     if !failed.contains(&target) {
                         failed.push(target);
                     }
-                    self.pause_before_retry(group, n).await;
-                    target = self.retry_target(group, target, &mut failed);
+                    let alive = matches!(other, PeerResult::NotLeader { .. });
+                    if !alive && !dead.contains(&target) {
+                        dead.push(target);
+                    }
+                    let failed_now = target;
+                    self.pause_before_retry(group, n, |known| {
+                        known != failed_now && !dead.contains(&known)
+                    })
+                    .await;
+                    target = self.retry_target(group, target, &mut failed, &dead);
                 }
             }
         }
