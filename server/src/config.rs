@@ -206,6 +206,11 @@ pub struct ClusterConfig {
     pub peer_timeout_ms: u64,
     /// Deadline of one snapshot transfer.
     pub snapshot_timeout_ms: u64,
+    /// Bytes per second this node sends snapshots at, all of them together
+    /// (a replica move or repair streams a whole shard; serving keeps the
+    /// rest of the disk and network). 0: unlimited; else at least 1 MiB/s.
+    /// A shard's snapshot must fit in `snapshot_timeout_ms` at this rate.
+    pub snapshot_send_bytes_per_second_max: u64,
     /// How many times a request is re-routed after a leader change or an
     /// unreachable replica before it fails with `UNAVAILABLE`.
     pub route_retries_max: u32,
@@ -294,6 +299,9 @@ impl Default for ClusterConfig {
             log_segment_bytes_max: 64 << 20,
             peer_timeout_ms: 3_000,
             snapshot_timeout_ms: 300_000,
+            // TiKV's default (snap-io-max-bytes-per-sec): a 256 MiB shard
+            // (the split size) in under 3 s.
+            snapshot_send_bytes_per_second_max: 100 << 20,
             route_retries_max: 12,
             replica_lag_entries_max: 100,
             hibernate_after_ms: 2_000,
@@ -316,6 +324,11 @@ impl Default for ClusterConfig {
 /// empty replica measures tens of kilobytes (its memtables), which must
 /// stay far below the limit.
 pub const SPLIT_SHARD_BYTES_MIN: u64 = 1 << 20;
+
+/// The smallest `cluster.snapshot_send_bytes_per_second_max` other than 0
+/// (unlimited): slower, a split-sized shard (256 MiB) would not fit in the
+/// default snapshot deadline.
+pub const SNAPSHOT_SEND_BYTES_PER_SECOND_MIN: u64 = 1 << 20;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -712,6 +725,14 @@ impl Config {
                  that hold nothing"
             )));
         }
+        if c.snapshot_send_bytes_per_second_max != 0
+            && c.snapshot_send_bytes_per_second_max < SNAPSHOT_SEND_BYTES_PER_SECOND_MIN
+        {
+            return Err(ConfigError(format!(
+                "cluster.snapshot_send_bytes_per_second_max must be 0 (unlimited) or at least \
+                 {SNAPSHOT_SEND_BYTES_PER_SECOND_MIN}"
+            )));
+        }
         if c.load_report_interval_ms < c.liveness_interval_ms {
             return Err(ConfigError(
                 "cluster.load_report_interval_ms must be at least cluster.liveness_interval_ms \
@@ -884,6 +905,13 @@ mod tests {
             let flags = Flags::parse_from(["quiverd", "--config", "tiny.toml"]);
             let err = Config::load(&flags).unwrap_err().to_string();
             assert!(err.contains("split_shard_bytes_max"), "{err}");
+            jail.create_file(
+                "trickle.toml",
+                "[cluster]\nsnapshot_send_bytes_per_second_max = 1000\n",
+            )?;
+            let flags = Flags::parse_from(["quiverd", "--config", "trickle.toml"]);
+            let err = Config::load(&flags).unwrap_err().to_string();
+            assert!(err.contains("snapshot_send_bytes_per_second_max"), "{err}");
             jail.create_file(
                 "fast.toml",
                 "[cluster]\nload_report_interval_ms = 50\nliveness_interval_ms = 200\n",

@@ -33,6 +33,7 @@ pub mod placement;
 pub mod reads;
 pub mod router;
 pub mod scheduler;
+pub mod throttle;
 pub mod transfer;
 pub mod wire;
 
@@ -271,6 +272,7 @@ impl Cluster {
                 ),
                 Duration::from_millis(config.peer_timeout_ms),
                 Duration::from_millis(config.snapshot_timeout_ms),
+                config.snapshot_send_bytes_per_second_max,
                 &config.secret,
             )
             .map_err(ClusterError::Start)?,

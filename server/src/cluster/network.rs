@@ -287,6 +287,8 @@ pub struct PeerClients {
     sign: SignPeerCalls,
     timeout: Duration,
     snapshot_timeout: Duration,
+    /// Shared by every snapshot this node sends.
+    snapshot_rate: Arc<super::throttle::ByteRate>,
 }
 
 impl PeerClients {
@@ -297,6 +299,7 @@ impl PeerClients {
         nodes: &BTreeMap<NodeId, String>,
         timeout: Duration,
         snapshot_timeout: Duration,
+        snapshot_bytes_per_second_max: u64,
         secret: &str,
     ) -> Result<Self, String> {
         let clients = Self {
@@ -304,6 +307,9 @@ impl PeerClients {
             sign: SignPeerCalls::new(secret)?,
             timeout,
             snapshot_timeout,
+            snapshot_rate: Arc::new(super::throttle::ByteRate::new(
+                snapshot_bytes_per_second_max,
+            )),
         };
         clients.set_nodes(nodes)?;
         Ok(clients)
@@ -475,7 +481,9 @@ impl PeerClients {
             status: tonic::Status::internal(format!("encoding a snapshot header: {e}")),
         })?;
         // Files are read on a blocking thread and streamed chunk by chunk, so
-        // memory stays at a few chunks whatever the snapshot size.
+        // memory stays at a few chunks whatever the snapshot size; the thread
+        // waits out the node's snapshot byte rate before each chunk.
+        let rate = self.snapshot_rate.clone();
         let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::io::Read;
             let first = SnapshotChunk {
@@ -498,6 +506,7 @@ impl PeerClients {
                         break;
                     }
                     data.truncate(read);
+                    rate.wait_blocking(read as u64);
                     let chunk = SnapshotChunk {
                         group,
                         header: Vec::new(),
@@ -767,7 +776,7 @@ mod tests {
     }
 
     fn clients(addr: String, timeout: Duration) -> Arc<PeerClients> {
-        Arc::new(PeerClients::new(&BTreeMap::from([(2, addr)]), timeout, timeout, "").unwrap())
+        Arc::new(PeerClients::new(&BTreeMap::from([(2, addr)]), timeout, timeout, 0, "").unwrap())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
