@@ -100,9 +100,10 @@ impl RangeDesc {
 /// can apply a split.
 pub trait SplitHandler: Send + Sync + 'static {
     /// The replica directory (holding `log/` and `state/`) of this node's
-    /// replica of `child`, recorded as hosted before anything is created;
-    /// `None` if this node hosted the child under this id (or a later one)
-    /// before: a replay after it moved away must not build it again.
+    /// replica of `child`; `None` if this node hosted the child under this
+    /// id (or a later one) before: a replay after it moved away must not
+    /// build it again. A child built but never hosted (a crash in between)
+    /// is built again by the replay.
     fn prepare_child(&self, child: GroupId) -> io::Result<Option<PathBuf>>;
     /// This node's replica of the splitting shard (and so of its child).
     fn replica(&self) -> ReplicaId;

@@ -288,6 +288,37 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test's data directory goes with its temporary dir: the
+        // node's log is kept where a CI run can still be diagnosed.
+        if std::thread::panicking() {
+            keep_log(&self.log_path);
+        }
+    }
+}
+
+/// Copies a node's log to `$QUIVER_TEST_KEEP_LOGS` (default: the system
+/// temporary dir's `quiver-failed-tests`) and says where.
+fn keep_log(log_path: &Path) {
+    let dir = std::env::var_os("QUIVER_TEST_KEEP_LOGS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("quiver-failed-tests"));
+    let name = format!(
+        "{}-{}-{}",
+        std::process::id(),
+        log_path
+            .parent()
+            .and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        log_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let kept = dir.join(name);
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(log_path, &kept)) {
+        Ok(_) => eprintln!("node log kept: {}", kept.display()),
+        Err(e) => eprintln!("node log {} not kept: {e}", log_path.display()),
     }
 }
 

@@ -13,7 +13,10 @@
 //! may have voted; see [`quiver_raft::ReplicaId`]): `groups/HOSTED` records,
 //! per group, the highest incarnation this node ever hosted, fsynced before
 //! a replica directory is created, and a replica at or below it is never
-//! created again, whatever a (possibly stale) cluster map says. Destroying
+//! created again, whatever a (possibly stale) cluster map says. A split
+//! child's directory is built whole (staged, then renamed) by its parent's
+//! apply and recorded when first opened: until then no Raft instance ran
+//! it, so it cannot have voted. Destroying
 //! a replica renames its directory into `groups/.trash/` (so a crash midway
 //! leaves no half-deleted replica that could be opened again) and deletes
 //! it there; `.trash` is emptied at start.
@@ -519,7 +522,12 @@ impl quiver_raft::state_machine::SplitHandler for SplitChildren {
             tracing::info!(child, replica = %self.replica, "a replayed split's child was hosted here before; not built again");
             return Ok(None);
         }
-        self.hosted.record(child, self.replica)?;
+        // Not recorded here: the child is recorded when it is first opened
+        // (`GroupFactory::open`), before its Raft instance runs. A crash
+        // while it is built leaves no directory and no record, so the
+        // replayed split builds it again; recording first made the replay
+        // take the half-built child for one that had moved away, and this
+        // node never hosted it.
         Ok(Some(dir))
     }
 
@@ -569,5 +577,38 @@ mod tests {
         ] {
             assert_eq!(parse_dir_name(odd), None, "{odd:?}");
         }
+    }
+
+    #[test]
+    fn a_split_child_is_recorded_when_hosted_so_a_crash_while_building_it_is_replayed() {
+        use quiver_raft::state_machine::SplitHandler;
+        let root = tempfile::tempdir().unwrap();
+        let hosted = Arc::new(HostedLedger::load(root.path()).unwrap());
+        let (splits, _events) = tokio::sync::mpsc::channel(1);
+        let replica = ReplicaId::new(2, 5);
+        let children = SplitChildren {
+            parent: 1,
+            root: root.path().to_path_buf(),
+            replica,
+            splits,
+            hosted: hosted.clone(),
+        };
+        // Prepared, then a crash before the staged child was renamed in:
+        // nothing on disk, nothing recorded, so the replay builds it.
+        let child_dir = children.prepare_child(3).unwrap().unwrap();
+        assert!(!child_dir.exists());
+        assert_eq!(hosted.highest(3), None);
+        assert_eq!(children.prepare_child(3).unwrap(), Some(child_dir.clone()));
+        // Built whole: used as it is.
+        std::fs::create_dir_all(&child_dir).unwrap();
+        assert_eq!(children.prepare_child(3).unwrap(), Some(child_dir.clone()));
+        // Hosted (opening records it), then moved away: never built again,
+        // nor under an earlier incarnation.
+        hosted.record(3, replica).unwrap();
+        std::fs::remove_dir_all(&child_dir).unwrap();
+        assert_eq!(children.prepare_child(3).unwrap(), None);
+        let reloaded = HostedLedger::load(root.path()).unwrap();
+        assert!(!reloaded.may_create(3, ReplicaId::new(2, 4)));
+        assert!(reloaded.may_create(3, ReplicaId::new(2, 6)));
     }
 }
