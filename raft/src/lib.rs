@@ -7,6 +7,8 @@
 //! - [`cluster_map`]: the cluster map (nodes, shards and their replicas,
 //!   operators), state of the metadata group;
 //! - [`log_store`]: `RaftLogStorage` on [`quiver_engine::seglog`];
+//! - [`change_stream`]: a shard's committed entries at a resumable
+//!   position, and the log holds of its consumers (backups, replication);
 //! - [`state_machine`]: `RaftStateMachine` on [`quiver_engine::StateStore`],
 //!   snapshots as RocksDB checkpoints with a manifest of every file's size
 //!   and crc32.
@@ -19,6 +21,7 @@
 // Tests may unwrap; production code may not (workspace lint).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod change_stream;
 pub mod cluster_map;
 pub mod failpoint;
 pub mod log_store;

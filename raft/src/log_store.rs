@@ -47,6 +47,17 @@ struct Inner {
     vote: Mutex<Option<Vote>>,
     purged: Mutex<Option<LogId>>,
     last: Mutex<Option<LogId>>,
+    /// Who keeps entries past a purge, and the log size beyond which they
+    /// no longer can.
+    hold: Mutex<Option<(Arc<dyn PurgeHold>, u64)>>,
+}
+
+/// Keeps entries in the log that openraft no longer needs: change-stream
+/// consumers that have not confirmed them yet (see [`crate::change_stream`]).
+pub trait PurgeHold: Send + Sync + 'static {
+    /// The highest index every consumer has confirmed (entries after it
+    /// are kept); `None`: no consumer.
+    fn held_index(&self) -> Option<u64>;
 }
 
 impl Debug for LogStore {
@@ -90,6 +101,7 @@ impl LogStore {
                 vote: Mutex::new(vote),
                 purged: Mutex::new(purged),
                 last: Mutex::new(last),
+                hold: Mutex::new(None),
             }),
         })
     }
@@ -110,6 +122,75 @@ impl LogStore {
     /// Stops the background flusher (after flushing what is pending).
     pub fn close(&self) {
         self.inner.log.close();
+    }
+
+    /// Keeps the entries after `hold`'s index when openraft purges, while
+    /// the log holds at most `held_bytes_max` bytes (past that a purge
+    /// takes them, and a consumer reading them is told they are gone: a
+    /// dead consumer cannot fill the disk).
+    pub fn set_purge_hold(&self, hold: Arc<dyn PurgeHold>, held_bytes_max: u64) {
+        *self.inner.hold.lock() = Some((hold, held_bytes_max));
+    }
+
+    /// The index of the first entry the log holds (or would hold next).
+    pub fn first_index(&self) -> u64 {
+        self.inner.log.with(|log| log.first_index())
+    }
+
+    /// The last purged log id: the log holds the entries after it.
+    pub fn purged(&self) -> Option<LogId> {
+        *self.inner.purged.lock()
+    }
+
+    /// The entries in `[start, end)` the log holds, at most `bytes_max` of
+    /// payload (at least one entry). Entries purged or past the end are not
+    /// returned.
+    pub fn entries(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
+        self.read_range(start, end, bytes_max)
+    }
+
+    /// How far a purge openraft asks for (up to `log_id`) goes: not past a
+    /// consumer's hold, if the log is within its size cap and holds `log_id`
+    /// itself (so every entry up to it is committed here: a follower that
+    /// installed a snapshot past its log keeps nothing). `None`: nothing
+    /// more may go.
+    fn purge_target(&self, log_id: LogId) -> io::Result<Option<LogId>> {
+        let Some((hold, held_bytes_max)) = self.inner.hold.lock().clone() else {
+            return Ok(Some(log_id));
+        };
+        let Some(held) = hold.held_index() else {
+            return Ok(Some(log_id));
+        };
+        let purged = *self.inner.purged.lock();
+        if held >= log_id.index || purged.is_some_and(|p| held < p.index) {
+            // Held past the purge, or the consumer lost entries already:
+            // holding the rest would help nobody.
+            return Ok(Some(log_id));
+        }
+        let bytes = self.bytes();
+        if bytes > held_bytes_max {
+            tracing::warn!(
+                dir = %self.inner.dir.display(),
+                bytes,
+                held_bytes_max,
+                held,
+                "the log outgrew its hold cap: entries a change-stream consumer has not confirmed                  are purged; it must restart from a backup"
+            );
+            return Ok(Some(log_id));
+        }
+        let own = |index: u64| -> io::Result<Option<LogId>> {
+            Ok(self
+                .read_range(index, index + 1, usize::MAX)?
+                .first()
+                .map(RaftEntry::log_id))
+        };
+        if own(log_id.index)? != Some(log_id) {
+            return Ok(Some(log_id));
+        }
+        if purged.is_some_and(|p| p.index == held) {
+            return Ok(None);
+        }
+        Ok(Some(own(held)?.unwrap_or(log_id)))
     }
 
     fn read_range(&self, start: u64, end: u64, bytes_max: usize) -> io::Result<Vec<Entry>> {
@@ -307,6 +388,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        // openraft takes the entries up to `log_id` for gone; a consumer's
+        // hold may keep some (reported as unpurged after a restart, which
+        // openraft accepts: they are all covered by its snapshot).
+        let Some(log_id) = self.purge_target(log_id)? else {
+            return Ok(());
+        };
         // Record the purge point first: after a crash the log may still hold
         // purged entries (harmless), never miss unpurged ones.
         blocking(|| write_small(&self.inner.dir.join(PURGED_FILE), &Some(log_id)))?;

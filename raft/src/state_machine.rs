@@ -57,6 +57,9 @@ const RANGE_KEY: &[u8] = b"shard/range";
 /// any applied entry. Written in the batch of the entry that raised it, so
 /// checkpoints and snapshots carry it with the applied position.
 const LEADER_TIME_KEY: &[u8] = b"raft/leader_time";
+/// Change-stream consumers' log holds (postcard `BTreeMap<name, index>`),
+/// written in the batch of the entry that changed them.
+const LOG_HOLDS_KEY: &[u8] = b"raft/log_holds";
 /// Most committed entries applied in one trip to the blocking pool.
 const APPLY_BATCH_ENTRIES_MAX: usize = 256;
 /// `req/<request id>`: this request id was applied; the value is empty when
@@ -72,6 +75,9 @@ const CURRENT_DB_FILE: &str = "CURRENT_DB";
 const SNAPSHOTS_DIR: &str = "snapshots";
 const MANIFEST_FILE: &str = "manifest.json";
 const MANIFEST_VERSION: u32 = 1;
+
+/// Change-stream consumers and the last log index each confirmed.
+pub type LogHolds = std::collections::BTreeMap<String, u64>;
 
 /// A shard's hash range as its own log decided it: set by the first split
 /// that touched it, and carried by checkpoints and snapshots.
@@ -169,6 +175,9 @@ struct Shared {
     range: Mutex<Option<RangeDesc>>,
     /// Who creates split children's replicas.
     split_handler: Mutex<Option<Arc<dyn SplitHandler>>>,
+    /// Change-stream consumers' confirmed indexes, as of the last applied
+    /// entry.
+    log_holds: Mutex<LogHolds>,
     /// Held shared while a snapshot is built from the live store, exclusive
     /// while an install swaps the store and deletes the old one.
     swap: parking_lot::RwLock<()>,
@@ -218,6 +227,7 @@ impl StateMachine {
         let leader_time_us = read_leader_time(&store)?;
         let map = read_map(&store)?;
         let range = read_range(&store)?;
+        let log_holds = read_log_holds(&store)?;
         remove_stale_dirs(&dir, generation);
         let snapshot = latest_snapshot(&dir.join(SNAPSHOTS_DIR));
         Ok(Self {
@@ -234,6 +244,7 @@ impl StateMachine {
                 map: tokio::sync::watch::Sender::new(map),
                 range: Mutex::new(range),
                 split_handler: Mutex::new(None),
+                log_holds: Mutex::new(log_holds),
                 swap: parking_lot::RwLock::new(()),
             }),
         })
@@ -286,6 +297,12 @@ impl StateMachine {
             .lock()
             .as_ref()
             .is_none_or(|range| range.contains(hash))
+    }
+
+    /// Change-stream consumers and the last index each confirmed, as of
+    /// the last applied entry (see [`crate::change_stream`]).
+    pub fn log_holds(&self) -> LogHolds {
+        self.shared.log_holds.lock().clone()
     }
 
     /// Sets who creates this replica's split children.
@@ -476,6 +493,10 @@ impl StateMachine {
                 store.put_meta(meta_puts).map_err(engine_io)?;
                 Response::Fenced
             }
+            Command::HoldLog { consumer, index } => {
+                self.apply_log_hold(&consumer, Some(index), meta_puts)?
+            }
+            Command::ReleaseLog { consumer } => self.apply_log_hold(&consumer, None, meta_puts)?,
             Command::Split {
                 child,
                 at,
@@ -506,6 +527,57 @@ impl StateMachine {
         self.set_leader_time(leader_ts_us);
         tracing::trace!(group = self.shared.group, %log_id, "applied");
         Ok(response)
+    }
+
+    /// Sets (only forward) or releases a consumer's log hold.
+    fn apply_log_hold(
+        &self,
+        consumer: &str,
+        index: Option<u64>,
+        meta_puts: quiver_engine::store::MetaPuts<'_>,
+    ) -> io::Result<Response> {
+        if let Err(message) = crate::change_stream::check_consumer_name(consumer) {
+            return self.refuse(
+                Response::Rejected {
+                    kind: RejectKind::Invalid,
+                    message,
+                },
+                meta_puts,
+            );
+        }
+        let mut holds = self.shared.log_holds.lock().clone();
+        let held = match index {
+            Some(index) => {
+                if !holds.contains_key(consumer)
+                    && holds.len() >= crate::change_stream::LOG_CONSUMERS_MAX
+                {
+                    return self.refuse(
+                        Response::Rejected {
+                            kind: RejectKind::LimitExceeded,
+                            message: format!(
+                                "shard {} has {} log consumers already, the most it keeps",
+                                self.shared.group,
+                                holds.len()
+                            ),
+                        },
+                        meta_puts,
+                    );
+                }
+                let held = holds.entry(consumer.to_owned()).or_insert(index);
+                *held = (*held).max(index);
+                Some(*held)
+            }
+            None => {
+                holds.remove(consumer);
+                None
+            }
+        };
+        let bytes = postcard::to_stdvec(&holds).map_err(io::Error::other)?;
+        let mut puts = meta_puts.to_vec();
+        puts.push((LOG_HOLDS_KEY, Some(bytes.as_slice())));
+        self.store().put_meta(&puts).map_err(engine_io)?;
+        *self.shared.log_holds.lock() = holds;
+        Ok(Response::LogHold { index: held })
     }
 
     fn set_leader_time(&self, leader_ts_us: i64) {
@@ -630,6 +702,16 @@ fn read_leader_time(store: &StateStore) -> io::Result<i64> {
     }
 }
 
+/// The stored log holds; an undecodable record is corruption.
+fn read_log_holds(store: &StateStore) -> io::Result<LogHolds> {
+    match store.get_meta(LOG_HOLDS_KEY).map_err(engine_io)? {
+        None => Ok(LogHolds::new()),
+        Some(bytes) => {
+            postcard::from_bytes(&bytes).map_err(|e| invalid(format!("stored log holds: {e}")))
+        }
+    }
+}
+
 /// The stored shard range; an undecodable one is corruption.
 fn read_range(store: &StateStore) -> io::Result<Option<RangeDesc>> {
     match store.get_meta(RANGE_KEY).map_err(engine_io)? {
@@ -743,5 +825,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 meta: snapshot.manifest.meta.clone(),
                 snapshot,
             }))
+    }
+}
+
+impl crate::log_store::PurgeHold for StateMachine {
+    fn held_index(&self) -> Option<u64> {
+        self.shared.log_holds.lock().values().copied().min()
     }
 }

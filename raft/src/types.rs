@@ -176,6 +176,22 @@ pub enum Command {
     /// proposal fences its request id, so that a copy still in flight is
     /// answered `AlreadyApplied` instead of applied.
     Fence,
+    /// A change-stream consumer (backup shipping, replication) confirms it
+    /// has what the log holds up to `index`: every replica keeps the
+    /// entries after it (within `log_hold_bytes_max`) for it. A hold only
+    /// moves forward; the first one registers the consumer. See
+    /// [`crate::change_stream`].
+    HoldLog {
+        /// The consumer's name (at most `LOG_CONSUMER_NAME_BYTES_MAX` bytes).
+        consumer: String,
+        /// The last index it has.
+        index: u64,
+    },
+    /// A consumer is gone: its hold is dropped.
+    ReleaseLog {
+        /// The consumer's name.
+        consumer: String,
+    },
 }
 
 /// Identifies one proposal across the router's retries: the state machine
@@ -224,6 +240,10 @@ impl fmt::Display for Command {
             Command::Map(command) => write!(f, "{command}"),
             Command::Split { child, at, .. } => write!(f, "split at {at:#x} into shard {child}"),
             Command::Fence => write!(f, "fence"),
+            Command::HoldLog { consumer, index } => {
+                write!(f, "hold the log after {index} for {consumer}")
+            }
+            Command::ReleaseLog { consumer } => write!(f, "release {consumer}'s log hold"),
         }
     }
 }
@@ -305,4 +325,9 @@ pub enum Response {
     },
     /// A fence was applied.
     Fenced,
+    /// A log hold was set or released.
+    LogHold {
+        /// The consumer's hold after the entry (`None`: released).
+        index: Option<u64>,
+    },
 }

@@ -202,6 +202,12 @@ pub struct ClusterConfig {
     pub logs_kept_after_snapshot: u64,
     /// Size at which a Raft log segment is sealed.
     pub log_segment_bytes_max: u64,
+    /// A shard's Raft log keeps the entries its change-stream consumers
+    /// (backup shipping) have not confirmed, up to this size; past it they
+    /// are purged and such a consumer must restart from a full backup (a
+    /// dead consumer cannot fill the disk). At least
+    /// `log_segment_bytes_max` (logs are purged a segment at a time).
+    pub log_hold_bytes_max: u64,
     /// Deadline of one peer RPC (append, vote, forwarded request).
     pub peer_timeout_ms: u64,
     /// Deadline of one snapshot transfer.
@@ -297,6 +303,7 @@ impl Default for ClusterConfig {
             snapshot_logs_since: 20_000,
             logs_kept_after_snapshot: 2_000,
             log_segment_bytes_max: 64 << 20,
+            log_hold_bytes_max: 1 << 30,
             peer_timeout_ms: 3_000,
             snapshot_timeout_ms: 300_000,
             // TiKV's default (snap-io-max-bytes-per-sec): a 256 MiB shard
@@ -706,6 +713,13 @@ impl Config {
                 "cluster.snapshot_logs_since and cluster.peer_timeout_ms must be positive, cluster.log_segment_bytes_max at least 4096".into(),
             ));
         }
+        if c.log_hold_bytes_max < c.log_segment_bytes_max {
+            return Err(ConfigError(
+                "cluster.log_hold_bytes_max must be at least cluster.log_segment_bytes_max \
+                 (logs are purged a segment at a time)"
+                    .into(),
+            ));
+        }
         if c.operators_max == 0
             || c.load_report_interval_ms == 0
             || c.operator_catch_up_timeout_ms == 0
@@ -912,6 +926,10 @@ mod tests {
             let flags = Flags::parse_from(["quiverd", "--config", "trickle.toml"]);
             let err = Config::load(&flags).unwrap_err().to_string();
             assert!(err.contains("snapshot_send_bytes_per_second_max"), "{err}");
+            jail.create_file("hold.toml", "[cluster]\nlog_hold_bytes_max = 4096\n")?;
+            let flags = Flags::parse_from(["quiverd", "--config", "hold.toml"]);
+            let err = Config::load(&flags).unwrap_err().to_string();
+            assert!(err.contains("log_hold_bytes_max"), "{err}");
             jail.create_file(
                 "fast.toml",
                 "[cluster]\nload_report_interval_ms = 50\nliveness_interval_ms = 200\n",

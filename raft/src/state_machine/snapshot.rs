@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     APPLIED_KEY, MANIFEST_FILE, MANIFEST_VERSION, SNAPSHOTS_DIR, StateMachine, db_path,
-    decode_applied, encode_applied, engine_io, invalid, read_leader_time, read_map, read_range,
-    write_current,
+    decode_applied, encode_applied, engine_io, invalid, read_leader_time, read_log_holds, read_map,
+    read_range, write_current,
 };
 use crate::types::{GroupId, SnapshotMeta};
 
@@ -272,6 +272,7 @@ impl StateMachine {
         let leader_time_us = read_leader_time(&store)?;
         let map = read_map(&store)?;
         let range = read_range(&store)?;
+        let log_holds = read_log_holds(&store)?;
         // The checkpoint holds the applied position its data corresponds to;
         // record what openraft installed, in case they differ in form.
         let meta_bytes = encode_applied(&meta.last_log_id, &meta.last_membership)?;
@@ -295,6 +296,7 @@ impl StateMachine {
             .leader_time_us
             .store(leader_time_us, std::sync::atomic::Ordering::SeqCst);
         self.shared.map.send_replace(map);
+        *self.shared.log_holds.lock() = log_holds;
         self.shared.observer.store_replaced();
         self.replace_current_snapshot(own);
         // Readers may still hold the old store for a moment; RocksDB keeps

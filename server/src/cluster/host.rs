@@ -87,6 +87,8 @@ pub struct GroupFactory {
     pub raft_config: Arc<openraft::Config>,
     /// Log options.
     pub log_options: LogOptions,
+    /// The most log a shard keeps for change-stream consumers.
+    pub log_hold_bytes_max: u64,
     /// Store options (the node's shared block cache and registry).
     pub store: StoreOptions,
     /// Cache coherence.
@@ -254,6 +256,9 @@ impl GroupFactory {
         })
         .await
         .map_err(|e| ClusterError::Start(format!("group {group}: {e}")))??;
+        // Entries change-stream consumers have not confirmed stay in the
+        // log (within the cap) when openraft purges it.
+        log.set_purge_hold(Arc::new(state.clone()), self.log_hold_bytes_max);
         state.set_split_handler(Arc::new(SplitChildren {
             parent: group,
             root: self.root.clone(),

@@ -314,6 +314,7 @@ impl Cluster {
                 sync: options.sync_log,
                 ..LogOptions::default()
             },
+            log_hold_bytes_max: config.log_hold_bytes_max,
             store: options.store,
             observer: options.observer,
             clients: clients.clone(),
