@@ -13,6 +13,7 @@
 
 pub mod clock;
 pub mod codec;
+pub mod digest;
 pub mod durable;
 pub mod error;
 pub mod keys;

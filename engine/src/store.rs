@@ -21,6 +21,7 @@ use rocksdb::{
 
 use crate::clock::Clock;
 use crate::codec::{self, decode_stored, encode_row_parts, peek_event_ts};
+use crate::digest::{LogicalDigest, digest_db, hash_range_keys};
 use crate::error::{EngineError, Result};
 use crate::keys::{ViewId, storage_key};
 use crate::registry::{Catalog, Registry, VIEWS_MAX};
@@ -82,6 +83,19 @@ impl std::fmt::Debug for StoreOptions {
             .field("shared_block_cache", &self.block_cache.is_some())
             .field("load_catalog", &self.load_catalog)
             .finish_non_exhaustive()
+    }
+}
+
+impl StoreOptions {
+    /// Small caches and no fsync: a test's or a scratch store (a restore
+    /// being verified), not a serving one.
+    pub fn scratch() -> Self {
+        Self {
+            sync_writes: false,
+            block_cache_bytes: 1 << 20,
+            write_buffer_bytes: 1 << 20,
+            ..Self::default()
+        }
     }
 }
 
@@ -707,6 +721,12 @@ impl StateStore {
         files.saturating_add(memtables)
     }
 
+    /// The logical digest of the rows whose key hash lies in `[from_hash,
+    /// to_hash)` (see [`crate::digest`]), every block's checksum verified.
+    pub fn digest(&self, from_hash: u64, to_hash: Option<u64>) -> Result<LogicalDigest> {
+        digest_db(&self.db, from_hash, to_hash)
+    }
+
     /// Reads one key of the `meta` column family.
     pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get_cf(self.cf(CF_META), key)?)
@@ -791,18 +811,6 @@ fn add_meta_puts(batch: &mut WriteBatch, meta: &rocksdb::ColumnFamily, meta_puts
             None => batch.delete_cf(meta, key),
         }
     }
-}
-
-/// The storage keys bounding a hash range: `[from, to)`. Every key is
-/// `hash (8 bytes) | view id (4) | entity key`, and an entity key is UTF-8,
-/// which never holds a 0xFF byte: thirteen 0xFF bytes lie past every key.
-fn hash_range_keys(from_hash: u64, to_hash: Option<u64>) -> (Vec<u8>, Vec<u8>) {
-    let from = from_hash.to_be_bytes().to_vec();
-    let to = match to_hash {
-        Some(to) => to.to_be_bytes().to_vec(),
-        None => vec![0xFF; 13],
-    };
-    (from, to)
 }
 
 fn view_key(name: &str) -> Vec<u8> {

@@ -7,6 +7,8 @@
 //! - [`cluster_map`]: the cluster map (nodes, shards and their replicas,
 //!   operators), state of the metadata group;
 //! - [`log_store`]: `RaftLogStorage` on [`quiver_engine::seglog`];
+//! - [`backup`]: one shard's part of a full backup (a checkpoint, its files'
+//!   crc32c and sha256, its rows' logical digest) and its verification;
 //! - [`change_stream`]: a shard's committed entries at a resumable
 //!   position, and the log holds of its consumers (backups, replication);
 //! - [`state_machine`]: `RaftStateMachine` on [`quiver_engine::StateStore`],
@@ -21,6 +23,7 @@
 // Tests may unwrap; production code may not (workspace lint).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod backup;
 pub mod change_stream;
 pub mod cluster_map;
 pub mod failpoint;

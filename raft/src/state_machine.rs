@@ -46,17 +46,17 @@ use crate::types::{
     StoredMembership, TypeConfig,
 };
 
-const APPLIED_KEY: &[u8] = b"raft/applied";
+pub(crate) const APPLIED_KEY: &[u8] = b"raft/applied";
 /// The cluster map (metadata group only), written in the batch of the entry
 /// that changed it.
 const MAP_KEY: &[u8] = b"cluster/map";
 /// The shard's range ([`RangeDesc`]), written by its first split (a shard
 /// that never split owns whatever the map routes to it).
-const RANGE_KEY: &[u8] = b"shard/range";
+pub(crate) const RANGE_KEY: &[u8] = b"shard/range";
 /// The shard's leader time (µs, big-endian i64): the largest leader time of
 /// any applied entry. Written in the batch of the entry that raised it, so
 /// checkpoints and snapshots carry it with the applied position.
-const LEADER_TIME_KEY: &[u8] = b"raft/leader_time";
+pub(crate) const LEADER_TIME_KEY: &[u8] = b"raft/leader_time";
 /// Change-stream consumers' log holds (postcard `BTreeMap<name, index>`),
 /// written in the batch of the entry that changed them.
 const LOG_HOLDS_KEY: &[u8] = b"raft/log_holds";
@@ -308,6 +308,22 @@ impl StateMachine {
     /// Sets who creates this replica's split children.
     pub fn set_split_handler(&self, handler: Arc<dyn SplitHandler>) {
         *self.shared.split_handler.lock() = Some(handler);
+    }
+
+    /// The group this replica belongs to.
+    pub fn group(&self) -> GroupId {
+        self.shared.group
+    }
+
+    /// Takes a consistent checkpoint of the live store into `db_dir` (which
+    /// must not exist): between two applied batches, and never across a
+    /// snapshot install swapping the store (a backup's copy).
+    pub fn checkpoint_store(&self, db_dir: &Path) -> io::Result<()> {
+        let _no_swap = self.shared.swap.read();
+        self.store()
+            .checkpoint_with_meta(db_dir, APPLIED_KEY)
+            .map_err(engine_io)?;
+        Ok(())
     }
 
     /// The state directory.
@@ -683,7 +699,9 @@ fn encode_applied(log_id: &Option<LogId>, membership: &StoredMembership) -> io::
     postcard::to_stdvec(&(log_id, membership)).map_err(io::Error::other)
 }
 
-fn decode_applied(bytes: Option<&[u8]>) -> io::Result<(Option<LogId>, StoredMembership)> {
+pub(crate) fn decode_applied(
+    bytes: Option<&[u8]>,
+) -> io::Result<(Option<LogId>, StoredMembership)> {
     match bytes {
         None => Ok((None, StoredMembership::default())),
         Some(bytes) => {

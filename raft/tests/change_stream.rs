@@ -288,12 +288,7 @@ async fn no_hold_past_a_snapshot_the_log_does_not_hold_or_for_a_consumer_already
 }
 
 fn state_options() -> StoreOptions {
-    StoreOptions {
-        sync_writes: false,
-        block_cache_bytes: 1 << 20,
-        write_buffer_bytes: 1 << 20,
-        ..StoreOptions::default()
-    }
+    StoreOptions::scratch()
 }
 
 fn hold_entry(index: u64, consumer: &str, held: u64) -> Entry {

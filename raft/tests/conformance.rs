@@ -24,12 +24,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
             },
         )
         .unwrap();
-        let options = StoreOptions {
-            sync_writes: false,
-            block_cache_bytes: 1 << 20,
-            write_buffer_bytes: 1 << 20,
-            ..StoreOptions::default()
-        };
+        let options = StoreOptions::scratch();
         let sm =
             StateMachine::open(1, dir.path().join("sm"), options, Arc::new(NoObserver)).unwrap();
         Ok((dir, log, sm))

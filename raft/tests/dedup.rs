@@ -16,12 +16,7 @@ use quiver_raft::types::{Entry, RejectKind};
 use quiver_raft::{Command, NoObserver, Proposal, ReplicaId, Response, StateMachine, TypeConfig};
 
 fn options() -> StoreOptions {
-    StoreOptions {
-        sync_writes: false,
-        block_cache_bytes: 1 << 20,
-        write_buffer_bytes: 1 << 20,
-        ..StoreOptions::default()
-    }
+    StoreOptions::scratch()
 }
 
 fn entry(index: u64, request_id: u128, command: Command) -> Entry {

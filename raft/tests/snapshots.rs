@@ -40,12 +40,7 @@ async fn apply(sm: &mut StateMachine, index: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_in_transfer_outlives_its_replacement() {
     let dir = tempfile::tempdir().unwrap();
-    let options = StoreOptions {
-        sync_writes: false,
-        block_cache_bytes: 1 << 20,
-        write_buffer_bytes: 1 << 20,
-        ..StoreOptions::default()
-    };
+    let options = StoreOptions::scratch();
     let mut sm = StateMachine::open(1, dir.path(), options, Arc::new(NoObserver)).unwrap();
     apply(&mut sm, 1).await;
     let first = sm

@@ -34,12 +34,7 @@ const VIEW: u32 = 7;
 const AT: u64 = 1 << 63;
 
 fn options() -> StoreOptions {
-    StoreOptions {
-        sync_writes: false,
-        block_cache_bytes: 1 << 20,
-        write_buffer_bytes: 1 << 20,
-        ..StoreOptions::default()
-    }
+    StoreOptions::scratch()
 }
 
 /// Children go in `root/<child>`; their creation is recorded.

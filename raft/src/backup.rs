@@ -1,0 +1,408 @@
+//! A shard's part of a full backup (issue 12): a checkpoint of one replica's
+//! store, described by a [`ShardBackup`] record (every file with its size,
+//! crc32c and sha256; the applied log id and leader time the checkpoint is
+//! at, which is where log shipping resumes; the shard's range; and the
+//! logical digest of its rows), and the two levels of verification:
+//! [`verify_files`] (every byte against its checksums) and [`verify_data`]
+//! (the checkpoint opened read-only, every block checksum verified by
+//! RocksDB, its rows' digest and position compared with the record).
+//!
+//! Uploading to a backup target and the cluster-wide manifest live in the
+//! server; this module only makes and checks one shard's files.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use quiver_engine::digest::{CheckpointReader, LogicalDigest};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+use crate::change_stream::ChangePosition;
+use crate::state_machine::{
+    APPLIED_KEY, LEADER_TIME_KEY, RANGE_KEY, RangeDesc, StateMachine, checked_name, decode_applied,
+};
+use crate::types::{GroupId, LogId};
+
+/// The format of [`ShardBackup`] records this build writes and reads.
+pub const SHARD_BACKUP_VERSION: u32 = 1;
+/// Largest encoded [`ShardBackup`] record read.
+pub const SHARD_BACKUP_BYTES_MAX: usize = 4 << 20;
+/// Most files one shard's checkpoint may have.
+pub const SHARD_BACKUP_FILES_MAX: usize = 100_000;
+/// Bytes read at a time when hashing a file.
+const HASH_BUFFER_BYTES: usize = 1 << 20;
+
+/// One file of a shard's checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupFile {
+    /// Its name in the checkpoint directory (one plain path component).
+    pub name: String,
+    /// Its size.
+    pub bytes: u64,
+    /// crc32c of its bytes.
+    pub crc32c: u32,
+    /// sha256 of its bytes, 64 hex digits.
+    pub sha256: String,
+}
+
+/// What a full backup records of one shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardBackup {
+    /// Format version ([`SHARD_BACKUP_VERSION`]).
+    pub version: u32,
+    /// The shard (or the metadata group).
+    pub group: GroupId,
+    /// The last entry applied in the checkpoint.
+    pub applied: Option<LogId>,
+    /// The shard's leader time there (µs).
+    pub leader_ts_us: i64,
+    /// The shard's range as its log decided it (`None`: it never split).
+    pub range: Option<RangeDesc>,
+    /// Rows in the checkpoint.
+    pub rows: u64,
+    /// The rows' logical digest ([`LogicalDigest::sum_hex`]).
+    pub digest: String,
+    /// The checkpoint's files.
+    pub files: Vec<BackupFile>,
+}
+
+impl ShardBackup {
+    /// Where the shard's change stream resumes after this checkpoint.
+    pub fn position(&self) -> ChangePosition {
+        ChangePosition {
+            log_id: self.applied,
+            leader_ts_us: self.leader_ts_us,
+        }
+    }
+
+    /// Total bytes of its files.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes).sum()
+    }
+
+    /// Encodes the record (JSON, so operators can read it).
+    pub fn encode(&self) -> Result<Vec<u8>, BackupError> {
+        serde_json::to_vec_pretty(self).map_err(|e| BackupError::Record(e.to_string()))
+    }
+
+    /// Decodes a record read back from a backup (bytes that may be
+    /// anything): size, version, file names and digests are checked.
+    pub fn decode(bytes: &[u8]) -> Result<ShardBackup, BackupError> {
+        if bytes.len() > SHARD_BACKUP_BYTES_MAX {
+            return Err(BackupError::Record(format!(
+                "{} bytes, more than {SHARD_BACKUP_BYTES_MAX}",
+                bytes.len()
+            )));
+        }
+        let record: ShardBackup =
+            serde_json::from_slice(bytes).map_err(|e| BackupError::Record(e.to_string()))?;
+        if record.version != SHARD_BACKUP_VERSION {
+            return Err(BackupError::Record(format!(
+                "version {} is not {SHARD_BACKUP_VERSION}",
+                record.version
+            )));
+        }
+        if record.files.len() > SHARD_BACKUP_FILES_MAX {
+            return Err(BackupError::Record(format!(
+                "{} files, more than {SHARD_BACKUP_FILES_MAX}",
+                record.files.len()
+            )));
+        }
+        if LogicalDigest::parse_sum(&record.digest).is_none() {
+            return Err(BackupError::Record(format!(
+                "digest {:?} is not 32 hex digits",
+                record.digest
+            )));
+        }
+        for file in &record.files {
+            checked_name(&file.name).map_err(|e| BackupError::Record(e.to_string()))?;
+            if file.sha256.len() != 64 || !file.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(BackupError::Record(format!(
+                    "{}: sha256 {:?} is not 64 hex digits",
+                    file.name, file.sha256
+                )));
+            }
+        }
+        Ok(record)
+    }
+}
+
+/// Why a shard backup cannot be made or does not verify. Every variant
+/// about a file names it.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// A file the record lists is not there.
+    #[error("{file}: missing")]
+    Missing {
+        /// The file.
+        file: PathBuf,
+    },
+    /// A file's size is not the recorded one.
+    #[error("{file}: {found} bytes, the backup recorded {expected}")]
+    Size {
+        /// The file.
+        file: PathBuf,
+        /// Recorded.
+        expected: u64,
+        /// On disk.
+        found: u64,
+    },
+    /// A file's bytes do not match a recorded checksum.
+    #[error("{file}: {which} does not match the backup's record")]
+    Checksum {
+        /// The file.
+        file: PathBuf,
+        /// `crc32c` or `sha256`.
+        which: &'static str,
+    },
+    /// The rows are not the ones recorded.
+    #[error(
+        "shard {group}: the checkpoint holds {found_rows} rows with digest {found}, the backup \
+         recorded {expected_rows} with {expected}"
+    )]
+    Digest {
+        /// The shard.
+        group: GroupId,
+        /// Recorded digest.
+        expected: String,
+        /// Recorded rows.
+        expected_rows: u64,
+        /// Computed digest.
+        found: String,
+        /// Computed rows.
+        found_rows: u64,
+    },
+    /// The checkpoint's applied position is not the recorded one.
+    #[error("shard {group}: the checkpoint is at {found:?}, the backup recorded {expected:?}")]
+    Position {
+        /// The shard.
+        group: GroupId,
+        /// Recorded.
+        expected: Option<LogId>,
+        /// In the checkpoint.
+        found: Option<LogId>,
+    },
+    /// The store could not be read (RocksDB found corruption, ...).
+    #[error("{dir}: {reason}")]
+    Store {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// A record could not be encoded or decoded.
+    #[error("shard backup record: {0}")]
+    Record(String),
+    /// Reading or writing a file failed.
+    #[error("{file}: {source}")]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_error(file: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io {
+        file: file.to_path_buf(),
+        source,
+    }
+}
+
+/// A file's size, crc32c and sha256 (read once). `on_bytes` hears every
+/// chunk's size as it is read (a rate limit, a progress bar).
+pub fn hash_file(
+    path: &Path,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<(u64, u32, String), BackupError> {
+    let mut file = std::fs::File::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            BackupError::Missing {
+                file: path.to_path_buf(),
+            }
+        } else {
+            io_error(path)(e)
+        }
+    })?;
+    let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
+    let (mut bytes, mut crc) = (0u64, 0u32);
+    let mut sha = sha2::Sha256::new();
+    loop {
+        let n = file.read(&mut buffer).map_err(io_error(path))?;
+        if n == 0 {
+            break;
+        }
+        crc = crc32c::crc32c_append(crc, &buffer[..n]);
+        sha.update(&buffer[..n]);
+        bytes += n as u64;
+        on_bytes(n as u64);
+    }
+    let sha256 = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((bytes, crc, sha256))
+}
+
+/// Takes a checkpoint of `state`'s store into `db_dir` (which must not
+/// exist) and describes it. `on_bytes` hears the bytes hashed.
+pub fn checkpoint_shard(
+    state: &StateMachine,
+    db_dir: &Path,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<ShardBackup, BackupError> {
+    state
+        .checkpoint_store(db_dir)
+        .map_err(|e| BackupError::Store {
+            dir: db_dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    describe_checkpoint(state.group(), db_dir, on_bytes)
+}
+
+/// Describes the checkpoint in `db_dir`: its files hashed first (opening
+/// it read-only adds nothing to the directory, but the list is taken before
+/// anything else touches it), then its position, range and rows.
+pub fn describe_checkpoint(
+    group: GroupId,
+    db_dir: &Path,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<ShardBackup, BackupError> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(db_dir).map_err(io_error(db_dir))? {
+        let entry = entry.map_err(io_error(db_dir))?;
+        if entry.file_type().map_err(io_error(db_dir))?.is_file() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    if names.len() > SHARD_BACKUP_FILES_MAX {
+        return Err(BackupError::Record(format!(
+            "{}: {} files, more than {SHARD_BACKUP_FILES_MAX}",
+            db_dir.display(),
+            names.len()
+        )));
+    }
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        let (bytes, crc32c, sha256) = hash_file(&db_dir.join(&name), on_bytes)?;
+        files.push(BackupFile {
+            name,
+            bytes,
+            crc32c,
+            sha256,
+        });
+    }
+    let (applied, leader_ts_us, range, digest) = read_checkpoint(group, db_dir)?;
+    Ok(ShardBackup {
+        version: SHARD_BACKUP_VERSION,
+        group,
+        applied,
+        leader_ts_us,
+        range,
+        rows: digest.rows,
+        digest: digest.sum_hex(),
+        files,
+    })
+}
+
+type CheckpointState = (Option<LogId>, i64, Option<RangeDesc>, LogicalDigest);
+
+/// A checkpoint's applied log id, leader time, range and rows' digest.
+fn read_checkpoint(group: GroupId, db_dir: &Path) -> Result<CheckpointState, BackupError> {
+    let store_error = |reason: String| BackupError::Store {
+        dir: db_dir.to_path_buf(),
+        reason,
+    };
+    let reader = CheckpointReader::open(db_dir).map_err(|e| store_error(e.to_string()))?;
+    let meta = |key: &[u8]| reader.get_meta(key).map_err(|e| store_error(e.to_string()));
+    let (applied, _) =
+        decode_applied(meta(APPLIED_KEY)?.as_deref()).map_err(|e| store_error(e.to_string()))?;
+    let leader_ts_us = match meta(LEADER_TIME_KEY)? {
+        None => 0,
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
+            .map(i64::from_be_bytes)
+            .map_err(|_| store_error(format!("leader time record of {} bytes", bytes.len())))?,
+    };
+    let range = match meta(RANGE_KEY)? {
+        None => None,
+        Some(bytes) => Some(
+            postcard::from_bytes(&bytes)
+                .map_err(|e| store_error(format!("shard {group}: stored range: {e}")))?,
+        ),
+    };
+    let digest = reader
+        .digest(0, None)
+        .map_err(|e| store_error(e.to_string()))?;
+    Ok((applied, leader_ts_us, range, digest))
+}
+
+/// Checks every file `record` lists in `db_dir`: there, of its size, and of
+/// its crc32c and sha256. Stops at the first that is not.
+pub fn verify_files(
+    db_dir: &Path,
+    record: &ShardBackup,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<(), BackupError> {
+    for file in &record.files {
+        let name = checked_name(&file.name).map_err(|e| BackupError::Record(e.to_string()))?;
+        let path = db_dir.join(name);
+        let found = std::fs::metadata(&path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    BackupError::Missing { file: path.clone() }
+                } else {
+                    io_error(&path)(e)
+                }
+            })?
+            .len();
+        if found != file.bytes {
+            return Err(BackupError::Size {
+                file: path,
+                expected: file.bytes,
+                found,
+            });
+        }
+        let (_, crc32c, sha256) = hash_file(&path, on_bytes)?;
+        if crc32c != file.crc32c {
+            return Err(BackupError::Checksum {
+                file: path,
+                which: "crc32c",
+            });
+        }
+        if sha256 != file.sha256 {
+            return Err(BackupError::Checksum {
+                file: path,
+                which: "sha256",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Opens the checkpoint in `db_dir` read-only (its files verified first:
+/// RocksDB must not read a file the record does not vouch for) and checks
+/// its position and its rows' digest against `record`.
+pub fn verify_data(
+    db_dir: &Path,
+    record: &ShardBackup,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<(), BackupError> {
+    verify_files(db_dir, record, on_bytes)?;
+    let (applied, _, _, digest) = read_checkpoint(record.group, db_dir)?;
+    if applied != record.applied {
+        return Err(BackupError::Position {
+            group: record.group,
+            expected: record.applied,
+            found: applied,
+        });
+    }
+    if digest.sum_hex() != record.digest || digest.rows != record.rows {
+        return Err(BackupError::Digest {
+            group: record.group,
+            expected: record.digest.clone(),
+            expected_rows: record.rows,
+            found: digest.sum_hex(),
+            found_rows: digest.rows,
+        });
+    }
+    Ok(())
+}
