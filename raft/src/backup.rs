@@ -96,6 +96,14 @@ impl ShardBackup {
         }
         let record: ShardBackup =
             serde_json::from_slice(bytes).map_err(|e| BackupError::Record(e.to_string()))?;
+        record.check()?;
+        Ok(record)
+    }
+
+    /// Checks a record read back from anywhere: version, file count, file
+    /// names and digests.
+    pub fn check(&self) -> Result<(), BackupError> {
+        let record = self;
         if record.version != SHARD_BACKUP_VERSION {
             return Err(BackupError::Record(format!(
                 "version {} is not {SHARD_BACKUP_VERSION}",
@@ -123,7 +131,7 @@ impl ShardBackup {
                 )));
             }
         }
-        Ok(record)
+        Ok(())
     }
 }
 
@@ -210,6 +218,35 @@ fn io_error(file: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
     }
 }
 
+/// A file's size, crc32c and sha256, computed as its bytes go by (read
+/// from disk, or from a backup target).
+#[derive(Debug, Clone, Default)]
+pub struct FileHasher {
+    bytes: u64,
+    crc32c: u32,
+    sha256: sha2::Sha256,
+}
+
+impl FileHasher {
+    /// Adds the next bytes.
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.bytes += chunk.len() as u64;
+        self.crc32c = crc32c::crc32c_append(self.crc32c, chunk);
+        self.sha256.update(chunk);
+    }
+
+    /// Size, crc32c and sha256 (64 hex digits) of everything added.
+    pub fn finish(self) -> (u64, u32, String) {
+        let sha256 = self
+            .sha256
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        (self.bytes, self.crc32c, sha256)
+    }
+}
+
 /// A file's size, crc32c and sha256 (read once). `on_bytes` hears every
 /// chunk's size as it is read (a rate limit, a progress bar).
 pub fn hash_file(
@@ -226,20 +263,16 @@ pub fn hash_file(
         }
     })?;
     let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
-    let (mut bytes, mut crc) = (0u64, 0u32);
-    let mut sha = sha2::Sha256::new();
+    let mut hasher = FileHasher::default();
     loop {
         let n = file.read(&mut buffer).map_err(io_error(path))?;
         if n == 0 {
             break;
         }
-        crc = crc32c::crc32c_append(crc, &buffer[..n]);
-        sha.update(&buffer[..n]);
-        bytes += n as u64;
+        hasher.update(&buffer[..n]);
         on_bytes(n as u64);
     }
-    let sha256 = sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    Ok((bytes, crc, sha256))
+    Ok(hasher.finish())
 }
 
 /// Takes a checkpoint of `state`'s store into `db_dir` (which must not
@@ -266,6 +299,21 @@ pub fn describe_checkpoint(
     db_dir: &Path,
     on_bytes: &mut dyn FnMut(u64),
 ) -> Result<ShardBackup, BackupError> {
+    let mut files = Vec::new();
+    for name in checkpoint_file_names(db_dir)? {
+        let (bytes, crc32c, sha256) = hash_file(&db_dir.join(&name), on_bytes)?;
+        files.push(BackupFile {
+            name,
+            bytes,
+            crc32c,
+            sha256,
+        });
+    }
+    describe_with_files(group, db_dir, files)
+}
+
+/// The names of the files in a checkpoint directory, sorted.
+pub fn checkpoint_file_names(db_dir: &Path) -> Result<Vec<String>, BackupError> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(db_dir).map_err(io_error(db_dir))? {
         let entry = entry.map_err(io_error(db_dir))?;
@@ -281,16 +329,17 @@ pub fn describe_checkpoint(
             names.len()
         )));
     }
-    let mut files = Vec::with_capacity(names.len());
-    for name in names {
-        let (bytes, crc32c, sha256) = hash_file(&db_dir.join(&name), on_bytes)?;
-        files.push(BackupFile {
-            name,
-            bytes,
-            crc32c,
-            sha256,
-        });
-    }
+    Ok(names)
+}
+
+/// The record of the checkpoint in `db_dir` whose files were hashed
+/// already (as they were uploaded): its position, range and rows are read
+/// from it.
+pub fn describe_with_files(
+    group: GroupId,
+    db_dir: &Path,
+    files: Vec<BackupFile>,
+) -> Result<ShardBackup, BackupError> {
     let (applied, leader_ts_us, range, digest) = read_checkpoint(group, db_dir)?;
     Ok(ShardBackup {
         version: SHARD_BACKUP_VERSION,

@@ -233,11 +233,10 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::GetClusterMapResponse>, Status> {
         let cluster = &self.node.cluster;
         // Before the metadata group stored a map, the node's own layout.
-        let (map, replicated) = match cluster.current_map().await {
-            Ok(map) => (map, true),
-            Err(_) if !cluster.placement().replicated => (cluster.placement().map.clone(), false),
-            Err(e) => return Err(ServiceError::from(e).into()),
-        };
+        let (map, replicated) = cluster
+            .current_or_static_map()
+            .await
+            .map_err(ServiceError::from)?;
         Ok(Response::new(map_response(&map, replicated, |node| {
             cluster.node_up(node)
         })))
@@ -375,5 +374,94 @@ impl Admin for AdminService {
         Ok(Response::new(pb::PlanReplicasResponse {
             planned: planned.iter().map(planned_info).collect(),
         }))
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::CreateBackupResponse>, Status> {
+        let request = request.into_inner();
+        // A task of its own: a client that disconnects does not stop a
+        // backup halfway (it completes, and is listed).
+        let (backups, cluster) = (self.node.backups.clone(), self.node.cluster.clone());
+        let manifest = tokio::spawn(async move { backups.create(&cluster, &request.url).await })
+            .await
+            .map_err(|e| ServiceError::TaskFailed(e.to_string()))?
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::CreateBackupResponse {
+            backup: Some(backup_summary(&manifest)),
+        }))
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<pb::ListBackupsRequest>,
+    ) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        let request = request.into_inner();
+        let manifests = self
+            .node
+            .backups
+            .list(&request.url)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::ListBackupsResponse {
+            backups: manifests.iter().map(backup_summary).collect(),
+        }))
+    }
+
+    async fn get_backup(
+        &self,
+        request: Request<pb::GetBackupRequest>,
+    ) -> Result<Response<pb::GetBackupResponse>, Status> {
+        let request = request.into_inner();
+        let manifest = self
+            .node
+            .backups
+            .get(&request.url, &request.backup_id)
+            .await
+            .map_err(ServiceError::from)?;
+        let json = manifest.encode().map_err(ServiceError::from)?;
+        Ok(Response::new(pb::GetBackupResponse {
+            backup: Some(backup_summary(&manifest)),
+            manifest_json: String::from_utf8_lossy(&json).into_owned(),
+        }))
+    }
+
+    async fn verify_backup(
+        &self,
+        request: Request<pb::VerifyBackupRequest>,
+    ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
+        let request = request.into_inner();
+        let report = self
+            .node
+            .backups
+            .verify(&request.url, &request.backup_id, request.data)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::VerifyBackupResponse {
+            files_checked: report.files_checked,
+            bytes_checked: report.bytes_checked,
+            shards_restored: u32::try_from(report.shards_restored).unwrap_or(u32::MAX),
+            problems: report.problems,
+        }))
+    }
+}
+
+/// A backup as the admin API lists it.
+fn backup_summary(manifest: &crate::backup::BackupManifest) -> pb::BackupSummary {
+    pb::BackupSummary {
+        backup_id: manifest.backup_id.clone(),
+        started_at_us: manifest.started_at_us,
+        finished_at_us: manifest.finished_at_us,
+        shards: u32::try_from(manifest.shards.len()).unwrap_or(u32::MAX),
+        bytes: manifest.bytes(),
+        rows: manifest.rows(),
+        map_version: manifest.map_version,
+        consistent_at_us: manifest
+            .shards
+            .iter()
+            .map(|s| s.record.leader_ts_us)
+            .min()
+            .unwrap_or(0),
     }
 }

@@ -86,6 +86,35 @@ pub struct Config {
     pub limits: Limits,
     /// Replication: the cluster this node belongs to.
     pub cluster: ClusterConfig,
+    /// Backups.
+    pub backup: BackupConfig,
+}
+
+/// Backups to a target directory or object store (`quiverctl backup`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Directories a `file://` backup target must lie under (absolute).
+    /// Empty: any directory outside this node's data directory. The admin
+    /// API has no authentication before TLS (issue 13): on a shared
+    /// machine, restrict it here.
+    pub file_roots: Vec<PathBuf>,
+    /// Bytes per second this node reads and uploads checkpoint files at,
+    /// all backups together, so serving keeps the disk. 0: unlimited; else
+    /// at least 1 MiB/s.
+    pub upload_bytes_per_second_max: u64,
+    /// How long one shard's checkpoint and upload may take.
+    pub shard_timeout_ms: u64,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self {
+            file_roots: Vec::new(),
+            upload_bytes_per_second_max: 100 << 20,
+            shard_timeout_ms: 3_600_000,
+        }
+    }
 }
 
 /// One node of the static cluster description.
@@ -415,6 +444,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             limits: Limits::default(),
             cluster: ClusterConfig::default(),
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -665,6 +695,26 @@ impl Config {
                     "metrics_listen_addr {metrics} is also the client or the peer listen address"
                 )));
             }
+        }
+        let b = &self.backup;
+        if b.upload_bytes_per_second_max != 0
+            && b.upload_bytes_per_second_max < SNAPSHOT_SEND_BYTES_PER_SECOND_MIN
+        {
+            return Err(ConfigError(format!(
+                "backup.upload_bytes_per_second_max must be 0 (unlimited) or at least \
+                 {SNAPSHOT_SEND_BYTES_PER_SECOND_MIN}"
+            )));
+        }
+        if b.shard_timeout_ms < 1000 {
+            return Err(ConfigError(
+                "backup.shard_timeout_ms must be at least 1000".into(),
+            ));
+        }
+        if let Some(relative) = b.file_roots.iter().find(|root| !root.is_absolute()) {
+            return Err(ConfigError(format!(
+                "backup.file_roots must be absolute paths, not {}",
+                relative.display()
+            )));
         }
         self.validate_cluster()
     }

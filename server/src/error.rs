@@ -41,6 +41,9 @@ pub enum ServiceError {
     /// The caller did not prove who it is (the cluster secret).
     #[error("{0}")]
     Unauthenticated(String),
+    /// A backup operation failed.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     /// The node has as much work in flight as it takes; retry later.
     #[error("overloaded: too many {what} ({limit_name}); retry in {retry_after_ms} ms")]
     Overloaded {
@@ -105,20 +108,18 @@ impl ServiceError {
             },
             ServiceError::TaskFailed(_) => Code::Internal,
             ServiceError::Overloaded { .. } => Code::ResourceExhausted,
-            ServiceError::Cluster(e) => match e {
-                ClusterError::Unavailable { .. } => Code::Unavailable,
-                ClusterError::Rejected { kind, .. } => match kind {
-                    RejectKind::Invalid => Code::InvalidArgument,
-                    RejectKind::Conflict => Code::FailedPrecondition,
-                    RejectKind::NotFound => Code::NotFound,
-                    RejectKind::LimitExceeded => Code::ResourceExhausted,
-                    // A split moved the keys: retryable once the map caught up.
-                    RejectKind::WrongShard => Code::Unavailable,
-                },
-                ClusterError::Start(_) => Code::Internal,
-                ClusterError::NoSuchGroup(_) => Code::NotFound,
-                ClusterError::Refused { .. } => Code::FailedPrecondition,
-            },
+            ServiceError::Cluster(e) => cluster_code(e),
+            ServiceError::Backup(e) => {
+                use crate::backup::BackupError;
+                match e {
+                    BackupError::Target { .. } | BackupError::Invalid(_) => Code::InvalidArgument,
+                    BackupError::NotFound(_) => Code::NotFound,
+                    BackupError::Busy => Code::FailedPrecondition,
+                    BackupError::Corrupt { .. } | BackupError::Shard(_) => Code::DataLoss,
+                    BackupError::Store(_) | BackupError::Io { .. } => Code::Unavailable,
+                    BackupError::Cluster(inner) => cluster_code(inner),
+                }
+            }
         }
     }
 }
@@ -155,6 +156,24 @@ impl From<ServiceError> for Status {
 impl From<tokio::task::JoinError> for ServiceError {
     fn from(e: tokio::task::JoinError) -> Self {
         ServiceError::TaskFailed(e.to_string())
+    }
+}
+
+/// The gRPC code of a routing or replication failure.
+fn cluster_code(e: &ClusterError) -> Code {
+    match e {
+        ClusterError::Unavailable { .. } => Code::Unavailable,
+        ClusterError::Rejected { kind, .. } => match kind {
+            RejectKind::Invalid => Code::InvalidArgument,
+            RejectKind::Conflict => Code::FailedPrecondition,
+            RejectKind::NotFound => Code::NotFound,
+            RejectKind::LimitExceeded => Code::ResourceExhausted,
+            // A split moved the keys: retryable once the map caught up.
+            RejectKind::WrongShard => Code::Unavailable,
+        },
+        ClusterError::Start(_) => Code::Internal,
+        ClusterError::NoSuchGroup(_) => Code::NotFound,
+        ClusterError::Refused { .. } => Code::FailedPrecondition,
     }
 }
 

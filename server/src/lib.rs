@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod backup;
 pub mod cache;
 pub mod cluster;
 pub mod config;

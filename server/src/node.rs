@@ -38,6 +38,8 @@ pub const CLOCK_SKEW_FILE_ENV: &str = "QUIVER_TEST_CLOCK_SKEW_FILE";
 pub struct Node {
     /// The groups hosted here and routing to the rest.
     pub cluster: Arc<Cluster>,
+    /// Backups coordinated or carried out here.
+    pub backups: Arc<crate::backup::Backups>,
     /// The feature-view registry, kept by the metadata group.
     pub registry: Registry,
     /// The hot row cache, kept coherent by every local replica's apply.
@@ -175,8 +177,12 @@ impl Node {
             },
         )
         .await?;
+        let backups = crate::backup::Backups::new(config.backup.clone(), &config.data_dir);
+        backups.clean_staging();
+        cluster.set_backups(backups.clone());
         Ok(Node {
             cluster,
+            backups,
             registry,
             cache,
             clock,

@@ -25,8 +25,26 @@ pub async fn connect_admin(endpoint: &str) -> Result<AdminClient<Channel>> {
     Ok(AdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX))
 }
 
+/// A client of one node's admin service whose calls may take up to
+/// `timeout` (a backup).
+pub async fn connect_admin_waiting(
+    endpoint: &str,
+    timeout: Duration,
+) -> Result<AdminClient<Channel>> {
+    let channel = channel_with_timeout(endpoint, timeout).await?;
+    Ok(AdminClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX))
+}
+
 /// A channel to `endpoint`.
 async fn channel(endpoint: &str) -> Result<Channel> {
+    channel_with_timeout(endpoint, REQUEST_TIMEOUT).await
+}
+
+/// How long a call may take, unless a command says otherwise.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A channel to `endpoint` whose calls may take up to `timeout`.
+async fn channel_with_timeout(endpoint: &str, timeout: Duration) -> Result<Channel> {
     let url = if endpoint.contains("://") {
         endpoint.to_owned()
     } else {
@@ -35,7 +53,7 @@ async fn channel(endpoint: &str) -> Result<Channel> {
     let channel = Endpoint::from_shared(url.clone())
         .with_context(|| format!("parse endpoint {endpoint:?}"))?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(60))
+        .timeout(timeout)
         .connect()
         .await
         .with_context(|| {

@@ -8,6 +8,7 @@
 // Tests may unwrap; production code may not (workspace lint).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod backup;
 mod client;
 mod cluster;
 mod get;
@@ -71,6 +72,9 @@ enum Command {
     /// wants and leader handovers so that every node leads about as many
     /// groups.
     Rebalance(shard::RebalanceArgs),
+    /// Full backups: create, list, show, verify.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
     /// Generate the sample data set.
     #[command(subcommand)]
     Sample(SampleCommand),
@@ -137,6 +141,7 @@ async fn run(cli: Cli) -> Result<()> {
         return shard::rebalance(&cli.endpoint, args, cli.json).await;
     }
     match &cli.command {
+        Command::Backup(command) => return backup::run(&cli.endpoint, command, cli.json).await,
         Command::Node(command) => return cluster::node(&cli.endpoint, command, cli.json).await,
         Command::Operator(command) => {
             return cluster::operator(&cli.endpoint, command, cli.json).await;
@@ -171,6 +176,7 @@ async fn run(cli: Cli) -> Result<()> {
             | ShardCommand::Split(_),
         )
         | Command::Rebalance(_)
+        | Command::Backup(_)
         | Command::Node(_)
         | Command::Operator(_) => {
             unreachable!("handled before")

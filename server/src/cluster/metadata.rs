@@ -138,6 +138,17 @@ impl Cluster {
         })
     }
 
+    /// [`Self::current_map`], or before the metadata group stored its first
+    /// map, the static layout this node routes by (then `false`): what an
+    /// operator's view of the cluster starts from.
+    pub async fn current_or_static_map(&self) -> Result<(Arc<ClusterMap>, bool), ClusterError> {
+        match self.current_map().await {
+            Ok(map) => Ok((map, true)),
+            Err(_) if !self.placement().replicated => Ok((self.placement().map.clone(), false)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Routes by `map` from now on (unless it is older than the one in use).
     fn adopt_map(&self, map: Arc<ClusterMap>) {
         let current = self.placement();

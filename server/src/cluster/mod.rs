@@ -21,6 +21,7 @@
 //! - `network`, `peer_service`, `wire`, `auth`: the peer transport.
 
 pub mod auth;
+mod backup;
 pub mod hibernate;
 pub mod host;
 pub mod identity;
@@ -204,6 +205,8 @@ pub struct Cluster {
     operators: operator::Running,
     /// Shard loads: this node's measurements and every leader's reports.
     loads: load::Loads,
+    /// This node's backup work, once the node has set it.
+    backups: std::sync::OnceLock<Arc<crate::backup::Backups>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -390,6 +393,7 @@ impl Cluster {
             stall: hibernate::StallWatch::default(),
             operators: operator::Running::default(),
             loads: load::Loads::default(),
+            backups: std::sync::OnceLock::new(),
         });
         if first_start {
             cluster.initialize_static().await?;

@@ -91,7 +91,8 @@ impl Lane {
             PeerCall::Propose(_)
             | PeerCall::HandOver { .. }
             | PeerCall::ShardState
-            | PeerCall::ChangeMembership { .. } => Lane::Propose,
+            | PeerCall::ChangeMembership { .. }
+            | PeerCall::BackupShard { .. } => Lane::Propose,
             PeerCall::Read { .. } | PeerCall::ReadIndex => Lane::Read,
         }
     }

@@ -117,6 +117,9 @@ impl PeerService {
             PeerCall::ChangeMembership { change, expect } => {
                 cluster.change_membership_local(group, change, expect).await
             }
+            PeerCall::BackupShard { url, backup_id } => {
+                cluster.backup_shard_local(group, &url, &backup_id).await
+            }
         }
     }
 

@@ -70,6 +70,14 @@ pub enum PeerCall {
         /// The log id of the membership it was decided on.
         expect: Option<LogId>,
     },
+    /// Checkpoint this node's replica of the group and upload it into a
+    /// backup (see `crate::backup`).
+    BackupShard {
+        /// The backup target.
+        url: String,
+        /// The backup's id.
+        backup_id: String,
+    },
 }
 
 /// What a node tells each peer every liveness interval (and answers a
@@ -182,6 +190,8 @@ pub enum PeerResult {
     /// The shard no longer owns keys of the call (a split moved them):
     /// route again by the current cluster map.
     WrongShard(String),
+    /// The answer to [`PeerCall::BackupShard`]: what was uploaded.
+    BackedUp(Box<quiver_raft::backup::ShardBackup>),
 }
 
 /// The first chunk of a snapshot stream.

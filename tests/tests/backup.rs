@@ -1,0 +1,261 @@
+//! Full backups of a running cluster through `quiverctl backup`: created
+//! to a local directory, listed, shown and verified at both levels; a
+//! flipped, truncated or deleted file is named by verify; a node killed
+//! midway leaves no manifest (the backup is never listed) and the next
+//! backup succeeds.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use quiver_tests::counter::{
+    CONVERGE_WAIT, LEADER_WAIT, apply_counter_view, keys, retry, start, write_values,
+};
+use quiver_tests::{binary, quiverctl};
+
+const THREE_SHARDS: [(&str, &str); 1] = [("QUIVER_CLUSTER__SHARD_COUNT", "3")];
+
+/// `quiverctl --json` with its stdout parsed.
+fn ctl_json(endpoint: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&quiverctl(endpoint, &all).unwrap()).unwrap()
+}
+
+/// `quiverctl` that may fail: (success, stdout, stderr).
+fn ctl(endpoint: &str, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary("quiverctl").unwrap())
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Writes `count` rows (value = index + 1) in batches.
+async fn write_rows(client: &quiver_tests::Client, prefix: &str, count: usize) {
+    let values: Vec<(String, i64)> = keys(count, prefix)
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| (k, i as i64 + 1))
+        .collect();
+    for batch in values.chunks(50) {
+        retry("write rows", LEADER_WAIT, || {
+            let mut client = client.clone();
+            async move { write_values(&mut client, batch).await }
+        })
+        .await;
+    }
+}
+
+/// The uploaded files of one backup, largest first.
+fn uploaded(target: &Path, id: &str) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let shards = target.join("backups").join(id).join("shards");
+    for shard in std::fs::read_dir(shards).unwrap() {
+        for file in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            files.push(file.unwrap().path());
+        }
+    }
+    files.sort_by_key(|f| std::cmp::Reverse(std::fs::metadata(f).unwrap().len()));
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_is_listed_shown_verified_and_its_damage_named() {
+    let mut cluster = start(&THREE_SHARDS).await;
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    write_rows(&client, "backup", 200).await;
+    let target_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", target_dir.path().join("backups").display());
+
+    eprintln!("--- a backup of the running cluster");
+    let first = ctl_json(&endpoint, &["backup", "create", &url]);
+    let id = first["backup_id"].as_str().unwrap().to_owned();
+    assert_eq!(first["shards"], 3, "{first}");
+    assert_eq!(first["rows"], 200, "{first}");
+    let listed = ctl_json(&endpoint, &["backup", "list", &url]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["backup_id"], id.as_str());
+    assert!(listed[0]["consistent_at_us"].as_i64().unwrap() > 0);
+
+    let manifest = ctl_json(&endpoint, &["backup", "show", &url, &id]);
+    let shards = manifest["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 3);
+    let rows: u64 = shards
+        .iter()
+        .map(|s| s["record"]["rows"].as_u64().unwrap())
+        .sum();
+    assert_eq!(rows, 200);
+    assert_eq!(manifest["metadata"]["group"], 0);
+    for shard in shards {
+        assert!(shard["record"]["applied"]["index"].as_u64().unwrap() > 0);
+        assert!(
+            shard["record"]["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|f| f["sha256"].as_str().unwrap().len() == 64)
+        );
+    }
+    let table = quiverctl(&endpoint, &["backup", "show", &url, &id]).unwrap();
+    assert!(table.contains("metadata"), "{table}");
+
+    eprintln!("--- verified at both levels, through another node");
+    let other = cluster.node(2).endpoint();
+    let files = ctl_json(&other, &["backup", "verify", &url, &id]);
+    assert_eq!(files["problems"].as_array().unwrap().len(), 0, "{files}");
+    assert!(files["files_checked"].as_u64().unwrap() >= 4 * 3);
+    let data = ctl_json(&other, &["backup", "verify", &url, &id, "--data"]);
+    assert_eq!(data["shards_restored"], 4, "{data}");
+
+    eprintln!("--- a second backup after more writes");
+    write_rows(&client, "later", 50).await;
+    let second = ctl_json(&endpoint, &["backup", "create", &url]);
+    assert_eq!(second["rows"], 250, "{second}");
+    let second_id = second["backup_id"].as_str().unwrap().to_owned();
+    let listed = ctl_json(&endpoint, &["backup", "list", &url]);
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["backup_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id.as_str(), second_id.as_str()], "oldest first");
+
+    eprintln!("--- damage is named by verify, file by file");
+    let target = target_dir.path().join("backups");
+    let victims = uploaded(&target, &id);
+    let (flipped, truncated, deleted) = (&victims[0], &victims[1], &victims[2]);
+    let mut bytes = std::fs::read(flipped).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(flipped, &bytes).unwrap();
+    let bytes = std::fs::read(truncated).unwrap();
+    std::fs::write(truncated, &bytes[..bytes.len() - 1]).unwrap();
+    std::fs::remove_file(deleted).unwrap();
+    let (ok, stdout, stderr) = ctl(&endpoint, &["backup", "verify", &url, &id]);
+    assert!(!ok, "a damaged backup fails verify: {stdout}");
+    assert!(stderr.contains("damaged"), "{stderr}");
+    for (file, what) in [
+        (flipped, "does not match"),
+        (truncated, "bytes, the manifest says"),
+        (deleted, "missing"),
+    ] {
+        let name = file.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("PROBLEM") && l.contains(&name) && l.contains(what)),
+            "{name} ({what}) not named:\n{stdout}"
+        );
+    }
+    // The other backup shares nothing with it.
+    let fine = ctl_json(&endpoint, &["backup", "verify", &url, &second_id, "--data"]);
+    assert_eq!(fine["problems"].as_array().unwrap().len(), 0, "{fine}");
+
+    eprintln!("--- bad targets and ids are refused with a reason");
+    let data_dir = cluster.node(1).data_dir().display().to_string();
+    for (args, expected) in [
+        (vec!["backup", "create", "relative/dir"], "scheme"),
+        (vec!["backup", "create", "file://relative"], "absolute"),
+        (
+            vec!["backup", "create", &format!("file://{data_dir}/inside")],
+            "data directory",
+        ),
+        (vec!["backup", "show", &url, "../etc"], "not a backup id"),
+        (
+            vec!["backup", "show", &url, "20990101T000000000Z-00000000"],
+            "no complete backup",
+        ),
+    ] {
+        let (ok, _, stderr) = ctl(&endpoint, &args);
+        assert!(!ok && stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_killed_midway_leave_no_backup_and_the_next_one_succeeds() {
+    // Armed once each: the node uploading a shard's first file dies (its
+    // coordinator then asks another replica), and the coordinator dies
+    // after recording its first shard. The backup cannot complete.
+    let once = tempfile::tempdir().unwrap();
+    let once_dir = once.path().display().to_string();
+    let mut cluster = start(&[
+        THREE_SHARDS[0],
+        (
+            "QUIVER_TEST_FAILPOINTS",
+            "backup.file_uploaded,backup.shard_recorded",
+        ),
+        ("QUIVER_TEST_FAILPOINTS_ONCE_DIR", &once_dir),
+    ])
+    .await;
+    let client = cluster.node(2).client().await.unwrap();
+    apply_counter_view(&client).await;
+    write_rows(&client, "kill", 120).await;
+    let target_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", target_dir.path().join("t").display());
+
+    let (ok, _, stderr) = ctl(&cluster.node(1).endpoint(), &["backup", "create", &url]);
+    assert!(!ok, "the backup cannot complete: its coordinator died");
+    eprintln!(
+        "backup failed as it should: {}",
+        stderr.lines().next().unwrap_or("")
+    );
+    assert!(!cluster.node(1).is_running(), "the coordinator aborted");
+    let dead: Vec<u64> = (1..=3)
+        .filter(|&id| !cluster.node(id).is_running())
+        .collect();
+    eprintln!("nodes {dead:?} aborted midway");
+    let alive = (1..=3).find(|id| !dead.contains(id)).unwrap();
+    let alive_endpoint = cluster.node(alive).endpoint();
+    let listed = ctl_json(&alive_endpoint, &["backup", "list", &url]);
+    assert_eq!(listed, serde_json::json!([]), "no manifest, not listed");
+    let partial = target_dir.path().join("t").join("backups");
+    assert!(
+        std::fs::read_dir(&partial).unwrap().count() >= 1,
+        "files were uploaded before the crash"
+    );
+
+    eprintln!("--- the nodes restart (staging cleaned); the next backup succeeds");
+    for &id in &dead {
+        cluster.node(id).restart().await.unwrap();
+        assert!(
+            !cluster.node(id).data_dir().join("backup-staging").exists(),
+            "node {id} cleaned its staging"
+        );
+    }
+    cluster.wait_for_leaders(LEADER_WAIT).await.unwrap();
+    let endpoint = cluster.node(1).endpoint();
+    let backup = retry("a backup after the restart", CONVERGE_WAIT, || {
+        let (endpoint, url) = (endpoint.clone(), url.clone());
+        async move {
+            let (ok, stdout, stderr) = ctl(&endpoint, &["--json", "backup", "create", &url]);
+            if ok {
+                Ok(serde_json::from_str::<serde_json::Value>(&stdout).unwrap())
+            } else {
+                Err(stderr)
+            }
+        }
+    })
+    .await;
+    assert_eq!(backup["rows"], 120, "{backup}");
+    let listed = ctl_json(&endpoint, &["backup", "list", &url]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let id = backup["backup_id"].as_str().unwrap();
+    let verified = ctl_json(&endpoint, &["backup", "verify", &url, id, "--data"]);
+    assert_eq!(
+        verified["problems"].as_array().unwrap().len(),
+        0,
+        "{verified}"
+    );
+    assert_eq!(verified["shards_restored"], 4);
+}

@@ -1,0 +1,331 @@
+//! `quiverctl backup ...`: full backups of a running cluster to a target
+//! URL, listed, shown and verified, through `quiver.admin.v1.Admin` (the
+//! node asked does the work; the CLI moves no data).
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use comfy_table::Table;
+use indicatif::{ProgressBar, ProgressStyle};
+use quiver_proto::admin as pb;
+
+use crate::client::{self, status_error};
+
+/// How long the CLI waits for a backup or a verification (the node keeps
+/// going if it gives up: a backup completes and is listed).
+const BACKUP_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// `backup ...`.
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Back up the whole cluster: every shard's checkpoint, then the
+    /// feature views and cluster map, then the manifest.
+    Create(UrlArgs),
+    /// The complete backups at a target, oldest first.
+    List(UrlArgs),
+    /// One backup's shards: range, rows, bytes, position and time.
+    Show(BackupArgs),
+    /// Check every file of a backup against its checksums; with --data,
+    /// also restore every shard into a scratch store on the node and
+    /// compare its rows.
+    Verify(VerifyArgs),
+}
+
+/// A target.
+#[derive(Debug, Args)]
+pub struct UrlArgs {
+    /// The target: file:///absolute/dir (on the nodes' file system: a
+    /// shared or local directory), or s3://bucket/prefix with an s3 build.
+    pub url: String,
+}
+
+/// A backup at a target.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The target.
+    pub url: String,
+    /// The backup's id (see `backup list`).
+    pub backup_id: String,
+}
+
+/// `backup verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The target.
+    pub url: String,
+    /// The backup's id.
+    pub backup_id: String,
+    /// Also restore every shard into a scratch store and compare its rows
+    /// (reads the whole backup onto the node asked).
+    #[arg(long)]
+    pub data: bool,
+}
+
+/// Runs a `backup` command.
+pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<()> {
+    let mut admin = client::connect_admin_waiting(endpoint, BACKUP_WAIT).await?;
+    match command {
+        BackupCommand::Create(args) => {
+            let spinner = spinner(json, format!("backing up to {}", args.url));
+            let answer = admin
+                .create_backup(pb::CreateBackupRequest {
+                    url: args.url.clone(),
+                })
+                .await
+                .map_err(|s| status_error("backup create", s));
+            spinner.finish_and_clear();
+            let backup = answer?.into_inner().backup.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary_json(&backup))?);
+            } else {
+                println!(
+                    "backup {} complete: {} shards, {} rows, {} in {}",
+                    backup.backup_id,
+                    backup.shards,
+                    backup.rows,
+                    bytes_text(backup.bytes),
+                    elapsed_text(backup.started_at_us, backup.finished_at_us)
+                );
+            }
+        }
+        BackupCommand::List(args) => {
+            let backups = admin
+                .list_backups(pb::ListBackupsRequest {
+                    url: args.url.clone(),
+                })
+                .await
+                .map_err(|s| status_error("backup list", s))?
+                .into_inner()
+                .backups;
+            if json {
+                let list: Vec<_> = backups.iter().map(summary_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            let mut table = Table::new();
+            table.set_header([
+                "backup",
+                "started",
+                "took",
+                "shards",
+                "rows",
+                "size",
+                "consistent at",
+            ]);
+            for b in &backups {
+                table.add_row([
+                    b.backup_id.clone(),
+                    time_text(b.started_at_us),
+                    elapsed_text(b.started_at_us, b.finished_at_us),
+                    b.shards.to_string(),
+                    b.rows.to_string(),
+                    bytes_text(b.bytes),
+                    time_text(b.consistent_at_us),
+                ]);
+            }
+            println!("{table}");
+        }
+        BackupCommand::Show(args) => {
+            let answer = admin
+                .get_backup(pb::GetBackupRequest {
+                    url: args.url.clone(),
+                    backup_id: args.backup_id.clone(),
+                })
+                .await
+                .map_err(|s| status_error("backup show", s))?
+                .into_inner();
+            if json {
+                println!("{}", answer.manifest_json);
+                return Ok(());
+            }
+            show(&answer)?;
+        }
+        BackupCommand::Verify(args) => {
+            let spinner = spinner(json, format!("verifying {}", args.backup_id));
+            let answer = admin
+                .verify_backup(pb::VerifyBackupRequest {
+                    url: args.url.clone(),
+                    backup_id: args.backup_id.clone(),
+                    data: args.data,
+                })
+                .await
+                .map_err(|s| status_error("backup verify", s));
+            spinner.finish_and_clear();
+            let report = answer?.into_inner();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "backup_id": args.backup_id,
+                        "files_checked": report.files_checked,
+                        "bytes_checked": report.bytes_checked,
+                        "shards_restored": report.shards_restored,
+                        "problems": report.problems,
+                    }))?
+                );
+            } else {
+                println!(
+                    "{} files ({}) checked{}",
+                    report.files_checked,
+                    bytes_text(report.bytes_checked),
+                    if args.data {
+                        format!(", {} shards restored and compared", report.shards_restored)
+                    } else {
+                        String::new()
+                    }
+                );
+                for problem in &report.problems {
+                    println!("PROBLEM {problem}");
+                }
+            }
+            if !report.problems.is_empty() {
+                bail!(
+                    "backup {} is damaged: {} problems",
+                    args.backup_id,
+                    report.problems.len()
+                );
+            }
+            if !json {
+                println!("backup {} is intact", args.backup_id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints a backup's shards from its manifest.
+fn show(answer: &pb::GetBackupResponse) -> Result<()> {
+    let manifest: serde_json::Value = serde_json::from_str(&answer.manifest_json)?;
+    let backup = answer.backup.clone().unwrap_or_default();
+    println!(
+        "backup {}: started {}, took {}, {} shards, {} rows, {}; cluster map version {}",
+        backup.backup_id,
+        time_text(backup.started_at_us),
+        elapsed_text(backup.started_at_us, backup.finished_at_us),
+        backup.shards,
+        backup.rows,
+        bytes_text(backup.bytes),
+        backup.map_version
+    );
+    let mut table = Table::new();
+    table.set_header([
+        "shard",
+        "range",
+        "rows",
+        "size",
+        "files",
+        "applied",
+        "leader time",
+    ]);
+    let shards = manifest["shards"].as_array().cloned().unwrap_or_default();
+    let rows = shards
+        .iter()
+        .map(|s| (s.clone(), &s["record"]))
+        .map(|(s, r)| {
+            let end = s["end"]
+                .as_u64()
+                .map_or_else(|| "end".to_owned(), |e| format!("{e:#018x}"));
+            (
+                r["group"].to_string(),
+                format!("{:#018x}..{end}", s["start"].as_u64().unwrap_or(0)),
+                r.clone(),
+            )
+        })
+        .chain(std::iter::once((
+            "metadata".to_owned(),
+            String::new(),
+            manifest["metadata"].clone(),
+        )));
+    for (shard, range, record) in rows {
+        let files = record["files"].as_array().cloned().unwrap_or_default();
+        let bytes: u64 = files.iter().filter_map(|f| f["bytes"].as_u64()).sum();
+        let applied = &record["applied"];
+        table.add_row([
+            shard,
+            range,
+            record["rows"].to_string(),
+            bytes_text(bytes),
+            files.len().to_string(),
+            applied["index"]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |i| i.to_string()),
+            time_text(record["leader_ts_us"].as_i64().unwrap_or(0)),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+fn summary_json(b: &pb::BackupSummary) -> serde_json::Value {
+    serde_json::json!({
+        "backup_id": b.backup_id,
+        "started_at_us": b.started_at_us,
+        "finished_at_us": b.finished_at_us,
+        "shards": b.shards,
+        "rows": b.rows,
+        "bytes": b.bytes,
+        "map_version": b.map_version,
+        "consistent_at_us": b.consistent_at_us,
+    })
+}
+
+fn spinner(json: bool, message: String) -> ProgressBar {
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .expect("valid progress template"),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// A time (µs since the epoch) as RFC 3339; "-" for none.
+fn time_text(us: i64) -> String {
+    match u64::try_from(us) {
+        Ok(us) if us > 0 => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_micros(us))
+                .to_string()
+        }
+        _ => "-".to_owned(),
+    }
+}
+
+fn elapsed_text(from_us: i64, to_us: i64) -> String {
+    let ms = u64::try_from(to_us.saturating_sub(from_us) / 1000).unwrap_or(0);
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+fn bytes_text(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_times_read_well() {
+        assert_eq!(bytes_text(17), "17 B");
+        assert_eq!(bytes_text(3 << 20), "3.0 MiB");
+        assert_eq!(time_text(0), "-");
+        assert_eq!(time_text(1_764_900_000_000_000), "2025-12-05T02:00:00Z");
+        assert_eq!(elapsed_text(0, 1_500_000), "1s 500ms");
+    }
+}
