@@ -721,6 +721,37 @@ impl StateStore {
         files.saturating_add(memtables)
     }
 
+    /// Up to `count` stored records of the data family in key order, after
+    /// the key `after` (`None`: from the first): each storage key with its
+    /// row, or `None` for a tombstone. A restore reads a backup's store
+    /// this way, a page at a time.
+    pub fn records_after(
+        &self,
+        after: Option<&[u8]>,
+        count: usize,
+    ) -> Result<Vec<(Vec<u8>, Option<StoredRow>)>> {
+        let mode = match after {
+            Some(key) => IteratorMode::From(key, rocksdb::Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut records = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_DATA), mode) {
+            if records.len() >= count {
+                break;
+            }
+            let (key, value) = item?;
+            if after.is_some_and(|after| *key == *after) {
+                continue;
+            }
+            let row = decode_stored(&value).map_err(|e| EngineError::Corrupt {
+                what: format!("stored row {key:02x?}"),
+                reason: e.to_string(),
+            })?;
+            records.push((key.to_vec(), row));
+        }
+        Ok(records)
+    }
+
     /// The logical digest of the rows whose key hash lies in `[from_hash,
     /// to_hash)` (see [`crate::digest`]), every block's checksum verified.
     pub fn digest(&self, from_hash: u64, to_hash: Option<u64>) -> Result<LogicalDigest> {

@@ -445,6 +445,32 @@ impl Admin for AdminService {
             problems: report.problems,
         }))
     }
+
+    async fn restore_backup(
+        &self,
+        request: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<pb::RestoreBackupResponse>, Status> {
+        let request = request.into_inner();
+        // A task of its own, like a backup: a client that disconnects does
+        // not leave half a restore behind the reason it gave up.
+        let node = self.node.clone();
+        let report = tokio::spawn(async move {
+            node.backups
+                .restore(&node, &request.url, &request.backup_id)
+                .await
+        })
+        .await
+        .map_err(|e| ServiceError::TaskFailed(e.to_string()))?
+        .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::RestoreBackupResponse {
+            views: report.views,
+            shards: u32::try_from(report.shards).unwrap_or(u32::MAX),
+            rows_restored: report.rows_restored,
+            tombstones_skipped: report.tombstones_skipped,
+            expired_skipped: report.expired_skipped,
+            deleted_view_rows_skipped: report.deleted_view_rows_skipped,
+        }))
+    }
 }
 
 /// A backup as the admin API lists it.

@@ -114,7 +114,7 @@ impl ServiceError {
                 match e {
                     BackupError::Target { .. } | BackupError::Invalid(_) => Code::InvalidArgument,
                     BackupError::NotFound(_) => Code::NotFound,
-                    BackupError::Busy => Code::FailedPrecondition,
+                    BackupError::Busy | BackupError::Refused(_) => Code::FailedPrecondition,
                     BackupError::Corrupt { .. } | BackupError::Shard(_) => Code::DataLoss,
                     BackupError::Store(_) | BackupError::Io { .. } => Code::Unavailable,
                     BackupError::Cluster(inner) => cluster_code(inner),

@@ -259,3 +259,82 @@ async fn nodes_killed_midway_leave_no_backup_and_the_next_one_succeeds() {
     );
     assert_eq!(verified["shards_restored"], 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_deleted_by_mistake_comes_back_from_a_backup_in_a_new_cluster() {
+    use quiver_proto::v1 as pb;
+    use quiver_tests::counter::read_values;
+
+    let mut cluster = start(&THREE_SHARDS).await;
+    let endpoint = cluster.node(1).endpoint();
+    let mut client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    write_rows(&client, "restore", 150).await;
+    let all = keys(150, "restore");
+    let deleted: Vec<String> = all[..10].to_vec();
+    client
+        .delete(pb::DeleteRequest {
+            view: "counter".into(),
+            entity_keys: deleted.clone(),
+        })
+        .await
+        .unwrap();
+    let target_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", target_dir.path().join("t").display());
+    let backup = ctl_json(&endpoint, &["backup", "create", &url]);
+    let id = backup["backup_id"].as_str().unwrap().to_owned();
+
+    eprintln!("--- the view is deleted by mistake");
+    client
+        .delete_feature_view(pb::DeleteFeatureViewRequest {
+            name: "counter".into(),
+        })
+        .await
+        .unwrap();
+
+    eprintln!("--- restored into a new one-node cluster");
+    let new_dir = tempfile::tempdir().unwrap();
+    let mut restored = quiver_tests::Cluster::start(new_dir.path(), 1, &[])
+        .await
+        .unwrap();
+    restored.wait_for_leaders(LEADER_WAIT).await.unwrap();
+    let new_endpoint = restored.node(1).endpoint();
+    let report = ctl_json(&new_endpoint, &["restore", "--from", &url]);
+    assert_eq!(report["backup_id"], id.as_str(), "the newest by default");
+    assert_eq!(report["views"], 1, "{report}");
+    assert_eq!(report["rows_restored"], 140, "{report}");
+    assert_eq!(report["tombstones_skipped"], 10, "{report}");
+    let mut new_client = restored.node(1).client().await.unwrap();
+    let (values, _) = read_values(&mut new_client, &all, pb::Consistency::Strong)
+        .await
+        .unwrap();
+    for (i, (key, value)) in all.iter().zip(&values).enumerate() {
+        let expected = (i >= 10).then_some(i as i64 + 1);
+        assert_eq!(*value, expected, "{key}");
+    }
+
+    eprintln!("--- never over a cluster that holds views");
+    let (ok, _, stderr) = ctl(&new_endpoint, &["restore", "--from", &url, "--backup", &id]);
+    assert!(!ok && stderr.contains("new, empty"), "{stderr}");
+
+    eprintln!("--- a damaged backup changes nothing");
+    let victim = uploaded(&target_dir.path().join("t"), &id)[0].clone();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[7] ^= 0x01;
+    std::fs::write(&victim, &bytes).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let mut other = quiver_tests::Cluster::start(other_dir.path(), 1, &[])
+        .await
+        .unwrap();
+    other.wait_for_leaders(LEADER_WAIT).await.unwrap();
+    let other_endpoint = other.node(1).endpoint();
+    let (ok, stdout, _) = ctl(&other_endpoint, &["backup", "verify", &url, &id]);
+    assert!(!ok, "verify names it: {stdout}");
+    let (ok, _, stderr) = ctl(
+        &other_endpoint,
+        &["restore", "--from", &url, "--backup", &id],
+    );
+    assert!(!ok && stderr.contains("not restored"), "{stderr}");
+    let views = quiverctl(&other_endpoint, &["--json", "views", "list"]).unwrap();
+    assert!(!views.contains("counter"), "nothing applied: {views}");
+}

@@ -62,6 +62,69 @@ pub struct VerifyArgs {
     pub data: bool,
 }
 
+/// `restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The target holding the backup.
+    #[arg(long = "from")]
+    pub url: String,
+    /// The backup to restore [default: the newest complete one].
+    #[arg(long = "backup")]
+    pub backup_id: Option<String>,
+}
+
+/// Restores a backup into the (new, empty) cluster of `endpoint`.
+pub async fn restore(endpoint: &str, args: &RestoreArgs, json: bool) -> Result<()> {
+    let mut admin = client::connect_admin_waiting(endpoint, BACKUP_WAIT).await?;
+    let backup_id = match &args.backup_id {
+        Some(id) => id.clone(),
+        None => admin
+            .list_backups(pb::ListBackupsRequest {
+                url: args.url.clone(),
+            })
+            .await
+            .map_err(|s| status_error("backup list", s))?
+            .into_inner()
+            .backups
+            .last()
+            .map(|b| b.backup_id.clone())
+            .ok_or_else(|| anyhow::anyhow!("no complete backup at {}", args.url))?,
+    };
+    let spinner = spinner(json, format!("restoring {backup_id}"));
+    let answer = admin
+        .restore_backup(pb::RestoreBackupRequest {
+            url: args.url.clone(),
+            backup_id: backup_id.clone(),
+        })
+        .await
+        .map_err(|s| status_error("restore", s));
+    spinner.finish_and_clear();
+    let report = answer?.into_inner();
+    if json {
+        print_json(&serde_json::json!({
+            "backup_id": backup_id,
+            "views": report.views,
+            "shards": report.shards,
+            "rows_restored": report.rows_restored,
+            "tombstones_skipped": report.tombstones_skipped,
+            "expired_skipped": report.expired_skipped,
+            "deleted_view_rows_skipped": report.deleted_view_rows_skipped,
+        }))?;
+    } else {
+        println!(
+            "restored backup {backup_id}: {} views, {} rows from {} shards (left out: {} deleted, \
+             {} expired, {} of deleted views)",
+            report.views,
+            report.rows_restored,
+            report.shards,
+            report.tombstones_skipped,
+            report.expired_skipped,
+            report.deleted_view_rows_skipped
+        );
+    }
+    Ok(())
+}
+
 /// Runs a `backup` command.
 pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<()> {
     let mut admin = client::connect_admin_waiting(endpoint, BACKUP_WAIT).await?;
@@ -77,7 +140,7 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
             spinner.finish_and_clear();
             let backup = answer?.into_inner().backup.unwrap_or_default();
             if json {
-                println!("{}", serde_json::to_string_pretty(&summary_json(&backup))?);
+                print_json(&summary_json(&backup))?;
             } else {
                 println!(
                     "backup {} complete: {} shards, {} rows, {} in {}",
@@ -100,7 +163,7 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
                 .backups;
             if json {
                 let list: Vec<_> = backups.iter().map(summary_json).collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                print_json(&serde_json::Value::Array(list))?;
                 return Ok(());
             }
             let mut table = Table::new();
@@ -154,16 +217,13 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
             spinner.finish_and_clear();
             let report = answer?.into_inner();
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "backup_id": args.backup_id,
-                        "files_checked": report.files_checked,
-                        "bytes_checked": report.bytes_checked,
-                        "shards_restored": report.shards_restored,
-                        "problems": report.problems,
-                    }))?
-                );
+                print_json(&serde_json::json!({
+                    "backup_id": args.backup_id,
+                    "files_checked": report.files_checked,
+                    "bytes_checked": report.bytes_checked,
+                    "shards_restored": report.shards_restored,
+                    "problems": report.problems,
+                }))?;
             } else {
                 println!(
                     "{} files ({}) checked{}",
@@ -254,6 +314,11 @@ fn show(answer: &pb::GetBackupResponse) -> Result<()> {
         ]);
     }
     println!("{table}");
+    Ok(())
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 

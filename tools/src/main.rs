@@ -75,6 +75,9 @@ enum Command {
     /// Full backups: create, list, show, verify.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// Restore a backup into this new, empty cluster (its views, then its
+    /// rows, routed by this cluster's shards).
+    Restore(backup::RestoreArgs),
     /// Generate the sample data set.
     #[command(subcommand)]
     Sample(SampleCommand),
@@ -142,6 +145,7 @@ async fn run(cli: Cli) -> Result<()> {
     }
     match &cli.command {
         Command::Backup(command) => return backup::run(&cli.endpoint, command, cli.json).await,
+        Command::Restore(args) => return backup::restore(&cli.endpoint, args, cli.json).await,
         Command::Node(command) => return cluster::node(&cli.endpoint, command, cli.json).await,
         Command::Operator(command) => {
             return cluster::operator(&cli.endpoint, command, cli.json).await;
@@ -177,6 +181,7 @@ async fn run(cli: Cli) -> Result<()> {
         )
         | Command::Rebalance(_)
         | Command::Backup(_)
+        | Command::Restore(_)
         | Command::Node(_)
         | Command::Operator(_) => {
             unreachable!("handled before")
