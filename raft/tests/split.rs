@@ -459,3 +459,40 @@ async fn a_replica_added_after_a_split_replays_it_without_building_a_child() {
     assert!(present(&sm, &high).iter().all(|&p| !p));
     assert_eq!(sm.range().unwrap().children, vec![(9, 3)]);
 }
+
+/// A split child starts with no change-stream consumers: the parent's
+/// holds are on the parent's log (inherited ones would pin the child's log
+/// up to its size cap, and count against its consumer limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_child_inherits_no_log_holds() {
+    use quiver_raft::log_store::PurgeHold;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sm, _children) = parent(dir.path(), ReplicaId(1));
+    let keys: Vec<String> = (0..40).map(|i| format!("key-{i}")).collect();
+    let hold = Command::HoldLog {
+        consumer: "backup".into(),
+        index: 2,
+    };
+    let responses = apply(
+        &mut sm,
+        vec![
+            membership_entry(),
+            entry(2, 0xA, write(&keys, 1)),
+            entry(3, 0xB, hold),
+            entry(4, 0xC, split(0)),
+        ],
+    )
+    .await;
+    assert_eq!(responses[3], Response::Split { child: 9, index: 4 });
+    assert_eq!(sm.held_index(), Some(2), "the parent keeps its hold");
+    let child = StateMachine::open(
+        9,
+        dir.path().join("groups/9/state"),
+        options(),
+        Arc::new(NoObserver),
+    )
+    .unwrap();
+    assert!(child.log_holds().is_empty(), "{:?}", child.log_holds());
+    assert_eq!(child.held_index(), None);
+}

@@ -28,8 +28,9 @@ use quiver_engine::durable::{StagingDir, sync_dir};
 use quiver_engine::keys::entity_hash;
 
 use super::{
-    APPLIED_KEY, LEADER_TIME_KEY, RANGE_KEY, REQUEST_PREFIX, REQUEST_SLOT_PREFIX, RangeDesc,
-    SNAPSHOTS_DIR, StateMachine, db_path, encode_applied, engine_io, invalid, write_current,
+    APPLIED_KEY, LEADER_TIME_KEY, LOG_HOLDS_KEY, RANGE_KEY, REQUEST_PREFIX, REQUEST_SLOT_PREFIX,
+    RangeDesc, SNAPSHOTS_DIR, StateMachine, db_path, encode_applied, engine_io, invalid,
+    write_current,
 };
 use crate::types::{
     Command, GroupId, LogId, RejectKind, ReplicaId, Response, StoredMembership, TypeConfig,
@@ -280,6 +281,9 @@ impl StateMachine {
                         (APPLIED_KEY, Some(applied.as_slice())),
                         (RANGE_KEY, Some(range_bytes.as_slice())),
                         (LEADER_TIME_KEY, Some(&time[..])),
+                        // The parent's log holds are on the parent's log:
+                        // the child's consumers confirm on its own.
+                        (LOG_HOLDS_KEY, None),
                     ],
                 )
                 .map_err(engine_io)?;

@@ -16,14 +16,29 @@ pub const BACKUP_ID_BYTES_MAX: usize = 64;
 /// Most shards one manifest may list.
 pub const MANIFEST_SHARDS_MAX: usize = 65_536;
 
-/// One shard of a backup: its hash range in the cluster map and its record.
+/// One shard of a backup: its hash range in the cluster map, where its
+/// files are and its record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardEntry {
     /// First hash of the shard's range (as the map had it).
     pub start: u64,
     /// First hash past it (`None`: the end of the ring).
     pub end: Option<u64>,
+    /// The directory under the backup's `shards/` holding its files: one
+    /// per upload attempt, so an attempt that outlived its deadline can
+    /// never overwrite the files of the one that counts.
+    pub dir: String,
     /// What was backed up.
+    pub record: ShardBackup,
+}
+
+/// The metadata group's part of a backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetadataEntry {
+    /// See [`ShardEntry::dir`].
+    pub dir: String,
+    /// What was backed up.
+    #[serde(flatten)]
     pub record: ShardBackup,
 }
 
@@ -43,22 +58,27 @@ pub struct BackupManifest {
     pub map_version: u64,
     /// The data shards.
     pub shards: Vec<ShardEntry>,
-    /// The metadata group (views, cluster map), cut after every shard.
-    pub metadata: ShardBackup,
+    /// The metadata group (views, cluster map), cut after every shard, at
+    /// a metadata read index taken after them.
+    pub metadata: MetadataEntry,
 }
 
 impl BackupManifest {
-    /// Every record: the shards', then the metadata group's.
-    pub fn records(&self) -> impl Iterator<Item = &ShardBackup> {
+    /// Every part with its directory: the shards', then the metadata
+    /// group's.
+    pub fn parts(&self) -> impl Iterator<Item = (&str, &ShardBackup)> {
         self.shards
             .iter()
-            .map(|s| &s.record)
-            .chain(std::iter::once(&self.metadata))
+            .map(|s| (s.dir.as_str(), &s.record))
+            .chain(std::iter::once((
+                self.metadata.dir.as_str(),
+                &self.metadata.record,
+            )))
     }
 
     /// Bytes of every file.
     pub fn bytes(&self) -> u64 {
-        self.records().map(ShardBackup::bytes).sum()
+        self.parts().map(|(_, record)| record.bytes()).sum()
     }
 
     /// Rows in the data shards.
@@ -102,13 +122,64 @@ impl BackupManifest {
                 manifest.shards.len()
             )));
         }
-        for record in manifest.records() {
+        for (dir, record) in manifest.parts() {
+            check_part_dir(dir)?;
             record
                 .check()
                 .map_err(|e| corrupt(format!("shard {}: {e}", record.group)))?;
         }
+        check_ring(&manifest.shards).map_err(corrupt)?;
         Ok(manifest)
     }
+}
+
+/// The shards' ranges, in order, cover the whole ring once, and each
+/// record's own range (a shard that split) is the one the map gave it: a
+/// backup that missed rows is never taken for whole.
+pub fn check_ring(shards: &[ShardEntry]) -> Result<(), String> {
+    let mut ranges: Vec<(u64, Option<u64>)> = shards.iter().map(|s| (s.start, s.end)).collect();
+    ranges.sort_unstable();
+    let mut next = Some(0u64);
+    for &(start, end) in &ranges {
+        if Some(start) != next || end.is_some_and(|end| end <= start) {
+            return Err(format!(
+                "the shards' ranges do not cover the ring once (at {start:#x})"
+            ));
+        }
+        next = end;
+    }
+    if !ranges.is_empty() && next.is_some() {
+        return Err("the shards' ranges stop before the end of the ring".into());
+    }
+    for shard in shards {
+        if let Some(range) = &shard.record.range
+            && (range.start, range.end) != (shard.start, shard.end)
+        {
+            return Err(format!(
+                "shard {} holds {:#x}..{:?}, the map gave it {:#x}..{:?}: it split during the \
+                 backup",
+                shard.record.group, range.start, range.end, shard.start, shard.end
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A directory name for one upload attempt of `group` by `node`.
+pub fn new_part_dir(group: quiver_raft::GroupId, node: u64) -> String {
+    format!("{group}-n{node}-{:08x}", rand::random::<u32>())
+}
+
+/// Whether `dir` may name a part's directory (it becomes part of object
+/// keys): the same alphabet as backup ids.
+pub fn check_part_dir(dir: &str) -> Result<(), BackupError> {
+    check_backup_id(dir).map_err(|_| BackupError::Corrupt {
+        what: "backup manifest".into(),
+        reason: format!(
+            "{:?} is not a part directory",
+            dir.chars().take(80).collect::<String>()
+        ),
+    })
 }
 
 /// A new backup id for a backup started at `now_us`:
@@ -156,6 +227,49 @@ mod tests {
         check_backup_id(&early).unwrap();
         for bad in ["", "../x", "a/b", "a b", &"x".repeat(65)] {
             assert!(check_backup_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn entry(start: u64, end: Option<u64>, range: Option<(u64, Option<u64>)>) -> ShardEntry {
+        ShardEntry {
+            start,
+            end,
+            dir: "1-n1-00000000".into(),
+            record: ShardBackup {
+                version: quiver_raft::backup::SHARD_BACKUP_VERSION,
+                group: 1,
+                applied: None,
+                leader_ts_us: 0,
+                range: range.map(|(start, end)| quiver_raft::state_machine::RangeDesc {
+                    start,
+                    end,
+                    version: 1,
+                    children: Vec::new(),
+                }),
+                rows: 0,
+                digest: format!("{:032x}", 0),
+                files: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_backup_covers_the_ring_once_with_the_ranges_its_map_gave() {
+        let whole = [
+            entry(10, None, None),
+            entry(0, Some(10), Some((0, Some(10)))),
+        ];
+        check_ring(&whole).unwrap();
+        check_ring(&[]).unwrap();
+        for broken in [
+            vec![entry(0, Some(10), None)],
+            vec![entry(0, Some(10), None), entry(11, None, None)],
+            vec![entry(0, Some(10), None), entry(5, None, None)],
+            vec![entry(1, None, None)],
+            // Split during the backup: its checkpoint holds half the range.
+            vec![entry(0, None, Some((0, Some(8))))],
+        ] {
+            assert!(check_ring(&broken).is_err(), "{:?}", broken.len());
         }
     }
 

@@ -30,7 +30,7 @@ use quiver_raft::backup::{self as shard_backup, BackupFile, ShardBackup};
 use crate::cluster::throttle::ByteRate;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::BackupConfig;
-pub use manifest::{BackupManifest, ShardEntry};
+pub use manifest::{BackupManifest, MetadataEntry, ShardEntry};
 pub use target::Target;
 
 /// Where a node stages checkpoints and downloads, under its data directory.
@@ -117,9 +117,10 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
 }
 
-/// The key of a shard's file in backup `id`.
-fn file_key(id: &str, group: GroupId, name: &str) -> String {
-    format!("backups/{id}/shards/{group}/{name}")
+/// The key of a part's file in backup `id` (`dir`: the part's directory,
+/// see [`ShardEntry::dir`]).
+fn file_key(id: &str, dir: &str, name: &str) -> String {
+    format!("backups/{id}/shards/{dir}/{name}")
 }
 
 /// The key of backup `id`'s manifest.
@@ -145,9 +146,16 @@ impl Backups {
         std::time::Duration::from_millis(self.config.shard_timeout_ms)
     }
 
-    /// Opens a target URL under this node's rules.
+    /// Opens a target URL under this node's rules, to read: a `file://`
+    /// directory must exist.
     pub fn target(&self, url: &str) -> Result<Target, BackupError> {
-        Target::open(url, &self.config, &self.data_dir)
+        Target::open(url, &self.config, &self.data_dir, false)
+    }
+
+    /// [`Self::target`] to write a backup into (a `file://` directory is
+    /// created if missing).
+    fn target_for_writing(&self, url: &str) -> Result<Target, BackupError> {
+        Target::open(url, &self.config, &self.data_dir, true)
     }
 
     /// Removes what earlier runs left staged (a crash mid-backup).
@@ -171,14 +179,14 @@ impl Backups {
             .coordinating
             .try_lock()
             .map_err(|_| BackupError::Busy)?;
-        let target = self.target(url)?;
+        let target = self.target_for_writing(url)?;
         let started_at_us = now_us();
         let id = manifest::new_backup_id(started_at_us);
         let (map, _) = cluster.current_or_static_map().await?;
         tracing::info!(backup = %id, url, shards = map.shards.len(), "backup started");
         let mut shards = Vec::with_capacity(map.shards.len());
         for (&group, desc) in &map.shards {
-            let record = cluster
+            let (dir, record) = cluster
                 .backup_shard(group, url, &id, self.shard_timeout())
                 .await?;
             tracing::info!(backup = %id, shard = group, bytes = record.bytes(), rows = record.rows, "shard backed up");
@@ -187,12 +195,34 @@ impl Backups {
             shards.push(ShardEntry {
                 start: desc.start,
                 end: desc.end,
+                dir,
                 record,
             });
         }
-        // After every shard's cut: the views and map it restores with are
-        // at least as new as any shard's rows.
-        let metadata = self.backup_local(cluster, 0, url, &id).await?;
+        // A shard that split meanwhile gave rows to a child this backup
+        // does not hold: refused, not recorded as whole.
+        let (after, _) = cluster.current_or_static_map().await?;
+        let ranges =
+            |m: &quiver_raft::cluster_map::ClusterMap| -> Vec<(GroupId, u64, Option<u64>)> {
+                m.shards.iter().map(|(&g, d)| (g, d.start, d.end)).collect()
+            };
+        if ranges(&after) != ranges(&map) {
+            return Err(BackupError::Refused(
+                "the cluster's shards changed during the backup (a split): run it again".into(),
+            ));
+        }
+        manifest::check_ring(&shards).map_err(BackupError::Refused)?;
+        // The views and map at a metadata read index taken after every
+        // shard's cut (this node's replica caught up to it first): at least
+        // as new as any shard's rows.
+        cluster.sync_metadata().await?;
+        let (dir, record) = tokio::time::timeout(
+            self.shard_timeout(),
+            self.backup_local(cluster, 0, url, &id),
+        )
+        .await
+        .map_err(|_| BackupError::Refused("the metadata group's backup timed out".into()))??;
+        let metadata = MetadataEntry { dir, record };
         let manifest = BackupManifest {
             version: manifest::MANIFEST_VERSION,
             backup_id: id.clone(),
@@ -210,31 +240,33 @@ impl Backups {
     }
 
     /// Checkpoints this node's replica of `group` and uploads it into
-    /// backup `id` at `url`. Runs as a task of its own: a caller that gives
-    /// up (a peer call's deadline) does not leave half a staging directory.
+    /// backup `id` at `url`, in a directory of its own; returns the
+    /// directory and the record. Runs as a task of its own: a caller that
+    /// gives up (a peer call's deadline) does not leave half a staging
+    /// directory, and what it goes on uploading lands in its own directory,
+    /// which no manifest names.
     pub async fn backup_local(
         self: &Arc<Self>,
         cluster: &Cluster,
         group: GroupId,
         url: &str,
         id: &str,
-    ) -> Result<ShardBackup, BackupError> {
+    ) -> Result<(String, ShardBackup), BackupError> {
         manifest::check_backup_id(id)?;
-        let target = self.target(url)?;
+        let target = self.target_for_writing(url)?;
+        let dir = manifest::new_part_dir(group, cluster.node_id);
         let state = cluster
             .group(group)
             .ok_or(ClusterError::NoSuchGroup(group))?
             .state
             .clone();
-        let staging = self
-            .data_dir
-            .join(STAGING_DIR)
-            .join(format!("{id}-{group}"));
+        let staging = self.data_dir.join(STAGING_DIR).join(format!("{id}-{dir}"));
         let (backups, id) = (self.clone(), id.to_owned());
         tokio::spawn(async move {
             let result = backups
-                .checkpoint_and_upload(&state, &target, &staging, &id)
-                .await;
+                .checkpoint_and_upload(&state, &target, &staging, &id, &dir)
+                .await
+                .map(|record| (dir, record));
             let _ = std::fs::remove_dir_all(&staging);
             result
         })
@@ -251,6 +283,7 @@ impl Backups {
         target: &Target,
         staging: &Path,
         id: &str,
+        dir: &str,
     ) -> Result<ShardBackup, BackupError> {
         let _ = std::fs::remove_dir_all(staging);
         let db = staging.join("db");
@@ -267,7 +300,7 @@ impl Backups {
         for name in names {
             let (bytes, crc32c, sha256) = target
                 .put_file(
-                    &file_key(id, group, &name),
+                    &file_key(id, dir, &name),
                     &db.join(&name),
                     self.rate.as_ref(),
                 )
@@ -338,10 +371,10 @@ impl Backups {
         let manifest = self.get(url, id).await?;
         let target = self.target(url)?;
         let mut report = VerifyReport::default();
-        for record in manifest.records() {
+        for (dir, record) in manifest.parts() {
             let mut shard_ok = true;
             for file in &record.files {
-                let key = file_key(id, record.group, &file.name);
+                let key = file_key(id, dir, &file.name);
                 match target.hash(&key).await? {
                     None => {
                         shard_ok = false;
@@ -371,7 +404,7 @@ impl Backups {
                 }
             }
             if data && shard_ok {
-                match self.verify_shard_data(&target, id, record).await {
+                match self.verify_shard_data(&target, id, dir, record).await {
                     Ok(()) => report.shards_restored += 1,
                     Err(e) => report.problems.push(format!("shard {}: {e}", record.group)),
                 }
@@ -385,9 +418,10 @@ impl Backups {
         &self,
         target: &Target,
         id: &str,
+        dir: &str,
         record: &ShardBackup,
     ) -> Result<(), BackupError> {
-        let scratch = self.download_verified(target, id, record).await?;
+        let scratch = self.download_verified(target, id, dir, record).await?;
         let _ = std::fs::remove_dir_all(&scratch);
         Ok(())
     }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use quiver_engine::keys::{ViewId, split_storage_key};
 use quiver_engine::row::FieldId;
-use quiver_engine::{RowWrite, StateStore, StoreOptions};
+use quiver_engine::{Catalog, RowWrite, StateStore, StoreOptions};
 use quiver_raft::backup::{self as shard_backup, ShardBackup};
 use quiver_raft::{Command, METADATA_GROUP, Response};
 
@@ -97,12 +97,13 @@ impl Backups {
         tracing::info!(backup = id, url, "restore started");
         let mut report = RestoreReport::default();
 
-        let (views, scratch) = {
+        let (catalog, scratch) = {
+            let metadata = &manifest.metadata;
             let scratch = self
-                .download_verified(&target, id, &manifest.metadata)
+                .download_verified(&target, id, &metadata.dir, &metadata.record)
                 .await?;
             let db = scratch.join("db");
-            let views = blocking(&db.clone(), move || {
+            let catalog = blocking(&db.clone(), move || {
                 let options = StoreOptions {
                     load_catalog: true,
                     ..StoreOptions::scratch()
@@ -111,14 +112,15 @@ impl Backups {
                     what: db.display().to_string(),
                     reason: e.to_string(),
                 })?;
-                Ok(store.registry().load().views())
+                Ok(store.registry().load_full())
             })
             .await;
-            (views, scratch)
+            (catalog, scratch)
         };
         let _ = std::fs::remove_dir_all(&scratch);
+        let catalog = catalog?;
         let mut maps: HashMap<ViewId, ViewMap> = HashMap::new();
-        for view in views? {
+        for view in catalog.views() {
             let (applied, _) = node
                 .cluster
                 .propose(METADATA_GROUP, Command::ApplyView { spec: view.spec() })
@@ -139,8 +141,21 @@ impl Backups {
         }
 
         for entry in &manifest.shards {
-            self.restore_shard(node, &target, id, &entry.record, &maps, &mut report)
+            let scratch = self
+                .download_verified(&target, id, &entry.dir, &entry.record)
                 .await?;
+            let written = self
+                .write_shard_rows(
+                    node,
+                    &scratch.join("db"),
+                    &entry.record,
+                    &maps,
+                    &catalog,
+                    &mut report,
+                )
+                .await;
+            let _ = std::fs::remove_dir_all(&scratch);
+            written?;
             report.shards += 1;
         }
         tracing::info!(backup = id, ?report, "restore complete");
@@ -154,22 +169,21 @@ impl Backups {
         &self,
         target: &Target,
         id: &str,
+        dir: &str,
         record: &ShardBackup,
     ) -> Result<PathBuf, BackupError> {
+        // Unique per call: two verifications of one backup never share it.
         let scratch = self
             .data_dir
             .join(STAGING_DIR)
-            .join(format!("scratch-{id}-{}", record.group));
+            .join(format!("scratch-{id}-{dir}-{:08x}", rand::random::<u32>()));
         let _ = std::fs::remove_dir_all(&scratch);
         let db = scratch.join("db");
         std::fs::create_dir_all(&db).map_err(|e| io_error(&db, e))?;
         let result = async {
             for file in &record.files {
                 target
-                    .download(
-                        &file_key(id, record.group, &file.name),
-                        &db.join(&file.name),
-                    )
+                    .download(&file_key(id, dir, &file.name), &db.join(&file.name))
                     .await?;
             }
             let (checked, record) = (db.clone(), record.clone());
@@ -188,29 +202,13 @@ impl Backups {
         }
     }
 
-    async fn restore_shard(
-        &self,
-        node: &Node,
-        target: &Target,
-        id: &str,
-        record: &ShardBackup,
-        maps: &HashMap<ViewId, ViewMap>,
-        report: &mut RestoreReport,
-    ) -> Result<(), BackupError> {
-        let scratch = self.download_verified(target, id, record).await?;
-        let result = self
-            .write_shard_rows(node, &scratch.join("db"), record, maps, report)
-            .await;
-        let _ = std::fs::remove_dir_all(&scratch);
-        result
-    }
-
     async fn write_shard_rows(
         &self,
         node: &Node,
         db: &std::path::Path,
         record: &ShardBackup,
         maps: &HashMap<ViewId, ViewMap>,
+        catalog: &Catalog,
         report: &mut RestoreReport,
     ) -> Result<(), BackupError> {
         let opened = db.to_path_buf();
@@ -259,10 +257,22 @@ impl Backups {
                         reason: format!("a row key of {} bytes", key.len()),
                     });
                 };
-                // Rows of a view deleted before the backup: not restored.
                 let Some(map) = maps.get(&view_id) else {
-                    report.deleted_view_rows_skipped += 1;
-                    continue;
+                    // Rows of a view deleted before the backup (compaction
+                    // had not dropped them yet): not restored. A view the
+                    // backup's registry never knew means its metadata is
+                    // older than its rows: refused, not skipped.
+                    if catalog.is_dropped(view_id) {
+                        report.deleted_view_rows_skipped += 1;
+                        continue;
+                    }
+                    return Err(BackupError::Corrupt {
+                        what: format!("shard {}", record.group),
+                        reason: format!(
+                            "rows of view id {view_id}, which the backup's registry does not \
+                             know"
+                        ),
+                    });
                 };
                 let entity_key =
                     String::from_utf8(entity.to_vec()).map_err(|_| BackupError::Corrupt {

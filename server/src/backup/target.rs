@@ -56,8 +56,15 @@ fn bad_url(url: &str, reason: impl Into<String>) -> BackupError {
 impl Target {
     /// Opens the target `url` for a node whose data lives in `data_dir`:
     /// a `file://` directory must be absolute, outside the data directory
-    /// and under one of `config.file_roots` if any are set.
-    pub fn open(url: &str, config: &BackupConfig, data_dir: &Path) -> Result<Target, BackupError> {
+    /// and under one of `config.file_roots` if any are set; it is used as
+    /// resolved now (symlinks followed once, here), and created if missing
+    /// only with `create` (reading a target never makes one).
+    pub fn open(
+        url: &str,
+        config: &BackupConfig,
+        data_dir: &Path,
+        create: bool,
+    ) -> Result<Target, BackupError> {
         if url.len() > BACKUP_URL_BYTES_MAX {
             return Err(bad_url(
                 url,
@@ -66,8 +73,15 @@ impl Target {
         }
         if let Some(path) = url.strip_prefix("file://") {
             let dir = checked_dir(url, path, config, data_dir)?;
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| bad_url(url, format!("cannot create {}: {e}", dir.display())))?;
+            if create {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| bad_url(url, format!("cannot create {}: {e}", dir.display())))?;
+            } else if !dir.is_dir() {
+                return Err(bad_url(
+                    url,
+                    format!("{} is not a directory", dir.display()),
+                ));
+            }
             let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|e| bad_url(url, e.to_string()))?;
             return Ok(Target {
@@ -301,7 +315,7 @@ fn checked_dir(
             ),
         ));
     }
-    Ok(dir)
+    Ok(resolved)
 }
 
 /// `path` with its deepest existing ancestor canonicalized.
@@ -330,9 +344,20 @@ fn open_s3(url: &str) -> Result<Target, BackupError> {
         .with_url(url)
         .build()
         .map_err(|e| bad_url(url, e.to_string()))?;
+    // The builder takes only the bucket from the URL: the path is ours to
+    // apply, or every target in a bucket would share one namespace.
+    let prefix = url
+        .trim_start_matches("s3://")
+        .split_once('/')
+        .map_or("", |(_, prefix)| prefix.trim_matches('/'));
+    let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+        Arc::new(store)
+    } else {
+        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+    };
     Ok(Target {
         url: url.to_owned(),
-        store: Arc::new(store),
+        store,
     })
 }
 
@@ -354,7 +379,7 @@ mod tests {
         let data = root.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         let config = BackupConfig::default();
-        let open = |url: &str, config: &BackupConfig| Target::open(url, config, &data);
+        let open = |url: &str, config: &BackupConfig| Target::open(url, config, &data, true);
         for bad in [
             "backups".to_owned(),
             "file://relative/dir".to_owned(),
@@ -372,8 +397,14 @@ mod tests {
             assert!(matches!(err, BackupError::Target { .. }), "{bad}: {err}");
         }
         let fine = root.path().join("backups");
-        open(&format!("file://{}", fine.display()), &config).unwrap();
+        let url = format!("file://{}", fine.display());
+        assert!(
+            Target::open(&url, &config, &data, false).is_err(),
+            "reading never creates"
+        );
+        open(&url, &config).unwrap();
         assert!(fine.is_dir(), "created");
+        Target::open(&url, &config, &data, false).unwrap();
         let restricted = BackupConfig {
             file_roots: vec![root.path().join("allowed")],
             ..BackupConfig::default()
@@ -393,6 +424,7 @@ mod tests {
             &format!("file://{}", root.path().join("t").display()),
             &BackupConfig::default(),
             &root.path().join("data"),
+            true,
         )
         .unwrap();
         let source = root.path().join("source");

@@ -19,7 +19,8 @@ impl Cluster {
         let _ = self.backups.set(backups);
     }
 
-    /// Backs up `shard` into backup `id` at `url` on a node hosting it.
+    /// Backs up `shard` into backup `id` at `url` on a node hosting it;
+    /// returns the part's directory and record.
     /// A node that cannot reach the target or fails midway ends the call
     /// (another replica would meet the same target); a node that does not
     /// answer or no longer hosts the shard is passed over.
@@ -29,7 +30,7 @@ impl Cluster {
         url: &str,
         id: &str,
         timeout: Duration,
-    ) -> Result<ShardBackup, ClusterError> {
+    ) -> Result<(String, ShardBackup), ClusterError> {
         let call = PeerCall::BackupShard {
             url: url.to_owned(),
             backup_id: id.to_owned(),
@@ -39,7 +40,11 @@ impl Cluster {
                 let call = &call;
                 async move {
                     let result = if target == self.node_id {
-                        self.backup_shard_local(shard, url, id).await
+                        tokio::time::timeout(timeout, self.backup_shard_local(shard, url, id))
+                            .await
+                            .unwrap_or_else(|_| {
+                                PeerResult::Failed("the shard's backup timed out".into())
+                            })
                     } else {
                         self.clients
                             .call_with_timeout(target, shard, None, call, timeout)
@@ -47,7 +52,7 @@ impl Cluster {
                             .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
                     };
                     match result {
-                        PeerResult::BackedUp(record) => Ok(Ok(*record)),
+                        PeerResult::BackedUp { dir, record } => Ok(Ok((dir, *record))),
                         PeerResult::Refused(message) => Ok(Err(message)),
                         other => Err(other),
                     }
@@ -69,7 +74,10 @@ impl Cluster {
             return PeerResult::Failed("this node is not ready for backups".into());
         };
         match backups.backup_local(self, shard, url, id).await {
-            Ok(record) => PeerResult::BackedUp(Box::new(record)),
+            Ok((dir, record)) => PeerResult::BackedUp {
+                dir,
+                record: Box::new(record),
+            },
             Err(e) => PeerResult::Refused(e.to_string()),
         }
     }

@@ -190,8 +190,14 @@ pub enum PeerResult {
     /// The shard no longer owns keys of the call (a split moved them):
     /// route again by the current cluster map.
     WrongShard(String),
-    /// The answer to [`PeerCall::BackupShard`]: what was uploaded.
-    BackedUp(Box<quiver_raft::backup::ShardBackup>),
+    /// The answer to [`PeerCall::BackupShard`]: where under the backup the
+    /// files went, and what they hold.
+    BackedUp {
+        /// The part's directory.
+        dir: String,
+        /// Its record.
+        record: Box<quiver_raft::backup::ShardBackup>,
+    },
 }
 
 /// The first chunk of a snapshot stream.
