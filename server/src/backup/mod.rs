@@ -446,10 +446,7 @@ fn io_error(what: &Path, source: std::io::Error) -> BackupError {
     }
 }
 
-/// Microseconds since the Unix epoch, by this node's clock.
+/// Microseconds since the Unix epoch, by this machine's wall clock.
 fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    quiver_engine::clock::Clock::now_us(&quiver_engine::SystemClock)
 }
