@@ -13,15 +13,16 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use openraft::entry::RaftEntry as _;
 use quiver_engine::digest::{CheckpointReader, LogicalDigest};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use crate::change_stream::ChangePosition;
+use crate::change_stream::{ChangeEntry, ChangePosition};
 use crate::state_machine::{
     APPLIED_KEY, LEADER_TIME_KEY, RANGE_KEY, RangeDesc, StateMachine, checked_name, decode_applied,
 };
-use crate::types::{GroupId, LogId};
+use crate::types::{Command, Entry, GroupId, LogId, Proposal};
 
 /// The format of [`ShardBackup`] records this build writes and reads.
 pub const SHARD_BACKUP_VERSION: u32 = 1;
@@ -201,6 +202,14 @@ pub enum BackupError {
     /// A record could not be encoded or decoded.
     #[error("shard backup record: {0}")]
     Record(String),
+    /// Shipped entries cannot be replayed onto the checkpoint.
+    #[error("shard {group}: replaying its shipped log: {reason}")]
+    Replay {
+        /// The shard.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
     /// Reading or writing a file failed.
     #[error("{file}: {source}")]
     Io {
@@ -454,4 +463,94 @@ pub fn verify_data(
         });
     }
     Ok(())
+}
+
+/// Where, under a scratch directory, a downloaded checkpoint goes so that
+/// [`open_for_replay`] opens it as a replica's state (the state machine's
+/// first store generation).
+pub const REPLAY_DB_DIR: &str = "db-0";
+
+/// Opens the checkpoint downloaded into `dir`/[`REPLAY_DB_DIR`] as the
+/// state of a replica of `group`, to replay shipped entries onto it; with
+/// `load_catalog` its registry is loaded (the metadata group's).
+pub fn open_for_replay(
+    group: GroupId,
+    dir: &Path,
+    load_catalog: bool,
+) -> Result<StateMachine, BackupError> {
+    let options = quiver_engine::StoreOptions {
+        load_catalog,
+        ..quiver_engine::StoreOptions::scratch()
+    };
+    StateMachine::open(
+        group,
+        dir,
+        options,
+        std::sync::Arc::new(crate::state_machine::NoObserver),
+    )
+    .map_err(|e| BackupError::Store {
+        dir: dir.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// How far a replay got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayProgress {
+    /// Entries applied.
+    pub applied: u64,
+    /// An entry later than the time was met: the replay is complete.
+    pub reached_time: bool,
+}
+
+/// Applies to `state`, in order, the shipped `entries` after its applied
+/// position whose time is at most `until_us`, exactly as the shard applied
+/// them (the same code: refusals, dedup and expiry floors come out the
+/// same). Stops at the first entry past `until_us`. A split cannot be
+/// replayed here (its child's history goes on in another shard's log):
+/// it is refused, naming the time before which a restore can go.
+pub fn replay(
+    state: &StateMachine,
+    entries: Vec<ChangeEntry>,
+    until_us: i64,
+) -> Result<ReplayProgress, BackupError> {
+    let group = state.group();
+    let from = state.applied().map_or(0, |id| id.index);
+    let mut progress = ReplayProgress::default();
+    let mut batch = Vec::new();
+    for entry in entries {
+        if entry.log_id.index <= from {
+            continue;
+        }
+        if entry.leader_ts_us > until_us {
+            progress.reached_time = true;
+            break;
+        }
+        if matches!(entry.command, Command::Split { .. }) {
+            return Err(BackupError::Replay {
+                group,
+                reason: format!(
+                    "the shard split at {} (leader time {} µs): restore to a time before it, or \
+                     from a full backup taken after it",
+                    entry.log_id, entry.leader_ts_us
+                ),
+            });
+        }
+        batch.push(Entry::new_normal(
+            entry.log_id,
+            Proposal {
+                request_id: entry.request_id,
+                leader_ts_us: entry.leader_ts_us,
+                command: entry.command,
+            },
+        ));
+    }
+    progress.applied = batch.len() as u64;
+    state
+        .apply_entries(batch)
+        .map_err(|e| BackupError::Replay {
+            group,
+            reason: e.to_string(),
+        })?;
+    Ok(progress)
 }

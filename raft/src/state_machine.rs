@@ -60,6 +60,11 @@ pub(crate) const LEADER_TIME_KEY: &[u8] = b"raft/leader_time";
 /// Change-stream consumers' log holds (postcard `BTreeMap<name, index>`),
 /// written in the batch of the entry that changed them.
 const LOG_HOLDS_KEY: &[u8] = b"raft/log_holds";
+/// The cluster's id (metadata group only, 16 hex digits): drawn from the
+/// bootstrap entry's log id and leader time when the map is bootstrapped,
+/// so every replica agrees and two clusters (a restored one and its
+/// source) differ. Names the cluster's shipped logs in a backup target.
+pub(crate) const CLUSTER_ID_KEY: &[u8] = b"cluster/id";
 /// Most committed entries applied in one trip to the blocking pool.
 const APPLY_BATCH_ENTRIES_MAX: usize = 256;
 /// `req/<request id>`: this request id was applied; the value is empty when
@@ -248,6 +253,17 @@ impl StateMachine {
                 swap: parking_lot::RwLock::new(()),
             }),
         })
+    }
+
+    /// The cluster's id, as the metadata group's bootstrap decided it
+    /// (`None` in shard groups and before the bootstrap).
+    pub fn cluster_id(&self) -> io::Result<Option<String>> {
+        match self.store().get_meta(CLUSTER_ID_KEY).map_err(engine_io)? {
+            None => Ok(None),
+            Some(bytes) => String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| invalid("stored cluster id is not UTF-8".into())),
+        }
     }
 
     /// The live store (reads go here).
@@ -504,7 +520,7 @@ impl StateMachine {
                     views_advanced: moved.len() as u64,
                 }
             }
-            Command::Map(command) => self.apply_map(command, leader_ts_us, meta_puts)?,
+            Command::Map(command) => self.apply_map(log_id, command, leader_ts_us, meta_puts)?,
             Command::Fence => {
                 store.put_meta(meta_puts).map_err(engine_io)?;
                 Response::Fenced

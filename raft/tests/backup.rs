@@ -181,3 +181,135 @@ async fn records_from_anywhere_decode_or_fail_with_a_reason() {
     assert!(ShardBackup::decode(&wrong_version.encode().unwrap()).is_err());
     assert!(ShardBackup::decode(&vec![b' '; 5 << 20]).is_err());
 }
+
+/// The change-stream form of a write entry.
+fn change(index: u64, rows: std::ops::Range<u64>) -> quiver_raft::change_stream::ChangeEntry {
+    let entry = write(index, rows);
+    let openraft::EntryPayload::Normal(proposal) = entry.payload else {
+        unreachable!()
+    };
+    quiver_raft::change_stream::ChangeEntry {
+        log_id: entry.log_id,
+        leader_ts_us: proposal.leader_ts_us,
+        request_id: proposal.request_id,
+        command: proposal.command,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_entries_replay_onto_a_checkpoint_up_to_a_time_as_the_shard_applied_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let sm = shard(&dir.path().join("state")).await;
+    let replay_dir = dir.path().join("replay");
+    backup::checkpoint_shard(&sm, &replay_dir.join(backup::REPLAY_DB_DIR), &mut nothing).unwrap();
+    // The live shard goes on to index 40 (leader times 7,021..7,040).
+    let more: Vec<Entry> = (21..=40)
+        .map(|i| write(i, (i - 1) * 100..i * 100 + 50))
+        .collect();
+    let applier = sm.clone();
+    tokio::task::spawn_blocking(move || applier.apply_entries(more))
+        .await
+        .unwrap()
+        .unwrap();
+    let shipped: Vec<_> = (15..=40)
+        .map(|i| change(i, (i - 1) * 100..i * 100 + 50))
+        .collect();
+
+    let replayed = backup::open_for_replay(5, &replay_dir, false).unwrap();
+    let progress = backup::replay(&replayed, shipped.clone(), 7_030).unwrap();
+    assert_eq!(
+        progress.applied, 10,
+        "21..=30: what the checkpoint has is skipped"
+    );
+    assert!(progress.reached_time);
+    assert_eq!(replayed.applied().unwrap().index, 30);
+    assert_eq!(replayed.leader_time_us(), 7_030);
+
+    // The same rows as a shard that applied exactly 1..=30.
+    let reference =
+        StateMachine::open(5, dir.path().join("ref"), options(), Arc::new(NoObserver)).unwrap();
+    let entries: Vec<Entry> = (1..=30)
+        .map(|i| {
+            if i <= 20 {
+                write(i, (i - 1) * 100..i * 100)
+            } else {
+                write(i, (i - 1) * 100..i * 100 + 50)
+            }
+        })
+        .collect();
+    reference.apply_entries(entries).unwrap();
+    assert_eq!(
+        replayed.store().digest(0, None).unwrap(),
+        reference.store().digest(0, None).unwrap()
+    );
+
+    // The rest: not past the end of what was shipped.
+    let progress = backup::replay(&replayed, shipped, i64::MAX).unwrap();
+    assert_eq!((progress.applied, progress.reached_time), (10, false));
+    assert_eq!(
+        replayed.store().digest(0, None).unwrap(),
+        sm.store().digest(0, None).unwrap()
+    );
+
+    // A split is not replayed: its child's history is another log's.
+    let split = quiver_raft::change_stream::ChangeEntry {
+        log_id: log_id::<TypeConfig>(2, ReplicaId(1), 41),
+        leader_ts_us: 7_041,
+        request_id: 41,
+        command: Command::Split {
+            child: 9,
+            at: 1 << 63,
+            start: 0,
+            end: None,
+            version: 0,
+        },
+    };
+    assert!(matches!(
+        backup::replay(&replayed, vec![split], i64::MAX),
+        Err(BackupError::Replay { group: 5, .. })
+    ));
+    assert_eq!(replayed.applied().unwrap().index, 40, "nothing applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_gets_its_id_from_its_bootstrap_entry() {
+    use quiver_raft::cluster_map::{ClusterMap, MapCommand, NodeInfo, NodeState};
+
+    let map = || {
+        let nodes = [(
+            1,
+            NodeInfo {
+                addr: "127.0.0.1:7001".into(),
+                peer_addr: "127.0.0.1:17001".into(),
+                state: NodeState::Serving,
+            },
+        )]
+        .into_iter()
+        .collect();
+        let replicas = [(1, vec![1])].into_iter().collect();
+        ClusterMap::bootstrap(nodes, &replicas, 1, 1)
+    };
+    let bootstrap = |leader_ts_us: i64| {
+        Entry::new_normal(
+            log_id::<TypeConfig>(1, ReplicaId(1), 1),
+            Proposal {
+                request_id: 1,
+                leader_ts_us,
+                command: Command::Map(MapCommand::Bootstrap(Box::new(map()))),
+            },
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str| {
+        StateMachine::open(0, dir.path().join(name), options(), Arc::new(NoObserver)).unwrap()
+    };
+    let (a, b, c) = (open("a"), open("b"), open("c"));
+    assert_eq!(a.cluster_id().unwrap(), None, "not before the bootstrap");
+    a.apply_entries(vec![bootstrap(1_000)]).unwrap();
+    b.apply_entries(vec![bootstrap(1_000)]).unwrap();
+    c.apply_entries(vec![bootstrap(2_000)]).unwrap();
+    let id = a.cluster_id().unwrap().unwrap();
+    assert_eq!(id.len(), 16);
+    assert_eq!(b.cluster_id().unwrap(), Some(id.clone()), "replicas agree");
+    assert_ne!(c.cluster_id().unwrap(), Some(id), "another cluster differs");
+}

@@ -11,6 +11,7 @@ use quiver_raft::cluster_map::{
 use quiver_raft::{GroupId, NodeId, ReplicaId};
 use tonic::{Request, Response, Status};
 
+use crate::backup::restore::RestoreTo;
 use crate::cluster::ClusterError;
 use crate::cluster::scheduler::Planned;
 use crate::error::ServiceError;
@@ -453,10 +454,23 @@ impl Admin for AdminService {
         let request = request.into_inner();
         // A task of its own, like a backup: a client that disconnects does
         // not leave half a restore behind the reason it gave up.
+        let to = if request.to_latest {
+            RestoreTo::Latest
+        } else if request.to_time_us > 0 {
+            RestoreTo::Time(request.to_time_us)
+        } else if request.to_time_us < 0 {
+            return Err(ServiceError::InvalidArgument(format!(
+                "to_time_us {} is before the epoch",
+                request.to_time_us
+            ))
+            .into());
+        } else {
+            RestoreTo::Backup
+        };
         let node = self.node.clone();
         let report = tokio::spawn(async move {
             node.backups
-                .restore(&node, &request.url, &request.backup_id)
+                .restore(&node, &request.url, &request.backup_id, to)
                 .await
         })
         .await
@@ -469,6 +483,43 @@ impl Admin for AdminService {
             tombstones_skipped: report.tombstones_skipped,
             expired_skipped: report.expired_skipped,
             deleted_view_rows_skipped: report.deleted_view_rows_skipped,
+            backup_id: report.backup_id,
+            restored_to_us: report.restored_to_us.unwrap_or(0),
+            log_entries_replayed: report.log_entries_replayed,
+        }))
+    }
+
+    async fn backup_status(
+        &self,
+        request: Request<pb::BackupStatusRequest>,
+    ) -> Result<Response<pb::BackupStatusResponse>, Status> {
+        let request = request.into_inner();
+        let (cluster_id, groups) = self
+            .node
+            .backups
+            .log_status(&self.node.cluster, &request.url, &request.cluster_id)
+            .await
+            .map_err(ServiceError::from)?;
+        let restorable_until_us = groups
+            .iter()
+            .map(|g| g.latest.map_or(0, |(_, until, _)| until))
+            .min()
+            .unwrap_or(0);
+        Ok(Response::new(pb::BackupStatusResponse {
+            cluster_id,
+            groups: groups
+                .into_iter()
+                .map(|g| pb::GroupLogStatus {
+                    group: u64::from(g.group),
+                    shipped: g.latest.is_some(),
+                    index: g.latest.map_or(0, |(index, _, _)| index),
+                    restorable_until_us: g.latest.map_or(0, |(_, until, _)| until),
+                    shipped_at_us: g.latest.map_or(0, |(_, _, at)| at),
+                })
+                .collect(),
+            restorable_until_us,
+            now_us: self.node.clock.now_us(),
+            log_url: self.node.backups.log_url().to_owned(),
         }))
     }
 }

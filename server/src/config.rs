@@ -30,6 +30,7 @@ const CONFIG_KEYS: &[&str] = &[
     "cache",
     "limits",
     "cluster",
+    "backup",
 ];
 
 /// Longest `ttl_expire_interval_seconds`: a day.
@@ -105,6 +106,17 @@ pub struct BackupConfig {
     pub upload_bytes_per_second_max: u64,
     /// How long one shard's checkpoint and upload may take.
     pub shard_timeout_ms: u64,
+    /// Where continuous log backup ships every group's change stream
+    /// (a target URL, like a backup's); empty: not shipped. Every node of
+    /// a cluster must name the same target. Point-in-time restore needs it.
+    pub log_url: String,
+    /// Between two shipping rounds (each shard's new entries go up as one
+    /// chunk per round): the RPO of an active shard.
+    pub log_interval_ms: u64,
+    /// How often a hibernating (idle) group is woken to move its shipped
+    /// log's time forward: how far an idle cluster's restorable time may
+    /// lag. At least `log_interval_ms`.
+    pub log_idle_interval_ms: u64,
 }
 
 impl Default for BackupConfig {
@@ -113,9 +125,17 @@ impl Default for BackupConfig {
             file_roots: Vec::new(),
             upload_bytes_per_second_max: 100 << 20,
             shard_timeout_ms: 3_600_000,
+            log_url: String::new(),
+            log_interval_ms: 10_000,
+            log_idle_interval_ms: 60_000,
         }
     }
 }
+
+/// Shortest `backup.log_interval_ms`.
+pub const LOG_INTERVAL_MS_MIN: u64 = 100;
+/// Longest `backup.log_interval_ms` (one hour).
+pub const LOG_INTERVAL_MS_MAX: u64 = 3_600_000;
 
 /// One node of the static cluster description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -710,6 +730,23 @@ impl Config {
                 "backup.shard_timeout_ms must be at least 1000".into(),
             ));
         }
+        if !(LOG_INTERVAL_MS_MIN..=LOG_INTERVAL_MS_MAX).contains(&b.log_interval_ms) {
+            return Err(ConfigError(format!(
+                "backup.log_interval_ms must be {LOG_INTERVAL_MS_MIN} to {LOG_INTERVAL_MS_MAX}"
+            )));
+        }
+        if !(b.log_interval_ms..=LOG_INTERVAL_MS_MAX).contains(&b.log_idle_interval_ms) {
+            return Err(ConfigError(format!(
+                "backup.log_idle_interval_ms must be backup.log_interval_ms to \
+                 {LOG_INTERVAL_MS_MAX}"
+            )));
+        }
+        if b.log_url.len() > crate::backup::target::BACKUP_URL_BYTES_MAX {
+            return Err(ConfigError(format!(
+                "backup.log_url is longer than {} bytes",
+                crate::backup::target::BACKUP_URL_BYTES_MAX
+            )));
+        }
         if let Some(relative) = b.file_roots.iter().find(|root| !root.is_absolute()) {
             return Err(ConfigError(format!(
                 "backup.file_roots must be absolute paths, not {}",
@@ -901,6 +938,21 @@ impl Config {
 // figment's Jail API returns its large error type; not ours to shrink.
 #[allow(clippy::result_large_err)]
 mod tests {
+    #[test]
+    fn every_top_level_key_can_come_from_the_environment() {
+        let config = serde_json::to_value(Config::default()).unwrap();
+        let mut keys: Vec<&str> = config
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        let mut listed = CONFIG_KEYS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(keys, listed);
+    }
+
     use super::*;
     use clap::Parser;
 

@@ -110,6 +110,16 @@ pub async fn serve(
             config.ttl_grace_seconds,
         ),
     ));
+    if !config.backup.log_url.is_empty() {
+        tokio::spawn(crate::backup::log::shipping_loop(
+            Arc::downgrade(&node),
+            config.backup.log_url.clone(),
+            crate::backup::log::ShippingTiming {
+                interval: std::time::Duration::from_millis(config.backup.log_interval_ms),
+                idle_interval: std::time::Duration::from_millis(config.backup.log_idle_interval_ms),
+            },
+        ));
+    }
     let peer = tonic::service::interceptor::InterceptedService::new(
         PeerServer::new(PeerService::new(node.cluster.clone()))
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)

@@ -38,6 +38,18 @@ fn ctl(endpoint: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A new, empty one-node cluster (a restore's destination), its directory
+/// and its endpoint.
+async fn new_cluster() -> (quiver_tests::Cluster, tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = quiver_tests::Cluster::start(dir.path(), 1, &[])
+        .await
+        .unwrap();
+    cluster.wait_for_leaders(LEADER_WAIT).await.unwrap();
+    let endpoint = cluster.node(1).endpoint();
+    (cluster, dir, endpoint)
+}
+
 /// Writes `count` rows (value = index + 1) in batches.
 async fn write_rows(client: &quiver_tests::Client, prefix: &str, count: usize) {
     let values: Vec<(String, i64)> = keys(count, prefix)
@@ -293,12 +305,7 @@ async fn a_view_deleted_by_mistake_comes_back_from_a_backup_in_a_new_cluster() {
         .unwrap();
 
     eprintln!("--- restored into a new one-node cluster");
-    let new_dir = tempfile::tempdir().unwrap();
-    let mut restored = quiver_tests::Cluster::start(new_dir.path(), 1, &[])
-        .await
-        .unwrap();
-    restored.wait_for_leaders(LEADER_WAIT).await.unwrap();
-    let new_endpoint = restored.node(1).endpoint();
+    let (mut restored, _new_dir, new_endpoint) = new_cluster().await;
     let report = ctl_json(&new_endpoint, &["restore", "--from", &url]);
     assert_eq!(report["backup_id"], id.as_str(), "the newest by default");
     assert_eq!(report["views"], 1, "{report}");
@@ -322,12 +329,7 @@ async fn a_view_deleted_by_mistake_comes_back_from_a_backup_in_a_new_cluster() {
     let mut bytes = std::fs::read(&victim).unwrap();
     bytes[7] ^= 0x01;
     std::fs::write(&victim, &bytes).unwrap();
-    let other_dir = tempfile::tempdir().unwrap();
-    let mut other = quiver_tests::Cluster::start(other_dir.path(), 1, &[])
-        .await
-        .unwrap();
-    other.wait_for_leaders(LEADER_WAIT).await.unwrap();
-    let other_endpoint = other.node(1).endpoint();
+    let (_other, _other_dir, other_endpoint) = new_cluster().await;
     let (ok, stdout, _) = ctl(&other_endpoint, &["backup", "verify", &url, &id]);
     assert!(!ok, "verify names it: {stdout}");
     let (ok, _, stderr) = ctl(
@@ -337,4 +339,311 @@ async fn a_view_deleted_by_mistake_comes_back_from_a_backup_in_a_new_cluster() {
     assert!(!ok && stderr.contains("not restored"), "{stderr}");
     let views = quiverctl(&other_endpoint, &["--json", "views", "list"]).unwrap();
     assert!(!views.contains("counter"), "nothing applied: {views}");
+}
+
+/// Microseconds since the epoch, by this machine's clock (the nodes'
+/// leader clocks: they run here).
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+/// A time as `--to-time` takes it.
+fn rfc3339(us: i64) -> String {
+    humantime::format_rfc3339_micros(
+        std::time::UNIX_EPOCH + std::time::Duration::from_micros(us as u64),
+    )
+    .to_string()
+}
+
+/// Waits until `backup status` says the cluster is restorable to `us`.
+async fn wait_restorable(endpoint: &str, url: &str, us: i64) -> serde_json::Value {
+    retry("the shipped log reaches the time", CONVERGE_WAIT, || {
+        // The target appears with the first chunk shipped.
+        let (ok, stdout, stderr) = ctl(endpoint, &["--json", "backup", "status", url]);
+        async move {
+            if !ok {
+                return Err(stderr);
+            }
+            let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            if status["restorable_until_us"].as_i64().unwrap() >= us {
+                Ok(status)
+            } else {
+                Err(format!("{status}"))
+            }
+        }
+    })
+    .await
+}
+
+/// One acknowledged write of the ledger: `key` = `value`, and `hot` =
+/// `value` in the same request, sent at `sent_us` and acknowledged at
+/// `acked_us`.
+struct Acked {
+    key: String,
+    value: i64,
+    sent_us: i64,
+    acked_us: i64,
+    /// How far behind the leaders' clocks were when it was sent: a leader
+    /// time cut may take in writes sent this long after it.
+    slack_us: i64,
+}
+
+/// Restores `url` to `to` (an RFC 3339 time or `latest`) into a new
+/// one-node cluster and returns the report and a client of it.
+async fn restore_into_new_cluster(
+    url: &str,
+    to: &str,
+) -> (
+    serde_json::Value,
+    quiver_tests::Client,
+    quiver_tests::Cluster,
+    tempfile::TempDir,
+) {
+    let (mut cluster, dir, endpoint) = new_cluster().await;
+    let report = ctl_json(&endpoint, &["restore", "--from", url, "--to-time", to]);
+    let client = cluster.node(1).client().await.unwrap();
+    (report, client, cluster, dir)
+}
+
+/// Checks a cluster restored to `until_us` against the ledger: every write
+/// acknowledged by then is there, none sent after it is, and `hot` holds a
+/// value between the last acknowledged and the last sent by then.
+async fn check_restored_at(
+    client: &mut quiver_tests::Client,
+    before: &[String],
+    ledger: &[Acked],
+    until_us: i64,
+) {
+    use quiver_proto::v1 as pb;
+    use quiver_tests::counter::read_values;
+
+    let (values, _) = read_values(client, before, pb::Consistency::Strong)
+        .await
+        .unwrap();
+    for (i, (key, value)) in before.iter().zip(&values).enumerate() {
+        assert_eq!(
+            *value,
+            Some(i as i64 + 1),
+            "{key}, written before the backup"
+        );
+    }
+    let keys: Vec<String> = ledger.iter().map(|a| a.key.clone()).collect();
+    let (values, _) = read_values(client, &keys, pb::Consistency::Strong)
+        .await
+        .unwrap();
+    let mut present = 0;
+    for (acked, value) in ledger.iter().zip(&values) {
+        if acked.acked_us <= until_us {
+            assert_eq!(
+                *value,
+                Some(acked.value),
+                "{} acknowledged before the time",
+                acked.key
+            );
+        } else if acked.sent_us > until_us + acked.slack_us {
+            assert_eq!(*value, None, "{} sent after the time", acked.key);
+        }
+        present += usize::from(value.is_some());
+    }
+    let (hot, _) = read_values(client, &["hot".to_owned()], pb::Consistency::Strong)
+        .await
+        .unwrap();
+    let low = ledger
+        .iter()
+        .filter(|a| a.acked_us <= until_us)
+        .map(|a| a.value)
+        .max();
+    let high = ledger
+        .iter()
+        .filter(|a| a.sent_us <= until_us + a.slack_us)
+        .map(|a| a.value)
+        .max();
+    assert!(
+        hot[0] >= low && hot[0] <= high,
+        "hot = {:?}, between {low:?} and {high:?}",
+        hot[0]
+    );
+    eprintln!(
+        "restored to {}: {present} of {} ledger writes, hot = {:?}",
+        rfc3339(until_us),
+        ledger.len(),
+        hot[0]
+    );
+}
+
+/// The test-only wall-clock skew file of a node (see `quiverd`'s
+/// `QUIVER_TEST_CLOCK_SKEW_FILE`).
+const CLOCK_SKEW_FILE: &str = "clock-skew-us";
+/// How far node 2's clock runs behind while it leads.
+const SLOW_CLOCK_US: i64 = -2_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_comes_back_as_it_was_at_any_time_from_a_backup_and_its_shipped_log() {
+    use quiver_proto::v1 as pb;
+
+    let target_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", target_dir.path().join("t").display());
+    let env = [
+        ("QUIVER_CLUSTER__SHARD_COUNT", "3"),
+        ("QUIVER_BACKUP__LOG_URL", url.as_str()),
+        ("QUIVER_BACKUP__LOG_INTERVAL_MS", "200"),
+        ("QUIVER_BACKUP__LOG_IDLE_INTERVAL_MS", "1000"),
+        ("QUIVER_TEST_CLOCK_SKEW_FILE", CLOCK_SKEW_FILE),
+    ];
+    let mut cluster = start(&env).await;
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    write_rows(&client, "before", 100).await;
+    let before = keys(100, "before");
+    wait_restorable(&endpoint, &url, now_us()).await;
+    let backup = ctl_json(&endpoint, &["backup", "create", &url]);
+    eprintln!("--- backup {} taken; writes go on", backup["backup_id"]);
+
+    let mut ledger = Vec::new();
+    let mut slack_us = 0;
+    for (i, key) in keys(120, "after").into_iter().enumerate() {
+        if i == 60 {
+            eprintln!("--- every leader moves to node 2, whose clock is 2 s slow");
+            let skew = cluster.node(2).data_dir().join(CLOCK_SKEW_FILE);
+            std::fs::write(&skew, SLOW_CLOCK_US.to_string()).unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            slack_us = -SLOW_CLOCK_US;
+            for group in 0..=3 {
+                retry("transfer a leader", LEADER_WAIT, || {
+                    let (ok, out, err) = ctl(
+                        &endpoint,
+                        &["shard", "transfer-leader", &group.to_string(), "--to", "2"],
+                    );
+                    async move { if ok { Ok(out) } else { Err(err) } }
+                })
+                .await;
+            }
+        }
+        let value = i as i64 + 1;
+        let sent_us = now_us();
+        let batch = vec![(key.clone(), value), ("hot".to_owned(), value)];
+        retry("write", LEADER_WAIT, || {
+            let (mut client, batch) = (client.clone(), batch.clone());
+            async move { write_values(&mut client, &batch).await }
+        })
+        .await;
+        ledger.push(Acked {
+            key,
+            value,
+            sent_us,
+            acked_us: now_us(),
+            slack_us,
+        });
+        if i % 40 == 39 {
+            // Idle gaps in the stream.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
+    let middle = ledger[30].acked_us;
+    let after_the_move = ledger[90].acked_us;
+    // Back in time before the mistake: a deletion stamped by a slow clock
+    // counts as made earlier (docs/operations.md).
+    std::fs::write(cluster.node(2).data_dir().join(CLOCK_SKEW_FILE), "0").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    eprintln!("--- the view is deleted by mistake");
+    let mistake_us = now_us();
+    let mut client = client.clone();
+    client
+        .delete_feature_view(pb::DeleteFeatureViewRequest {
+            name: "counter".into(),
+        })
+        .await
+        .unwrap();
+    let one_second_before = mistake_us - 1_000_000;
+    let just_before = mistake_us - 1_000;
+    let status = wait_restorable(&endpoint, &url, mistake_us + 1_000).await;
+    assert_eq!(status["groups"].as_array().unwrap().len(), 4, "{status}");
+
+    for until_us in [middle, after_the_move, one_second_before, just_before] {
+        eprintln!("--- restored to {}", rfc3339(until_us));
+        let (report, mut restored, _cluster, _dir) =
+            restore_into_new_cluster(&url, &rfc3339(until_us)).await;
+        assert_eq!(report["views"], 1, "{report}");
+        assert_eq!(report["restored_to_us"], until_us, "{report}");
+        assert!(
+            report["log_entries_replayed"].as_u64().unwrap() > 0,
+            "{report}"
+        );
+        check_restored_at(&mut restored, &before, &ledger, until_us).await;
+    }
+
+    eprintln!("--- the latest time holds the mistake: no view");
+    let (report, _, _cluster, _dir) = restore_into_new_cluster(&url, "latest").await;
+    assert_eq!(report["views"], 0, "{report}");
+    assert!(
+        report["restored_to_us"].as_i64().unwrap() >= mistake_us,
+        "{report}"
+    );
+
+    eprintln!("--- a time the shipped log does not reach writes nothing");
+    let (_other, _dir, other_endpoint) = new_cluster().await;
+    let future = rfc3339(now_us() + 3_600_000_000);
+    let (ok, _, stderr) = ctl(
+        &other_endpoint,
+        &["restore", "--from", &url, "--to-time", &future],
+    );
+    assert!(!ok && stderr.contains("not restorable"), "{stderr}");
+    let views = quiverctl(&other_endpoint, &["--json", "views", "list"]).unwrap();
+    assert!(!views.contains("counter"), "nothing applied: {views}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipping_resumes_where_it_stopped_when_a_stalled_target_returns() {
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = target_dir.path().join("t");
+    let url = format!("file://{}", target.display());
+    let env = [
+        ("QUIVER_CLUSTER__SHARD_COUNT", "3"),
+        ("QUIVER_BACKUP__LOG_URL", url.as_str()),
+        ("QUIVER_BACKUP__LOG_INTERVAL_MS", "200"),
+        ("QUIVER_BACKUP__LOG_IDLE_INTERVAL_MS", "1000"),
+    ];
+    let mut cluster = start(&env).await;
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    write_rows(&client, "first", 50).await;
+    wait_restorable(&endpoint, &url, now_us()).await;
+    ctl_json(&endpoint, &["backup", "create", &url]);
+
+    eprintln!("--- the target stalls (its directory replaced by a file)");
+    let away = target_dir.path().join("away");
+    std::fs::rename(&target, &away).unwrap();
+    std::fs::write(&target, b"not a directory").unwrap();
+    let stalled_at = now_us();
+    write_rows(&client, "second", 80).await;
+    let written_at = now_us();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (ok, _, _) = ctl(&endpoint, &["backup", "status", &url]);
+    assert!(!ok, "no status from a stalled target");
+
+    eprintln!("--- it returns: shipping resumes where it stopped");
+    std::fs::remove_file(&target).unwrap();
+    std::fs::rename(&away, &target).unwrap();
+    let status = wait_restorable(&endpoint, &url, written_at).await;
+    assert!(status["restorable_until_us"].as_i64().unwrap() > stalled_at);
+    let (report, mut restored, _cluster, _dir) = restore_into_new_cluster(&url, "latest").await;
+    assert_eq!(report["rows_restored"], 130, "{report}");
+    let all: Vec<String> = keys(50, "first")
+        .into_iter()
+        .chain(keys(80, "second"))
+        .collect();
+    let (values, _) = quiver_tests::counter::read_values(
+        &mut restored,
+        &all,
+        quiver_proto::v1::Consistency::Strong,
+    )
+    .await
+    .unwrap();
+    assert!(values.iter().all(Option::is_some), "{values:?}");
 }

@@ -30,6 +30,20 @@ pub enum BackupCommand {
     /// also restore every shard into a scratch store on the node and
     /// compare its rows.
     Verify(VerifyArgs),
+    /// Continuous log backup at a target: how far each group's shipped log
+    /// reaches, and the time the cluster can be restored to (the RPO).
+    Status(StatusArgs),
+}
+
+/// `backup status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The target the cluster ships its log to (backup.log_url).
+    pub url: String,
+    /// Another cluster's id (16 hex digits, as `backup show` prints it)
+    /// [default: the cluster asked].
+    #[arg(long)]
+    pub cluster_id: Option<String>,
 }
 
 /// A target.
@@ -68,41 +82,75 @@ pub struct RestoreArgs {
     /// The target holding the backup.
     #[arg(long = "from")]
     pub url: String,
-    /// The backup to restore [default: the newest complete one].
+    /// The backup to restore [default: the newest complete one, at or
+    /// before --to-time with one].
     #[arg(long = "backup")]
     pub backup_id: Option<String>,
+    /// Restore the cluster as it was at this time: RFC 3339
+    /// (`2026-12-05T08:30:00Z`, `2026-12-05T08:30:00.250Z`), or `latest`
+    /// (the latest time every shipped log reaches). Needs log shipping
+    /// (backup.log_url) in the backed-up cluster.
+    #[arg(long, value_parser = parse_to_time)]
+    pub to_time: Option<ToTime>,
+}
+
+/// A point in time to restore to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToTime {
+    /// µs since the epoch.
+    At(i64),
+    /// As far as the shipped logs reach.
+    Latest,
+}
+
+/// Parses `--to-time`.
+fn parse_to_time(text: &str) -> Result<ToTime, String> {
+    if text == "latest" {
+        return Ok(ToTime::Latest);
+    }
+    let at = humantime::parse_rfc3339_weak(text)
+        .map_err(|e| format!("{text:?}: {e} (RFC 3339 like 2026-12-05T08:30:00Z, or latest)"))?;
+    let us = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{text:?} is before 1970"))?
+        .as_micros();
+    i64::try_from(us)
+        .ok()
+        .filter(|&us| us > 0)
+        .map(ToTime::At)
+        .ok_or_else(|| format!("{text:?} is out of range"))
 }
 
 /// Restores a backup into the (new, empty) cluster of `endpoint`.
 pub async fn restore(endpoint: &str, args: &RestoreArgs, json: bool) -> Result<()> {
     let mut admin = client::connect_admin_waiting(endpoint, BACKUP_WAIT).await?;
-    let backup_id = match &args.backup_id {
-        Some(id) => id.clone(),
-        None => admin
-            .list_backups(pb::ListBackupsRequest {
-                url: args.url.clone(),
-            })
-            .await
-            .map_err(|s| status_error("backup list", s))?
-            .into_inner()
-            .backups
-            .last()
-            .map(|b| b.backup_id.clone())
-            .ok_or_else(|| anyhow::anyhow!("no complete backup at {}", args.url))?,
+    let what = match (&args.backup_id, args.to_time) {
+        (_, Some(ToTime::Latest)) => "to the latest shipped time".to_owned(),
+        (_, Some(ToTime::At(us))) => format!("to {}", precise_time_text(us)),
+        (Some(id), None) => id.clone(),
+        (None, None) => "the newest backup".to_owned(),
     };
-    let spinner = spinner(json, format!("restoring {backup_id}"));
+    let spinner = spinner(json, format!("restoring {what}"));
     let answer = admin
         .restore_backup(pb::RestoreBackupRequest {
             url: args.url.clone(),
-            backup_id: backup_id.clone(),
+            backup_id: args.backup_id.clone().unwrap_or_default(),
+            to_time_us: match args.to_time {
+                Some(ToTime::At(us)) => us,
+                _ => 0,
+            },
+            to_latest: args.to_time == Some(ToTime::Latest),
         })
         .await
         .map_err(|s| status_error("restore", s));
     spinner.finish_and_clear();
     let report = answer?.into_inner();
+    let backup_id = &report.backup_id;
     if json {
         print_json(&serde_json::json!({
             "backup_id": backup_id,
+            "restored_to_us": report.restored_to_us,
+            "log_entries_replayed": report.log_entries_replayed,
             "views": report.views,
             "shards": report.shards,
             "rows_restored": report.rows_restored,
@@ -121,6 +169,99 @@ pub async fn restore(endpoint: &str, args: &RestoreArgs, json: bool) -> Result<(
             report.expired_skipped,
             report.deleted_view_rows_skipped
         );
+        if report.restored_to_us > 0 {
+            println!(
+                "replayed {} shipped log entries: the cluster is as it was at {}",
+                report.log_entries_replayed,
+                precise_time_text(report.restored_to_us)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `backup status`.
+async fn status(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    args: &StatusArgs,
+    json: bool,
+) -> Result<()> {
+    let answer = admin
+        .backup_status(pb::BackupStatusRequest {
+            url: args.url.clone(),
+            cluster_id: args.cluster_id.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| status_error("backup status", s))?
+        .into_inner();
+    let rpo_us = (answer.restorable_until_us > 0)
+        .then(|| answer.now_us.saturating_sub(answer.restorable_until_us));
+    if json {
+        return print_json(&serde_json::json!({
+            "cluster_id": answer.cluster_id,
+            "log_url": answer.log_url,
+            "restorable_until_us": answer.restorable_until_us,
+            "now_us": answer.now_us,
+            "rpo_us": rpo_us,
+            "groups": answer.groups.iter().map(|g| serde_json::json!({
+                "group": g.group,
+                "shipped": g.shipped,
+                "index": g.index,
+                "restorable_until_us": g.restorable_until_us,
+                "shipped_at_us": g.shipped_at_us,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let mut table = Table::new();
+    table.set_header([
+        "group",
+        "shipped to index",
+        "restorable until",
+        "behind",
+        "shipped at",
+    ]);
+    for g in &answer.groups {
+        let name = if g.group == 0 {
+            "0 (metadata)".to_owned()
+        } else {
+            g.group.to_string()
+        };
+        if !g.shipped {
+            table.add_row([
+                name,
+                "-".into(),
+                "nothing shipped".into(),
+                "-".into(),
+                "-".into(),
+            ]);
+            continue;
+        }
+        table.add_row([
+            name,
+            g.index.to_string(),
+            precise_time_text(g.restorable_until_us),
+            elapsed_text(g.restorable_until_us, answer.now_us),
+            time_text(g.shipped_at_us),
+        ]);
+    }
+    println!("{table}");
+    println!(
+        "cluster {}: restorable until {}{}",
+        answer.cluster_id,
+        if answer.restorable_until_us > 0 {
+            precise_time_text(answer.restorable_until_us)
+        } else {
+            "- (a group has shipped nothing)".to_owned()
+        },
+        rpo_us.map_or(String::new(), |rpo| format!(
+            " (RPO now {})",
+            elapsed_text(0, rpo)
+        ))
+    );
+    if answer.log_url.is_empty() {
+        println!("note: the node asked ships no log (backup.log_url is empty)");
+    } else if answer.log_url != args.url {
+        println!("note: the node asked ships its log to {}", answer.log_url);
     }
     Ok(())
 }
@@ -204,6 +345,7 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
             }
             show(&answer)?;
         }
+        BackupCommand::Status(args) => status(&mut admin, args, json).await?,
         BackupCommand::Verify(args) => {
             let spinner = spinner(json, format!("verifying {}", args.backup_id));
             let answer = admin
@@ -350,6 +492,18 @@ fn spinner(json: bool, message: String) -> ProgressBar {
     bar
 }
 
+/// A time (µs since the epoch) as RFC 3339 with milliseconds; "-" for
+/// none.
+fn precise_time_text(us: i64) -> String {
+    match u64::try_from(us) {
+        Ok(us) if us > 0 => {
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_micros(us))
+                .to_string()
+        }
+        _ => "-".to_owned(),
+    }
+}
+
 /// A time (µs since the epoch) as RFC 3339; "-" for none.
 fn time_text(us: i64) -> String {
     match u64::try_from(us) {
@@ -392,5 +546,20 @@ mod tests {
         assert_eq!(time_text(0), "-");
         assert_eq!(time_text(1_764_900_000_000_000), "2025-12-05T02:00:00Z");
         assert_eq!(elapsed_text(0, 1_500_000), "1s 500ms");
+        assert_eq!(
+            precise_time_text(1_764_900_000_250_000),
+            "2025-12-05T02:00:00.250Z"
+        );
+    }
+
+    #[test]
+    fn restore_times_parse_or_say_why() {
+        assert_eq!(parse_to_time("latest"), Ok(ToTime::Latest));
+        assert_eq!(
+            parse_to_time("2025-12-05T02:00:00.250Z"),
+            Ok(ToTime::At(1_764_900_000_250_000))
+        );
+        assert!(parse_to_time("yesterday").unwrap_err().contains("RFC 3339"));
+        assert!(parse_to_time("1969-01-01T00:00:00Z").is_err());
     }
 }

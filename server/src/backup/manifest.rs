@@ -56,6 +56,10 @@ pub struct BackupManifest {
     pub finished_at_us: i64,
     /// The cluster map version the shards were taken from.
     pub map_version: u64,
+    /// The backed-up cluster's id: its shipped log is under
+    /// `log/<cluster id>/` (`None`: not known to the build that took it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
     /// The data shards.
     pub shards: Vec<ShardEntry>,
     /// The metadata group (views, cluster map), cut after every shard, at
@@ -116,6 +120,9 @@ impl BackupManifest {
             )));
         }
         check_backup_id(&manifest.backup_id)?;
+        if let Some(cluster_id) = &manifest.cluster_id {
+            super::log::check_cluster_id(cluster_id)?;
+        }
         if manifest.shards.len() > MANIFEST_SHARDS_MAX {
             return Err(corrupt(format!(
                 "{} shards, more than {MANIFEST_SHARDS_MAX}",

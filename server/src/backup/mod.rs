@@ -10,13 +10,14 @@
 //! Verification at two levels: `files` (every object's size, crc32c and
 //! sha256 against the manifest) and `data` (each shard downloaded into a
 //! scratch directory, opened read-only, its rows' logical digest and
-//! position compared). Restore, log shipping, schedules and pruning are the
-//! next steps of the issue.
+//! position compared). Continuous log backup is [`log`], restore (to a
+//! backup or a point in time) [`restore`].
 //!
 //! Architecture invariant: the shard-level work (checkpoint, digest,
 //! verification of one shard) is `quiver_raft::backup`'s; this module
 //! moves files and coordinates nodes, and never reads a store itself.
 
+pub mod log;
 pub mod manifest;
 pub mod restore;
 pub mod target;
@@ -158,6 +159,50 @@ impl Backups {
         Target::open(url, &self.config, &self.data_dir, true)
     }
 
+    /// The target log shipping writes to (empty: none).
+    pub fn log_url(&self) -> &str {
+        &self.config.log_url
+    }
+
+    /// The shipped log at `url` of cluster `cluster_id` (empty: this
+    /// cluster's, every group of its map; another cluster's: the groups of
+    /// its newest backup at `url`). Returns the id and each group's state.
+    pub async fn log_status(
+        &self,
+        cluster: &Cluster,
+        url: &str,
+        cluster_id: &str,
+    ) -> Result<(String, Vec<log::GroupLogStatus>), BackupError> {
+        let target = self.target(url)?;
+        let own = cluster
+            .group(quiver_raft::METADATA_GROUP)
+            .and_then(|g| g.state.cluster_id().ok().flatten());
+        let (id, groups) = if cluster_id.is_empty() || own.as_deref() == Some(cluster_id) {
+            let id = own.ok_or_else(|| {
+                BackupError::Refused("this node does not know its cluster's id yet".into())
+            })?;
+            let (map, _) = cluster.current_or_static_map().await?;
+            let groups = std::iter::once(quiver_raft::METADATA_GROUP)
+                .chain(map.shards.keys().copied())
+                .collect::<Vec<_>>();
+            (id, groups)
+        } else {
+            log::check_cluster_id(cluster_id)?;
+            let newest = self
+                .list(url)
+                .await?
+                .into_iter()
+                .rfind(|m| m.cluster_id.as_deref() == Some(cluster_id))
+                .ok_or_else(|| {
+                    BackupError::NotFound(format!("(none of cluster {cluster_id} at {url})"))
+                })?;
+            let groups = newest.parts().map(|(_, r)| r.group).collect();
+            (cluster_id.to_owned(), groups)
+        };
+        let status = log::status(&target, &id, &groups).await?;
+        Ok((id, status))
+    }
+
     /// Removes what earlier runs left staged (a crash mid-backup).
     pub fn clean_staging(&self) {
         let staging = self.data_dir.join(STAGING_DIR);
@@ -223,12 +268,16 @@ impl Backups {
         .await
         .map_err(|_| BackupError::Refused("the metadata group's backup timed out".into()))??;
         let metadata = MetadataEntry { dir, record };
+        let cluster_id = cluster
+            .group(quiver_raft::METADATA_GROUP)
+            .and_then(|g| g.state.cluster_id().ok().flatten());
         let manifest = BackupManifest {
             version: manifest::MANIFEST_VERSION,
             backup_id: id.clone(),
             started_at_us,
             finished_at_us: now_us(),
             map_version: map.version,
+            cluster_id,
             shards,
             metadata,
         };

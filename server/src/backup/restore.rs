@@ -10,8 +10,15 @@
 //! event times and values, feature by name (field ids are the new views');
 //! deleted rows (tombstones) and rows already expired for good stay out.
 //! Write times are the new cluster's: the rows are written anew.
-//! Point-in-time restore (replaying shipped log entries up to a time) is a
-//! later step.
+//!
+//! Point-in-time restore ([`RestoreTo::Time`], [`RestoreTo::Latest`]):
+//! the newest backup whose every part is at or before the time, then each
+//! group's shipped log ([`super::log`]) replayed onto its checkpoint in a
+//! scratch directory with the shard's own apply code, up to the time; the
+//! metadata group's too, so the views are those of that moment (a view
+//! deleted by mistake after it comes back). Every group is replayed before
+//! a single row is written: a time the shipped logs do not reach changes
+//! nothing.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,11 +26,13 @@ use std::sync::Arc;
 
 use quiver_engine::keys::{ViewId, split_storage_key};
 use quiver_engine::row::FieldId;
-use quiver_engine::{Catalog, RowWrite, StateStore, StoreOptions};
+use quiver_engine::{Catalog, RowWrite, StateStore};
 use quiver_raft::backup::{self as shard_backup, ShardBackup};
-use quiver_raft::{Command, METADATA_GROUP, Response};
+use quiver_raft::{Command, GroupId, METADATA_GROUP, Response, StateMachine};
 
-use super::{BackupError, Backups, STAGING_DIR, Target, blocking, file_key, io_error};
+use super::{
+    BackupError, BackupManifest, Backups, STAGING_DIR, Target, blocking, file_key, io_error, log,
+};
 use crate::node::Node;
 
 /// Stored records read from a backup's store per page.
@@ -44,6 +53,12 @@ pub struct RestoreReport {
     pub expired_skipped: u64,
     /// Rows of views deleted before the backup left out.
     pub deleted_view_rows_skipped: u64,
+    /// The backup restored.
+    pub backup_id: String,
+    /// The time restored to (`None`: the backup as taken).
+    pub restored_to_us: Option<i64>,
+    /// Shipped log entries replayed onto the backup.
+    pub log_entries_replayed: u64,
 }
 
 /// A backup view's new id and its fields' new ids, by old id.
@@ -52,21 +67,33 @@ struct ViewMap {
     fields: HashMap<FieldId, FieldId>,
 }
 
+/// What a restore brings back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreTo {
+    /// The backup as it was taken.
+    Backup,
+    /// The cluster as it was at this leader time (µs since the epoch):
+    /// the newest backup at or before it, then the shipped log up to it.
+    Time(i64),
+    /// The latest time every group's shipped log reaches.
+    Latest,
+}
+
 impl Backups {
-    /// Restores backup `id` at `url` into this node's cluster, which must
-    /// hold no feature view (a new cluster: a restore never writes over a
-    /// live one).
+    /// Restores into this node's cluster, which must hold no feature view
+    /// (a new cluster: a restore never writes over a live one), backup `id`
+    /// at `url` (empty: the newest that fits `to`), as `to` says.
     pub async fn restore(
         self: &Arc<Self>,
         node: &Node,
         url: &str,
         id: &str,
+        to: RestoreTo,
     ) -> Result<RestoreReport, BackupError> {
         let _one = self
             .coordinating
             .try_lock()
             .map_err(|_| BackupError::Busy)?;
-        let manifest = self.get(url, id).await?;
         let target = self.target(url)?;
         let existing = node
             .fresh_catalog()
@@ -80,6 +107,20 @@ impl Backups {
                 existing.len()
             )));
         }
+        let (manifest, until_us) = self.choose(&target, url, id, to).await?;
+        let id = manifest.backup_id.as_str();
+        let replay = match until_us {
+            None => None,
+            Some(until_us) => {
+                let cluster_id = manifest.cluster_id.clone().ok_or_else(|| {
+                    BackupError::Refused(format!(
+                        "backup {id} does not name its cluster (taken by an older build): it \
+                         restores only as it was taken"
+                    ))
+                })?;
+                Some((cluster_id, until_us))
+            }
+        };
         // Every file against its checksums before anything is written: a
         // damaged backup changes nothing (each shard's rows are verified
         // again, by their digest, as they are read).
@@ -94,31 +135,159 @@ impl Backups {
                 ),
             });
         }
-        tracing::info!(backup = id, url, "restore started");
-        let mut report = RestoreReport::default();
-
-        let (catalog, scratch) = {
-            let metadata = &manifest.metadata;
-            let scratch = self
-                .download_verified(&target, id, &metadata.dir, &metadata.record)
-                .await?;
-            let db = scratch.join("db");
-            let catalog = blocking(&db.clone(), move || {
-                let options = StoreOptions {
-                    load_catalog: true,
-                    ..StoreOptions::scratch()
-                };
-                let store = StateStore::open(&db, options).map_err(|e| BackupError::Corrupt {
-                    what: db.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-                Ok(store.registry().load_full())
-            })
-            .await;
-            (catalog, scratch)
+        tracing::info!(backup = id, url, ?until_us, "restore started");
+        let mut report = RestoreReport {
+            backup_id: id.to_owned(),
+            restored_to_us: until_us,
+            ..RestoreReport::default()
         };
-        let _ = std::fs::remove_dir_all(&scratch);
-        let catalog = catalog?;
+
+        // The views as of the time: the metadata group's checkpoint, its
+        // shipped log replayed onto it (every shard is replayed before a
+        // row is written, so a time the logs do not reach writes nothing).
+        let metadata = self
+            .open_part(
+                &target,
+                id,
+                &manifest.metadata.dir,
+                &manifest.metadata.record,
+                true,
+            )
+            .await?;
+        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let replayed = async {
+            if let Some((cluster_id, until_us)) = &replay {
+                report.log_entries_replayed +=
+                    log::replay_shipped(&target, cluster_id, &metadata.1, *until_us)
+                        .await?
+                        .entries;
+            }
+            for entry in &manifest.shards {
+                let (scratch, state) = self
+                    .open_part(&target, id, &entry.dir, &entry.record, false)
+                    .await?;
+                shards.push((scratch, state.clone()));
+                if let Some((cluster_id, until_us)) = &replay {
+                    report.log_entries_replayed +=
+                        log::replay_shipped(&target, cluster_id, &state, *until_us)
+                            .await?
+                            .entries;
+                }
+            }
+            Ok::<(), BackupError>(())
+        }
+        .await;
+        let written = match replayed {
+            Ok(()) => {
+                self.write_restored(node, &manifest, &metadata.1, &shards, &mut report)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        drop(metadata.1);
+        let _ = std::fs::remove_dir_all(&metadata.0);
+        for (scratch, state) in shards {
+            drop(state);
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+        written?;
+        tracing::info!(backup = id, ?report, "restore complete");
+        Ok(report)
+    }
+
+    /// The backup to restore and the time to replay the shipped log to.
+    async fn choose(
+        &self,
+        target: &Target,
+        url: &str,
+        id: &str,
+        to: RestoreTo,
+    ) -> Result<(BackupManifest, Option<i64>), BackupError> {
+        let candidates = if id.is_empty() {
+            self.list(url).await?
+        } else {
+            vec![self.get(url, id).await?]
+        };
+        let Some(newest) = candidates.last() else {
+            return Err(BackupError::NotFound(format!("(none at {url})")));
+        };
+        let until_us = match to {
+            RestoreTo::Backup => return Ok((newest.clone(), None)),
+            RestoreTo::Time(until_us) => until_us,
+            RestoreTo::Latest => {
+                let cluster_id = newest.cluster_id.clone().ok_or_else(|| {
+                    BackupError::Refused(format!(
+                        "backup {} does not name its cluster: no shipped log to restore from",
+                        newest.backup_id
+                    ))
+                })?;
+                let groups: Vec<_> = newest.parts().map(|(_, r)| r.group).collect();
+                let shipped = log::status(target, &cluster_id, &groups).await?;
+                shipped
+                    .iter()
+                    .map(|g| {
+                        g.latest.map(|(_, until, _)| until).ok_or_else(|| {
+                            BackupError::Refused(format!(
+                                "group {} of cluster {cluster_id} has no shipped log",
+                                g.group
+                            ))
+                        })
+                    })
+                    .try_fold(i64::MAX, |least, until| until.map(|u| least.min(u)))?
+            }
+        };
+        // The newest backup whose every part is at or before the time (a
+        // checkpoint past it holds writes that cannot be taken back).
+        candidates
+            .iter()
+            .rev()
+            .find(|m| m.parts().all(|(_, r)| r.leader_ts_us <= until_us))
+            .map(|m| (m.clone(), Some(until_us)))
+            .ok_or_else(|| {
+                BackupError::Refused(format!(
+                    "no backup{} at {url} was taken at or before {until_us} µs",
+                    if id.is_empty() { "" } else { " of that id" }
+                ))
+            })
+    }
+
+    /// Downloads and verifies one part of backup `id`, then opens it for
+    /// replay; returns its scratch directory (the caller removes it) and
+    /// its state.
+    async fn open_part(
+        &self,
+        target: &Target,
+        id: &str,
+        dir: &str,
+        record: &ShardBackup,
+        load_catalog: bool,
+    ) -> Result<(PathBuf, StateMachine), BackupError> {
+        let scratch = self.download_verified(target, id, dir, record).await?;
+        let (opened, group) = (scratch.clone(), record.group);
+        let state = blocking(&scratch, move || {
+            Ok(shard_backup::open_for_replay(group, &opened, load_catalog)?)
+        })
+        .await;
+        match state {
+            Ok(state) => Ok((scratch, state)),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies the views of `metadata`, then writes every shard's live rows
+    /// into this cluster.
+    async fn write_restored(
+        &self,
+        node: &Node,
+        manifest: &BackupManifest,
+        metadata: &StateMachine,
+        shards: &[(PathBuf, StateMachine)],
+        report: &mut RestoreReport,
+    ) -> Result<(), BackupError> {
+        let catalog = metadata.store().registry().load_full();
         let mut maps: HashMap<ViewId, ViewMap> = HashMap::new();
         for view in catalog.views() {
             let (applied, _) = node
@@ -139,32 +308,27 @@ impl Backups {
             maps.insert(view.id, ViewMap { id: new.id, fields });
             report.views += 1;
         }
-
-        for entry in &manifest.shards {
-            let scratch = self
-                .download_verified(&target, id, &entry.dir, &entry.record)
-                .await?;
-            let written = self
-                .write_shard_rows(
-                    node,
-                    &scratch.join("db"),
-                    &entry.record,
-                    &maps,
-                    &catalog,
-                    &mut report,
-                )
-                .await;
-            let _ = std::fs::remove_dir_all(&scratch);
-            written?;
+        for ((_, state), entry) in shards.iter().zip(&manifest.shards) {
+            // Replayed: the rows are no longer the checkpoint's.
+            let expected_rows = report.restored_to_us.is_none().then_some(entry.record.rows);
+            self.write_shard_rows(
+                node,
+                state.store(),
+                entry.record.group,
+                expected_rows,
+                &maps,
+                &catalog,
+                report,
+            )
+            .await?;
             report.shards += 1;
         }
-        tracing::info!(backup = id, ?report, "restore complete");
-        Ok(report)
+        Ok(())
     }
 
     /// Downloads one shard of backup `id` into a scratch directory and
-    /// verifies it (files and data). Returns the directory (its `db/` is
-    /// the checkpoint); the caller removes it.
+    /// verifies it (files and data). Returns the directory (the checkpoint
+    /// is in its [`shard_backup::REPLAY_DB_DIR`]); the caller removes it.
     pub(super) async fn download_verified(
         &self,
         target: &Target,
@@ -178,7 +342,7 @@ impl Backups {
             .join(STAGING_DIR)
             .join(format!("scratch-{id}-{dir}-{:08x}", rand::random::<u32>()));
         let _ = std::fs::remove_dir_all(&scratch);
-        let db = scratch.join("db");
+        let db = scratch.join(shard_backup::REPLAY_DB_DIR);
         std::fs::create_dir_all(&db).map_err(|e| io_error(&db, e))?;
         let result = async {
             for file in &record.files {
@@ -202,29 +366,19 @@ impl Backups {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn write_shard_rows(
         &self,
         node: &Node,
-        db: &std::path::Path,
-        record: &ShardBackup,
+        store: Arc<StateStore>,
+        group: GroupId,
+        expected_rows: Option<u64>,
         maps: &HashMap<ViewId, ViewMap>,
         catalog: &Catalog,
         report: &mut RestoreReport,
     ) -> Result<(), BackupError> {
-        let opened = db.to_path_buf();
-        let store = blocking(db, move || {
-            let options = StoreOptions {
-                load_catalog: false,
-                ..StoreOptions::scratch()
-            };
-            StateStore::open(&opened, options)
-                .map(Arc::new)
-                .map_err(|e| BackupError::Corrupt {
-                    what: opened.display().to_string(),
-                    reason: e.to_string(),
-                })
-        })
-        .await?;
+        let db = store.path().to_path_buf();
+        let db = db.as_path();
         let mut after: Option<Vec<u8>> = None;
         let mut records_seen = 0u64;
         loop {
@@ -253,7 +407,7 @@ impl Backups {
                 }
                 let Some((_, view_id, entity)) = split_storage_key(&key) else {
                     return Err(BackupError::Corrupt {
-                        what: format!("shard {}", record.group),
+                        what: format!("shard {group}"),
                         reason: format!("a row key of {} bytes", key.len()),
                     });
                 };
@@ -267,7 +421,7 @@ impl Backups {
                         continue;
                     }
                     return Err(BackupError::Corrupt {
-                        what: format!("shard {}", record.group),
+                        what: format!("shard {group}"),
                         reason: format!(
                             "rows of view id {view_id}, which the backup's registry does not \
                              know"
@@ -276,7 +430,7 @@ impl Backups {
                 };
                 let entity_key =
                     String::from_utf8(entity.to_vec()).map_err(|_| BackupError::Corrupt {
-                        what: format!("shard {}", record.group),
+                        what: format!("shard {group}"),
                         reason: "an entity key that is not UTF-8".into(),
                     })?;
                 let values = row
@@ -307,13 +461,12 @@ impl Backups {
                 report.rows_restored += count;
             }
         }
-        if records_seen != record.rows {
+        if let Some(expected) = expected_rows
+            && records_seen != expected
+        {
             return Err(BackupError::Corrupt {
-                what: format!("shard {}", record.group),
-                reason: format!(
-                    "{records_seen} records read, the backup recorded {}",
-                    record.rows
-                ),
+                what: format!("shard {group}"),
+                reason: format!("{records_seen} records read, the backup recorded {expected}"),
             });
         }
         Ok(())

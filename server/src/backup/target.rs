@@ -9,6 +9,7 @@
 //! ```text
 //! backups/<id>/shards/<group>/<file>   one shard's checkpoint files
 //! backups/<id>/MANIFEST.json           written last, never overwritten
+//! log/<cluster id>/g<group>/...        shipped change streams (see `log`)
 //! ```
 //!
 //! A backup without its manifest is incomplete (a crash, a failed shard)
@@ -166,6 +167,51 @@ impl Target {
             .put_opts(&object_path(key)?, PutPayload::from(bytes), options)
             .await?;
         Ok(())
+    }
+
+    /// Writes `bytes` to `key`, replacing what is there (a pointer such as
+    /// a shipped log's `LATEST`; never a manifest or a chunk).
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), BackupError> {
+        self.store
+            .put(&object_path(key)?, PutPayload::from(bytes))
+            .await?;
+        Ok(())
+    }
+
+    /// The names of the files directly under `prefix` (not in its
+    /// subdirectories), those after the name `after` only if given, at most
+    /// `names_max` of them (more is an error: a listing that big is not a
+    /// target this build wrote).
+    pub async fn list_files(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        names_max: usize,
+    ) -> Result<Vec<String>, BackupError> {
+        let location = object_path(prefix)?;
+        let mut listed = match after {
+            Some(after) => self
+                .store
+                .list_with_offset(Some(&location), &object_path(&format!("{prefix}/{after}"))?),
+            None => self.store.list(Some(&location)),
+        };
+        let mut names = Vec::new();
+        while let Some(meta) = listed.next().await {
+            let meta = meta?;
+            // Only direct children: `prefix/name`.
+            let mut parts = meta.location.prefix_match(&location).into_iter().flatten();
+            let (Some(name), None) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if names.len() >= names_max {
+                return Err(BackupError::Corrupt {
+                    what: prefix.to_owned(),
+                    reason: format!("more than {names_max} files"),
+                });
+            }
+            names.push(name.as_ref().to_owned());
+        }
+        Ok(names)
     }
 
     /// Reads `key` whole, refusing more than `bytes_max`; `None` if absent.

@@ -1,0 +1,698 @@
+//! Continuous log backup (issue 12): every group's change stream (the data
+//! shards' and the metadata group's) shipped to a backup target in chunks,
+//! so a restore can start from a full backup's checkpoints and replay the
+//! entries up to any time after them.
+//!
+//! Layout under the target (`backup.log_url`):
+//!
+//! ```text
+//! log/<cluster id>/g<group>/<from index>-<next index>.chunk   write-once
+//! log/<cluster id>/g<group>/LATEST                            overwritten
+//! ```
+//!
+//! - **Who ships.** The leader of each group, every `log_interval_ms`: it
+//!   reads the stream from the shipped position, writes the entries as one
+//!   chunk (write-once: a deposed leader shipping the same range finds it
+//!   there, and committed entries are the same whoever ships them), moves
+//!   `LATEST`, then proposes `HoldLog` for [`LOG_CONSUMER`] at the shipped
+//!   index. The hold keeps the log from being purged before what is
+//!   shipped (up to `cluster.log_hold_bytes_max`), and the entry moves the
+//!   group's leader time, so an idle shard's restorable time advances too.
+//!   A sleeping (hibernated) group is woken for it only every
+//!   `log_idle_interval_ms`, so an idle cluster stays nearly idle (and its
+//!   restorable time lags by up to that much: nothing was written meanwhile,
+//!   but only an entry can vouch for that).
+//! - **A new leader** resumes from `LATEST` and any later chunk it lists.
+//! - **A gap.** If the entries after the shipped position are gone (the
+//!   hold's cap was passed while the target was down, or the leader caught
+//!   up by snapshot), the stream starts again at the replica's applied
+//!   position with an empty chunk, and is logged: times between the gap's
+//!   two ends are restorable only from a full backup taken after it.
+//! - **Restorable time.** A chunk ends at the position after its last
+//!   entry, with that entry's leader time `L`: every entry at or before
+//!   `L - 1 µs` is shipped (leader times never go back; a later entry may
+//!   share `L`). A group is restorable up to its `LATEST`'s `L - 1`, the
+//!   cluster up to the least of its groups' (the RPO).
+//! - **Replay.** [`replay_shipped`] walks a group's chunks from a
+//!   checkpoint's position and applies their entries up to a time with the
+//!   shard's own apply code (`quiver_raft::backup::replay`).
+//!
+//! Architecture invariant: the stream and its replay are
+//! `quiver_raft`'s; this module moves chunks between a replica and a
+//! target and decides which node ships what.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use quiver_raft::backup::{self as shard_backup, ReplayProgress};
+use quiver_raft::change_stream::{
+    ChangeEntry, ChangeLimits, ChangePosition, ChangeStream, ChangeStreamError,
+};
+use quiver_raft::{Command, GroupId, METADATA_GROUP, StateMachine};
+use serde::{Deserialize, Serialize};
+
+use super::{BackupError, Target};
+use crate::cluster::Cluster;
+use crate::node::Node;
+
+/// The consumer name log shipping holds every group's log under.
+pub const LOG_CONSUMER: &str = "backup-log";
+/// The chunk format this build writes and reads.
+pub const LOG_CHUNK_VERSION: u32 = 1;
+/// Largest chunk read from a target.
+pub const LOG_CHUNK_BYTES_MAX: usize = 64 << 20;
+/// Largest `LATEST` pointer read.
+const LATEST_BYTES_MAX: u64 = 64 << 10;
+/// Entry bytes one chunk holds at most (a round writes several chunks if a
+/// group has more).
+const CHUNK_ENTRY_BYTES_MAX: usize = 8 << 20;
+/// Chunks one group ships per round at most, so one busy group does not
+/// hold up the others' rounds.
+const CHUNKS_PER_ROUND_MAX: usize = 8;
+/// Most chunk names a restore lists for one group.
+const CHUNKS_LISTED_MAX: usize = 10_000_000;
+
+/// One shipped piece of a group's change stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogChunk {
+    /// [`LOG_CHUNK_VERSION`].
+    pub version: u32,
+    /// The group.
+    pub group: GroupId,
+    /// The position the chunk starts after.
+    pub from: ChangePosition,
+    /// The position after its last entry (where the next chunk starts).
+    pub next: ChangePosition,
+    /// When it was shipped (µs, the shipper's clock; informational).
+    pub shipped_at_us: i64,
+    /// The committed commands between the two.
+    pub entries: Vec<ChangeEntry>,
+}
+
+impl LogChunk {
+    /// Encodes it: postcard, then a crc32c of those bytes (little-endian).
+    pub fn encode(&self) -> Result<Vec<u8>, BackupError> {
+        let mut bytes = postcard::to_stdvec(self).map_err(|e| BackupError::Corrupt {
+            what: format!("log chunk of group {}", self.group),
+            reason: e.to_string(),
+        })?;
+        let crc = crc32c::crc32c(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        Ok(bytes)
+    }
+
+    /// Decodes and checks a chunk read from `what` (bytes that may be
+    /// anything): its crc, its version, its group, and that its entries
+    /// lie in order between its two positions with times that never go
+    /// back.
+    pub fn decode(bytes: &[u8], group: GroupId, what: &str) -> Result<LogChunk, BackupError> {
+        let corrupt = |reason: String| BackupError::Corrupt {
+            what: what.to_owned(),
+            reason,
+        };
+        if bytes.len() > LOG_CHUNK_BYTES_MAX {
+            return Err(corrupt(format!(
+                "{} bytes, more than {LOG_CHUNK_BYTES_MAX}",
+                bytes.len()
+            )));
+        }
+        let Some(body_len) = bytes.len().checked_sub(4) else {
+            return Err(corrupt(format!("{} bytes: too short", bytes.len())));
+        };
+        let (body, crc) = bytes.split_at(body_len);
+        let crc = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+        if crc32c::crc32c(body) != crc {
+            return Err(corrupt("crc32c does not match".into()));
+        }
+        let chunk: LogChunk =
+            postcard::from_bytes(body).map_err(|e| corrupt(format!("undecodable: {e}")))?;
+        if chunk.version != LOG_CHUNK_VERSION {
+            return Err(corrupt(format!(
+                "format {} is not {LOG_CHUNK_VERSION}",
+                chunk.version
+            )));
+        }
+        if chunk.group != group {
+            return Err(corrupt(format!("holds group {}", chunk.group)));
+        }
+        if chunk.next.index() < chunk.from.index()
+            || chunk.next.leader_ts_us < chunk.from.leader_ts_us
+        {
+            return Err(corrupt("ends before it starts".into()));
+        }
+        let (mut index, mut ts) = (chunk.from.index(), chunk.from.leader_ts_us);
+        for entry in &chunk.entries {
+            if entry.log_id.index <= index
+                || entry.log_id.index > chunk.next.index()
+                || entry.leader_ts_us < ts
+                || entry.leader_ts_us > chunk.next.leader_ts_us
+            {
+                return Err(corrupt(format!(
+                    "entry {} is out of order or outside the chunk",
+                    entry.log_id
+                )));
+            }
+            (index, ts) = (entry.log_id.index, entry.leader_ts_us);
+        }
+        Ok(chunk)
+    }
+}
+
+/// What `LATEST` holds: the newest chunk a shipper wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatestChunk {
+    /// The chunk's file name.
+    pub chunk: String,
+    /// Where it ends.
+    pub next: ChangePosition,
+    /// When it was shipped (µs, the shipper's clock).
+    pub shipped_at_us: i64,
+}
+
+impl LatestChunk {
+    /// The latest leader time up to which every entry is shipped (µs).
+    pub fn restorable_until_us(&self) -> i64 {
+        self.next.leader_ts_us.saturating_sub(1)
+    }
+}
+
+/// The directory of `group`'s chunks for cluster `cluster_id`.
+fn group_prefix(cluster_id: &str, group: GroupId) -> String {
+    format!("log/{cluster_id}/g{group:010}")
+}
+
+/// A chunk's file name.
+fn chunk_name(from: u64, next: u64) -> String {
+    format!("{from:020}-{next:020}.chunk")
+}
+
+/// The `(from, next)` indexes in a chunk's file name.
+fn parse_chunk_name(name: &str) -> Option<(u64, u64)> {
+    let (from, next) = name.strip_suffix(".chunk")?.split_once('-')?;
+    if from.len() != 20 || next.len() != 20 {
+        return None;
+    }
+    Some((from.parse().ok()?, next.parse().ok()?))
+}
+
+/// Whether `id` can be a cluster id (16 lowercase hex digits).
+pub fn check_cluster_id(id: &str) -> Result<(), BackupError> {
+    if id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(BackupError::Invalid(format!(
+            "{:?} is not a cluster id (16 hex digits)",
+            id.chars().take(40).collect::<String>()
+        )))
+    }
+}
+
+/// Reads `group`'s `LATEST` pointer (`None`: nothing shipped yet).
+pub async fn latest(
+    target: &Target,
+    cluster_id: &str,
+    group: GroupId,
+) -> Result<Option<LatestChunk>, BackupError> {
+    let key = format!("{}/LATEST", group_prefix(cluster_id, group));
+    let Some(bytes) = target.get(&key, LATEST_BYTES_MAX).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| BackupError::Corrupt {
+            what: key,
+            reason: e.to_string(),
+        })
+}
+
+/// Reads and checks one chunk.
+async fn read_chunk(
+    target: &Target,
+    cluster_id: &str,
+    group: GroupId,
+    name: &str,
+) -> Result<LogChunk, BackupError> {
+    let key = format!("{}/{name}", group_prefix(cluster_id, group));
+    let bytes = target
+        .get(&key, LOG_CHUNK_BYTES_MAX as u64)
+        .await?
+        .ok_or_else(|| BackupError::Corrupt {
+            what: key.clone(),
+            reason: "missing".into(),
+        })?;
+    LogChunk::decode(&bytes, group, &key)
+}
+
+/// Every chunk of `group` as `(from, next, name)`, by `from` then `next`.
+async fn list_chunks(
+    target: &Target,
+    cluster_id: &str,
+    group: GroupId,
+    after: Option<&str>,
+) -> Result<Vec<(u64, u64, String)>, BackupError> {
+    let prefix = group_prefix(cluster_id, group);
+    let mut chunks: Vec<(u64, u64, String)> = target
+        .list_files(&prefix, after, CHUNKS_LISTED_MAX)
+        .await?
+        .into_iter()
+        .filter_map(|name| parse_chunk_name(&name).map(|(from, next)| (from, next, name)))
+        .collect();
+    chunks.sort();
+    Ok(chunks)
+}
+
+/// What a replay of one group's shipped log did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShippedReplay {
+    /// Chunks read.
+    pub chunks: u64,
+    /// Entries applied.
+    pub entries: u64,
+}
+
+/// Applies to `state` (a checkpoint opened for replay) the entries of its
+/// group's shipped log after its position, up to `until_us`. Fails, changing
+/// nothing more, if the shipped log has a gap after the position or does
+/// not reach past `until_us` (the time is not restorable yet).
+pub async fn replay_shipped(
+    target: &Target,
+    cluster_id: &str,
+    state: &StateMachine,
+    until_us: i64,
+) -> Result<ShippedReplay, BackupError> {
+    let group = state.group();
+    let chunks = list_chunks(target, cluster_id, group, None).await?;
+    let mut position = ChangePosition {
+        log_id: state.applied(),
+        leader_ts_us: state.leader_time_us(),
+    };
+    let mut report = ShippedReplay::default();
+    if position.leader_ts_us > until_us {
+        return Err(BackupError::Refused(format!(
+            "group {group}: the checkpoint is at leader time {} µs, after the time asked",
+            position.leader_ts_us
+        )));
+    }
+    loop {
+        // The chunk going furthest from here.
+        let at = position.index();
+        let Some((_, _, name)) = chunks
+            .iter()
+            .filter(|(from, next, _)| *from <= at && *next > at)
+            .max_by_key(|(_, next, _)| *next)
+        else {
+            return Err(BackupError::Refused(format!(
+                "group {group}: its shipped log reaches only index {at} (leader time {} µs): \
+                 the time asked is not restorable{}",
+                position.leader_ts_us,
+                if chunks.iter().any(|(from, _, _)| *from > at) {
+                    " (the log has a gap there: restore from a full backup taken after it)"
+                } else {
+                    " yet"
+                }
+            )));
+        };
+        let chunk = read_chunk(target, cluster_id, group, name).await?;
+        if chunk.from.index() == at && chunk.from.log_id != position.log_id {
+            return Err(BackupError::Corrupt {
+                what: format!("{}/{name}", group_prefix(cluster_id, group)),
+                reason: format!(
+                    "starts after {:?}, the checkpoint is at {:?}: another history",
+                    chunk.from.log_id, position.log_id
+                ),
+            });
+        }
+        report.chunks += 1;
+        let next = chunk.next;
+        let replayed = state.clone();
+        let ReplayProgress {
+            applied,
+            reached_time,
+        } = tokio::task::spawn_blocking(move || {
+            shard_backup::replay(&replayed, chunk.entries, until_us)
+        })
+        .await
+        .map_err(|e| BackupError::Invalid(format!("replay task: {e}")))??;
+        report.entries += applied;
+        if reached_time {
+            return Ok(report);
+        }
+        position = next;
+    }
+}
+
+/// Per group, what this node's shipper knows while it leads it.
+#[derive(Debug, Clone)]
+struct Shipped {
+    /// What the target holds up to.
+    position: ChangePosition,
+    /// When the group's time was last advanced by a hold (`None`: not by
+    /// this shipper).
+    held_at: Option<std::time::Instant>,
+}
+
+/// How often log shipping runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ShippingTiming {
+    /// Between rounds.
+    pub interval: Duration,
+    /// Between two holds proposed to a sleeping group.
+    pub idle_interval: Duration,
+}
+
+/// Runs log shipping to `url` every `timing.interval` until the node goes
+/// away or stops.
+pub async fn shipping_loop(node: Weak<Node>, url: String, timing: ShippingTiming) {
+    let interval = timing.interval;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shipped: HashMap<GroupId, Shipped> = HashMap::new();
+    let mut target: Option<Target> = None;
+    loop {
+        ticker.tick().await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        if node.cluster.is_stopping() {
+            return;
+        }
+        if target.is_none() {
+            match node.backups.target_for_writing(&url) {
+                Ok(opened) => target = Some(opened),
+                Err(e) => {
+                    tracing::warn!(error = %e, "log shipping: the target cannot be opened");
+                    continue;
+                }
+            }
+        }
+        if let Some(target) = &target {
+            ship_round(&node.cluster, target, &mut shipped, timing.idle_interval).await;
+        }
+    }
+}
+
+/// One round: every group this node leads ships what is new.
+async fn ship_round(
+    cluster: &Arc<Cluster>,
+    target: &Target,
+    shipped: &mut HashMap<GroupId, Shipped>,
+    idle_interval: Duration,
+) {
+    let Some(cluster_id) = cluster
+        .group(METADATA_GROUP)
+        .and_then(|metadata| metadata.state.cluster_id().ok().flatten())
+    else {
+        tracing::debug!("log shipping waits for the cluster's id");
+        return;
+    };
+    let groups = cluster.groups();
+    // A group no longer led here is resumed from the target when it is
+    // again: another leader may have shipped meanwhile.
+    shipped.retain(|group, _| {
+        groups
+            .iter()
+            .any(|(g, hosted)| g == group && hosted.raft.is_leader())
+    });
+    for (group, hosted) in groups {
+        if !hosted.raft.is_leader() {
+            continue;
+        }
+        let state = match shipped.remove(&group) {
+            Some(state) => Some(state),
+            None => match resume(target, &cluster_id, group).await {
+                Ok(state) => state,
+                Err(e) => {
+                    // Starting anew could skip entries a reachable LATEST
+                    // would have resumed from: wait for the target.
+                    tracing::warn!(group, error = %e, "log shipping cannot resume; retried next round");
+                    continue;
+                }
+            },
+        };
+        let stream = ChangeStream::new(hosted.log.clone(), hosted.state.clone());
+        // A sleeping group is woken only once its time lags by the idle
+        // interval.
+        let hold_due = !hosted.pulse.is_asleep()
+            || state
+                .as_ref()
+                .and_then(|s| s.held_at)
+                .is_none_or(|at| at.elapsed() >= idle_interval);
+        match ship_group(cluster, target, &cluster_id, group, stream, state, hold_due).await {
+            Ok(state) => {
+                shipped.insert(group, state);
+            }
+            Err(e) => tracing::warn!(group, error = %e, "log shipping failed; retried next round"),
+        }
+    }
+}
+
+/// Where `group`'s shipped log ends, from the target; `None` if nothing
+/// was shipped.
+async fn resume(
+    target: &Target,
+    cluster_id: &str,
+    group: GroupId,
+) -> Result<Option<Shipped>, BackupError> {
+    let latest = latest(target, cluster_id, group).await?;
+    // A chunk written after LATEST (its writer died before moving it).
+    let after = latest.as_ref().map(|l| l.chunk.clone());
+    let later = list_chunks(target, cluster_id, group, after.as_deref())
+        .await?
+        .into_iter()
+        .max_by_key(|(_, next, _)| *next);
+    let mut position = latest.map(|l| l.next);
+    if let Some((_, next, name)) = later
+        && position.is_none_or(|p| next > p.index())
+    {
+        position = Some(read_chunk(target, cluster_id, group, &name).await?.next);
+    }
+    Ok(position.map(|position| Shipped {
+        position,
+        held_at: None,
+    }))
+}
+
+/// Ships what `group` committed since `state` (or, if nothing was
+/// shipped, marks where its shipped log starts), then holds the log there.
+async fn ship_group(
+    cluster: &Arc<Cluster>,
+    target: &Target,
+    cluster_id: &str,
+    group: GroupId,
+    stream: ChangeStream,
+    state: Option<Shipped>,
+    hold_due: bool,
+) -> Result<Shipped, BackupError> {
+    let prefix = group_prefix(cluster_id, group);
+    let mut state = match state {
+        Some(state) => state,
+        None => {
+            let start = stream.position();
+            write_chunk(target, &prefix, group, start, start, Vec::new()).await?;
+            tracing::info!(group, position = ?start, "log shipping starts");
+            Shipped {
+                position: start,
+                held_at: None,
+            }
+        }
+    };
+    let limits = ChangeLimits {
+        entries_max: 1 << 20,
+        bytes_max: CHUNK_ENTRY_BYTES_MAX,
+    };
+    for _ in 0..CHUNKS_PER_ROUND_MAX {
+        let (reader, from) = (stream.clone(), state.position);
+        let read = tokio::task::spawn_blocking(move || reader.read(&from, limits))
+            .await
+            .map_err(|e| BackupError::Invalid(format!("log read task: {e}")))?;
+        let batch = match read {
+            Ok(batch) => batch,
+            Err(ChangeStreamError::Ahead { .. }) => break,
+            Err(e @ (ChangeStreamError::Purged { .. } | ChangeStreamError::Diverged { .. })) => {
+                // Start again where this replica is: a gap in the shipped
+                // log, which only a later full backup bridges.
+                let start = stream.position();
+                tracing::error!(
+                    group, error = %e, from = ?state.position, restart = ?start,
+                    "log shipping: the shipped log has a gap; take a full backup"
+                );
+                write_chunk(target, &prefix, group, start, start, Vec::new()).await?;
+                state.position = start;
+                break;
+            }
+            Err(ChangeStreamError::Io(e)) => {
+                return Err(BackupError::Io {
+                    what: format!("group {group}'s log"),
+                    source: e,
+                });
+            }
+        };
+        if batch.next.index() == state.position.index() {
+            break;
+        }
+        write_chunk(
+            target,
+            &prefix,
+            group,
+            state.position,
+            batch.next,
+            batch.entries,
+        )
+        .await?;
+        state.position = batch.next;
+    }
+    // The hold, and the entry that moves the group's time forward.
+    if hold_due {
+        let hold = Command::HoldLog {
+            consumer: LOG_CONSUMER.to_owned(),
+            index: state.position.index(),
+        };
+        match cluster.propose(group, hold).await {
+            Ok(_) => state.held_at = Some(std::time::Instant::now()),
+            Err(e) => tracing::debug!(group, error = %e, "log hold not proposed"),
+        }
+    }
+    Ok(state)
+}
+
+/// Writes one chunk (once: a chunk already there is the same committed
+/// entries) and moves `LATEST` to it.
+async fn write_chunk(
+    target: &Target,
+    prefix: &str,
+    group: GroupId,
+    from: ChangePosition,
+    next: ChangePosition,
+    entries: Vec<ChangeEntry>,
+) -> Result<(), BackupError> {
+    let shipped_at_us = super::now_us();
+    let chunk = LogChunk {
+        version: LOG_CHUNK_VERSION,
+        group,
+        from,
+        next,
+        shipped_at_us,
+        entries,
+    };
+    let name = chunk_name(from.index(), next.index());
+    match target
+        .put_new(&format!("{prefix}/{name}"), chunk.encode()?)
+        .await
+    {
+        Ok(()) | Err(BackupError::Store(object_store::Error::AlreadyExists { .. })) => {}
+        Err(e) => return Err(e),
+    }
+    let latest = LatestChunk {
+        chunk: name,
+        next,
+        shipped_at_us,
+    };
+    let bytes = serde_json::to_vec(&latest).map_err(|e| BackupError::Invalid(e.to_string()))?;
+    target.put(&format!("{prefix}/LATEST"), bytes).await
+}
+
+/// One group's shipped log, as `backup status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupLogStatus {
+    /// The group.
+    pub group: GroupId,
+    /// Its newest chunk's end (`None`: nothing shipped).
+    pub latest: Option<(u64, i64, i64)>,
+}
+
+/// The shipped log of `groups` of cluster `cluster_id` at `url`: per group
+/// `(index, restorable until µs, shipped at µs)` of its newest chunk.
+pub async fn status(
+    target: &Target,
+    cluster_id: &str,
+    groups: &[GroupId],
+) -> Result<Vec<GroupLogStatus>, BackupError> {
+    check_cluster_id(cluster_id)?;
+    let mut out = Vec::with_capacity(groups.len());
+    for &group in groups {
+        let latest = latest(target, cluster_id, group)
+            .await?
+            .map(|l| (l.next.index(), l.restorable_until_us(), l.shipped_at_us));
+        out.push(GroupLogStatus { group, latest });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::log_id;
+    use proptest::prelude::*;
+    use quiver_raft::TypeConfig;
+
+    fn chunk(entries: u64) -> LogChunk {
+        let id = |i| log_id::<TypeConfig>(3, quiver_raft::ReplicaId(1), i);
+        LogChunk {
+            version: LOG_CHUNK_VERSION,
+            group: 4,
+            from: ChangePosition {
+                log_id: Some(id(10)),
+                leader_ts_us: 1_000,
+            },
+            next: ChangePosition {
+                log_id: Some(id(10 + entries + 1)),
+                leader_ts_us: 1_000 + entries as i64,
+            },
+            shipped_at_us: 5,
+            entries: (1..=entries)
+                .map(|i| ChangeEntry {
+                    log_id: id(10 + i),
+                    leader_ts_us: 1_000 + i as i64,
+                    request_id: u128::from(i),
+                    command: Command::Fence,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_chunk_comes_back_as_written_and_names_sort_by_index() {
+        let written = chunk(3);
+        let bytes = written.encode().unwrap();
+        assert_eq!(LogChunk::decode(&bytes, 4, "c").unwrap(), written);
+        assert!(LogChunk::decode(&bytes, 5, "c").is_err(), "another group's");
+        assert_eq!(parse_chunk_name(&chunk_name(7, 12)), Some((7, 12)));
+        assert!(chunk_name(9, 10) < chunk_name(10, 11));
+        assert_eq!(parse_chunk_name("LATEST"), None);
+        assert_eq!(parse_chunk_name("1-2.chunk"), None);
+    }
+
+    #[test]
+    fn a_chunk_out_of_order_is_refused() {
+        let mut bad = chunk(3);
+        bad.entries.swap(0, 1);
+        assert!(LogChunk::decode(&bad.encode().unwrap(), 4, "c").is_err());
+        let mut late = chunk(3);
+        late.entries[2].leader_ts_us = 9_999;
+        assert!(LogChunk::decode(&late.encode().unwrap(), 4, "c").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn mutated_chunks_never_panic_and_never_pass(
+            at in any::<usize>(),
+            bits in 1u8..,
+            cut in any::<usize>(),
+        ) {
+            // One byte changed: a crc32c always sees it.
+            let bytes = chunk(5).encode().unwrap();
+            let mut flipped = bytes.clone();
+            let at = at % flipped.len();
+            flipped[at] ^= bits;
+            prop_assert!(LogChunk::decode(&flipped, 4, "c").is_err());
+            let cut = cut % bytes.len();
+            prop_assert!(LogChunk::decode(&bytes[..cut], 4, "c").is_err());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = LogChunk::decode(&bytes, 4, "c");
+        }
+    }
+}
