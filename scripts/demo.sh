@@ -5,7 +5,10 @@
 # feature views, load 100k drivers and 100k customers, and show features
 # being served through any node: lookups, the latency of a 100-entity x
 # 10-feature batch, the cluster status, and a read that survives a node
-# being killed. The cluster keeps running; `./scripts/demo.sh stop` stops it.
+# being killed. Every shard's log is shipped to a local backup target
+# ($QUIVER_DEMO_DIR/backups), so a full backup plus point-in-time restore
+# can be tried on it. The cluster keeps running; `./scripts/demo.sh stop`
+# stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
@@ -13,6 +16,8 @@ export QUIVER_CLUSTER_DIR="${QUIVER_DEMO_DIR:-$PWD/.demo}"
 export QUIVER_CLUSTER_PORT="${QUIVER_DEMO_PORT:-7470}"
 PORT="$QUIVER_CLUSTER_PORT"
 BIN="$CARGO_TARGET_DIR/debug"
+BACKUPS="file://$QUIVER_CLUSTER_DIR/backups"
+export QUIVER_BACKUP__LOG_URL="${QUIVER_BACKUP__LOG_URL:-$BACKUPS}"
 
 if [ "${1:-}" = "stop" ]; then
     ./scripts/cluster.sh stop
@@ -105,4 +110,5 @@ echo "  $CTL --endpoint 127.0.0.1:$((PORT + 1)) get --features driver_hourly_sta
 echo "  $CTL status"
 echo "  $CTL shard list"
 echo "  curl -s 127.0.0.1:$((PORT + 20000))/metrics | grep quiver_requests_total"
+echo "  $CTL backup create $BACKUPS; $CTL backup status $BACKUPS   # then restore --to-time: docs/operations.md"
 echo "Stop it with: make demo-stop"

@@ -290,8 +290,8 @@ pub async fn replay_shipped(
     let mut report = ShippedReplay::default();
     if position.leader_ts_us > until_us {
         return Err(BackupError::Refused(format!(
-            "group {group}: the checkpoint is at leader time {} µs, after the time asked",
-            position.leader_ts_us
+            "group {group}: the checkpoint is at leader time {}, after the time asked",
+            time_text(position.leader_ts_us)
         )));
     }
     loop {
@@ -303,9 +303,9 @@ pub async fn replay_shipped(
             .max_by_key(|(_, next, _)| *next)
         else {
             return Err(BackupError::Refused(format!(
-                "group {group}: its shipped log reaches only index {at} (leader time {} µs): \
-                 the time asked is not restorable{}",
-                position.leader_ts_us,
+                "group {group}: its shipped log reaches only index {at} (leader time {}): the \
+                 time asked is not restorable{}",
+                time_text(position.leader_ts_us),
                 if chunks.iter().any(|(from, _, _)| *from > at) {
                     " (the log has a gap there: restore from a full backup taken after it)"
                 } else {
@@ -590,6 +590,46 @@ async fn write_chunk(
     };
     let bytes = serde_json::to_vec(&latest).map_err(|e| BackupError::Invalid(e.to_string()))?;
     target.put(&format!("{prefix}/LATEST"), bytes).await
+}
+
+/// Waits, up to `wait`, until every one of `groups` is restorable to
+/// `until_us` (its shipper, in a live source cluster, advances an idle
+/// group within `log_idle_interval_ms`). Returns whether they are.
+pub async fn wait_restorable(
+    target: &Target,
+    cluster_id: &str,
+    groups: &[GroupId],
+    until_us: i64,
+    wait: Duration,
+) -> Result<bool, BackupError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let lagging: Vec<GroupId> = status(target, cluster_id, groups)
+            .await?
+            .into_iter()
+            .filter(|g| g.latest.is_none_or(|(_, until, _)| until < until_us))
+            .map(|g| g.group)
+            .collect();
+        if lagging.is_empty() {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tracing::info!(?lagging, until = %time_text(until_us), "waiting for the shipped log to reach the time");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A leader time (µs since the epoch) as RFC 3339 with microseconds.
+pub fn time_text(us: i64) -> String {
+    match u64::try_from(us) {
+        Ok(us) => humantime::format_rfc3339_micros(
+            std::time::UNIX_EPOCH + Duration::from_micros(us),
+        )
+        .to_string(),
+        Err(_) => format!("{us} µs"),
+    }
 }
 
 /// One group's shipped log, as `backup status` shows it.

@@ -35,6 +35,11 @@ use super::{
 };
 use crate::node::Node;
 
+/// How long a point-in-time restore waits for the source cluster's shipped
+/// log to reach a time in the past (an idle group's time advances every
+/// `backup.log_idle_interval_ms`, a minute by default).
+const LOG_WAIT: std::time::Duration = std::time::Duration::from_secs(150);
+
 /// Stored records read from a backup's store per page.
 const RESTORE_PAGE_ROWS: usize = 1000;
 
@@ -118,6 +123,14 @@ impl Backups {
                          restores only as it was taken"
                     ))
                 })?;
+                // A time in the past that an idle group's shipped log has
+                // not reached yet: its shipper will get there (if the
+                // source cluster runs); a time to come is not waited for.
+                if until_us <= super::now_us() {
+                    let groups: Vec<GroupId> = manifest.parts().map(|(_, r)| r.group).collect();
+                    log::wait_restorable(&target, &cluster_id, &groups, until_us, LOG_WAIT)
+                        .await?;
+                }
                 Some((cluster_id, until_us))
             }
         };
@@ -245,8 +258,9 @@ impl Backups {
             .map(|m| (m.clone(), Some(until_us)))
             .ok_or_else(|| {
                 BackupError::Refused(format!(
-                    "no backup{} at {url} was taken at or before {until_us} µs",
-                    if id.is_empty() { "" } else { " of that id" }
+                    "no backup{} at {url} was taken at or before {}",
+                    if id.is_empty() { "" } else { " of that id" },
+                    log::time_text(until_us)
                 ))
             })
     }
