@@ -489,6 +489,35 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn prune_backups(
+        &self,
+        request: Request<pb::PruneBackupsRequest>,
+    ) -> Result<Response<pb::PruneBackupsResponse>, Status> {
+        let request = request.into_inner();
+        let retention = match request.retention_seconds {
+            0 => self.node.backups.retention(),
+            seconds => std::time::Duration::from_secs(seconds),
+        };
+        let node = self.node.clone();
+        // A task of its own: a client that goes away does not stop a prune
+        // between a manifest and its files.
+        let report = tokio::spawn(async move {
+            node.backups
+                .prune(&request.url, retention, request.dry_run)
+                .await
+        })
+        .await
+        .map_err(|e| ServiceError::TaskFailed(e.to_string()))?
+        .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::PruneBackupsResponse {
+            kept: report.kept,
+            deleted: report.deleted,
+            incomplete_deleted: report.incomplete_deleted,
+            chunks_deleted: report.chunks_deleted,
+            retention_seconds: retention.as_secs(),
+        }))
+    }
+
     async fn backup_status(
         &self,
         request: Request<pb::BackupStatusRequest>,

@@ -117,6 +117,16 @@ pub struct BackupConfig {
     /// log's time forward: how far an idle cluster's restorable time may
     /// lag. At least `log_interval_ms`.
     pub log_idle_interval_ms: u64,
+    /// Where scheduled full backups go (empty: none are taken). The node
+    /// leading the metadata group takes one when the newest there is
+    /// `full_interval_seconds` old, then prunes to `retention_hours`.
+    pub schedule_url: String,
+    /// Between scheduled full backups.
+    pub full_interval_seconds: u64,
+    /// What `backup prune` (and a scheduled backup) keeps: every backup
+    /// started within this many hours, the newest before them, the newest
+    /// of all, and the shipped log they need.
+    pub retention_hours: u64,
 }
 
 impl Default for BackupConfig {
@@ -128,6 +138,9 @@ impl Default for BackupConfig {
             log_url: String::new(),
             log_interval_ms: 10_000,
             log_idle_interval_ms: 60_000,
+            schedule_url: String::new(),
+            full_interval_seconds: 86_400,
+            retention_hours: 168,
         }
     }
 }
@@ -136,6 +149,13 @@ impl Default for BackupConfig {
 pub const LOG_INTERVAL_MS_MIN: u64 = 100;
 /// Longest `backup.log_interval_ms` (one hour).
 pub const LOG_INTERVAL_MS_MAX: u64 = 3_600_000;
+
+/// Shortest `backup.full_interval_seconds`.
+pub const FULL_INTERVAL_SECONDS_MIN: u64 = 10;
+/// Longest `backup.full_interval_seconds` (a year).
+pub const FULL_INTERVAL_SECONDS_MAX: u64 = 366 * 86_400;
+/// Longest `backup.retention_hours` (ten years).
+pub const RETENTION_HOURS_MAX: u64 = 10 * 366 * 24;
 
 /// One node of the static cluster description.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -741,10 +761,25 @@ impl Config {
                  {LOG_INTERVAL_MS_MAX}"
             )));
         }
-        if b.log_url.len() > crate::backup::target::BACKUP_URL_BYTES_MAX {
+        for (name, url) in [("log_url", &b.log_url), ("schedule_url", &b.schedule_url)] {
+            if url.len() > crate::backup::target::BACKUP_URL_BYTES_MAX {
+                return Err(ConfigError(format!(
+                    "backup.{name} is longer than {} bytes",
+                    crate::backup::target::BACKUP_URL_BYTES_MAX
+                )));
+            }
+        }
+        if !(FULL_INTERVAL_SECONDS_MIN..=FULL_INTERVAL_SECONDS_MAX)
+            .contains(&b.full_interval_seconds)
+        {
             return Err(ConfigError(format!(
-                "backup.log_url is longer than {} bytes",
-                crate::backup::target::BACKUP_URL_BYTES_MAX
+                "backup.full_interval_seconds must be {FULL_INTERVAL_SECONDS_MIN} to \
+                 {FULL_INTERVAL_SECONDS_MAX}"
+            )));
+        }
+        if !(1..=RETENTION_HOURS_MAX).contains(&b.retention_hours) {
+            return Err(ConfigError(format!(
+                "backup.retention_hours must be 1 to {RETENTION_HOURS_MAX}"
             )));
         }
         if let Some(relative) = b.file_roots.iter().find(|root| !root.is_absolute()) {

@@ -120,6 +120,18 @@ pub async fn serve(
             },
         ));
     }
+    if !config.backup.schedule_url.is_empty() {
+        tokio::spawn(crate::backup::prune::schedule_loop(
+            Arc::downgrade(&node),
+            crate::backup::prune::Schedule {
+                url: config.backup.schedule_url.clone(),
+                every: std::time::Duration::from_secs(config.backup.full_interval_seconds),
+                retention: std::time::Duration::from_secs(
+                    config.backup.retention_hours.saturating_mul(3600),
+                ),
+            },
+        ));
+    }
     let peer = tonic::service::interceptor::InterceptedService::new(
         PeerServer::new(PeerService::new(node.cluster.clone()))
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)

@@ -647,3 +647,107 @@ async fn shipping_resumes_where_it_stopped_when_a_stalled_target_returns() {
     .unwrap();
     assert!(values.iter().all(Option::is_some), "{values:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_come_on_time_and_prune_keeps_what_a_restore_needs() {
+    let target_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", target_dir.path().join("t").display());
+    let env = [
+        ("QUIVER_CLUSTER__SHARD_COUNT", "3"),
+        ("QUIVER_BACKUP__LOG_URL", url.as_str()),
+        ("QUIVER_BACKUP__LOG_INTERVAL_MS", "200"),
+        ("QUIVER_BACKUP__LOG_IDLE_INTERVAL_MS", "1000"),
+        ("QUIVER_BACKUP__SCHEDULE_URL", url.as_str()),
+        ("QUIVER_BACKUP__FULL_INTERVAL_SECONDS", "10"),
+    ];
+    let mut cluster = start(&env).await;
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    let backups = |count: usize| {
+        let (endpoint, url) = (endpoint.clone(), url.clone());
+        retry("scheduled backups", CONVERGE_WAIT, move || {
+            let (ok, stdout, stderr) = ctl(&endpoint, &["--json", "backup", "list", &url]);
+            async move {
+                if !ok {
+                    return Err(stderr);
+                }
+                let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+                let listed = listed.as_array().unwrap().clone();
+                if listed.len() >= count {
+                    Ok(listed)
+                } else {
+                    Err(stdout)
+                }
+            }
+        })
+    };
+    write_rows(&client, "a", 50).await;
+    let first = backups(1).await;
+    eprintln!(
+        "--- the first scheduled backup came at once: {}",
+        first[0]["backup_id"]
+    );
+    write_rows(&client, "b", 50).await;
+    let before_second = now_us();
+    let second = backups(2).await;
+    let gap_us =
+        second[1]["started_at_us"].as_i64().unwrap() - second[0]["started_at_us"].as_i64().unwrap();
+    assert!(
+        gap_us >= 10_000_000,
+        "one per full_interval_seconds: {gap_us} µs apart"
+    );
+    write_rows(&client, "c", 50).await;
+    wait_restorable(&endpoint, &url, now_us()).await;
+
+    eprintln!("--- prune to a 1 s window: only the newest backup and what it needs stay");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let dry = ctl_json(
+        &endpoint,
+        &["backup", "prune", &url, "--retention", "1s", "--dry-run"],
+    );
+    let pruned = ctl_json(&endpoint, &["backup", "prune", &url, "--retention", "1s"]);
+    // (The schedule may have taken a third backup meanwhile: then the
+    // second is the newest before the window, and kept.)
+    assert_eq!(
+        dry["deleted"], pruned["deleted"],
+        "a dry run says what a prune does"
+    );
+    let deleted = pruned["deleted"][0].as_str().unwrap();
+    assert_eq!(deleted, first[0]["backup_id"].as_str().unwrap(), "{pruned}");
+    assert!(pruned["kept"].as_array().unwrap().len() <= 2, "{pruned}");
+    assert!(pruned["chunks_deleted"].as_u64().unwrap() > 0, "{pruned}");
+    let left = ctl_json(&endpoint, &["backup", "list", &url]);
+    assert!(!left.to_string().contains(deleted), "{left}");
+    assert!(
+        !target_dir.path().join("t/backups").join(deleted).exists(),
+        "its files are gone too"
+    );
+
+    eprintln!("--- the newest backup and the log left restore the latest time");
+    let (report, mut restored, _cluster, _dir) = restore_into_new_cluster(&url, "latest").await;
+    assert_eq!(report["rows_restored"], 150, "{report}");
+    let all: Vec<String> = ["a", "b", "c"].iter().flat_map(|p| keys(50, p)).collect();
+    let (values, _) = quiver_tests::counter::read_values(
+        &mut restored,
+        &all,
+        quiver_proto::v1::Consistency::Strong,
+    )
+    .await
+    .unwrap();
+    assert!(values.iter().all(Option::is_some), "{values:?}");
+
+    eprintln!("--- a time before the kept backup is no longer restorable");
+    let (_other, _other_dir, other_endpoint) = new_cluster().await;
+    let (ok, _, stderr) = ctl(
+        &other_endpoint,
+        &[
+            "restore",
+            "--from",
+            &url,
+            "--to-time",
+            &rfc3339(before_second),
+        ],
+    );
+    assert!(!ok && stderr.contains("at or before"), "{stderr}");
+}

@@ -33,6 +33,24 @@ pub enum BackupCommand {
     /// Continuous log backup at a target: how far each group's shipped log
     /// reaches, and the time the cluster can be restored to (the RPO).
     Status(StatusArgs),
+    /// Delete what the retention does not keep: backups started before the
+    /// window (but the newest of those, and always the newest), incomplete
+    /// ones, and shipped log no kept backup needs.
+    Prune(PruneArgs),
+}
+
+/// `backup prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// The target.
+    pub url: String,
+    /// The window to keep, e.g. `7d`, `36h` [default: the node's
+    /// backup.retention_hours].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+    /// Only print what would be deleted.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `backup status`.
@@ -346,6 +364,52 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
             show(&answer)?;
         }
         BackupCommand::Status(args) => status(&mut admin, args, json).await?,
+        BackupCommand::Prune(args) => {
+            let retention_seconds = match args.retention {
+                Some(window) if window.as_secs() == 0 => bail!("--retention must be at least 1s"),
+                Some(window) => window.as_secs(),
+                None => 0,
+            };
+            let report = admin
+                .prune_backups(pb::PruneBackupsRequest {
+                    url: args.url.clone(),
+                    retention_seconds,
+                    dry_run: args.dry_run,
+                })
+                .await
+                .map_err(|s| status_error("backup prune", s))?
+                .into_inner();
+            if json {
+                print_json(&serde_json::json!({
+                    "kept": report.kept,
+                    "deleted": report.deleted,
+                    "incomplete_deleted": report.incomplete_deleted,
+                    "chunks_deleted": report.chunks_deleted,
+                    "retention_seconds": report.retention_seconds,
+                    "dry_run": args.dry_run,
+                }))?;
+            } else {
+                let verb = if args.dry_run {
+                    "would delete"
+                } else {
+                    "deleted"
+                };
+                for id in &report.deleted {
+                    println!("{verb} backup {id}");
+                }
+                for id in &report.incomplete_deleted {
+                    println!("{verb} incomplete backup {id}");
+                }
+                println!(
+                    "{verb} {} backups, {} incomplete, {} shipped log chunks; kept {} (retention {})",
+                    report.deleted.len(),
+                    report.incomplete_deleted.len(),
+                    report.chunks_deleted,
+                    report.kept.len(),
+                    humantime::format_duration(Duration::from_secs(report.retention_seconds))
+                );
+            }
+        }
         BackupCommand::Verify(args) => {
             let spinner = spinner(json, format!("verifying {}", args.backup_id));
             let answer = admin

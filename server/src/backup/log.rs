@@ -262,6 +262,29 @@ async fn list_chunks(
     Ok(chunks)
 }
 
+/// Deletes `group`'s chunks that end at or before `index` (with
+/// `dry_run`, only counts them); returns how many.
+pub async fn prune_chunks(
+    target: &Target,
+    cluster_id: &str,
+    group: GroupId,
+    index: u64,
+    dry_run: bool,
+) -> Result<u64, BackupError> {
+    let prefix = group_prefix(cluster_id, group);
+    let mut deleted = 0;
+    for (_, next, name) in list_chunks(target, cluster_id, group, None).await? {
+        if next > index {
+            continue;
+        }
+        if !dry_run {
+            target.delete(&format!("{prefix}/{name}")).await?;
+        }
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
 /// What a replay of one group's shipped log did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShippedReplay {
@@ -624,10 +647,10 @@ pub async fn wait_restorable(
 /// A leader time (µs since the epoch) as RFC 3339 with microseconds.
 pub fn time_text(us: i64) -> String {
     match u64::try_from(us) {
-        Ok(us) => humantime::format_rfc3339_micros(
-            std::time::UNIX_EPOCH + Duration::from_micros(us),
-        )
-        .to_string(),
+        Ok(us) => {
+            humantime::format_rfc3339_micros(std::time::UNIX_EPOCH + Duration::from_micros(us))
+                .to_string()
+        }
         Err(_) => format!("{us} µs"),
     }
 }

@@ -202,6 +202,28 @@ pub fn new_backup_id(now_us: i64) -> String {
     format!("{stamp}-{:08x}", rand::random::<u32>())
 }
 
+/// When backup `id` was started (µs since the epoch), read back from the
+/// id ([`new_backup_id`]); `None` for an id this build did not make.
+pub fn backup_id_time_us(id: &str) -> Option<i64> {
+    let stamp = id.get(..19)?;
+    let b = stamp.as_bytes();
+    if b[8] != b'T' || b[18] != b'Z' {
+        return None;
+    }
+    let text = format!(
+        "{}-{}-{}T{}:{}:{}.{}Z",
+        &stamp[0..4],
+        &stamp[4..6],
+        &stamp[6..8],
+        &stamp[9..11],
+        &stamp[11..13],
+        &stamp[13..15],
+        &stamp[15..18]
+    );
+    let at = humantime::parse_rfc3339(&text).ok()?;
+    i64::try_from(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_micros()).ok()
+}
+
 /// Whether `id` may name a backup (it becomes part of object keys): 1 to
 /// [`BACKUP_ID_BYTES_MAX`] ASCII letters, digits and `-`.
 pub fn check_backup_id(id: &str) -> Result<(), BackupError> {
@@ -225,6 +247,12 @@ mod tests {
 
     #[test]
     fn ids_sort_by_time_and_bad_ids_are_refused() {
+        assert_eq!(
+            backup_id_time_us(&new_backup_id(1_764_900_000_123_456)),
+            Some(1_764_900_000_123_000)
+        );
+        assert_eq!(backup_id_time_us("short"), None);
+        assert_eq!(backup_id_time_us("2025120XT0200000001Z-0"), None);
         let early = new_backup_id(1_764_900_000_000_000);
         let late = new_backup_id(1_764_900_001_000_000);
         assert!(early < late, "{early} {late}");

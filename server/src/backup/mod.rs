@@ -19,6 +19,7 @@
 
 pub mod log;
 pub mod manifest;
+pub mod prune;
 pub mod restore;
 pub mod target;
 
@@ -157,6 +158,11 @@ impl Backups {
     /// created if missing).
     fn target_for_writing(&self, url: &str) -> Result<Target, BackupError> {
         Target::open(url, &self.config, &self.data_dir, true)
+    }
+
+    /// What `prune` keeps by default (`backup.retention_hours`).
+    pub fn retention(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.config.retention_hours.saturating_mul(3600))
     }
 
     /// The target log shipping writes to (empty: none).

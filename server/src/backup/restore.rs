@@ -128,8 +128,7 @@ impl Backups {
                 // source cluster runs); a time to come is not waited for.
                 if until_us <= super::now_us() {
                     let groups: Vec<GroupId> = manifest.parts().map(|(_, r)| r.group).collect();
-                    log::wait_restorable(&target, &cluster_id, &groups, until_us, LOG_WAIT)
-                        .await?;
+                    log::wait_restorable(&target, &cluster_id, &groups, until_us, LOG_WAIT).await?;
                 }
                 Some((cluster_id, until_us))
             }

@@ -39,6 +39,9 @@ const UPLOAD_PARTS_IN_FLIGHT_MAX: usize = 2;
 pub struct Target {
     url: String,
     store: Arc<dyn ObjectStore>,
+    /// The directory of a `file://` target (whose emptied directories a
+    /// delete removes: a file system keeps them, an object store has none).
+    local: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Target {
@@ -88,6 +91,7 @@ impl Target {
             return Ok(Target {
                 url: url.to_owned(),
                 store: Arc::new(store),
+                local: Some(dir),
             });
         }
         if url.starts_with("s3://") {
@@ -214,6 +218,52 @@ impl Target {
         Ok(names)
     }
 
+    /// Every object under `prefix`, at any depth, as its key; at most
+    /// `keys_max`.
+    pub async fn list_all(
+        &self,
+        prefix: &str,
+        keys_max: usize,
+    ) -> Result<Vec<String>, BackupError> {
+        let mut listed = self.store.list(Some(&object_path(prefix)?));
+        let mut keys = Vec::new();
+        while let Some(meta) = listed.next().await {
+            if keys.len() >= keys_max {
+                return Err(BackupError::Corrupt {
+                    what: prefix.to_owned(),
+                    reason: format!("more than {keys_max} objects"),
+                });
+            }
+            keys.push(meta?.location.to_string());
+        }
+        Ok(keys)
+    }
+
+    /// Deletes every object under `prefix`, and in a `file://` target the
+    /// directories that leaves empty.
+    pub async fn delete_all(&self, prefix: &str, keys_max: usize) -> Result<(), BackupError> {
+        for key in self.list_all(prefix, keys_max).await? {
+            self.delete(&key).await?;
+        }
+        if let Some(root) = &self.local {
+            let dir = root.join(prefix);
+            blocking(&dir.clone(), move || {
+                remove_empty_dirs(&dir);
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the object at `key` (gone already is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), BackupError> {
+        match self.store.delete(&object_path(key)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Reads `key` whole, refusing more than `bytes_max`; `None` if absent.
     pub async fn get(&self, key: &str, bytes_max: u64) -> Result<Option<Vec<u8>>, BackupError> {
         let location = object_path(key)?;
@@ -284,6 +334,19 @@ impl Target {
             .filter_map(|p| p.filename().map(str::to_owned))
             .collect())
     }
+}
+
+/// Removes `dir` and the directories under it if they hold no file.
+fn remove_empty_dirs(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    // Fails, as it should, if anything is left.
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Appends `bytes` to the file at `path` (created if missing).
@@ -402,6 +465,7 @@ fn open_s3(url: &str) -> Result<Target, BackupError> {
         Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
     };
     Ok(Target {
+        local: None,
         url: url.to_owned(),
         store,
     })
