@@ -515,6 +515,7 @@ impl Admin for AdminService {
             incomplete_deleted: report.incomplete_deleted,
             chunks_deleted: report.chunks_deleted,
             retention_seconds: retention.as_secs(),
+            retired_logs_deleted: report.retired_logs_deleted,
         }))
     }
 

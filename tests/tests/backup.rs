@@ -701,6 +701,14 @@ async fn scheduled_backups_come_on_time_and_prune_keeps_what_a_restore_needs() {
     wait_restorable(&endpoint, &url, now_us()).await;
 
     eprintln!("--- prune to a 1 s window: only the newest backup and what it needs stay");
+    // A retired cluster's log: named by no backup, shipped long ago.
+    let retired = target_dir.path().join("t/log/0123456789abcdef/g0000000001");
+    std::fs::create_dir_all(&retired).unwrap();
+    std::fs::write(
+        retired.join("LATEST"),
+        r#"{"chunk":"x","next":{"log_id":null,"leader_ts_us":5},"shipped_at_us":5}"#,
+    )
+    .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let dry = ctl_json(
         &endpoint,
@@ -717,6 +725,11 @@ async fn scheduled_backups_come_on_time_and_prune_keeps_what_a_restore_needs() {
     assert_eq!(deleted, first[0]["backup_id"].as_str().unwrap(), "{pruned}");
     assert!(pruned["kept"].as_array().unwrap().len() <= 2, "{pruned}");
     assert!(pruned["chunks_deleted"].as_u64().unwrap() > 0, "{pruned}");
+    assert_eq!(
+        pruned["retired_logs_deleted"][0], "0123456789abcdef",
+        "{pruned}"
+    );
+    assert!(!retired.exists());
     let left = ctl_json(&endpoint, &["backup", "list", &url]);
     assert!(!left.to_string().contains(deleted), "{left}");
     assert!(

@@ -385,6 +385,7 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
                     "deleted": report.deleted,
                     "incomplete_deleted": report.incomplete_deleted,
                     "chunks_deleted": report.chunks_deleted,
+                    "retired_logs_deleted": report.retired_logs_deleted,
                     "retention_seconds": report.retention_seconds,
                     "dry_run": args.dry_run,
                 }))?;
@@ -399,6 +400,9 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
                 }
                 for id in &report.incomplete_deleted {
                     println!("{verb} incomplete backup {id}");
+                }
+                for id in &report.retired_logs_deleted {
+                    println!("{verb} the shipped log of retired cluster {id}");
                 }
                 println!(
                     "{verb} {} backups, {} incomplete, {} shipped log chunks; kept {} (retention {})",

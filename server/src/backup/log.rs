@@ -262,6 +262,24 @@ async fn list_chunks(
     Ok(chunks)
 }
 
+/// When any group of cluster `cluster_id` last shipped (µs, by its
+/// `LATEST`; 0 if none did).
+pub async fn last_shipped_us(target: &Target, cluster_id: &str) -> Result<i64, BackupError> {
+    let mut last = 0;
+    for dir in target.list_dirs(&format!("log/{cluster_id}")).await? {
+        let Some(group) = dir
+            .strip_prefix('g')
+            .and_then(|g| g.parse::<GroupId>().ok())
+        else {
+            continue;
+        };
+        if let Some(latest) = latest(target, cluster_id, group).await? {
+            last = last.max(latest.shipped_at_us);
+        }
+    }
+    Ok(last)
+}
+
 /// Deletes `group`'s chunks that end at or before `index` (with
 /// `dry_run`, only counts them); returns how many.
 pub async fn prune_chunks(

@@ -10,9 +10,10 @@
 //!   window and than `backup.shard_timeout_ms` go too.
 //! - **Shipped log.** For each cluster with a kept backup, each group's
 //!   chunks that end at or before that group's position in the oldest kept
-//!   backup are deleted: no kept backup replays them. Logs of clusters no
-//!   kept backup names, and groups no kept backup holds (a shard split
-//!   off later), are left alone.
+//!   backup are deleted: no kept backup replays them. Groups no kept
+//!   backup holds (a shard split off later) are left alone; so is the log
+//!   of a cluster no kept backup names, until none of its groups has
+//!   shipped within the window (a retired cluster): then it goes whole.
 //! - **Schedules.** With `backup.schedule_url` set, the node leading the
 //!   metadata group takes a full backup there whenever the newest is older
 //!   than `backup.full_interval_seconds` (at once on a new cluster), then
@@ -43,6 +44,9 @@ pub struct PruneReport {
     pub incomplete_deleted: Vec<String>,
     /// Shipped log chunks deleted.
     pub chunks_deleted: u64,
+    /// Clusters whose whole shipped log was deleted (retired: named by no
+    /// kept backup, nothing shipped within the window).
+    pub retired_logs_deleted: Vec<String>,
 }
 
 /// Which of `manifests` (oldest first) a window starting at `boundary_us`
@@ -128,6 +132,21 @@ impl Backups {
                         .map(|(_, r)| (r.group, r.position().index()))
                         .collect()
                 });
+            }
+        }
+        for cluster_id in target.list_dirs("log").await? {
+            if oldest.contains_key(cluster_id.as_str())
+                || log::check_cluster_id(&cluster_id).is_err()
+            {
+                continue;
+            }
+            if log::last_shipped_us(&target, &cluster_id).await? < boundary_us {
+                if !dry_run {
+                    target
+                        .delete_all(&format!("log/{cluster_id}"), PRUNE_KEYS_MAX)
+                        .await?;
+                }
+                report.retired_logs_deleted.push(cluster_id);
             }
         }
         for (cluster_id, positions) in oldest {
