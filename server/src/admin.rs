@@ -470,7 +470,13 @@ impl Admin for AdminService {
         let node = self.node.clone();
         let report = tokio::spawn(async move {
             node.backups
-                .restore(&node, &request.url, &request.backup_id, to)
+                .restore(
+                    &node,
+                    &request.url,
+                    &request.backup_id,
+                    &request.cluster_id,
+                    to,
+                )
                 .await
         })
         .await

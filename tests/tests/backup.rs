@@ -578,19 +578,51 @@ async fn a_cluster_comes_back_as_it_was_at_any_time_from_a_backup_and_its_shippe
     }
 
     eprintln!("--- the latest time holds the mistake: no view");
-    let (report, _, _cluster, _dir) = restore_into_new_cluster(&url, "latest").await;
+    let (report, _, mut restored, _dir) = restore_into_new_cluster(&url, "latest").await;
     assert_eq!(report["views"], 0, "{report}");
     assert!(
         report["restored_to_us"].as_i64().unwrap() >= mistake_us,
         "{report}"
     );
 
+    eprintln!("--- the restored cluster backs up to the same target: say which cluster");
+    let restored_endpoint = restored.node(1).endpoint();
+    ctl_json(&restored_endpoint, &["backup", "create", &url]);
+    let source = status["cluster_id"].as_str().unwrap();
+    let (_again, _again_dir, again_endpoint) = new_cluster().await;
+    let (ok, _, stderr) = ctl(
+        &again_endpoint,
+        &["restore", "--from", &url, "--to-time", "latest"],
+    );
+    assert!(!ok && stderr.contains("--cluster-id"), "{stderr}");
+    let report = ctl_json(
+        &again_endpoint,
+        &[
+            "restore",
+            "--from",
+            &url,
+            "--to-time",
+            &rfc3339(just_before),
+            "--cluster-id",
+            source,
+        ],
+    );
+    assert_eq!(report["views"], 1, "{report}");
+
     eprintln!("--- a time the shipped log does not reach writes nothing");
     let (_other, _dir, other_endpoint) = new_cluster().await;
     let future = rfc3339(now_us() + 3_600_000_000);
     let (ok, _, stderr) = ctl(
         &other_endpoint,
-        &["restore", "--from", &url, "--to-time", &future],
+        &[
+            "restore",
+            "--from",
+            &url,
+            "--to-time",
+            &future,
+            "--cluster-id",
+            source,
+        ],
     );
     assert!(!ok && stderr.contains("not restorable"), "{stderr}");
     let views = quiverctl(&other_endpoint, &["--json", "views", "list"]).unwrap();

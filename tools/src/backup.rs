@@ -110,6 +110,10 @@ pub struct RestoreArgs {
     /// (backup.log_url) in the backed-up cluster.
     #[arg(long, value_parser = parse_to_time)]
     pub to_time: Option<ToTime>,
+    /// Only backups (and the shipped log) of this cluster, when the target
+    /// holds several (`backup show` prints a backup's cluster).
+    #[arg(long)]
+    pub cluster_id: Option<String>,
 }
 
 /// A point in time to restore to.
@@ -158,6 +162,7 @@ pub async fn restore(endpoint: &str, args: &RestoreArgs, json: bool) -> Result<(
                 _ => 0,
             },
             to_latest: args.to_time == Some(ToTime::Latest),
+            cluster_id: args.cluster_id.clone().unwrap_or_default(),
         })
         .await
         .map_err(|s| status_error("restore", s));
@@ -469,13 +474,14 @@ fn show(answer: &pb::GetBackupResponse) -> Result<()> {
     let manifest: serde_json::Value = serde_json::from_str(&answer.manifest_json)?;
     let backup = answer.backup.clone().unwrap_or_default();
     println!(
-        "backup {}: started {}, took {}, {} shards, {} rows, {}; cluster map version {}",
+        "backup {}: started {}, took {}, {} shards, {} rows, {}; cluster {}, map version {}",
         backup.backup_id,
         time_text(backup.started_at_us),
         elapsed_text(backup.started_at_us, backup.finished_at_us),
         backup.shards,
         backup.rows,
         bytes_text(backup.bytes),
+        manifest["cluster_id"].as_str().unwrap_or("unknown"),
         backup.map_version
     );
     let mut table = Table::new();

@@ -87,12 +87,14 @@ pub enum RestoreTo {
 impl Backups {
     /// Restores into this node's cluster, which must hold no feature view
     /// (a new cluster: a restore never writes over a live one), backup `id`
-    /// at `url` (empty: the newest that fits `to`), as `to` says.
+    /// at `url` (empty: the newest that fits `to`, of cluster `cluster_id`
+    /// if not empty), as `to` says.
     pub async fn restore(
         self: &Arc<Self>,
         node: &Node,
         url: &str,
         id: &str,
+        cluster_id: &str,
         to: RestoreTo,
     ) -> Result<RestoreReport, BackupError> {
         let _one = self
@@ -112,7 +114,7 @@ impl Backups {
                 existing.len()
             )));
         }
-        let (manifest, until_us) = self.choose(&target, url, id, to).await?;
+        let (manifest, until_us) = self.choose(&target, url, id, cluster_id, to).await?;
         let id = manifest.backup_id.as_str();
         let replay = match until_us {
             None => None,
@@ -213,16 +215,45 @@ impl Backups {
         target: &Target,
         url: &str,
         id: &str,
+        cluster_id: &str,
         to: RestoreTo,
     ) -> Result<(BackupManifest, Option<i64>), BackupError> {
-        let candidates = if id.is_empty() {
+        let mut candidates = if id.is_empty() {
             self.list(url).await?
         } else {
             vec![self.get(url, id).await?]
         };
+        if !cluster_id.is_empty() {
+            log::check_cluster_id(cluster_id)?;
+            candidates.retain(|m| m.cluster_id.as_deref() == Some(cluster_id));
+        }
         let Some(newest) = candidates.last() else {
-            return Err(BackupError::NotFound(format!("(none at {url})")));
+            return Err(BackupError::NotFound(format!(
+                "(none{} at {url})",
+                if cluster_id.is_empty() {
+                    String::new()
+                } else {
+                    format!(" of cluster {cluster_id}")
+                }
+            )));
         };
+        // Backups of several clusters at one target (a restored cluster
+        // backing up where its source did): which history is meant must
+        // be said.
+        if !matches!(to, RestoreTo::Backup) && id.is_empty() {
+            let mut clusters: Vec<&str> = candidates
+                .iter()
+                .filter_map(|m| m.cluster_id.as_deref())
+                .collect();
+            clusters.sort_unstable();
+            clusters.dedup();
+            if clusters.len() > 1 {
+                return Err(BackupError::Invalid(format!(
+                    "{url} holds backups of clusters {}: name one (--cluster-id) or a backup",
+                    clusters.join(", ")
+                )));
+            }
+        }
         let until_us = match to {
             RestoreTo::Backup => return Ok((newest.clone(), None)),
             RestoreTo::Time(until_us) => until_us,
