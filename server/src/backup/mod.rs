@@ -115,8 +115,24 @@ pub struct VerifyReport {
     pub bytes_checked: u64,
     /// Shards whose data was restored into a scratch store and compared.
     pub shards_restored: u64,
-    /// Every problem, naming its shard and file.
+    /// Every problem, naming its shard and file (the first
+    /// [`VERIFY_PROBLEMS_MAX`], then how many more).
     pub problems: Vec<String>,
+}
+
+/// Problems a verification lists one by one (a backup damaged everywhere
+/// does not make an answer too big to send).
+pub const VERIFY_PROBLEMS_MAX: usize = 1000;
+
+impl VerifyReport {
+    fn problem(&mut self, text: String) {
+        if self.problems.len() < VERIFY_PROBLEMS_MAX {
+            self.problems.push(text);
+        } else if self.problems.len() == VERIFY_PROBLEMS_MAX {
+            self.problems
+                .push("... and more problems (not listed)".to_owned());
+        }
+    }
 }
 
 /// The key of a part's file in backup `id` (`dir`: the part's directory,
@@ -322,7 +338,7 @@ impl Backups {
                 .checkpoint_and_upload(&state, &target, &staging, &id, &dir)
                 .await
                 .map(|record| (dir, record));
-            let _ = std::fs::remove_dir_all(&staging);
+            remove_scratch(staging).await;
             result
         })
         .await
@@ -340,7 +356,7 @@ impl Backups {
         id: &str,
         dir: &str,
     ) -> Result<ShardBackup, BackupError> {
-        let _ = std::fs::remove_dir_all(staging);
+        remove_scratch(staging.to_path_buf()).await;
         let db = staging.join("db");
         let group = state.group();
         let (checkpoint_state, checkpoint_db) = (state.clone(), db.clone());
@@ -433,9 +449,7 @@ impl Backups {
                 match target.hash(&key).await? {
                     None => {
                         shard_ok = false;
-                        report
-                            .problems
-                            .push(format!("shard {}: {key}: missing", record.group));
+                        report.problem(format!("shard {}: {key}: missing", record.group));
                     }
                     Some((bytes, crc32c, sha256)) => {
                         report.files_checked += 1;
@@ -451,9 +465,7 @@ impl Backups {
                         };
                         if let Some(problem) = problem {
                             shard_ok = false;
-                            report
-                                .problems
-                                .push(format!("shard {}: {key}: {problem}", record.group));
+                            report.problem(format!("shard {}: {key}: {problem}", record.group));
                         }
                     }
                 }
@@ -461,7 +473,7 @@ impl Backups {
             if data && shard_ok {
                 match self.verify_shard_data(&target, id, dir, record).await {
                     Ok(()) => report.shards_restored += 1,
-                    Err(e) => report.problems.push(format!("shard {}: {e}", record.group)),
+                    Err(e) => report.problem(format!("shard {}: {e}", record.group)),
                 }
             }
         }
@@ -477,7 +489,7 @@ impl Backups {
         record: &ShardBackup,
     ) -> Result<(), BackupError> {
         let scratch = self.download_verified(target, id, dir, record).await?;
-        let _ = std::fs::remove_dir_all(&scratch);
+        remove_scratch(scratch).await;
         Ok(())
     }
 }
@@ -491,6 +503,20 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| io_error(what, std::io::Error::other(e)))?
+}
+
+/// Removes a staging or scratch directory off the async workers (a
+/// checkpoint can hold thousands of files); failures are only logged.
+async fn remove_scratch(dir: PathBuf) {
+    let removed = dir.clone();
+    match tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&removed)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Ok(Err(e)) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a backup scratch directory");
+        }
+        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "scratch removal task failed"),
+    }
 }
 
 /// An I/O error about `what`.

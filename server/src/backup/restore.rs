@@ -32,6 +32,7 @@ use quiver_raft::{Command, GroupId, METADATA_GROUP, Response, StateMachine};
 
 use super::{
     BackupError, BackupManifest, Backups, STAGING_DIR, Target, blocking, file_key, io_error, log,
+    remove_scratch,
 };
 use crate::node::Node;
 
@@ -199,10 +200,10 @@ impl Backups {
             Err(e) => Err(e),
         };
         drop(metadata.1);
-        let _ = std::fs::remove_dir_all(&metadata.0);
+        remove_scratch(metadata.0).await;
         for (scratch, state) in shards {
             drop(state);
-            let _ = std::fs::remove_dir_all(&scratch);
+            remove_scratch(scratch).await;
         }
         written?;
         tracing::info!(backup = id, ?report, "restore complete");
@@ -315,7 +316,7 @@ impl Backups {
         match state {
             Ok(state) => Ok((scratch, state)),
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&scratch);
+                remove_scratch(scratch).await;
                 Err(e)
             }
         }
@@ -385,13 +386,17 @@ impl Backups {
             .data_dir
             .join(STAGING_DIR)
             .join(format!("scratch-{id}-{dir}-{:08x}", rand::random::<u32>()));
-        let _ = std::fs::remove_dir_all(&scratch);
+        remove_scratch(scratch.clone()).await;
         let db = scratch.join(shard_backup::REPLAY_DB_DIR);
         std::fs::create_dir_all(&db).map_err(|e| io_error(&db, e))?;
         let result = async {
             for file in &record.files {
                 target
-                    .download(&file_key(id, dir, &file.name), &db.join(&file.name))
+                    .download(
+                        &file_key(id, dir, &file.name),
+                        &db.join(&file.name),
+                        file.bytes,
+                    )
                     .await?;
             }
             let (checked, record) = (db.clone(), record.clone());
@@ -404,7 +409,7 @@ impl Backups {
         match result {
             Ok(()) => Ok(scratch),
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&scratch);
+                remove_scratch(scratch).await;
                 Err(e)
             }
         }

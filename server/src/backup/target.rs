@@ -298,8 +298,15 @@ impl Target {
         Ok(Some(hasher.finish()))
     }
 
-    /// Copies the object at `key` into the local file `path`.
-    pub async fn download(&self, key: &str, path: &Path) -> Result<(), BackupError> {
+    /// Copies the object at `key` into the local file `path`, refusing
+    /// more than `bytes_max` (what the manifest recorded: a grown object
+    /// cannot fill the disk before a checksum catches it).
+    pub async fn download(
+        &self,
+        key: &str,
+        path: &Path,
+        bytes_max: u64,
+    ) -> Result<(), BackupError> {
         let location = object_path(key)?;
         let result = match self.store.get(&location).await {
             Ok(result) => result,
@@ -311,10 +318,25 @@ impl Target {
             }
             Err(e) => return Err(e.into()),
         };
+        if result.meta.size > bytes_max {
+            return Err(BackupError::Corrupt {
+                what: key.to_owned(),
+                reason: format!("{} bytes, the manifest says {bytes_max}", result.meta.size),
+            });
+        }
         let mut stream = result.into_stream();
         let mut out = Vec::new();
+        let mut total = 0u64;
         while let Some(chunk) = stream.next().await {
-            out.extend_from_slice(&chunk?);
+            let chunk = chunk?;
+            total += chunk.len() as u64;
+            if total > bytes_max {
+                return Err(BackupError::Corrupt {
+                    what: key.to_owned(),
+                    reason: format!("more than the {bytes_max} bytes the manifest says"),
+                });
+            }
+            out.extend_from_slice(&chunk);
             if out.len() >= UPLOAD_PART_BYTES {
                 append(path, std::mem::take(&mut out)).await?;
             }
@@ -556,7 +578,7 @@ mod tests {
         assert_eq!(target.hash("backups/a/nothing").await.unwrap(), None);
         let copy = root.path().join("copy");
         target
-            .download("backups/a/shards/1/000007.sst", &copy)
+            .download("backups/a/shards/1/000007.sst", &copy, u64::MAX)
             .await
             .unwrap();
         assert_eq!(std::fs::read(&copy).unwrap(), bytes);
