@@ -41,8 +41,13 @@ fn ctl(endpoint: &str, args: &[&str]) -> (bool, String, String) {
 /// A new, empty one-node cluster (a restore's destination), its directory
 /// and its endpoint.
 async fn new_cluster() -> (quiver_tests::Cluster, tempfile::TempDir, String) {
+    new_cluster_of(1).await
+}
+
+/// [`new_cluster`] of `nodes` nodes.
+async fn new_cluster_of(nodes: usize) -> (quiver_tests::Cluster, tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = quiver_tests::Cluster::start(dir.path(), 1, &[])
+    let mut cluster = quiver_tests::Cluster::start(dir.path(), nodes, &[])
         .await
         .unwrap();
     cluster.wait_for_leaders(LEADER_WAIT).await.unwrap();
@@ -664,8 +669,14 @@ async fn shipping_resumes_where_it_stopped_when_a_stalled_target_returns() {
     std::fs::rename(&away, &target).unwrap();
     let status = wait_restorable(&endpoint, &url, written_at).await;
     assert!(status["restorable_until_us"].as_i64().unwrap() > stalled_at);
-    let (report, mut restored, _cluster, _dir) = restore_into_new_cluster(&url, "latest").await;
+    eprintln!("--- restored into a new 5-node cluster");
+    let (mut five, _five_dir, five_endpoint) = new_cluster_of(5).await;
+    let report = ctl_json(
+        &five_endpoint,
+        &["restore", "--from", &url, "--to-time", "latest"],
+    );
     assert_eq!(report["rows_restored"], 130, "{report}");
+    let mut restored = five.node(5).client().await.unwrap();
     let all: Vec<String> = keys(50, "first")
         .into_iter()
         .chain(keys(80, "second"))
