@@ -170,9 +170,10 @@ impl ChangeStream {
     /// stream here. (Racy against apply; a checkpoint carries its own
     /// applied log id and leader time, which is what a backup records.)
     pub fn position(&self) -> ChangePosition {
+        let (log_id, leader_ts_us) = self.state.applied_position();
         ChangePosition {
-            log_id: self.state.applied(),
-            leader_ts_us: self.state.leader_time_us(),
+            log_id,
+            leader_ts_us,
         }
     }
 

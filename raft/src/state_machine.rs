@@ -271,6 +271,12 @@ impl StateMachine {
         self.shared.store.load_full()
     }
 
+    /// The last applied log id and the leader time there, read together.
+    pub fn applied_position(&self) -> (Option<LogId>, i64) {
+        let applied = self.shared.applied.lock();
+        (applied.0, self.leader_time_us())
+    }
+
     /// The last applied log id.
     pub fn applied(&self) -> Option<LogId> {
         self.shared.applied.lock().0
@@ -370,6 +376,10 @@ impl StateMachine {
                 }
             };
             let meta = encode_applied(&Some(log_id), &membership)?;
+            // The entry's time, as `apply_proposal` counts it.
+            let leader_ts_us = command
+                .as_ref()
+                .map(|proposal| proposal.leader_ts_us.max(self.leader_time_us()));
             let response = match command {
                 Some(proposal) => self.apply_proposal(log_id, proposal, &meta)?,
                 None => {
@@ -379,7 +389,16 @@ impl StateMachine {
                     Response::Empty
                 }
             };
-            *self.shared.applied.lock() = (Some(log_id), membership);
+            {
+                // Position and time change together: a reader of
+                // `applied_position` never pairs an index with a later
+                // entry's time.
+                let mut applied = self.shared.applied.lock();
+                *applied = (Some(log_id), membership);
+                if let Some(leader_ts_us) = leader_ts_us {
+                    self.set_leader_time(leader_ts_us);
+                }
+            }
             responses.push(response);
         }
         Ok(responses)
@@ -411,7 +430,6 @@ impl StateMachine {
             let mut ops = vec![(APPLIED_KEY, Some(meta))];
             ops.extend(time_put);
             store.put_meta(&ops).map_err(engine_io)?;
-            self.set_leader_time(leader_ts_us);
             // A retry gets the first attempt's refusal again; a retry of
             // something that was done is told it was.
             return Ok(if outcome.is_empty() {
@@ -428,7 +446,6 @@ impl StateMachine {
             let mut ops = vec![(APPLIED_KEY, Some(meta))];
             ops.extend(time_put);
             store.put_meta(&ops).map_err(engine_io)?;
-            self.set_leader_time(leader_ts_us);
             return Ok(refusal);
         }
         let slot_key = [
@@ -555,8 +572,8 @@ impl StateMachine {
                 Err(error) => self.reject(error, meta_puts)?,
             },
         };
-        // Written with the entry's batch (or refused with it): it holds now.
-        self.set_leader_time(leader_ts_us);
+        // Written with the entry's batch (or refused with it); published
+        // with the applied position by `apply_entries`.
         tracing::trace!(group = self.shared.group, %log_id, "applied");
         Ok(response)
     }

@@ -54,18 +54,9 @@ impl ExpiryTiming {
 
 /// Runs expiry rounds until the node goes away or stops.
 pub async fn expiry_loop(node: Weak<Node>, timing: ExpiryTiming) {
-    let mut ticker = tokio::time::interval(timing.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The first tick fires at once: skip it, nothing is due at start.
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        let Some(node) = node.upgrade() else {
-            return;
-        };
-        if node.cluster.is_stopping() {
-            return;
-        }
+    // Nothing is due at start.
+    let mut rounds = crate::node::Rounds::new(node, timing.interval, true);
+    while let Some(node) = rounds.next().await {
         expire_round(&node, timing).await;
     }
 }

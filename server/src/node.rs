@@ -334,6 +334,43 @@ fn regroup(
 /// Shared handle to a node.
 pub type NodeRef = Arc<Node>;
 
+/// The rounds of a node's background loop (expiry, log shipping,
+/// scheduled backups): one per `interval`, a late round delaying the next
+/// rather than bunching them, for as long as the node lives and is not
+/// stopping.
+pub struct Rounds {
+    node: std::sync::Weak<Node>,
+    ticker: tokio::time::Interval,
+}
+
+impl Rounds {
+    /// Rounds of `node` every `interval`; with `skip_first`, the first one
+    /// an interval after the start (else at once).
+    pub fn new(
+        node: std::sync::Weak<Node>,
+        interval: std::time::Duration,
+        skip_first: bool,
+    ) -> Self {
+        let start = tokio::time::Instant::now()
+            + if skip_first {
+                interval
+            } else {
+                std::time::Duration::ZERO
+            };
+        let mut ticker = tokio::time::interval_at(start, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Rounds { node, ticker }
+    }
+
+    /// Waits for the next round; `None` once the node is gone or stopping.
+    pub async fn next(&mut self) -> Option<Arc<Node>> {
+        self.ticker.tick().await;
+        self.node
+            .upgrade()
+            .filter(|node| !node.cluster.is_stopping())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

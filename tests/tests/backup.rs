@@ -55,6 +55,26 @@ async fn new_cluster_of(nodes: usize) -> (quiver_tests::Cluster, tempfile::TempD
     (cluster, dir, endpoint)
 }
 
+/// A 3-shard cluster's settings shipping its log to `url` in 200 ms
+/// rounds (idle groups every second).
+fn shipping_env(url: &str) -> Vec<(&'static str, &str)> {
+    vec![
+        ("QUIVER_CLUSTER__SHARD_COUNT", "3"),
+        ("QUIVER_BACKUP__LOG_URL", url),
+        ("QUIVER_BACKUP__LOG_INTERVAL_MS", "200"),
+        ("QUIVER_BACKUP__LOG_IDLE_INTERVAL_MS", "1000"),
+    ]
+}
+
+/// Asserts that every one of `keys` has a value, read STRONG.
+async fn assert_all_present(client: &mut quiver_tests::Client, keys: &[String]) {
+    let (values, _) =
+        quiver_tests::counter::read_values(client, keys, quiver_proto::v1::Consistency::Strong)
+            .await
+            .unwrap();
+    assert!(values.iter().all(Option::is_some), "{values:?}");
+}
+
 /// Writes `count` rows (value = index + 1) in batches.
 async fn write_rows(client: &quiver_tests::Client, prefix: &str, count: usize) {
     let values: Vec<(String, i64)> = keys(count, prefix)
@@ -491,13 +511,8 @@ async fn a_cluster_comes_back_as_it_was_at_any_time_from_a_backup_and_its_shippe
 
     let target_dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", target_dir.path().join("t").display());
-    let env = [
-        ("QUIVER_CLUSTER__SHARD_COUNT", "3"),
-        ("QUIVER_BACKUP__LOG_URL", url.as_str()),
-        ("QUIVER_BACKUP__LOG_INTERVAL_MS", "200"),
-        ("QUIVER_BACKUP__LOG_IDLE_INTERVAL_MS", "1000"),
-        ("QUIVER_TEST_CLOCK_SKEW_FILE", CLOCK_SKEW_FILE),
-    ];
+    let mut env = shipping_env(&url);
+    env.push(("QUIVER_TEST_CLOCK_SKEW_FILE", CLOCK_SKEW_FILE));
     let mut cluster = start(&env).await;
     let endpoint = cluster.node(1).endpoint();
     let client = cluster.node(1).client().await.unwrap();
@@ -639,12 +654,7 @@ async fn shipping_resumes_where_it_stopped_when_a_stalled_target_returns() {
     let target_dir = tempfile::tempdir().unwrap();
     let target = target_dir.path().join("t");
     let url = format!("file://{}", target.display());
-    let env = [
-        ("QUIVER_CLUSTER__SHARD_COUNT", "3"),
-        ("QUIVER_BACKUP__LOG_URL", url.as_str()),
-        ("QUIVER_BACKUP__LOG_INTERVAL_MS", "200"),
-        ("QUIVER_BACKUP__LOG_IDLE_INTERVAL_MS", "1000"),
-    ];
+    let env = shipping_env(&url);
     let mut cluster = start(&env).await;
     let endpoint = cluster.node(1).endpoint();
     let client = cluster.node(1).client().await.unwrap();
@@ -681,28 +691,16 @@ async fn shipping_resumes_where_it_stopped_when_a_stalled_target_returns() {
         .into_iter()
         .chain(keys(80, "second"))
         .collect();
-    let (values, _) = quiver_tests::counter::read_values(
-        &mut restored,
-        &all,
-        quiver_proto::v1::Consistency::Strong,
-    )
-    .await
-    .unwrap();
-    assert!(values.iter().all(Option::is_some), "{values:?}");
+    assert_all_present(&mut restored, &all).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_backups_come_on_time_and_prune_keeps_what_a_restore_needs() {
     let target_dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", target_dir.path().join("t").display());
-    let env = [
-        ("QUIVER_CLUSTER__SHARD_COUNT", "3"),
-        ("QUIVER_BACKUP__LOG_URL", url.as_str()),
-        ("QUIVER_BACKUP__LOG_INTERVAL_MS", "200"),
-        ("QUIVER_BACKUP__LOG_IDLE_INTERVAL_MS", "1000"),
-        ("QUIVER_BACKUP__SCHEDULE_URL", url.as_str()),
-        ("QUIVER_BACKUP__FULL_INTERVAL_SECONDS", "10"),
-    ];
+    let mut env = shipping_env(&url);
+    env.push(("QUIVER_BACKUP__SCHEDULE_URL", url.as_str()));
+    env.push(("QUIVER_BACKUP__FULL_INTERVAL_SECONDS", "10"));
     let mut cluster = start(&env).await;
     let endpoint = cluster.node(1).endpoint();
     let client = cluster.node(1).client().await.unwrap();
@@ -784,14 +782,7 @@ async fn scheduled_backups_come_on_time_and_prune_keeps_what_a_restore_needs() {
     let (report, mut restored, _cluster, _dir) = restore_into_new_cluster(&url, "latest").await;
     assert_eq!(report["rows_restored"], 150, "{report}");
     let all: Vec<String> = ["a", "b", "c"].iter().flat_map(|p| keys(50, p)).collect();
-    let (values, _) = quiver_tests::counter::read_values(
-        &mut restored,
-        &all,
-        quiver_proto::v1::Consistency::Strong,
-    )
-    .await
-    .unwrap();
-    assert!(values.iter().all(Option::is_some), "{values:?}");
+    assert_all_present(&mut restored, &all).await;
 
     eprintln!("--- a time before the kept backup is no longer restorable");
     let (_other, _other_dir, other_endpoint) = new_cluster().await;

@@ -289,12 +289,15 @@ impl StateMachine {
         // store's rows also finds the new range version.
         *self.shared.range.lock() = range;
         self.shared.store.store(Arc::new(store));
-        *self.shared.applied.lock() = (meta.last_log_id, meta.last_membership.clone());
-        // The snapshot's, not the max with ours: an install replaces the
-        // state, and the time is part of it.
-        self.shared
-            .leader_time_us
-            .store(leader_time_us, std::sync::atomic::Ordering::SeqCst);
+        {
+            let mut applied = self.shared.applied.lock();
+            *applied = (meta.last_log_id, meta.last_membership.clone());
+            // The snapshot's, not the max with ours: an install replaces
+            // the state, and the time is part of it.
+            self.shared
+                .leader_time_us
+                .store(leader_time_us, std::sync::atomic::Ordering::SeqCst);
+        }
         self.shared.map.send_replace(map);
         *self.shared.log_holds.lock() = log_holds;
         self.shared.observer.store_replaced();

@@ -18,16 +18,23 @@
 //!   index. The hold keeps the log from being purged before what is
 //!   shipped (up to `cluster.log_hold_bytes_max`), and the entry moves the
 //!   group's leader time, so an idle shard's restorable time advances too.
-//!   A sleeping (hibernated) group is woken for it only every
+//!   A hold follows every round that shipped entries other than holds; a
+//!   group with nothing new (awake or hibernating) gets one only every
 //!   `log_idle_interval_ms`, so an idle cluster stays nearly idle (and its
-//!   restorable time lags by up to that much: nothing was written meanwhile,
-//!   but only an entry can vouch for that).
-//! - **A new leader** resumes from `LATEST` and any later chunk it lists.
+//!   restorable time lags by up to that much: nothing was written
+//!   meanwhile, but only an entry can vouch for that).
+//! - **A new leader** (or a leader in a new term) resumes from `LATEST`
+//!   and any later chunk it lists; a shipper whose position's entries are
+//!   gone looks there once more before it declares a gap.
 //! - **A gap.** If the entries after the shipped position are gone (the
 //!   hold's cap was passed while the target was down, or the leader caught
 //!   up by snapshot), the stream starts again at the replica's applied
 //!   position with an empty chunk, and is logged: times between the gap's
 //!   two ends are restorable only from a full backup taken after it.
+//!   (`backup status` does not show gaps yet: it reads `LATEST` only.)
+//! - **The hold stays** while shipping is configured off: release it with
+//!   a `ReleaseLog` for [`LOG_CONSUMER`] (no command does that yet), or
+//!   the log is kept up to `log_hold_bytes_max` per group.
 //! - **Restorable time.** A chunk ends at the position after its last
 //!   entry, with that entry's leader time `L`: every entry at or before
 //!   `L - 1 µs` is shipped (leader times never go back; a later entry may
@@ -45,6 +52,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver as _;
 use quiver_raft::backup::{self as shard_backup, ReplayProgress};
 use quiver_raft::change_stream::{
     ChangeEntry, ChangeLimits, ChangePosition, ChangeStream, ChangeStreamError,
@@ -324,11 +332,17 @@ pub async fn replay_shipped(
 ) -> Result<ShippedReplay, BackupError> {
     let group = state.group();
     let chunks = list_chunks(target, cluster_id, group, None).await?;
+    let (log_id, leader_ts_us) = state.applied_position();
     let mut position = ChangePosition {
-        log_id: state.applied(),
-        leader_ts_us: state.leader_time_us(),
+        log_id,
+        leader_ts_us,
     };
     let mut report = ShippedReplay::default();
+    // Chunks by `from`: those starting at or before the position grow as
+    // it moves, so one pass over the list finds, at each step, the one
+    // going furthest (not a scan per chunk).
+    let mut considered = 0;
+    let mut furthest: Option<&(u64, u64, String)> = None;
     if position.leader_ts_us > until_us {
         return Err(BackupError::Refused(format!(
             "group {group}: the checkpoint is at leader time {}, after the time asked",
@@ -338,16 +352,19 @@ pub async fn replay_shipped(
     loop {
         // The chunk going furthest from here.
         let at = position.index();
-        let Some((_, _, name)) = chunks
-            .iter()
-            .filter(|(from, next, _)| *from <= at && *next > at)
-            .max_by_key(|(_, next, _)| *next)
+        while let Some(chunk) = chunks.get(considered).filter(|(from, _, _)| *from <= at) {
+            if furthest.is_none_or(|(_, next, _)| chunk.1 > *next) {
+                furthest = Some(chunk);
+            }
+            considered += 1;
+        }
+        let Some((named_from, named_next, name)) = furthest.filter(|(_, next, _)| *next > at)
         else {
             return Err(BackupError::Refused(format!(
                 "group {group}: its shipped log reaches only index {at} (leader time {}): the \
                  time asked is not restorable{}",
                 time_text(position.leader_ts_us),
-                if chunks.iter().any(|(from, _, _)| *from > at) {
+                if considered < chunks.len() {
                     " (the log has a gap there: restore from a full backup taken after it)"
                 } else {
                     " yet"
@@ -355,6 +372,16 @@ pub async fn replay_shipped(
             )));
         };
         let chunk = read_chunk(target, cluster_id, group, name).await?;
+        if (chunk.from.index(), chunk.next.index()) != (*named_from, *named_next) {
+            return Err(BackupError::Corrupt {
+                what: format!("{}/{name}", group_prefix(cluster_id, group)),
+                reason: format!(
+                    "holds indexes {}..{}, not those of its name",
+                    chunk.from.index(),
+                    chunk.next.index()
+                ),
+            });
+        }
         if chunk.from.index() == at && chunk.from.log_id != position.log_id {
             return Err(BackupError::Corrupt {
                 what: format!("{}/{name}", group_prefix(cluster_id, group)),
@@ -386,11 +413,18 @@ pub async fn replay_shipped(
 /// Per group, what this node's shipper knows while it leads it.
 #[derive(Debug, Clone)]
 struct Shipped {
+    /// The term this node leads the group in: a leader that lost the
+    /// group and won it back resumes from the target (another leader may
+    /// have shipped, and held the log, meanwhile).
+    term: u64,
     /// What the target holds up to.
     position: ChangePosition,
     /// When the group's time was last advanced by a hold (`None`: not by
     /// this shipper).
     held_at: Option<std::time::Instant>,
+    /// Entries other than holds were shipped since the last hold: the
+    /// group's time must follow them.
+    pending: bool,
 }
 
 /// How often log shipping runs.
@@ -405,19 +439,10 @@ pub struct ShippingTiming {
 /// Runs log shipping to `url` every `timing.interval` until the node goes
 /// away or stops.
 pub async fn shipping_loop(node: Weak<Node>, url: String, timing: ShippingTiming) {
-    let interval = timing.interval;
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shipped: HashMap<GroupId, Shipped> = HashMap::new();
     let mut target: Option<Target> = None;
-    loop {
-        ticker.tick().await;
-        let Some(node) = node.upgrade() else {
-            return;
-        };
-        if node.cluster.is_stopping() {
-            return;
-        }
+    let mut rounds = crate::node::Rounds::new(node, timing.interval, false);
+    while let Some(node) = rounds.next().await {
         if target.is_none() {
             match node.backups.target_for_writing(&url) {
                 Ok(opened) => target = Some(opened),
@@ -444,24 +469,43 @@ async fn ship_round(
         .group(METADATA_GROUP)
         .and_then(|metadata| metadata.state.cluster_id().ok().flatten())
     else {
-        tracing::debug!("log shipping waits for the cluster's id");
+        // Right after a start the metadata replica may not have applied
+        // the bootstrap yet; a map without an id is a cluster bootstrapped
+        // by a build that drew none.
+        if cluster
+            .group(METADATA_GROUP)
+            .is_some_and(|metadata| metadata.state.cluster_map().is_some())
+        {
+            tracing::warn!(
+                "log shipping cannot run: this cluster has no id (bootstrapped before ids \
+                 existed); nothing is shipped"
+            );
+        }
         return;
     };
-    let groups = cluster.groups();
-    // A group no longer led here is resumed from the target when it is
-    // again: another leader may have shipped meanwhile.
-    shipped.retain(|group, _| {
+    let groups: Vec<_> = cluster
+        .groups()
+        .into_iter()
+        .filter_map(|(group, hosted)| {
+            let term = {
+                let metrics = hosted.raft.metrics();
+                let m = metrics.borrow_watched();
+                (m.state == openraft::ServerState::Leader).then_some(m.current_term)
+            };
+            term.map(|term| (group, hosted, term))
+        })
+        .collect();
+    // A group not led here in the same term is resumed from the target
+    // when it is again: another leader may have shipped meanwhile.
+    shipped.retain(|group, state| {
         groups
             .iter()
-            .any(|(g, hosted)| g == group && hosted.raft.is_leader())
+            .any(|(g, _, term)| g == group && *term == state.term)
     });
-    for (group, hosted) in groups {
-        if !hosted.raft.is_leader() {
-            continue;
-        }
+    for (group, hosted, term) in groups {
         let state = match shipped.remove(&group) {
             Some(state) => Some(state),
-            None => match resume(target, &cluster_id, group).await {
+            None => match resume(target, &cluster_id, group, term).await {
                 Ok(state) => state,
                 Err(e) => {
                     // Starting anew could skip entries a reachable LATEST
@@ -472,14 +516,15 @@ async fn ship_round(
             },
         };
         let stream = ChangeStream::new(hosted.log.clone(), hosted.state.clone());
-        // A sleeping group is woken only once its time lags by the idle
-        // interval.
-        let hold_due = !hosted.pulse.is_asleep()
-            || state
-                .as_ref()
-                .and_then(|s| s.held_at)
-                .is_none_or(|at| at.elapsed() >= idle_interval);
-        match ship_group(cluster, target, &cluster_id, group, stream, state, hold_due).await {
+        let ship = GroupShip {
+            cluster,
+            target,
+            cluster_id: &cluster_id,
+            group,
+            term,
+            stream,
+        };
+        match ship.run(state, idle_interval).await {
             Ok(state) => {
                 shipped.insert(group, state);
             }
@@ -494,6 +539,7 @@ async fn resume(
     target: &Target,
     cluster_id: &str,
     group: GroupId,
+    term: u64,
 ) -> Result<Option<Shipped>, BackupError> {
     let latest = latest(target, cluster_id, group).await?;
     // A chunk written after LATEST (its writer died before moving it).
@@ -509,92 +555,141 @@ async fn resume(
         position = Some(read_chunk(target, cluster_id, group, &name).await?.next);
     }
     Ok(position.map(|position| Shipped {
+        term,
         position,
         held_at: None,
+        pending: true,
     }))
 }
 
-/// Ships what `group` committed since `state` (or, if nothing was
-/// shipped, marks where its shipped log starts), then holds the log there.
-async fn ship_group(
-    cluster: &Arc<Cluster>,
-    target: &Target,
-    cluster_id: &str,
+/// One group's shipping, by this node as its leader in `term`.
+struct GroupShip<'a> {
+    cluster: &'a Arc<Cluster>,
+    target: &'a Target,
+    cluster_id: &'a str,
     group: GroupId,
+    term: u64,
     stream: ChangeStream,
-    state: Option<Shipped>,
-    hold_due: bool,
-) -> Result<Shipped, BackupError> {
-    let prefix = group_prefix(cluster_id, group);
-    let mut state = match state {
-        Some(state) => state,
-        None => {
-            let start = stream.position();
-            write_chunk(target, &prefix, group, start, start, Vec::new()).await?;
-            tracing::info!(group, position = ?start, "log shipping starts");
-            Shipped {
-                position: start,
-                held_at: None,
-            }
-        }
-    };
-    let limits = ChangeLimits {
-        entries_max: 1 << 20,
-        bytes_max: CHUNK_ENTRY_BYTES_MAX,
-    };
-    for _ in 0..CHUNKS_PER_ROUND_MAX {
-        let (reader, from) = (stream.clone(), state.position);
-        let read = tokio::task::spawn_blocking(move || reader.read(&from, limits))
-            .await
-            .map_err(|e| BackupError::Invalid(format!("log read task: {e}")))?;
-        let batch = match read {
-            Ok(batch) => batch,
-            Err(ChangeStreamError::Ahead { .. }) => break,
-            Err(e @ (ChangeStreamError::Purged { .. } | ChangeStreamError::Diverged { .. })) => {
-                // Start again where this replica is: a gap in the shipped
-                // log, which only a later full backup bridges.
-                let start = stream.position();
-                tracing::error!(
-                    group, error = %e, from = ?state.position, restart = ?start,
-                    "log shipping: the shipped log has a gap; take a full backup"
-                );
-                write_chunk(target, &prefix, group, start, start, Vec::new()).await?;
-                state.position = start;
+}
+
+impl GroupShip<'_> {
+    /// Ships what the group committed since `state` (or, if nothing was
+    /// shipped, marks where its shipped log starts), then holds the log
+    /// there if entries were shipped since the last hold or the group's
+    /// time has not moved for `idle_interval` (an idle group, awake or
+    /// asleep, is woken for it no more often).
+    async fn run(
+        &self,
+        state: Option<Shipped>,
+        idle_interval: Duration,
+    ) -> Result<Shipped, BackupError> {
+        let group = self.group;
+        let prefix = group_prefix(self.cluster_id, group);
+        let mut state = match state {
+            Some(state) => state,
+            None => self.start_anew(&prefix, None).await?,
+        };
+        let limits = ChangeLimits {
+            entries_max: 1 << 20,
+            bytes_max: CHUNK_ENTRY_BYTES_MAX,
+        };
+        let mut resumed = false;
+        for _ in 0..CHUNKS_PER_ROUND_MAX {
+            let (reader, from) = (self.stream.clone(), state.position);
+            let read = tokio::task::spawn_blocking(move || reader.read(&from, limits))
+                .await
+                .map_err(|e| BackupError::Invalid(format!("log read task: {e}")))?;
+            let batch = match read {
+                Ok(batch) => batch,
+                Err(ChangeStreamError::Ahead { .. }) => break,
+                Err(ChangeStreamError::Purged { .. } | ChangeStreamError::Diverged { .. })
+                    if !resumed =>
+                {
+                    // Another leader may have shipped past this position
+                    // (and let the log go): go on from the target's end.
+                    resumed = true;
+                    if let Some(there) =
+                        resume(self.target, self.cluster_id, group, self.term).await?
+                        && there.position != state.position
+                    {
+                        state.position = there.position;
+                        continue;
+                    }
+                    state = self.start_anew(&prefix, Some(state.position)).await?;
+                    break;
+                }
+                Err(ChangeStreamError::Purged { .. } | ChangeStreamError::Diverged { .. }) => {
+                    state = self.start_anew(&prefix, Some(state.position)).await?;
+                    break;
+                }
+                Err(ChangeStreamError::Io(e)) => {
+                    return Err(BackupError::Io {
+                        what: format!("group {group}'s log"),
+                        source: e,
+                    });
+                }
+            };
+            if batch.next.index() == state.position.index() {
                 break;
             }
-            Err(ChangeStreamError::Io(e)) => {
-                return Err(BackupError::Io {
-                    what: format!("group {group}'s log"),
-                    source: e,
-                });
+            state.pending |= batch.entries.iter().any(|entry| {
+                !matches!(&entry.command, Command::HoldLog { consumer, .. } if consumer == LOG_CONSUMER)
+            });
+            write_chunk(
+                self.target,
+                &prefix,
+                group,
+                state.position,
+                batch.next,
+                batch.entries,
+            )
+            .await?;
+            state.position = batch.next;
+        }
+        // The hold, and the entry that moves the group's time forward.
+        let due = state.pending || state.held_at.is_none_or(|at| at.elapsed() >= idle_interval);
+        if due {
+            let hold = Command::HoldLog {
+                consumer: LOG_CONSUMER.to_owned(),
+                index: state.position.index(),
+            };
+            match self.cluster.propose(group, hold).await {
+                Ok(_) => {
+                    state.held_at = Some(std::time::Instant::now());
+                    state.pending = false;
+                }
+                Err(e) => tracing::debug!(group, error = %e, "log hold not proposed"),
             }
-        };
-        if batch.next.index() == state.position.index() {
-            break;
         }
-        write_chunk(
-            target,
-            &prefix,
-            group,
-            state.position,
-            batch.next,
-            batch.entries,
-        )
-        .await?;
-        state.position = batch.next;
+        Ok(state)
     }
-    // The hold, and the entry that moves the group's time forward.
-    if hold_due {
-        let hold = Command::HoldLog {
-            consumer: LOG_CONSUMER.to_owned(),
-            index: state.position.index(),
-        };
-        match cluster.propose(group, hold).await {
-            Ok(_) => state.held_at = Some(std::time::Instant::now()),
-            Err(e) => tracing::debug!(group, error = %e, "log hold not proposed"),
+
+    /// Starts the shipped log again where this replica is, with an empty
+    /// chunk: the start of shipping, or (after `lost`, a position whose
+    /// entries are gone) a gap only a later full backup bridges.
+    async fn start_anew(
+        &self,
+        prefix: &str,
+        lost: Option<ChangePosition>,
+    ) -> Result<Shipped, BackupError> {
+        let group = self.group;
+        let start = self.stream.position();
+        match lost {
+            None => tracing::info!(group, position = ?start, "log shipping starts"),
+            Some(lost) => tracing::error!(
+                group, from = ?lost, restart = ?start,
+                "log shipping: the entries after the shipped position are gone; the shipped log \
+                 has a gap: take a full backup"
+            ),
         }
+        write_chunk(self.target, prefix, group, start, start, Vec::new()).await?;
+        Ok(Shipped {
+            term: self.term,
+            position: start,
+            held_at: None,
+            pending: true,
+        })
     }
-    Ok(state)
 }
 
 /// Writes one chunk (once: a chunk already there is the same committed

@@ -174,24 +174,13 @@ pub struct Schedule {
 /// the node goes away or stops.
 pub async fn schedule_loop(node: Weak<Node>, schedule: Schedule) {
     let check = (schedule.every / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let mut ticker = tokio::time::interval(check);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let Some(node) = node.upgrade() else {
-            return;
-        };
-        if node.cluster.is_stopping() {
-            return;
-        }
+    let mut rounds = crate::node::Rounds::new(node, check, false);
+    while let Some(node) = rounds.next().await {
         let leads = node
             .cluster
             .group(METADATA_GROUP)
             .is_some_and(|g| g.raft.is_leader());
-        if !leads {
-            continue;
-        }
-        if let Err(e) = scheduled_round(&node, &schedule).await {
+        if leads && let Err(e) = scheduled_round(&node, &schedule).await {
             tracing::warn!(url = %schedule.url, error = %e, "scheduled backup failed; tried again next check");
         }
     }
