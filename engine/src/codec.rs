@@ -73,7 +73,8 @@ pub fn encode_row_to_vec(row: &StoredRow) -> Vec<u8> {
     out
 }
 
-fn encode_value(value: &Value, out: &mut Vec<u8>) {
+/// Appends the encoding of one value (its type tag, then its payload).
+pub fn encode_value(value: &Value, out: &mut Vec<u8>) {
     let Some(value_type) = value.value_type() else {
         out.push(NULL_TAG);
         return;

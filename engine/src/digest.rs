@@ -12,9 +12,16 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{DB, IteratorMode, Options, ReadOptions};
+use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::error::Result;
+use crate::codec::{decode_stored, encode_value};
+use crate::error::{EngineError, Result};
+use crate::keys::split_storage_key;
+use crate::registry::Catalog;
+use crate::row::FieldId;
+use crate::value::Value;
+use crate::view::FeatureView;
 
 /// The column family rows live in (see [`crate::store`]).
 const CF_DATA: &str = "data";
@@ -22,7 +29,7 @@ const CF_DATA: &str = "data";
 const CF_META: &str = "meta";
 
 /// The count and order-independent hash of a set of rows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LogicalDigest {
     /// Rows counted.
     pub rows: u64,
@@ -40,6 +47,49 @@ impl LogicalDigest {
         hasher.update(value);
         self.rows += 1;
         self.sum = self.sum.wrapping_add(hasher.digest128());
+    }
+
+    /// Counts one row by what a reader sees of it: its view's name, entity
+    /// key, event time and each feature of the view by name with its
+    /// value. Ids, write times and layout are left out, so a backup and
+    /// the cluster it was restored into (which gives views and fields new
+    /// ids and writes every row anew) agree. Fields the view no longer has
+    /// are not seen by readers and are left out too.
+    pub fn add_content(
+        &mut self,
+        view: &FeatureView,
+        entity: &[u8],
+        event_ts_us: i64,
+        values: &[(FieldId, Value)],
+    ) {
+        let mut key = Vec::with_capacity(8 + view.name.len() + entity.len());
+        key.extend_from_slice(&(view.name.len() as u64).to_le_bytes());
+        key.extend_from_slice(view.name.as_bytes());
+        key.extend_from_slice(entity);
+        let mut named: Vec<(&str, &Value)> = values
+            .iter()
+            .filter_map(|(field, value)| {
+                view.features
+                    .iter()
+                    .find(|f| f.field_id == *field)
+                    .map(|f| (f.name.as_str(), value))
+            })
+            .collect();
+        named.sort_unstable_by_key(|(name, _)| *name);
+        let mut content = Vec::with_capacity(16 + 24 * named.len());
+        content.extend_from_slice(&event_ts_us.to_le_bytes());
+        for (name, value) in named {
+            content.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            content.extend_from_slice(name.as_bytes());
+            encode_value(value, &mut content);
+        }
+        self.add(&key, &content);
+    }
+
+    /// Adds another digest's rows (of rows disjoint from these).
+    pub fn merge(&mut self, other: LogicalDigest) {
+        self.rows += other.rows;
+        self.sum = self.sum.wrapping_add(other.sum);
     }
 
     /// The sum as 32 hex digits.
@@ -70,26 +120,86 @@ pub(crate) fn hash_range_keys(from_hash: u64, to_hash: Option<u64>) -> (Vec<u8>,
 /// The digest of the rows of `db`'s data family in a hash range.
 pub(crate) fn digest_db(db: &DB, from_hash: u64, to_hash: Option<u64>) -> Result<LogicalDigest> {
     let mut digest = LogicalDigest::default();
+    for item in scan_range(db, from_hash, to_hash).into_iter().flatten() {
+        let (key, value) = item?;
+        digest.add(&key, &value);
+    }
+    Ok(digest)
+}
+
+/// The rows of `db`'s data family in a hash range, every block's checksum
+/// verified, without filling the block cache (a scan reads each block once:
+/// it must not evict the serving set); `None` for an empty range or a store
+/// without the family.
+fn scan_range(db: &DB, from_hash: u64, to_hash: Option<u64>) -> Option<rocksdb::DBIterator<'_>> {
     let (from, to) = hash_range_keys(from_hash, to_hash);
     if from >= to {
-        return Ok(digest);
+        return None;
     }
-    let Some(cf) = db.cf_handle(CF_DATA) else {
-        return Ok(digest);
-    };
+    let cf = db.cf_handle(CF_DATA)?;
     let mut read = ReadOptions::default();
     read.set_verify_checksums(true);
-    // A backup's scan is read once: it must not evict the serving set.
     read.fill_cache(false);
     read.set_iterate_upper_bound(to);
-    let iter = db.iterator_cf_opt(
+    Some(db.iterator_cf_opt(
         cf,
         read,
         IteratorMode::From(&from, rocksdb::Direction::Forward),
-    );
-    for item in iter {
+    ))
+}
+
+/// What a reader sees of a store's rows in a hash range, by content
+/// ([`LogicalDigest::add_content`]), and what it does not see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentDigest {
+    /// The live rows of known views.
+    pub live: LogicalDigest,
+    /// Deleted rows (tombstones).
+    pub tombstones: u64,
+    /// Rows below their view's expiry floor (they read as absent).
+    pub expired: u64,
+    /// Rows of views deleted from the catalog.
+    pub dropped_view_rows: u64,
+    /// Rows of view ids the catalog has never known (a catalog older than
+    /// the rows: the digest is not to be trusted).
+    pub unknown_view_rows: u64,
+}
+
+/// The content digest of `db`'s rows in `[from_hash, to_hash)`, named by
+/// `catalog`; `expired` says whether a row (key, event time) is below its
+/// view's floor.
+pub(crate) fn content_digest_db(
+    db: &DB,
+    from_hash: u64,
+    to_hash: Option<u64>,
+    catalog: &Catalog,
+    expired: &dyn Fn(&[u8], i64) -> bool,
+) -> Result<ContentDigest> {
+    let mut digest = ContentDigest::default();
+    for item in scan_range(db, from_hash, to_hash).into_iter().flatten() {
         let (key, value) = item?;
-        digest.add(&key, &value);
+        let corrupt = |reason: String| EngineError::Corrupt {
+            what: format!("stored row {key:02x?}"),
+            reason,
+        };
+        let Some(row) = decode_stored(&value).map_err(|e| corrupt(e.to_string()))? else {
+            digest.tombstones += 1;
+            continue;
+        };
+        let Some((_, view_id, entity)) = split_storage_key(&key) else {
+            return Err(corrupt(format!("a key of {} bytes", key.len())));
+        };
+        if expired(&key, row.event_ts_us) {
+            digest.expired += 1;
+        } else if let Some(view) = catalog.view_by_id(view_id) {
+            digest
+                .live
+                .add_content(view, entity, row.event_ts_us, &row.values);
+        } else if catalog.is_dropped(view_id) {
+            digest.dropped_view_rows += 1;
+        } else {
+            digest.unknown_view_rows += 1;
+        }
     }
     Ok(digest)
 }
@@ -180,6 +290,85 @@ mod tests {
             second.write_rows_at(3, &[RowWrite { event_ts_us: 200, ..row(key, value.wrapping_add(1)) }], 1_000, &[]).unwrap();
             prop_assert_ne!(digest, second.digest(0, None).unwrap());
         }
+    }
+
+    fn view_spec(name: &str, features: &[&str]) -> crate::ViewSpec {
+        crate::ViewSpec {
+            name: name.to_owned(),
+            entities: vec!["id".to_owned()],
+            features: features
+                .iter()
+                .map(|f| crate::FeatureSpec {
+                    name: (*f).to_owned(),
+                    value_type: crate::ValueType::Int64,
+                    default: None,
+                })
+                .collect(),
+            ttl_seconds: 0,
+            description: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_content_digest_sees_names_and_values_not_ids_or_write_times() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = StateStore::open(a.path(), options()).unwrap();
+        let second = StateStore::open(b.path(), options()).unwrap();
+        // The second store has another view first: its "v" gets another
+        // id, and its features other field ids (declared in another order).
+        second.apply_view(view_spec("other", &["x"])).unwrap();
+        let (v1, _) = first.apply_view(view_spec("v", &["a", "b"])).unwrap();
+        let (v2, _) = second.apply_view(view_spec("v", &["b", "a"])).unwrap();
+        assert_ne!(v1.id, v2.id);
+        let field = |v: &FeatureView, name: &str| v.feature(name).unwrap().field_id;
+        let write = |store: &StateStore, v: &FeatureView, key: &str, a: i64, written: i64| {
+            let mut values = vec![
+                (field(v, "a"), Value::Int64(a)),
+                (field(v, "b"), Value::Int64(7)),
+            ];
+            values.sort_by_key(|(f, _)| *f);
+            store
+                .write_rows_at(
+                    v.id,
+                    &[RowWrite {
+                        entity_key: key.to_owned(),
+                        event_ts_us: 100,
+                        values,
+                    }],
+                    written,
+                    &[],
+                )
+                .unwrap();
+        };
+        for i in 0..20 {
+            write(&first, &v1, &format!("k{i}"), i, 1_000);
+            write(&second, &v2, &format!("k{i}"), i, 9_000);
+        }
+        let one = first.content_digest(0, None).unwrap();
+        let two = second.content_digest(0, None).unwrap();
+        assert_eq!(one.live.rows, 20);
+        assert_eq!(one, two);
+        // The stored digest, which sees ids and write times, differs.
+        assert_ne!(
+            first.digest(0, None).unwrap(),
+            second.digest(0, None).unwrap()
+        );
+
+        // One value changed: another content digest.
+        write(&second, &v2, "k3", 4, 9_000);
+        assert_ne!(second.content_digest(0, None).unwrap(), one);
+        write(&second, &v2, "k3", 3, 9_000);
+        assert_eq!(second.content_digest(0, None).unwrap(), one);
+
+        // A deleted row is a tombstone; a deleted view's rows are counted
+        // apart; neither is live.
+        second.delete_rows(v2.id, &["k0".to_owned()]).unwrap();
+        let deleted = second.content_digest(0, None).unwrap();
+        assert_eq!((deleted.live.rows, deleted.tombstones), (19, 1));
+        second.delete_view("v").unwrap();
+        let dropped = second.content_digest(0, None).unwrap();
+        assert_eq!((dropped.live.rows, dropped.dropped_view_rows), (0, 19));
+        assert_eq!(dropped.unknown_view_rows, 0);
     }
 
     #[test]

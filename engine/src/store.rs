@@ -21,7 +21,7 @@ use rocksdb::{
 
 use crate::clock::Clock;
 use crate::codec::{self, decode_stored, encode_row_parts, peek_event_ts};
-use crate::digest::{LogicalDigest, digest_db, hash_range_keys};
+use crate::digest::{ContentDigest, LogicalDigest, content_digest_db, digest_db, hash_range_keys};
 use crate::error::{EngineError, Result};
 use crate::keys::{ViewId, storage_key};
 use crate::registry::{Catalog, Registry, VIEWS_MAX};
@@ -756,6 +756,18 @@ impl StateStore {
     /// to_hash)` (see [`crate::digest`]), every block's checksum verified.
     pub fn digest(&self, from_hash: u64, to_hash: Option<u64>) -> Result<LogicalDigest> {
         digest_db(&self.db, from_hash, to_hash)
+    }
+
+    /// What a reader sees of the rows whose key hash lies in `[from_hash,
+    /// to_hash)`, by content, with the live catalog's names (see
+    /// [`LogicalDigest::add_content`]); every block's checksum verified.
+    /// Rows written during the scan may or may not be counted.
+    pub fn content_digest(&self, from_hash: u64, to_hash: Option<u64>) -> Result<ContentDigest> {
+        let catalog = self.registry.load_full();
+        let floors = self.floors.load();
+        content_digest_db(&self.db, from_hash, to_hash, &catalog, &|key, event_ts| {
+            Self::expired(&floors, key, event_ts)
+        })
     }
 
     /// Reads one key of the `meta` column family.

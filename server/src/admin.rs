@@ -2,6 +2,7 @@
 //! and carried out by the cluster on whichever node must do them (changes
 //! of the cluster map go to the metadata group's leader like any proposal).
 
+use quiver_engine::digest::LogicalDigest;
 use quiver_proto::admin as pb;
 use quiver_proto::admin::admin_server::Admin;
 use quiver_raft::cluster_map::{
@@ -19,6 +20,10 @@ use crate::node::NodeRef;
 
 /// Longest node address accepted in a join.
 const JOIN_ADDR_BYTES_MAX: usize = quiver_raft::cluster_map::NODE_ADDR_BYTES_MAX;
+
+/// How long one shard's content checksum may take (a scan of every row:
+/// about a second per million on this hardware, so generous).
+const CHECKSUM_SHARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The service, sharing one node.
 #[derive(Debug, Clone)]
@@ -492,6 +497,42 @@ impl Admin for AdminService {
             backup_id: report.backup_id,
             restored_to_us: report.restored_to_us.unwrap_or(0),
             log_entries_replayed: report.log_entries_replayed,
+            content_rows: report.content.rows,
+            content_sum: report.content.sum_hex(),
+        }))
+    }
+
+    async fn checksum(
+        &self,
+        _request: Request<pb::ChecksumRequest>,
+    ) -> Result<Response<pb::ChecksumResponse>, Status> {
+        let (map_version, digests) = self
+            .node
+            .cluster
+            .checksum_all(CHECKSUM_SHARD_TIMEOUT)
+            .await
+            .map_err(ServiceError::from)?;
+        let mut total = LogicalDigest::default();
+        let shards = digests
+            .into_iter()
+            .map(|(shard, digest)| {
+                total.merge(digest.live);
+                pb::ShardChecksum {
+                    shard: u64::from(shard),
+                    rows: digest.live.rows,
+                    sum: digest.live.sum_hex(),
+                    tombstones: digest.tombstones,
+                    expired: digest.expired,
+                    dropped_view_rows: digest.dropped_view_rows,
+                    unknown_view_rows: digest.unknown_view_rows,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ChecksumResponse {
+            rows: total.rows,
+            sum: total.sum_hex(),
+            shards,
+            map_version,
         }))
     }
 

@@ -345,6 +345,38 @@ async fn a_view_deleted_by_mistake_comes_back_from_a_backup_in_a_new_cluster() {
         assert_eq!(*value, expected, "{key}");
     }
 
+    eprintln!("--- the restored cluster holds what the backup does, by content");
+    let checksum = ctl_json(&new_endpoint, &["checksum"]);
+    assert_eq!(checksum["rows"], 140, "{checksum}");
+    assert_eq!(
+        checksum["sum"], report["content_sum"],
+        "{checksum} {report}"
+    );
+    // A write changes it.
+    write_values(&mut new_client, &[(all[20].clone(), 999)])
+        .await
+        .unwrap();
+    let changed = ctl_json(&new_endpoint, &["checksum"]);
+    assert_eq!(changed["rows"], 140);
+    assert_ne!(changed["sum"], checksum["sum"]);
+
+    eprintln!("--- a drill restores it into a scratch node and compares");
+    let scratch = tempfile::tempdir().unwrap();
+    let scratch_arg = scratch.path().to_str().unwrap();
+    let drill = ctl_json(
+        &endpoint,
+        &["backup", "drill", &url, "--scratch-dir", scratch_arg],
+    );
+    assert_eq!(drill["passed"], true, "{drill}");
+    assert_eq!(drill["backup_id"], id.as_str());
+    assert_eq!(drill["found"]["rows"], 140, "{drill}");
+    assert_eq!(drill["found"]["sum"], checksum["sum"], "{drill}");
+    assert_eq!(
+        std::fs::read_dir(scratch.path()).unwrap().count(),
+        0,
+        "a passed drill cleans up"
+    );
+
     eprintln!("--- never over a cluster that holds views");
     let (ok, _, stderr) = ctl(&new_endpoint, &["restore", "--from", &url, "--backup", &id]);
     assert!(!ok && stderr.contains("new, empty"), "{stderr}");
@@ -364,6 +396,19 @@ async fn a_view_deleted_by_mistake_comes_back_from_a_backup_in_a_new_cluster() {
     assert!(!ok && stderr.contains("not restored"), "{stderr}");
     let views = quiverctl(&other_endpoint, &["--json", "views", "list"]).unwrap();
     assert!(!views.contains("counter"), "nothing applied: {views}");
+    let (ok, _, stderr) = ctl(
+        &endpoint,
+        &["backup", "drill", &url, "--scratch-dir", scratch_arg],
+    );
+    assert!(
+        !ok && stderr.contains("drill FAILED") && stderr.contains("not restored"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(scratch.path()).unwrap().count(),
+        1,
+        "a failed drill keeps its scratch directory and the node's log"
+    );
 }
 
 /// Microseconds since the epoch, by this machine's clock (the nodes'
@@ -692,6 +737,21 @@ async fn shipping_resumes_where_it_stopped_when_a_stalled_target_returns() {
         .chain(keys(80, "second"))
         .collect();
     assert_all_present(&mut restored, &all).await;
+    let checksum = ctl_json(&five_endpoint, &["checksum"]);
+    assert_eq!(checksum["rows"], 130, "{checksum}");
+    assert_eq!(
+        checksum["sum"], report["content_sum"],
+        "{checksum} {report}"
+    );
+
+    eprintln!("--- a drill replays the shipped log the same way");
+    let drill = ctl_json(&endpoint, &["backup", "drill", &url, "--to-time", "latest"]);
+    assert_eq!(drill["passed"], true, "{drill}");
+    assert!(
+        drill["log_entries_replayed"].as_u64().unwrap() > 0,
+        "{drill}"
+    );
+    assert_eq!(drill["found"]["sum"], checksum["sum"], "{drill}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

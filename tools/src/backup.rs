@@ -14,7 +14,7 @@ use crate::client::{self, status_error};
 
 /// How long the CLI waits for a backup or a verification (the node keeps
 /// going if it gives up: a backup completes and is listed).
-const BACKUP_WAIT: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const BACKUP_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// `backup ...`.
 #[derive(Debug, Subcommand)]
@@ -33,6 +33,10 @@ pub enum BackupCommand {
     /// Continuous log backup at a target: how far each group's shipped log
     /// reaches, and the time the cluster can be restored to (the RPO).
     Status(StatusArgs),
+    /// Restore a backup into a scratch node started on this machine,
+    /// compare what the restored cluster holds with what the backup does
+    /// (content checksums), report, and clean up.
+    Drill(crate::drill::DrillArgs),
     /// Delete what the retention does not keep: backups started before the
     /// window (but the newest of those, and always the newest), incomplete
     /// ones, and shipped log no kept backup needs.
@@ -126,7 +130,7 @@ pub enum ToTime {
 }
 
 /// Parses `--to-time`.
-fn parse_to_time(text: &str) -> Result<ToTime, String> {
+pub(crate) fn parse_to_time(text: &str) -> Result<ToTime, String> {
     if text == "latest" {
         return Ok(ToTime::Latest);
     }
@@ -143,6 +147,26 @@ fn parse_to_time(text: &str) -> Result<ToTime, String> {
         .ok_or_else(|| format!("{text:?} is out of range"))
 }
 
+/// The request restoring backup `backup_id` (or the newest that fits) at
+/// `url` as of `to_time`.
+pub(crate) fn restore_request(
+    url: &str,
+    backup_id: Option<&str>,
+    to_time: Option<ToTime>,
+    cluster_id: Option<&str>,
+) -> pb::RestoreBackupRequest {
+    pb::RestoreBackupRequest {
+        url: url.to_owned(),
+        backup_id: backup_id.unwrap_or_default().to_owned(),
+        to_time_us: match to_time {
+            Some(ToTime::At(us)) => us,
+            _ => 0,
+        },
+        to_latest: to_time == Some(ToTime::Latest),
+        cluster_id: cluster_id.unwrap_or_default().to_owned(),
+    }
+}
+
 /// Restores a backup into the (new, empty) cluster of `endpoint`.
 pub async fn restore(endpoint: &str, args: &RestoreArgs, json: bool) -> Result<()> {
     let mut admin = client::connect_admin_waiting(endpoint, BACKUP_WAIT).await?;
@@ -154,16 +178,12 @@ pub async fn restore(endpoint: &str, args: &RestoreArgs, json: bool) -> Result<(
     };
     let spinner = spinner(json, format!("restoring {what}"));
     let answer = admin
-        .restore_backup(pb::RestoreBackupRequest {
-            url: args.url.clone(),
-            backup_id: args.backup_id.clone().unwrap_or_default(),
-            to_time_us: match args.to_time {
-                Some(ToTime::At(us)) => us,
-                _ => 0,
-            },
-            to_latest: args.to_time == Some(ToTime::Latest),
-            cluster_id: args.cluster_id.clone().unwrap_or_default(),
-        })
+        .restore_backup(restore_request(
+            &args.url,
+            args.backup_id.as_deref(),
+            args.to_time,
+            args.cluster_id.as_deref(),
+        ))
         .await
         .map_err(|s| status_error("restore", s));
     spinner.finish_and_clear();
@@ -180,6 +200,8 @@ pub async fn restore(endpoint: &str, args: &RestoreArgs, json: bool) -> Result<(
             "tombstones_skipped": report.tombstones_skipped,
             "expired_skipped": report.expired_skipped,
             "deleted_view_rows_skipped": report.deleted_view_rows_skipped,
+            "content_rows": report.content_rows,
+            "content_sum": report.content_sum,
         }))?;
     } else {
         println!(
@@ -291,6 +313,10 @@ async fn status(
 
 /// Runs a `backup` command.
 pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<()> {
+    // A drill needs no running cluster: it starts its own.
+    if let BackupCommand::Drill(args) = command {
+        return crate::drill::drill(args, json).await;
+    }
     let mut admin = client::connect_admin_waiting(endpoint, BACKUP_WAIT).await?;
     match command {
         BackupCommand::Create(args) => {
@@ -369,6 +395,8 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
             show(&answer)?;
         }
         BackupCommand::Status(args) => status(&mut admin, args, json).await?,
+        // Run above, without the cluster.
+        BackupCommand::Drill(_) => {}
         BackupCommand::Prune(args) => {
             let retention_seconds = match args.retention {
                 Some(window) if window.as_secs() == 0 => bail!("--retention must be at least 1s"),
@@ -533,7 +561,7 @@ fn show(answer: &pb::GetBackupResponse) -> Result<()> {
     Ok(())
 }
 
-fn print_json(value: &serde_json::Value) -> Result<()> {
+pub(crate) fn print_json(value: &serde_json::Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -551,7 +579,7 @@ fn summary_json(b: &pb::BackupSummary) -> serde_json::Value {
     })
 }
 
-fn spinner(json: bool, message: String) -> ProgressBar {
+pub(crate) fn spinner(json: bool, message: String) -> ProgressBar {
     let bar = if json {
         ProgressBar::hidden()
     } else {
@@ -568,7 +596,7 @@ fn spinner(json: bool, message: String) -> ProgressBar {
 
 /// A time (µs since the epoch) as RFC 3339 with milliseconds; "-" for
 /// none.
-fn precise_time_text(us: i64) -> String {
+pub(crate) fn precise_time_text(us: i64) -> String {
     match u64::try_from(us) {
         Ok(us) if us > 0 => {
             humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_micros(us))

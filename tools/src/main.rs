@@ -11,6 +11,7 @@
 mod backup;
 mod client;
 mod cluster;
+mod drill;
 mod get;
 mod plan;
 mod probe;
@@ -59,6 +60,11 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Show the node's status.
     Status,
+    /// The cluster's content checksum: a digest of every live row by view
+    /// name, entity key, event time and feature values, per shard (read at
+    /// each leader) and in all. Equal for a backup and the cluster restored
+    /// from it.
+    Checksum,
     /// Inspect and move shards.
     #[command(subcommand)]
     Shard(ShardCommand),
@@ -146,6 +152,7 @@ async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Backup(command) => return backup::run(&cli.endpoint, command, cli.json).await,
         Command::Restore(args) => return backup::restore(&cli.endpoint, args, cli.json).await,
+        Command::Checksum => return drill::checksum(&cli.endpoint, cli.json).await,
         Command::Node(command) => return cluster::node(&cli.endpoint, command, cli.json).await,
         Command::Operator(command) => {
             return cluster::operator(&cli.endpoint, command, cli.json).await;
@@ -182,6 +189,7 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Rebalance(_)
         | Command::Backup(_)
         | Command::Restore(_)
+        | Command::Checksum
         | Command::Node(_)
         | Command::Operator(_) => {
             unreachable!("handled before")

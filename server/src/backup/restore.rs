@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use quiver_engine::digest::LogicalDigest;
 use quiver_engine::keys::{ViewId, split_storage_key};
 use quiver_engine::row::FieldId;
 use quiver_engine::{Catalog, RowWrite, StateStore};
@@ -65,6 +66,10 @@ pub struct RestoreReport {
     pub restored_to_us: Option<i64>,
     /// Shipped log entries replayed onto the backup.
     pub log_entries_replayed: u64,
+    /// The content digest of the rows written (see
+    /// `LogicalDigest::add_content`): what the restored cluster's
+    /// `Checksum` must give.
+    pub content: LogicalDigest,
 }
 
 /// A backup view's new id and its fields' new ids, by old id.
@@ -81,7 +86,8 @@ pub enum RestoreTo {
     /// The cluster as it was at this leader time (µs since the epoch):
     /// the newest backup at or before it, then the shipped log up to it.
     Time(i64),
-    /// The latest time every group's shipped log reaches.
+    /// The latest time every group's shipped log reaches; the newest
+    /// backup as taken if it is newer than that.
     Latest,
 }
 
@@ -282,18 +288,27 @@ impl Backups {
         };
         // The newest backup whose every part is at or before the time (a
         // checkpoint past it holds writes that cannot be taken back).
-        candidates
+        let fits = candidates
             .iter()
             .rev()
-            .find(|m| m.parts().all(|(_, r)| r.leader_ts_us <= until_us))
-            .map(|m| (m.clone(), Some(until_us)))
-            .ok_or_else(|| {
-                BackupError::Refused(format!(
-                    "no backup{} at {url} was taken at or before {}",
-                    if id.is_empty() { "" } else { " of that id" },
-                    log::time_text(until_us)
-                ))
-            })
+            .find(|m| m.parts().all(|(_, r)| r.leader_ts_us <= until_us));
+        // The newest backup taken after the logs' reach (an idle group
+        // ships once a minute) is itself the latest state there is.
+        if to == RestoreTo::Latest && fits.is_none_or(|m| m.backup_id != newest.backup_id) {
+            tracing::info!(
+                backup = %newest.backup_id,
+                log_reach = %log::time_text(until_us),
+                "the newest backup is newer than the shipped logs reach: restored as taken"
+            );
+            return Ok((newest.clone(), None));
+        }
+        fits.map(|m| (m.clone(), Some(until_us))).ok_or_else(|| {
+            BackupError::Refused(format!(
+                "no backup{} at {url} was taken at or before {}",
+                if id.is_empty() { "" } else { " of that id" },
+                log::time_text(until_us)
+            ))
+        })
     }
 
     /// Downloads and verifies one part of backup `id`, then opens it for
@@ -482,11 +497,22 @@ impl Backups {
                         what: format!("shard {group}"),
                         reason: "an entity key that is not UTF-8".into(),
                     })?;
-                let values = row
+                let kept: Vec<_> = row
                     .values
+                    .into_iter()
+                    .filter(|(field, _)| map.fields.contains_key(field))
+                    .collect();
+                if let Some(view) = catalog.view_by_id(view_id) {
+                    report
+                        .content
+                        .add_content(view, entity, row.event_ts_us, &kept);
+                }
+                let mut values: Vec<_> = kept
                     .into_iter()
                     .filter_map(|(field, value)| map.fields.get(&field).map(|&f| (f, value)))
                     .collect();
+                // The new view may number its fields in another order.
+                values.sort_unstable_by_key(|(field, _)| *field);
                 by_view.entry(map.id).or_default().push(RowWrite {
                     entity_key,
                     event_ts_us: row.event_ts_us,

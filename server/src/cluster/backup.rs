@@ -1,15 +1,18 @@
 //! A shard's part of a full backup, carried out by a node hosting it: the
 //! coordinator asks the shard's leader first (the freshest cut), any other
 //! replica if the leader cannot be reached; the work itself is
-//! `crate::backup::Backups::backup_local`.
+//! `crate::backup::Backups::backup_local`. Also a shard's content
+//! checksum, read at its leader (what a restore drill compares).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use quiver_raft::GroupId;
+use futures::{StreamExt, TryStreamExt};
+use quiver_engine::digest::ContentDigest;
 use quiver_raft::backup::ShardBackup;
+use quiver_raft::{GroupId, METADATA_GROUP, NodeId};
 
-use super::wire::{PeerCall, PeerResult};
+use super::wire::{PeerCall, PeerResult, ReadLevel};
 use super::{Cluster, ClusterError};
 
 impl Cluster {
@@ -39,19 +42,11 @@ impl Cluster {
             .route(shard, self.first_target(shard), |target| {
                 let call = &call;
                 async move {
-                    let result = if target == self.node_id {
-                        tokio::time::timeout(timeout, self.backup_shard_local(shard, url, id))
-                            .await
-                            .unwrap_or_else(|_| {
-                                PeerResult::Failed("the shard's backup timed out".into())
-                            })
-                    } else {
-                        self.clients
-                            .call_with_timeout(target, shard, None, call, timeout)
-                            .await
-                            .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
-                    };
-                    match result {
+                    let local = self.backup_shard_local(shard, url, id);
+                    match self
+                        .call_or_local(target, shard, call, timeout, local)
+                        .await
+                    {
                         PeerResult::BackedUp { dir, record } => Ok(Ok((dir, *record))),
                         PeerResult::Refused(message) => Ok(Err(message)),
                         other => Err(other),
@@ -79,6 +74,128 @@ impl Cluster {
                 record: Box::new(record),
             },
             Err(e) => PeerResult::Refused(e.to_string()),
+        }
+    }
+
+    /// What a reader sees of `shard`'s rows, by content (names, event
+    /// times and values; see `LogicalDigest::add_content`), read at its
+    /// leader after a read barrier, so every write acknowledged before the
+    /// call is counted. Rows written during the scan may or may not be.
+    pub async fn checksum_shard(
+        &self,
+        shard: GroupId,
+        timeout: Duration,
+    ) -> Result<ContentDigest, ClusterError> {
+        let call = PeerCall::ChecksumShard;
+        self.route(shard, self.first_target(shard), |target| {
+            let call = &call;
+            async move {
+                let local = self.checksum_shard_local(shard);
+                match self
+                    .call_or_local(target, shard, call, timeout, local)
+                    .await
+                {
+                    PeerResult::Checksummed(digest) => Ok(Ok(digest)),
+                    // A damaged store: another replica is no leader to ask.
+                    PeerResult::Refused(message) => Ok(Err(message)),
+                    other => Err(other),
+                }
+            }
+        })
+        .await?
+        .map_err(|message| ClusterError::Refused {
+            group: shard,
+            message,
+        })
+    }
+
+    /// This node's side of [`Self::checksum_shard`]: only as the leader.
+    pub async fn checksum_shard_local(&self, shard: GroupId) -> PeerResult {
+        // Rows of a view applied a moment ago through another node must be
+        // named: the registry first, then the shard.
+        if let Err(e) = self.sync_metadata().await {
+            return PeerResult::Failed(format!("bringing the feature views up to date: {e}"));
+        }
+        if let Err(result) = self.check_local_read(shard, ReadLevel::Strong).await {
+            return result;
+        }
+        let Some(hosted) = self.group(shard) else {
+            return PeerResult::NoSuchGroup;
+        };
+        let (from, to) = hosted
+            .state
+            .range()
+            .map_or((0, None), |range| (range.start, range.end));
+        let store = hosted.state.store();
+        match tokio::task::spawn_blocking(move || store.content_digest(from, to)).await {
+            Ok(Ok(digest)) => PeerResult::Checksummed(digest),
+            Ok(Err(e)) => PeerResult::Refused(format!("reading shard {shard}: {e}")),
+            Err(e) => PeerResult::Failed(format!("the checksum task failed: {e}")),
+        }
+    }
+
+    /// [`Self::checksum_shard`] of every shard of the current map, a few
+    /// at a time; returns the map's version and each shard's digest. The
+    /// shards' ranges are checked again after: a split during the call
+    /// would count some rows twice or not at all, and is refused.
+    pub async fn checksum_all(
+        &self,
+        timeout: Duration,
+    ) -> Result<(u64, Vec<(GroupId, ContentDigest)>), ClusterError> {
+        /// Shards scanned at once (each is a blocking scan on its leader).
+        const SHARDS_IN_FLIGHT_MAX: usize = 4;
+        let ranges = |map: &quiver_raft::cluster_map::ClusterMap| -> Vec<_> {
+            map.shards
+                .iter()
+                .map(|(&id, desc)| (id, desc.start, desc.end))
+                .collect()
+        };
+        // A new cluster routes by its static layout until the metadata
+        // group stores the first map: the same shards.
+        let (map, _) = self.current_or_static_map().await?;
+        let digests: Vec<(GroupId, ContentDigest)> =
+            futures::stream::iter(map.shards.keys().copied())
+                .map(|shard| async move {
+                    self.checksum_shard(shard, timeout)
+                        .await
+                        .map(|digest| (shard, digest))
+                })
+                .buffered(SHARDS_IN_FLIGHT_MAX)
+                .try_collect()
+                .await?;
+        let (after, _) = self.current_or_static_map().await?;
+        if ranges(&after) != ranges(&map) {
+            return Err(ClusterError::Refused {
+                group: METADATA_GROUP,
+                message: format!(
+                    "the shards changed during the checksum (map version {} -> {}): ask again",
+                    map.version, after.version
+                ),
+            });
+        }
+        Ok((map.version, digests))
+    }
+
+    /// `call` for `shard` on `target` within `timeout`: `local` (this
+    /// node's side of it) when this node is the target, else over the peer
+    /// port.
+    async fn call_or_local(
+        &self,
+        target: NodeId,
+        shard: GroupId,
+        call: &PeerCall,
+        timeout: Duration,
+        local: impl std::future::Future<Output = PeerResult>,
+    ) -> PeerResult {
+        if target == self.node_id {
+            tokio::time::timeout(timeout, local)
+                .await
+                .unwrap_or_else(|_| PeerResult::Failed(format!("timed out after {timeout:?}")))
+        } else {
+            self.clients
+                .call_with_timeout(target, shard, None, call, timeout)
+                .await
+                .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
         }
     }
 }

@@ -92,7 +92,9 @@ impl Lane {
             | PeerCall::HandOver { .. }
             | PeerCall::ShardState
             | PeerCall::ChangeMembership { .. }
-            | PeerCall::BackupShard { .. } => Lane::Propose,
+            | PeerCall::BackupShard { .. }
+            // A whole shard's scan: not in the lane of point reads.
+            | PeerCall::ChecksumShard => Lane::Propose,
             PeerCall::Read { .. } | PeerCall::ReadIndex => Lane::Read,
         }
     }

@@ -120,6 +120,7 @@ impl PeerService {
             PeerCall::BackupShard { url, backup_id } => {
                 cluster.backup_shard_local(group, &url, &backup_id).await
             }
+            PeerCall::ChecksumShard => cluster.checksum_shard_local(group).await,
         }
     }
 

@@ -78,6 +78,9 @@ pub enum PeerCall {
         /// The backup's id.
         backup_id: String,
     },
+    /// What a reader sees of the shard's rows, by content (the leader's
+    /// replica, after a read barrier): see `Cluster::checksum_shard`.
+    ChecksumShard,
 }
 
 /// What a node tells each peer every liveness interval (and answers a
@@ -198,6 +201,8 @@ pub enum PeerResult {
         /// Its record.
         record: Box<quiver_raft::backup::ShardBackup>,
     },
+    /// The answer to [`PeerCall::ChecksumShard`].
+    Checksummed(quiver_engine::digest::ContentDigest),
 }
 
 /// The first chunk of a snapshot stream.
