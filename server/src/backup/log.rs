@@ -249,7 +249,9 @@ async fn read_chunk(
             what: key.clone(),
             reason: "missing".into(),
         })?;
-    LogChunk::decode(&bytes, group, &key)
+    // Decoding checks a crc over up to 64 MiB: not on the async workers.
+    let what = std::path::PathBuf::from(&key);
+    super::blocking(&what, move || LogChunk::decode(&bytes, group, &key)).await
 }
 
 /// Every chunk of `group` as `(from, next, name)`, by `from` then `next`.
@@ -712,9 +714,10 @@ async fn write_chunk(
         entries,
     };
     let name = chunk_name(from.index(), next.index());
-    match target
-        .put_new(&format!("{prefix}/{name}"), chunk.encode()?)
-        .await
+    let key = format!("{prefix}/{name}");
+    // Encoding is CPU over the whole chunk: not on the async workers.
+    let bytes = super::blocking(std::path::Path::new(&key), move || chunk.encode()).await?;
+    match target.put_new(&key, bytes).await
     {
         Ok(()) | Err(BackupError::Store(object_store::Error::AlreadyExists { .. })) => {}
         Err(e) => return Err(e),

@@ -118,16 +118,22 @@ impl Target {
     ) -> Result<(u64, u32, String), BackupError> {
         let location = object_path(key)?;
         let file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
-        let mut file = Some(file);
-        let mut hasher = FileHasher::default();
+        // The file and the hasher go to a blocking thread and back with
+        // each part: hashing is CPU (a part's sha256 takes a dev build
+        // hundreds of ms), which must never stall the async workers that
+        // serve requests.
+        let mut state = Some((file, FileHasher::default()));
         let upload = self.store.put_multipart(&location).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART_BYTES);
+        let mut hasher = None;
         loop {
-            let Some(reading) = file.take() else { break };
+            let Some((reading, part_hasher)) = state.take() else {
+                break;
+            };
             let read_path = path.to_path_buf();
-            let (reading, chunk) = blocking(path, move || {
+            let (reading, chunk, part_hasher) = blocking(path, move || {
                 use std::io::Read;
-                let mut reading = reading;
+                let (mut reading, mut part_hasher) = (reading, part_hasher);
                 let mut chunk = vec![0u8; UPLOAD_PART_BYTES];
                 let mut filled = 0;
                 while filled < chunk.len() {
@@ -139,10 +145,12 @@ impl Target {
                     }
                 }
                 chunk.truncate(filled);
-                Ok((reading, chunk))
+                part_hasher.update(&chunk);
+                Ok((reading, chunk, part_hasher))
             })
             .await?;
             if chunk.is_empty() {
+                hasher = Some(part_hasher);
                 break;
             }
             if let Some(rate) = rate {
@@ -151,13 +159,12 @@ impl Target {
                     tokio::time::sleep(wait).await;
                 }
             }
-            hasher.update(&chunk);
             writer.wait_for_capacity(UPLOAD_PARTS_IN_FLIGHT_MAX).await?;
             writer.write(&chunk);
-            file = Some(reading);
+            state = Some((reading, part_hasher));
         }
         writer.finish().await?;
-        Ok(hasher.finish())
+        Ok(hasher.unwrap_or_default().finish())
     }
 
     /// Writes `bytes` to `key` only if nothing is there (a manifest is
@@ -293,7 +300,14 @@ impl Target {
         let mut hasher = FileHasher::default();
         let mut stream = result.into_stream();
         while let Some(chunk) = stream.next().await {
-            hasher.update(&chunk?);
+            let chunk = chunk?;
+            // Off the async workers, as in put_file.
+            hasher = tokio::task::spawn_blocking(move || {
+                hasher.update(&chunk);
+                hasher
+            })
+            .await
+            .map_err(|e| io_error(Path::new(key), std::io::Error::other(e)))?;
         }
         Ok(Some(hasher.finish()))
     }
