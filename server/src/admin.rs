@@ -449,6 +449,8 @@ impl Admin for AdminService {
             bytes_checked: report.bytes_checked,
             shards_restored: u32::try_from(report.shards_restored).unwrap_or(u32::MAX),
             problems: report.problems,
+            log_chunks_checked: report.log_chunks_checked,
+            log_reaches_us: report.log_reaches_us.unwrap_or(0),
         }))
     }
 

@@ -752,6 +752,94 @@ async fn shipping_resumes_where_it_stopped_when_a_stalled_target_returns() {
         "{drill}"
     );
     assert_eq!(drill["found"]["sum"], checksum["sum"], "{drill}");
+
+    eprintln!("--- a damaged shipped log: verify names it, a restore refuses");
+    let id = ctl_json(&endpoint, &["backup", "list", &url])[0]["backup_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let verified = ctl_json(&endpoint, &["backup", "verify", &url, &id]);
+    assert!(
+        verified["log_chunks_checked"].as_u64().unwrap() > 0,
+        "{verified}"
+    );
+    assert!(
+        verified["log_reaches_us"].as_i64().unwrap() > written_at,
+        "{verified}"
+    );
+    let victim = chunk_after_backup(&endpoint, &url, &target, &id);
+    let original = std::fs::read(&victim).unwrap();
+    let name = victim.file_name().unwrap().to_str().unwrap().to_owned();
+    let (_empty, _empty_dir, empty_endpoint) = new_cluster().await;
+    let flipped = {
+        let mut bytes = original.clone();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x10;
+        bytes
+    };
+    let damages: [(&str, Option<Vec<u8>>, &str); 3] = [
+        ("flipped", Some(flipped), name.as_str()),
+        (
+            "truncated",
+            Some(original[..original.len() / 2].to_vec()),
+            name.as_str(),
+        ),
+        ("deleted", None, "gap"),
+    ];
+    for (damage, bytes, named) in damages {
+        match bytes {
+            Some(bytes) => std::fs::write(&victim, bytes).unwrap(),
+            None => std::fs::remove_file(&victim).unwrap(),
+        }
+        let (ok, stdout, _) = ctl(&endpoint, &["backup", "verify", &url, &id]);
+        assert!(!ok && stdout.contains(named), "{damage}: {stdout}");
+        let (ok, _, stderr) = ctl(
+            &empty_endpoint,
+            &["restore", "--from", &url, "--to-time", "latest"],
+        );
+        assert!(!ok && stderr.contains(named), "{damage}: {stderr}");
+        std::fs::write(&victim, &original).unwrap();
+    }
+    let views = quiverctl(&empty_endpoint, &["--json", "views", "list"]).unwrap();
+    assert!(!views.contains("counter"), "nothing restored: {views}");
+    let verified = ctl_json(&endpoint, &["backup", "verify", &url, &id]);
+    assert_eq!(
+        verified["problems"].as_array().unwrap().len(),
+        0,
+        "{verified}"
+    );
+}
+
+/// A shipped chunk of backup `id`'s first shard that a restore to the
+/// latest time replays (after the backup's position) and that is not the
+/// shard's last chunk (deleting it leaves a gap).
+fn chunk_after_backup(endpoint: &str, url: &str, target: &Path, id: &str) -> PathBuf {
+    let manifest = ctl_json(endpoint, &["backup", "show", url, id]);
+    let record = &manifest["shards"][0]["record"];
+    let group = record["group"].as_u64().unwrap();
+    let applied = record["applied"]["index"].as_u64().unwrap();
+    let cluster = manifest["cluster_id"].as_str().unwrap();
+    let dir = target
+        .join("log")
+        .join(cluster)
+        .join(format!("g{group:010}"));
+    let mut chunks: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|path| {
+            let name = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".chunk")?
+                .to_owned();
+            let from = name.split('-').next()?.parse().ok()?;
+            Some((from, path))
+        })
+        .collect();
+    chunks.sort();
+    let after: Vec<_> = chunks.iter().filter(|(from, _)| *from >= applied).collect();
+    assert!(after.len() >= 2, "chunks after index {applied}: {chunks:?}");
+    after[0].1.clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -465,6 +465,8 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
                     "files_checked": report.files_checked,
                     "bytes_checked": report.bytes_checked,
                     "shards_restored": report.shards_restored,
+                    "log_chunks_checked": report.log_chunks_checked,
+                    "log_reaches_us": report.log_reaches_us,
                     "problems": report.problems,
                 }))?;
             } else {
@@ -478,6 +480,20 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
                         String::new()
                     }
                 );
+                if report.log_chunks_checked > 0 {
+                    println!(
+                        "{} shipped log chunks checked{}",
+                        report.log_chunks_checked,
+                        if report.log_reaches_us > 0 {
+                            format!(
+                                ": restorable to any time up to {}",
+                                precise_time_text(report.log_reaches_us)
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
                 for problem in &report.problems {
                     println!("PROBLEM {problem}");
                 }

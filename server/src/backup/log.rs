@@ -322,6 +322,104 @@ pub struct ShippedReplay {
     pub entries: u64,
 }
 
+/// A walk along one group's shipped chunks from a position: each step is
+/// the chunk going furthest from where the walk stands, read, its crc and
+/// its contents checked against its name and the position (a chunk of
+/// another history is corrupt, not skipped).
+pub struct ChainWalk<'a> {
+    target: &'a Target,
+    cluster_id: &'a str,
+    group: GroupId,
+    /// Every chunk of the group as `(from, next, name)`, by `from`.
+    chunks: Vec<(u64, u64, String)>,
+    /// Chunks starting at or before the position, looked at already: they
+    /// only grow as it moves, so one pass over the list serves the walk.
+    considered: usize,
+    /// Of those, the one reaching furthest.
+    furthest: Option<usize>,
+    /// Where the walk stands: the last entry read and the time after it.
+    position: ChangePosition,
+}
+
+impl<'a> ChainWalk<'a> {
+    /// A walk of `group`'s chunks from `position` (a checkpoint's).
+    pub async fn new(
+        target: &'a Target,
+        cluster_id: &'a str,
+        group: GroupId,
+        position: ChangePosition,
+    ) -> Result<ChainWalk<'a>, BackupError> {
+        Ok(ChainWalk {
+            target,
+            cluster_id,
+            group,
+            chunks: list_chunks(target, cluster_id, group, None).await?,
+            considered: 0,
+            furthest: None,
+            position,
+        })
+    }
+
+    /// Where the walk stands.
+    pub fn position(&self) -> ChangePosition {
+        self.position
+    }
+
+    /// The next chunk of the chain (the walk then stands at its end);
+    /// `None` at the end of the shipped log. A chain that breaks while
+    /// chunks lie past the break (a gap) is an error.
+    pub async fn next(&mut self) -> Result<Option<LogChunk>, BackupError> {
+        let group = self.group;
+        let at = self.position.index();
+        while let Some(chunk) = self
+            .chunks
+            .get(self.considered)
+            .filter(|(from, _, _)| *from <= at)
+        {
+            if self.furthest.is_none_or(|i| chunk.1 > self.chunks[i].1) {
+                self.furthest = Some(self.considered);
+            }
+            self.considered += 1;
+        }
+        let Some((named_from, named_next, name)) = self
+            .furthest
+            .map(|i| &self.chunks[i])
+            .filter(|(_, next, _)| *next > at)
+        else {
+            if self.considered < self.chunks.len() {
+                return Err(BackupError::Refused(format!(
+                    "group {group}: its shipped log has a gap after index {at} (leader time {}):                      restore from a full backup taken after it",
+                    time_text(self.position.leader_ts_us)
+                )));
+            }
+            return Ok(None);
+        };
+        let what = format!("{}/{name}", group_prefix(self.cluster_id, group));
+        let chunk = read_chunk(self.target, self.cluster_id, group, name).await?;
+        if (chunk.from.index(), chunk.next.index()) != (*named_from, *named_next) {
+            return Err(BackupError::Corrupt {
+                what,
+                reason: format!(
+                    "holds indexes {}..{}, not those of its name",
+                    chunk.from.index(),
+                    chunk.next.index()
+                ),
+            });
+        }
+        if chunk.from.index() == at && chunk.from.log_id != self.position.log_id {
+            return Err(BackupError::Corrupt {
+                what,
+                reason: format!(
+                    "starts after {:?}, the checkpoint is at {:?}: another history",
+                    chunk.from.log_id, self.position.log_id
+                ),
+            });
+        }
+        self.position = chunk.next;
+        Ok(Some(chunk))
+    }
+}
+
 /// Applies to `state` (a checkpoint opened for replay) the entries of its
 /// group's shipped log after its position, up to `until_us`. Fails, changing
 /// nothing more, if the shipped log has a gap after the position or does
@@ -333,68 +431,30 @@ pub async fn replay_shipped(
     until_us: i64,
 ) -> Result<ShippedReplay, BackupError> {
     let group = state.group();
-    let chunks = list_chunks(target, cluster_id, group, None).await?;
     let (log_id, leader_ts_us) = state.applied_position();
-    let mut position = ChangePosition {
+    if leader_ts_us > until_us {
+        return Err(BackupError::Refused(format!(
+            "group {group}: the checkpoint is at leader time {}, after the time asked",
+            time_text(leader_ts_us)
+        )));
+    }
+    let position = ChangePosition {
         log_id,
         leader_ts_us,
     };
+    let mut walk = ChainWalk::new(target, cluster_id, group, position).await?;
     let mut report = ShippedReplay::default();
-    // Chunks by `from`: those starting at or before the position grow as
-    // it moves, so one pass over the list finds, at each step, the one
-    // going furthest (not a scan per chunk).
-    let mut considered = 0;
-    let mut furthest: Option<&(u64, u64, String)> = None;
-    if position.leader_ts_us > until_us {
-        return Err(BackupError::Refused(format!(
-            "group {group}: the checkpoint is at leader time {}, after the time asked",
-            time_text(position.leader_ts_us)
-        )));
-    }
     loop {
-        // The chunk going furthest from here.
-        let at = position.index();
-        while let Some(chunk) = chunks.get(considered).filter(|(from, _, _)| *from <= at) {
-            if furthest.is_none_or(|(_, next, _)| chunk.1 > *next) {
-                furthest = Some(chunk);
-            }
-            considered += 1;
-        }
-        let Some((named_from, named_next, name)) = furthest.filter(|(_, next, _)| *next > at)
-        else {
+        let Some(chunk) = walk.next().await? else {
+            let reached = walk.position();
             return Err(BackupError::Refused(format!(
-                "group {group}: its shipped log reaches only index {at} (leader time {}): the \
-                 time asked is not restorable{}",
-                time_text(position.leader_ts_us),
-                if considered < chunks.len() {
-                    " (the log has a gap there: restore from a full backup taken after it)"
-                } else {
-                    " yet"
-                }
+                "group {group}: its shipped log reaches only index {} (leader time {}): the \
+                 time asked is not restorable yet",
+                reached.index(),
+                time_text(reached.leader_ts_us)
             )));
         };
-        let chunk = read_chunk(target, cluster_id, group, name).await?;
-        if (chunk.from.index(), chunk.next.index()) != (*named_from, *named_next) {
-            return Err(BackupError::Corrupt {
-                what: format!("{}/{name}", group_prefix(cluster_id, group)),
-                reason: format!(
-                    "holds indexes {}..{}, not those of its name",
-                    chunk.from.index(),
-                    chunk.next.index()
-                ),
-            });
-        }
-        if chunk.from.index() == at && chunk.from.log_id != position.log_id {
-            return Err(BackupError::Corrupt {
-                what: format!("{}/{name}", group_prefix(cluster_id, group)),
-                reason: format!(
-                    "starts after {:?}, the checkpoint is at {:?}: another history",
-                    chunk.from.log_id, position.log_id
-                ),
-            });
-        }
         report.chunks += 1;
-        let next = chunk.next;
         let replayed = state.clone();
         let ReplayProgress {
             applied,
@@ -408,8 +468,31 @@ pub async fn replay_shipped(
         if reached_time {
             return Ok(report);
         }
-        position = next;
     }
+}
+
+/// Reads and checks the shipped log of every part of a backup from the
+/// part's position to the end of what was shipped; returns the chunks read
+/// and, per part, where its log ends (or the problem that stopped the walk).
+pub async fn verify_shipped(
+    target: &Target,
+    cluster_id: &str,
+    parts: &[(GroupId, ChangePosition)],
+) -> Result<(u64, Vec<(GroupId, Result<ChangePosition, BackupError>)>), BackupError> {
+    let mut chunks = 0;
+    let mut reached = Vec::with_capacity(parts.len());
+    for &(group, position) in parts {
+        let mut walk = ChainWalk::new(target, cluster_id, group, position).await?;
+        let end = loop {
+            match walk.next().await {
+                Ok(Some(_)) => chunks += 1,
+                Ok(None) => break Ok(walk.position()),
+                Err(e) => break Err(e),
+            }
+        };
+        reached.push((group, end));
+    }
+    Ok((chunks, reached))
 }
 
 /// Per group, what this node's shipper knows while it leads it.
@@ -717,8 +800,7 @@ async fn write_chunk(
     let key = format!("{prefix}/{name}");
     // Encoding is CPU over the whole chunk: not on the async workers.
     let bytes = super::blocking(std::path::Path::new(&key), move || chunk.encode()).await?;
-    match target.put_new(&key, bytes).await
-    {
+    match target.put_new(&key, bytes).await {
         Ok(()) | Err(BackupError::Store(object_store::Error::AlreadyExists { .. })) => {}
         Err(e) => return Err(e),
     }
