@@ -110,13 +110,19 @@ pub async fn serve(
             config.ttl_grace_seconds,
         ),
     ));
-    if !config.backup.log_url.is_empty() {
+    let idle_interval = std::time::Duration::from_millis(config.backup.log_idle_interval_ms);
+    if config.backup.log_url.is_empty() {
+        tokio::spawn(crate::backup::log::release_loop(
+            Arc::downgrade(&node),
+            idle_interval,
+        ));
+    } else {
         tokio::spawn(crate::backup::log::shipping_loop(
             Arc::downgrade(&node),
             config.backup.log_url.clone(),
             crate::backup::log::ShippingTiming {
                 interval: std::time::Duration::from_millis(config.backup.log_interval_ms),
-                idle_interval: std::time::Duration::from_millis(config.backup.log_idle_interval_ms),
+                idle_interval,
             },
         ));
     }

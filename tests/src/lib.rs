@@ -263,6 +263,15 @@ impl Node {
         }
     }
 
+    /// Sets (`Some`) or unsets an environment variable for the node's
+    /// next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.env.push((key.to_owned(), value.to_owned()));
+        }
+    }
+
     /// Starts the node again on the same data directory (the same address
     /// for cluster nodes, a new ephemeral port otherwise).
     pub async fn restart(&mut self) -> Result<()> {

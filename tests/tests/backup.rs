@@ -946,3 +946,54 @@ async fn scheduled_backups_come_on_time_and_prune_keeps_what_a_restore_needs() {
     );
     assert!(!ok && stderr.contains("at or before"), "{stderr}");
 }
+
+/// Groups of a node's `status --json` holding the log for log shipping.
+fn groups_held(endpoint: &str) -> Vec<u64> {
+    let status = ctl_json(endpoint, &["status"]);
+    status["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["log_holds"].get("backup-log").is_some())
+        .map(|g| g["group"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_log_shipping_off_releases_the_log_holds() {
+    let target_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", target_dir.path().join("t").display());
+    let mut cluster = start(&shipping_env(&url)).await;
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    write_rows(&client, "held", 30).await;
+    wait_restorable(&endpoint, &url, now_us()).await;
+    // Holds are replicated state: every replica of every group has one.
+    for id in 1..=3 {
+        let held = groups_held(&cluster.node(id).endpoint());
+        assert_eq!(held.len(), 4, "node {id}: {held:?}");
+    }
+
+    eprintln!("--- every node restarts without backup.log_url");
+    for id in 1..=3 {
+        let node = cluster.node(id);
+        node.set_env("QUIVER_BACKUP__LOG_URL", None);
+        node.restart().await.unwrap();
+    }
+    // Released after 10 idle intervals (1 s here) standing still.
+    let endpoints: Vec<String> = (1..=3).map(|id| cluster.node(id).endpoint()).collect();
+    retry("every log hold released", CONVERGE_WAIT, || {
+        let held: Vec<Vec<u64>> = endpoints.iter().map(|e| groups_held(e)).collect();
+        async move {
+            if held.iter().all(Vec::is_empty) {
+                Ok(())
+            } else {
+                Err(format!("still held: {held:?}"))
+            }
+        }
+    })
+    .await;
+    let mut client = cluster.node(2).client().await.unwrap();
+    assert_all_present(&mut client, &keys(30, "held")).await;
+}

@@ -39,6 +39,7 @@ pub async fn run(client: &mut Client, json: bool) -> Result<()> {
                 "lag": g.lag.iter().map(|l| serde_json::json!({"node_id": l.node_id, "entries_behind": l.entries_behind})).collect::<Vec<_>>(),
                 "log_bytes": g.log_bytes,
                 "rows_estimate": g.rows_estimate,
+                "log_holds": g.log_holds,
             })
         })
         .collect();
@@ -106,6 +107,7 @@ pub async fn run(client: &mut Client, json: bool) -> Result<()> {
             "learners",
             "lag (entries)",
             "rows",
+            "log holds",
         ]);
         for g in &s.groups {
             let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
@@ -139,6 +141,17 @@ pub async fn run(client: &mut Client, json: bool) -> Result<()> {
                 ids(&g.learners),
                 if lag.is_empty() { "-".into() } else { lag },
                 g.rows_estimate.to_string(),
+                if g.log_holds.is_empty() {
+                    "-".into()
+                } else {
+                    let mut holds: Vec<_> = g.log_holds.iter().collect();
+                    holds.sort();
+                    holds
+                        .iter()
+                        .map(|(consumer, index)| format!("{consumer}@{index}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                },
             ]);
         }
         println!("{group_table}");

@@ -61,7 +61,7 @@ use quiver_raft::{Command, GroupId, METADATA_GROUP, StateMachine};
 use serde::{Deserialize, Serialize};
 
 use super::{BackupError, Target};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Group};
 use crate::node::Node;
 
 /// The consumer name log shipping holds every group's log under.
@@ -543,6 +543,76 @@ pub async fn shipping_loop(node: Weak<Node>, url: String, timing: ShippingTiming
     }
 }
 
+/// The groups this node leads now, with the term.
+fn led_groups(cluster: &Cluster) -> Vec<(GroupId, Arc<Group>, u64)> {
+    cluster
+        .groups()
+        .into_iter()
+        .filter_map(|(group, hosted)| {
+            let term = {
+                let metrics = hosted.raft.metrics();
+                let m = metrics.borrow_watched();
+                (m.state == openraft::ServerState::Leader).then_some(m.current_term)
+            };
+            term.map(|term| (group, hosted, term))
+        })
+        .collect()
+}
+
+/// How many idle intervals a log hold may stand still on a group this node
+/// leads without shipping before it is released: long enough that a
+/// leader moving for a moment to a node configured without shipping (a
+/// rolling change) does not drop a hold the shipper still needs.
+const HOLD_RELEASE_IDLE_INTERVALS: u32 = 10;
+
+/// On a node that does not ship (no `backup.log_url`): releases the log
+/// hold of a group it leads once the hold has not moved for
+/// [`HOLD_RELEASE_IDLE_INTERVALS`] idle intervals, so turning shipping off
+/// gives the log back to ordinary purging instead of keeping up to
+/// `log_hold_bytes_max` per group for a shipper that is gone. Checks once
+/// per idle interval: an idle node does nothing else.
+pub async fn release_loop(node: Weak<Node>, idle_interval: Duration) {
+    let release_after = idle_interval.saturating_mul(HOLD_RELEASE_IDLE_INTERVALS);
+    // Per group, the held index seen and since when (while led here).
+    let mut seen: HashMap<GroupId, (u64, std::time::Instant)> = HashMap::new();
+    let mut rounds = crate::node::Rounds::new(node, idle_interval, true);
+    while let Some(node) = rounds.next().await {
+        let led = led_groups(&node.cluster);
+        seen.retain(|group, _| led.iter().any(|(g, _, _)| g == group));
+        for (group, hosted, _) in led {
+            let Some(&index) = hosted.state.log_holds().get(LOG_CONSUMER) else {
+                seen.remove(&group);
+                continue;
+            };
+            let now = std::time::Instant::now();
+            let since = match seen.get(&group) {
+                Some(&(held, since)) if held == index => since,
+                _ => {
+                    seen.insert(group, (index, now));
+                    continue;
+                }
+            };
+            if now.duration_since(since) < release_after {
+                continue;
+            }
+            let release = Command::ReleaseLog {
+                consumer: LOG_CONSUMER.to_owned(),
+            };
+            match node.cluster.propose(group, release).await {
+                Ok(_) => {
+                    tracing::info!(
+                        group,
+                        index,
+                        "log shipping is off here: the shipped log's hold is released"
+                    );
+                    seen.remove(&group);
+                }
+                Err(e) => tracing::warn!(group, error = %e, "releasing a log hold failed"),
+            }
+        }
+    }
+}
+
 /// One round: every group this node leads ships what is new.
 async fn ship_round(
     cluster: &Arc<Cluster>,
@@ -568,18 +638,7 @@ async fn ship_round(
         }
         return;
     };
-    let groups: Vec<_> = cluster
-        .groups()
-        .into_iter()
-        .filter_map(|(group, hosted)| {
-            let term = {
-                let metrics = hosted.raft.metrics();
-                let m = metrics.borrow_watched();
-                (m.state == openraft::ServerState::Leader).then_some(m.current_term)
-            };
-            term.map(|term| (group, hosted, term))
-        })
-        .collect();
+    let groups = led_groups(cluster);
     // A group not led here in the same term is resumed from the target
     // when it is again: another leader may have shipped meanwhile.
     shipped.retain(|group, state| {

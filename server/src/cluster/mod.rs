@@ -512,6 +512,7 @@ impl Cluster {
                     rows_estimate: hosted.state.store().stats().rows_estimate,
                     asleep: hosted.pulse.is_asleep(),
                     replica_id: hosted.replica.0,
+                    log_holds: hosted.state.log_holds().into_iter().collect(),
                 }
             })
             .collect()
