@@ -495,20 +495,51 @@ pub fn open_for_replay(
 }
 
 /// How far a replay got.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayProgress {
     /// Entries applied.
     pub applied: u64,
     /// An entry later than the time was met: the replay is complete.
     pub reached_time: bool,
+    /// Shards split off during the replay, each built in a scratch
+    /// directory under the replayed state's (its state in `state/`): their
+    /// own shipped logs go on from there.
+    pub children: Vec<(GroupId, PathBuf)>,
+}
+
+/// The directory a replayed shard's split child is built in.
+pub fn replay_child_dir(parent: &Path, child: GroupId) -> PathBuf {
+    parent.join(format!("split-{child}"))
+}
+
+/// Builds a replayed shard's split children the way a replica builds its
+/// own (the shard's apply code does it), in scratch directories.
+struct ReplaySplits {
+    dir: PathBuf,
+    replica: crate::types::ReplicaId,
+    created: parking_lot::Mutex<Vec<GroupId>>,
+}
+
+impl crate::state_machine::SplitHandler for ReplaySplits {
+    fn prepare_child(&self, child: GroupId) -> std::io::Result<Option<PathBuf>> {
+        Ok(Some(replay_child_dir(&self.dir, child)))
+    }
+
+    fn replica(&self) -> crate::types::ReplicaId {
+        self.replica
+    }
+
+    fn child_created(&self, child: GroupId) {
+        self.created.lock().push(child);
+    }
 }
 
 /// Applies to `state`, in order, the shipped `entries` after its applied
 /// position whose time is at most `until_us`, exactly as the shard applied
 /// them (the same code: refusals, dedup and expiry floors come out the
-/// same). Stops at the first entry past `until_us`. A split cannot be
-/// replayed here (its child's history goes on in another shard's log):
-/// it is refused, naming the time before which a restore can go.
+/// same). Stops at the first entry past `until_us`. A split is applied as
+/// a replica applies it: the child is built beside the state (see
+/// [`ReplayProgress::children`]) and the parent trimmed.
 pub fn replay(
     state: &StateMachine,
     entries: Vec<ChangeEntry>,
@@ -518,6 +549,12 @@ pub fn replay(
     let from = state.applied().map_or(0, |id| id.index);
     let mut progress = ReplayProgress::default();
     let mut batch = Vec::new();
+    let apply = |batch: Vec<Entry>| {
+        state.apply_entries(batch).map_err(|e| BackupError::Replay {
+            group,
+            reason: e.to_string(),
+        })
+    };
     for entry in entries {
         if entry.log_id.index <= from {
             continue;
@@ -526,31 +563,41 @@ pub fn replay(
             progress.reached_time = true;
             break;
         }
-        if matches!(entry.command, Command::Split { .. }) {
-            return Err(BackupError::Replay {
-                group,
-                reason: format!(
-                    "the shard split at {} (leader time {} µs): restore to a time before it, or \
-                     from a full backup taken after it",
-                    entry.log_id, entry.leader_ts_us
-                ),
-            });
-        }
-        batch.push(Entry::new_normal(
+        let split = matches!(entry.command, Command::Split { .. });
+        let entry = Entry::new_normal(
             entry.log_id,
             Proposal {
                 request_id: entry.request_id,
                 leader_ts_us: entry.leader_ts_us,
                 command: entry.command,
             },
-        ));
-    }
-    progress.applied = batch.len() as u64;
-    state
-        .apply_entries(batch)
-        .map_err(|e| BackupError::Replay {
+        );
+        progress.applied += 1;
+        if !split {
+            batch.push(entry);
+            continue;
+        }
+        // Everything before the split first: the child is cut from the
+        // state as of it, by a member of the membership of that moment.
+        apply(std::mem::take(&mut batch))?;
+        let replica = state.applied_voter().ok_or_else(|| BackupError::Replay {
             group,
-            reason: e.to_string(),
+            reason: "a split with no voter in the applied membership".into(),
         })?;
+        let splits = std::sync::Arc::new(ReplaySplits {
+            dir: state.dir().to_path_buf(),
+            replica,
+            created: parking_lot::Mutex::new(Vec::new()),
+        });
+        state.set_split_handler(splits.clone());
+        apply(vec![entry])?;
+        let created = std::mem::take(&mut *splits.created.lock());
+        progress.children.extend(
+            created
+                .into_iter()
+                .map(|child| (child, replay_child_dir(state.dir(), child))),
+        );
+    }
+    apply(batch)?;
     Ok(progress)
 }

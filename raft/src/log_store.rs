@@ -174,7 +174,8 @@ impl LogStore {
                 bytes,
                 held_bytes_max,
                 held,
-                "the log outgrew its hold cap: entries a change-stream consumer has not confirmed                  are purged; it must restart from a backup"
+                "the log outgrew its hold cap: entries a change-stream consumer has not confirmed \
+                 are purged; it must restart from a backup"
             );
             return Ok(Some(log_id));
         }

@@ -277,6 +277,12 @@ impl StateMachine {
         (applied.0, self.leader_time_us())
     }
 
+    /// A voter of the last applied membership (a replay picks the replica
+    /// it acts as by it).
+    pub(crate) fn applied_voter(&self) -> Option<crate::types::ReplicaId> {
+        self.shared.applied.lock().1.membership().voter_ids().next()
+    }
+
     /// The last applied log id.
     pub fn applied(&self) -> Option<LogId> {
         self.shared.applied.lock().0

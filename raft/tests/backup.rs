@@ -251,11 +251,26 @@ async fn shipped_entries_replay_onto_a_checkpoint_up_to_a_time_as_the_shard_appl
         sm.store().digest(0, None).unwrap()
     );
 
-    // A split is not replayed: its child's history is another log's.
+    // A split is replayed as a replica applies it: the child is built
+    // beside the state, from it, and the parent keeps its half.
+    // (Its membership, which the change stream does not carry, applied
+    // directly: the child is built by a member.)
+    let membership = openraft::Membership::new(
+        vec![std::collections::BTreeSet::from([ReplicaId(1)])],
+        std::collections::BTreeMap::from([(ReplicaId(1), openraft::BasicNode::new("127.0.0.1:1"))]),
+    )
+    .unwrap();
+    replayed
+        .apply_entries(vec![Entry::new_membership(
+            log_id::<TypeConfig>(2, ReplicaId(1), 41),
+            membership,
+        )])
+        .unwrap();
+    let before = replayed.store().digest(0, None).unwrap();
     let split = quiver_raft::change_stream::ChangeEntry {
-        log_id: log_id::<TypeConfig>(2, ReplicaId(1), 41),
-        leader_ts_us: 7_041,
-        request_id: 41,
+        log_id: log_id::<TypeConfig>(2, ReplicaId(1), 42),
+        leader_ts_us: 7_042,
+        request_id: 42,
         command: Command::Split {
             child: 9,
             at: 1 << 63,
@@ -264,11 +279,28 @@ async fn shipped_entries_replay_onto_a_checkpoint_up_to_a_time_as_the_shard_appl
             version: 0,
         },
     };
-    assert!(matches!(
-        backup::replay(&replayed, vec![split], i64::MAX),
-        Err(BackupError::Replay { group: 5, .. })
-    ));
-    assert_eq!(replayed.applied().unwrap().index, 40, "nothing applied");
+    let progress = backup::replay(&replayed, vec![split], i64::MAX).unwrap();
+    assert_eq!(progress.applied, 1);
+    let [(child, child_dir)] = progress.children.as_slice() else {
+        panic!("one child: {progress:?}");
+    };
+    assert_eq!(*child, 9);
+    assert_eq!(*child_dir, backup::replay_child_dir(&replay_dir, 9));
+    let child = backup::open_for_replay(9, &child_dir.join("state"), false).unwrap();
+    assert_eq!(
+        child.applied().map(|id| id.index),
+        Some(42),
+        "the child starts at the split"
+    );
+    assert_eq!(child.range().unwrap().start, 1 << 63);
+    assert_eq!(replayed.range().unwrap().end, Some(1 << 63));
+    let (low, high) = (
+        replayed.store().digest(0, None).unwrap(),
+        child.store().digest(0, None).unwrap(),
+    );
+    assert!(low.rows > 0 && high.rows > 0, "{low:?} {high:?}");
+    assert_eq!(low.rows + high.rows, before.rows);
+    assert_eq!(low.sum.wrapping_add(high.sum), before.sum);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

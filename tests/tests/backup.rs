@@ -997,3 +997,61 @@ async fn turning_log_shipping_off_releases_the_log_holds() {
     let mut client = cluster.node(2).client().await.unwrap();
     assert_all_present(&mut client, &keys(30, "held")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_to_a_time_replays_a_split_made_after_the_backup() {
+    let target_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", target_dir.path().join("t").display());
+    let mut cluster = start(&shipping_env(&url)).await;
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    write_rows(&client, "before", 60).await;
+    wait_restorable(&endpoint, &url, now_us()).await;
+    ctl_json(&endpoint, &["backup", "create", &url]);
+    write_rows(&client, "after-backup", 60).await;
+    let before_split = now_us();
+
+    eprintln!("--- shard 1 splits, and writes go on into both halves");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    quiverctl(&endpoint, &["shard", "split", "1", "--wait"]).unwrap();
+    write_rows(&client, "after-split", 60).await;
+    let source = ctl_json(&endpoint, &["checksum"]);
+    assert_eq!(source["shards"].as_array().unwrap().len(), 4, "{source}");
+    wait_restorable(&endpoint, &url, now_us()).await;
+
+    eprintln!("--- restored to the latest time: the split is replayed");
+    let (mut latest, _latest_dir, latest_endpoint) = new_cluster().await;
+    let report = ctl_json(
+        &latest_endpoint,
+        &["restore", "--from", &url, "--to-time", "latest"],
+    );
+    assert_eq!(report["rows_restored"], 180, "{report}");
+    assert_eq!(
+        report["shards"], 4,
+        "the child's rows are read too: {report}"
+    );
+    let restored = ctl_json(&latest_endpoint, &["checksum"]);
+    assert_eq!(restored["sum"], source["sum"], "{restored} {source}");
+    let all: Vec<String> = ["before", "after-backup", "after-split"]
+        .iter()
+        .flat_map(|prefix| keys(60, prefix))
+        .collect();
+    let mut restored_client = latest.node(1).client().await.unwrap();
+    assert_all_present(&mut restored_client, &all).await;
+
+    eprintln!("--- restored to a time before the split: no child, nothing after");
+    let (_early, _early_dir, early_endpoint) = new_cluster().await;
+    let report = ctl_json(
+        &early_endpoint,
+        &[
+            "restore",
+            "--from",
+            &url,
+            "--to-time",
+            &rfc3339(before_split),
+        ],
+    );
+    assert_eq!(report["rows_restored"], 120, "{report}");
+    assert_eq!(report["shards"], 3, "{report}");
+}

@@ -276,18 +276,27 @@ async fn list_chunks(
 /// `LATEST`; 0 if none did).
 pub async fn last_shipped_us(target: &Target, cluster_id: &str) -> Result<i64, BackupError> {
     let mut last = 0;
-    for dir in target.list_dirs(&format!("log/{cluster_id}")).await? {
-        let Some(group) = dir
-            .strip_prefix('g')
-            .and_then(|g| g.parse::<GroupId>().ok())
-        else {
-            continue;
-        };
+    for group in shipped_groups(target, cluster_id).await? {
         if let Some(latest) = latest(target, cluster_id, group).await? {
             last = last.max(latest.shipped_at_us);
         }
     }
     Ok(last)
+}
+
+/// The groups of cluster `cluster_id` with a shipped log at the target
+/// (groups are only ever added, by splits: these are all it had since
+/// shipping began).
+pub async fn shipped_groups(
+    target: &Target,
+    cluster_id: &str,
+) -> Result<Vec<GroupId>, BackupError> {
+    Ok(target
+        .list_dirs(&format!("log/{cluster_id}"))
+        .await?
+        .iter()
+        .filter_map(|dir| dir.strip_prefix('g').and_then(|g| g.parse().ok()))
+        .collect())
 }
 
 /// Deletes `group`'s chunks that end at or before `index` (with
@@ -314,12 +323,15 @@ pub async fn prune_chunks(
 }
 
 /// What a replay of one group's shipped log did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShippedReplay {
     /// Chunks read.
     pub chunks: u64,
     /// Entries applied.
     pub entries: u64,
+    /// Shards split off during the replay (see
+    /// `quiver_raft::backup::ReplayProgress::children`).
+    pub children: Vec<(GroupId, std::path::PathBuf)>,
 }
 
 /// A walk along one group's shipped chunks from a position: each step is
@@ -388,7 +400,8 @@ impl<'a> ChainWalk<'a> {
         else {
             if self.considered < self.chunks.len() {
                 return Err(BackupError::Refused(format!(
-                    "group {group}: its shipped log has a gap after index {at} (leader time {}):                      restore from a full backup taken after it",
+                    "group {group}: its shipped log has a gap after index {at} (leader time {}): \
+                     restore from a full backup taken after it",
                     time_text(self.position.leader_ts_us)
                 )));
             }
@@ -459,12 +472,14 @@ pub async fn replay_shipped(
         let ReplayProgress {
             applied,
             reached_time,
+            children,
         } = tokio::task::spawn_blocking(move || {
             shard_backup::replay(&replayed, chunk.entries, until_us)
         })
         .await
         .map_err(|e| BackupError::Invalid(format!("replay task: {e}")))??;
         report.entries += applied;
+        report.children.extend(children);
         if reached_time {
             return Ok(report);
         }
@@ -817,7 +832,16 @@ impl GroupShip<'_> {
         lost: Option<ChangePosition>,
     ) -> Result<Shipped, BackupError> {
         let group = self.group;
-        let start = self.stream.position();
+        // A shard split off another ships from the split on (a restore
+        // replays its parent to the split, then its own log), else from
+        // where it is now.
+        let stream = self.stream.clone();
+        let split_start = tokio::task::spawn_blocking(move || stream.split_start())
+            .await
+            .ok()
+            .flatten()
+            .filter(|_| lost.is_none());
+        let start = split_start.unwrap_or_else(|| self.stream.position());
         match lost {
             None => tracing::info!(group, position = ?start, "log shipping starts"),
             Some(lost) => tracing::error!(

@@ -72,6 +72,32 @@ pub struct RestoreReport {
     pub content: LogicalDigest,
 }
 
+/// A shard's state as a restore read it: a backup's checkpoint, replayed
+/// or not, or a shard split off during a replay.
+struct Replayed {
+    /// Its scratch directory, removed after the restore (`None`: it is
+    /// inside its parent's).
+    scratch: Option<PathBuf>,
+    /// The state.
+    state: StateMachine,
+    /// The rows its backup recorded (only when not replayed).
+    expected_rows: Option<u64>,
+}
+
+/// Every group of `manifest`'s cluster a restore to a time may replay:
+/// the backup's, and those split off since (with a shipped log).
+async fn logged_groups(
+    target: &Target,
+    cluster_id: &str,
+    manifest: &BackupManifest,
+) -> Result<Vec<GroupId>, BackupError> {
+    let mut groups: Vec<GroupId> = manifest.parts().map(|(_, r)| r.group).collect();
+    groups.extend(log::shipped_groups(target, cluster_id).await?);
+    groups.sort_unstable();
+    groups.dedup();
+    Ok(groups)
+}
+
 /// A backup view's new id and its fields' new ids, by old id.
 struct ViewMap {
     id: ViewId,
@@ -136,7 +162,7 @@ impl Backups {
                 // not reached yet: its shipper will get there (if the
                 // source cluster runs); a time to come is not waited for.
                 if until_us <= super::now_us() {
-                    let groups: Vec<GroupId> = manifest.parts().map(|(_, r)| r.group).collect();
+                    let groups = logged_groups(&target, &cluster_id, &manifest).await?;
                     log::wait_restorable(&target, &cluster_id, &groups, until_us, LOG_WAIT).await?;
                 }
                 Some((cluster_id, until_us))
@@ -175,40 +201,69 @@ impl Backups {
                 true,
             )
             .await?;
-        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut shards: Vec<Replayed> = Vec::with_capacity(manifest.shards.len());
         let replayed = async {
-            if let Some((cluster_id, until_us)) = &replay {
-                report.log_entries_replayed +=
-                    log::replay_shipped(&target, cluster_id, &metadata.1, *until_us)
-                        .await?
-                        .entries;
-            }
             for entry in &manifest.shards {
                 let (scratch, state) = self
                     .open_part(&target, id, &entry.dir, &entry.record, false)
                     .await?;
-                shards.push((scratch, state.clone()));
-                if let Some((cluster_id, until_us)) = &replay {
-                    report.log_entries_replayed +=
-                        log::replay_shipped(&target, cluster_id, &state, *until_us)
-                            .await?
-                            .entries;
+                shards.push(Replayed {
+                    scratch: Some(scratch),
+                    state,
+                    // Replayed: the rows are no longer the checkpoint's.
+                    expected_rows: replay.is_none().then_some(entry.record.rows),
+                });
+            }
+            let Some((cluster_id, until_us)) = &replay else {
+                return Ok(());
+            };
+            report.log_entries_replayed +=
+                log::replay_shipped(&target, cluster_id, &metadata.1, *until_us)
+                    .await?
+                    .entries;
+            // Shards split off during a replay join the list and are
+            // replayed from their start in turn (they may split too).
+            let mut next = 0;
+            while let Some(state) = shards.get(next).map(|s| s.state.clone()) {
+                let done = log::replay_shipped(&target, cluster_id, &state, *until_us).await?;
+                report.log_entries_replayed += done.entries;
+                for (child, dir) in done.children {
+                    let state_dir = dir.join("state");
+                    let opened = state_dir.clone();
+                    let state = blocking(&state_dir, move || {
+                        Ok(shard_backup::open_for_replay(child, &opened, false)?)
+                    })
+                    .await?;
+                    tracing::info!(
+                        shard = state.group(),
+                        child,
+                        "a shard split in the replayed window: its child is replayed too"
+                    );
+                    shards.push(Replayed {
+                        // Inside its parent's scratch directory.
+                        scratch: None,
+                        state,
+                        expected_rows: None,
+                    });
                 }
+                next += 1;
             }
             Ok::<(), BackupError>(())
         }
         .await;
         let written = match replayed {
             Ok(()) => {
-                self.write_restored(node, &manifest, &metadata.1, &shards, &mut report)
+                self.write_restored(node, &metadata.1, &shards, &mut report)
                     .await
             }
             Err(e) => Err(e),
         };
         drop(metadata.1);
         remove_scratch(metadata.0).await;
-        for (scratch, state) in shards {
-            drop(state);
+        // Every state closed before any directory goes (a child lives
+        // inside its parent's).
+        let scratches: Vec<PathBuf> = shards.into_iter().filter_map(|s| s.scratch).collect();
+        for scratch in scratches {
             remove_scratch(scratch).await;
         }
         written?;
@@ -271,7 +326,7 @@ impl Backups {
                         newest.backup_id
                     ))
                 })?;
-                let groups: Vec<_> = newest.parts().map(|(_, r)| r.group).collect();
+                let groups = logged_groups(target, &cluster_id, newest).await?;
                 let shipped = log::status(target, &cluster_id, &groups).await?;
                 shipped
                     .iter()
@@ -342,9 +397,8 @@ impl Backups {
     async fn write_restored(
         &self,
         node: &Node,
-        manifest: &BackupManifest,
         metadata: &StateMachine,
-        shards: &[(PathBuf, StateMachine)],
+        shards: &[Replayed],
         report: &mut RestoreReport,
     ) -> Result<(), BackupError> {
         let catalog = metadata.store().registry().load_full();
@@ -368,14 +422,12 @@ impl Backups {
             maps.insert(view.id, ViewMap { id: new.id, fields });
             report.views += 1;
         }
-        for ((_, state), entry) in shards.iter().zip(&manifest.shards) {
-            // Replayed: the rows are no longer the checkpoint's.
-            let expected_rows = report.restored_to_us.is_none().then_some(entry.record.rows);
+        for shard in shards {
             self.write_shard_rows(
                 node,
-                state.store(),
-                entry.record.group,
-                expected_rows,
+                shard.state.store(),
+                shard.state.group(),
+                shard.expected_rows,
                 &maps,
                 &catalog,
                 report,
