@@ -177,32 +177,33 @@ impl ChangeStream {
         }
     }
 
-    /// Where the stream of a shard split off another begins, while its log
-    /// still holds every entry since the split: its seed position (see
-    /// `state_machine::child_seed`), with the leader time of its first
-    /// command (the child was its parent's until then; 0 if none is near:
-    /// a time no later entry can be below). `None` for any other shard, or
-    /// one whose log was purged since. Reads the log on the calling thread.
-    pub fn split_start(&self) -> Option<ChangePosition> {
-        let seed = self.log.purged()?;
-        if seed != crate::state_machine::child_seed(seed.index) {
-            return None;
-        }
+    /// The oldest position the stream can be read from: the start of a log
+    /// never purged, else the last purged entry (a split child's seed, see
+    /// `state_machine::child_seed`, until its first purge), with the leader
+    /// time of the first command after it (nothing changed the state in
+    /// between; 0 if no command is near, a time no later entry is below).
+    /// A consumer that starts here misses nothing the replica still has,
+    /// so a backup taken before it began is replayable. Reads the log on
+    /// the calling thread.
+    pub fn first_position(&self) -> ChangePosition {
         let mut start = ChangePosition {
-            log_id: Some(seed),
+            log_id: self.log.purged(),
             leader_ts_us: 0,
         };
-        // The first entries are the new leader's blank entry and
+        // The first entries are often a leader's blank entry and
         // memberships, which carry no time: look a little further.
         let limits = ChangeLimits {
             entries_max: 64,
             bytes_max: 1 << 20,
         };
-        let first = self.read(&start, limits).ok()?.entries.into_iter().next();
-        if let Some(first) = first {
+        if let Some(first) = self
+            .read(&start, limits)
+            .ok()
+            .and_then(|batch| batch.entries.into_iter().next())
+        {
             start.leader_ts_us = first.leader_ts_us;
         }
-        Some(start)
+        start
     }
 
     /// The committed commands after `from`, within `limits`. Reads the log

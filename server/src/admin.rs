@@ -441,7 +441,7 @@ impl Admin for AdminService {
         let report = self
             .node
             .backups
-            .verify(&request.url, &request.backup_id, request.data)
+            .verify(&request.url, &request.backup_id, request.data, true)
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(pb::VerifyBackupResponse {

@@ -832,16 +832,19 @@ impl GroupShip<'_> {
         lost: Option<ChangePosition>,
     ) -> Result<Shipped, BackupError> {
         let group = self.group;
-        // A shard split off another ships from the split on (a restore
-        // replays its parent to the split, then its own log), else from
-        // where it is now.
-        let stream = self.stream.clone();
-        let split_start = tokio::task::spawn_blocking(move || stream.split_start())
-            .await
-            .ok()
-            .flatten()
-            .filter(|_| lost.is_none());
-        let start = split_start.unwrap_or_else(|| self.stream.position());
+        // A group shipping for the first time ships everything its log
+        // still has, so a backup taken before shipping began (the first
+        // scheduled backup of a new cluster) replays, and a shard split off
+        // another ships from the split on (a restore replays its parent to
+        // the split, then its log). After a gap: from where it is now.
+        let start = if lost.is_none() {
+            let stream = self.stream.clone();
+            tokio::task::spawn_blocking(move || stream.first_position())
+                .await
+                .unwrap_or_else(|_| self.stream.position())
+        } else {
+            self.stream.position()
+        };
         match lost {
             None => tracing::info!(group, position = ?start, "log shipping starts"),
             Some(lost) => tracing::error!(

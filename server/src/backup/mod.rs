@@ -252,6 +252,7 @@ impl Backups {
             .try_lock()
             .map_err(|_| BackupError::Busy)?;
         let target = self.target_for_writing(url)?;
+        let cluster_id = cluster_id_when_stored(cluster).await?;
         let started_at_us = now_us();
         let id = manifest::new_backup_id(started_at_us);
         let (map, _) = cluster.current_or_static_map().await?;
@@ -295,9 +296,6 @@ impl Backups {
         .await
         .map_err(|_| BackupError::Refused("the metadata group's backup timed out".into()))??;
         let metadata = MetadataEntry { dir, record };
-        let cluster_id = cluster
-            .group(quiver_raft::METADATA_GROUP)
-            .and_then(|g| g.state.cluster_id().ok().flatten());
         let manifest = BackupManifest {
             version: manifest::MANIFEST_VERSION,
             backup_id: id.clone(),
@@ -436,13 +434,15 @@ impl Backups {
         Ok(manifest)
     }
 
-    /// Verifies backup `id`: every file against its checksums, and with
-    /// `data` every shard restored into a scratch store and compared.
+    /// Verifies backup `id`: every file against its checksums, with
+    /// `data` every shard restored into a scratch store and compared, and
+    /// with `log` the shipped log from the backup on.
     pub async fn verify(
         &self,
         url: &str,
         id: &str,
         data: bool,
+        log: bool,
     ) -> Result<VerifyReport, BackupError> {
         let manifest = self.get(url, id).await?;
         let target = self.target(url)?;
@@ -482,7 +482,7 @@ impl Backups {
                 }
             }
         }
-        if let Some(cluster_id) = &manifest.cluster_id {
+        if let Some(cluster_id) = manifest.cluster_id.as_ref().filter(|_| log) {
             self.verify_log(&target, cluster_id, &manifest, &mut report)
                 .await?;
         }
@@ -536,6 +536,35 @@ impl Backups {
         let scratch = self.download_verified(target, id, dir, record).await?;
         remove_scratch(scratch).await;
         Ok(())
+    }
+}
+
+/// How long a backup waits for a starting cluster to store its map (and
+/// with it its id, which names its shipped log).
+const CLUSTER_ID_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The cluster's id, once the metadata group stored the cluster map (right
+/// after a new cluster starts it has not yet: a backup taken then would
+/// name no cluster, and no shipped log could be replayed onto it). `None`
+/// for a cluster bootstrapped before ids existed.
+async fn cluster_id_when_stored(cluster: &Cluster) -> Result<Option<String>, BackupError> {
+    let deadline = tokio::time::Instant::now() + CLUSTER_ID_WAIT;
+    loop {
+        cluster.sync_metadata().await?;
+        if let Some(metadata) = cluster.group(quiver_raft::METADATA_GROUP)
+            && metadata.state.cluster_map().is_some()
+        {
+            return metadata
+                .state
+                .cluster_id()
+                .map_err(|e| io_error(metadata.state.dir(), e));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(BackupError::Refused(
+                "the cluster has not stored its map yet (it is starting): try again".into(),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 
