@@ -66,6 +66,25 @@ fn shipping_env(url: &str) -> Vec<(&'static str, &str)> {
     ]
 }
 
+/// A 3-shard cluster shipping its log (see [`shipping_env`]) to a new
+/// target, with the counter view: (cluster, target directory, its URL,
+/// node 1's endpoint, a client of node 1).
+async fn shipping_cluster() -> (
+    quiver_tests::counter::Running,
+    tempfile::TempDir,
+    String,
+    String,
+    quiver_tests::Client,
+) {
+    let target_dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", target_dir.path().join("t").display());
+    let mut cluster = start(&shipping_env(&url)).await;
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    (cluster, target_dir, url, endpoint, client)
+}
+
 /// Asserts that every one of `keys` has a value, read STRONG.
 async fn assert_all_present(client: &mut quiver_tests::Client, keys: &[String]) {
     let (values, _) =
@@ -961,12 +980,7 @@ fn groups_held(endpoint: &str) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turning_log_shipping_off_releases_the_log_holds() {
-    let target_dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", target_dir.path().join("t").display());
-    let mut cluster = start(&shipping_env(&url)).await;
-    let endpoint = cluster.node(1).endpoint();
-    let client = cluster.node(1).client().await.unwrap();
-    apply_counter_view(&client).await;
+    let (mut cluster, _target_dir, url, endpoint, client) = shipping_cluster().await;
     write_rows(&client, "held", 30).await;
     wait_restorable(&endpoint, &url, now_us()).await;
     // Holds are replicated state: every replica of every group has one.
@@ -1000,12 +1014,7 @@ async fn turning_log_shipping_off_releases_the_log_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_to_a_time_replays_a_split_made_after_the_backup() {
-    let target_dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", target_dir.path().join("t").display());
-    let mut cluster = start(&shipping_env(&url)).await;
-    let endpoint = cluster.node(1).endpoint();
-    let client = cluster.node(1).client().await.unwrap();
-    apply_counter_view(&client).await;
+    let (_cluster, _target_dir, url, endpoint, client) = shipping_cluster().await;
     write_rows(&client, "before", 60).await;
     wait_restorable(&endpoint, &url, now_us()).await;
     ctl_json(&endpoint, &["backup", "create", &url]);

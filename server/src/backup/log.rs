@@ -32,9 +32,15 @@
 //!   position with an empty chunk, and is logged: times between the gap's
 //!   two ends are restorable only from a full backup taken after it.
 //!   (`backup status` does not show gaps yet: it reads `LATEST` only.)
-//! - **The hold stays** while shipping is configured off: release it with
-//!   a `ReleaseLog` for [`LOG_CONSUMER`] (no command does that yet), or
-//!   the log is kept up to `log_hold_bytes_max` per group.
+//! - **First start.** A group that never shipped starts with everything
+//!   its log still holds ([`ChangeStream::first_position`]): a backup taken
+//!   before shipping began replays, and a split child ships from its seed.
+//! - **Shipping off.** A node without a log URL releases the hold of a
+//!   group it leads once it stood still for 10 idle intervals
+//!   ([`release_loop`]).
+//! - **Splits.** A replay applies a split with the shard's own code and
+//!   hands back the child, whose own log is replayed next (see
+//!   `restore.rs`).
 //! - **Restorable time.** A chunk ends at the position after its last
 //!   entry, with that entry's leader time `L`: every entry at or before
 //!   `L - 1 µs` is shipped (leader times never go back; a later entry may

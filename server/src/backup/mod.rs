@@ -550,8 +550,10 @@ const CLUSTER_ID_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 async fn cluster_id_when_stored(cluster: &Cluster) -> Result<Option<String>, BackupError> {
     let deadline = tokio::time::Instant::now() + CLUSTER_ID_WAIT;
     loop {
-        cluster.sync_metadata().await?;
-        if let Some(metadata) = cluster.group(quiver_raft::METADATA_GROUP)
+        // No metadata leader yet (a starting cluster): asked again below.
+        let synced = cluster.sync_metadata().await;
+        if synced.is_ok()
+            && let Some(metadata) = cluster.group(quiver_raft::METADATA_GROUP)
             && metadata.state.cluster_map().is_some()
         {
             return metadata
@@ -560,6 +562,7 @@ async fn cluster_id_when_stored(cluster: &Cluster) -> Result<Option<String>, Bac
                 .map_err(|e| io_error(metadata.state.dir(), e));
         }
         if tokio::time::Instant::now() >= deadline {
+            synced?;
             return Err(BackupError::Refused(
                 "the cluster has not stored its map yet (it is starting): try again".into(),
             ));

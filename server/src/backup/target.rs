@@ -33,6 +33,8 @@ pub const BACKUP_URL_BYTES_MAX: usize = 2048;
 const UPLOAD_PART_BYTES: usize = 8 << 20;
 /// Parts of one file in flight to the target at once.
 const UPLOAD_PARTS_IN_FLIGHT_MAX: usize = 2;
+/// Bytes hashed per hop to a blocking thread when re-reading an object.
+const HASH_PART_BYTES: usize = 1 << 20;
 
 /// An opened backup target.
 #[derive(Clone)]
@@ -299,15 +301,27 @@ impl Target {
         };
         let mut hasher = FileHasher::default();
         let mut stream = result.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            // Off the async workers, as in put_file.
-            hasher = tokio::task::spawn_blocking(move || {
-                hasher.update(&chunk);
-                hasher
-            })
-            .await
-            .map_err(|e| io_error(Path::new(key), std::io::Error::other(e)))?;
+        let mut pending = Vec::new();
+        loop {
+            let chunk = stream.next().await.transpose()?;
+            if let Some(chunk) = &chunk {
+                pending.extend_from_slice(chunk);
+            }
+            // Off the async workers, as in put_file, a part at a time (a
+            // local file streams in 8 KiB pieces: one hop each would cost
+            // more than the hashing).
+            if pending.len() >= HASH_PART_BYTES || (chunk.is_none() && !pending.is_empty()) {
+                let part = std::mem::take(&mut pending);
+                hasher = tokio::task::spawn_blocking(move || {
+                    hasher.update(&part);
+                    hasher
+                })
+                .await
+                .map_err(|e| io_error(Path::new(key), std::io::Error::other(e)))?;
+            }
+            if chunk.is_none() {
+                break;
+            }
         }
         Ok(Some(hasher.finish()))
     }
