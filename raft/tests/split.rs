@@ -460,11 +460,12 @@ async fn a_replica_added_after_a_split_replays_it_without_building_a_child() {
     assert_eq!(sm.range().unwrap().children, vec![(9, 3)]);
 }
 
-/// A split child starts with no change-stream consumers: the parent's
-/// holds are on the parent's log (inherited ones would pin the child's log
-/// up to its size cap, and count against its consumer limit).
+/// A split child's log is held for the parent's change-stream consumers
+/// from its seed: they follow the parent's range, and a busy child must not
+/// purge entries before their first read of its log (a gap in a shipped
+/// log). The parent keeps its own holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_split_child_inherits_no_log_holds() {
+async fn a_split_child_inherits_the_parents_log_consumers_from_its_seed() {
     use quiver_raft::log_store::PurgeHold;
 
     let dir = tempfile::tempdir().unwrap();
@@ -493,6 +494,7 @@ async fn a_split_child_inherits_no_log_holds() {
         Arc::new(NoObserver),
     )
     .unwrap();
-    assert!(child.log_holds().is_empty(), "{:?}", child.log_holds());
-    assert_eq!(child.held_index(), None);
+    let holds: Vec<(String, u64)> = child.log_holds().into_iter().collect();
+    assert_eq!(holds, vec![("backup".to_string(), 4)], "held from the seed");
+    assert_eq!(child.held_index(), Some(4));
 }

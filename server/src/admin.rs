@@ -451,6 +451,7 @@ impl Admin for AdminService {
             problems: report.problems,
             log_chunks_checked: report.log_chunks_checked,
             log_reaches_us: report.log_reaches_us.unwrap_or(0),
+            log_gaps: report.log_gaps,
         }))
     }
 

@@ -796,6 +796,7 @@ async fn shipping_resumes_where_it_stopped_when_a_stalled_target_returns() {
         bytes[middle] ^= 0x10;
         bytes
     };
+    let reach = verified["log_reaches_us"].as_i64().unwrap();
     let damages: [(&str, Option<Vec<u8>>, &str); 3] = [
         ("flipped", Some(flipped), name.as_str()),
         (
@@ -811,7 +812,17 @@ async fn shipping_resumes_where_it_stopped_when_a_stalled_target_returns() {
             None => std::fs::remove_file(&victim).unwrap(),
         }
         let (ok, stdout, _) = ctl(&endpoint, &["backup", "verify", &url, &id]);
-        assert!(!ok && stdout.contains(named), "{damage}: {stdout}");
+        if damage != "deleted" {
+            assert!(!ok && stdout.contains(named), "{damage}: {stdout}");
+        } else {
+            // A gap is not damage: the backup is intact, restorable to a
+            // time only up to the gap.
+            assert!(ok && stdout.contains(named), "{damage}: {stdout}");
+            let gapped = ctl_json(&endpoint, &["backup", "verify", &url, &id]);
+            assert_eq!(gapped["log_gaps"].as_array().unwrap().len(), 1, "{gapped}");
+            let reach_gapped = gapped["log_reaches_us"].as_i64().unwrap();
+            assert!(reach_gapped < reach, "{gapped} (was {reach})");
+        }
         let (ok, _, stderr) = ctl(
             &empty_endpoint,
             &["restore", "--from", &url, "--to-time", "latest"],
@@ -838,11 +849,23 @@ fn chunk_after_backup(endpoint: &str, url: &str, target: &Path, id: &str) -> Pat
     let group = record["group"].as_u64().unwrap();
     let applied = record["applied"]["index"].as_u64().unwrap();
     let cluster = manifest["cluster_id"].as_str().unwrap();
+    let chunks = group_chunks(target, cluster, group);
+    let after: Vec<_> = chunks
+        .iter()
+        .filter(|(from, _, _)| *from >= applied)
+        .collect();
+    assert!(after.len() >= 2, "chunks after index {applied}: {chunks:?}");
+    after[0].2.clone()
+}
+
+/// Group `group`'s shipped chunk files at `target` with the indexes their
+/// names give, `(from, next, path)`, by first index.
+fn group_chunks(target: &Path, cluster: &str, group: u64) -> Vec<(u64, u64, PathBuf)> {
     let dir = target
         .join("log")
         .join(cluster)
         .join(format!("g{group:010}"));
-    let mut chunks: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+    let mut chunks: Vec<(u64, u64, PathBuf)> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter_map(|path| {
@@ -851,14 +874,12 @@ fn chunk_after_backup(endpoint: &str, url: &str, target: &Path, id: &str) -> Pat
                 .to_str()?
                 .strip_suffix(".chunk")?
                 .to_owned();
-            let from = name.split('-').next()?.parse().ok()?;
-            Some((from, path))
+            let (from, next) = name.split_once('-')?;
+            Some((from.parse().ok()?, next.parse().ok()?, path))
         })
         .collect();
     chunks.sort();
-    let after: Vec<_> = chunks.iter().filter(|(from, _)| *from >= applied).collect();
-    assert!(after.len() >= 2, "chunks after index {applied}: {chunks:?}");
-    after[0].1.clone()
+    chunks
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1014,16 +1035,18 @@ async fn turning_log_shipping_off_releases_the_log_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_to_a_time_replays_a_split_made_after_the_backup() {
-    let (_cluster, _target_dir, url, endpoint, client) = shipping_cluster().await;
+    let (_cluster, target_dir, url, endpoint, client) = shipping_cluster().await;
     write_rows(&client, "before", 60).await;
     wait_restorable(&endpoint, &url, now_us()).await;
-    ctl_json(&endpoint, &["backup", "create", &url]);
+    let backup = ctl_json(&endpoint, &["backup", "create", &url]);
+    let id = backup["backup_id"].as_str().unwrap().to_owned();
     write_rows(&client, "after-backup", 60).await;
     let before_split = now_us();
 
     eprintln!("--- shard 1 splits, and writes go on into both halves");
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     quiverctl(&endpoint, &["shard", "split", "1", "--wait"]).unwrap();
+    let after_split = now_us();
     write_rows(&client, "after-split", 60).await;
     let source = ctl_json(&endpoint, &["checksum"]);
     assert_eq!(source["shards"].as_array().unwrap().len(), 4, "{source}");
@@ -1063,4 +1086,45 @@ async fn a_restore_to_a_time_replays_a_split_made_after_the_backup() {
     );
     assert_eq!(report["rows_restored"], 120, "{report}");
     assert_eq!(report["shards"], 3, "{report}");
+
+    eprintln!("--- verify walks the new shard's log too: a gap in it is named");
+    let verified = ctl_json(&endpoint, &["backup", "verify", &url, &id]);
+    assert!(
+        verified["log_reaches_us"].as_i64().unwrap() > after_split,
+        "{verified}"
+    );
+    let child = source["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|shard| shard["shard"].as_u64().unwrap())
+        .find(|shard| ![1, 2, 3].contains(shard))
+        .unwrap();
+    let cluster_id = ctl_json(&endpoint, &["backup", "show", &url, &id])["cluster_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let chunks = group_chunks(&target_dir.path().join("t"), &cluster_id, child);
+    // Its first chunk with entries (an empty one may mark where it began).
+    let first = chunks.iter().position(|(from, next, _)| next > from);
+    assert!(
+        first.is_some_and(|first| first + 1 < chunks.len()),
+        "the new shard's chunks: {chunks:?}"
+    );
+    std::fs::remove_file(&chunks[first.unwrap()].2).unwrap();
+    let gapped = ctl_json(&endpoint, &["backup", "verify", &url, &id]);
+    let gaps = gapped["log_gaps"].as_array().unwrap();
+    assert!(
+        gaps.len() == 1
+            && gaps[0]
+                .as_str()
+                .unwrap()
+                .contains(&format!("group {child}")),
+        "{gapped}"
+    );
+    assert!(
+        gapped["log_reaches_us"].as_i64().unwrap() < after_split,
+        "the restorable time ends at the gap: {gapped}"
+    );
+    assert_eq!(gapped["problems"].as_array().unwrap().len(), 0, "{gapped}");
 }

@@ -467,6 +467,7 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
                     "shards_restored": report.shards_restored,
                     "log_chunks_checked": report.log_chunks_checked,
                     "log_reaches_us": report.log_reaches_us,
+                    "log_gaps": report.log_gaps,
                     "problems": report.problems,
                 }))?;
             } else {
@@ -486,13 +487,16 @@ pub async fn run(endpoint: &str, command: &BackupCommand, json: bool) -> Result<
                         report.log_chunks_checked,
                         if report.log_reaches_us > 0 {
                             format!(
-                                ": restorable to any time up to {}",
+                                ": from this backup, restorable to any time up to {}",
                                 precise_time_text(report.log_reaches_us)
                             )
                         } else {
                             String::new()
                         }
                     );
+                }
+                for gap in &report.log_gaps {
+                    println!("GAP {gap}");
                 }
                 for problem in &report.problems {
                     println!("PROBLEM {problem}");

@@ -11,7 +11,8 @@
 //!    with the parent's membership (the same replica ids: ids are unique per
 //!    group, and the new group has never used any), and its log starts
 //!    after that seed. openraft opens it as a replica that installed a
-//!    snapshot there; the first election is in term 1.
+//!    snapshot there; the first election is in term 1. The parent's
+//!    change-stream consumers hold the child's log from the seed.
 //! 3. The parent keeps `[start, at)`: one batch deletes the rest and records
 //!    the new range with the applied position.
 //!
@@ -28,9 +29,9 @@ use quiver_engine::durable::{StagingDir, sync_dir};
 use quiver_engine::keys::entity_hash;
 
 use super::{
-    APPLIED_KEY, LEADER_TIME_KEY, LOG_HOLDS_KEY, RANGE_KEY, REQUEST_PREFIX, REQUEST_SLOT_PREFIX,
-    RangeDesc, SNAPSHOTS_DIR, StateMachine, db_path, encode_applied, engine_io, invalid,
-    write_current,
+    APPLIED_KEY, LEADER_TIME_KEY, LOG_HOLDS_KEY, LogHolds, RANGE_KEY, REQUEST_PREFIX,
+    REQUEST_SLOT_PREFIX, RangeDesc, SNAPSHOTS_DIR, StateMachine, db_path, encode_applied,
+    engine_io, invalid, write_current,
 };
 use crate::types::{
     Command, GroupId, LogId, RejectKind, ReplicaId, Response, StoredMembership, TypeConfig,
@@ -273,6 +274,18 @@ impl StateMachine {
                 &StoredMembership::new(Some(seed), membership.membership().clone()),
             )?;
             let time = leader_ts_us.to_be_bytes();
+            // The parent's consumers follow its range, so they follow the
+            // child's part of it too: each holds the child's log from its
+            // seed, or a busy child could purge entries before the
+            // consumer's first read of them (a gap in a shipped log).
+            let holds: LogHolds = self
+                .shared
+                .log_holds
+                .lock()
+                .keys()
+                .map(|consumer| (consumer.clone(), seed.index))
+                .collect();
+            let holds_bytes = postcard::to_stdvec(&holds).map_err(io::Error::other)?;
             store
                 .delete_hash_range_with(
                     split.start,
@@ -281,9 +294,7 @@ impl StateMachine {
                         (APPLIED_KEY, Some(applied.as_slice())),
                         (RANGE_KEY, Some(range_bytes.as_slice())),
                         (LEADER_TIME_KEY, Some(&time[..])),
-                        // The parent's log holds are on the parent's log:
-                        // the child's consumers confirm on its own.
-                        (LOG_HOLDS_KEY, None),
+                        (LOG_HOLDS_KEY, Some(holds_bytes.as_slice())),
                     ],
                 )
                 .map_err(engine_io)?;

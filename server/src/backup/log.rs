@@ -492,28 +492,81 @@ pub async fn replay_shipped(
     }
 }
 
-/// Reads and checks the shipped log of every part of a backup from the
-/// part's position to the end of what was shipped; returns the chunks read
-/// and, per part, where its log ends (or the problem that stopped the walk).
+/// How far one group's shipped log was walked by [`verify_shipped`].
+#[derive(Debug)]
+pub struct ShippedWalk {
+    /// The group.
+    pub group: GroupId,
+    /// Chunks read and checked.
+    pub chunks: u64,
+    /// Where the unbroken chain from the start ends: every entry at or
+    /// before its leader time less 1 µs is there.
+    pub reached: ChangePosition,
+    /// What stopped the walk before the end of what was shipped: a gap
+    /// ([`BackupError::Refused`]) or a damaged chunk.
+    pub stopped: Option<BackupError>,
+}
+
+/// Reads and checks the shipped log a restore to a time would replay onto
+/// a backup whose parts are `parts`: each part's chunks from its position
+/// to the end of what was shipped, then the log of every shard split off
+/// in them (from the split, as a replay builds it), and so on.
 pub async fn verify_shipped(
     target: &Target,
     cluster_id: &str,
     parts: &[(GroupId, ChangePosition)],
-) -> Result<(u64, Vec<(GroupId, Result<ChangePosition, BackupError>)>), BackupError> {
-    let mut chunks = 0;
-    let mut reached = Vec::with_capacity(parts.len());
-    for &(group, position) in parts {
+) -> Result<Vec<ShippedWalk>, BackupError> {
+    let shipped = shipped_groups(target, cluster_id).await?;
+    let mut queue: std::collections::VecDeque<(GroupId, ChangePosition)> =
+        parts.iter().copied().collect();
+    let mut walked: Vec<ShippedWalk> = Vec::with_capacity(parts.len());
+    while let Some((group, position)) = queue.pop_front() {
+        if walked.iter().any(|w| w.group == group) {
+            continue;
+        }
         let mut walk = ChainWalk::new(target, cluster_id, group, position).await?;
-        let end = loop {
+        let mut chunks = 0;
+        // Per child, the last split naming it: a split refused for a
+        // stale range is proposed again under the same id, and only the
+        // last one can have applied.
+        let mut children: Vec<(GroupId, ChangePosition)> = Vec::new();
+        let stopped = loop {
             match walk.next().await {
-                Ok(Some(_)) => chunks += 1,
-                Ok(None) => break Ok(walk.position()),
-                Err(e) => break Err(e),
+                Ok(Some(chunk)) => {
+                    chunks += 1;
+                    for entry in &chunk.entries {
+                        if let Command::Split { child, .. } = entry.command {
+                            let seed = ChangePosition {
+                                log_id: Some(quiver_raft::state_machine::child_seed(
+                                    entry.log_id.index,
+                                )),
+                                leader_ts_us: entry.leader_ts_us,
+                            };
+                            children.retain(|(c, _)| *c != child);
+                            children.push((child, seed));
+                        }
+                    }
+                }
+                Ok(None) => break None,
+                Err(e) => break Some(e),
             }
         };
-        reached.push((group, end));
+        // A child with no shipped log is skipped: its split was refused
+        // (the log does not say), or its leader never shipped (a restore
+        // past the split then fails on it, naming it).
+        queue.extend(
+            children
+                .into_iter()
+                .filter(|(child, _)| shipped.contains(child)),
+        );
+        walked.push(ShippedWalk {
+            group,
+            chunks,
+            reached: walk.position(),
+            stopped,
+        });
     }
-    Ok((chunks, reached))
+    Ok(walked)
 }
 
 /// Per group, what this node's shipper knows while it leads it.

@@ -115,14 +115,22 @@ pub struct VerifyReport {
     pub bytes_checked: u64,
     /// Shards whose data was restored into a scratch store and compared.
     pub shards_restored: u64,
-    /// Shipped log chunks read and checked from the backup's positions on.
+    /// Shipped log chunks read and checked from the backup's positions on
+    /// (and from the splits after them).
     pub log_chunks_checked: u64,
-    /// The leader time every part's shipped log reaches (`None`: no log
-    /// was shipped, or a part's log is damaged).
+    /// The latest leader time a restore from this backup can reach with
+    /// the shipped log: the least, over its groups, of the time up to
+    /// which the unbroken chain from the backup holds every entry
+    /// (`None`: no log was shipped).
     pub log_reaches_us: Option<i64>,
     /// Every problem, naming its shard and file (the first
-    /// [`VERIFY_PROBLEMS_MAX`], then how many more).
+    /// [`VERIFY_PROBLEMS_MAX`], then how many more): damage, in the
+    /// backup's files or in a shipped chunk.
     pub problems: Vec<String>,
+    /// Gaps in the shipped log after the backup (shipping was off or
+    /// behind for longer than the log was kept): the backup is intact,
+    /// but restores to a time after a gap need a later backup.
+    pub log_gaps: Vec<String>,
 }
 
 /// Problems a verification lists one by one (a backup damaged everywhere
@@ -490,8 +498,9 @@ impl Backups {
     }
 
     /// The shipped log a restore to a time would replay onto backup
-    /// `manifest`: every chunk from each part's position on, read and
-    /// checked (crc, name, chain); a damaged chunk or a gap is a problem.
+    /// `manifest`: every chunk from each part's position on (and each
+    /// later split's), read and checked (crc, name, chain). A damaged
+    /// chunk is a problem; a gap is not damage, it ends the reach.
     async fn verify_log(
         &self,
         target: &Target,
@@ -501,27 +510,24 @@ impl Backups {
     ) -> Result<(), BackupError> {
         let parts: Vec<_> = manifest
             .parts()
-            .map(|(_, r)| {
-                let position = quiver_raft::change_stream::ChangePosition {
-                    log_id: r.applied,
-                    leader_ts_us: r.leader_ts_us,
-                };
-                (r.group, position)
-            })
+            .map(|(_, r)| (r.group, r.position()))
             .collect();
-        let (chunks, reached) = log::verify_shipped(target, cluster_id, &parts).await?;
-        report.log_chunks_checked = chunks;
-        let mut reach = (chunks > 0).then_some(i64::MAX);
-        for (group, end) in reached {
-            match end {
-                Ok(position) => reach = reach.map(|r| r.min(position.leader_ts_us)),
-                Err(e) => {
-                    reach = None;
-                    report.problem(format!("shipped log of group {group}: {e}"));
-                }
+        let walked = log::verify_shipped(target, cluster_id, &parts).await?;
+        report.log_chunks_checked = walked.iter().map(|w| w.chunks).sum();
+        if report.log_chunks_checked == 0 {
+            return Ok(());
+        }
+        report.log_reaches_us = walked
+            .iter()
+            .map(|w| w.reached.leader_ts_us.saturating_sub(1))
+            .min();
+        for walk in walked {
+            match walk.stopped {
+                None => {}
+                Some(BackupError::Refused(gap)) => report.log_gaps.push(gap),
+                Some(e) => report.problem(format!("shipped log of group {}: {e}", walk.group)),
             }
         }
-        report.log_reaches_us = reach;
         Ok(())
     }
 

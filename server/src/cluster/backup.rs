@@ -12,7 +12,7 @@ use quiver_engine::digest::ContentDigest;
 use quiver_raft::backup::ShardBackup;
 use quiver_raft::{GroupId, METADATA_GROUP, NodeId};
 
-use super::wire::{PeerCall, PeerResult, ReadLevel};
+use super::wire::{HashRange, PeerCall, PeerResult, ReadLevel};
 use super::{Cluster, ClusterError};
 
 impl Cluster {
@@ -81,11 +81,13 @@ impl Cluster {
     /// times and values; see `LogicalDigest::add_content`), read at its
     /// leader after a read barrier, so every write acknowledged before the
     /// call is counted. Rows written during the scan may or may not be.
+    /// Returns the shard's own range with the digest (see
+    /// [`PeerResult::Checksummed`]).
     pub async fn checksum_shard(
         &self,
         shard: GroupId,
         timeout: Duration,
-    ) -> Result<ContentDigest, ClusterError> {
+    ) -> Result<(ContentDigest, Option<HashRange>), ClusterError> {
         let call = PeerCall::ChecksumShard;
         self.route(shard, self.first_target(shard), |target| {
             let call = &call;
@@ -95,7 +97,7 @@ impl Cluster {
                     .call_or_local(target, shard, call, timeout, local)
                     .await
                 {
-                    PeerResult::Checksummed(digest) => Ok(Ok(digest)),
+                    PeerResult::Checksummed { digest, range } => Ok(Ok((digest, range))),
                     // A damaged store: another replica is no leader to ask.
                     PeerResult::Refused(message) => Ok(Err(message)),
                     other => Err(other),
@@ -122,22 +124,22 @@ impl Cluster {
         let Some(hosted) = self.group(shard) else {
             return PeerResult::NoSuchGroup;
         };
-        let (from, to) = hosted
-            .state
-            .range()
-            .map_or((0, None), |range| (range.start, range.end));
+        let range = hosted.state.range().map(|range| (range.start, range.end));
+        let (from, to) = range.unwrap_or((0, None));
         let store = hosted.state.store();
         match tokio::task::spawn_blocking(move || store.content_digest(from, to)).await {
-            Ok(Ok(digest)) => PeerResult::Checksummed(digest),
+            Ok(Ok(digest)) => PeerResult::Checksummed { digest, range },
             Ok(Err(e)) => PeerResult::Refused(format!("reading shard {shard}: {e}")),
             Err(e) => PeerResult::Failed(format!("the checksum task failed: {e}")),
         }
     }
 
     /// [`Self::checksum_shard`] of every shard of the current map, a few
-    /// at a time; returns the map's version and each shard's digest. The
-    /// shards' ranges are checked again after: a split during the call
-    /// would count some rows twice or not at all, and is refused.
+    /// at a time; returns the map's version and each shard's digest. Each
+    /// shard's scanned range must be its range in the map, and the map
+    /// must be the same after: a split during the call (or one applied
+    /// but not yet in the map) would count some rows twice or not at all,
+    /// and is refused.
     pub async fn checksum_all(
         &self,
         timeout: Duration,
@@ -153,16 +155,31 @@ impl Cluster {
         // A new cluster routes by its static layout until the metadata
         // group stores the first map: the same shards.
         let (map, _) = self.current_or_static_map().await?;
-        let digests: Vec<(GroupId, ContentDigest)> =
+        let scanned: Vec<(GroupId, ContentDigest, Option<HashRange>)> =
             futures::stream::iter(map.shards.keys().copied())
                 .map(|shard| async move {
                     self.checksum_shard(shard, timeout)
                         .await
-                        .map(|digest| (shard, digest))
+                        .map(|(digest, range)| (shard, digest, range))
                 })
                 .buffered(SHARDS_IN_FLIGHT_MAX)
                 .try_collect()
                 .await?;
+        for (shard, _, range) in &scanned {
+            let (Some(desc), Some((start, end))) = (map.shards.get(shard), range) else {
+                continue;
+            };
+            if (desc.start, desc.end) != (*start, *end) {
+                return Err(ClusterError::Refused {
+                    group: *shard,
+                    message: format!(
+                        "shard {shard} holds {start:#x}..{end:?} but map version {} says \
+                         {:#x}..{:?} (a split is finishing): ask again",
+                        map.version, desc.start, desc.end
+                    ),
+                });
+            }
+        }
         let (after, _) = self.current_or_static_map().await?;
         if ranges(&after) != ranges(&map) {
             return Err(ClusterError::Refused {
@@ -173,6 +190,10 @@ impl Cluster {
                 ),
             });
         }
+        let digests = scanned
+            .into_iter()
+            .map(|(shard, digest, _)| (shard, digest))
+            .collect();
         Ok((map.version, digests))
     }
 

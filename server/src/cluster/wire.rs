@@ -202,8 +202,21 @@ pub enum PeerResult {
         record: Box<quiver_raft::backup::ShardBackup>,
     },
     /// The answer to [`PeerCall::ChecksumShard`].
-    Checksummed(quiver_engine::digest::ContentDigest),
+    Checksummed {
+        /// The rows' digest.
+        digest: quiver_engine::digest::ContentDigest,
+        /// The hash range scanned (start, end; `None`: the end of the
+        /// ring) as the shard's own state has it, `None` for a shard that
+        /// never split (it holds what the map routes to it). The caller
+        /// compares it with the map's: between a split's apply and the
+        /// map's update they differ, and a sum over the map's shards would
+        /// miss the new shard's rows.
+        range: Option<HashRange>,
+    },
 }
+
+/// A hash range: its first hash and its end (`None`: the end of the ring).
+pub type HashRange = (u64, Option<u64>);
 
 /// The first chunk of a snapshot stream.
 #[derive(Debug, Serialize, Deserialize)]
