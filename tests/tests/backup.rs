@@ -1010,8 +1010,36 @@ async fn turning_log_shipping_off_releases_the_log_holds() {
         assert_eq!(held.len(), 4, "node {id}: {held:?}");
     }
 
-    eprintln!("--- every node restarts without backup.log_url");
-    for id in 1..=3 {
+    eprintln!("--- node 1 restarts without backup.log_url and leads every group");
+    let node = cluster.node(1);
+    node.set_env("QUIVER_BACKUP__LOG_URL", None);
+    node.restart().await.unwrap();
+    let endpoint = cluster.node(1).endpoint();
+    for group in 0..=3 {
+        let group = group.to_string();
+        retry("node 1 leads the group", CONVERGE_WAIT, || {
+            let answer = quiverctl(
+                &endpoint,
+                &["shard", "transfer-leader", &group, "--to", "1"],
+            );
+            async move { answer.map(drop).map_err(|e| e.to_string()) }
+        })
+        .await;
+    }
+    // Past 10 idle intervals (1 s here): its peers still ship, so it keeps
+    // the holds a shipper needs when it leads again.
+    tokio::time::sleep(std::time::Duration::from_secs(13)).await;
+    let led = ctl_json(&endpoint, &["status"])["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["role"] == "leader")
+        .count();
+    assert!(led > 0, "node 1 leads a group");
+    assert_eq!(groups_held(&endpoint).len(), 4, "kept while peers ship");
+
+    eprintln!("--- nodes 2 and 3 restart without backup.log_url");
+    for id in 2..=3 {
         let node = cluster.node(id);
         node.set_env("QUIVER_BACKUP__LOG_URL", None);
         node.restart().await.unwrap();

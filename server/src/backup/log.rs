@@ -36,8 +36,8 @@
 //!   its log still holds ([`ChangeStream::first_position`]): a backup taken
 //!   before shipping began replays, and a split child ships from its seed.
 //! - **Shipping off.** A node without a log URL releases the hold of a
-//!   group it leads once it stood still for 10 idle intervals
-//!   ([`release_loop`]).
+//!   group it leads once it stood still for 10 idle intervals and no peer
+//!   ships ([`release_loop`]).
 //! - **Splits.** A replay applies a split with the shard's own code and
 //!   hands back the child, whose own log is replayed next (see
 //!   `restore.rs`).
@@ -641,10 +641,13 @@ const HOLD_RELEASE_IDLE_INTERVALS: u32 = 10;
 
 /// On a node that does not ship (no `backup.log_url`): releases the log
 /// hold of a group it leads once the hold has not moved for
-/// [`HOLD_RELEASE_IDLE_INTERVALS`] idle intervals, so turning shipping off
-/// gives the log back to ordinary purging instead of keeping up to
-/// `log_hold_bytes_max` per group for a shipper that is gone. Checks once
-/// per idle interval: an idle node does nothing else.
+/// [`HOLD_RELEASE_IDLE_INTERVALS`] idle intervals and every peer says it
+/// does not ship either, so turning shipping off gives the log back to
+/// ordinary purging instead of keeping up to `log_hold_bytes_max` per
+/// group for a shipper that is gone. While a peer ships (or is not heard
+/// from), a shipper may lead the group again and needs the log: a node
+/// configured without shipping in a shipping cluster keeps the holds.
+/// Checks once per idle interval: an idle node does nothing else.
 pub async fn release_loop(node: Weak<Node>, idle_interval: Duration) {
     let release_after = idle_interval.saturating_mul(HOLD_RELEASE_IDLE_INTERVALS);
     // Per group, the held index seen and since when (while led here).
@@ -667,6 +670,15 @@ pub async fn release_loop(node: Weak<Node>, idle_interval: Duration) {
                 }
             };
             if now.duration_since(since) < release_after {
+                continue;
+            }
+            if let Some(ships) = node.cluster.a_peer_ships_log() {
+                if ships {
+                    // Not the whole cluster's choice: kept for the shipper.
+                    continue;
+                }
+            } else {
+                tracing::debug!(group, "a peer is not heard from: the log hold is kept");
                 continue;
             }
             let release = Command::ReleaseLog {

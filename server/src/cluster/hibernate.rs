@@ -191,6 +191,8 @@ struct PeerHeard {
     hibernating: Arc<HashMap<GroupId, Hibernating>>,
     /// Whether our ping to it is still unanswered (at most one in flight).
     ping_in_flight: bool,
+    /// Whether it said it ships its log (as of `news_ms`).
+    ships_log: bool,
 }
 
 /// What every peer last told this node, and what this node tells them.
@@ -200,6 +202,8 @@ pub struct Liveness {
     /// The groups this node leads and has put to sleep, as of the last round
     /// (what its pongs say).
     mine: Mutex<Vec<Hibernating>>,
+    /// Whether this node ships its log (what its pings and pongs say).
+    ships_log: AtomicBool,
 }
 
 impl Liveness {
@@ -210,6 +214,7 @@ impl Liveness {
         heard.heard_ms = heard.heard_ms.max(now_ms);
         heard.news_ms = now_ms;
         heard.hibernating = Arc::new(hibernating);
+        heard.ships_log = news.ships_log;
     }
 
     fn snapshot(&self) -> HashMap<NodeId, PeerHeard> {
@@ -506,7 +511,38 @@ impl Cluster {
             wake: Vec::new(),
             // Loads travel in pings only: each peer pings this node too.
             loads: Vec::new(),
+            ships_log: self.liveness.ships_log.load(Ordering::SeqCst),
         }
+    }
+
+    /// Says (in this node's pings and pongs) whether it ships its log.
+    pub fn set_ships_log(&self, ships: bool) {
+        self.liveness.ships_log.store(ships, Ordering::SeqCst);
+    }
+
+    /// Whether a peer ships its log, as the peers last said: `Some(false)`
+    /// only if every other node of the cluster answered within the
+    /// liveness timeout and none ships; `None` if one is not heard from
+    /// (it may ship).
+    pub fn a_peer_ships_log(&self) -> Option<bool> {
+        let now = self.now_ms();
+        let timeout = self.config.liveness_timeout_ms;
+        let peers = self.liveness.peers.lock();
+        let mut unheard = false;
+        for peer in self.clients.nodes() {
+            if peer == self.node_id {
+                continue;
+            }
+            match peers.get(&peer) {
+                Some(heard) if is_recent(heard.news_ms, now, timeout) => {
+                    if heard.ships_log {
+                        return Some(true);
+                    }
+                }
+                _ => unheard = true,
+            }
+        }
+        (!unheard).then_some(false)
     }
 
     /// One liveness round: sleep or wake each hosted group as the rules in
@@ -550,6 +586,7 @@ impl Cluster {
                 hibernating: hibernating.clone(),
                 wake: wake.remove(&peer).unwrap_or_default(),
                 loads: std::mem::take(&mut outgoing.loads),
+                ships_log: self.liveness.ships_log.load(Ordering::SeqCst),
             };
             let cluster = Arc::downgrade(self);
             let timeout = Duration::from_millis(self.config.liveness_timeout_ms);

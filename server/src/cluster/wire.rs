@@ -96,6 +96,10 @@ pub struct Ping {
     pub wake: Vec<GroupId>,
     /// The loads of the shards the sender leads (for the scheduler).
     pub loads: Vec<super::load::ShardLoad>,
+    /// The sender ships the logs of the groups it leads to a backup target
+    /// (`backup.log_url`): a node that does not ship releases log holds
+    /// only while no peer ships.
+    pub ships_log: bool,
 }
 
 /// A group its leader has put to sleep: followers whose log ends at
