@@ -12,6 +12,7 @@ use quiver_raft::cluster_map::{
 use quiver_raft::{GroupId, NodeId, ReplicaId};
 use tonic::{Request, Response, Status};
 
+use crate::backup::log::LatestChunk;
 use crate::backup::restore::RestoreTo;
 use crate::cluster::ClusterError;
 use crate::cluster::scheduler::Planned;
@@ -582,19 +583,27 @@ impl Admin for AdminService {
             .map_err(ServiceError::from)?;
         let restorable_until_us = groups
             .iter()
-            .map(|g| g.latest.map_or(0, |(_, until, _)| until))
+            .map(|g| {
+                g.latest
+                    .as_ref()
+                    .map_or(0, LatestChunk::restorable_until_us)
+            })
             .min()
             .unwrap_or(0);
         Ok(Response::new(pb::BackupStatusResponse {
             cluster_id,
             groups: groups
                 .into_iter()
-                .map(|g| pb::GroupLogStatus {
-                    group: u64::from(g.group),
-                    shipped: g.latest.is_some(),
-                    index: g.latest.map_or(0, |(index, _, _)| index),
-                    restorable_until_us: g.latest.map_or(0, |(_, until, _)| until),
-                    shipped_at_us: g.latest.map_or(0, |(_, _, at)| at),
+                .map(|g| {
+                    let latest = g.latest.as_ref();
+                    pb::GroupLogStatus {
+                        group: u64::from(g.group),
+                        shipped: latest.is_some(),
+                        index: latest.map_or(0, |l| l.next.index()),
+                        restorable_until_us: latest.map_or(0, LatestChunk::restorable_until_us),
+                        shipped_at_us: latest.map_or(0, |l| l.shipped_at_us),
+                        gap_at_us: latest.and_then(|l| l.gap_at_us).unwrap_or(0),
+                    }
                 })
                 .collect(),
             restorable_until_us,

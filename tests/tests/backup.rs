@@ -1156,3 +1156,96 @@ async fn a_restore_to_a_time_replays_a_split_made_after_the_backup() {
     );
     assert_eq!(gapped["problems"].as_array().unwrap().len(), 0, "{gapped}");
 }
+
+/// A target away for longer than the log is held: the log is purged past
+/// what was shipped, the shipper starts again after a gap, `backup status`
+/// shows where the gap ends, a restore to a later time from the backup
+/// before it refuses, `verify` names the gap without calling the backup
+/// damaged, and a full backup after the gap restores to the latest time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_the_shipped_log_is_shown_and_a_later_backup_bridges_it() {
+    let target_dir = tempfile::tempdir().unwrap();
+    let target = target_dir.path().join("t");
+    let url = format!("file://{}", target.display());
+    let mut env = shipping_env(&url);
+    // A log kept for the shipper only up to two 4 KiB segments, and
+    // snapshots (after which the log is purged, keeping nothing else)
+    // every 20 entries.
+    env.push(("QUIVER_CLUSTER__LOG_SEGMENT_BYTES_MAX", "4096"));
+    env.push(("QUIVER_CLUSTER__LOG_HOLD_BYTES_MAX", "8192"));
+    env.push(("QUIVER_CLUSTER__SNAPSHOT_LOGS_SINCE", "20"));
+    env.push(("QUIVER_CLUSTER__LOGS_KEPT_AFTER_SNAPSHOT", "0"));
+    let mut cluster = start(&env).await;
+    let endpoint = cluster.node(1).endpoint();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    write_rows(&client, "first", 50).await;
+    wait_restorable(&endpoint, &url, now_us()).await;
+    let before = ctl_json(&endpoint, &["backup", "create", &url]);
+    let before = before["backup_id"].as_str().unwrap().to_owned();
+    let status = ctl_json(&endpoint, &["backup", "status", &url]);
+    assert!(
+        status["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["gap_at_us"].is_null()),
+        "no gap yet: {status}"
+    );
+
+    eprintln!("--- the target is away while far more than the hold is written");
+    let away = target_dir.path().join("away");
+    std::fs::rename(&target, &away).unwrap();
+    std::fs::write(&target, b"not a directory").unwrap();
+    for round in 0..30 {
+        write_rows(&client, &format!("away-{round}"), 100).await;
+    }
+    std::fs::remove_file(&target).unwrap();
+    std::fs::rename(&away, &target).unwrap();
+    let returned = now_us();
+
+    eprintln!("--- status shows the gap");
+    let status = retry("a gap shown", CONVERGE_WAIT, || {
+        let (ok, stdout, stderr) = ctl(&endpoint, &["--json", "backup", "status", &url]);
+        async move {
+            let status: serde_json::Value =
+                serde_json::from_str(if ok { &stdout } else { "null" }).unwrap();
+            let gapped = status["groups"]
+                .as_array()
+                .is_some_and(|groups| groups.iter().any(|g| g["gap_at_us"].is_i64()));
+            if gapped && status["restorable_until_us"].as_i64().unwrap() >= returned {
+                Ok(status)
+            } else {
+                Err(format!("{status} {stderr}"))
+            }
+        }
+    })
+    .await;
+    let (ok, stdout, _) = ctl(&endpoint, &["backup", "status", &url]);
+    assert!(ok && stdout.contains("has a gap"), "{stdout}");
+
+    eprintln!("--- the backup before it: intact, restorable only up to the gap");
+    let (ok, stdout, _) = ctl(&endpoint, &["backup", "verify", &url, &before]);
+    assert!(ok && stdout.contains("GAP"), "{stdout}");
+    let (_empty, _empty_dir, empty_endpoint) = new_cluster().await;
+    let (ok, _, stderr) = ctl(
+        &empty_endpoint,
+        &[
+            "restore",
+            "--from",
+            &url,
+            "--backup",
+            &before,
+            "--to-time",
+            "latest",
+        ],
+    );
+    assert!(!ok && stderr.contains("gap"), "{stderr} ({status})");
+
+    eprintln!("--- a full backup after the gap restores to the latest time");
+    ctl_json(&endpoint, &["backup", "create", &url]);
+    write_rows(&client, "last", 10).await;
+    wait_restorable(&endpoint, &url, now_us()).await;
+    let (report, _client, _restored, _dir) = restore_into_new_cluster(&url, "latest").await;
+    assert_eq!(report["rows_restored"], 50 + 30 * 100 + 10, "{report}");
+}

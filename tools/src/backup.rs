@@ -254,6 +254,7 @@ async fn status(
                 "index": g.index,
                 "restorable_until_us": g.restorable_until_us,
                 "shipped_at_us": g.shipped_at_us,
+                "gap_at_us": (g.gap_at_us > 0).then_some(g.gap_at_us),
             })).collect::<Vec<_>>(),
         }));
     }
@@ -264,6 +265,7 @@ async fn status(
         "restorable until",
         "behind",
         "shipped at",
+        "gap until",
     ]);
     for g in &answer.groups {
         let name = if g.group == 0 {
@@ -278,6 +280,7 @@ async fn status(
                 "nothing shipped".into(),
                 "-".into(),
                 "-".into(),
+                "-".into(),
             ]);
             continue;
         }
@@ -287,9 +290,27 @@ async fn status(
             precise_time_text(g.restorable_until_us),
             elapsed_text(g.restorable_until_us, answer.now_us),
             time_text(g.shipped_at_us),
+            if g.gap_at_us > 0 {
+                precise_time_text(g.gap_at_us)
+            } else {
+                "-".into()
+            },
         ]);
     }
     println!("{table}");
+    if let Some(gap) = answer
+        .groups
+        .iter()
+        .map(|g| g.gap_at_us)
+        .max()
+        .filter(|&g| g > 0)
+    {
+        println!(
+            "the shipped log has a gap (a group's log was purged before it shipped): times \
+             after {} restore only from a full backup taken after it",
+            precise_time_text(gap)
+        );
+    }
     println!(
         "cluster {}: restorable until {}{}",
         answer.cluster_id,

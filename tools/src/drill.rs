@@ -14,7 +14,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -80,7 +79,7 @@ impl Drop for ScratchNode {
 impl ScratchNode {
     /// Starts `quiverd` with its data in `dir/node` and its log in
     /// `dir/quiverd.log`, and reads the address it bound.
-    fn start(binary: &Path, dir: &Path) -> Result<ScratchNode> {
+    async fn start(binary: &Path, dir: &Path) -> Result<ScratchNode> {
         let log_path = dir.join("quiverd.log");
         let log = std::fs::File::create(&log_path)
             .with_context(|| format!("create {}", log_path.display()))?;
@@ -117,7 +116,7 @@ impl ScratchNode {
             let _ = child.kill();
             bail!("no output from {}", binary.display());
         };
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             let _ = tx.send(lines.next().and_then(Result::ok));
@@ -129,8 +128,8 @@ impl ScratchNode {
             child,
             endpoint: String::new(),
         };
-        let line = match rx.recv_timeout(SCRATCH_START_WAIT) {
-            Ok(Some(line)) => line,
+        let line = match tokio::time::timeout(SCRATCH_START_WAIT, rx).await {
+            Ok(Ok(Some(line))) => line,
             _ => bail!(
                 "the scratch quiverd did not start; its log: {}",
                 log_path.display()
@@ -167,8 +166,13 @@ pub async fn drill(args: &DrillArgs, json: bool) -> Result<()> {
         rand::random::<u32>()
     ));
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let outcome = run_drill(args, &dir, json).await;
-    let keep = args.keep || !matches!(outcome, Ok(true));
+    // Interrupted, the drill's future is dropped, and with it the scratch
+    // node (killed), so no quiverd outlives the command.
+    let (outcome, interrupted) = tokio::select! {
+        outcome = run_drill(args, &dir, json) => (outcome, false),
+        signal = interrupted() => (Err(anyhow!("interrupted ({signal})")), true),
+    };
+    let keep = args.keep || (!interrupted && !matches!(outcome, Ok(true)));
     if keep {
         eprintln!("scratch directory kept: {}", dir.display());
     } else if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -194,10 +198,33 @@ pub async fn drill(args: &DrillArgs, json: bool) -> Result<()> {
     }
 }
 
+/// Resolves on SIGINT or SIGTERM, naming it (never, for a signal that
+/// cannot be listened to).
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let sigint = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let sigterm = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = sigint => "SIGINT",
+        () = sigterm => "SIGTERM",
+    }
+}
+
 /// The drill's steps; `Ok(false)` when the checksums differ.
 async fn run_drill(args: &DrillArgs, dir: &Path, json: bool) -> Result<bool> {
     let binary = quiverd_binary(args.quiverd.as_deref());
-    let node = ScratchNode::start(&binary, dir)?;
+    let node = ScratchNode::start(&binary, dir).await?;
     let request = restore_request(
         &args.url,
         args.backup_id.as_deref(),

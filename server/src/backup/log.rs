@@ -31,7 +31,7 @@
 //!   up by snapshot), the stream starts again at the replica's applied
 //!   position with an empty chunk, and is logged: times between the gap's
 //!   two ends are restorable only from a full backup taken after it.
-//!   (`backup status` does not show gaps yet: it reads `LATEST` only.)
+//!   `LATEST` carries the newest gap's end (`backup status` shows it).
 //! - **First start.** A group that never shipped starts with everything
 //!   its log still holds ([`ChangeStream::first_position`]): a backup taken
 //!   before shipping began replays, and a split child ships from its seed.
@@ -174,7 +174,7 @@ impl LogChunk {
 }
 
 /// What `LATEST` holds: the newest chunk a shipper wrote.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LatestChunk {
     /// The chunk's file name.
     pub chunk: String,
@@ -182,6 +182,11 @@ pub struct LatestChunk {
     pub next: ChangePosition,
     /// When it was shipped (µs, the shipper's clock).
     pub shipped_at_us: i64,
+    /// Where the newest gap in the group's shipped log ends (leader time,
+    /// µs; `None`: no gap since shipping began): a restore to a later
+    /// time needs a full backup taken at or after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap_at_us: Option<i64>,
 }
 
 impl LatestChunk {
@@ -584,6 +589,8 @@ struct Shipped {
     /// Entries other than holds were shipped since the last hold: the
     /// group's time must follow them.
     pending: bool,
+    /// Carried into every `LATEST` (see [`LatestChunk::gap_at_us`]).
+    gap_at_us: Option<i64>,
 }
 
 /// How often log shipping runs.
@@ -772,6 +779,7 @@ async fn resume(
     term: u64,
 ) -> Result<Option<Shipped>, BackupError> {
     let latest = latest(target, cluster_id, group).await?;
+    let gap_at_us = latest.as_ref().and_then(|l| l.gap_at_us);
     // A chunk written after LATEST (its writer died before moving it).
     let after = latest.as_ref().map(|l| l.chunk.clone());
     let later = list_chunks(target, cluster_id, group, after.as_deref())
@@ -789,6 +797,7 @@ async fn resume(
         position,
         held_at: None,
         pending: true,
+        gap_at_us,
     }))
 }
 
@@ -843,6 +852,7 @@ impl GroupShip<'_> {
                         && there.position != state.position
                     {
                         state.position = there.position;
+                        state.gap_at_us = there.gap_at_us;
                         continue;
                     }
                     state = self.start_anew(&prefix, Some(state.position)).await?;
@@ -869,9 +879,9 @@ impl GroupShip<'_> {
                 self.target,
                 &prefix,
                 group,
-                state.position,
-                batch.next,
+                (state.position, batch.next),
                 batch.entries,
+                state.gap_at_us,
             )
             .await?;
             state.position = batch.next;
@@ -924,25 +934,35 @@ impl GroupShip<'_> {
                  has a gap: take a full backup"
             ),
         }
-        write_chunk(self.target, prefix, group, start, start, Vec::new()).await?;
+        let gap_at_us = lost.map(|_| start.leader_ts_us);
+        write_chunk(
+            self.target,
+            prefix,
+            group,
+            (start, start),
+            Vec::new(),
+            gap_at_us,
+        )
+        .await?;
         Ok(Shipped {
             term: self.term,
             position: start,
             held_at: None,
             pending: true,
+            gap_at_us,
         })
     }
 }
 
-/// Writes one chunk (once: a chunk already there is the same committed
-/// entries) and moves `LATEST` to it.
+/// Writes one chunk of `(from, next)` (once: a chunk already there is the
+/// same committed entries) and moves `LATEST` to it.
 async fn write_chunk(
     target: &Target,
     prefix: &str,
     group: GroupId,
-    from: ChangePosition,
-    next: ChangePosition,
+    (from, next): (ChangePosition, ChangePosition),
     entries: Vec<ChangeEntry>,
+    gap_at_us: Option<i64>,
 ) -> Result<(), BackupError> {
     let shipped_at_us = super::now_us();
     let chunk = LogChunk {
@@ -965,6 +985,7 @@ async fn write_chunk(
         chunk: name,
         next,
         shipped_at_us,
+        gap_at_us,
     };
     let bytes = serde_json::to_vec(&latest).map_err(|e| BackupError::Invalid(e.to_string()))?;
     target.put(&format!("{prefix}/LATEST"), bytes).await
@@ -985,7 +1006,11 @@ pub async fn wait_restorable(
         let lagging: Vec<GroupId> = status(target, cluster_id, groups)
             .await?
             .into_iter()
-            .filter(|g| g.latest.is_none_or(|(_, until, _)| until < until_us))
+            .filter(|g| {
+                g.latest
+                    .as_ref()
+                    .is_none_or(|l| l.restorable_until_us() < until_us)
+            })
             .map(|g| g.group)
             .collect();
         if lagging.is_empty() {
@@ -1015,12 +1040,12 @@ pub fn time_text(us: i64) -> String {
 pub struct GroupLogStatus {
     /// The group.
     pub group: GroupId,
-    /// Its newest chunk's end (`None`: nothing shipped).
-    pub latest: Option<(u64, i64, i64)>,
+    /// What its `LATEST` says (`None`: nothing shipped).
+    pub latest: Option<LatestChunk>,
 }
 
 /// The shipped log of `groups` of cluster `cluster_id` at `url`: per group
-/// `(index, restorable until µs, shipped at µs)` of its newest chunk.
+/// its `LATEST`.
 pub async fn status(
     target: &Target,
     cluster_id: &str,
@@ -1029,9 +1054,7 @@ pub async fn status(
     check_cluster_id(cluster_id)?;
     let mut out = Vec::with_capacity(groups.len());
     for &group in groups {
-        let latest = latest(target, cluster_id, group)
-            .await?
-            .map(|l| (l.next.index(), l.restorable_until_us(), l.shipped_at_us));
+        let latest = latest(target, cluster_id, group).await?;
         out.push(GroupLogStatus { group, latest });
     }
     Ok(out)

@@ -333,12 +333,15 @@ impl Backups {
                 shipped
                     .iter()
                     .map(|g| {
-                        g.latest.map(|(_, until, _)| until).ok_or_else(|| {
-                            BackupError::Refused(format!(
-                                "group {} of cluster {cluster_id} has no shipped log",
-                                g.group
-                            ))
-                        })
+                        g.latest
+                            .as_ref()
+                            .map(log::LatestChunk::restorable_until_us)
+                            .ok_or_else(|| {
+                                BackupError::Refused(format!(
+                                    "group {} of cluster {cluster_id} has no shipped log",
+                                    g.group
+                                ))
+                            })
                     })
                     .try_fold(i64::MAX, |least, until| until.map(|u| least.min(u)))?
             }
