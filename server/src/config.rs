@@ -303,6 +303,17 @@ pub struct ClusterConfig {
     /// led elect a new leader at once (pre-vote first, so a live leader
     /// cannot be deposed by one slow link).
     pub liveness_timeout_ms: u64,
+    /// Each peer's circuit breaker keeps the outcomes of this many calls
+    /// (0: breakers never open).
+    pub breaker_window_calls: u32,
+    /// A peer's breaker opens when more than this share (percent) of a
+    /// full window failed: forwarded reads, writes and log appends to it
+    /// then fail at once instead of waiting out `peer_timeout_ms`.
+    pub breaker_error_rate_percent: u32,
+    /// An open breaker lets one probe call through after this long.
+    pub breaker_open_ms: u64,
+    /// Successful probes in a row that close a breaker.
+    pub breaker_close_successes: u32,
     /// The metadata leader's scheduler keeps every shard at
     /// `replication_factor` voters on serving nodes and the nodes' replica
     /// counts within one of each other, by starting replica moves, and
@@ -383,6 +394,10 @@ impl Default for ClusterConfig {
             hibernate_after_ms: 2_000,
             liveness_interval_ms: 200,
             liveness_timeout_ms: 1_000,
+            breaker_window_calls: 10,
+            breaker_error_rate_percent: 50,
+            breaker_open_ms: 2_000,
+            breaker_close_successes: 5,
             schedule_replicas: true,
             operators_max: 4,
             operator_catch_up_timeout_ms: 600_000,
@@ -395,6 +410,12 @@ impl Default for ClusterConfig {
         }
     }
 }
+
+/// Most outcomes a peer's circuit breaker keeps (and most probes it asks
+/// to close).
+pub const BREAKER_WINDOW_CALLS_MAX: u32 = 10_000;
+/// Longest a breaker stays open before a probe: an hour.
+pub const BREAKER_OPEN_MS_MAX: u64 = 3_600_000;
 
 /// The smallest `cluster.split_shard_bytes_max` other than 0 (never): an
 /// empty replica measures tens of kilobytes (its memtables), which must
@@ -834,6 +855,17 @@ impl Config {
             return Err(ConfigError(
                 "cluster.snapshot_logs_since and cluster.peer_timeout_ms must be positive, cluster.log_segment_bytes_max at least 4096".into(),
             ));
+        }
+        if c.breaker_window_calls > BREAKER_WINDOW_CALLS_MAX
+            || !(1..=100).contains(&c.breaker_error_rate_percent)
+            || !(1..=BREAKER_OPEN_MS_MAX).contains(&c.breaker_open_ms)
+            || !(1..=BREAKER_WINDOW_CALLS_MAX).contains(&c.breaker_close_successes)
+        {
+            return Err(ConfigError(format!(
+                "cluster.breaker_window_calls must be at most {BREAKER_WINDOW_CALLS_MAX}, \
+                 breaker_error_rate_percent 1 to 100, breaker_open_ms 1 to {BREAKER_OPEN_MS_MAX}, \
+                 breaker_close_successes 1 to {BREAKER_WINDOW_CALLS_MAX}"
+            )));
         }
         if c.log_hold_bytes_max < c.log_segment_bytes_max {
             return Err(ConfigError(

@@ -21,6 +21,7 @@ pub mod counter;
 pub mod dynamic;
 pub mod linearizability;
 pub mod links;
+pub mod scrape;
 
 /// How long a node may take to start or stop. Generous: CI has 2 cores.
 pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);

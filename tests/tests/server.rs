@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use quiver_proto::v1::{self as pb, FeatureStatus, ValueType};
+use quiver_tests::scrape::{sample, scrape, value_of};
 use quiver_tests::{
     Client, Node, apply_view as apply, double, feature, int64, now_us, row, string,
     write_rows as write,
@@ -458,46 +459,6 @@ async fn every_acknowledged_write_survives_kill_9() {
 
 fn tracing_phase(phase: &str) {
     eprintln!("--- {phase}");
-}
-
-/// Scrapes `http://{addr}/metrics` with a bare HTTP/1.0 request and parses
-/// it with a Prometheus text-format parser.
-async fn scrape(addr: &str) -> prometheus_parse::Scrape {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: quiver\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    let lines = body.lines().map(|l| Ok(l.to_owned()));
-    prometheus_parse::Scrape::parse(lines).unwrap()
-}
-
-fn sample<'a>(
-    scrape: &'a prometheus_parse::Scrape,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> Option<&'a prometheus_parse::Sample> {
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-}
-
-fn value_of(sample: &prometheus_parse::Sample) -> f64 {
-    match &sample.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => *v,
-        other => panic!("not a scalar: {other:?}"),
-    }
 }
 
 #[tokio::test]

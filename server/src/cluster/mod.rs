@@ -22,6 +22,7 @@
 
 pub mod auth;
 mod backup;
+pub mod breaker;
 pub mod hibernate;
 pub mod host;
 pub mod identity;
@@ -277,6 +278,12 @@ impl Cluster {
                 Duration::from_millis(config.snapshot_timeout_ms),
                 config.snapshot_send_bytes_per_second_max,
                 &config.secret,
+                breaker::BreakerRules {
+                    window_calls: config.breaker_window_calls,
+                    error_rate_percent: config.breaker_error_rate_percent,
+                    open: Duration::from_millis(config.breaker_open_ms),
+                    close_successes: config.breaker_close_successes,
+                },
             )
             .map_err(ClusterError::Start)?,
         );

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use super::auth::SignPeerCalls;
+use super::breaker::{Admitted, Breaker, BreakerRules, BreakerState};
 use super::wire::{self, PeerCall, PeerResult, SnapshotHeader};
 
 /// Bytes of file data per snapshot chunk.
@@ -249,6 +250,13 @@ pub enum PeerError {
         /// What gRPC said.
         status: tonic::Status,
     },
+    /// The peer's circuit breaker is open: it failed too many recent
+    /// calls, and this one was not sent.
+    #[error("peer {node}: not called, its circuit breaker is open (it failed most recent calls)")]
+    BreakerOpen {
+        /// The peer.
+        node: NodeId,
+    },
     /// The peer answered with something undecodable.
     #[error("peer {node}: bad reply: {reason}")]
     BadReply {
@@ -280,6 +288,7 @@ struct PeerConn {
     addr: String,
     client: PeerClient<PeerChannel>,
     queues: [mpsc::Sender<Queued>; LANES],
+    breaker: Breaker,
 }
 
 /// Channels to every peer, and a batching queue per peer and lane. The set
@@ -290,6 +299,7 @@ pub struct PeerClients {
     sign: SignPeerCalls,
     timeout: Duration,
     snapshot_timeout: Duration,
+    breaker_rules: BreakerRules,
     /// Shared by every snapshot this node sends.
     snapshot_rate: Arc<super::throttle::ByteRate>,
 }
@@ -304,12 +314,14 @@ impl PeerClients {
         snapshot_timeout: Duration,
         snapshot_bytes_per_second_max: u64,
         secret: &str,
+        breaker_rules: BreakerRules,
     ) -> Result<Self, String> {
         let clients = Self {
             conns: parking_lot::RwLock::new(BTreeMap::new()),
             sign: SignPeerCalls::new(secret)?,
             timeout,
             snapshot_timeout,
+            breaker_rules,
             snapshot_rate: Arc::new(super::throttle::ByteRate::new(
                 snapshot_bytes_per_second_max,
             )),
@@ -365,10 +377,13 @@ impl PeerClients {
             tokio::spawn(send_batches(client, rx, lane.batches_in_flight_max()));
             tx
         });
+        metrics::gauge!("quiver_peer_breaker_state", "peer" => id.to_string())
+            .set(BreakerState::Closed.gauge());
         Ok(PeerConn {
             addr: addr.to_owned(),
             client: data,
             queues,
+            breaker: Breaker::new(self.breaker_rules, std::time::Instant::now()),
         })
     }
 
@@ -423,7 +438,40 @@ impl PeerClients {
         timeout: Duration,
     ) -> Result<PeerResult, PeerError> {
         let conn = self.conn(node)?;
-        let queue = &conn.queues[Lane::of(call) as usize];
+        let lane = Lane::of(call);
+        let admitted = conn.breaker.admit(std::time::Instant::now());
+        // Heartbeats, votes and pings always go: elections and liveness
+        // must not wait for a breaker to close, and they cost nothing to
+        // wait for. What fails fast is the data a caller waits on.
+        if admitted.is_none() && lane != Lane::Control {
+            dropped(node, "breaker_open");
+            return Err(PeerError::BreakerOpen { node });
+        }
+        let mut outcome = BreakerOutcome {
+            conn: &conn,
+            node,
+            admitted,
+        };
+        let result = self
+            .queue_and_wait(&conn, node, lane, group, replica, call, timeout)
+            .await;
+        outcome.record(lane, &result);
+        result
+    }
+
+    /// The body of [`Self::call_with_timeout`], past the breaker.
+    #[allow(clippy::too_many_arguments)]
+    async fn queue_and_wait(
+        &self,
+        conn: &PeerConn,
+        node: NodeId,
+        lane: Lane,
+        group: GroupId,
+        replica: Option<ReplicaId>,
+        call: &PeerCall,
+        timeout: Duration,
+    ) -> Result<PeerResult, PeerError> {
+        let queue = &conn.queues[lane as usize];
         let rpc_error = |status| PeerError::Rpc { node, status };
         let payload = wire::encode(call).map_err(|e| {
             rpc_error(tonic::Status::internal(format!(
@@ -559,6 +607,69 @@ impl PeerClients {
     }
 }
 
+/// Reports one call's outcome to its peer's breaker, once: a call dropped
+/// before it ends (its caller gave up) reports nothing, freeing a probe.
+struct BreakerOutcome<'a> {
+    conn: &'a PeerConn,
+    node: NodeId,
+    admitted: Option<Admitted>,
+}
+
+impl BreakerOutcome<'_> {
+    /// Success is any answer; failure is a transport error, or a deadline
+    /// passed by a call the peer answers at once (heartbeats, votes,
+    /// pings) or after an fsync (appends): a proposal or read that waits
+    /// for a quorum or a leader elsewhere says nothing about the peer.
+    fn record(&mut self, lane: Lane, result: &Result<PeerResult, PeerError>) {
+        let Some(admitted) = self.admitted.take() else {
+            return;
+        };
+        let ok = match result {
+            Ok(_) | Err(PeerError::BadReply { .. }) => Some(true),
+            Err(PeerError::Rpc { status, .. }) => match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown => Some(false),
+                tonic::Code::DeadlineExceeded => {
+                    matches!(lane, Lane::Control | Lane::Append).then_some(false)
+                }
+                _ => None,
+            },
+            Err(PeerError::UnknownNode(_) | PeerError::BreakerOpen { .. }) => None,
+        };
+        if let Some(state) = self
+            .conn
+            .breaker
+            .record(admitted, ok, std::time::Instant::now())
+        {
+            breaker_changed(self.node, state);
+        }
+    }
+}
+
+impl Drop for BreakerOutcome<'_> {
+    fn drop(&mut self) {
+        if let Some(admitted) = self.admitted.take() {
+            self.conn.breaker.abandon(admitted);
+        }
+    }
+}
+
+/// Logs and counts a peer breaker's change of state.
+fn breaker_changed(node: NodeId, state: BreakerState) {
+    metrics::gauge!("quiver_peer_breaker_state", "peer" => node.to_string()).set(state.gauge());
+    match state {
+        BreakerState::Open => {
+            metrics::counter!("quiver_peer_breaker_opened_total", "peer" => node.to_string())
+                .increment(1);
+            tracing::warn!(
+                peer = node,
+                "peer circuit breaker open: calls to it fail fast"
+            );
+        }
+        BreakerState::Closed => tracing::info!(peer = node, "peer circuit breaker closed"),
+        BreakerState::HalfOpen => {}
+    }
+}
+
 /// openraft's network for one group.
 #[derive(Debug, Clone)]
 pub struct GroupNetwork {
@@ -599,6 +710,7 @@ fn to_rpc_error(error: PeerError) -> RPCError<TypeConfig> {
         {
             RPCError::Unreachable(Unreachable::new(&error))
         }
+        PeerError::BreakerOpen { .. } => RPCError::Unreachable(Unreachable::new(&error)),
         _ => RPCError::Network(NetworkError::new(&error)),
     }
 }
@@ -779,7 +891,22 @@ mod tests {
     }
 
     fn clients(addr: String, timeout: Duration) -> Arc<PeerClients> {
-        Arc::new(PeerClients::new(&BTreeMap::from([(2, addr)]), timeout, timeout, 0, "").unwrap())
+        Arc::new(
+            PeerClients::new(
+                &BTreeMap::from([(2, addr)]),
+                timeout,
+                timeout,
+                0,
+                "",
+                BreakerRules {
+                    window_calls: 0,
+                    error_rate_percent: 50,
+                    open: timeout,
+                    close_successes: 5,
+                },
+            )
+            .unwrap(),
+        )
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

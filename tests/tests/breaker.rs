@@ -1,0 +1,133 @@
+//! Peer circuit breakers on real nodes: a node stopped with SIGSTOP (its
+//! connections stay open, nothing answers) has its breaker opened on its
+//! peers after a window of failed calls, calls to it then fail fast, a
+//! probe is let through after the open time (and fails, opening it again),
+//! and once the node runs again successful probes close it. Writes through
+//! a live node go on throughout.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry, start, write_values};
+use quiver_tests::scrape::{sample, scrape, value_of};
+
+/// A node's `name{peer="3"}` value (0 when the series is absent).
+async fn peer_metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let scraped = scrape(metrics).await;
+    let mut all = vec![("peer", "3")];
+    all.extend_from_slice(labels);
+    sample(&scraped, name, &all).map_or(0.0, value_of)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_peer_is_skipped_probed_after_the_open_time_and_closed_when_back() {
+    let mut cluster = start(&[
+        ("QUIVER_CLUSTER__SHARD_COUNT", "3"),
+        ("QUIVER_METRICS_LISTEN_ADDR", "127.0.0.1:0"),
+        ("QUIVER_CLUSTER__PEER_TIMEOUT_MS", "1000"),
+        ("QUIVER_CLUSTER__BREAKER_OPEN_MS", "1500"),
+    ])
+    .await;
+    let metrics = cluster.node(1).metrics_addr().await.unwrap().to_string();
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    assert_eq!(
+        peer_metric(&metrics, "quiver_peer_breaker_state", &[]).await,
+        0.0,
+        "closed while node 3 runs"
+    );
+
+    // Writes through node 1 all along: they keep every group's leader
+    // sending node 3 appends and heartbeats.
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (client, acknowledged) = (client.clone(), acknowledged.clone());
+        tokio::spawn(async move {
+            for round in 0.. {
+                let mut client = client.clone();
+                let values: Vec<(String, i64)> = keys(10, &format!("w{round}"))
+                    .into_iter()
+                    .map(|k| (k, round))
+                    .collect();
+                if write_values(&mut client, &values).await.is_ok() {
+                    acknowledged.fetch_add(1, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    eprintln!("--- node 3 stops: its breaker on node 1 opens");
+    cluster.node(3).pause().unwrap();
+    let acknowledged_at_pause = acknowledged.load(Ordering::SeqCst);
+    retry("the breaker opens", CONVERGE_WAIT, || {
+        let metrics = metrics.clone();
+        async move {
+            let state = peer_metric(&metrics, "quiver_peer_breaker_state", &[]).await;
+            if state == 2.0 {
+                Ok(())
+            } else {
+                Err(format!("state {state}"))
+            }
+        }
+    })
+    .await;
+    let skipped = |metrics: String| async move {
+        peer_metric(
+            &metrics,
+            "quiver_peer_calls_dropped_total",
+            &[("reason", "breaker_open")],
+        )
+        .await
+    };
+    retry("calls to node 3 fail fast", CONVERGE_WAIT, || {
+        let metrics = metrics.clone();
+        async move {
+            let n = skipped(metrics).await;
+            if n > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{n} skipped"))
+            }
+        }
+    })
+    .await;
+
+    eprintln!("--- after the open time a probe goes, fails, and opens it again");
+    retry("a failed probe reopens it", CONVERGE_WAIT, || {
+        let metrics = metrics.clone();
+        async move {
+            let opened = peer_metric(&metrics, "quiver_peer_breaker_opened_total", &[]).await;
+            if opened >= 2.0 {
+                Ok(())
+            } else {
+                Err(format!("opened {opened} times"))
+            }
+        }
+    })
+    .await;
+
+    assert!(
+        acknowledged.load(Ordering::SeqCst) > acknowledged_at_pause,
+        "writes through node 1 go on while node 3 is stopped"
+    );
+
+    eprintln!("--- node 3 runs again: probes succeed and close it");
+    cluster.node(3).resume().unwrap();
+    retry("the breaker closes", CONVERGE_WAIT, || {
+        let metrics = metrics.clone();
+        async move {
+            let state = peer_metric(&metrics, "quiver_peer_breaker_state", &[]).await;
+            if state == 0.0 {
+                Ok(())
+            } else {
+                Err(format!("state {state}"))
+            }
+        }
+    })
+    .await;
+    writer.abort();
+}
