@@ -177,11 +177,23 @@ struct Generator {
     generation: AtomicU64,
     checked: AtomicU64,
     errors: AtomicU64,
+    /// Requests the target refused as overloaded (`RESOURCE_EXHAUSTED`):
+    /// load shedding, counted apart from errors and not in the latencies.
+    shed: AtomicU64,
 }
 
 impl Generator {
-    /// Counts a failed request; the first few are printed.
+    /// Counts a failed request (or a shed one); the first few failures
+    /// are printed.
     fn failed(&self, error: &anyhow::Error) {
+        let shed = error
+            .chain()
+            .filter_map(|e| e.downcast_ref::<tonic::Status>())
+            .any(|status| status.code() == tonic::Code::ResourceExhausted);
+        if shed {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         if self.errors.fetch_add(1, Ordering::Relaxed) < 5 {
             eprintln!("request failed: {error:#}");
         }
@@ -380,6 +392,7 @@ async fn run(args: Args) -> Result<()> {
         generation: AtomicU64::new(0),
         checked: AtomicU64::new(0),
         errors: AtomicU64::new(0),
+        shed: AtomicU64::new(0),
     });
     let start = Instant::now();
     let measure_from = start + args.warmup;
@@ -407,6 +420,7 @@ async fn run(args: Args) -> Result<()> {
     let seconds = args.duration.as_secs_f64();
     let h = &measured.histogram;
     let errors = generator.errors.load(Ordering::Relaxed);
+    let shed = generator.shed.load(Ordering::Relaxed);
     let summary = serde_json::json!({
         "label": label,
         "target": args.target.name(),
@@ -429,12 +443,14 @@ async fn run(args: Args) -> Result<()> {
         "server_cpu_seconds": server_cpu,
         "responses_checked": generator.checked.load(Ordering::Relaxed),
         "errors": errors,
+        "shed": shed,
+        "shed_per_second": shed as f64 / seconds,
     });
     if args.json {
         println!("{summary}");
     } else {
         println!(
-            "{} {:?}: {:.0} req/s, {:.0} entities/s, {:.0} rows/s; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; cpu client {:.1}s server {}; {} responses checked, {} errors",
+            "{} {:?}: {:.0} req/s, {:.0} entities/s, {:.0} rows/s; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms; cpu client {:.1}s server {}; {} responses checked, {} errors, {} shed",
             label,
             args.workload,
             summary["requests_per_second"].as_f64().unwrap_or(0.0),
@@ -447,6 +463,7 @@ async fn run(args: Args) -> Result<()> {
             server_cpu.map_or("n/a".to_owned(), |s| format!("{s:.1}s")),
             generator.checked.load(Ordering::Relaxed),
             errors,
+            shed,
         );
     }
     if errors > 0 {

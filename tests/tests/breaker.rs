@@ -1,9 +1,10 @@
 //! Peer circuit breakers on real nodes: a node stopped with SIGSTOP (its
 //! connections stay open, nothing answers) has its breaker opened on its
-//! peers after a window of failed calls, calls to it then fail fast, a
-//! probe is let through after the open time (and fails, opening it again),
-//! and once the node runs again successful probes close it. Writes through
-//! a live node go on throughout.
+//! peers after a window of failed calls, a probe is let through after the
+//! open time (and fails, opening it again), and once the node runs again
+//! its answers close it. Writes through a live node go on throughout. (That
+//! forwarded calls fail fast while it is open is tested on a stalled peer
+//! server: `network::tests`.)
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -23,7 +24,7 @@ async fn peer_metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_peer_is_skipped_probed_after_the_open_time_and_closed_when_back() {
+async fn a_stopped_peer_s_breaker_opens_is_probed_after_the_open_time_and_closes_when_it_is_back() {
     let mut cluster = start(&[
         ("QUIVER_CLUSTER__SHARD_COUNT", "3"),
         ("QUIVER_METRICS_LISTEN_ADDR", "127.0.0.1:0"),
@@ -75,27 +76,6 @@ async fn a_stopped_peer_is_skipped_probed_after_the_open_time_and_closed_when_ba
         }
     })
     .await;
-    let skipped = |metrics: String| async move {
-        peer_metric(
-            &metrics,
-            "quiver_peer_calls_dropped_total",
-            &[("reason", "breaker_open")],
-        )
-        .await
-    };
-    retry("calls to node 3 fail fast", CONVERGE_WAIT, || {
-        let metrics = metrics.clone();
-        async move {
-            let n = skipped(metrics).await;
-            if n > 0.0 {
-                Ok(())
-            } else {
-                Err(format!("{n} skipped"))
-            }
-        }
-    })
-    .await;
-
     eprintln!("--- after the open time a probe goes, fails, and opens it again");
     retry("a failed probe reopens it", CONVERGE_WAIT, || {
         let metrics = metrics.clone();

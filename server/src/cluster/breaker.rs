@@ -1,17 +1,21 @@
 //! A circuit breaker per peer node: calls to a peer that keeps failing fail
 //! at once instead of each waiting out its deadline, so a stopped or
-//! partitioned node costs a forwarded read or write (and Raft's log
-//! replication to it) one fast error, not a timeout. (The peer client lets
-//! heartbeats, votes and pings through whatever the state: elections and
-//! liveness must not wait for a breaker.)
+//! partitioned node costs a forwarded read or write one fast error, not a
+//! timeout. (The peer client sends Raft traffic, heartbeats, votes, pings
+//! and appends, whatever the state: elections, liveness and replication
+//! must not wait for a breaker, and their answers tell it the peer is
+//! back.)
 //!
 //! - **Closed**: every call goes; the outcomes of the last `window_calls`
 //!   are kept. When the window is full and more than
 //!   `error_rate_percent` of it failed, the breaker opens.
-//! - **Open**: calls fail fast for `open_ms`; then it is half-open.
-//! - **Half-open**: one probe call at a time goes (others fail fast); a
-//!   failed probe opens it again for `open_ms`, `close_successes`
-//!   successful probes in a row close it with an empty window.
+//! - **Open**: calls fail fast for `open_ms`, or until the peer answers a
+//!   call that went anyway ([`Breaker::heard`]: the peer client always
+//!   sends Raft traffic); then it is half-open.
+//! - **Half-open**: up to `close_successes` probe calls at a time go
+//!   (others fail fast); a failed probe opens it again for `open_ms`,
+//!   `close_successes` successful probes in a row close it with an empty
+//!   window (one round trip of a peer that is back).
 //!
 //! What counts as a failure is the caller's choice (the peer client counts
 //! transport errors, and deadlines only of calls the peer answers without
@@ -49,7 +53,7 @@ pub enum BreakerState {
     Closed,
     /// Calls fail fast.
     Open,
-    /// One probe at a time goes.
+    /// A few probes at a time go.
     HalfOpen,
 }
 
@@ -73,8 +77,8 @@ struct Inner {
     opened_at: Instant,
     /// Successful probes in a row while half-open.
     successes: u32,
-    /// A probe is out while half-open.
-    probing: bool,
+    /// Probes out while half-open.
+    probes_out: u32,
     /// Bumped on every change of state: results of calls admitted before
     /// are ignored.
     generation: u64,
@@ -106,7 +110,7 @@ impl Breaker {
                 window: VecDeque::with_capacity(rules.window_calls as usize),
                 opened_at: now,
                 successes: 0,
-                probing: false,
+                probes_out: 0,
                 generation: 0,
             }),
         }
@@ -132,7 +136,7 @@ impl Breaker {
         {
             inner.state = BreakerState::HalfOpen;
             inner.successes = 0;
-            inner.probing = false;
+            inner.probes_out = 0;
             inner.generation += 1;
         }
         match inner.state {
@@ -141,9 +145,9 @@ impl Breaker {
                 probe: false,
             }),
             BreakerState::Open => None,
-            BreakerState::HalfOpen if inner.probing => None,
+            BreakerState::HalfOpen if inner.probes_out >= self.rules.close_successes => None,
             BreakerState::HalfOpen => {
-                inner.probing = true;
+                inner.probes_out += 1;
                 Some(Admitted {
                     generation: inner.generation,
                     probe: true,
@@ -165,7 +169,7 @@ impl Breaker {
             return None;
         }
         if admitted.probe {
-            inner.probing = false;
+            inner.probes_out = inner.probes_out.saturating_sub(1);
         }
         let ok = ok?;
         match inner.state {
@@ -198,12 +202,26 @@ impl Breaker {
         }
     }
 
+    /// The peer answered a call sent whatever the breaker said: an open
+    /// breaker is half-open at once (the peer is back; probes decide).
+    /// Returns the state when this changed it.
+    pub fn heard(&self) -> Option<BreakerState> {
+        let mut inner = self.inner.lock();
+        (inner.state == BreakerState::Open).then(|| {
+            inner.state = BreakerState::HalfOpen;
+            inner.successes = 0;
+            inner.probes_out = 0;
+            inner.generation += 1;
+            BreakerState::HalfOpen
+        })
+    }
+
     /// An admitted call that ended without an outcome (cancelled): frees
-    /// the probe slot if it was the probe.
+    /// its probe slot if it was a probe.
     pub fn abandon(&self, admitted: Admitted) {
         let mut inner = self.inner.lock();
         if admitted.probe && admitted.generation == inner.generation {
-            inner.probing = false;
+            inner.probes_out = inner.probes_out.saturating_sub(1);
         }
     }
 
@@ -249,14 +267,12 @@ mod tests {
             "window: S S S S F F F F F F -> 6 failures"
         );
         assert_eq!(breaker.admit(start + Duration::from_millis(1999)), None);
-        // After the timeout, one probe at a time.
+        // After the timeout, up to 5 probes at a time.
         let later = start + RULES.open;
         assert_eq!(breaker.state(later), BreakerState::HalfOpen);
-        let probe = breaker.admit(later).unwrap();
-        assert_eq!(breaker.admit(later), None, "one probe at a time");
-        assert_eq!(breaker.record(probe, Some(true), later), None);
-        for i in 1..5 {
-            let probe = breaker.admit(later).unwrap();
+        let probes: Vec<Admitted> = (0..5).map(|_| breaker.admit(later).unwrap()).collect();
+        assert_eq!(breaker.admit(later), None, "5 probes at a time");
+        for (i, probe) in probes.into_iter().enumerate() {
             let changed = breaker.record(probe, Some(true), later);
             assert_eq!(changed, (i == 4).then_some(BreakerState::Closed));
         }
@@ -296,13 +312,34 @@ mod tests {
         // Admitted while closed, answered while open: ignored.
         assert_eq!(breaker.record(slow, Some(true), start), None);
         let later = start + RULES.open;
-        let probe = breaker.admit(later).unwrap();
-        breaker.abandon(probe);
+        let probes: Vec<Admitted> = (0..5).map(|_| breaker.admit(later).unwrap()).collect();
+        assert_eq!(breaker.admit(later), None);
+        breaker.abandon(probes[0]);
         // The slot is free again; a result that says nothing frees it too.
         let probe = breaker.admit(later).unwrap();
         assert_eq!(breaker.record(probe, None, later), None);
         assert!(breaker.admit(later).is_some());
         assert_eq!(breaker.state(later), BreakerState::HalfOpen);
+    }
+
+    #[test]
+    fn an_answer_while_open_makes_it_half_open_at_once() {
+        let start = Instant::now();
+        let breaker = Breaker::new(RULES, start);
+        assert_eq!(breaker.heard(), None, "closed stays closed");
+        for _ in 0..10 {
+            call(&breaker, false, start);
+        }
+        assert_eq!(breaker.admit(start), None);
+        assert_eq!(breaker.heard(), Some(BreakerState::HalfOpen));
+        assert_eq!(breaker.state(start), BreakerState::HalfOpen);
+        for _ in 0..4 {
+            assert_eq!(call(&breaker, true, start), Some(None));
+        }
+        assert_eq!(
+            call(&breaker, true, start),
+            Some(Some(BreakerState::Closed))
+        );
     }
 
     #[test]

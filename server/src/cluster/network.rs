@@ -440,10 +440,11 @@ impl PeerClients {
         let conn = self.conn(node)?;
         let lane = Lane::of(call);
         let admitted = conn.breaker.admit(std::time::Instant::now());
-        // Heartbeats, votes and pings always go: elections and liveness
-        // must not wait for a breaker to close, and they cost nothing to
-        // wait for. What fails fast is the data a caller waits on.
-        if admitted.is_none() && lane != Lane::Control {
+        // Only forwarded client work fails fast: Raft traffic (heartbeats,
+        // votes, pings, appends) always goes, so elections, liveness and
+        // replication never wait for a breaker to close (openraft backs off
+        // from an unreachable follower by itself), and it probes the peer.
+        if admitted.is_none() && matches!(lane, Lane::Propose | Lane::Read) {
             dropped(node, "breaker_open");
             return Err(PeerError::BreakerOpen { node });
         }
@@ -621,9 +622,6 @@ impl BreakerOutcome<'_> {
     /// pings) or after an fsync (appends): a proposal or read that waits
     /// for a quorum or a leader elsewhere says nothing about the peer.
     fn record(&mut self, lane: Lane, result: &Result<PeerResult, PeerError>) {
-        let Some(admitted) = self.admitted.take() else {
-            return;
-        };
         let ok = match result {
             Ok(_) | Err(PeerError::BadReply { .. }) => Some(true),
             Err(PeerError::Rpc { status, .. }) => match status.code() {
@@ -635,11 +633,16 @@ impl BreakerOutcome<'_> {
             },
             Err(PeerError::UnknownNode(_) | PeerError::BreakerOpen { .. }) => None,
         };
-        if let Some(state) = self
-            .conn
-            .breaker
-            .record(admitted, ok, std::time::Instant::now())
-        {
+        let changed = match self.admitted.take() {
+            Some(admitted) => self
+                .conn
+                .breaker
+                .record(admitted, ok, std::time::Instant::now()),
+            // Sent past an open breaker: an answer means the peer is back.
+            None if ok == Some(true) => self.conn.breaker.heard(),
+            None => None,
+        };
+        if let Some(state) = changed {
             breaker_changed(self.node, state);
         }
     }
@@ -826,12 +829,14 @@ mod tests {
     use tonic::transport::server::TcpIncoming;
 
     /// A peer that answers every call with its group as a read index, after
-    /// a pause (6 s for the groups in `slow`), and records the size of every
-    /// batch it gets.
+    /// a pause (6 s for the groups in `slow`; for as long as `stalled` is
+    /// set, like a node stopped with SIGSTOP), and records the size of
+    /// every batch it gets.
     #[derive(Clone, Default)]
     struct EchoPeer {
         batches: Arc<parking_lot::Mutex<Vec<usize>>>,
         slow: Arc<Vec<u32>>,
+        stalled: Arc<std::sync::atomic::AtomicBool>,
     }
 
     #[tonic::async_trait]
@@ -847,6 +852,7 @@ mod tests {
             let calls = request.into_inner().calls;
             self.batches.lock().push(calls.len());
             let slow = self.slow.clone();
+            let stalled = self.stalled.clone();
             let replies = calls
                 .into_iter()
                 .enumerate()
@@ -856,8 +862,12 @@ mod tests {
                     } else {
                         Duration::from_millis(20)
                     };
+                    let stalled = stalled.clone();
                     async move {
                         tokio::time::sleep(pause).await;
+                        while stalled.load(std::sync::atomic::Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
                         Ok(PeerBatchReply {
                             slot: slot as u32,
                             payload: wire::encode(&PeerResult::ReadIndex {
@@ -890,23 +900,80 @@ mod tests {
         addr
     }
 
-    fn clients(addr: String, timeout: Duration) -> Arc<PeerClients> {
+    /// Breakers that never open.
+    const NO_BREAKER: BreakerRules = BreakerRules {
+        window_calls: 0,
+        error_rate_percent: 50,
+        open: Duration::from_secs(1),
+        close_successes: 5,
+    };
+
+    fn clients_with(addr: String, timeout: Duration, rules: BreakerRules) -> Arc<PeerClients> {
         Arc::new(
-            PeerClients::new(
-                &BTreeMap::from([(2, addr)]),
-                timeout,
-                timeout,
-                0,
-                "",
-                BreakerRules {
-                    window_calls: 0,
-                    error_rate_percent: 50,
-                    open: timeout,
-                    close_successes: 5,
-                },
-            )
-            .unwrap(),
+            PeerClients::new(&BTreeMap::from([(2, addr)]), timeout, timeout, 0, "", rules).unwrap(),
         )
+    }
+
+    fn clients(addr: String, timeout: Duration) -> Arc<PeerClients> {
+        clients_with(addr, timeout, NO_BREAKER)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_peer_s_breaker_fails_forwarded_calls_fast_and_closes_when_it_answers() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let peer = EchoPeer::default();
+        let addr = serve(peer.clone()).await;
+        let rules = BreakerRules {
+            window_calls: 10,
+            error_rate_percent: 50,
+            // Past the test: only an answer half-opens it here.
+            open: Duration::from_secs(3600),
+            close_successes: 5,
+        };
+        let clients = clients_with(addr, Duration::from_secs(10), rules);
+        let ping = PeerCall::Ping(wire::Ping::default());
+        let heartbeat = |timeout| clients.call_with_timeout(2, 0, None, &ping, timeout);
+        assert!(heartbeat(Duration::from_secs(2)).await.is_ok());
+
+        // Stalled: 10 heartbeats pass their deadline and open the breaker.
+        peer.stalled.store(true, SeqCst);
+        let missed =
+            futures::future::join_all((0..10).map(|_| heartbeat(Duration::from_millis(200)))).await;
+        assert!(missed.iter().all(Result::is_err), "{missed:?}");
+        let started = Instant::now();
+        let forwarded = clients.forward(2, 7, &PeerCall::ReadIndex).await;
+        assert!(
+            matches!(forwarded, Err(PeerError::BreakerOpen { node: 2 })),
+            "{forwarded:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "failed fast, not after the 20 s forward deadline: {:?}",
+            started.elapsed()
+        );
+        // Heartbeats still go (and still time out).
+        assert!(matches!(
+            heartbeat(Duration::from_millis(200)).await,
+            Err(PeerError::Rpc { .. })
+        ));
+
+        // Back: a heartbeat's answer half-opens it, 5 successes close it.
+        peer.stalled.store(false, SeqCst);
+        assert!(heartbeat(Duration::from_secs(2)).await.is_ok());
+        for group in 0..5u32 {
+            assert!(
+                clients
+                    .forward(2, group, &PeerCall::ReadIndex)
+                    .await
+                    .is_ok(),
+                "probe {group}"
+            );
+        }
+        let conn = clients.conn(2).unwrap();
+        assert_eq!(
+            conn.breaker.state(std::time::Instant::now()),
+            BreakerState::Closed
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
