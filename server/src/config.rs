@@ -31,6 +31,7 @@ const CONFIG_KEYS: &[&str] = &[
     "limits",
     "cluster",
     "backup",
+    "auth",
 ];
 
 /// Longest `ttl_expire_interval_seconds`: a day.
@@ -89,6 +90,17 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Backups.
     pub backup: BackupConfig,
+    /// Client authentication.
+    pub auth: AuthConfig,
+}
+
+/// Client authentication on the client port (see `client_auth`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accepted bearer tokens, by sha256, with their scopes. Empty: every
+    /// call is let through.
+    pub tokens: Vec<crate::client_auth::TokenConfig>,
 }
 
 /// Backups to a target directory or object store (`quiverctl backup`).
@@ -96,9 +108,9 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct BackupConfig {
     /// Directories a `file://` backup target must lie under (absolute).
-    /// Empty: any directory outside this node's data directory. The admin
-    /// API has no authentication before TLS (issue 13): on a shared
-    /// machine, restrict it here.
+    /// Empty: any directory outside this node's data directory. Without
+    /// `auth.tokens` anyone reaching the client port may call the admin
+    /// service: on a shared machine, restrict targets here.
     pub file_roots: Vec<PathBuf>,
     /// Bytes per second this node reads and uploads checkpoint files at,
     /// all backups together, so serving keeps the disk. 0: unlimited; else
@@ -307,10 +319,13 @@ pub struct ClusterConfig {
     /// (0: breakers never open).
     pub breaker_window_calls: u32,
     /// A peer's breaker opens when more than this share (percent) of a
-    /// full window failed: forwarded reads, writes and log appends to it
-    /// then fail at once instead of waiting out `peer_timeout_ms`.
+    /// full window failed: reads and writes forwarded to it then fail at
+    /// once instead of waiting out `peer_timeout_ms` (Raft traffic always
+    /// goes).
     pub breaker_error_rate_percent: u32,
-    /// An open breaker lets one probe call through after this long.
+    /// An open breaker is half-open after this long (or once the peer
+    /// answers Raft traffic): up to `breaker_close_successes` probe calls
+    /// at a time go.
     pub breaker_open_ms: u64,
     /// Successful probes in a row that close a breaker.
     pub breaker_close_successes: u32,
@@ -506,6 +521,7 @@ impl Default for Config {
             limits: Limits::default(),
             cluster: ClusterConfig::default(),
             backup: BackupConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -757,6 +773,7 @@ impl Config {
                 )));
             }
         }
+        crate::client_auth::Tokens::new(&self.auth.tokens).map_err(ConfigError)?;
         let b = &self.backup;
         if b.upload_bytes_per_second_max != 0
             && b.upload_bytes_per_second_max < SNAPSHOT_SEND_BYTES_PER_SECOND_MIN

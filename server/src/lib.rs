@@ -16,6 +16,7 @@ pub mod admin;
 pub mod admission;
 pub mod backup;
 pub mod cache;
+pub mod client_auth;
 pub mod cluster;
 pub mod config;
 pub mod convert;

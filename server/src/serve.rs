@@ -48,6 +48,10 @@ pub enum ServeError {
     /// Metrics could not be set up.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The configuration is refused (checked again here for callers that
+    /// build it without `Config::load`).
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Opens the node and serves clients on `listener` and peers on
@@ -184,8 +188,18 @@ pub async fn serve(
     // Fires when shutdown starts, to bound the drain: idle client connections
     // that never close must not keep a stopping node alive.
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let tokens =
+        crate::client_auth::Tokens::new(&config.auth.tokens).map_err(ServeError::Config)?;
+    if tokens.enabled() {
+        tracing::info!(
+            tokens = config.auth.tokens.len(),
+            "client calls need a token"
+        );
+    }
     let server = tonic::transport::Server::builder()
         .layer(crate::metrics::RequestMetricsLayer)
+        // Inside the metrics layer: refused calls are counted with their code.
+        .layer(crate::client_auth::ClientAuthLayer::new(tokens))
         .concurrency_limit_per_connection(
             usize::try_from(config.limits.connection_requests_max).unwrap_or(usize::MAX),
         )

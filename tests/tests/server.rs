@@ -8,7 +8,7 @@ use std::time::Duration;
 use quiver_proto::v1::{self as pb, FeatureStatus, ValueType};
 use quiver_tests::scrape::{sample, scrape, value_of};
 use quiver_tests::{
-    Client, Node, apply_view as apply, double, feature, int64, now_us, row, string,
+    Client, Node, apply_view as apply, double, feature, int64, now_us, quiverctl, row, string,
     write_rows as write,
 };
 use tonic::Code;
@@ -550,4 +550,84 @@ async fn metrics_count_requests_by_method_and_code_and_follow_the_node() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// `quiverctl token new --json`: (token, its `[[auth.tokens]]` entry).
+fn new_token(name: &str, scope: &str) -> (String, String) {
+    let made: serde_json::Value = serde_json::from_str(
+        &quiverctl(
+            "127.0.0.1:1",
+            &["--json", "token", "new", "--name", name, "--scope", scope],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let entry = format!(
+        "[[auth.tokens]]\nname = \"{name}\"\nscope = \"{scope}\"\nsha256 = \"{}\"\n",
+        made["sha256"].as_str().unwrap()
+    );
+    (made["token"].as_str().unwrap().to_owned(), entry)
+}
+
+/// A node with `auth.tokens`: a call without a token or with an unknown
+/// one is `UNAUTHENTICATED`, one whose token's scope is too narrow is
+/// `PERMISSION_DENIED`, health checks need none, and quiverctl's `--token`
+/// gets through.
+#[tokio::test]
+async fn client_tokens_are_checked_by_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let (read, read_entry) = new_token("serving", "read");
+    let (write, write_entry) = new_token("materialize", "write");
+    let (admin, admin_entry) = new_token("ops", "admin");
+    let config = dir.path().join("quiver.toml");
+    std::fs::write(&config, format!("{read_entry}{write_entry}{admin_entry}")).unwrap();
+    let data = dir.path().join("data");
+    let node = Node::start(&data, &["--config", config.to_str().unwrap()])
+        .await
+        .unwrap();
+    let endpoint = node.endpoint();
+
+    eprintln!("--- no token, or an unknown one: UNAUTHENTICATED");
+    let mut client = node.client().await.unwrap();
+    let refused = client.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tonic::transport::Channel::from_shared(format!("http://{}", node.addr()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health checks need no token");
+    let ctl = |token: &str, args: &[&str]| {
+        let mut all = vec!["--token", token];
+        all.extend_from_slice(args);
+        quiverctl(&endpoint, &all)
+    };
+    let failure = |result: anyhow::Result<String>| format!("{:#}", result.unwrap_err());
+    assert!(failure(ctl("not-a-token", &["status"])).contains("Unauthenticated"));
+
+    eprintln!("--- each scope: what it may do, and the next scope's refusal");
+    ctl(&read, &["status"]).unwrap();
+    let views = dir.path().join("views.yaml");
+    std::fs::write(
+        &views,
+        "views:\n  - name: counter\n    entities: [key]\n    features:\n      - { name: value, type: int64 }\n",
+    )
+    .unwrap();
+    let views = views.to_str().unwrap();
+    let denied = failure(ctl(&read, &["views", "apply", "-f", views]));
+    assert!(
+        denied.contains("PermissionDenied") && denied.contains("serving"),
+        "{denied}"
+    );
+    ctl(&write, &["views", "apply", "-f", views]).unwrap();
+    ctl(&write, &["views", "list"]).unwrap();
+    let denied = failure(ctl(&write, &["node", "list"]));
+    assert!(denied.contains("PermissionDenied"), "{denied}");
+    ctl(&admin, &["node", "list"]).unwrap();
+    ctl(&admin, &["views", "list"]).unwrap();
 }

@@ -227,7 +227,7 @@ pub async fn restore(endpoint: &str, args: &RestoreArgs, json: bool) -> Result<(
 
 /// `backup status`.
 async fn status(
-    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    admin: &mut crate::client::AdminClient,
     args: &StatusArgs,
     json: bool,
 ) -> Result<()> {

@@ -8,11 +8,10 @@ use clap::{Args, Subcommand};
 use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressStyle};
 use quiver_proto::admin as pb;
-use tonic::transport::Channel;
 
 use crate::client::{self, status_error};
 
-type Admin = pb::admin_client::AdminClient<Channel>;
+type Admin = client::AdminClient;
 
 /// How often a `--wait` looks at the map again.
 const WAIT_POLL: Duration = Duration::from_millis(500);

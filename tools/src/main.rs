@@ -42,6 +42,10 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Bearer token sent with every call (nodes with `auth.tokens` need
+    /// one; `quiverctl token new` makes one).
+    #[arg(long, global = true, env = "QUIVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +69,9 @@ enum Command {
     /// each leader) and in all. Equal for a backup and the cluster restored
     /// from it.
     Checksum,
+    /// Client tokens for nodes with `auth.tokens`.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Inspect and move shards.
     #[command(subcommand)]
     Shard(ShardCommand),
@@ -139,9 +146,30 @@ fn main() -> Result<()> {
     runtime.block_on(run(cli))
 }
 
+/// `quiverctl token`.
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a new random token and print it with the `[[auth.tokens]]`
+    /// entry (its sha256) to put in every node's configuration.
+    New {
+        /// Who will hold it (1 to 64 bytes).
+        #[arg(long)]
+        name: String,
+        /// What it may do: read, write (and read) or admin (everything).
+        #[arg(long, value_parser = ["read", "write", "admin"])]
+        scope: String,
+    },
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    if let Some(token) = &cli.token {
+        client::set_token(token)?;
+    }
     if let Command::Sample(SampleCommand::Generate(args)) = &cli.command {
         return sample::generate(args);
+    }
+    if let Command::Token(TokenCommand::New { name, scope }) = &cli.command {
+        return token_new(name, scope, cli.json);
     }
     if let Command::Shard(ShardCommand::TransferLeader(args)) = &cli.command {
         return shard::transfer_leader(&cli.endpoint, args, cli.json).await;
@@ -194,6 +222,38 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Operator(_) => {
             unreachable!("handled before")
         }
-        Command::Sample(_) => unreachable!("handled before connecting"),
+        Command::Sample(_) | Command::Token(_) => unreachable!("handled before connecting"),
     }
+}
+
+/// `quiverctl token new`: 32 random bytes as hex, and their sha256.
+fn token_new(name: &str, scope: &str, json: bool) -> Result<()> {
+    use sha2::Digest as _;
+    if name.is_empty() || name.len() > 64 || name.contains(['"', '\\']) {
+        anyhow::bail!("--name must be 1 to 64 bytes, without quotes or backslashes");
+    }
+    let token: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // What the node compares with (`client_auth::token_sha256`).
+    let sha256: String = sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"name": name, "scope": scope, "token": token, "sha256": sha256})
+        );
+    } else {
+        println!("token (give it to {name}; it is not stored anywhere): {token}");
+        println!("add to every node's configuration:");
+        println!();
+        println!("[[auth.tokens]]");
+        println!("name = \"{name}\"");
+        println!("scope = \"{scope}\"");
+        println!("sha256 = \"{sha256}\"");
+    }
+    Ok(())
 }
