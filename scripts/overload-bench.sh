@@ -6,8 +6,8 @@
 # FACTORS for DURATION: the accepted requests' latency (from the intended
 # send time) and the rate the nodes shed with RESOURCE_EXHAUSTED. Every
 # mode in MODES is a fresh cluster: "bounded" runs the default admission
-# limits, "unbounded" lifts limits.read_inflight_requests_max out of reach
-# (what overload does without shedding).
+# limits, "limit-N" sets limits.read_inflight_requests_max to N,
+# "unbounded" lifts it out of reach (what overload does without shedding).
 #   PROFILE=release FACTORS="1 2" MODES="bounded unbounded" ./scripts/overload-bench.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +30,15 @@ echo "| admission | load | offered req/s | accepted req/s | shed req/s | p50 ms 
 echo "|---|---|---|---|---|---|---|---|---|---|"
 for mode in $MODES; do
     dir=$(mktemp -d)
-    limit=512
-    [ "$mode" = unbounded ] && limit=1000000
-    QUIVER_LIMITS__READ_INFLIGHT_REQUESTS_MAX="$limit" QUIVER_LIMITS__CONNECTION_REQUESTS_MAX=100000 \
+    case "$mode" in
+        bounded) limit_env=() ;;
+        unbounded) limit_env=(QUIVER_LIMITS__READ_INFLIGHT_REQUESTS_MAX=1000000) ;;
+        limit-*) limit_env=("QUIVER_LIMITS__READ_INFLIGHT_REQUESTS_MAX=${mode#limit-}") ;;
+        *) echo "unknown mode $mode" >&2; exit 2 ;;
+    esac
+    # The per-connection stream limit is lifted in every mode: the node's
+    # admission is what is measured, not HTTP/2 queueing in the client.
+    env "${limit_env[@]}" QUIVER_LIMITS__CONNECTION_REQUESTS_MAX=100000 \
     QUIVER_CLUSTER__SPLIT_SHARD_BYTES_MAX=0 QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$dir" \
         QUIVER_CLUSTER_PORT=$PORT ./scripts/cluster.sh start 3 >/dev/null
     "$BIN/quiver-bench" --endpoint "$ENDPOINTS" --entities "$ENTITIES" --workload serve \

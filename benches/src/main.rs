@@ -27,6 +27,8 @@ use rand::rngs::StdRng;
 /// Most requests in flight in open-loop mode before the generator itself is
 /// the bottleneck (reported, never silently dropped).
 const OPEN_LOOP_IN_FLIGHT_MAX: u64 = 4096;
+/// How long a closed-loop client waits after a shed request.
+const SHED_BACKOFF: Duration = Duration::from_millis(10);
 /// Rows per write when preloading (etcd's writes split this further into
 /// transactions it accepts).
 const PRELOAD_BATCH_ROWS: u64 = 1000;
@@ -183,20 +185,21 @@ struct Generator {
 }
 
 impl Generator {
-    /// Counts a failed request (or a shed one); the first few failures
-    /// are printed.
-    fn failed(&self, error: &anyhow::Error) {
+    /// Counts a failed request, or a shed one (returns true); the first
+    /// few failures are printed.
+    fn failed(&self, error: &anyhow::Error) -> bool {
         let shed = error
             .chain()
             .filter_map(|e| e.downcast_ref::<tonic::Status>())
             .any(|status| status.code() == tonic::Code::ResourceExhausted);
         if shed {
             self.shed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return true;
         }
         if self.errors.fetch_add(1, Ordering::Relaxed) < 5 {
             eprintln!("request failed: {error:#}");
         }
+        false
     }
 
     async fn one(&self, conn: &mut Conn, rng: &mut StdRng) -> Result<Outcome> {
@@ -269,7 +272,12 @@ async fn closed_loop(
                             record(&mut histogram, sent.elapsed());
                             tally.add(&outcome);
                         }
-                        Err(error) => generator.failed(&error),
+                        Err(error) => {
+                            if generator.failed(&error) {
+                                // Shed: back off as a client would, not spin.
+                                tokio::time::sleep(SHED_BACKOFF).await;
+                            }
+                        }
                     }
                 }
                 (histogram, tally)
@@ -315,7 +323,9 @@ async fn open_loop(
                             record(&mut histogram, start.elapsed());
                             tally.add(&outcome);
                         }
-                        Err(error) => generator.failed(&error),
+                        Err(error) => {
+                            generator.failed(&error);
+                        }
                     }
                 }
                 (histogram, tally)

@@ -244,6 +244,9 @@ fn collect_state(node: &Node) {
         let labels = [("peer", peer.to_string()), ("lane", lane.to_owned())];
         metrics::gauge!("quiver_peer_queue_depth_calls", &labels).set(depth as f64);
     }
+    for (peer, state) in node.cluster.peer_breakers() {
+        metrics::gauge!("quiver_peer_breaker_state", "peer" => peer.to_string()).set(state.gauge());
+    }
     for (group, hosted) in node.cluster.groups() {
         let labels = [("group", group.to_string())];
         metrics::gauge!("quiver_group_leader_time_seconds", &labels)

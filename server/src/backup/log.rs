@@ -531,10 +531,11 @@ pub async fn verify_shipped(
         }
         let mut walk = ChainWalk::new(target, cluster_id, group, position).await?;
         let mut chunks = 0;
-        // Per child, the last split naming it: a split refused for a
-        // stale range is proposed again under the same id, and only the
-        // last one can have applied.
-        let mut children: Vec<(GroupId, ChangePosition)> = Vec::new();
+        // Per child, every split entry naming it: a split refused for a
+        // stale range is proposed again (the last one applied), and a
+        // proposal retried after a timeout is logged twice (the first one
+        // applied). Which one built the child is read off its log below.
+        let mut children: Vec<(GroupId, Vec<ChangePosition>)> = Vec::new();
         let stopped = loop {
             match walk.next().await {
                 Ok(Some(chunk)) => {
@@ -547,8 +548,10 @@ pub async fn verify_shipped(
                                 )),
                                 leader_ts_us: entry.leader_ts_us,
                             };
-                            children.retain(|(c, _)| *c != child);
-                            children.push((child, seed));
+                            match children.iter_mut().find(|(c, _)| *c == child) {
+                                Some((_, seeds)) => seeds.push(seed),
+                                None => children.push((child, vec![seed])),
+                            }
                         }
                     }
                 }
@@ -559,11 +562,24 @@ pub async fn verify_shipped(
         // A child with no shipped log is skipped: its split was refused
         // (the log does not say), or its leader never shipped (a restore
         // past the split then fails on it, naming it).
-        queue.extend(
-            children
-                .into_iter()
-                .filter(|(child, _)| shipped.contains(child)),
-        );
+        for (child, seeds) in children {
+            if !shipped.contains(&child) {
+                continue;
+            }
+            // The child's log starts at its seed: the split whose index
+            // its first chunk starts after; else the last split.
+            let first = list_chunks(target, cluster_id, child, None)
+                .await?
+                .iter()
+                .map(|(from, _, _)| *from)
+                .min();
+            let seed = seeds
+                .iter()
+                .find(|seed| Some(seed.index()) == first)
+                .or(seeds.last())
+                .copied();
+            queue.extend(seed.map(|seed| (child, seed)));
+        }
         walked.push(ShippedWalk {
             group,
             chunks,

@@ -202,12 +202,20 @@ impl Breaker {
         }
     }
 
-    /// The peer answered a call sent whatever the breaker said: an open
-    /// breaker is half-open at once (the peer is back; probes decide).
+    /// The breaker's generation (it changes with every change of state):
+    /// taken when a call is sent past an open breaker, for [`Self::heard`].
+    pub fn generation(&self) -> u64 {
+        self.inner.lock().generation
+    }
+
+    /// The peer answered a call sent whatever the breaker said, at
+    /// `generation`: an open breaker is half-open at once (the peer is
+    /// back; probes decide). An answer to a call sent before the breaker
+    /// last changed (before a failed probe reopened it) counts for nothing.
     /// Returns the state when this changed it.
-    pub fn heard(&self) -> Option<BreakerState> {
+    pub fn heard(&self, generation: u64) -> Option<BreakerState> {
         let mut inner = self.inner.lock();
-        (inner.state == BreakerState::Open).then(|| {
+        (inner.state == BreakerState::Open && inner.generation == generation).then(|| {
             inner.state = BreakerState::HalfOpen;
             inner.successes = 0;
             inner.probes_out = 0;
@@ -326,12 +334,22 @@ mod tests {
     fn an_answer_while_open_makes_it_half_open_at_once() {
         let start = Instant::now();
         let breaker = Breaker::new(RULES, start);
-        assert_eq!(breaker.heard(), None, "closed stays closed");
+        assert_eq!(
+            breaker.heard(breaker.generation()),
+            None,
+            "closed stays closed"
+        );
+        let before = breaker.generation();
         for _ in 0..10 {
             call(&breaker, false, start);
         }
         assert_eq!(breaker.admit(start), None);
-        assert_eq!(breaker.heard(), Some(BreakerState::HalfOpen));
+        assert_eq!(breaker.heard(before), None, "sent before it opened");
+        assert_eq!(breaker.state(start), BreakerState::Open);
+        assert_eq!(
+            breaker.heard(breaker.generation()),
+            Some(BreakerState::HalfOpen)
+        );
         assert_eq!(breaker.state(start), BreakerState::HalfOpen);
         for _ in 0..4 {
             assert_eq!(call(&breaker, true, start), Some(None));

@@ -525,6 +525,11 @@ impl Cluster {
             .collect()
     }
 
+    /// Each peer's circuit breaker state now.
+    pub fn peer_breakers(&self) -> Vec<(NodeId, breaker::BreakerState)> {
+        self.clients.breaker_states()
+    }
+
     /// Calls waiting per peer and lane (see `PeerClients::queue_depths`).
     pub fn peer_queue_depths(&self) -> Vec<(NodeId, &'static str, usize)> {
         self.clients.queue_depths()

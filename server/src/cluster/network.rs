@@ -250,6 +250,13 @@ pub enum PeerError {
         /// What gRPC said.
         status: tonic::Status,
     },
+    /// This node's queue of calls to the peer is full (it is not keeping
+    /// up): refused at once, before any network.
+    #[error("peer {node}: too many calls queued for it")]
+    QueueFull {
+        /// The peer.
+        node: NodeId,
+    },
     /// The peer's circuit breaker is open: it failed too many recent
     /// calls, and this one was not sent.
     #[error("peer {node}: not called, its circuit breaker is open (it failed most recent calls)")]
@@ -377,8 +384,6 @@ impl PeerClients {
             tokio::spawn(send_batches(client, rx, lane.batches_in_flight_max()));
             tx
         });
-        metrics::gauge!("quiver_peer_breaker_state", "peer" => id.to_string())
-            .set(BreakerState::Closed.gauge());
         Ok(PeerConn {
             addr: addr.to_owned(),
             client: data,
@@ -411,6 +416,16 @@ impl PeerClients {
     ) -> Result<PeerResult, PeerError> {
         self.call_with_timeout(node, group, None, call, self.timeout * 2)
             .await
+    }
+
+    /// Each peer's breaker state now, for the metrics.
+    pub fn breaker_states(&self) -> Vec<(NodeId, BreakerState)> {
+        let now = std::time::Instant::now();
+        self.conns
+            .read()
+            .iter()
+            .map(|(&node, conn)| (node, conn.breaker.state(now)))
+            .collect()
     }
 
     /// Calls waiting in each peer's lanes now, for the metrics.
@@ -452,6 +467,7 @@ impl PeerClients {
             conn: &conn,
             node,
             admitted,
+            generation: conn.breaker.generation(),
         };
         let result = self
             .queue_and_wait(&conn, node, lane, group, replica, call, timeout)
@@ -492,7 +508,7 @@ impl PeerClients {
                 rpc_error(match e {
                     mpsc::error::TrySendError::Full(_) => {
                         dropped(node, "queue_full");
-                        tonic::Status::unavailable("too many calls queued for this peer")
+                        return PeerError::QueueFull { node };
                     }
                     mpsc::error::TrySendError::Closed(_) => {
                         tonic::Status::cancelled("peer sender stopped")
@@ -614,6 +630,9 @@ struct BreakerOutcome<'a> {
     conn: &'a PeerConn,
     node: NodeId,
     admitted: Option<Admitted>,
+    /// The breaker's generation when the call was sent (for a call sent
+    /// past an open breaker, see [`Breaker::heard`]).
+    generation: u64,
 }
 
 impl BreakerOutcome<'_> {
@@ -631,7 +650,12 @@ impl BreakerOutcome<'_> {
                 }
                 _ => None,
             },
-            Err(PeerError::UnknownNode(_) | PeerError::BreakerOpen { .. }) => None,
+            // This node's own backlog says nothing about the peer.
+            Err(
+                PeerError::UnknownNode(_)
+                | PeerError::BreakerOpen { .. }
+                | PeerError::QueueFull { .. },
+            ) => None,
         };
         let changed = match self.admitted.take() {
             Some(admitted) => self
@@ -639,7 +663,7 @@ impl BreakerOutcome<'_> {
                 .breaker
                 .record(admitted, ok, std::time::Instant::now()),
             // Sent past an open breaker: an answer means the peer is back.
-            None if ok == Some(true) => self.conn.breaker.heard(),
+            None if ok == Some(true) => self.conn.breaker.heard(self.generation),
             None => None,
         };
         if let Some(state) = changed {
@@ -713,7 +737,10 @@ fn to_rpc_error(error: PeerError) -> RPCError<TypeConfig> {
         {
             RPCError::Unreachable(Unreachable::new(&error))
         }
-        PeerError::BreakerOpen { .. } => RPCError::Unreachable(Unreachable::new(&error)),
+        // Raft traffic is never failed by a breaker; kept for completeness.
+        PeerError::BreakerOpen { .. } | PeerError::QueueFull { .. } => {
+            RPCError::Unreachable(Unreachable::new(&error))
+        }
         _ => RPCError::Network(NetworkError::new(&error)),
     }
 }
