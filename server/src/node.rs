@@ -174,6 +174,7 @@ impl Node {
                 observer: cache.clone(),
                 clock: clock.clone(),
                 sync_log: config.sync_writes,
+                ships_log: !config.backup.log_url.is_empty(),
             },
         )
         .await?;

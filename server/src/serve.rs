@@ -115,8 +115,6 @@ pub async fn serve(
         ),
     ));
     let idle_interval = std::time::Duration::from_millis(config.backup.log_idle_interval_ms);
-    node.cluster
-        .set_ships_log(!config.backup.log_url.is_empty());
     if config.backup.log_url.is_empty() {
         tokio::spawn(crate::backup::log::release_loop(
             Arc::downgrade(&node),

@@ -203,10 +203,19 @@ pub struct Liveness {
     /// (what its pongs say).
     mine: Mutex<Vec<Hibernating>>,
     /// Whether this node ships its log (what its pings and pongs say).
-    ships_log: AtomicBool,
+    ships_log: bool,
 }
 
 impl Liveness {
+    /// What a node tells its peers, before it heard from any: whether it
+    /// ships its log.
+    pub fn new(ships_log: bool) -> Liveness {
+        Liveness {
+            ships_log,
+            ..Liveness::default()
+        }
+    }
+
     fn record(&self, news: Ping, now_ms: u64) {
         let hibernating = news.hibernating.iter().map(|h| (h.group, *h)).collect();
         let mut peers = self.peers.lock();
@@ -511,13 +520,8 @@ impl Cluster {
             wake: Vec::new(),
             // Loads travel in pings only: each peer pings this node too.
             loads: Vec::new(),
-            ships_log: self.liveness.ships_log.load(Ordering::SeqCst),
+            ships_log: self.liveness.ships_log,
         }
-    }
-
-    /// Says (in this node's pings and pongs) whether it ships its log.
-    pub fn set_ships_log(&self, ships: bool) {
-        self.liveness.ships_log.store(ships, Ordering::SeqCst);
     }
 
     /// Whether a peer ships its log, as the peers last said: `Some(false)`
@@ -586,7 +590,7 @@ impl Cluster {
                 hibernating: hibernating.clone(),
                 wake: wake.remove(&peer).unwrap_or_default(),
                 loads: std::mem::take(&mut outgoing.loads),
-                ships_log: self.liveness.ships_log.load(Ordering::SeqCst),
+                ships_log: self.liveness.ships_log,
             };
             let cluster = Arc::downgrade(self);
             let timeout = Duration::from_millis(self.config.liveness_timeout_ms);

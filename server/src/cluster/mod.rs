@@ -235,6 +235,10 @@ pub struct StartOptions<'a> {
     pub clock: Arc<dyn Clock>,
     /// fsync Raft log appends before they count as written.
     pub sync_log: bool,
+    /// This node ships its groups' logs to a backup target: said in every
+    /// ping from the first (a node that does not ship releases log holds
+    /// only while no peer does).
+    pub ships_log: bool,
 }
 
 impl Cluster {
@@ -394,7 +398,7 @@ impl Cluster {
             request_sequence: router::request_sequence_start(),
             config: config.clone(),
             clock: options.clock,
-            liveness: hibernate::Liveness::default(),
+            liveness: hibernate::Liveness::new(options.ships_log),
             started: tokio::time::Instant::now(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             stall: hibernate::StallWatch::default(),
