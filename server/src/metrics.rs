@@ -334,26 +334,68 @@ where
             started: Instant::now(),
             code: None,
         };
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            // The whole record moves into the future (not just the field
-            // set below), so it drops when the future does.
-            let mut outcome = outcome;
-            let result = future.await;
-            outcome.code = Some(match &result {
-                // An error is in the headers (trailers-only); success is
-                // in the trailers, after the headers.
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or(tonic::Code::Ok, tonic::Code::from_i32),
-                Err(_) => tonic::Code::Internal,
-            });
-            result
-        })
+        let request_id = request_id_of(request.headers());
+        let span = tracing::info_span!(
+            "request",
+            method = outcome.method,
+            request_id = %request_id.to_str().unwrap_or_default()
+        );
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                // The whole record moves into the future (not just the field
+                // set below), so it drops when the future does.
+                let mut outcome = outcome;
+                let mut result = future.await;
+                if let Ok(response) = &mut result {
+                    response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+                }
+                outcome.code = Some(match &result {
+                    // An error is in the headers (trailers-only); success is
+                    // in the trailers, after the headers.
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Ok, tonic::Code::from_i32),
+                    Err(_) => tonic::Code::Internal,
+                });
+                let elapsed_us =
+                    u64::try_from(outcome.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                tracing::debug!(code = ?outcome.code, elapsed_us, "request done");
+                result
+            },
+            span,
+        ))
     }
+}
+
+/// The header naming a request across the logs: the client's, else one
+/// made up here; answered in the response headers either way.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Longest client request id kept (a longer or unprintable one is
+/// replaced).
+const REQUEST_ID_BYTES_MAX: usize = 64;
+
+/// The request's id: its `x-request-id` if printable and short, else 16
+/// random hex digits.
+fn request_id_of(headers: &http::HeaderMap) -> http::HeaderValue {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= REQUEST_ID_BYTES_MAX
+                && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            http::HeaderValue::from_str(&format!("{:016x}", rand::random::<u64>()))
+                .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"))
+        })
 }
 
 /// One call's record, written when the call ends, also when it never

@@ -81,8 +81,11 @@ impl Node {
         let mut first_error = None;
         for attempt in 0..=WRONG_SHARD_RETRIES_MAX {
             let futures = pending.iter().map(|(shard, command)| {
-                self.cluster
-                    .propose_with_id(*shard, command.clone(), request_id)
+                tracing::Instrument::instrument(
+                    self.cluster
+                        .propose_with_id(*shard, command.clone(), request_id),
+                    tracing::debug_span!("shard_propose", shard = *shard, attempt),
+                )
             });
             let results = futures::future::join_all(futures).await;
             let mut moved = Vec::new();

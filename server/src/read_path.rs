@@ -284,19 +284,24 @@ async fn fetch(
             storage_keys.push(storage_key(view.id, key.as_bytes()));
         }
     }
-    let reads = by_shard
-        .into_iter()
-        .map(|(shard, (slots, storage_keys))| async move {
-            let rows = match on_failure {
-                OnFailure::Strict => read_shard(node, shard, storage_keys, level, use_cache)
-                    .await
-                    .map(|(rows, source)| (rows, source, false)),
-                OnFailure::Degraded { until } => {
-                    read_degraded(node, shard, storage_keys, level, use_cache, until).await
-                }
-            };
-            (slots, rows)
-        });
+    let reads = by_shard.into_iter().map(|(shard, (slots, storage_keys))| {
+        let key_count = storage_keys.len();
+        tracing::Instrument::instrument(
+            async move {
+                let rows = match on_failure {
+                    OnFailure::Strict => read_shard(node, shard, storage_keys, level, use_cache)
+                        .await
+                        .map(|(rows, source)| (rows, source, false)),
+                    OnFailure::Degraded { until } => {
+                        read_degraded(node, shard, storage_keys, level, use_cache, until).await
+                    }
+                };
+                tracing::debug!(ok = rows.is_ok(), "shard read");
+                (slots, rows)
+            },
+            tracing::debug_span!("shard_read", shard, keys = key_count),
+        )
+    });
     let mut results: Vec<Fetched> = vec![Ok(None); views.len() * keys.len()];
     let mut stale = vec![false; views.len() * keys.len()];
     let mut sources = Vec::new();

@@ -364,13 +364,13 @@ fn spawn(
         // asks for another count (the product's default is one per node,
         // which the scale-out test in tests/dynamic.rs starts with).
         .env("QUIVER_CLUSTER__SHARD_COUNT", "16")
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         // QUIVER_TEST_LOG picks the nodes' log filter when debugging a test
-        // (e.g. "info,quiver_server=debug").
+        // (e.g. "info,quiver_server=debug"); a test's own QUIVER_LOG wins.
         .env(
             "QUIVER_LOG",
             std::env::var("QUIVER_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
         )
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))

@@ -631,3 +631,89 @@ async fn client_tokens_are_checked_by_scope() {
     ctl(&admin, &["node", "list"]).unwrap();
     ctl(&admin, &["views", "list"]).unwrap();
 }
+
+/// Every client call runs in a `request` span naming its method and
+/// request id (the client's `x-request-id`, else one made up), which the
+/// response carries back; the JSON log's lines inside it name both.
+#[tokio::test]
+async fn requests_are_traced_under_their_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with_env(
+        dir.path(),
+        &["--log-format", "json"],
+        &[("QUIVER_LOG", "quiver_server=debug,info")],
+    )
+    .await
+    .unwrap();
+    let mut client = node.client().await.unwrap();
+    let mut request = tonic::Request::new(pb::StatusRequest {});
+    request
+        .metadata_mut()
+        .insert("x-request-id", "trace-me-42".parse().unwrap());
+    let response = client.status(request).await.unwrap();
+    assert_eq!(
+        response.metadata().get("x-request-id").unwrap(),
+        "trace-me-42"
+    );
+    let made_up = client.status(pb::StatusRequest {}).await.unwrap();
+    let id = made_up
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    // The line is written when the call ends; the log is read after.
+    let traced =
+        quiver_tests::counter::retry("the request's log line", Duration::from_secs(10), || {
+            let log = node.log();
+            async move {
+                log.lines()
+                    .find(|line| line.contains("trace-me-42") && line.contains("request done"))
+                    .map(str::to_owned)
+                    .ok_or_else(|| "not yet".to_owned())
+            }
+        })
+        .await;
+    let line: serde_json::Value = serde_json::from_str(&traced).unwrap();
+    assert_eq!(line["span"]["name"], "request", "{line}");
+    assert_eq!(line["span"]["method"], "Status", "{line}");
+    assert_eq!(line["span"]["request_id"], "trace-me-42", "{line}");
+
+    // A Get fans out per shard: each shard's read in its own span, inside
+    // the request's.
+    apply(&mut client, driver_view(0)).await.expect("apply");
+    let mut request = tonic::Request::new(pb::GetRequest {
+        entity_keys: (0..40).map(|i| format!("driver-{i}")).collect(),
+        features: vec!["driver:*".into()],
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "fan-out-7".parse().unwrap());
+    client.get(request).await.unwrap();
+    let shard_reads =
+        quiver_tests::counter::retry("the shard reads' lines", Duration::from_secs(10), || {
+            let log = node.log();
+            async move {
+                let lines: Vec<serde_json::Value> = log
+                    .lines()
+                    .filter(|line| line.contains("fan-out-7") && line.contains("shard read"))
+                    .map(|line| serde_json::from_str(line).unwrap())
+                    .collect();
+                if lines.len() > 1 {
+                    Ok(lines)
+                } else {
+                    Err(format!("{} lines", lines.len()))
+                }
+            }
+        })
+        .await;
+    for line in &shard_reads {
+        assert_eq!(line["span"]["name"], "shard_read", "{line}");
+        assert_eq!(line["spans"][0]["request_id"], "fan-out-7", "{line}");
+    }
+}

@@ -469,9 +469,11 @@ impl PeerClients {
             admitted,
             generation: conn.breaker.generation(),
         };
-        let result = self
-            .queue_and_wait(&conn, node, lane, group, replica, call, timeout)
-            .await;
+        let result = tracing::Instrument::instrument(
+            self.queue_and_wait(&conn, node, lane, group, replica, call, timeout),
+            tracing::trace_span!("peer_call", peer = node, group, lane = ?lane),
+        )
+        .await;
         outcome.record(lane, &result);
         result
     }
