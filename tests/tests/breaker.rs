@@ -15,6 +15,23 @@ use std::time::Duration;
 use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry, start, write_values};
 use quiver_tests::scrape::{sample, scrape, value_of};
 
+/// Waits until node 1's `name{peer="3"}` satisfies `wanted`.
+async fn wait_for(metrics: &str, what: &str, name: &str, wanted: impl Fn(f64) -> bool) {
+    retry(what, CONVERGE_WAIT, || {
+        let metrics = metrics.to_owned();
+        let wanted = &wanted;
+        async move {
+            let value = peer_metric(&metrics, name, &[]).await;
+            if wanted(value) {
+                Ok(())
+            } else {
+                Err(format!("{name} {value}"))
+            }
+        }
+    })
+    .await;
+}
+
 /// A node's `name{peer="3"}` value (0 when the series is absent).
 async fn peer_metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let scraped = scrape(metrics).await;
@@ -64,32 +81,22 @@ async fn a_stopped_peer_s_breaker_opens_is_probed_after_the_open_time_and_closes
     eprintln!("--- node 3 stops: its breaker on node 1 opens");
     cluster.node(3).pause().unwrap();
     let acknowledged_at_pause = acknowledged.load(Ordering::SeqCst);
-    retry("the breaker opens", CONVERGE_WAIT, || {
-        let metrics = metrics.clone();
-        async move {
-            let state = peer_metric(&metrics, "quiver_peer_breaker_state", &[]).await;
-            if state == 2.0 {
-                Ok(())
-            } else {
-                Err(format!("state {state}"))
-            }
-        }
-    })
+    wait_for(
+        &metrics,
+        "the breaker opens",
+        "quiver_peer_breaker_state",
+        |s| s == 2.0,
+    )
     .await;
     eprintln!("--- after the open time a probe goes, fails, and opens it again");
     // (It may have opened before, while node 3 was starting.)
     let opened_before = peer_metric(&metrics, "quiver_peer_breaker_opened_total", &[]).await;
-    retry("a failed probe reopens it", CONVERGE_WAIT, || {
-        let metrics = metrics.clone();
-        async move {
-            let opened = peer_metric(&metrics, "quiver_peer_breaker_opened_total", &[]).await;
-            if opened > opened_before {
-                Ok(())
-            } else {
-                Err(format!("opened {opened} times"))
-            }
-        }
-    })
+    wait_for(
+        &metrics,
+        "a failed probe reopens it",
+        "quiver_peer_breaker_opened_total",
+        |opened| opened > opened_before,
+    )
     .await;
 
     assert!(
@@ -99,17 +106,12 @@ async fn a_stopped_peer_s_breaker_opens_is_probed_after_the_open_time_and_closes
 
     eprintln!("--- node 3 runs again: probes succeed and close it");
     cluster.node(3).resume().unwrap();
-    retry("the breaker closes", CONVERGE_WAIT, || {
-        let metrics = metrics.clone();
-        async move {
-            let state = peer_metric(&metrics, "quiver_peer_breaker_state", &[]).await;
-            if state == 0.0 {
-                Ok(())
-            } else {
-                Err(format!("state {state}"))
-            }
-        }
-    })
+    wait_for(
+        &metrics,
+        "the breaker closes",
+        "quiver_peer_breaker_state",
+        |s| s == 0.0,
+    )
     .await;
     writer.abort();
 }

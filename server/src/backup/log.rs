@@ -372,15 +372,27 @@ impl<'a> ChainWalk<'a> {
         group: GroupId,
         position: ChangePosition,
     ) -> Result<ChainWalk<'a>, BackupError> {
-        Ok(ChainWalk {
+        let chunks = list_chunks(target, cluster_id, group, None).await?;
+        Ok(Self::over(target, cluster_id, group, position, chunks))
+    }
+
+    /// [`Self::new`] over `chunks`, the group's chunks as listed.
+    fn over(
+        target: &'a Target,
+        cluster_id: &'a str,
+        group: GroupId,
+        position: ChangePosition,
+        chunks: Vec<(u64, u64, String)>,
+    ) -> ChainWalk<'a> {
+        ChainWalk {
             target,
             cluster_id,
             group,
-            chunks: list_chunks(target, cluster_id, group, None).await?,
+            chunks,
             considered: 0,
             furthest: None,
             position,
-        })
+        }
     }
 
     /// Where the walk stands.
@@ -522,14 +534,19 @@ pub async fn verify_shipped(
     parts: &[(GroupId, ChangePosition)],
 ) -> Result<Vec<ShippedWalk>, BackupError> {
     let shipped = shipped_groups(target, cluster_id).await?;
-    let mut queue: std::collections::VecDeque<(GroupId, ChangePosition)> =
-        parts.iter().copied().collect();
+    // Each with its chunks if they were listed already (a child's).
+    type Listed = Vec<(u64, u64, String)>;
+    let mut queue: std::collections::VecDeque<(GroupId, ChangePosition, Option<Listed>)> =
+        parts.iter().map(|&(g, p)| (g, p, None)).collect();
     let mut walked: Vec<ShippedWalk> = Vec::with_capacity(parts.len());
-    while let Some((group, position)) = queue.pop_front() {
+    while let Some((group, position, listed)) = queue.pop_front() {
         if walked.iter().any(|w| w.group == group) {
             continue;
         }
-        let mut walk = ChainWalk::new(target, cluster_id, group, position).await?;
+        let mut walk = match listed {
+            Some(chunks) => ChainWalk::over(target, cluster_id, group, position, chunks),
+            None => ChainWalk::new(target, cluster_id, group, position).await?,
+        };
         let mut chunks = 0;
         // Per child, every split entry naming it: a split refused for a
         // stale range is proposed again (the last one applied), and a
@@ -568,17 +585,14 @@ pub async fn verify_shipped(
             }
             // The child's log starts at its seed: the split whose index
             // its first chunk starts after; else the last split.
-            let first = list_chunks(target, cluster_id, child, None)
-                .await?
-                .iter()
-                .map(|(from, _, _)| *from)
-                .min();
+            let listed = list_chunks(target, cluster_id, child, None).await?;
+            let first = listed.iter().map(|(from, _, _)| *from).min();
             let seed = seeds
                 .iter()
                 .find(|seed| Some(seed.index()) == first)
                 .or(seeds.last())
                 .copied();
-            queue.extend(seed.map(|seed| (child, seed)));
+            queue.extend(seed.map(|seed| (child, seed, Some(listed))));
         }
         walked.push(ShippedWalk {
             group,

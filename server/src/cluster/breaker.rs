@@ -100,6 +100,14 @@ pub struct Admitted {
     probe: bool,
 }
 
+/// A call the breaker would fail fast, with the breaker's generation at
+/// that moment: a call sent anyway (Raft traffic) reports its answer with
+/// [`Breaker::heard`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    generation: u64,
+}
+
 impl Breaker {
     /// A closed breaker with `rules`.
     pub fn new(rules: BreakerRules, now: Instant) -> Breaker {
@@ -128,8 +136,8 @@ impl Breaker {
         }
     }
 
-    /// Lets a call through, or `None`: fail it fast.
-    pub fn admit(&self, now: Instant) -> Option<Admitted> {
+    /// Lets a call through, or refuses it: fail it fast.
+    pub fn admit(&self, now: Instant) -> Result<Admitted, Refused> {
         let mut inner = self.inner.lock();
         if inner.state == BreakerState::Open
             && now.duration_since(inner.opened_at) >= self.rules.open
@@ -139,16 +147,21 @@ impl Breaker {
             inner.probes_out = 0;
             inner.generation += 1;
         }
+        let refused = Refused {
+            generation: inner.generation,
+        };
         match inner.state {
-            BreakerState::Closed => Some(Admitted {
+            BreakerState::Closed => Ok(Admitted {
                 generation: inner.generation,
                 probe: false,
             }),
-            BreakerState::Open => None,
-            BreakerState::HalfOpen if inner.probes_out >= self.rules.close_successes => None,
+            BreakerState::Open => Err(refused),
+            BreakerState::HalfOpen if inner.probes_out >= self.rules.close_successes => {
+                Err(refused)
+            }
             BreakerState::HalfOpen => {
                 inner.probes_out += 1;
-                Some(Admitted {
+                Ok(Admitted {
                     generation: inner.generation,
                     probe: true,
                 })
@@ -202,20 +215,14 @@ impl Breaker {
         }
     }
 
-    /// The breaker's generation (it changes with every change of state):
-    /// taken when a call is sent past an open breaker, for [`Self::heard`].
-    pub fn generation(&self) -> u64 {
-        self.inner.lock().generation
-    }
-
-    /// The peer answered a call sent whatever the breaker said, at
-    /// `generation`: an open breaker is half-open at once (the peer is
-    /// back; probes decide). An answer to a call sent before the breaker
-    /// last changed (before a failed probe reopened it) counts for nothing.
+    /// The peer answered a call the breaker refused but that was sent
+    /// anyway: an open breaker is half-open at once (the peer is back;
+    /// probes decide). An answer to a call refused before the breaker last
+    /// changed (before a failed probe reopened it) counts for nothing.
     /// Returns the state when this changed it.
-    pub fn heard(&self, generation: u64) -> Option<BreakerState> {
+    pub fn heard(&self, refused: Refused) -> Option<BreakerState> {
         let mut inner = self.inner.lock();
-        (inner.state == BreakerState::Open && inner.generation == generation).then(|| {
+        (inner.state == BreakerState::Open && inner.generation == refused.generation).then(|| {
             inner.state = BreakerState::HalfOpen;
             inner.successes = 0;
             inner.probes_out = 0;
@@ -255,7 +262,7 @@ mod tests {
     };
 
     fn call(breaker: &Breaker, ok: bool, now: Instant) -> Option<Option<BreakerState>> {
-        let admitted = breaker.admit(now)?;
+        let admitted = breaker.admit(now).ok()?;
         Some(breaker.record(admitted, Some(ok), now))
     }
 
@@ -274,12 +281,15 @@ mod tests {
             Some(Some(BreakerState::Open)),
             "window: S S S S F F F F F F -> 6 failures"
         );
-        assert_eq!(breaker.admit(start + Duration::from_millis(1999)), None);
+        assert_eq!(
+            breaker.admit(start + Duration::from_millis(1999)).ok(),
+            None
+        );
         // After the timeout, up to 5 probes at a time.
         let later = start + RULES.open;
         assert_eq!(breaker.state(later), BreakerState::HalfOpen);
         let probes: Vec<Admitted> = (0..5).map(|_| breaker.admit(later).unwrap()).collect();
-        assert_eq!(breaker.admit(later), None, "5 probes at a time");
+        assert_eq!(breaker.admit(later).ok(), None, "5 probes at a time");
         for (i, probe) in probes.into_iter().enumerate() {
             let changed = breaker.record(probe, Some(true), later);
             assert_eq!(changed, (i == 4).then_some(BreakerState::Closed));
@@ -304,8 +314,8 @@ mod tests {
             breaker.record(probe, Some(false), later),
             Some(BreakerState::Open)
         );
-        assert_eq!(breaker.admit(later + RULES.open / 2), None);
-        assert!(breaker.admit(later + RULES.open).is_some());
+        assert_eq!(breaker.admit(later + RULES.open / 2).ok(), None);
+        assert!(breaker.admit(later + RULES.open).is_ok());
     }
 
     #[test]
@@ -321,13 +331,20 @@ mod tests {
         assert_eq!(breaker.record(slow, Some(true), start), None);
         let later = start + RULES.open;
         let probes: Vec<Admitted> = (0..5).map(|_| breaker.admit(later).unwrap()).collect();
-        assert_eq!(breaker.admit(later), None);
+        assert_eq!(breaker.admit(later).ok(), None);
         breaker.abandon(probes[0]);
         // The slot is free again; a result that says nothing frees it too.
         let probe = breaker.admit(later).unwrap();
         assert_eq!(breaker.record(probe, None, later), None);
-        assert!(breaker.admit(later).is_some());
+        assert!(breaker.admit(later).is_ok());
         assert_eq!(breaker.state(later), BreakerState::HalfOpen);
+    }
+
+    /// A refusal at the breaker's generation now.
+    fn refused_now(breaker: &Breaker) -> Refused {
+        Refused {
+            generation: breaker.inner.lock().generation,
+        }
     }
 
     #[test]
@@ -335,21 +352,18 @@ mod tests {
         let start = Instant::now();
         let breaker = Breaker::new(RULES, start);
         assert_eq!(
-            breaker.heard(breaker.generation()),
+            breaker.heard(refused_now(&breaker)),
             None,
             "closed stays closed"
         );
-        let before = breaker.generation();
+        let before = refused_now(&breaker);
         for _ in 0..10 {
             call(&breaker, false, start);
         }
-        assert_eq!(breaker.admit(start), None);
+        let refused = breaker.admit(start).unwrap_err();
         assert_eq!(breaker.heard(before), None, "sent before it opened");
         assert_eq!(breaker.state(start), BreakerState::Open);
-        assert_eq!(
-            breaker.heard(breaker.generation()),
-            Some(BreakerState::HalfOpen)
-        );
+        assert_eq!(breaker.heard(refused), Some(BreakerState::HalfOpen));
         assert_eq!(breaker.state(start), BreakerState::HalfOpen);
         for _ in 0..4 {
             assert_eq!(call(&breaker, true, start), Some(None));
@@ -399,7 +413,7 @@ mod tests {
                             window.clear();
                         }
                     }
-                    _ => prop_assert!(breaker.admit(start).is_none()),
+                    _ => prop_assert!(breaker.admit(start).is_err()),
                 }
             }
         }

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use super::auth::SignPeerCalls;
-use super::breaker::{Admitted, Breaker, BreakerRules, BreakerState};
+use super::breaker::{Admitted, Breaker, BreakerRules, BreakerState, Refused};
 use super::wire::{self, PeerCall, PeerResult, SnapshotHeader};
 
 /// Bytes of file data per snapshot chunk.
@@ -459,15 +459,14 @@ impl PeerClients {
         // votes, pings, appends) always goes, so elections, liveness and
         // replication never wait for a breaker to close (openraft backs off
         // from an unreachable follower by itself), and it probes the peer.
-        if admitted.is_none() && matches!(lane, Lane::Propose | Lane::Read) {
+        if admitted.is_err() && matches!(lane, Lane::Propose | Lane::Read) {
             dropped(node, "breaker_open");
             return Err(PeerError::BreakerOpen { node });
         }
         let mut outcome = BreakerOutcome {
             conn: &conn,
             node,
-            admitted,
-            generation: conn.breaker.generation(),
+            admitted: Some(admitted),
         };
         let result = tracing::Instrument::instrument(
             self.queue_and_wait(&conn, node, lane, group, replica, call, timeout),
@@ -631,10 +630,9 @@ impl PeerClients {
 struct BreakerOutcome<'a> {
     conn: &'a PeerConn,
     node: NodeId,
-    admitted: Option<Admitted>,
-    /// The breaker's generation when the call was sent (for a call sent
-    /// past an open breaker, see [`Breaker::heard`]).
-    generation: u64,
+    /// What the breaker said when the call was sent (`None` once
+    /// reported); a refused call was sent anyway (Raft traffic).
+    admitted: Option<Result<Admitted, Refused>>,
 }
 
 impl BreakerOutcome<'_> {
@@ -660,13 +658,13 @@ impl BreakerOutcome<'_> {
             ) => None,
         };
         let changed = match self.admitted.take() {
-            Some(admitted) => self
+            Some(Ok(admitted)) => self
                 .conn
                 .breaker
                 .record(admitted, ok, std::time::Instant::now()),
             // Sent past an open breaker: an answer means the peer is back.
-            None if ok == Some(true) => self.conn.breaker.heard(self.generation),
-            None => None,
+            Some(Err(refused)) if ok == Some(true) => self.conn.breaker.heard(refused),
+            _ => None,
         };
         if let Some(state) = changed {
             breaker_changed(self.node, state);
@@ -676,7 +674,7 @@ impl BreakerOutcome<'_> {
 
 impl Drop for BreakerOutcome<'_> {
     fn drop(&mut self) {
-        if let Some(admitted) = self.admitted.take() {
+        if let Some(Ok(admitted)) = self.admitted.take() {
             self.conn.breaker.abandon(admitted);
         }
     }
