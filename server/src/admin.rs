@@ -209,6 +209,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::JoinClusterRequest>,
     ) -> Result<Response<pb::JoinClusterResponse>, Status> {
+        let certificates = request.peer_certs();
         let request = request.into_inner();
         if !self.node.cluster.accepts_secret(&request.secret) {
             return Err(ServiceError::Unauthenticated(
@@ -218,6 +219,15 @@ impl Admin for AdminService {
         }
         check_addr("addr", &request.addr)?;
         check_addr("peer_addr", &request.peer_addr)?;
+        // With TLS a node joins with its certificate, as it will call its
+        // peers: from the cluster CA, naming its peer address.
+        if let Some(tls) = &self.node.tls {
+            tls.check_joining_node(
+                certificates.as_deref().map(Vec::as_slice),
+                &request.peer_addr,
+            )
+            .map_err(ServiceError::PermissionDenied)?;
+        }
         let (node_id, map) = self
             .node
             .cluster

@@ -32,6 +32,7 @@ const CONFIG_KEYS: &[&str] = &[
     "cluster",
     "backup",
     "auth",
+    "tls",
 ];
 
 /// Longest `ttl_expire_interval_seconds`: a day.
@@ -92,6 +93,37 @@ pub struct Config {
     pub backup: BackupConfig,
     /// Client authentication.
     pub auth: AuthConfig,
+    /// TLS on every listener and on peer connections.
+    pub tls: TlsConfig,
+}
+
+/// TLS on the client, peer and metrics ports and on outgoing peer
+/// connections (see `tls`). All paths empty: plain TCP everywhere.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// This node's certificate chain (PEM), issued by the cluster CA. It
+    /// serves every port and is the node's client certificate towards its
+    /// peers, so it must name the host of the node's peer address (and of
+    /// its client address, for clients that check it).
+    pub cert_path: PathBuf,
+    /// The private key of `cert_path` (PEM).
+    pub key_path: PathBuf,
+    /// The cluster CA (PEM): a peer must present a certificate it issued
+    /// that names the host of the peer's address in the cluster map.
+    pub ca_path: PathBuf,
+    /// The CA of client certificates (PEM). Set: the client and metrics
+    /// ports refuse a client without a certificate from it (or from the
+    /// cluster CA: nodes call each other's client port to join). Empty:
+    /// clients need no certificate.
+    pub client_ca_path: PathBuf,
+}
+
+impl TlsConfig {
+    /// Whether TLS is on.
+    pub fn enabled(&self) -> bool {
+        !self.cert_path.as_os_str().is_empty()
+    }
 }
 
 /// Client authentication on the client port (see `client_auth`).
@@ -522,6 +554,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             backup: BackupConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -774,6 +807,18 @@ impl Config {
             }
         }
         crate::client_auth::Tokens::new(&self.auth.tokens).map_err(ConfigError)?;
+        let t = &self.tls;
+        let set = [&t.cert_path, &t.key_path, &t.ca_path].map(|p| !p.as_os_str().is_empty());
+        if set.iter().any(|s| *s) && !set.iter().all(|s| *s) {
+            return Err(ConfigError(
+                "tls.cert_path, tls.key_path and tls.ca_path are set together or not at all".into(),
+            ));
+        }
+        if !t.enabled() && !t.client_ca_path.as_os_str().is_empty() {
+            return Err(ConfigError(
+                "tls.client_ca_path needs tls.cert_path, tls.key_path and tls.ca_path".into(),
+            ));
+        }
         let b = &self.backup;
         if b.upload_bytes_per_second_max != 0
             && b.upload_bytes_per_second_max < SNAPSHOT_SEND_BYTES_PER_SECOND_MIN
@@ -1000,12 +1045,16 @@ impl Config {
             }
         }
         // Whatever reaches the peer port can propose around every schema
-        // check: beyond loopback it must be authenticated.
-        if c.secret.is_empty() && !c.allow_unauthenticated_peers && !peer_listen.ip().is_loopback()
+        // check: beyond loopback it must be authenticated, by the secret or
+        // by peer TLS (certificates from the cluster CA).
+        if c.secret.is_empty()
+            && !c.allow_unauthenticated_peers
+            && !self.tls.enabled()
+            && !peer_listen.ip().is_loopback()
         {
             return Err(ConfigError(format!(
                 "cluster.secret is empty and the peer listener {peer_listen} is not on loopback: \
-                 set cluster.secret (the same on every node), or cluster.allow_unauthenticated_peers = true"
+                 set cluster.secret (the same on every node), or tls, or cluster.allow_unauthenticated_peers = true"
             )));
         }
         if !c.nodes.is_empty() && !ids.contains(&c.node_id) {

@@ -41,6 +41,10 @@ pub enum ServiceError {
     /// The caller did not prove who it is (the cluster secret).
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller is known but may not do this (a certificate that does
+    /// not name the node it claims to be).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A backup operation failed.
     #[error(transparent)]
     Backup(#[from] crate::backup::BackupError),
@@ -97,6 +101,7 @@ impl ServiceError {
             }
             ServiceError::NotFound(_) => Code::NotFound,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
+            ServiceError::PermissionDenied(_) => Code::PermissionDenied,
             ServiceError::Engine(e) => match e {
                 EngineError::View(ViewError::IncompatibleChange { .. }) => Code::FailedPrecondition,
                 EngineError::View(_) => Code::InvalidArgument,

@@ -30,6 +30,7 @@ pub async fn join_if_new(
     listen_addr: SocketAddr,
     peer_addr: SocketAddr,
     secret: &str,
+    tls: Option<&std::sync::Arc<crate::tls::Tls>>,
 ) -> Result<(), ClusterError> {
     if identity::is_used(data_dir) {
         tracing::info!(dir = %data_dir.display(), "data directory in use: not joining again");
@@ -56,7 +57,7 @@ pub async fn join_if_new(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(250 << attempt.min(4))).await;
         }
-        match ask(member, request.clone()).await {
+        match ask(member, request.clone(), tls).await {
             Ok(answer) => {
                 if answer.cluster_map.len() > JOIN_MAP_BYTES_MAX {
                     return Err(ClusterError::Start(format!(
@@ -71,10 +72,13 @@ pub async fn join_if_new(
                 tracing::info!(node_id = answer.node_id, member, "joined the cluster");
                 return Ok(());
             }
+            // NotFound: a static cluster that just started has not stored
+            // its first map yet.
             Err(status)
                 if matches!(
                     status.code(),
-                    tonic::Code::Unavailable
+                    tonic::Code::NotFound
+                        | tonic::Code::Unavailable
                         | tonic::Code::DeadlineExceeded
                         | tonic::Code::Cancelled
                         | tonic::Code::Unknown
@@ -100,20 +104,25 @@ pub async fn join_if_new(
 async fn ask(
     member: &str,
     request: pb::JoinClusterRequest,
+    tls: Option<&std::sync::Arc<crate::tls::Tls>>,
 ) -> Result<pb::JoinClusterResponse, tonic::Status> {
-    let url = if member.contains("://") {
-        member.to_owned()
-    } else {
-        format!("http://{member}")
+    // With TLS the connector does the handshake (as for peers: this node's
+    // certificate, the member's checked against the cluster CA).
+    let host_port = member.split_once("://").map_or(member, |(_, rest)| rest);
+    let url = match tls {
+        Some(_) => format!("http://{host_port}"),
+        None if member.contains("://") => member.to_owned(),
+        None => format!("http://{member}"),
     };
     let endpoint = tonic::transport::Endpoint::from_shared(url)
         .map_err(|e| tonic::Status::invalid_argument(format!("{member}: {e}")))?
         .connect_timeout(JOIN_ATTEMPT_TIMEOUT)
         .timeout(JOIN_ATTEMPT_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("connecting to {member}: {e}")))?;
+    let channel = match tls {
+        Some(tls) => endpoint.connect_with_connector(tls.peer_connector()).await,
+        None => endpoint.connect().await,
+    }
+    .map_err(|e| tonic::Status::unavailable(format!("connecting to {member}: {e}")))?;
     let mut client =
         AdminClient::new(channel).max_decoding_message_size(JOIN_MAP_BYTES_MAX + (1 << 10));
     client

@@ -28,6 +28,7 @@ pub mod node;
 pub mod read_path;
 pub mod serve;
 pub mod service;
+pub mod tls;
 pub mod write_path;
 
 pub use config::Config;

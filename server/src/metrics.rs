@@ -18,7 +18,6 @@ use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 use parking_lot::Mutex;
-use tokio::net::TcpListener;
 
 use crate::node::Node;
 
@@ -137,11 +136,15 @@ fn describe() {
 }
 
 /// Serves `/metrics` on `listener` until `stop` resolves.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L>(
+    listener: L,
     handle: PrometheusHandle,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let app = axum::Router::new().route(
         "/metrics",
         get(move || {

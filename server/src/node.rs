@@ -60,6 +60,8 @@ pub struct Node {
     pub freshness: MetadataFreshness,
     /// The newest event time written per view (a metric).
     pub view_freshness: crate::metrics::Freshness,
+    /// TLS, when on.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Node {
@@ -128,6 +130,7 @@ impl Node {
         config: &Config,
         listen_addr: SocketAddr,
         peer_addr: SocketAddr,
+        tls: Option<Arc<crate::tls::Tls>>,
     ) -> Result<Node, ClusterError> {
         let clock: Arc<dyn Clock> = match std::env::var_os(CLOCK_SKEW_FILE_ENV) {
             // Fault tests only (the nemesis's clock jumps): the named file,
@@ -164,6 +167,7 @@ impl Node {
                 listen_addr,
                 peer_addr,
                 &config.cluster.secret,
+                tls.as_ref(),
             )
             .await?;
         }
@@ -178,6 +182,7 @@ impl Node {
                 clock: clock.clone(),
                 sync_log: config.sync_writes,
                 ships_log: !config.backup.log_url.is_empty(),
+                tls: tls.clone(),
             },
         )
         .await?;
@@ -197,6 +202,7 @@ impl Node {
             started: Instant::now(),
             freshness: MetadataFreshness::default(),
             view_freshness: crate::metrics::Freshness::default(),
+            tls,
         })
     }
 

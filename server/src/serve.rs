@@ -19,7 +19,7 @@ use tonic::transport::server::TcpIncoming;
 use quiver_proto::peer::peer_server::PeerServer;
 
 use crate::admin::AdminService;
-use crate::cluster::auth::CheckPeerCalls;
+use crate::cluster::auth::{CheckPeerCalls, PeerIdentity};
 use crate::cluster::network::PEER_MESSAGE_BYTES_MAX;
 use crate::cluster::peer_service::PeerService;
 use crate::config::Config;
@@ -48,6 +48,9 @@ pub enum ServeError {
     /// Metrics could not be set up.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The TLS files could not be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The configuration is refused (checked again here for callers that
     /// build it without `Config::load`).
     #[error("configuration: {0}")]
@@ -80,7 +83,12 @@ pub async fn serve(
             std::io::Error::new(e.kind(), format!("bind the metrics listener {addr}: {e}"))
         })?),
     };
-    let node = Arc::new(Node::open(&config, listen_addr, peer_addr).await?);
+    let tls = crate::tls::Tls::load(&config.tls)?;
+    if tls.is_some() {
+        tracing::info!(cert = %config.tls.cert_path.display(), "TLS on every port");
+    }
+    spawn_reload_on_hangup(tls.clone());
+    let node = Arc::new(Node::open(&config, listen_addr, peer_addr, tls.clone()).await?);
     let (metrics_stop_tx, metrics_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics_server = match metrics_listener {
         None => None,
@@ -98,13 +106,17 @@ pub async fn serve(
                 handle.clone(),
                 collector,
             ));
-            Some(tokio::spawn(crate::metrics::serve(
-                listener,
-                handle,
-                async move {
-                    let _ = metrics_stop_rx.await;
-                },
-            )))
+            let stop = async move {
+                let _ = metrics_stop_rx.await;
+            };
+            Some(match &tls {
+                Some(tls) => tokio::spawn(crate::metrics::serve(
+                    crate::tls::AxumTlsListener::new(tls, listener, crate::tls::Port::Metrics)?,
+                    handle,
+                    stop,
+                )),
+                None => tokio::spawn(crate::metrics::serve(listener, handle, stop)),
+            })
         }
     };
     tokio::spawn(crate::expiry::expiry_loop(
@@ -142,23 +154,35 @@ pub async fn serve(
             },
         ));
     }
+    let mut check_peers =
+        CheckPeerCalls::new(&config.cluster.secret, &config.cluster.previous_secret);
+    if tls.is_some() {
+        let cluster = Arc::downgrade(&node.cluster);
+        check_peers = check_peers.with_identity(PeerIdentity::new(Arc::new(move |id| {
+            cluster.upgrade()?.peer_addr_of(id)
+        })));
+    }
     let peer = tonic::service::interceptor::InterceptedService::new(
         PeerServer::new(PeerService::new(node.cluster.clone()))
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
-        CheckPeerCalls::new(&config.cluster.secret, &config.cluster.previous_secret),
+        check_peers,
     );
     let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let peer_server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(peer)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(peer_listener).with_nodelay(Some(true)),
-                async {
-                    let _ = peer_stop_rx.await;
-                },
-            ),
-    );
+    let peer_router = tonic::transport::Server::builder().add_service(peer);
+    let peer_stopped = async {
+        let _ = peer_stop_rx.await;
+    };
+    let peer_server = tokio::spawn(match &tls {
+        Some(tls) => boxed(peer_router.serve_with_incoming_shutdown(
+            tls.incoming(peer_listener, crate::tls::Port::Peer),
+            peer_stopped,
+        )),
+        None => boxed(peer_router.serve_with_incoming_shutdown(
+            TcpIncoming::from(peer_listener).with_nodelay(Some(true)),
+            peer_stopped,
+        )),
+    });
     let request_bytes_max = usize::try_from(config.limits.request_bytes_max).unwrap_or(usize::MAX);
     // Responses are bounded where they are built (limits.get_response_bytes_max);
     // this is the backstop, with room for the framing around the values.
@@ -204,19 +228,28 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_store)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(
+        .add_service(admin);
+    let stopping = async {
+        shutdown.await;
+        tracing::info!("shutdown requested: draining in-flight requests");
+        let _ = draining_tx.send(());
+        health_reporter
+            .set_not_serving::<FeatureStoreServer<FeatureStoreService>>()
+            .await;
+    };
+    // Not spawned, so not Send (the caller's shutdown future need not be).
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>>>> =
+        match &tls {
+            Some(tls) => Box::pin(server.serve_with_incoming_shutdown(
+                tls.incoming(listener, crate::tls::Port::Client),
+                stopping,
+            )),
             // Without TCP_NODELAY small responses wait on delayed ACKs (~40 ms).
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                shutdown.await;
-                tracing::info!("shutdown requested: draining in-flight requests");
-                let _ = draining_tx.send(());
-                health_reporter
-                    .set_not_serving::<FeatureStoreServer<FeatureStoreService>>()
-                    .await;
-            },
-        );
+            None => Box::pin(server.serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stopping,
+            )),
+        };
     let drain_deadline = async {
         if draining_rx.await.is_ok() {
             tokio::time::sleep(Duration::from_millis(config.shutdown_drain_ms)).await;
@@ -266,4 +299,44 @@ pub async fn serve(
     }
     tracing::info!("raft groups stopped, stores flushed; stopped");
     outcome.map_err(ServeError::from)
+}
+
+/// A spawned server future of either listener kind, as one type.
+fn boxed<'a>(
+    server: impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'a,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send + 'a>> {
+    Box::pin(server)
+}
+
+/// Reads the TLS files again on every SIGHUP; a reload that fails keeps
+/// the certificates in use. Without TLS a SIGHUP is logged and ignored
+/// (it must not stop the node).
+fn spawn_reload_on_hangup(tls: Option<Arc<crate::tls::Tls>>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP: TLS files are read at start only");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                let Some(tls) = &tls else {
+                    tracing::info!("SIGHUP: TLS is off, nothing to reload");
+                    continue;
+                };
+                match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                    Err(error) => {
+                        tracing::error!(%error, "SIGHUP: TLS reload failed; the previous certificates stay in use");
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }

@@ -22,6 +22,7 @@ pub mod dynamic;
 pub mod linearizability;
 pub mod links;
 pub mod scrape;
+pub mod tls;
 
 /// How long a node may take to start or stop. Generous: CI has 2 cores.
 pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -66,6 +67,8 @@ pub struct Node {
     extra_args: Vec<String>,
     env: Vec<(String, String)>,
     log_path: PathBuf,
+    /// How this harness's clients connect when the node runs TLS.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Node {
@@ -96,13 +99,24 @@ impl Node {
     pub async fn admin(
         &self,
     ) -> Result<quiver_proto::admin::admin_client::AdminClient<tonic::transport::Channel>> {
-        let channel = tonic::transport::Endpoint::from_shared(self.endpoint())?
+        Ok(quiver_proto::admin::admin_client::AdminClient::new(
+            self.channel().await?,
+        ))
+    }
+
+    /// A new connection to the node (over TLS when the node runs it, with
+    /// the test CA's `client` certificate).
+    pub async fn channel(&self) -> Result<Channel> {
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.endpoint())?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(30));
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        endpoint
             .connect()
             .await
-            .with_context(|| format!("connect to {}", self.addr))?;
-        Ok(quiver_proto::admin::admin_client::AdminClient::new(channel))
+            .with_context(|| format!("connect to {}", self.addr))
     }
 
     /// Starts a node on a fixed address without waiting for it.
@@ -116,6 +130,10 @@ impl Node {
         let log_path = data_dir.with_extension("log");
         let (child, addr, peer_addr, metrics_addr) =
             spawn(data_dir, listen, &extra_args, env, &log_path)?;
+        let tls = match env.iter().find(|(k, _)| k == tls::CA_PATH_ENV) {
+            Some((_, ca)) => Some(tls::harness_client_config(Path::new(ca))?),
+            None => None,
+        };
         Ok(Node {
             child,
             addr,
@@ -126,6 +144,7 @@ impl Node {
             extra_args,
             env: env.to_vec(),
             log_path,
+            tls,
         })
     }
 
@@ -164,9 +183,10 @@ impl Node {
         self.peer_addr
     }
 
-    /// `http://addr`, for clients.
+    /// `http://addr` (`https://` with TLS), for clients.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Where the node's stderr goes.
@@ -176,13 +196,7 @@ impl Node {
 
     /// A new client connection.
     pub async fn client(&self) -> Result<Client> {
-        let channel = tonic::transport::Endpoint::from_shared(self.endpoint())?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await
-            .with_context(|| format!("connect to {}", self.addr))?;
-        Ok(FeatureStoreClient::new(channel))
+        Ok(FeatureStoreClient::new(self.channel().await?))
     }
 
     async fn wait_ready(&self) -> Result<()> {
@@ -229,6 +243,11 @@ impl Node {
     /// SIGCONT: a paused process runs on, still believing what it believed.
     pub fn resume(&self) -> Result<()> {
         self.signal("-CONT")
+    }
+
+    /// SIGHUP: the node reads its TLS files again.
+    pub fn hangup(&self) -> Result<()> {
+        self.signal("-HUP")
     }
 
     fn signal(&self, signal: &str) -> Result<()> {

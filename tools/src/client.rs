@@ -1,5 +1,6 @@
 //! Connecting to a node.
 
+use std::path::Path;
 use std::time::Duration;
 
 use std::sync::OnceLock;
@@ -10,7 +11,7 @@ use quiver_proto::v1::feature_store_client::FeatureStoreClient;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Largest response the CLI accepts.
 const RESPONSE_BYTES_MAX: usize = 256 << 20;
@@ -32,6 +33,36 @@ pub fn set_token(token: &str) -> Result<()> {
     };
     let _ = AUTHORIZATION.set(value);
     Ok(())
+}
+
+/// TLS for every later connection (`--ca`, `--cert`, `--key`).
+static TLS: OnceLock<ClientTlsConfig> = OnceLock::new();
+
+/// Largest CA, certificate or key file read.
+const TLS_FILE_BYTES_MAX: u64 = 1 << 20;
+
+/// Makes every later connection use TLS, trusting `ca`, and presenting
+/// `identity` (certificate, key) if given.
+pub fn set_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<()> {
+    let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca)?));
+    if let Some((cert, key)) = identity {
+        config = config.identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?));
+    }
+    let _ = TLS.set(config);
+    Ok(())
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("read {}", path.display()))?
+        .len();
+    if size > TLS_FILE_BYTES_MAX {
+        bail!(
+            "{} is larger than {TLS_FILE_BYTES_MAX} bytes",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("read {}", path.display()))
 }
 
 /// Adds the token to a call.
@@ -81,24 +112,38 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A channel to `endpoint` whose calls may take up to `timeout`.
 async fn channel_with_timeout(endpoint: &str, timeout: Duration) -> Result<AuthChannel> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
+    let tls = TLS.get();
+    let host_port = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let url = match (tls, endpoint.split_once("://")) {
+        (Some(_), _) => format!("https://{host_port}"),
+        (None, Some(("https", _))) => bail!("{endpoint} is https: give --ca (QUIVER_CA)"),
+        (None, Some(_)) => endpoint.to_owned(),
+        (None, None) => format!("http://{endpoint}"),
     };
-    let channel = Endpoint::from_shared(url.clone())
+    let mut builder = Endpoint::from_shared(url.clone())
         .with_context(|| format!("parse endpoint {endpoint:?}"))?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout)
-        .connect()
-        .await
-        .with_context(|| {
-            format!("connect to quiverd at {url} (is it running? see --endpoint / QUIVER_ENDPOINT)")
-        })?;
+        .timeout(timeout);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.clone()).context("TLS settings")?;
+    }
+    let channel = builder.connect().await.with_context(|| {
+        format!("connect to quiverd at {url} (is it running? see --endpoint / QUIVER_ENDPOINT)")
+    })?;
     Ok(InterceptedService::new(channel, AddToken))
 }
 
 /// Turns a gRPC status into an error that says what the server said.
 pub fn status_error(action: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{action}: {} ({:?})", status.message(), status.code())
+    // A transport failure (a refused TLS handshake, say) says why only in
+    // its sources.
+    let mut why = String::new();
+    let mut source = std::error::Error::source(&status);
+    while let Some(error) = source {
+        why.push_str(&format!(": {error}"));
+        source = error.source();
+    }
+    anyhow::anyhow!("{action}: {}{why} ({:?})", status.message(), status.code())
 }

@@ -19,6 +19,7 @@ mod put;
 mod sample;
 mod shard;
 mod status;
+mod tls;
 mod values;
 mod views;
 
@@ -46,6 +47,17 @@ struct Cli {
     /// one; `quiverctl token new` makes one).
     #[arg(long, global = true, env = "QUIVER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// TLS: the CA that issued the nodes' certificates (PEM). Given: calls
+    /// go over TLS and the node's certificate must name the endpoint's host.
+    #[arg(long, global = true, env = "QUIVER_CA")]
+    ca: Option<PathBuf>,
+    /// TLS: this client's certificate (PEM), for nodes with
+    /// `tls.client_ca_path`; with `--key`.
+    #[arg(long, global = true, env = "QUIVER_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// TLS: the private key of `--cert` (PEM).
+    #[arg(long, global = true, env = "QUIVER_KEY", requires = "cert")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +84,9 @@ enum Command {
     /// Client tokens for nodes with `auth.tokens`.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// A local CA and certificates for nodes and clients (TLS).
+    #[command(subcommand)]
+    Tls(tls::TlsCommand),
     /// Inspect and move shards.
     #[command(subcommand)]
     Shard(ShardCommand),
@@ -171,6 +186,14 @@ async fn run(cli: Cli) -> Result<()> {
     if let Command::Token(TokenCommand::New { name, scope }) = &cli.command {
         return token_new(name, scope, cli.json);
     }
+    if let Command::Tls(command) = &cli.command {
+        return tls::run(command, cli.json);
+    }
+    if let Some(ca) = &cli.ca {
+        client::set_tls(ca, cli.cert.as_deref().zip(cli.key.as_deref()))?;
+    } else if cli.cert.is_some() {
+        anyhow::bail!("--cert needs --ca (the CA of the nodes' certificates)");
+    }
     if let Command::Shard(ShardCommand::TransferLeader(args)) = &cli.command {
         return shard::transfer_leader(&cli.endpoint, args, cli.json).await;
     }
@@ -222,7 +245,9 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Operator(_) => {
             unreachable!("handled before")
         }
-        Command::Sample(_) | Command::Token(_) => unreachable!("handled before connecting"),
+        Command::Sample(_) | Command::Token(_) | Command::Tls(_) => {
+            unreachable!("handled before connecting")
+        }
     }
 }
 

@@ -1,34 +1,52 @@
 //! Peer authentication by a cluster secret: every peer call carries it in a
 //! metadata header and the peer listener refuses calls without it
 //! (`UNAUTHENTICATED`). The comparison takes the same time wherever the
-//! first difference lies. Until peer TLS exists the secret crosses the wire
-//! in clear: it keeps clients and strays off the peer port, not an attacker
+//! first difference lies. Without peer TLS the secret crosses the wire in
+//! clear: it keeps clients and strays off the peer port, not an attacker
 //! who can read the traffic.
+//!
+//! With peer TLS every call also names its node (`x-quiver-node-id`), and
+//! the certificate of the connection it came on must name that node's
+//! address in the cluster map: a node cannot speak for another, and a
+//! certificate from the cluster CA is not enough for a host outside it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use rustls::pki_types::CertificateDer;
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use super::NodeId;
+
 /// The metadata header carrying the secret.
 pub const SECRET_HEADER: &str = "x-quiver-cluster-secret";
+/// The metadata header naming the calling node.
+pub const NODE_HEADER: &str = "x-quiver-node-id";
 
-/// Adds the secret to every outgoing peer call (nothing if it is empty).
+/// Adds the secret (nothing if it is empty) and this node's id to every
+/// outgoing peer call.
 #[derive(Debug, Clone)]
 pub struct SignPeerCalls {
     secret: Option<AsciiMetadataValue>,
+    node: AsciiMetadataValue,
 }
 
 impl SignPeerCalls {
-    /// For `secret` (empty: calls go unsigned). Fails on a secret that
-    /// cannot be a header value (config validation refuses those first).
-    pub fn new(secret: &str) -> Result<Self, String> {
+    /// For `secret` (empty: calls go unsigned), from `node`. Fails on a
+    /// secret that cannot be a header value (config validation refuses
+    /// those first).
+    pub fn new(secret: &str, node: NodeId) -> Result<Self, String> {
+        let node = MetadataValue::from(node);
         if secret.is_empty() {
-            return Ok(Self { secret: None });
+            return Ok(Self { secret: None, node });
         }
         let value = MetadataValue::try_from(secret)
             .map_err(|_| "cluster.secret is not a valid header value".to_owned())?;
         Ok(Self {
             secret: Some(value),
+            node,
         })
     }
 }
@@ -38,7 +56,92 @@ impl Interceptor for SignPeerCalls {
         if let Some(secret) = &self.secret {
             request.metadata_mut().insert(SECRET_HEADER, secret.clone());
         }
+        request
+            .metadata_mut()
+            .insert(NODE_HEADER, self.node.clone());
         Ok(request)
+    }
+}
+
+/// The peer address the cluster map gives a node, if it is a member.
+pub type PeerAddrOf = Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>;
+
+/// Checks that a peer call's certificate names the address of the node the
+/// call says it comes from (peer TLS).
+#[derive(Clone)]
+pub struct PeerIdentity {
+    addr_of: PeerAddrOf,
+    /// Connections already checked, by their certificate list (one per
+    /// connection, shared by its calls): a call on a checked connection
+    /// costs a lookup, not a certificate parse. The weak pointer keeps the
+    /// allocation, so its address is never another connection's.
+    checked: Arc<parking_lot::Mutex<HashMap<NodeId, Checked>>>,
+}
+
+struct Checked {
+    certificates: Weak<Vec<CertificateDer<'static>>>,
+    addr: String,
+}
+
+impl std::fmt::Debug for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerIdentity").finish_non_exhaustive()
+    }
+}
+
+impl PeerIdentity {
+    /// Checks against the addresses `addr_of` gives.
+    pub fn new(addr_of: PeerAddrOf) -> Self {
+        Self {
+            addr_of,
+            checked: Arc::default(),
+        }
+    }
+
+    /// Whether a call from `node` on a connection with `certificates` may
+    /// pass.
+    pub fn check(
+        &self,
+        node: NodeId,
+        certificates: Option<&Arc<Vec<CertificateDer<'static>>>>,
+    ) -> Result<(), Status> {
+        let Some(certificates) = certificates else {
+            return Err(Status::unauthenticated(
+                "peer call without a client certificate (peer TLS)",
+            ));
+        };
+        let Some(addr) = (self.addr_of)(node) else {
+            return Err(Status::permission_denied(format!(
+                "node {node} is not in the cluster map"
+            )));
+        };
+        let mut checked = self.checked.lock();
+        if let Some(seen) = checked.get(&node)
+            && seen.addr == addr
+            && seen
+                .certificates
+                .upgrade()
+                .is_some_and(|seen| Arc::ptr_eq(&seen, certificates))
+        {
+            return Ok(());
+        }
+        let host = crate::tls::host_of(&addr);
+        let names_it = certificates
+            .first()
+            .is_some_and(|leaf| crate::tls::certificate_names_host(leaf, host));
+        if !names_it {
+            return Err(Status::permission_denied(format!(
+                "the peer certificate does not name {host}, node {node}'s address in the cluster map"
+            )));
+        }
+        checked.insert(
+            node,
+            Checked {
+                certificates: Arc::downgrade(certificates),
+                addr,
+            },
+        );
+        Ok(())
     }
 }
 
@@ -48,6 +151,7 @@ impl Interceptor for SignPeerCalls {
 pub struct CheckPeerCalls {
     secret: Vec<u8>,
     previous: Vec<u8>,
+    identity: Option<PeerIdentity>,
 }
 
 impl CheckPeerCalls {
@@ -57,7 +161,14 @@ impl CheckPeerCalls {
         Self {
             secret: secret.as_bytes().to_vec(),
             previous: previous.as_bytes().to_vec(),
+            identity: None,
         }
+    }
+
+    /// Also checks each call's certificate against its node (peer TLS).
+    pub fn with_identity(mut self, identity: PeerIdentity) -> Self {
+        self.identity = Some(identity);
+        self
     }
 }
 
@@ -80,13 +191,23 @@ impl Interceptor for CheckPeerCalls {
             .get(SECRET_HEADER)
             .map(|value| value.as_bytes())
             .unwrap_or_default();
-        if self.accepts(given) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated(
+        if !self.accepts(given) {
+            return Err(Status::unauthenticated(
                 "peer call without the cluster secret (cluster.secret)",
-            ))
+            ));
         }
+        if let Some(identity) = &self.identity {
+            let node = request
+                .metadata()
+                .get(NODE_HEADER)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse::<NodeId>().ok())
+                .ok_or_else(|| {
+                    Status::unauthenticated(format!("peer call without its node ({NODE_HEADER})"))
+                })?;
+            identity.check(node, request.peer_certs().as_ref())?;
+        }
+        Ok(request)
     }
 }
 
@@ -143,10 +264,10 @@ mod tests {
 
     #[test]
     fn signed_calls_pass_the_check() {
-        let mut sign = SignPeerCalls::new("s3cret").unwrap();
+        let mut sign = SignPeerCalls::new("s3cret", 1).unwrap();
         let signed = sign.call(Request::new(())).unwrap();
         assert!(CheckPeerCalls::new("s3cret", "").call(signed).is_ok());
-        let unsigned = SignPeerCalls::new("")
+        let unsigned = SignPeerCalls::new("", 1)
             .unwrap()
             .call(Request::new(()))
             .unwrap();

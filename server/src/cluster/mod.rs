@@ -239,6 +239,8 @@ pub struct StartOptions<'a> {
     /// ping from the first (a node that does not ship releases log holds
     /// only while no peer does).
     pub ships_log: bool,
+    /// Peer TLS, when on.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Cluster {
@@ -281,13 +283,14 @@ impl Cluster {
                 Duration::from_millis(config.peer_timeout_ms),
                 Duration::from_millis(config.snapshot_timeout_ms),
                 config.snapshot_send_bytes_per_second_max,
-                &config.secret,
+                auth::SignPeerCalls::new(&config.secret, node_id).map_err(ClusterError::Start)?,
                 breaker::BreakerRules {
                     window_calls: config.breaker_window_calls,
                     error_rate_percent: config.breaker_error_rate_percent,
                     open: Duration::from_millis(config.breaker_open_ms),
                     close_successes: config.breaker_close_successes,
                 },
+                options.tls.clone(),
             )
             .map_err(ClusterError::Start)?,
         );
@@ -472,6 +475,17 @@ impl Cluster {
     /// The cluster map as this node routes by it now.
     pub fn placement(&self) -> Arc<Placement> {
         self.placement.load_full()
+    }
+
+    /// The peer address of `node` if it is part of the cluster: in the
+    /// map, or before the map is stored, in the static description.
+    pub fn peer_addr_of(&self, node: NodeId) -> Option<String> {
+        let placement = self.placement();
+        match placement.node(node) {
+            Some(info) if placement.is_member(node) => Some(info.peer_addr.clone()),
+            Some(_) => None,
+            None => self.static_routes.get(&node).cloned(),
+        }
     }
 
     /// The replica of `group` hosted here, if any.

@@ -304,6 +304,9 @@ struct PeerConn {
 pub struct PeerClients {
     conns: parking_lot::RwLock<BTreeMap<NodeId, Arc<PeerConn>>>,
     sign: SignPeerCalls,
+    /// Peer TLS: connections present this node's certificate and check the
+    /// peer's.
+    tls: Option<Arc<crate::tls::Tls>>,
     timeout: Duration,
     snapshot_timeout: Duration,
     breaker_rules: BreakerRules,
@@ -320,12 +323,14 @@ impl PeerClients {
         timeout: Duration,
         snapshot_timeout: Duration,
         snapshot_bytes_per_second_max: u64,
-        secret: &str,
+        sign: SignPeerCalls,
         breaker_rules: BreakerRules,
+        tls: Option<Arc<crate::tls::Tls>>,
     ) -> Result<Self, String> {
         let clients = Self {
             conns: parking_lot::RwLock::new(BTreeMap::new()),
-            sign: SignPeerCalls::new(secret)?,
+            sign,
+            tls,
             timeout,
             snapshot_timeout,
             breaker_rules,
@@ -366,7 +371,11 @@ impl PeerClients {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(self.timeout);
         let connect = || {
-            PeerClient::with_interceptor(endpoint.connect_lazy(), self.sign.clone())
+            let channel = match &self.tls {
+                Some(tls) => endpoint.connect_with_connector_lazy(tls.peer_connector()),
+                None => endpoint.connect_lazy(),
+            };
+            PeerClient::with_interceptor(channel, self.sign.clone())
                 .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
         };
@@ -937,7 +946,16 @@ mod tests {
 
     fn clients_with(addr: String, timeout: Duration, rules: BreakerRules) -> Arc<PeerClients> {
         Arc::new(
-            PeerClients::new(&BTreeMap::from([(2, addr)]), timeout, timeout, 0, "", rules).unwrap(),
+            PeerClients::new(
+                &BTreeMap::from([(2, addr)]),
+                timeout,
+                timeout,
+                0,
+                SignPeerCalls::new("", 1).unwrap(),
+                rules,
+                None,
+            )
+            .unwrap(),
         )
     }
 

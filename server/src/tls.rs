@@ -1,0 +1,515 @@
+//! TLS for a node's three listeners and its outgoing peer connections, by
+//! rustls with the ring provider.
+//!
+//! One certificate per node (`tls.cert_path`, issued by the cluster CA)
+//! serves the client, peer and metrics ports and is the node's client
+//! certificate towards its peers. The peer port requires a client
+//! certificate from the cluster CA, and the peer service then checks that it
+//! names the address the cluster map gives the calling node
+//! ([`certificate_names_host`], used by `cluster::auth`). The client and
+//! metrics ports require a client certificate when `tls.client_ca_path` is
+//! set; without it the client port still takes one from the cluster CA
+//! (a node joining through this one shows its own). The files are read again by [`Tls::reload`] (on SIGHUP): new
+//! connections get the new certificates, open ones keep theirs, and a reload
+//! that fails keeps the old ones.
+//!
+//! Handshakes run off the accept loop, each bounded in time, and only so
+//! many at once: a client that connects and says nothing holds a slot for at
+//! most [`TLS_HANDSHAKE_TIMEOUT`], never the listener.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::TlsConfig;
+
+/// Largest certificate, key or CA file read.
+pub const TLS_FILE_BYTES_MAX: u64 = 1 << 20;
+/// Longest a client may take to finish its handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes in progress per listener; connections beyond are closed
+/// at once.
+pub const TLS_HANDSHAKES_IN_FLIGHT_MAX: usize = 256;
+/// Connections handed from the handshakes to the server, waiting.
+const ACCEPTED_QUEUE_MAX: usize = 64;
+
+/// Why the TLS files could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read or holds nothing usable.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// rustls refused the certificates (a key that does not match its
+    /// certificate, an unsupported key type, ...).
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A CA cannot verify client certificates.
+    #[error("tls client verifier: {0}")]
+    Verifier(String),
+}
+
+/// Which listener a connection came to: each has its own rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// gRPC clients; a client certificate if `tls.client_ca_path` is set.
+    Client,
+    /// Peers; a certificate from the cluster CA, always.
+    Peer,
+    /// Prometheus (HTTP/1.1); like the client port.
+    Metrics,
+}
+
+impl Port {
+    fn label(self) -> &'static str {
+        match self {
+            Port::Client => "client",
+            Port::Peer => "peer",
+            Port::Metrics => "metrics",
+        }
+    }
+}
+
+/// The rustls configurations built from one reading of the files.
+#[derive(Debug)]
+struct Configs {
+    client: Arc<ServerConfig>,
+    peer: Arc<ServerConfig>,
+    metrics: Arc<ServerConfig>,
+    outgoing: Arc<ClientConfig>,
+    /// Checks a certificate chain against the cluster CA.
+    cluster_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+/// A node's TLS state: the files it was configured with and the
+/// configurations last built from them.
+#[derive(Debug)]
+pub struct Tls {
+    files: TlsConfig,
+    current: ArcSwap<Configs>,
+}
+
+impl Tls {
+    /// Reads the files of `files`; `None` when TLS is off.
+    pub fn load(files: &TlsConfig) -> Result<Option<Arc<Tls>>, TlsError> {
+        if !files.enabled() {
+            return Ok(None);
+        }
+        let configs = build(files)?;
+        Ok(Some(Arc::new(Tls {
+            files: files.clone(),
+            current: ArcSwap::from_pointee(configs),
+        })))
+    }
+
+    /// Reads the files again. On an error the configurations in use stay.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let result = build(&self.files).map(|configs| self.current.store(Arc::new(configs)));
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("quiver_tls_reloads_total", "result" => outcome).increment(1);
+        result
+    }
+
+    /// The server configuration of `port` now.
+    fn server(&self, port: Port) -> Arc<ServerConfig> {
+        let current = self.current.load();
+        match port {
+            Port::Client => current.client.clone(),
+            Port::Peer => current.peer.clone(),
+            Port::Metrics => current.metrics.clone(),
+        }
+    }
+
+    /// Connections of `listener` that completed a handshake under `port`'s
+    /// rules. The accept loop stops when the stream is dropped.
+    pub fn incoming(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        port: Port,
+    ) -> ReceiverStream<io::Result<tokio_rustls::server::TlsStream<TcpStream>>> {
+        let (accepted, stream) = mpsc::channel(ACCEPTED_QUEUE_MAX);
+        tokio::spawn(accept_loop(self.clone(), listener, port, accepted));
+        ReceiverStream::new(stream)
+    }
+
+    /// Whether `certificates` (a client's chain, leaf first) come from the
+    /// cluster CA and name the host of `peer_addr`: what a node joining
+    /// through this one must show.
+    pub fn check_joining_node(
+        &self,
+        certificates: Option<&[CertificateDer<'static>]>,
+        peer_addr: &str,
+    ) -> Result<(), String> {
+        let Some((leaf, intermediates)) = certificates.and_then(|c| c.split_first()) else {
+            return Err("joining over TLS needs the node's certificate".into());
+        };
+        self.current
+            .load()
+            .cluster_verifier
+            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+            .map_err(|e| {
+                format!("the joining node's certificate is not from the cluster CA: {e}")
+            })?;
+        let host = host_of(peer_addr);
+        if !certificate_names_host(leaf, host) {
+            return Err(format!(
+                "the joining node's certificate does not name {host}, the host of its peer address"
+            ));
+        }
+        Ok(())
+    }
+
+    /// A connector for tonic channels to peers: TCP, then a handshake that
+    /// presents this node's certificate and checks the peer's against the
+    /// cluster CA and the host it was dialled by.
+    pub fn peer_connector(self: &Arc<Self>) -> PeerConnector {
+        PeerConnector { tls: self.clone() }
+    }
+}
+
+async fn accept_loop(
+    tls: Arc<Tls>,
+    listener: TcpListener,
+    port: Port,
+    accepted: mpsc::Sender<io::Result<tokio_rustls::server::TlsStream<TcpStream>>>,
+) {
+    let handshakes = Arc::new(Semaphore::new(TLS_HANDSHAKES_IN_FLIGHT_MAX));
+    loop {
+        let connection = tokio::select! {
+            () = accepted.closed() => return,
+            connection = listener.accept() => connection,
+        };
+        let (tcp, from) = match connection {
+            Ok(connection) => connection,
+            Err(error) => {
+                // Out of descriptors and the like: pause rather than spin.
+                tracing::warn!(port = port.label(), %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            handshake_failed(port, "too_many");
+            continue;
+        };
+        // Small responses must not wait on delayed ACKs.
+        let _ = tcp.set_nodelay(true);
+        let acceptor = TlsAcceptor::from(tls.server(port));
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let _ = accepted.send(Ok(stream)).await;
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(port = port.label(), %from, %error, "TLS handshake refused");
+                    handshake_failed(port, "refused");
+                }
+                Err(_) => handshake_failed(port, "timeout"),
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn handshake_failed(port: Port, reason: &'static str) {
+    metrics::counter!(
+        "quiver_tls_handshake_failures_total",
+        "port" => port.label(),
+        "reason" => reason
+    )
+    .increment(1);
+}
+
+/// Connects to peers over TLS for tonic (see [`Tls::peer_connector`]).
+#[derive(Debug, Clone)]
+pub struct PeerConnector {
+    tls: Arc<Tls>,
+}
+
+impl tower::Service<http::Uri> for PeerConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connector = TlsConnector::from(self.tls.current.load().outgoing.clone());
+        Box::pin(async move {
+            let invalid =
+                |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri}: {what}"));
+            let host = uri.host().ok_or_else(|| invalid("no host"))?;
+            let port = uri.port_u16().ok_or_else(|| invalid("no port"))?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| invalid("the host is not a DNS name or an IP address"))?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = connector.connect(name, tcp).await?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// A listener of TLS connections for axum (the metrics port).
+pub struct AxumTlsListener {
+    incoming: ReceiverStream<io::Result<tokio_rustls::server::TlsStream<TcpStream>>>,
+    local: SocketAddr,
+}
+
+impl AxumTlsListener {
+    /// Serves `listener` under `port`'s rules.
+    pub fn new(tls: &Arc<Tls>, listener: TcpListener, port: Port) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        Ok(Self {
+            incoming: tls.incoming(listener, port),
+            local,
+        })
+    }
+}
+
+impl axum::serve::Listener for AxumTlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(stream)) => {
+                    let from = stream
+                        .get_ref()
+                        .0
+                        .peer_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    return (stream, from);
+                }
+                Some(Err(_)) => continue,
+                // The accept loop only stops when this is dropped.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// Whether `certificate` (DER) is valid for `host` (a DNS name or an IP
+/// address) by its subject alternative names. Only the names: the chain was
+/// checked in the handshake.
+pub fn certificate_names_host(certificate: &CertificateDer<'_>, host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let Ok(name) = ServerName::try_from(host) else {
+        return false;
+    };
+    let Ok(parsed) = rustls::server::ParsedCertificate::try_from(certificate) else {
+        return false;
+    };
+    rustls::client::verify_server_name(&parsed, &name).is_ok()
+}
+
+/// The host of `host:port` (an IPv6 host keeps no brackets).
+pub fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// ring, deliberately: rustls deprecates it for its lack of post-quantum
+/// key exchange, but the provider that has one (aws-lc-rs) needs cmake and
+/// more C to build on every machine that builds Quiver.
+#[allow(deprecated)]
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn build(files: &TlsConfig) -> Result<Configs, TlsError> {
+    let chain = read_certificates(&files.cert_path)?;
+    let key = read_key(&files.key_path)?;
+    let cluster_ca = read_roots(&files.ca_path, RootCertStore::empty())?;
+    let versions = rustls::DEFAULT_VERSIONS;
+
+    let h2 = || vec![b"h2".to_vec()];
+    let server_with = |verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+                       alpn: Vec<Vec<u8>>|
+     -> Result<Arc<ServerConfig>, TlsError> {
+        let builder =
+            ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions)?;
+        let builder = match verifier {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(chain.clone(), key.clone_key())?;
+        config.alpn_protocols = alpn;
+        Ok(Arc::new(config))
+    };
+    let verifier = |roots: RootCertStore, required: bool| {
+        let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+        let builder = if required {
+            builder
+        } else {
+            builder.allow_unauthenticated()
+        };
+        builder
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))
+    };
+    // Clients need a certificate only if a client CA is named. Nodes are
+    // clients too when they join through a member, with a certificate from
+    // the cluster CA, so the client port always takes those.
+    let (client_verifier, metrics_verifier) = if files.client_ca_path.as_os_str().is_empty() {
+        (verifier(cluster_ca.clone(), false)?, None)
+    } else {
+        let roots = read_roots(&files.client_ca_path, cluster_ca.clone())?;
+        let required = verifier(roots, true)?;
+        (required.clone(), Some(required))
+    };
+    let outgoing = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)?
+        .with_root_certificates(cluster_ca.clone())
+        .with_client_auth_cert(chain.clone(), key.clone_key())?;
+    let mut outgoing = outgoing;
+    outgoing.alpn_protocols = h2();
+    let cluster_verifier = verifier(cluster_ca, true)?;
+    Ok(Configs {
+        client: server_with(Some(client_verifier), h2())?,
+        peer: server_with(Some(cluster_verifier.clone()), h2())?,
+        // The metrics listener speaks HTTP/1.1 only.
+        metrics: server_with(metrics_verifier, vec![b"http/1.1".to_vec()])?,
+        outgoing: Arc::new(outgoing),
+        cluster_verifier,
+    })
+}
+
+/// The file at `path`, at most [`TLS_FILE_BYTES_MAX`].
+fn read_bounded(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let failed = |reason: String| TlsError::File {
+        path: path.display().to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| failed(e.to_string()))?;
+    let mut bytes = Vec::new();
+    use std::io::Read;
+    file.take(TLS_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| failed(e.to_string()))?;
+    if bytes.len() as u64 > TLS_FILE_BYTES_MAX {
+        return Err(failed(format!("larger than {TLS_FILE_BYTES_MAX} bytes")));
+    }
+    Ok(bytes)
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read_bounded(path)?;
+    let certificates = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::File {
+            path: path.display().to_string(),
+            reason: format!("not PEM certificates: {e}"),
+        })?;
+    if certificates.is_empty() {
+        return Err(TlsError::File {
+            path: path.display().to_string(),
+            reason: "no certificate in it".into(),
+        });
+    }
+    Ok(certificates)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read_bounded(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| TlsError::File {
+        path: path.display().to_string(),
+        reason: format!("no PEM private key: {e}"),
+    })
+}
+
+/// `roots` with the certificates of `path` added.
+fn read_roots(path: &Path, mut roots: RootCertStore) -> Result<RootCertStore, TlsError> {
+    for certificate in read_certificates(path)? {
+        roots.add(certificate).map_err(|e| TlsError::File {
+            path: path.display().to_string(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_come_out_of_addresses() {
+        assert_eq!(host_of("127.0.0.1:7470"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:7470"), "::1");
+        assert_eq!(host_of("node-1.quiver:17470"), "node-1.quiver");
+        assert_eq!(host_of("no-port"), "no-port");
+    }
+
+    #[test]
+    fn garbage_is_never_a_certificate_for_a_host() {
+        for bytes in [&b""[..], b"\x30\x03\x02\x01\x00", &[0xff; 64]] {
+            let certificate = CertificateDer::from(bytes.to_vec());
+            assert!(!certificate_names_host(&certificate, "127.0.0.1"));
+        }
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, b"").unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(
+            &junk,
+            b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let big = dir.path().join("big.pem");
+        std::fs::write(&big, vec![b'a'; (TLS_FILE_BYTES_MAX + 1) as usize]).unwrap();
+        for (path, says) in [
+            (&empty, "no certificate"),
+            (&junk, "not PEM"),
+            (&big, "larger than"),
+            (&dir.path().join("missing.pem"), "No such file"),
+        ] {
+            let files = TlsConfig {
+                cert_path: path.clone(),
+                key_path: path.clone(),
+                ca_path: path.clone(),
+                client_ca_path: Default::default(),
+            };
+            let error = Tls::load(&files).unwrap_err().to_string();
+            assert!(error.contains(&path.display().to_string()), "{error}");
+            assert!(error.contains(says), "{error}");
+        }
+    }
+}
