@@ -12,7 +12,10 @@
 # QUIVER_CLUSTER_PORT (default 7470) is node 1's port, node i listens on
 # port + i - 1; QUIVER_PROFILE (default dev) picks the build profile. Extra
 # quiverd settings go through QUIVER_* variables, or as flags in
-# QUIVER_NODE_FLAGS (e.g. "--shard-count 4").
+# QUIVER_NODE_FLAGS (e.g. "--shard-count 4"). QUIVER_CLUSTER_TLS=1 serves
+# every port over TLS with a CA made in $QUIVER_CLUSTER_DIR/tls
+# (scripts/tls-ca.sh); clients then need
+#   QUIVER_CA=.../tls/ca.pem QUIVER_CERT=.../tls/client.pem QUIVER_KEY=.../tls/client-key.pem
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
@@ -35,6 +38,14 @@ stop_cluster() {
     done
 }
 
+# Nodes serve with the CA in $1 and take only clients with its
+# certificates; this script's quiverctl calls present one.
+use_tls() {
+    export QUIVER_TLS__CERT_PATH="$1/node.pem" QUIVER_TLS__KEY_PATH="$1/node-key.pem"
+    export QUIVER_TLS__CA_PATH="$1/ca.pem" QUIVER_TLS__CLIENT_CA_PATH="$1/ca.pem"
+    export QUIVER_CA="$1/ca.pem" QUIVER_CERT="$1/client.pem" QUIVER_KEY="$1/client-key.pem"
+}
+
 start_cluster() {
     local count="${1:-3}" nodes="" id port
     # Sourced: it exports LIBCLANG_PATH when bindgen needs it.
@@ -50,6 +61,10 @@ start_cluster() {
     fi
     QUIVER_CLUSTER__SECRET="$(cat "$CLUSTER_DIR/secret")"
     export QUIVER_CLUSTER__SECRET
+    if [ "${QUIVER_CLUSTER_TLS:-0}" = 1 ]; then
+        ./scripts/tls-ca.sh "$CLUSTER_DIR/tls"
+        use_tls "$CLUSTER_DIR/tls"
+    fi
     for id in $(seq "$count"); do
         nodes="$nodes${nodes:+,}$id=127.0.0.1:$((BASE_PORT + id - 1))"
     done
@@ -90,6 +105,9 @@ start_cluster() {
 case "${1:-}" in
     start) start_cluster "${2:-3}" ;;
     stop) stop_cluster ;;
-    status) "$BIN/quiverctl" --endpoint "127.0.0.1:$BASE_PORT" status ;;
+    status)
+        [ "${QUIVER_CLUSTER_TLS:-0}" = 1 ] && use_tls "$CLUSTER_DIR/tls"
+        "$BIN/quiverctl" --endpoint "127.0.0.1:$BASE_PORT" status
+        ;;
     *) echo "usage: $0 start [N] | stop | status" >&2; exit 2 ;;
 esac

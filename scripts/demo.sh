@@ -27,6 +27,14 @@ fi
 ./scripts/cluster.sh start 3
 DEMO_DIR="$QUIVER_CLUSTER_DIR"
 export QUIVER_ENDPOINT="127.0.0.1:$PORT"
+if [ "${QUIVER_CLUSTER_TLS:-0}" = 1 ]; then
+    # The cluster serves TLS only (QUIVER_CLUSTER_TLS=1 ./scripts/demo.sh).
+    # The node restarted below serves TLS too.
+    TLS_DIR="$DEMO_DIR/tls"
+    export QUIVER_CA="$TLS_DIR/ca.pem" QUIVER_CERT="$TLS_DIR/client.pem" QUIVER_KEY="$TLS_DIR/client-key.pem"
+    export QUIVER_TLS__CERT_PATH="$TLS_DIR/node.pem" QUIVER_TLS__KEY_PATH="$TLS_DIR/node-key.pem"
+    export QUIVER_TLS__CA_PATH="$QUIVER_CA" QUIVER_TLS__CLIENT_CA_PATH="$QUIVER_CA"
+fi
 CTL="$BIN/quiverctl"
 
 echo "==> applying the sample feature views"
@@ -109,6 +117,11 @@ echo "The cluster is still running: nodes at 127.0.0.1:$PORT-$((PORT + 2)), data
 echo "  $CTL --endpoint 127.0.0.1:$((PORT + 1)) get --features driver_hourly_stats:conv_rate 1001 --consistency strong"
 echo "  $CTL status"
 echo "  $CTL shard list"
-echo "  curl -s 127.0.0.1:$((PORT + 20000))/metrics | grep quiver_requests_total"
+if [ "${QUIVER_CLUSTER_TLS:-0}" = 1 ]; then
+    echo "  (TLS: export QUIVER_CA=$QUIVER_CA QUIVER_CERT=$QUIVER_CERT QUIVER_KEY=$QUIVER_KEY first)"
+    echo "  curl -s --cacert $QUIVER_CA --cert $QUIVER_CERT --key $QUIVER_KEY https://127.0.0.1:$((PORT + 20000))/metrics | grep quiver_requests_total"
+else
+    echo "  curl -s 127.0.0.1:$((PORT + 20000))/metrics | grep quiver_requests_total"
+fi
 echo "  $CTL backup create $BACKUPS; $CTL backup status $BACKUPS   # then restore --to-time: docs/operations.md"
 echo "Stop it with: make demo-stop"
