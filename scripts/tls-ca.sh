@@ -7,7 +7,8 @@
 # writes DIR/ca.pem and DIR/ca-key.pem (once; kept if present), a node
 # certificate DIR/node.pem + node-key.pem valid for 127.0.0.1, localhost and
 # every HOST given (every node's client and peer address host must be among
-# them), and a client certificate DIR/client.pem + client-key.pem. Then:
+# them), and a client certificate DIR/client.pem + client-key.pem (client
+# use only: it cannot pass for a node's). Then:
 #
 #   QUIVER_TLS__CERT_PATH=DIR/node.pem QUIVER_TLS__KEY_PATH=DIR/node-key.pem
 #   QUIVER_TLS__CA_PATH=DIR/ca.pem [QUIVER_TLS__CLIENT_CA_PATH=DIR/ca.pem] quiverd ...
@@ -32,5 +33,5 @@ if [ ! -s "$DIR/ca.pem" ]; then
     "$BIN/quiverctl" tls ca --dir "$DIR" >/dev/null
 fi
 "$BIN/quiverctl" tls cert --dir "$DIR" --name node "${hosts[@]}" >/dev/null
-"$BIN/quiverctl" tls cert --dir "$DIR" --name client >/dev/null
+"$BIN/quiverctl" tls cert --dir "$DIR" --name client --client >/dev/null
 echo "CA and certificates in $DIR: ca.pem, node.pem (${hosts[*]//--host /}), client.pem"

@@ -219,14 +219,18 @@ impl Admin for AdminService {
         }
         check_addr("addr", &request.addr)?;
         check_addr("peer_addr", &request.peer_addr)?;
-        // With TLS a node joins with its certificate, as it will call its
-        // peers: from the cluster CA, naming its peer address.
+        // With TLS a node joins with its own certificate, as it will call
+        // its peers: a node certificate from the cluster CA naming its peer
+        // address. (So under TLS nodes join with `quiverd --join`, not
+        // `quiverctl node add`.)
         if let Some(tls) = &self.node.tls {
-            tls.check_joining_node(
-                certificates.as_deref().map(Vec::as_slice),
-                &request.peer_addr,
-            )
-            .map_err(ServiceError::PermissionDenied)?;
+            let host = crate::tls::host_of(&request.peer_addr);
+            tls.verify_node(certificates.as_deref().map(Vec::as_slice), host)
+                .map_err(|why| {
+                    ServiceError::PermissionDenied(format!(
+                        "joining over TLS needs the node's certificate for the host of its peer address: {why}"
+                    ))
+                })?;
         }
         let (node_id, map) = self
             .node

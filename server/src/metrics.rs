@@ -133,6 +133,14 @@ fn describe() {
         "quiver_degraded_serves_total",
         "Values a degraded Get answered stale or defaulted."
     );
+    describe_counter!(
+        "quiver_tls_handshake_failures_total",
+        "TLS connections refused before any call, by port and reason."
+    );
+    describe_counter!(
+        "quiver_tls_reloads_total",
+        "SIGHUP reloads of the TLS files, by result."
+    );
 }
 
 /// Serves `/metrics` on `listener` until `stop` resolves.

@@ -83,7 +83,27 @@ pub async fn serve(
             std::io::Error::new(e.kind(), format!("bind the metrics listener {addr}: {e}"))
         })?),
     };
-    let tls = crate::tls::Tls::load(&config.tls)?;
+    // The peer address this node is known by, where there are peers: its
+    // certificate must name that host or they will refuse it.
+    let own_peer_addr = if config.join.is_some() {
+        Some(peer_addr.to_string())
+    } else {
+        config
+            .cluster
+            .nodes
+            .iter()
+            .find(|node| node.id == config.cluster.node_id)
+            .and_then(|node| node.peer_addr())
+    };
+    let own_host = own_peer_addr
+        .as_deref()
+        .map(crate::tls::host_of)
+        .filter(|host| {
+            !host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified())
+        });
+    let tls = crate::tls::Tls::load(&config.tls, own_host)?;
     if tls.is_some() {
         tracing::info!(cert = %config.tls.cert_path.display(), "TLS on every port");
     }
@@ -156,11 +176,12 @@ pub async fn serve(
     }
     let mut check_peers =
         CheckPeerCalls::new(&config.cluster.secret, &config.cluster.previous_secret);
-    if tls.is_some() {
+    if let Some(tls) = &tls {
         let cluster = Arc::downgrade(&node.cluster);
-        check_peers = check_peers.with_identity(PeerIdentity::new(Arc::new(move |id| {
-            cluster.upgrade()?.peer_addr_of(id)
-        })));
+        check_peers = check_peers.with_identity(PeerIdentity::new(
+            tls.clone(),
+            Arc::new(move |id| cluster.upgrade()?.peer_addr_of(id)),
+        ));
     }
     let peer = tonic::service::interceptor::InterceptedService::new(
         PeerServer::new(PeerService::new(node.cluster.clone()))
@@ -169,7 +190,7 @@ pub async fn serve(
         check_peers,
     );
     let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let peer_router = tonic::transport::Server::builder().add_service(peer);
+    let peer_router = server_builder(tls.is_some()).add_service(peer);
     let peer_stopped = async {
         let _ = peer_stop_rx.await;
     };
@@ -218,7 +239,7 @@ pub async fn serve(
             "client calls need a token"
         );
     }
-    let server = tonic::transport::Server::builder()
+    let server = server_builder(tls.is_some())
         .layer(crate::metrics::RequestMetricsLayer)
         // Inside the metrics layer: refused calls are counted with their code.
         .layer(crate::client_auth::ClientAuthLayer::new(tokens))
@@ -299,6 +320,17 @@ pub async fn serve(
     }
     tracing::info!("raft groups stopped, stores flushed; stopped");
     outcome.map_err(ServeError::from)
+}
+
+/// A gRPC server; over TLS its connections are closed (gracefully) after
+/// an hour, so certificates are checked again.
+fn server_builder(tls: bool) -> tonic::transport::Server {
+    let builder = tonic::transport::Server::builder();
+    if tls {
+        builder.max_connection_age(crate::tls::TLS_CONNECTION_AGE_MAX)
+    } else {
+        builder
+    }
 }
 
 /// A spawned server future of either listener kind, as one type.

@@ -5,8 +5,8 @@
 //! serves the client, peer and metrics ports and is the node's client
 //! certificate towards its peers. The peer port requires a client
 //! certificate from the cluster CA, and the peer service then checks that it
-//! names the address the cluster map gives the calling node
-//! ([`certificate_names_host`], used by `cluster::auth`). The client and
+//! is a node certificate for the address the cluster map gives the calling
+//! node ([`Tls::verify_node`], used by `cluster::auth`). The client and
 //! metrics ports require a client certificate when `tls.client_ca_path` is
 //! set; without it the client port still takes one from the cluster CA
 //! (a node joining through this one shows its own). The files are read again by [`Tls::reload`] (on SIGHUP): new
@@ -14,11 +14,13 @@
 //! that fails keeps the old ones.
 //!
 //! Handshakes run off the accept loop, each bounded in time, and only so
-//! many at once: a client that connects and says nothing holds a slot for at
-//! most [`TLS_HANDSHAKE_TIMEOUT`], never the listener.
+//! many at once, in all and per source address: a client that connects and
+//! says nothing holds a slot for at most [`TLS_HANDSHAKE_TIMEOUT`], never
+//! the listener, and one host cannot take every slot.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -45,6 +47,13 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes in progress per listener; connections beyond are closed
 /// at once.
 pub const TLS_HANDSHAKES_IN_FLIGHT_MAX: usize = 256;
+/// Most handshakes in progress per listener from one IP address: one host
+/// cannot take every slot and shut peers out.
+pub const TLS_HANDSHAKES_PER_SOURCE_MAX: usize = 32;
+/// Longest a TLS connection is kept (then closed gracefully): a
+/// certificate that expired or whose CA was dropped stops being trusted
+/// within this.
+pub const TLS_CONNECTION_AGE_MAX: Duration = Duration::from_secs(3600);
 /// Connections handed from the handshakes to the server, waiting.
 const ACCEPTED_QUEUE_MAX: usize = 64;
 
@@ -97,8 +106,9 @@ struct Configs {
     peer: Arc<ServerConfig>,
     metrics: Arc<ServerConfig>,
     outgoing: Arc<ClientConfig>,
-    /// Checks a certificate chain against the cluster CA.
-    cluster_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// Checks a node's certificate as a server's: from the cluster CA,
+    /// valid now, for server use, naming a given host.
+    node_verifier: Arc<rustls::client::WebPkiServerVerifier>,
 }
 
 /// A node's TLS state: the files it was configured with and the
@@ -106,25 +116,32 @@ struct Configs {
 #[derive(Debug)]
 pub struct Tls {
     files: TlsConfig,
+    own_host: Option<String>,
     current: ArcSwap<Configs>,
 }
 
 impl Tls {
-    /// Reads the files of `files`; `None` when TLS is off.
-    pub fn load(files: &TlsConfig) -> Result<Option<Arc<Tls>>, TlsError> {
+    /// Reads the files of `files`; `None` when TLS is off. With `own_host`
+    /// (the host of the peer address this node is known by), refuses a
+    /// certificate its peers would refuse: not from the cluster CA, not
+    /// valid now, or not naming that host.
+    pub fn load(files: &TlsConfig, own_host: Option<&str>) -> Result<Option<Arc<Tls>>, TlsError> {
         if !files.enabled() {
             return Ok(None);
         }
-        let configs = build(files)?;
+        let configs = build(files, own_host)?;
         Ok(Some(Arc::new(Tls {
             files: files.clone(),
+            own_host: own_host.map(str::to_owned),
             current: ArcSwap::from_pointee(configs),
         })))
     }
 
-    /// Reads the files again. On an error the configurations in use stay.
+    /// Reads the files again, with the checks of [`Tls::load`]. On an error
+    /// the configurations in use stay.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let result = build(&self.files).map(|configs| self.current.store(Arc::new(configs)));
+        let result = build(&self.files, self.own_host.as_deref())
+            .map(|configs| self.current.store(Arc::new(configs)));
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("quiver_tls_reloads_total", "result" => outcome).increment(1);
         result
@@ -152,31 +169,21 @@ impl Tls {
         ReceiverStream::new(stream)
     }
 
-    /// Whether `certificates` (a client's chain, leaf first) come from the
-    /// cluster CA and name the host of `peer_addr`: what a node joining
-    /// through this one must show.
-    pub fn check_joining_node(
+    /// Whether `certificates` (a chain, leaf first) are a node's that
+    /// lives at `host`: from the cluster CA, valid now, for server use (as
+    /// every node certificate is, since it serves its ports; a
+    /// client-only certificate is not a node's), and naming `host`. What a
+    /// peer's connection must show for the node it says it is, and a node
+    /// joining through this one for its peer address.
+    pub fn verify_node(
         &self,
         certificates: Option<&[CertificateDer<'static>]>,
-        peer_addr: &str,
+        host: &str,
     ) -> Result<(), String> {
-        let Some((leaf, intermediates)) = certificates.and_then(|c| c.split_first()) else {
-            return Err("joining over TLS needs the node's certificate".into());
+        let Some(certificates) = certificates else {
+            return Err("no certificate".into());
         };
-        self.current
-            .load()
-            .cluster_verifier
-            .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
-            .map_err(|e| {
-                format!("the joining node's certificate is not from the cluster CA: {e}")
-            })?;
-        let host = host_of(peer_addr);
-        if !certificate_names_host(leaf, host) {
-            return Err(format!(
-                "the joining node's certificate does not name {host}, the host of its peer address"
-            ));
-        }
-        Ok(())
+        verify_node_with(&self.current.load().node_verifier, certificates, host)
     }
 
     /// A connector for tonic channels to peers: TCP, then a handshake that
@@ -194,6 +201,7 @@ async fn accept_loop(
     accepted: mpsc::Sender<io::Result<tokio_rustls::server::TlsStream<TcpStream>>>,
 ) {
     let handshakes = Arc::new(Semaphore::new(TLS_HANDSHAKES_IN_FLIGHT_MAX));
+    let per_source = Arc::new(parking_lot::Mutex::new(HashMap::<IpAddr, usize>::new()));
     loop {
         let connection = tokio::select! {
             () = accepted.closed() => return,
@@ -212,6 +220,10 @@ async fn accept_loop(
             handshake_failed(port, "too_many");
             continue;
         };
+        let Some(source) = SourceSlot::take(&per_source, from.ip()) else {
+            handshake_failed(port, "too_many_from_source");
+            continue;
+        };
         // Small responses must not wait on delayed ACKs.
         let _ = tcp.set_nodelay(true);
         let acceptor = TlsAcceptor::from(tls.server(port));
@@ -227,8 +239,41 @@ async fn accept_loop(
                 }
                 Err(_) => handshake_failed(port, "timeout"),
             }
-            drop(permit);
+            drop((permit, source));
         });
+    }
+}
+
+/// A handshake slot of one source address, given back when dropped.
+struct SourceSlot {
+    counts: Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl SourceSlot {
+    fn take(counts: &Arc<parking_lot::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut all = counts.lock();
+        let count = all.entry(ip).or_insert(0);
+        if *count >= TLS_HANDSHAKES_PER_SOURCE_MAX {
+            return None;
+        }
+        *count += 1;
+        Some(SourceSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut all = self.counts.lock();
+        if let Some(count) = all.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                all.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -322,18 +367,27 @@ impl axum::serve::Listener for AxumTlsListener {
     }
 }
 
-/// Whether `certificate` (DER) is valid for `host` (a DNS name or an IP
-/// address) by its subject alternative names. Only the names: the chain was
-/// checked in the handshake.
-pub fn certificate_names_host(certificate: &CertificateDer<'_>, host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let Ok(name) = ServerName::try_from(host) else {
-        return false;
+fn verify_node_with(
+    verifier: &rustls::client::WebPkiServerVerifier,
+    certificates: &[CertificateDer<'static>],
+    host: &str,
+) -> Result<(), String> {
+    use rustls::client::danger::ServerCertVerifier;
+    let Some((leaf, intermediates)) = certificates.split_first() else {
+        return Err("no certificate".into());
     };
-    let Ok(parsed) = rustls::server::ParsedCertificate::try_from(certificate) else {
-        return false;
-    };
-    rustls::client::verify_server_name(&parsed, &name).is_ok()
+    let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']'))
+        .map_err(|_| format!("{host} is not a DNS name or an IP address"))?;
+    verifier
+        .verify_server_cert(
+            leaf,
+            intermediates,
+            &name,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map(|_| ())
+        .map_err(|e| format!("not a node certificate for {host}: {e}"))
 }
 
 /// The host of `host:port` (an IPv6 host keeps no brackets).
@@ -350,7 +404,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn build(files: &TlsConfig) -> Result<Configs, TlsError> {
+fn build(files: &TlsConfig, own_host: Option<&str>) -> Result<Configs, TlsError> {
     let chain = read_certificates(&files.cert_path)?;
     let key = read_key(&files.key_path)?;
     let cluster_ca = read_roots(&files.ca_path, RootCertStore::empty())?;
@@ -397,6 +451,18 @@ fn build(files: &TlsConfig) -> Result<Configs, TlsError> {
         .with_client_auth_cert(chain.clone(), key.clone_key())?;
     let mut outgoing = outgoing;
     outgoing.alpn_protocols = h2();
+    let node_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(cluster_ca.clone()),
+        provider(),
+    )
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    if let Some(host) = own_host {
+        verify_node_with(&node_verifier, &chain, host).map_err(|reason| TlsError::File {
+            path: files.cert_path.display().to_string(),
+            reason: format!("its peers would refuse it: {reason}"),
+        })?;
+    }
     let cluster_verifier = verifier(cluster_ca, true)?;
     Ok(Configs {
         client: server_with(Some(client_verifier), h2())?,
@@ -404,7 +470,7 @@ fn build(files: &TlsConfig) -> Result<Configs, TlsError> {
         // The metrics listener speaks HTTP/1.1 only.
         metrics: server_with(metrics_verifier, vec![b"http/1.1".to_vec()])?,
         outgoing: Arc::new(outgoing),
-        cluster_verifier,
+        node_verifier,
     })
 }
 
@@ -474,12 +540,131 @@ mod tests {
         assert_eq!(host_of("no-port"), "no-port");
     }
 
-    #[test]
-    fn garbage_is_never_a_certificate_for_a_host() {
-        for bytes in [&b""[..], b"\x30\x03\x02\x01\x00", &[0xff; 64]] {
-            let certificate = CertificateDer::from(bytes.to_vec());
-            assert!(!certificate_names_host(&certificate, "127.0.0.1"));
+    /// A CA in `dir` (`NAME-ca.pem`) and certificates it issues.
+    struct TestCa {
+        certificate: rcgen::Certificate,
+        key: rcgen::KeyPair,
+    }
+
+    impl TestCa {
+        fn new(dir: &Path, name: &str) -> TestCa {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let key = rcgen::KeyPair::generate().unwrap();
+            let certificate = params.self_signed(&key).unwrap();
+            std::fs::write(dir.join(format!("{name}-ca.pem")), certificate.pem()).unwrap();
+            TestCa { certificate, key }
         }
+
+        /// `NAME.pem` and `NAME-key.pem`: a node's (server and client use)
+        /// for `hosts`, or a client's (client use only).
+        fn issue(&self, dir: &Path, name: &str, hosts: &[&str], node: bool) {
+            let mut params = rcgen::CertificateParams::new(
+                hosts.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>(),
+            )
+            .unwrap();
+            params.extended_key_usages = if node {
+                vec![
+                    rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                    rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+                ]
+            } else {
+                vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth]
+            };
+            let key = rcgen::KeyPair::generate().unwrap();
+            let certificate = params
+                .signed_by(&key, &self.certificate, &self.key)
+                .unwrap();
+            std::fs::write(dir.join(format!("{name}.pem")), certificate.pem()).unwrap();
+            std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+        }
+    }
+
+    fn files(dir: &Path, cert: &str, ca: &str) -> TlsConfig {
+        TlsConfig {
+            cert_path: dir.join(format!("{cert}.pem")),
+            key_path: dir.join(format!("{cert}-key.pem")),
+            ca_path: dir.join(format!("{ca}-ca.pem")),
+            client_ca_path: Default::default(),
+        }
+    }
+
+    fn chain(dir: &Path, name: &str) -> Vec<CertificateDer<'static>> {
+        read_certificates(&dir.join(format!("{name}.pem"))).unwrap()
+    }
+
+    #[test]
+    fn only_a_node_certificate_from_the_cluster_ca_for_the_host_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let cluster = TestCa::new(dir, "cluster");
+        let other = TestCa::new(dir, "other");
+        cluster.issue(dir, "node", &["127.0.0.1", "node-1.quiver"], true);
+        cluster.issue(dir, "client", &[], false);
+        cluster.issue(dir, "named-client", &["127.0.0.1"], false);
+        other.issue(dir, "stranger", &["127.0.0.1"], true);
+        let tls = Tls::load(&files(dir, "node", "cluster"), Some("127.0.0.1"))
+            .unwrap()
+            .unwrap();
+        let verify = |name: &str, host: &str| tls.verify_node(Some(&chain(dir, name)), host);
+        verify("node", "127.0.0.1").unwrap();
+        verify("node", "node-1.quiver").unwrap();
+        verify("node", "[127.0.0.1]").unwrap();
+        for (name, host, why) in [
+            ("node", "10.0.0.1", "another host"),
+            ("node", "node-2.quiver", "another name"),
+            ("client", "127.0.0.1", "a client's, naming nothing"),
+            (
+                "named-client",
+                "127.0.0.1",
+                "a client's, for client use only",
+            ),
+            ("stranger", "127.0.0.1", "another CA's"),
+        ] {
+            assert!(
+                verify(name, host).is_err(),
+                "{name} for {host} passed: {why}"
+            );
+        }
+        assert!(tls.verify_node(None, "127.0.0.1").is_err());
+        assert!(tls.verify_node(Some(&[]), "127.0.0.1").is_err());
+        let garbage = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00])];
+        assert!(tls.verify_node(Some(&garbage), "127.0.0.1").is_err());
+
+        // A node's own certificate must name its own peer host.
+        let error = Tls::load(&files(dir, "node", "cluster"), Some("10.0.0.1"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("its peers would refuse it"), "{error}");
+        let error = Tls::load(&files(dir, "stranger", "cluster"), Some("127.0.0.1"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("its peers would refuse it"), "{error}");
+        // Without peers (a node alone) any name does.
+        Tls::load(&files(dir, "node", "cluster"), None)
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_certificates_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let cluster = TestCa::new(dir, "cluster");
+        cluster.issue(dir, "node", &["127.0.0.1"], true);
+        let tls = Tls::load(&files(dir, "node", "cluster"), Some("127.0.0.1"))
+            .unwrap()
+            .unwrap();
+        let before = Arc::as_ptr(&tls.server(Port::Peer));
+        std::fs::write(dir.join("node-key.pem"), b"not a key").unwrap();
+        assert!(tls.reload().is_err());
+        assert_eq!(Arc::as_ptr(&tls.server(Port::Peer)), before);
+        cluster.issue(dir, "node", &["127.0.0.1"], true);
+        tls.reload().unwrap();
+        assert_ne!(Arc::as_ptr(&tls.server(Port::Peer)), before);
     }
 
     #[test]
@@ -507,7 +692,7 @@ mod tests {
                 ca_path: path.clone(),
                 client_ca_path: Default::default(),
             };
-            let error = Tls::load(&files).unwrap_err().to_string();
+            let error = Tls::load(&files, None).unwrap_err().to_string();
             assert!(error.contains(&path.display().to_string()), "{error}");
             assert!(error.contains(says), "{error}");
         }

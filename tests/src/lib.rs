@@ -75,7 +75,7 @@ impl Node {
     /// Starts a node on `127.0.0.1:0` with its data in `data_dir` and extra
     /// flags, and waits until it answers.
     pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Result<Node> {
-        let node = Self::spawn_at(data_dir, "127.0.0.1:0", extra_args, &[])?;
+        let mut node = Self::spawn_at(data_dir, "127.0.0.1:0", extra_args, &[])?;
         node.wait_ready().await?;
         Ok(node)
     }
@@ -90,7 +90,7 @@ impl Node {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        let node = Self::spawn_at(data_dir, "127.0.0.1:0", extra_args, &env)?;
+        let mut node = Self::spawn_at(data_dir, "127.0.0.1:0", extra_args, &env)?;
         node.wait_ready().await?;
         Ok(node)
     }
@@ -199,9 +199,16 @@ impl Node {
         Ok(FeatureStoreClient::new(self.channel().await?))
     }
 
-    async fn wait_ready(&self) -> Result<()> {
+    async fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + NODE_START_TIMEOUT;
         loop {
+            // A node that refused to start says why in its log at once.
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "quiverd exited ({status}) before it was ready; log: {}",
+                    self.log()
+                );
+            }
             let last_error = match self.client().await {
                 Ok(mut client) => match client.status(pb::StatusRequest {}).await {
                     Ok(_) => return Ok(()),
@@ -538,7 +545,7 @@ impl Cluster {
                 &env,
             )?);
         }
-        for node in &nodes {
+        for node in &mut nodes {
             node.wait_ready().await?;
         }
         Ok(Cluster { nodes, links })

@@ -20,18 +20,18 @@ pub struct TestCa {
 
 impl TestCa {
     /// A new CA in `dir`, with a `node` certificate for `127.0.0.1` and
-    /// `localhost` and a `client` certificate.
+    /// `localhost` and a (client-only) `client` certificate.
     pub fn new(dir: &Path) -> Result<TestCa> {
         let ca = TestCa {
             dir: dir.to_path_buf(),
         };
         ca.run(&["tls", "ca", "--dir"])?;
         ca.issue("node", &["127.0.0.1", "localhost"])?;
-        ca.issue("client", &[])?;
+        ca.run(&["tls", "cert", "--name", "client", "--client", "--dir"])?;
         Ok(ca)
     }
 
-    /// Issues `NAME.pem` for `hosts`.
+    /// Issues a node certificate `NAME.pem` for `hosts`.
     pub fn issue(&self, name: &str, hosts: &[&str]) -> Result<()> {
         let mut args = vec!["tls", "cert", "--name", name];
         for host in hosts {

@@ -23,7 +23,7 @@ pub enum TlsCommand {
     /// Make a new CA: `ca.pem` and `ca-key.pem` in `--dir`.
     Ca(CaArgs),
     /// Issue a certificate from the CA in `--dir`: `NAME.pem` and
-    /// `NAME-key.pem`. Good for a node (server and client use) or a client.
+    /// `NAME-key.pem`, for a node (`--host`...) or a client (`--client`).
     Cert(CertArgs),
 }
 
@@ -55,10 +55,16 @@ pub struct CertArgs {
     /// File name and common name (letters, digits, `-`, `_`, `.`).
     #[arg(long)]
     name: String,
-    /// A DNS name or IP address the certificate is valid for (repeat).
-    /// A node's must cover the hosts of its client and peer addresses.
+    /// A DNS name or IP address the certificate is valid for (repeat; no
+    /// wildcards). A node's must cover the hosts of its client and peer
+    /// addresses.
     #[arg(long = "host")]
     hosts: Vec<String>,
+    /// A client's certificate: for client use only and naming no host, so
+    /// it can never pass for a node's on the peer port. Without it the
+    /// certificate is a node's (server and client use).
+    #[arg(long, conflicts_with = "hosts")]
+    client: bool,
     /// Days it is valid.
     #[arg(long, default_value_t = 365)]
     days: u64,
@@ -138,7 +144,7 @@ fn issue(args: &CertArgs) -> Result<(PathBuf, PathBuf)> {
             && host.len() <= 253
             && host
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.*".contains(&b));
+                .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
         if host.parse::<std::net::IpAddr>().is_err() && !dns_name {
             bail!("--host {host:?} is not a DNS name or an IP address");
         }
@@ -160,11 +166,15 @@ fn issue(args: &CertArgs) -> Result<(PathBuf, PathBuf)> {
         KeyUsagePurpose::KeyEncipherment,
     ];
     // A node's certificate serves its ports and is its client certificate
-    // towards its peers.
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    // towards its peers; a client's is for client use only.
+    params.extended_key_usages = if args.client {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    } else {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    };
     validity(&mut params, args.days)?;
     let key = KeyPair::generate()?;
     let certificate = params.signed_by(&key, &ca, &ca_key)?;
@@ -230,6 +240,7 @@ mod tests {
                 name: name.into(),
                 hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
                 days: 1,
+                client: hosts.is_empty(),
             })
         };
         let (pem, key) = cert("node1", &["127.0.0.1", "localhost"]).unwrap();
@@ -248,5 +259,6 @@ mod tests {
             assert!(cert(bad, &[]).is_err(), "{bad:?}");
         }
         assert!(cert("x", &["not a host"]).is_err());
+        assert!(cert("x", &["*.quiver"]).is_err(), "no wildcards");
     }
 }

@@ -6,9 +6,12 @@
 //! who can read the traffic.
 //!
 //! With peer TLS every call also names its node (`x-quiver-node-id`), and
-//! the certificate of the connection it came on must name that node's
-//! address in the cluster map: a node cannot speak for another, and a
-//! certificate from the cluster CA is not enough for a host outside it.
+//! the certificate of the connection it came on must be a node certificate
+//! (cluster CA, server use) naming that node's address in the cluster map:
+//! a certificate for one host cannot claim a node at another, and a
+//! client's certificate is not a node's. Pings must name the node the call
+//! was authenticated as; Raft messages name replicas, which are not checked
+//! against it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -66,20 +69,30 @@ impl Interceptor for SignPeerCalls {
 /// The peer address the cluster map gives a node, if it is a member.
 pub type PeerAddrOf = Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>;
 
-/// Checks that a peer call's certificate names the address of the node the
-/// call says it comes from (peer TLS).
+/// The node a peer call was authenticated as (peer TLS), in the call's
+/// extensions: calls whose body names a node (pings) must name this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthenticatedPeer(pub NodeId);
+
+/// Most connections [`PeerIdentity`] remembers as checked.
+const CHECKED_CONNECTIONS_MAX: usize = 4096;
+
+/// Checks that a peer call's certificate is a node certificate for the
+/// address of the node the call says it comes from (peer TLS).
 #[derive(Clone)]
 pub struct PeerIdentity {
+    tls: Arc<crate::tls::Tls>,
     addr_of: PeerAddrOf,
-    /// Connections already checked, by their certificate list (one per
-    /// connection, shared by its calls): a call on a checked connection
-    /// costs a lookup, not a certificate parse. The weak pointer keeps the
-    /// allocation, so its address is never another connection's.
-    checked: Arc<parking_lot::Mutex<HashMap<NodeId, Checked>>>,
+    /// Connections already checked, by the address of their certificate
+    /// list (one per connection, shared by its calls): a call on a checked
+    /// connection costs a lookup, not a certificate check. The weak pointer
+    /// keeps the allocation, so its address is never another connection's.
+    checked: Arc<parking_lot::Mutex<HashMap<usize, Checked>>>,
 }
 
 struct Checked {
     certificates: Weak<Vec<CertificateDer<'static>>>,
+    node: NodeId,
     addr: String,
 }
 
@@ -90,9 +103,11 @@ impl std::fmt::Debug for PeerIdentity {
 }
 
 impl PeerIdentity {
-    /// Checks against the addresses `addr_of` gives.
-    pub fn new(addr_of: PeerAddrOf) -> Self {
+    /// Checks against the addresses `addr_of` gives, with `tls`'s cluster
+    /// CA.
+    pub fn new(tls: Arc<crate::tls::Tls>, addr_of: PeerAddrOf) -> Self {
         Self {
+            tls,
             addr_of,
             checked: Arc::default(),
         }
@@ -115,29 +130,34 @@ impl PeerIdentity {
                 "node {node} is not in the cluster map"
             )));
         };
+        let key = Arc::as_ptr(certificates) as usize;
         let mut checked = self.checked.lock();
-        if let Some(seen) = checked.get(&node)
+        if let Some(seen) = checked.get(&key)
+            && seen.node == node
             && seen.addr == addr
-            && seen
-                .certificates
-                .upgrade()
-                .is_some_and(|seen| Arc::ptr_eq(&seen, certificates))
+            && seen.certificates.upgrade().is_some()
         {
             return Ok(());
         }
         let host = crate::tls::host_of(&addr);
-        let names_it = certificates
-            .first()
-            .is_some_and(|leaf| crate::tls::certificate_names_host(leaf, host));
-        if !names_it {
-            return Err(Status::permission_denied(format!(
-                "the peer certificate does not name {host}, node {node}'s address in the cluster map"
-            )));
+        self.tls
+            .verify_node(Some(certificates), host)
+            .map_err(|why| {
+                Status::permission_denied(format!(
+                    "the peer certificate is not node {node}'s ({host}, its address in the cluster map): {why}"
+                ))
+            })?;
+        if checked.len() >= CHECKED_CONNECTIONS_MAX {
+            checked.retain(|_, seen| seen.certificates.strong_count() > 0);
+            if checked.len() >= CHECKED_CONNECTIONS_MAX {
+                checked.clear();
+            }
         }
         checked.insert(
-            node,
+            key,
             Checked {
                 certificates: Arc::downgrade(certificates),
+                node,
                 addr,
             },
         );
@@ -206,6 +226,9 @@ impl Interceptor for CheckPeerCalls {
                     Status::unauthenticated(format!("peer call without its node ({NODE_HEADER})"))
                 })?;
             identity.check(node, request.peer_certs().as_ref())?;
+            let mut request = request;
+            request.extensions_mut().insert(AuthenticatedPeer(node));
+            return Ok(request);
         }
         Ok(request)
     }

@@ -315,6 +315,10 @@ impl Peer for PeerService {
         &self,
         request: Request<PeerBatch>,
     ) -> Result<Response<Self::CallBatchStream>, Status> {
+        let authenticated = request
+            .extensions()
+            .get::<super::auth::AuthenticatedPeer>()
+            .copied();
         let calls = request.into_inner().calls;
         if calls.len() > PEER_BATCH_CALLS_MAX {
             return Err(Status::invalid_argument(format!(
@@ -332,6 +336,15 @@ impl Peer for PeerService {
                 let service = service.clone();
                 async move {
                     let result = match wire::decode::<PeerCall>(&call.payload) {
+                        // Under peer TLS a node pings as itself only.
+                        Ok(PeerCall::Ping(ping))
+                            if authenticated.is_some_and(|peer| peer.0 != ping.from) =>
+                        {
+                            PeerResult::Failed(format!(
+                                "a ping from node {} on a connection of another node",
+                                ping.from
+                            ))
+                        }
                         Ok(decoded) => service.handle(call.group, call.replica, decoded).await,
                         Err(e) => PeerResult::Failed(format!("undecodable peer call: {e}")),
                     };
