@@ -13,6 +13,7 @@
 #   etcd     a 3-member etcd cluster (scripts/peers.sh): single puts,
 #            100-put transactions, Txn of 100 ranges (serve)
 #   shards   RF 3 writes over 1, 3 and 16 Raft groups (SHARDS_ENTITIES=10000)
+#   tls      the cluster section with TLS on every port (not in the default set)
 # quiver-bench prints one JSON line per run to $OUT; scripts/bench-tables.py
 # turns them into the markdown tables (medians, min-max, ratios).
 set -euo pipefail
@@ -75,8 +76,15 @@ run_cluster() { # $1 = label, $2 = node flags, rest = quiver-bench flags
         dir="$WORK/$label-$i"
         QUIVER_NODE_FLAGS="$flags" QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$dir" \
             QUIVER_CLUSTER_PORT=7570 ./scripts/cluster.sh start 3 >/dev/null
+        # With QUIVER_CLUSTER_TLS=1 the cluster made a CA; the load
+        # generator connects with its client certificate.
+        local tls_env=()
+        if [[ "${QUIVER_CLUSTER_TLS:-0}" == 1 ]]; then
+            tls_env=(QUIVER_CA="$dir/tls/ca.pem" QUIVER_CERT="$dir/tls/client.pem"
+                QUIVER_KEY="$dir/tls/client-key.pem")
+        fi
         # Connections spread over the three nodes, as etcd's client does.
-        "$BIN/quiver-bench" --endpoint 127.0.0.1:7570,127.0.0.1:7571,127.0.0.1:7572 \
+        env "${tls_env[@]}" "$BIN/quiver-bench" --endpoint 127.0.0.1:7570,127.0.0.1:7571,127.0.0.1:7572 \
             --entities "$ENTITIES" --duration "$DURATION" \
             --server-pid "$(cat "$dir"/node*.pid | paste -sd,)" --label "$label" --json "$@" | tee -a "$OUT"
         QUIVER_CLUSTER_DIR="$dir" ./scripts/cluster.sh stop >/dev/null
@@ -97,6 +105,12 @@ run_peer redis redis-hash redis-hash-serve      --workload serve --concurrency 1
 run_peer redis redis-blob redis-blob-serve      --workload serve --concurrency 16 --read-all-first
 run_peer redis redis-hash redis-hash-zipf-serve --workload serve --concurrency 16 --read-all-first --distribution zipf
 run_peer redis redis-hash redis-hash-open-loop  --workload serve --rate 500 --read-all-first
+fi
+if [[ " $SECTIONS " == *" tls "* ]]; then
+# The cluster section's runs with TLS on every port (peers mutual).
+QUIVER_CLUSTER_TLS=1 run_cluster rf3-tls-ingest-single "" --workload ingest --rows-per-write 1 --concurrency 16
+QUIVER_CLUSTER_TLS=1 run_cluster rf3-tls-ingest-batch100 "" --workload ingest --rows-per-write 100 --concurrency 16
+QUIVER_CLUSTER_TLS=1 run_cluster rf3-tls-serve-leader "$WARM_CACHE" --workload serve --concurrency 16 --read-all-first
 fi
 if [[ " $SECTIONS " == *" cluster "* ]]; then
 run_cluster rf3-ingest-single ""              --workload ingest --rows-per-write 1 --concurrency 16

@@ -7,6 +7,7 @@
 #
 #   scripts/nemesis.sh [--seeds N | --seed-list 3,7,9] [--seconds S] [--out FILE]
 #
+# QUIVER_NEMESIS_TLS=1 runs every seed with TLS on every port (peers mutual).
 # A failing seed replays with
 #   QUIVER_NEMESIS_SEEDS=<seed> QUIVER_NEMESIS_SECONDS=<S> \
 #     cargo test --workspace --test nemesis -- --nocapture
@@ -49,11 +50,22 @@ built=$(cargo test --workspace --test nemesis --no-run 2>&1 | tee /dev/stderr |
     sed -n 's/.*Executable tests\/nemesis.rs (\(.*\))$/\1/p' | tail -1)
 [[ -x "$built" ]] || { echo "could not find the nemesis test executable" >&2; exit 1; }
 cp "$built" "$stash/nemesis"
+# QUIVER_NEMESIS_TLS=1: every node serves TLS only (a CA made for the
+# campaign; nodes and quiverctl inherit the settings, the test's clients
+# read them: tests/src/tls.rs).
+tls_note=""
+if [[ "${QUIVER_NEMESIS_TLS:-0}" == 1 ]]; then
+    QUIVER_BIN_DIR="$stash" ./scripts/tls-ca.sh "$stash/tls" >/dev/null
+    export QUIVER_TLS__CERT_PATH="$stash/tls/node.pem" QUIVER_TLS__KEY_PATH="$stash/tls/node-key.pem"
+    export QUIVER_TLS__CA_PATH="$stash/tls/ca.pem" QUIVER_TLS__CLIENT_CA_PATH="$stash/tls/ca.pem"
+    export QUIVER_CA="$stash/tls/ca.pem" QUIVER_CERT="$stash/tls/client.pem" QUIVER_KEY="$stash/tls/client-key.pem"
+    tls_note=", TLS on every port"
+fi
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | head -1)
 echo "==> testing the build of $commit${dirty:+ (with uncommitted changes)}, kept in $stash"
 
-echo "# nemesis campaign on $commit${dirty:+ (with uncommitted changes)}, ${seconds}s per seed" > "$out"
+echo "# nemesis campaign on $commit${dirty:+ (with uncommitted changes)}, ${seconds}s per seed$tls_note" > "$out"
 failed=0
 IFS=, read -r -a list <<< "$seed_list"
 for seed in "${list[@]}"; do

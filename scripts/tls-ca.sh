@@ -22,7 +22,7 @@ shift
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/quiver-target}"
 PROFILE="${QUIVER_PROFILE:-dev}"
-BIN="$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
+BIN="${QUIVER_BIN_DIR:-$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")}"
 if [ ! -x "$BIN/quiverctl" ]; then
     source ./scripts/ensure-deps.sh
     cargo build --profile "$PROFILE" --bin quiverctl --quiet

@@ -77,15 +77,48 @@ pub enum Conn {
     Etcd(KvClient<Channel>),
 }
 
-async fn channel(endpoint: &str) -> Result<Channel> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
+/// TLS for Quiver connections when `QUIVER_CA` names the nodes' CA (and
+/// `QUIVER_CERT` / `QUIVER_KEY` a client certificate), as for quiverctl.
+fn tls_from_env() -> Result<Option<tonic::transport::ClientTlsConfig>> {
+    let Some(ca) = std::env::var_os("QUIVER_CA") else {
+        return Ok(None);
     };
-    tonic::transport::Endpoint::from_shared(url)?
+    let read = |path: &std::ffi::OsStr| {
+        std::fs::read(path).with_context(|| format!("read {}", path.to_string_lossy()))
+    };
+    let mut config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(&ca)?));
+    if let (Some(cert), Some(key)) = (
+        std::env::var_os("QUIVER_CERT"),
+        std::env::var_os("QUIVER_KEY"),
+    ) {
+        config = config.identity(tonic::transport::Identity::from_pem(
+            read(&cert)?,
+            read(&key)?,
+        ));
+    }
+    Ok(Some(config))
+}
+
+async fn channel(
+    endpoint: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Channel> {
+    let host_port = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let url = match tls {
+        Some(_) => format!("https://{host_port}"),
+        None if endpoint.contains("://") => endpoint.to_owned(),
+        None => format!("http://{endpoint}"),
+    };
+    let mut builder = tonic::transport::Endpoint::from_shared(url)?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.clone())?;
+    }
+    builder
         .connect()
         .await
         .with_context(|| format!("connect to {endpoint}"))
@@ -100,12 +133,16 @@ pub async fn connect(
     skip_cache: bool,
 ) -> Result<Vec<Conn>> {
     ensure!(!endpoints.is_empty(), "no endpoint given");
+    let tls = match kind {
+        TargetKind::Quiver => tls_from_env()?,
+        _ => None,
+    };
     let mut conns = Vec::with_capacity(connections);
     for i in 0..connections.max(1) {
         let endpoint = &endpoints[i % endpoints.len()];
         conns.push(match kind {
             TargetKind::Quiver => Conn::Quiver {
-                client: FeatureStoreClient::new(channel(endpoint).await?)
+                client: FeatureStoreClient::new(channel(endpoint, tls.as_ref()).await?)
                     .max_decoding_message_size(RESPONSE_BYTES_MAX),
                 skip_cache,
             },
@@ -125,7 +162,7 @@ pub async fn connect(
                 }
             }
             TargetKind::Etcd => Conn::Etcd(
-                KvClient::new(channel(endpoint).await?)
+                KvClient::new(channel(endpoint, None).await?)
                     .max_decoding_message_size(RESPONSE_BYTES_MAX),
             ),
         });

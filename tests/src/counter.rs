@@ -238,10 +238,8 @@ pub async fn leader_of(cluster: &mut Cluster, group: u32) -> u64 {
 
 /// A client of the node at `addr`.
 pub async fn connect(addr: std::net::SocketAddr) -> Result<Client, String> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let channel = crate::endpoint(&addr.to_string())
         .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
         .connect()
         .await
         .map_err(|e| e.to_string())?;

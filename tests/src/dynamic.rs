@@ -225,10 +225,8 @@ pub fn leader_counts(
 
 /// The cluster map as the node at `endpoint` answers it.
 pub async fn cluster_map(endpoint: &str) -> Result<admin_pb::GetClusterMapResponse, String> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+    let channel = crate::endpoint(endpoint)
         .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
         .connect()
         .await
         .map_err(|e| e.to_string())?;

@@ -132,7 +132,7 @@ impl Node {
             spawn(data_dir, listen, &extra_args, env, &log_path)?;
         let tls = match env.iter().find(|(k, _)| k == tls::CA_PATH_ENV) {
             Some((_, ca)) => Some(tls::harness_client_config(Path::new(ca))?),
-            None => None,
+            None => tls::process_client_config()?,
         };
         Ok(Node {
             child,
@@ -598,6 +598,22 @@ impl Node {
             .await?
             .into_inner())
     }
+}
+
+/// An endpoint for `target` (a URL or `host:port`) with the harness's
+/// timeouts: over TLS when this process's nodes run it
+/// ([`tls::process_client_config`]), else plaintext.
+pub fn endpoint(target: &str) -> Result<tonic::transport::Endpoint> {
+    let host_port = target.split_once("://").map_or(target, |(_, rest)| rest);
+    let tls = tls::process_client_config()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{host_port}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30));
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint)
 }
 
 /// Runs `quiverctl` against `endpoint`; returns stdout, or an error with

@@ -91,6 +91,18 @@ impl TestCa {
     }
 }
 
+/// The TLS this test process's nodes run when it was started with
+/// `QUIVER_TLS__CA_PATH` (and the rest of `[tls]`) in its environment,
+/// which every quiverd it starts inherits (`QUIVER_NEMESIS_TLS=1
+/// scripts/nemesis.sh` does that); with `QUIVER_CA`, `QUIVER_CERT` and
+/// `QUIVER_KEY` there too, every quiverctl it runs inherits TLS as well.
+pub fn process_client_config() -> Result<Option<ClientTlsConfig>> {
+    match std::env::var_os(CA_PATH_ENV) {
+        Some(ca) => Ok(Some(harness_client_config(Path::new(&ca))?)),
+        None => Ok(None),
+    }
+}
+
 /// How the harness connects to a node whose cluster CA is `ca_path`.
 pub(crate) fn harness_client_config(ca_path: &Path) -> Result<ClientTlsConfig> {
     let dir = ca_path.parent().context("the CA path has no directory")?;

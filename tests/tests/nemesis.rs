@@ -103,7 +103,7 @@ struct Handovers {
 /// group and the four shards) to node `to`, all at once.
 async fn transfer_all(endpoint: &str, to: u64) -> Handovers {
     let mut outcome = Handovers::default();
-    let channel = match tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+    let channel = match quiver_tests::endpoint(endpoint)
         .unwrap()
         .timeout(OPERATION_TIMEOUT * 3)
         .connect()
@@ -177,7 +177,7 @@ where
     F: FnOnce(AdminClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+    let channel = quiver_tests::endpoint(endpoint)
         .map_err(|_| tonic::Code::InvalidArgument)?
         .timeout(OPERATION_TIMEOUT * 3)
         .connect()
