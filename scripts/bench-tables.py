@@ -51,6 +51,17 @@ TABLES = [
         ],
     ),
     (
+        "TLS on every port: Quiver RF 3 (3 nodes), TLS against plain TCP, 16 in flight",
+        [
+            ("rf3-ingest-single", "plain, single-row writes", None),
+            ("rf3-tls-ingest-single", "TLS, single-row writes", "rf3-ingest-single"),
+            ("rf3-ingest-batch100", "plain, 100-row writes", None),
+            ("rf3-tls-ingest-batch100", "TLS, 100-row writes", "rf3-ingest-batch100"),
+            ("rf3-serve-leader", "plain, serve 100 x 10 at LEADER", None),
+            ("rf3-tls-serve-leader", "TLS, serve 100 x 10 at LEADER", "rf3-serve-leader"),
+        ],
+    ),
+    (
         "Quiver, one node: writes and mixed load, 16 in flight",
         [
             ("ingest-batch100-fsync", "ingest, 100-row batches, fsync", None),
