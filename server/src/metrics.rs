@@ -10,7 +10,7 @@
 //! number of series.
 
 use std::collections::HashMap;
-use std::sync::{OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -353,7 +353,10 @@ where
         );
         let future = {
             let _entered = span.enter();
-            self.inner.call(request)
+            REQUEST_ID.scope(
+                Arc::from(request_id.to_str().unwrap_or_default()),
+                self.inner.call(request),
+            )
         };
         Box::pin(tracing::Instrument::instrument(
             async move {
@@ -388,6 +391,18 @@ where
 /// The header naming a request across the logs: the client's, else one
 /// made up here; answered in the response headers either way.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+tokio::task_local! {
+    /// The id of the client request the current task serves (set around
+    /// every client call): peer calls made for it carry it, so the node
+    /// that does the work logs under the same id.
+    static REQUEST_ID: Arc<str>;
+}
+
+/// The id of the client request the current task serves, if any.
+pub fn current_request_id() -> Option<Arc<str>> {
+    REQUEST_ID.try_with(Arc::clone).ok()
+}
 /// Longest client request id kept (a longer or unprintable one is
 /// replaced).
 const REQUEST_ID_BYTES_MAX: usize = 64;

@@ -1293,3 +1293,82 @@ async fn a_degraded_get_falls_back_to_defaults_where_no_replica_is_local() {
     cluster.node(2).restart().await.unwrap();
     cluster.node(3).restart().await.unwrap();
 }
+
+/// Work a node forwards for a client request (a write to a shard another
+/// node leads) is logged on the node that does it under the client's
+/// `x-request-id`: a write through each node with its own id, and at least
+/// one node logs another node's id (at most one node can lead every shard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_work_is_logged_under_the_client_request_id() {
+    let mut cluster = start(&[(
+        "QUIVER_LOG",
+        "info,quiver_server::cluster::peer_service=debug",
+    )])
+    .await;
+    let client = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&client).await;
+    let keys = keys(48, "traced");
+    let now = quiver_tests::now_us();
+    for id in 1..=3u64 {
+        let client = cluster.node(id).client().await.unwrap();
+        retry("a traced write", LEADER_WAIT, || {
+            let mut client = client.clone();
+            let rows: Vec<pb::WriteRow> = keys
+                .iter()
+                .map(|key| {
+                    quiver_tests::row(key, now + id as i64, &[("value", quiver_tests::int64(1))])
+                })
+                .collect();
+            async move {
+                let mut request = tonic::Request::new(pb::WriteRequest {
+                    view: "counter".into(),
+                    rows,
+                    request_id: Vec::new(),
+                });
+                request
+                    .metadata_mut()
+                    .insert("x-request-id", format!("traced-{id}").parse().unwrap());
+                client
+                    .write(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .await;
+    }
+    // The logs reach their files a moment after the lines are written.
+    let logs: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|node| node.log_path().to_path_buf())
+        .collect();
+    retry(
+        "forwarded work logged under another node's request id",
+        CONVERGE_WAIT,
+        || {
+            let logs = logs.clone();
+            async move {
+                let logged_elsewhere = (1..=3usize)
+                    .flat_map(|through| (1..=3usize).map(move |on| (through, on)))
+                    .filter(|(through, on)| through != on)
+                    .any(|(through, on)| {
+                        std::fs::read_to_string(&logs[on - 1])
+                            .unwrap_or_default()
+                            .lines()
+                            .any(|line| {
+                                // (Text logs color the span's fields apart.)
+                                line.contains(&format!("traced-{through}"))
+                                    && line.contains("forwarded call answered")
+                            })
+                    });
+                if logged_elsewhere {
+                    Ok(())
+                } else {
+                    Err("not yet".to_owned())
+                }
+            }
+        },
+    )
+    .await;
+}

@@ -119,6 +119,8 @@ struct Queued {
     payload: Vec<u8>,
     deadline: Instant,
     reply: ReplyTo,
+    /// The client request this call works for (`metrics::current_request_id`).
+    request_id: Option<Arc<str>>,
 }
 
 /// Takes calls off one peer lane's queue and sends them as batches, at most
@@ -184,6 +186,11 @@ async fn send_batch(
             group: call.group,
             replica: call.replica,
             payload: std::mem::take(&mut call.payload),
+            request_id: call
+                .request_id
+                .as_deref()
+                .map(str::to_owned)
+                .unwrap_or_default(),
         })
         .collect();
     let mut request = tonic::Request::new(PeerBatch { calls });
@@ -513,6 +520,7 @@ impl PeerClients {
                 payload,
                 deadline: Instant::now() + timeout,
                 reply,
+                request_id: crate::metrics::current_request_id(),
             })
             .map_err(|e| {
                 rpc_error(match e {

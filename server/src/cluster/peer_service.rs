@@ -345,7 +345,24 @@ impl Peer for PeerService {
                                 ping.from
                             ))
                         }
-                        Ok(decoded) => service.handle(call.group, call.replica, decoded).await,
+                        Ok(decoded) if call.request_id.is_empty() => {
+                            service.handle(call.group, call.replica, decoded).await
+                        }
+                        // Work for a client request: logged under its id.
+                        Ok(decoded) => {
+                            let request_id: String = call.request_id.chars().take(64).collect();
+                            let span = tracing::debug_span!("forwarded", %request_id);
+                            tracing::Instrument::instrument(
+                                async {
+                                    let result =
+                                        service.handle(call.group, call.replica, decoded).await;
+                                    tracing::debug!(group = call.group, "forwarded call answered");
+                                    result
+                                },
+                                span,
+                            )
+                            .await
+                        }
                         Err(e) => PeerResult::Failed(format!("undecodable peer call: {e}")),
                     };
                     Ok(PeerBatchReply {
