@@ -79,15 +79,34 @@ impl TestCa {
     /// A client that trusts this CA and presents `identity`'s certificate
     /// if given.
     pub fn client_config(&self, identity: Option<&str>) -> Result<ClientTlsConfig> {
-        let mut config = ClientTlsConfig::new()
+        let config = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(std::fs::read(self.path("ca.pem"))?));
-        if let Some(name) = identity {
-            config = config.identity(Identity::from_pem(
-                std::fs::read(self.path(&format!("{name}.pem")))?,
-                std::fs::read(self.path(&format!("{name}-key.pem")))?,
-            ));
-        }
-        Ok(config)
+        Ok(match identity {
+            Some(name) => config.identity(self.identity(name)?),
+            None => config,
+        })
+    }
+
+    /// The certificate `NAME.pem` and its key, to present.
+    pub fn identity(&self, name: &str) -> Result<Identity> {
+        Ok(Identity::from_pem(
+            std::fs::read(self.path(&format!("{name}.pem")))?,
+            std::fs::read(self.path(&format!("{name}-key.pem")))?,
+        ))
+    }
+
+    /// quiverctl's flags to trust this CA and present the `client`
+    /// certificate.
+    pub fn quiverctl_flags(&self) -> Vec<String> {
+        let path = |file: &str| self.path(file).display().to_string();
+        vec![
+            "--ca".into(),
+            path("ca.pem"),
+            "--cert".into(),
+            path("client.pem"),
+            "--key".into(),
+            path("client-key.pem"),
+        ]
     }
 }
 
@@ -96,11 +115,19 @@ impl TestCa {
 /// which every quiverd it starts inherits (`QUIVER_NEMESIS_TLS=1
 /// scripts/nemesis.sh` does that); with `QUIVER_CA`, `QUIVER_CERT` and
 /// `QUIVER_KEY` there too, every quiverctl it runs inherits TLS as well.
+/// Read once per process: every connection of a campaign uses it.
 pub fn process_client_config() -> Result<Option<ClientTlsConfig>> {
-    match std::env::var_os(CA_PATH_ENV) {
-        Some(ca) => Ok(Some(harness_client_config(Path::new(&ca))?)),
-        None => Ok(None),
-    }
+    static LOADED: std::sync::OnceLock<Result<Option<ClientTlsConfig>, String>> =
+        std::sync::OnceLock::new();
+    LOADED
+        .get_or_init(|| match std::env::var_os(CA_PATH_ENV) {
+            Some(ca) => harness_client_config(Path::new(&ca))
+                .map(Some)
+                .map_err(|e| format!("{e:#}")),
+            None => Ok(None),
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
 
 /// How the harness connects to a node whose cluster CA is `ca_path`.

@@ -96,6 +96,14 @@ async fn get_metrics(
     Ok(response)
 }
 
+/// quiverctl at `addr` over TLS with `ca`'s client certificate.
+fn ctl(ca: &TestCa, addr: std::net::SocketAddr, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = ca.quiverctl_flags();
+    all.extend(args.iter().map(|arg| (*arg).to_owned()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    quiverctl(&addr.to_string(), &all)
+}
+
 fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
@@ -113,7 +121,7 @@ async fn a_tls_cluster_takes_only_clients_and_peers_with_the_right_certificates(
     let mut cluster = start(&pairs(&env)).await;
 
     eprintln!("--- writes through one node and reads through every node: peers talk over TLS");
-    let mut client = cluster.node(1).client().await.unwrap();
+    let client = cluster.node(1).client().await.unwrap();
     apply_counter_view(&client).await;
     let keys = keys(30, "tls");
     let values: Vec<(String, i64)> = keys.iter().map(|k| (k.clone(), 7)).collect();
@@ -129,51 +137,36 @@ async fn a_tls_cluster_takes_only_clients_and_peers_with_the_right_certificates(
             .unwrap();
         assert!(read.iter().all(|v| *v == Some(7)), "node {id}: {read:?}");
     }
-    let _ = &mut client;
 
     eprintln!("--- clients the client port refuses");
     let addr = cluster.node(1).addr();
     call_status(addr, Some(ca.client_config(Some("client")).unwrap()))
         .await
         .expect("the CA's client certificate is taken");
-    for (what, tls) in
-        [
-            (
-                "no client certificate",
-                Some(ca.client_config(None).unwrap()),
+    for (what, tls) in [
+        (
+            "no client certificate",
+            Some(ca.client_config(None).unwrap()),
+        ),
+        (
+            "a client certificate from another CA",
+            Some(
+                ca.client_config(None)
+                    .unwrap()
+                    .identity(other.identity("client").unwrap()),
             ),
-            (
-                "a client certificate from another CA",
-                Some(ca.client_config(None).unwrap().identity(
-                    tonic::transport::Identity::from_pem(
-                        std::fs::read(other.path("client.pem")).unwrap(),
-                        std::fs::read(other.path("client-key.pem")).unwrap(),
-                    ),
-                )),
-            ),
-            (
-                "trusting another CA",
-                Some(other.client_config(Some("client")).unwrap()),
-            ),
-            ("plaintext", None),
-        ]
-    {
+        ),
+        (
+            "trusting another CA",
+            Some(other.client_config(Some("client")).unwrap()),
+        ),
+        ("plaintext", None),
+    ] {
         let refused = call_status(addr, tls).await;
         assert!(refused.is_err(), "{what}: let through");
         eprintln!("{what}: {}", refused.unwrap_err());
     }
-    let ctl_ok = quiverctl(
-        &addr.to_string(),
-        &[
-            "--ca",
-            ca.path("ca.pem").to_str().unwrap(),
-            "--cert",
-            ca.path("client.pem").to_str().unwrap(),
-            "--key",
-            ca.path("client-key.pem").to_str().unwrap(),
-            "status",
-        ],
-    );
+    let ctl_ok = ctl(&ca, addr, &["status"]);
     assert!(ctl_ok.is_ok(), "{ctl_ok:?}");
     let ctl_refused = quiverctl(&addr.to_string(), &["status"]);
     assert!(ctl_refused.is_err(), "quiverctl without --ca");
@@ -192,14 +185,10 @@ async fn a_tls_cluster_takes_only_clients_and_peers_with_the_right_certificates(
     let peer_addr = cluster.node(1).peer_addr();
     let peer_call = |identity: Option<(&TestCa, &str)>, node_header: Option<&str>| {
         let tls = match identity {
-            Some((issuer, name)) => {
-                ca.client_config(None)
-                    .unwrap()
-                    .identity(tonic::transport::Identity::from_pem(
-                        std::fs::read(issuer.path(&format!("{name}.pem"))).unwrap(),
-                        std::fs::read(issuer.path(&format!("{name}-key.pem"))).unwrap(),
-                    ))
-            }
+            Some((issuer, name)) => ca
+                .client_config(None)
+                .unwrap()
+                .identity(issuer.identity(name).unwrap()),
             None => ca.client_config(None).unwrap(),
         };
         let node_header = node_header.map(str::to_owned);
@@ -265,20 +254,7 @@ async fn a_tls_cluster_takes_only_clients_and_peers_with_the_right_certificates(
     )
     .await
     .unwrap();
-    let listed = quiverctl(
-        &joined.addr().to_string(),
-        &[
-            "--ca",
-            ca.path("ca.pem").to_str().unwrap(),
-            "--cert",
-            ca.path("client.pem").to_str().unwrap(),
-            "--key",
-            ca.path("client-key.pem").to_str().unwrap(),
-            "node",
-            "list",
-        ],
-    )
-    .unwrap();
+    let listed = ctl(&ca, joined.addr(), &["node", "list"]).unwrap();
     assert!(listed.contains(&joined.peer_addr().to_string()), "{listed}");
     // A client certificate (what `quiverctl node add` would show) cannot
     // join a node.

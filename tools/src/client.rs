@@ -53,16 +53,7 @@ pub fn set_tls(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<()> {
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("read {}", path.display()))?
-        .len();
-    if size > TLS_FILE_BYTES_MAX {
-        bail!(
-            "{} is larger than {TLS_FILE_BYTES_MAX} bytes",
-            path.display()
-        );
-    }
-    std::fs::read(path).with_context(|| format!("read {}", path.display()))
+    crate::files::read_bounded(path, TLS_FILE_BYTES_MAX)
 }
 
 /// Adds the token to a call.

@@ -12,6 +12,7 @@ mod backup;
 mod client;
 mod cluster;
 mod drill;
+mod files;
 mod get;
 mod plan;
 mod probe;

@@ -189,18 +189,8 @@ fn issue(args: &CertArgs) -> Result<(PathBuf, PathBuf)> {
 const FILE_BYTES_MAX: u64 = 1 << 20;
 
 fn read(path: &Path) -> Result<String> {
-    let size = std::fs::metadata(path)
-        .with_context(|| {
-            format!(
-                "read {} (make a CA first: quiverctl tls ca)",
-                path.display()
-            )
-        })?
-        .len();
-    if size > FILE_BYTES_MAX {
-        bail!("{} is larger than {FILE_BYTES_MAX} bytes", path.display());
-    }
-    std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+    crate::files::read_text_bounded(path, FILE_BYTES_MAX)
+        .context("make a CA first: quiverctl tls ca")
 }
 
 fn write(path: &Path, contents: &str, secret: bool) -> Result<()> {

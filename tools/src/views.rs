@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use comfy_table::Table;
 use quiver_proto::v1::{self as pb, ValueType};
 use serde::Deserialize;
@@ -102,16 +102,8 @@ fn to_pb(view: ViewYaml) -> Result<pb::FeatureView> {
 
 /// Reads and parses a views file.
 fn read_views(path: &Path) -> Result<Vec<pb::FeatureView>> {
-    let size = std::fs::metadata(path)
-        .with_context(|| format!("read {}", path.display()))?
-        .len();
-    if size > VIEWS_FILE_BYTES_MAX {
-        bail!(
-            "{} is {size} bytes; a views file may be at most {VIEWS_FILE_BYTES_MAX}",
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let text = crate::files::read_text_bounded(path, VIEWS_FILE_BYTES_MAX)
+        .context("a views file is UTF-8 YAML of bounded size")?;
     let file: ViewsFile =
         serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
     file.views.into_iter().map(to_pb).collect()
