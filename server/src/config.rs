@@ -361,6 +361,23 @@ pub struct ClusterConfig {
     pub breaker_open_ms: u64,
     /// Successful probes in a row that close a breaker.
     pub breaker_close_successes: u32,
+    /// Each shard's circuit breaker (for this node's clients' writes and
+    /// `LEADER`/`STRONG` reads) keeps the outcomes of this many calls (0:
+    /// shard breakers never open). An open one fails those calls at once:
+    /// degraded reads go straight to their fallback.
+    pub shard_breaker_window_calls: u32,
+    /// A shard's breaker opens when more than this share (percent) of a
+    /// full window failed.
+    pub shard_breaker_error_rate_percent: u32,
+    /// An open shard breaker is half-open after this long: up to
+    /// `shard_breaker_close_successes` probe calls at a time go.
+    pub shard_breaker_open_ms: u64,
+    /// Successful probes in a row that close a shard breaker.
+    pub shard_breaker_close_successes: u32,
+    /// A call to a shard still without an answer after this long when its
+    /// caller gives up counts as a failure (one cut off sooner, by a short
+    /// deadline, counts for nothing).
+    pub shard_breaker_slow_call_ms: u64,
     /// The metadata leader's scheduler keeps every shard at
     /// `replication_factor` voters on serving nodes and the nodes' replica
     /// counts within one of each other, by starting replica moves, and
@@ -445,6 +462,13 @@ impl Default for ClusterConfig {
             breaker_error_rate_percent: 50,
             breaker_open_ms: 2_000,
             breaker_close_successes: 5,
+            shard_breaker_window_calls: 10,
+            shard_breaker_error_rate_percent: 50,
+            // Most shard outages are an election (about a second): probe
+            // again soon after one should have ended.
+            shard_breaker_open_ms: 1_000,
+            shard_breaker_close_successes: 5,
+            shard_breaker_slow_call_ms: 1_000,
             schedule_replicas: true,
             operators_max: 4,
             operator_catch_up_timeout_ms: 600_000,
@@ -457,6 +481,10 @@ impl Default for ClusterConfig {
         }
     }
 }
+
+/// Longest a request may wait for admission (and CoDel's longest interval):
+/// a minute.
+pub const ADMISSION_WAIT_MS_MAX: u64 = 60_000;
 
 /// Most outcomes a peer's circuit breaker keeps (and most probes it asks
 /// to close).
@@ -531,8 +559,18 @@ pub struct Limits {
     /// Most Gets this node serves at once; beyond, likewise.
     pub read_inflight_requests_max: u64,
     /// How long a request over an in-flight bound waits for room before it
-    /// is refused (the refusal's retry hint is this long too).
+    /// is refused, while its queue drains now and then (a burst); the
+    /// refusal's retry hint is this long too.
     pub admission_wait_ms: u64,
+    /// Once no request got its slot within this long for a whole
+    /// `admission_queue_interval_ms`, the queue is standing (the node is
+    /// past capacity): requests wait at most this long (never longer than
+    /// `admission_wait_ms`), and writes are refused at once so that reads
+    /// go first (CoDel's target).
+    pub admission_queue_target_ms: u64,
+    /// CoDel's interval: how long a queue must stay above its target to
+    /// count as standing.
+    pub admission_queue_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -587,6 +625,9 @@ impl Default for Limits {
             write_inflight_rows_max: 20_000,
             read_inflight_requests_max: 512,
             admission_wait_ms: 200,
+            // CoDel's interval; a target of about one serving request's time.
+            admission_queue_target_ms: 10,
+            admission_queue_interval_ms: 100,
         }
     }
 }
@@ -773,6 +814,16 @@ impl Config {
                 return Err(ConfigError(format!("{name} must be positive")));
             }
         }
+        if l.admission_wait_ms > ADMISSION_WAIT_MS_MAX
+            || l.admission_queue_target_ms > ADMISSION_WAIT_MS_MAX
+            || !(1..=ADMISSION_WAIT_MS_MAX).contains(&l.admission_queue_interval_ms)
+        {
+            return Err(ConfigError(format!(
+                "limits.admission_wait_ms and limits.admission_queue_target_ms must be at most \
+                 {ADMISSION_WAIT_MS_MAX}, limits.admission_queue_interval_ms 1 to \
+                 {ADMISSION_WAIT_MS_MAX}"
+            )));
+        }
         if !(1..=TTL_EXPIRE_INTERVAL_SECONDS_MAX).contains(&self.ttl_expire_interval_seconds) {
             return Err(ConfigError(format!(
                 "ttl_expire_interval_seconds must be 1..={TTL_EXPIRE_INTERVAL_SECONDS_MAX}"
@@ -918,15 +969,37 @@ impl Config {
                 "cluster.snapshot_logs_since and cluster.peer_timeout_ms must be positive, cluster.log_segment_bytes_max at least 4096".into(),
             ));
         }
-        if c.breaker_window_calls > BREAKER_WINDOW_CALLS_MAX
-            || !(1..=100).contains(&c.breaker_error_rate_percent)
-            || !(1..=BREAKER_OPEN_MS_MAX).contains(&c.breaker_open_ms)
-            || !(1..=BREAKER_WINDOW_CALLS_MAX).contains(&c.breaker_close_successes)
-        {
+        for (prefix, window, rate, open, close) in [
+            (
+                "breaker",
+                c.breaker_window_calls,
+                c.breaker_error_rate_percent,
+                c.breaker_open_ms,
+                c.breaker_close_successes,
+            ),
+            (
+                "shard_breaker",
+                c.shard_breaker_window_calls,
+                c.shard_breaker_error_rate_percent,
+                c.shard_breaker_open_ms,
+                c.shard_breaker_close_successes,
+            ),
+        ] {
+            if window > BREAKER_WINDOW_CALLS_MAX
+                || !(1..=100).contains(&rate)
+                || !(1..=BREAKER_OPEN_MS_MAX).contains(&open)
+                || !(1..=BREAKER_WINDOW_CALLS_MAX).contains(&close)
+            {
+                return Err(ConfigError(format!(
+                    "cluster.{prefix}_window_calls must be at most {BREAKER_WINDOW_CALLS_MAX}, \
+                     {prefix}_error_rate_percent 1 to 100, {prefix}_open_ms 1 to \
+                     {BREAKER_OPEN_MS_MAX}, {prefix}_close_successes 1 to {BREAKER_WINDOW_CALLS_MAX}"
+                )));
+            }
+        }
+        if !(1..=BREAKER_OPEN_MS_MAX).contains(&c.shard_breaker_slow_call_ms) {
             return Err(ConfigError(format!(
-                "cluster.breaker_window_calls must be at most {BREAKER_WINDOW_CALLS_MAX}, \
-                 breaker_error_rate_percent 1 to 100, breaker_open_ms 1 to {BREAKER_OPEN_MS_MAX}, \
-                 breaker_close_successes 1 to {BREAKER_WINDOW_CALLS_MAX}"
+                "cluster.shard_breaker_slow_call_ms must be 1 to {BREAKER_OPEN_MS_MAX}"
             )));
         }
         if c.log_hold_bytes_max < c.log_segment_bytes_max {

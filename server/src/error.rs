@@ -140,11 +140,15 @@ impl From<ServiceError> for Status {
         let code = e.code();
         // Server-side failures are logged here, where they become a status;
         // client mistakes are the client's to log.
-        if matches!(code, Code::Internal | Code::Unavailable | Code::DataLoss) {
+        // A call an open breaker refused is counted, not logged: there may be
+        // thousands a second, and the breaker logged when it opened.
+        let refused = matches!(e, ServiceError::Cluster(ClusterError::BreakerOpen { .. }));
+        if matches!(code, Code::Internal | Code::Unavailable | Code::DataLoss) && !refused {
             tracing::error!(error = %e, ?code, "request failed");
         }
         let retry_after_ms = match &e {
             ServiceError::Overloaded { retry_after_ms, .. } => Some(*retry_after_ms),
+            ServiceError::Cluster(ClusterError::BreakerOpen { open_ms, .. }) => Some(*open_ms),
             _ if code == Code::Unavailable => Some(UNAVAILABLE_RETRY_AFTER_MS),
             _ => None,
         };
@@ -167,7 +171,7 @@ impl From<tokio::task::JoinError> for ServiceError {
 /// The gRPC code of a routing or replication failure.
 fn cluster_code(e: &ClusterError) -> Code {
     match e {
-        ClusterError::Unavailable { .. } => Code::Unavailable,
+        ClusterError::Unavailable { .. } | ClusterError::BreakerOpen { .. } => Code::Unavailable,
         ClusterError::Rejected { kind, .. } => match kind {
             RejectKind::Invalid => Code::InvalidArgument,
             RejectKind::Conflict => Code::FailedPrecondition,
@@ -227,6 +231,12 @@ mod tests {
         }));
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.metadata().get(RETRY_PUSHBACK_KEY).is_some());
+        let status = Status::from(ServiceError::Cluster(ClusterError::BreakerOpen {
+            group: 3,
+            open_ms: 1000,
+        }));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.metadata().get(RETRY_PUSHBACK_KEY).unwrap(), "1000");
         let status = Status::from(ServiceError::invalid("bad"));
         assert!(status.metadata().get(RETRY_PUSHBACK_KEY).is_none());
     }

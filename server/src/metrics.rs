@@ -258,6 +258,10 @@ fn collect_state(node: &Node) {
     for (peer, state) in node.cluster.peer_breakers() {
         metrics::gauge!("quiver_peer_breaker_state", "peer" => peer.to_string()).set(state.gauge());
     }
+    for (shard, state) in node.cluster.shard_breakers() {
+        metrics::gauge!("quiver_shard_breaker_state", "shard" => shard.to_string())
+            .set(state.gauge());
+    }
     for (group, hosted) in node.cluster.groups() {
         let labels = [("group", group.to_string())];
         metrics::gauge!("quiver_group_leader_time_seconds", &labels)

@@ -84,8 +84,16 @@ impl Node {
         for attempt in 0..=WRONG_SHARD_RETRIES_MAX {
             let futures = pending.iter().map(|(shard, command)| {
                 tracing::Instrument::instrument(
-                    self.cluster
-                        .propose_with_id(*shard, command.clone(), request_id),
+                    async move {
+                        // A shard that keeps failing fails the write at once.
+                        let call = self.cluster.shard_call(*shard)?;
+                        let result = self
+                            .cluster
+                            .propose_with_id(*shard, command.clone(), request_id)
+                            .await;
+                        call.finish(&result);
+                        result
+                    },
                     tracing::debug_span!("shard_propose", shard = *shard, attempt),
                 )
             });
@@ -233,9 +241,25 @@ impl Node {
         Ok(self.registry.load_full())
     }
 
-    /// The named view as of [`Self::fresh_catalog`].
+    /// [`Self::fresh_catalog`] for a client's call: through the metadata
+    /// group's circuit breaker (shard 0), so that while the metadata group
+    /// has no quorum, writes and STRONG reads fail at once instead of each
+    /// waiting out its deadline. (The node's own work, expiry and restores,
+    /// waits.)
+    pub async fn client_catalog(&self) -> Result<Arc<Catalog>, ServiceError> {
+        let call = self.cluster.shard_call(METADATA_GROUP)?;
+        let synced = self
+            .freshness
+            .covered(|| self.cluster.sync_metadata())
+            .await;
+        call.finish(&synced);
+        synced?;
+        Ok(self.registry.load_full())
+    }
+
+    /// The named view as of [`Self::client_catalog`] (a client's call).
     pub async fn view(&self, name: &str) -> Result<Arc<FeatureView>, ServiceError> {
-        self.fresh_catalog()
+        self.client_catalog()
             .await?
             .view(name)
             .cloned()

@@ -155,7 +155,7 @@ pub async fn get(
     let plan = if request.consistency() == pb::Consistency::Strong {
         // Linearizable: names resolve at a metadata read index, so a view
         // deleted or changed before this read began is seen as it now is.
-        let catalog = node.fresh_catalog().await?;
+        let catalog = node.client_catalog().await?;
         ReadPlan::resolve(&catalog, &request.features)?
     } else {
         // The node's own metadata replica; caught up only if it lacks a name
@@ -163,7 +163,7 @@ pub async fn get(
         match ReadPlan::resolve(&node.registry.load_full(), &request.features) {
             Ok(plan) => plan,
             Err(_) => {
-                let catalog = node.fresh_catalog().await?;
+                let catalog = node.client_catalog().await?;
                 ReadPlan::resolve(&catalog, &request.features)?
             }
         }
@@ -470,7 +470,18 @@ async fn read_one_shard(
     level: ReadLevel,
     use_cache: bool,
 ) -> Result<(Vec<Fetched>, ReadSource), ServiceError> {
-    match node.cluster.read(shard, &keys, level).await? {
+    // Calls that need the leader pass the shard's breaker: a shard that
+    // keeps failing fails them at once (a degraded read then goes straight
+    // to its fallback). REPLICA reads need no leader.
+    let call = match level {
+        ReadLevel::Replica { .. } => None,
+        _ => Some(node.cluster.shard_call(shard)?),
+    };
+    let read = node.cluster.read(shard, &keys, level).await;
+    if let Some(call) = call {
+        call.finish(&read);
+    }
+    match read? {
         ShardRead::Local {
             state,
             source,

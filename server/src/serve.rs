@@ -246,6 +246,9 @@ pub async fn serve(
         .concurrency_limit_per_connection(
             usize::try_from(config.limits.connection_requests_max).unwrap_or(usize::MAX),
         )
+        // Beyond it, refused at once (RESOURCE_EXHAUSTED) rather than
+        // queued without a bound in front of the node's admission.
+        .load_shed(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(feature_store)

@@ -35,6 +35,7 @@ pub mod placement;
 pub mod reads;
 pub mod router;
 pub mod scheduler;
+pub mod shard_breaker;
 pub mod throttle;
 pub mod transfer;
 pub mod wire;
@@ -88,6 +89,18 @@ pub enum ClusterError {
     /// The cluster has no such group.
     #[error("no shard {0}")]
     NoSuchGroup(GroupId),
+    /// The shard's circuit breaker is open: most recent leader-bound calls
+    /// to it failed or timed out, so this one was not tried.
+    #[error(
+        "shard {group}: not tried, its circuit breaker is open (most recent calls to it failed \
+         or timed out); it is probed again within {open_ms} ms"
+    )]
+    BreakerOpen {
+        /// The group.
+        group: GroupId,
+        /// How long the breaker stays open before probing.
+        open_ms: u64,
+    },
     /// An operation's precondition does not hold (retrying as is will not
     /// help).
     #[error("shard {group}: {message}")]
@@ -208,6 +221,8 @@ pub struct Cluster {
     loads: load::Loads,
     /// This node's backup work, once the node has set it.
     backups: std::sync::OnceLock<Arc<crate::backup::Backups>>,
+    /// Client calls' circuit breakers, per shard.
+    shard_breakers: shard_breaker::ShardBreakers,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -408,6 +423,15 @@ impl Cluster {
             operators: operator::Running::default(),
             loads: load::Loads::default(),
             backups: std::sync::OnceLock::new(),
+            shard_breakers: shard_breaker::ShardBreakers::new(
+                breaker::BreakerRules {
+                    window_calls: config.shard_breaker_window_calls,
+                    error_rate_percent: config.shard_breaker_error_rate_percent,
+                    open: Duration::from_millis(config.shard_breaker_open_ms),
+                    close_successes: config.shard_breaker_close_successes,
+                },
+                Duration::from_millis(config.shard_breaker_slow_call_ms),
+            ),
         });
         if first_start {
             cluster.initialize_static().await?;
@@ -546,6 +570,22 @@ impl Cluster {
     /// Each peer's circuit breaker state now.
     pub fn peer_breakers(&self) -> Vec<(NodeId, breaker::BreakerState)> {
         self.clients.breaker_states()
+    }
+
+    /// Admits a client's leader-bound call to `shard` (a write, a `LEADER`
+    /// or `STRONG` read) through the shard's circuit breaker: report its
+    /// outcome with [`shard_breaker::ShardCall::finish`].
+    pub fn shard_call(&self, shard: GroupId) -> Result<shard_breaker::ShardCall, ClusterError> {
+        self.shard_breakers.admit(shard)
+    }
+
+    /// Each shard's breaker state (the metadata group's as shard 0), for
+    /// the metrics; shards gone from the map are forgotten.
+    pub fn shard_breakers(&self) -> Vec<(GroupId, breaker::BreakerState)> {
+        let placement = self.placement();
+        self.shard_breakers.states(|shard| {
+            shard == quiver_raft::METADATA_GROUP || placement.shard(shard).is_some()
+        })
     }
 
     /// Calls waiting per peer and lane (see `PeerClients::queue_depths`).

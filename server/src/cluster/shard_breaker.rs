@@ -1,0 +1,250 @@
+//! A circuit breaker per shard, for client calls that need the shard's
+//! leader (writes, and reads at `LEADER` or `STRONG`): a shard that keeps
+//! failing or timing out (no quorum, an election that does not finish, a
+//! leader too slow for its callers' deadlines) fails those calls at once,
+//! so a degraded read goes straight to its fallback and a writer gets a
+//! retryable `UNAVAILABLE` instead of waiting out its deadline. The peer
+//! breakers ([`super::network`]) cannot see this: a leader that lost its
+//! quorum answers its own node's proposals locally, slowly.
+//!
+//! What counts, per call made through this node:
+//! - **Success**: an answer, including a refusal by the state machine (the
+//!   shard is there).
+//! - **Failure**: routing gave up (`Unavailable`), or the call went without
+//!   an answer for `shard_breaker_slow_call_ms` or longer (its caller's
+//!   deadline cut it off late: resilience4j's slow-call rule). A call cut
+//!   off sooner says nothing: a caller's 5 ms deadline on a healthy shard
+//!   must not open the breaker for everyone.
+//!
+//! The rules are those of [`Breaker`]: open past `error_rate_percent` of a
+//! full window, half-open after `open`, closed after `close_successes`
+//! probes. Internal work (operators, expiry, backups, metadata) does not
+//! pass through it, as Raft traffic does not pass the peer breakers.
+//!
+//! Architecture invariant: knows nothing of routing or the transport; the
+//! callers ask it and tell it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use quiver_raft::GroupId;
+
+use super::ClusterError;
+use super::breaker::{Admitted, Breaker, BreakerRules, BreakerState};
+
+/// Every shard's breaker on this node, made on first use.
+#[derive(Debug)]
+pub struct ShardBreakers {
+    rules: BreakerRules,
+    slow_call: Duration,
+    by_shard: Mutex<HashMap<GroupId, Arc<Breaker>>>,
+}
+
+/// A call a shard's breaker let through: report how it ended with
+/// [`ShardCall::finish`]; dropped without a report, it counts as a failure
+/// if it ran for the slow-call time, else as nothing.
+#[derive(Debug)]
+pub struct ShardCall {
+    group: GroupId,
+    breaker: Arc<Breaker>,
+    admitted: Option<Admitted>,
+    started: Instant,
+    slow_call: Duration,
+}
+
+impl ShardBreakers {
+    /// Breakers with `rules`; calls without an answer after `slow_call`
+    /// count as failures.
+    pub fn new(rules: BreakerRules, slow_call: Duration) -> ShardBreakers {
+        ShardBreakers {
+            rules,
+            slow_call,
+            by_shard: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Lets a call to `group` through, or fails it fast with
+    /// [`ClusterError::BreakerOpen`].
+    pub fn admit(&self, group: GroupId) -> Result<ShardCall, ClusterError> {
+        let now = Instant::now();
+        let breaker = self
+            .by_shard
+            .lock()
+            .entry(group)
+            .or_insert_with(|| Arc::new(Breaker::new(self.rules, now)))
+            .clone();
+        match breaker.admit(now) {
+            Ok(admitted) => Ok(ShardCall {
+                group,
+                breaker,
+                admitted: Some(admitted),
+                started: now,
+                slow_call: self.slow_call,
+            }),
+            Err(_) => {
+                metrics::counter!("quiver_shard_breaker_refused_total", "shard" => group.to_string())
+                    .increment(1);
+                Err(ClusterError::BreakerOpen {
+                    group,
+                    open_ms: self.rules.open.as_millis() as u64,
+                })
+            }
+        }
+    }
+
+    /// Each shard's breaker state now, forgetting shards `keep` rejects
+    /// (gone from the map).
+    pub fn states(&self, keep: impl Fn(GroupId) -> bool) -> Vec<(GroupId, BreakerState)> {
+        let now = Instant::now();
+        let mut by_shard = self.by_shard.lock();
+        by_shard.retain(|&group, _| keep(group));
+        let mut states: Vec<_> = by_shard
+            .iter()
+            .map(|(&group, breaker)| (group, breaker.state(now)))
+            .collect();
+        states.sort_unstable_by_key(|&(group, _)| group);
+        states
+    }
+}
+
+impl ShardCall {
+    /// Reports how the call ended (see the module doc for what counts).
+    pub fn finish<T>(mut self, result: &Result<T, ClusterError>) {
+        let ok = match result {
+            Ok(_) | Err(ClusterError::Rejected { .. }) => Some(true),
+            Err(ClusterError::Unavailable { .. }) => Some(false),
+            Err(_) => None,
+        };
+        self.report(ok);
+    }
+
+    fn report(&mut self, ok: Option<bool>) {
+        let Some(admitted) = self.admitted.take() else {
+            return;
+        };
+        if let Some(state) = self.breaker.record(admitted, ok, Instant::now()) {
+            changed(self.group, state);
+        }
+    }
+}
+
+impl Drop for ShardCall {
+    fn drop(&mut self) {
+        let Some(admitted) = self.admitted else {
+            return;
+        };
+        if self.started.elapsed() >= self.slow_call {
+            self.report(Some(false));
+        } else {
+            self.admitted = None;
+            self.breaker.abandon(admitted);
+        }
+    }
+}
+
+/// Logs and counts a shard breaker's change of state.
+fn changed(group: GroupId, state: BreakerState) {
+    metrics::gauge!("quiver_shard_breaker_state", "shard" => group.to_string()).set(state.gauge());
+    match state {
+        BreakerState::Open => {
+            metrics::counter!("quiver_shard_breaker_opened_total", "shard" => group.to_string())
+                .increment(1);
+            tracing::warn!(
+                shard = group,
+                "shard circuit breaker open: its leader-bound calls fail fast"
+            );
+        }
+        BreakerState::Closed => tracing::info!(shard = group, "shard circuit breaker closed"),
+        BreakerState::HalfOpen => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: BreakerRules = BreakerRules {
+        window_calls: 4,
+        error_rate_percent: 50,
+        open: Duration::from_millis(100),
+        close_successes: 2,
+    };
+
+    fn unavailable() -> Result<(), ClusterError> {
+        Err(ClusterError::Unavailable {
+            group: 1,
+            attempts: 3,
+            last: "no leader".into(),
+        })
+    }
+
+    #[test]
+    fn gives_up_answers_and_slow_drops_count_and_quick_drops_do_not() {
+        let breakers = ShardBreakers::new(RULES, Duration::from_millis(30));
+        // Quick drops (a caller's short deadline) and refusals: still closed.
+        for _ in 0..10 {
+            drop(breakers.admit(1).unwrap());
+        }
+        for _ in 0..4 {
+            breakers
+                .admit(1)
+                .unwrap()
+                .finish(&Err::<(), _>(ClusterError::Rejected {
+                    kind: quiver_raft::types::RejectKind::Invalid,
+                    message: "bad".into(),
+                }));
+        }
+        assert_eq!(breakers.states(|_| true), vec![(1, BreakerState::Closed)]);
+        // Two give-ups and one slow drop in the last four: open.
+        breakers.admit(1).unwrap().finish(&unavailable());
+        breakers.admit(1).unwrap().finish(&unavailable());
+        let slow = breakers.admit(1).unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+        drop(slow);
+        assert_eq!(breakers.states(|_| true), vec![(1, BreakerState::Open)]);
+        let refused = breakers.admit(1).unwrap_err();
+        assert!(matches!(
+            refused,
+            ClusterError::BreakerOpen { group: 1, .. }
+        ));
+        // Other shards are untouched.
+        breakers.admit(2).unwrap().finish(&Ok(()));
+        // After the open time, two probes at a time; two answers close it.
+        std::thread::sleep(RULES.open);
+        let probes = [breakers.admit(1).unwrap(), breakers.admit(1).unwrap()];
+        assert!(breakers.admit(1).is_err(), "only two probes at a time");
+        for probe in probes {
+            probe.finish(&Ok(()));
+        }
+        assert_eq!(
+            breakers.states(|_| true),
+            vec![(1, BreakerState::Closed), (2, BreakerState::Closed)]
+        );
+        // Shards gone from the map are forgotten.
+        assert_eq!(
+            breakers.states(|group| group == 2),
+            vec![(2, BreakerState::Closed)]
+        );
+    }
+
+    #[test]
+    fn a_failed_probe_opens_it_again_and_a_dropped_probe_frees_its_slot() {
+        let breakers = ShardBreakers::new(RULES, Duration::from_secs(60));
+        for _ in 0..4 {
+            breakers.admit(7).unwrap().finish(&unavailable());
+        }
+        assert!(breakers.admit(7).is_err());
+        std::thread::sleep(RULES.open);
+        let probe = breakers.admit(7).unwrap();
+        drop(breakers.admit(7).unwrap());
+        // The dropped probe's slot is free again.
+        let second = breakers.admit(7).unwrap();
+        probe.finish(&unavailable());
+        assert_eq!(breakers.states(|_| true), vec![(7, BreakerState::Open)]);
+        // A probe admitted before it reopened counts for nothing.
+        second.finish(&Ok(()));
+        assert!(breakers.admit(7).is_err());
+    }
+}
