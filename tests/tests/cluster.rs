@@ -1162,6 +1162,107 @@ async fn a_staleness_budget_lets_a_follower_answer_while_its_leader_is_gone() {
     }
 }
 
+/// A model server's view of a shard dying replica by replica: degraded Gets
+/// with a 100 ms deadline and a 2 s staleness budget, through one follower,
+/// while the shard's leader is killed and then the other follower. Every
+/// Get answers within its deadline: `PRESENT` while a leader or the budget
+/// allows (the follower's own replica, not marked stale), then `STALE` from
+/// the follower's replica once the budget has run out without a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_100_ms_deadlines_a_degraded_reader_gets_present_then_stale_as_replicas_die() {
+    let mut cluster = start(&FOUR_SHARDS).await;
+    let c1 = cluster.node(1).client().await.unwrap();
+    let key = "dying".to_owned();
+    let (_, leader) = write_and_locate(&mut cluster, &c1, &key, 7).await;
+    let mut followers = (1..=3).filter(|&n| n != leader);
+    let (reader, other) = (followers.next().unwrap(), followers.next().unwrap());
+    let client = cluster.node(reader).client().await.unwrap();
+    wait_for_values(
+        "the reader's replica has the write",
+        &client,
+        std::slice::from_ref(&key),
+        pb::Consistency::Replica,
+        &[Some(7)],
+    )
+    .await;
+    let deadline = std::time::Duration::from_millis(100);
+    // Asks for `length`, a Get every 50 ms; every one must answer in time.
+    let ask = |length: std::time::Duration| {
+        let (client, key) = (client.clone(), key.clone());
+        async move {
+            let mut answers = Vec::new();
+            let until = Instant::now() + length;
+            while Instant::now() < until {
+                let mut request = tonic::Request::new(pb::GetRequest {
+                    entity_keys: vec![key.clone()],
+                    features: vec!["counter:value".into()],
+                    consistency: pb::Consistency::Leader as i32,
+                    skip_cache: true,
+                    max_staleness_ms: 2_000,
+                    degraded: true,
+                });
+                request.set_timeout(deadline);
+                let asked = Instant::now();
+                let answer = client
+                    .clone()
+                    .get(request)
+                    .await
+                    .unwrap_or_else(|status| panic!("no answer within {deadline:?}: {status:?}"))
+                    .into_inner();
+                let feature = &answer.entities[0].features[0];
+                assert_eq!(
+                    feature.value.as_ref().and_then(|v| v.kind.clone()),
+                    Some(pb::value::Kind::Int64Val(7)),
+                    "{answer:?}"
+                );
+                answers.push((feature.status(), asked.elapsed()));
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            answers
+        }
+    };
+    let present = |answers: &[(pb::FeatureStatus, std::time::Duration)], what: &str| {
+        assert!(
+            answers
+                .iter()
+                .all(|(status, _)| *status == pb::FeatureStatus::Present),
+            "{what}: {answers:?}"
+        );
+    };
+    present(&ask(std::time::Duration::from_millis(500)).await, "healthy");
+
+    eprintln!("--- the leader, node {leader}, is killed");
+    cluster.node(leader).kill9().unwrap();
+    present(
+        &ask(std::time::Duration::from_millis(1500)).await,
+        "a follower within the budget",
+    );
+
+    eprintln!("--- the other follower, node {other}, is killed: no quorum");
+    cluster.node(other).kill9().unwrap();
+    let answers = ask(std::time::Duration::from_millis(4500)).await;
+    // PRESENT while the budget lasts, then STALE, and never back.
+    let first_stale = answers
+        .iter()
+        .position(|(status, _)| *status == pb::FeatureStatus::Stale)
+        .unwrap_or_else(|| panic!("never STALE: {answers:?}"));
+    present(&answers[..first_stale], "within the budget");
+    assert!(
+        answers[first_stale..]
+            .iter()
+            .all(|(status, _)| *status == pb::FeatureStatus::Stale),
+        "STALE once the budget ran out: {answers:?}"
+    );
+    let slowest = answers.iter().map(|(_, took)| *took).max().unwrap();
+    eprintln!(
+        "{} PRESENT then {} STALE, slowest {slowest:?}",
+        first_stale,
+        answers.len() - first_stale
+    );
+    cluster.node(leader).restart().await.unwrap();
+    cluster.node(other).restart().await.unwrap();
+}
+
 /// A degraded Get through a node that holds no replica of a shard whose
 /// replicas are all down answers that shard's features with their defaults
 /// (DEFAULTED), and a shard it does hold from its own replica (STALE).

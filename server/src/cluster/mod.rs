@@ -576,7 +576,12 @@ impl Cluster {
     /// or `STRONG` read) through the shard's circuit breaker: report its
     /// outcome with [`shard_breaker::ShardCall::finish`].
     pub fn shard_call(&self, shard: GroupId) -> Result<shard_breaker::ShardCall, ClusterError> {
-        self.shard_breakers.admit(shard)
+        let leader_term = self.host.get(shard).and_then(|hosted| {
+            let metrics = hosted.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.current_leader.map(|_| m.current_term)
+        });
+        self.shard_breakers.admit(shard, leader_term)
     }
 
     /// Each shard's breaker state (the metadata group's as shard 0), for

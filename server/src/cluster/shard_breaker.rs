@@ -18,7 +18,12 @@
 //!
 //! The rules are those of [`Breaker`]: open past `error_rate_percent` of a
 //! full window, half-open after `open`, closed after `close_successes`
-//! probes. Internal work (operators, expiry, backups, metadata) does not
+//! probes. An open breaker is half-open at once when this node's replica
+//! of the shard learns of a leader in a later term than the one it knew
+//! when the breaker opened (an election ended: the shard is likely back),
+//! as the peer breakers half-open when the peer answers Raft traffic; a
+//! breaker that waited out its open time after every election would cost
+//! the nemesis a quarter of its throughput. Internal work (operators, expiry, backups, metadata) does not
 //! pass through it, as Raft traffic does not pass the peer breakers.
 //!
 //! Architecture invariant: knows nothing of routing or the transport; the
@@ -26,6 +31,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -39,7 +45,16 @@ use super::breaker::{Admitted, Breaker, BreakerRules, BreakerState};
 pub struct ShardBreakers {
     rules: BreakerRules,
     slow_call: Duration,
-    by_shard: Mutex<HashMap<GroupId, Arc<Breaker>>>,
+    by_shard: Mutex<HashMap<GroupId, Arc<ShardBreaker>>>,
+}
+
+/// One shard's breaker, and the leader term known when it last opened.
+#[derive(Debug)]
+struct ShardBreaker {
+    breaker: Breaker,
+    /// The term of the leader this node knew of when the breaker last
+    /// opened (0: none known).
+    opened_term: AtomicU64,
 }
 
 /// A call a shard's breaker let through: report how it ended with
@@ -48,10 +63,12 @@ pub struct ShardBreakers {
 #[derive(Debug)]
 pub struct ShardCall {
     group: GroupId,
-    breaker: Arc<Breaker>,
+    shard: Arc<ShardBreaker>,
     admitted: Option<Admitted>,
     started: Instant,
     slow_call: Duration,
+    /// The leader term known when it was admitted.
+    leader_term: Option<u64>,
 }
 
 impl ShardBreakers {
@@ -66,22 +83,46 @@ impl ShardBreakers {
     }
 
     /// Lets a call to `group` through, or fails it fast with
-    /// [`ClusterError::BreakerOpen`].
-    pub fn admit(&self, group: GroupId) -> Result<ShardCall, ClusterError> {
+    /// [`ClusterError::BreakerOpen`]. `leader_term`: the term of the leader
+    /// this node's replica of the group knows of, if any.
+    pub fn admit(
+        &self,
+        group: GroupId,
+        leader_term: Option<u64>,
+    ) -> Result<ShardCall, ClusterError> {
         let now = Instant::now();
-        let breaker = self
+        let shard = self
             .by_shard
             .lock()
             .entry(group)
-            .or_insert_with(|| Arc::new(Breaker::new(self.rules, now)))
+            .or_insert_with(|| {
+                Arc::new(ShardBreaker {
+                    breaker: Breaker::new(self.rules, now),
+                    opened_term: AtomicU64::new(0),
+                })
+            })
             .clone();
-        match breaker.admit(now) {
+        let admitted = shard.breaker.admit(now).or_else(|refused| {
+            // A leader elected since it opened: probe now.
+            let elected =
+                leader_term.is_some_and(|term| term > shard.opened_term.load(Ordering::Relaxed));
+            if elected && let Some(state) = shard.breaker.heard(refused) {
+                changed(group, state);
+            }
+            if elected {
+                shard.breaker.admit(now)
+            } else {
+                Err(refused)
+            }
+        });
+        match admitted {
             Ok(admitted) => Ok(ShardCall {
                 group,
-                breaker,
+                shard,
                 admitted: Some(admitted),
                 started: now,
                 slow_call: self.slow_call,
+                leader_term,
             }),
             Err(_) => {
                 metrics::counter!("quiver_shard_breaker_refused_total", "shard" => group.to_string())
@@ -102,7 +143,7 @@ impl ShardBreakers {
         by_shard.retain(|&group, _| keep(group));
         let mut states: Vec<_> = by_shard
             .iter()
-            .map(|(&group, breaker)| (group, breaker.state(now)))
+            .map(|(&group, shard)| (group, shard.breaker.state(now)))
             .collect();
         states.sort_unstable_by_key(|&(group, _)| group);
         states
@@ -124,7 +165,12 @@ impl ShardCall {
         let Some(admitted) = self.admitted.take() else {
             return;
         };
-        if let Some(state) = self.breaker.record(admitted, ok, Instant::now()) {
+        if let Some(state) = self.shard.breaker.record(admitted, ok, Instant::now()) {
+            if state == BreakerState::Open {
+                self.shard
+                    .opened_term
+                    .store(self.leader_term.unwrap_or(0), Ordering::Relaxed);
+            }
             changed(self.group, state);
         }
     }
@@ -139,7 +185,7 @@ impl Drop for ShardCall {
             self.report(Some(false));
         } else {
             self.admitted = None;
-            self.breaker.abandon(admitted);
+            self.shard.breaker.abandon(admitted);
         }
     }
 }
@@ -185,11 +231,11 @@ mod tests {
         let breakers = ShardBreakers::new(RULES, Duration::from_millis(30));
         // Quick drops (a caller's short deadline) and refusals: still closed.
         for _ in 0..10 {
-            drop(breakers.admit(1).unwrap());
+            drop(breakers.admit(1, None).unwrap());
         }
         for _ in 0..4 {
             breakers
-                .admit(1)
+                .admit(1, None)
                 .unwrap()
                 .finish(&Err::<(), _>(ClusterError::Rejected {
                     kind: quiver_raft::types::RejectKind::Invalid,
@@ -198,23 +244,29 @@ mod tests {
         }
         assert_eq!(breakers.states(|_| true), vec![(1, BreakerState::Closed)]);
         // Two give-ups and one slow drop in the last four: open.
-        breakers.admit(1).unwrap().finish(&unavailable());
-        breakers.admit(1).unwrap().finish(&unavailable());
-        let slow = breakers.admit(1).unwrap();
+        breakers.admit(1, None).unwrap().finish(&unavailable());
+        breakers.admit(1, None).unwrap().finish(&unavailable());
+        let slow = breakers.admit(1, None).unwrap();
         std::thread::sleep(Duration::from_millis(40));
         drop(slow);
         assert_eq!(breakers.states(|_| true), vec![(1, BreakerState::Open)]);
-        let refused = breakers.admit(1).unwrap_err();
+        let refused = breakers.admit(1, None).unwrap_err();
         assert!(matches!(
             refused,
             ClusterError::BreakerOpen { group: 1, .. }
         ));
         // Other shards are untouched.
-        breakers.admit(2).unwrap().finish(&Ok(()));
+        breakers.admit(2, None).unwrap().finish(&Ok(()));
         // After the open time, two probes at a time; two answers close it.
         std::thread::sleep(RULES.open);
-        let probes = [breakers.admit(1).unwrap(), breakers.admit(1).unwrap()];
-        assert!(breakers.admit(1).is_err(), "only two probes at a time");
+        let probes = [
+            breakers.admit(1, None).unwrap(),
+            breakers.admit(1, None).unwrap(),
+        ];
+        assert!(
+            breakers.admit(1, None).is_err(),
+            "only two probes at a time"
+        );
         for probe in probes {
             probe.finish(&Ok(()));
         }
@@ -233,18 +285,45 @@ mod tests {
     fn a_failed_probe_opens_it_again_and_a_dropped_probe_frees_its_slot() {
         let breakers = ShardBreakers::new(RULES, Duration::from_secs(60));
         for _ in 0..4 {
-            breakers.admit(7).unwrap().finish(&unavailable());
+            breakers.admit(7, None).unwrap().finish(&unavailable());
         }
-        assert!(breakers.admit(7).is_err());
+        assert!(breakers.admit(7, None).is_err());
         std::thread::sleep(RULES.open);
-        let probe = breakers.admit(7).unwrap();
-        drop(breakers.admit(7).unwrap());
+        let probe = breakers.admit(7, None).unwrap();
+        drop(breakers.admit(7, None).unwrap());
         // The dropped probe's slot is free again.
-        let second = breakers.admit(7).unwrap();
+        let second = breakers.admit(7, None).unwrap();
         probe.finish(&unavailable());
         assert_eq!(breakers.states(|_| true), vec![(7, BreakerState::Open)]);
         // A probe admitted before it reopened counts for nothing.
         second.finish(&Ok(()));
-        assert!(breakers.admit(7).is_err());
+        assert!(breakers.admit(7, None).is_err());
+    }
+
+    #[test]
+    fn a_leader_elected_since_it_opened_half_opens_it_at_once() {
+        let breakers = ShardBreakers::new(RULES, Duration::from_secs(60));
+        // Opened while a leader of term 5 was known (it lost its quorum).
+        for _ in 0..4 {
+            breakers.admit(3, Some(5)).unwrap().finish(&unavailable());
+        }
+        assert!(breakers.admit(3, Some(5)).is_err(), "the same leader");
+        assert!(breakers.admit(3, None).is_err(), "no leader");
+        // An election ended: probes go at once, and close it.
+        let probes = [
+            breakers.admit(3, Some(6)).unwrap(),
+            breakers.admit(3, Some(6)).unwrap(),
+        ];
+        assert!(breakers.admit(3, Some(6)).is_err(), "two probes at a time");
+        for probe in probes {
+            probe.finish(&Ok(()));
+        }
+        assert_eq!(breakers.states(|_| true), vec![(3, BreakerState::Closed)]);
+        // Opened with no leader known: any leader half-opens it.
+        for _ in 0..4 {
+            breakers.admit(3, None).unwrap().finish(&unavailable());
+        }
+        assert!(breakers.admit(3, None).is_err());
+        assert!(breakers.admit(3, Some(6)).is_ok());
     }
 }
