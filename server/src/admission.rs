@@ -9,13 +9,14 @@
 //! says) and the requests that were admitted keep their latency.
 //!
 //! How long a request may wait is CoDel's rule, as Facebook's servers use it
-//! ("Fail at scale", 2015): a queue that drains now and then is a burst, and
-//! a request waits up to `admission_wait_ms` for it to drain; a queue in
-//! which no request got its slot within `admission_queue_target_ms` for a
-//! whole `admission_queue_interval_ms` is standing (the node is past its
-//! capacity), and then a request waits at most the target before it is
-//! refused. Under overload, admitted requests queue for milliseconds, not
-//! for the whole wait, and the rest are refused at once.
+//! ("Fail at scale", 2015): a queue that empties now and then is a burst,
+//! and a request waits up to `admission_wait_ms` for a slot. A queue that
+//! has not emptied (no request found a free slot) for more than
+//! `admission_queue_interval_ms` is standing: the node is past its capacity.
+//! Then a request waits at most `admission_queue_target_ms` before it is
+//! refused, until a request finds a free slot again. Under overload,
+//! admitted requests queue for milliseconds, not for the whole wait, and
+//! the rest are refused after the target.
 //!
 //! Writes yield to reads, the serving tier's critical path: while the read
 //! queue is standing, writes are refused at once (a materialization job
@@ -40,8 +41,9 @@ use crate::error::ServiceError;
 #[derive(Debug)]
 struct Gate {
     slots: Arc<Semaphore>,
-    /// Since when requests have found no free slot and none got one within
-    /// the target (CoDel's first-above time); `None`: the queue is short.
+    /// Since when requests have found no free slot, without one finding a
+    /// free slot since (CoDel's first-above time); `None`: the queue is
+    /// short.
     above_since: Mutex<Option<Instant>>,
     /// The gate's name in metrics.
     name: &'static str,
@@ -70,7 +72,7 @@ impl Gate {
         self.above_since.lock().get_or_insert(now);
     }
 
-    /// A request got its slot within the target.
+    /// A request found a free slot: the queue is empty.
     fn short(&self) {
         *self.above_since.lock() = None;
     }
@@ -175,12 +177,10 @@ impl Admission {
         gate.queued(arrived);
         let (wait, refusal) = self.wait_at(gate, arrived);
         match tokio::time::timeout(wait, gate.slots.clone().acquire_many_owned(slots)).await {
-            Ok(Ok(permit)) => {
-                if arrived.elapsed() <= self.target {
-                    gate.short();
-                }
-                Ok(Admitted { _permit: permit })
-            }
+            // A waiter admitted within the target does not end a standing
+            // queue (while it stands, every waiter is): only a request that
+            // finds a free slot, the queue empty, does.
+            Ok(Ok(permit)) => Ok(Admitted { _permit: permit }),
             // The semaphore is never closed; treat it as overload if it were.
             Ok(Err(_)) | Err(_) => Err(self.refuse(gate, refusal, what, limit_name)),
         }

@@ -64,6 +64,16 @@ pub struct Node {
     pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
+/// Who a proposal is for: a client's call passes the shards' circuit
+/// breakers, the node's own work (a restore) waits for the shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A client's write, invalidation or deletion.
+    Client,
+    /// The node's own work.
+    Node,
+}
+
 impl Node {
     /// Proposes one command per shard in parallel and hands each response to
     /// `add`, which returns it back as `Err` if it is not the kind expected.
@@ -77,6 +87,7 @@ impl Node {
         &self,
         proposals: impl IntoIterator<Item = (GroupId, Command)>,
         request_id: Option<RequestId>,
+        caller: Caller,
         mut add: impl FnMut(Applied) -> Result<(), Applied>,
     ) -> Result<(), ServiceError> {
         let mut pending: Vec<(GroupId, Command)> = proposals.into_iter().collect();
@@ -85,13 +96,19 @@ impl Node {
             let futures = pending.iter().map(|(shard, command)| {
                 tracing::Instrument::instrument(
                     async move {
-                        // A shard that keeps failing fails the write at once.
-                        let call = self.cluster.shard_call(*shard)?;
+                        // A shard that keeps failing fails a client's write
+                        // at once.
+                        let call = match caller {
+                            Caller::Client => Some(self.cluster.shard_call(*shard)?),
+                            Caller::Node => None,
+                        };
                         let result = self
                             .cluster
                             .propose_with_id(*shard, command.clone(), request_id)
                             .await;
-                        call.finish(&result);
+                        if let Some(call) = call {
+                            call.finish(&result);
+                        }
                         result
                     },
                     tracing::debug_span!("shard_propose", shard = *shard, attempt),
@@ -247,13 +264,16 @@ impl Node {
     /// waiting out its deadline. (The node's own work, expiry and restores,
     /// waits.)
     pub async fn client_catalog(&self) -> Result<Arc<Catalog>, ServiceError> {
-        let call = self.cluster.shard_call(METADATA_GROUP)?;
-        let synced = self
-            .freshness
-            .covered(|| self.cluster.sync_metadata())
-            .await;
-        call.finish(&synced);
-        synced?;
+        // Inside the shared catch-up: callers that share one read index
+        // count once, not once each.
+        self.freshness
+            .covered(|| async {
+                let call = self.cluster.shard_call(METADATA_GROUP)?;
+                let synced = self.cluster.sync_metadata().await;
+                call.finish(&synced);
+                synced
+            })
+            .await?;
         Ok(self.registry.load_full())
     }
 

@@ -315,7 +315,11 @@ async fn fetch(
                 }
             }
             Err(error) => {
-                tracing::warn!(%error, "shard unreadable; its rows are served as UNAVAILABLE");
+                // A breaker's refusals are counted, not logged (thousands a
+                // second; the breaker logged when it opened).
+                if !breaker_open(&error) {
+                    tracing::warn!(%error, "shard unreadable; its rows are served as UNAVAILABLE");
+                }
                 for slot in slots {
                     results[slot] = Err(());
                 }
@@ -353,7 +357,11 @@ async fn read_degraded(
     let Some(hosted) = node.cluster.group(shard) else {
         return Err(error);
     };
-    tracing::warn!(shard, %error, "degraded read: answering from this node's replica");
+    if breaker_open(&error) {
+        tracing::debug!(shard, %error, "degraded read: answering from this node's replica");
+    } else {
+        tracing::warn!(shard, %error, "degraded read: answering from this node's replica");
+    }
     let state = hosted.state.clone();
     let node_id = node.cluster.node_id;
     let (rows, applied_index) = tokio::task::spawn_blocking(move || {
@@ -387,6 +395,14 @@ async fn read_degraded(
 /// many times (each waits for a metadata read index: the map records a
 /// split moments after the shard applies it).
 const WRONG_SHARD_RETRIES_MAX: u32 = 5;
+
+/// Refused by a shard's circuit breaker.
+fn breaker_open(error: &ServiceError) -> bool {
+    matches!(
+        error,
+        ServiceError::Cluster(crate::cluster::ClusterError::BreakerOpen { .. })
+    )
+}
 
 fn wrong_shard(error: &ServiceError) -> bool {
     matches!(

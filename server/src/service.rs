@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{view_spec_from_pb, view_to_pb};
 use crate::error::ServiceError;
-use crate::node::{Node, NodeRef};
+use crate::node::{Caller, Node, NodeRef};
 use crate::{read_path, write_path};
 
 /// How long a registry change waits for this node's metadata replica to
@@ -254,7 +254,7 @@ impl FeatureStore for FeatureStoreService {
             })
         };
         let mut entries_dropped = 0;
-        node.propose_all(proposals, None, |response| match response {
+        node.propose_all(proposals, None, Caller::Client, |response| match response {
             Applied::Invalidated {
                 entries_dropped: dropped,
             } => {
@@ -294,7 +294,7 @@ impl FeatureStore for FeatureStoreService {
             entity_keys,
         });
         let mut rows_deleted = 0;
-        node.propose_all(proposals, None, |response| match response {
+        node.propose_all(proposals, None, Caller::Client, |response| match response {
             Applied::Deleted { rows_deleted: n } => {
                 rows_deleted += n;
                 Ok(())

@@ -11,7 +11,7 @@ use quiver_raft::{Command, RequestId, Response};
 
 use crate::convert::value_from_pb;
 use crate::error::ServiceError;
-use crate::node::Node;
+use crate::node::{Caller, Node};
 
 /// Applies one batch of rows of one view. The whole batch is checked before
 /// anything is proposed, so a bad row stores nothing; each shard's part is
@@ -90,17 +90,22 @@ pub async fn write(
     // On error, shards that committed stay committed; the request as a whole
     // may be retried (writes are idempotent: last-write-wins by event time).
     let mut response = pb::WriteResponse::default();
-    node.propose_all(proposals, request_id, |applied| match applied {
-        Response::Written {
-            rows_applied,
-            rows_stale,
-        } => {
-            response.rows_applied += rows_applied;
-            response.rows_stale += rows_stale;
-            Ok(())
-        }
-        other => Err(other),
-    })
+    node.propose_all(
+        proposals,
+        request_id,
+        Caller::Client,
+        |applied| match applied {
+            Response::Written {
+                rows_applied,
+                rows_stale,
+            } => {
+                response.rows_applied += rows_applied;
+                response.rows_stale += rows_stale;
+                Ok(())
+            }
+            other => Err(other),
+        },
+    )
     .await?;
     if let Some(newest) = newest_event_us {
         node.view_freshness.written(&view.name, newest);

@@ -1163,13 +1163,15 @@ async fn a_staleness_budget_lets_a_follower_answer_while_its_leader_is_gone() {
 }
 
 /// A model server's view of a shard dying replica by replica: degraded Gets
-/// with a 100 ms deadline and a 2 s staleness budget, through one follower,
+/// with a 300 ms deadline (the 100 ms leaves a debug build on a
+/// loaded 2-core machine 20 ms between the 80% fallback budget and the
+/// deadline) and a 2 s staleness budget, through one follower,
 /// while the shard's leader is killed and then the other follower. Every
 /// Get answers within its deadline: `PRESENT` while a leader or the budget
 /// allows (the follower's own replica, not marked stale), then `STALE` from
 /// the follower's replica once the budget has run out without a leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_100_ms_deadlines_a_degraded_reader_gets_present_then_stale_as_replicas_die() {
+async fn under_short_deadlines_a_degraded_reader_gets_present_then_stale_as_replicas_die() {
     let mut cluster = start(&FOUR_SHARDS).await;
     let c1 = cluster.node(1).client().await.unwrap();
     let key = "dying".to_owned();
@@ -1185,7 +1187,7 @@ async fn under_100_ms_deadlines_a_degraded_reader_gets_present_then_stale_as_rep
         &[Some(7)],
     )
     .await;
-    let deadline = std::time::Duration::from_millis(100);
+    let deadline = std::time::Duration::from_millis(300);
     // Asks for `length`, a Get every 50 ms; every one must answer in time.
     let ask = |length: std::time::Duration| {
         let (client, key) = (client.clone(), key.clone());

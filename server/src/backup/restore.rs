@@ -35,7 +35,7 @@ use super::{
     BackupError, BackupManifest, Backups, STAGING_DIR, Target, blocking, file_key, io_error, log,
     remove_scratch,
 };
-use crate::node::Node;
+use crate::node::{Caller, Node};
 
 /// How long a point-in-time restore waits for the source cluster's shipped
 /// log to reach a time in the past (an idle group's time advances every
@@ -584,7 +584,7 @@ impl Backups {
                     .by_shard(rows, |row| row.entity_key.as_str())
                     .into_iter()
                     .map(|(shard, rows)| (shard, Command::Write { view_id, rows }));
-                node.propose_all(proposals, None, |applied| match applied {
+                node.propose_all(proposals, None, Caller::Node, |applied| match applied {
                     Response::Written { .. } => Ok(()),
                     other => Err(other),
                 })

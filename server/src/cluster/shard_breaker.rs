@@ -19,11 +19,9 @@
 //! The rules are those of [`Breaker`]: open past `error_rate_percent` of a
 //! full window, half-open after `open`, closed after `close_successes`
 //! probes. An open breaker is half-open at once when this node's replica
-//! of the shard learns of a leader in a later term than the one it knew
-//! when the breaker opened (an election ended: the shard is likely back),
-//! as the peer breakers half-open when the peer answers Raft traffic; a
-//! breaker that waited out its open time after every election would cost
-//! the nemesis a quarter of its throughput. Internal work (operators, expiry, backups, metadata) does not
+//! of the shard learns of a leader in a later term than any failed call
+//! knew (an election ended: the shard is likely back), as the peer
+//! breakers half-open when the peer answers Raft traffic. Internal work (operators, expiry, backups, metadata) does not
 //! pass through it, as Raft traffic does not pass the peer breakers.
 //!
 //! Architecture invariant: knows nothing of routing or the transport; the
@@ -48,12 +46,13 @@ pub struct ShardBreakers {
     by_shard: Mutex<HashMap<GroupId, Arc<ShardBreaker>>>,
 }
 
-/// One shard's breaker, and the leader term known when it last opened.
+/// One shard's breaker, and the newest leader term a failed call knew.
 #[derive(Debug)]
 struct ShardBreaker {
     breaker: Breaker,
-    /// The term of the leader this node knew of when the breaker last
-    /// opened (0: none known).
+    /// The newest term of a leader this node knew of when a call that
+    /// failed was admitted (0: none known): a leader of a later term was
+    /// elected after the failures that opened the breaker.
     opened_term: AtomicU64,
 }
 
@@ -165,12 +164,14 @@ impl ShardCall {
         let Some(admitted) = self.admitted.take() else {
             return;
         };
+        // Raised before the failure is recorded (so an `admit` racing with
+        // the breaker opening compares against it), and never lowered.
+        if ok == Some(false) {
+            self.shard
+                .opened_term
+                .fetch_max(self.leader_term.unwrap_or(0), Ordering::Relaxed);
+        }
         if let Some(state) = self.shard.breaker.record(admitted, ok, Instant::now()) {
-            if state == BreakerState::Open {
-                self.shard
-                    .opened_term
-                    .store(self.leader_term.unwrap_or(0), Ordering::Relaxed);
-            }
             changed(self.group, state);
         }
     }
@@ -319,7 +320,8 @@ mod tests {
             probe.finish(&Ok(()));
         }
         assert_eq!(breakers.states(|_| true), vec![(3, BreakerState::Closed)]);
-        // Opened with no leader known: any leader half-opens it.
+        // Failures with no leader known do not lower the term: a leader
+        // newer than any failed call knew still half-opens it.
         for _ in 0..4 {
             breakers.admit(3, None).unwrap().finish(&unavailable());
         }
