@@ -74,7 +74,14 @@ pub fn check_entity(entity: &pb::EntityResult) -> Result<(), String> {
         .strip_prefix("user:")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("unexpected key {}", entity.entity_key))?;
-    check_f0(id, entity.features.first().and_then(|f| f.value.as_ref()))
+    let f0 = entity.features.first();
+    // The status says why a value is missing: UNAVAILABLE (a shard that
+    // could not be read, counted by the server) is not NOT_FOUND (a lost
+    // row).
+    check_f0(id, f0.and_then(|f| f.value.as_ref())).map_err(|e| {
+        let status = f0.map_or("no feature", |f| f.status().as_str_name());
+        format!("{e} (status {status})")
+    })
 }
 
 /// Whether `f0`, feature 0 as read back for entity `id`, is that entity's.
