@@ -254,7 +254,7 @@ mod tests {
     /// The rule, with time passed in: a full queue that has been long for
     /// less than an interval lets a request wait the whole wait; one long
     /// for more lets it wait only the target, and refuses writes at once;
-    /// one request admitted within the target, or a free slot, ends that.
+    /// a request that finds a free slot ends that.
     #[test]
     fn a_full_queue_long_for_an_interval_is_standing_until_one_is_admitted_quickly() {
         let admission = Admission::new(&Limits {
@@ -297,7 +297,7 @@ mod tests {
         assert!(!admission.reads_standing(at(101)));
         let full = fill(&admission.reads);
         assert!(admission.reads_standing(at(101)));
-        // A read admitted within the target: short again.
+        // A read that finds a free slot: short again.
         admission.reads.short();
         assert!(!admission.reads_standing(at(500)));
         admission.reads.queued(at(500));

@@ -562,13 +562,13 @@ pub struct Limits {
     /// is refused, while its queue drains now and then (a burst); the
     /// refusal's retry hint is this long too.
     pub admission_wait_ms: u64,
-    /// Once no request got its slot within this long for a whole
-    /// `admission_queue_interval_ms`, the queue is standing (the node is
-    /// past capacity): requests wait at most this long (never longer than
+    /// Once a full queue has not emptied (no request found a free slot)
+    /// for `admission_queue_interval_ms`, it is standing (the node is past
+    /// capacity): requests wait at most this long (never longer than
     /// `admission_wait_ms`), and writes are refused at once so that reads
     /// go first (CoDel's target).
     pub admission_queue_target_ms: u64,
-    /// CoDel's interval: how long a queue must stay above its target to
+    /// CoDel's interval: how long a full queue must go without emptying to
     /// count as standing.
     pub admission_queue_interval_ms: u64,
 }
