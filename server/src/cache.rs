@@ -215,6 +215,112 @@ impl HotCache {
     }
 }
 
+/// The last rows this node read from other nodes, for shards it holds no
+/// replica of: a degraded Get's last resort when no replica of such a shard
+/// answers in time (served as `STALE`, never as a fresh answer).
+///
+/// Not coherent, by design: writes to those shards are applied elsewhere,
+/// so an entry may be older than what the shard holds. What bounds it: an
+/// entry older than its age bound is never served; a write, delete or
+/// invalidation proposed through this node forgets its keys; the newer of
+/// two rows read for a key is kept (by event time, then write time).
+/// Absent rows are not kept: the view's default says more than "absent,
+/// as of some time ago".
+pub struct LastKnown {
+    cache: Option<RowCache>,
+    age_max_us: i64,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for LastKnown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LastKnown")
+            .field("age_max_us", &self.age_max_us)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LastKnown {
+    /// At most `bytes_max` bytes (0: keeps nothing), each entry served for
+    /// at most `age_max` after it was read (zero: no bound), judged by
+    /// `clock`.
+    pub fn new(bytes_max: u64, age_max: Duration, clock: Arc<dyn Clock>) -> Self {
+        let cache = (bytes_max > 0).then(|| {
+            let items =
+                usize::try_from((bytes_max / ENTRY_BYTES_ESTIMATE).max(16)).unwrap_or(usize::MAX);
+            Cache::with_weighter(items, bytes_max, RowWeighter)
+        });
+        Self {
+            cache,
+            age_max_us: i64::try_from(age_max.as_micros()).unwrap_or(i64::MAX),
+            clock,
+        }
+    }
+
+    /// Whether it is configured to keep nothing.
+    pub fn is_off(&self) -> bool {
+        self.cache.is_none()
+    }
+
+    /// Whether it holds nothing (then forgetting is free).
+    pub fn is_empty(&self) -> bool {
+        self.cache.as_ref().is_none_or(|cache| cache.is_empty())
+    }
+
+    /// Keeps a row read from another node, unless a newer one is held.
+    pub fn remember(&self, key: &[u8], row: &Arc<StoredRow>) {
+        let Some(cache) = &self.cache else { return };
+        let newer_held = cache
+            .get(key)
+            .and_then(|held| held.row)
+            .is_some_and(|held| {
+                (held.event_ts_us, held.written_ts_us) > (row.event_ts_us, row.written_ts_us)
+            });
+        if !newer_held {
+            cache.insert(
+                key.to_vec(),
+                CachedRow {
+                    row: Some(row.clone()),
+                    cached_at_us: self.clock.now_us(),
+                },
+            );
+        }
+    }
+
+    /// The row last read for a key, if it is held and within its age bound.
+    pub fn recall(&self, key: &[u8]) -> Option<Arc<StoredRow>> {
+        let entry = self.cache.as_ref()?.get(key)?;
+        let age_us = self.clock.now_us().saturating_sub(entry.cached_at_us);
+        if self.age_max_us > 0 && age_us > self.age_max_us {
+            return None;
+        }
+        entry.row
+    }
+
+    /// Drops keys (a write, delete or invalidation through this node).
+    pub fn forget<K: AsRef<[u8]>>(&self, keys: &[K]) {
+        if let Some(cache) = &self.cache {
+            for key in keys {
+                cache.remove(key.as_ref());
+            }
+        }
+    }
+
+    /// Drops every row of a view.
+    pub fn forget_view(&self, view_id: ViewId) {
+        if let Some(cache) = &self.cache {
+            cache.retain(|key, _| split_storage_key(key).is_none_or(|(_, id, _)| id != view_id));
+        }
+    }
+
+    /// Entries and bytes held.
+    pub fn usage(&self) -> (u64, u64) {
+        self.cache
+            .as_ref()
+            .map_or((0, 0), |cache| (cache.len() as u64, cache.weight()))
+    }
+}
+
 /// Every replica on this node keeps the cache coherent through its apply
 /// path: an applied write, delete or invalidation drops the rows it touched.
 impl quiver_raft::ApplyObserver for HotCache {
@@ -362,7 +468,90 @@ mod tests {
         assert_eq!(c.stats().entries, 0);
     }
 
+    fn last_known(bytes_max: u64, age_ms: u64, clock: Arc<ManualClock>) -> LastKnown {
+        LastKnown::new(bytes_max, Duration::from_millis(age_ms), clock)
+    }
+
+    fn stamped(event: i64, written: i64) -> Arc<StoredRow> {
+        Arc::new(StoredRow {
+            event_ts_us: event,
+            written_ts_us: written,
+            values: vec![(1, Value::Int64(event))],
+        })
+    }
+
+    #[test]
+    fn last_known_keeps_the_newer_row_and_serves_it_within_its_age() {
+        let clock = Arc::new(ManualClock::new(0));
+        let known = last_known(1 << 20, 1_000, clock.clone());
+        assert!(known.is_empty());
+        known.remember(b"k", &stamped(5, 5));
+        tracing::info!("an older row read later (a lagging replica) does not replace it");
+        known.remember(b"k", &stamped(4, 9));
+        assert_eq!(known.recall(b"k").map(|r| r.event_ts_us), Some(5));
+        tracing::info!("same event time: the later write wins");
+        known.remember(b"k", &stamped(5, 6));
+        assert_eq!(known.recall(b"k").map(|r| r.written_ts_us), Some(6));
+        tracing::info!("past its age bound it is not served");
+        clock.advance_us(1_000_000);
+        assert!(known.recall(b"k").is_some());
+        clock.advance_us(1);
+        assert!(known.recall(b"k").is_none());
+    }
+
+    #[test]
+    fn last_known_forgets_keys_and_views_and_can_be_off() {
+        let clock = Arc::new(ManualClock::new(0));
+        let known = last_known(1 << 20, 0, clock.clone());
+        for view in [1u32, 2] {
+            for key in ["a", "b"] {
+                known.remember(&storage_key(view, key.as_bytes()), &stamped(1, 1));
+            }
+        }
+        assert_eq!(known.usage().0, 4);
+        known.forget(&[storage_key(1, b"a")]);
+        assert!(known.recall(&storage_key(1, b"a")).is_none());
+        assert!(known.recall(&storage_key(1, b"b")).is_some());
+        known.forget_view(2);
+        assert!(known.recall(&storage_key(2, b"a")).is_none());
+        assert_eq!(known.usage().0, 1);
+        tracing::info!("no age bound: served however old");
+        clock.advance_us(i64::MAX / 2);
+        assert!(known.recall(&storage_key(1, b"b")).is_some());
+        let off = last_known(0, 0, clock);
+        off.remember(b"k", &stamped(1, 1));
+        assert!(off.recall(b"k").is_none());
+        assert!(off.is_empty());
+    }
+
     proptest! {
+        /// What it recalls is the newest row remembered since the key was
+        /// last forgotten (room for every key: nothing is evicted).
+        #[test]
+        fn last_known_recalls_the_newest(ops in proptest::collection::vec((0u8..3, 0u8..20, 0i64..50), 1..300)) {
+            let known = last_known(1 << 20, 0, Arc::new(ManualClock::new(0)));
+            let mut model: std::collections::HashMap<u8, i64> = Default::default();
+            for (op, key, ts) in ops {
+                let k = [key];
+                match op {
+                    0 => {
+                        known.remember(&k, &stamped(ts, 1));
+                        let newest = model.get(&key).map_or(ts, |&held| held.max(ts));
+                        model.insert(key, newest);
+                    }
+                    1 => {
+                        known.forget(&[k]);
+                        model.remove(&key);
+                    }
+                    _ => {
+                        if let Some(found) = known.recall(&k) {
+                            prop_assert_eq!(Some(found.event_ts_us), model.get(&key).copied());
+                        }
+                    }
+                }
+            }
+        }
+
         /// Under any sequence of fills, invalidations and inserts the cache
         /// stays within its byte bound and never returns a row other than the
         /// last one filled since the last invalidation.

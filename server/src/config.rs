@@ -521,6 +521,12 @@ pub struct CacheConfig {
     /// Cached entries older than this are reloaded from storage; 0 = no
     /// expiry (the cache is kept coherent by writes either way).
     pub entry_ttl_ms: u64,
+    /// Memory bound of the last rows read from other nodes for shards
+    /// this node holds no replica of (a degraded Get's last resort, served
+    /// as `STALE`); 0 keeps none.
+    pub last_known_bytes_max: u64,
+    /// Such a row read longer ago than this is not served; 0 = no bound.
+    pub last_known_age_ms_max: u64,
 }
 
 /// Limits on what one request may ask. Every limit is checked before any work
@@ -602,6 +608,8 @@ impl Default for CacheConfig {
         Self {
             bytes_max: 128 << 20,
             entry_ttl_ms: 0,
+            last_known_bytes_max: 32 << 20,
+            last_known_age_ms_max: 3_600_000,
         }
     }
 }
@@ -1245,6 +1253,69 @@ mod tests {
             let flags = Flags::parse_from(["quiverd", "--config", "fast.toml"]);
             let err = Config::load(&flags).unwrap_err().to_string();
             assert!(err.contains("load_report_interval_ms"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn overload_breaker_and_fallback_settings_load_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "q.toml",
+                "[cluster]\nshard_breaker_window_calls = 20\nshard_breaker_error_rate_percent = 75\n\
+                 shard_breaker_open_ms = 2500\nshard_breaker_close_successes = 3\n\
+                 shard_breaker_slow_call_ms = 400\n\
+                 [limits]\nadmission_queue_target_ms = 5\n\
+                 [cache]\nlast_known_bytes_max = 0\nlast_known_age_ms_max = 60000\n",
+            )?;
+            jail.set_env("QUIVER_LIMITS__ADMISSION_QUEUE_INTERVAL_MS", "250");
+            let flags = Flags::parse_from(["quiverd", "--config", "q.toml"]);
+            let config = Config::load(&flags).expect("loads");
+            let c = &config.cluster;
+            assert_eq!(
+                (
+                    c.shard_breaker_window_calls,
+                    c.shard_breaker_error_rate_percent,
+                    c.shard_breaker_open_ms,
+                    c.shard_breaker_close_successes,
+                    c.shard_breaker_slow_call_ms,
+                ),
+                (20, 75, 2500, 3, 400)
+            );
+            assert_eq!(config.limits.admission_queue_target_ms, 5);
+            assert_eq!(config.limits.admission_queue_interval_ms, 250);
+            assert_eq!(config.cache.last_known_bytes_max, 0);
+            assert_eq!(config.cache.last_known_age_ms_max, 60_000);
+            // The environment would override the files below.
+            jail.clear_env();
+            for (bad, named) in [
+                (
+                    "[cluster]\nshard_breaker_error_rate_percent = 101\n",
+                    "shard_breaker_error_rate_percent",
+                ),
+                (
+                    "[cluster]\nshard_breaker_close_successes = 0\n",
+                    "shard_breaker_close_successes",
+                ),
+                (
+                    "[cluster]\nshard_breaker_slow_call_ms = 0\n",
+                    "shard_breaker_slow_call_ms",
+                ),
+                (
+                    "[limits]\nadmission_queue_interval_ms = 0\n",
+                    "admission_queue_interval_ms",
+                ),
+                (
+                    "[limits]\nadmission_queue_target_ms = 99999999\n",
+                    "admission_queue_target_ms",
+                ),
+                ("[cache]\nlast_known_bytes = 1\n", "last_known_bytes"),
+            ] {
+                jail.create_file("bad.toml", bad)?;
+                let flags = Flags::parse_from(["quiverd", "--config", "bad.toml"]);
+                let err = Config::load(&flags).unwrap_err().to_string();
+                assert!(err.contains(named), "{bad}: {err}");
+            }
             Ok(())
         });
     }

@@ -134,6 +134,18 @@ fn describe() {
         "Values a degraded Get answered stale or defaulted."
     );
     describe_counter!(
+        "quiver_degraded_fallbacks_total",
+        "Shard reads of degraded Gets that fell back, by what answered."
+    );
+    describe_gauge!(
+        "quiver_last_known_entries",
+        "Rows kept from shards with no replica on this node."
+    );
+    describe_gauge!(
+        "quiver_last_known_used_bytes",
+        "Bytes of rows kept from shards with no replica on this node."
+    );
+    describe_counter!(
         "quiver_tls_handshake_failures_total",
         "TLS connections refused before any call, by port and reason."
     );
@@ -228,6 +240,9 @@ fn collect_state(node: &Node) {
     metrics::gauge!("quiver_cache_max_bytes").set(cache.bytes_max as f64);
     metrics::counter!("quiver_cache_hits_total").absolute(cache.hits);
     metrics::counter!("quiver_cache_misses_total").absolute(cache.misses);
+    let (entries, bytes) = node.last_known.usage();
+    metrics::gauge!("quiver_last_known_entries").set(entries as f64);
+    metrics::gauge!("quiver_last_known_used_bytes").set(bytes as f64);
     for status in node.cluster.group_status() {
         let group = status.group.to_string();
         let labels = [("group", group.clone())];

@@ -16,7 +16,7 @@ use quiver_raft::types::RejectKind;
 use quiver_raft::{Command, GroupId, METADATA_GROUP, RequestId, Response as Applied};
 
 use crate::admission::Admission;
-use crate::cache::HotCache;
+use crate::cache::{HotCache, LastKnown};
 use crate::cluster::{Cluster, ClusterError, StartOptions};
 use crate::config::{Config, Limits};
 use crate::error::ServiceError;
@@ -44,6 +44,9 @@ pub struct Node {
     pub registry: Registry,
     /// The hot row cache, kept coherent by every local replica's apply.
     pub cache: Arc<HotCache>,
+    /// The last rows read from shards with no replica here (a degraded
+    /// Get's last resort).
+    pub last_known: LastKnown,
     /// The node's clock.
     pub clock: Arc<dyn Clock>,
     /// Per-request limits.
@@ -91,6 +94,9 @@ impl Node {
         mut add: impl FnMut(Applied) -> Result<(), Applied>,
     ) -> Result<(), ServiceError> {
         let mut pending: Vec<(GroupId, Command)> = proposals.into_iter().collect();
+        for (_, command) in &pending {
+            self.forget_last_known(command);
+        }
         let mut first_error = None;
         for attempt in 0..=WRONG_SHARD_RETRIES_MAX {
             let futures = pending.iter().map(|(shard, command)| {
@@ -150,6 +156,41 @@ impl Node {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Drops what a write, delete or invalidation proposed here changes
+    /// from the last-known rows (whatever its outcome: it may commit).
+    fn forget_last_known(&self, command: &Command) {
+        if self.last_known.is_empty() {
+            return;
+        }
+        let forget_entities = |view_id: u32, entities: &mut dyn Iterator<Item = &str>| {
+            let keys: Vec<Vec<u8>> = entities
+                .map(|entity| quiver_engine::keys::storage_key(view_id, entity.as_bytes()))
+                .collect();
+            self.last_known.forget(&keys);
+        };
+        match command {
+            Command::Write { view_id, rows } => {
+                forget_entities(
+                    *view_id,
+                    &mut rows.iter().map(|row| row.entity_key.as_str()),
+                );
+            }
+            Command::Invalidate {
+                view_id,
+                entity_keys,
+            } if entity_keys.is_empty() => self.last_known.forget_view(*view_id),
+            Command::Delete {
+                view_id,
+                entity_keys,
+            }
+            | Command::Invalidate {
+                view_id,
+                entity_keys,
+            } => forget_entities(*view_id, &mut entity_keys.iter().map(String::as_str)),
+            _ => {}
+        }
+    }
+
     /// Opens the node's groups as configured and starts their Raft instances.
     pub async fn open(
         config: &Config,
@@ -173,6 +214,11 @@ impl Node {
             Duration::from_millis(config.cache.entry_ttl_ms),
             clock.clone(),
         ));
+        let last_known = LastKnown::new(
+            config.cache.last_known_bytes_max,
+            Duration::from_millis(config.cache.last_known_age_ms_max),
+            clock.clone(),
+        );
         let block_cache_bytes = usize::try_from(config.block_cache_bytes).unwrap_or(usize::MAX);
         let store = StoreOptions {
             // The Raft log is the durable record: an entry is fsynced there
@@ -219,6 +265,7 @@ impl Node {
             backups,
             registry,
             cache,
+            last_known,
             clock,
             limits: config.limits.clone(),
             admission: Admission::new(&config.limits),

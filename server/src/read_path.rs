@@ -85,15 +85,23 @@ type Fetched = Result<Option<Arc<StoredRow>>, ()>;
 /// The share of a degraded Get's deadline its shards' normal reads may
 /// take; the rest is for the fallback and the answer.
 const DEGRADED_BUDGET_SHARE: f64 = 0.8;
+/// The share by which a degraded read's fallback to another node's replica
+/// must have answered (then the last-known rows answer, in no time).
+const FALLBACK_BUDGET_SHARE: f64 = 0.95;
 
 /// What a Get does with a shard it cannot read at the requested level.
 #[derive(Debug, Clone, Copy)]
 enum OnFailure {
     /// Its rows are `UNAVAILABLE`.
     Strict,
-    /// This node's replica answers (`STALE`), else defaults; the normal
-    /// read must be done by `until`, if the call has a deadline.
-    Degraded { until: Option<tokio::time::Instant> },
+    /// A replica answers as it is (`STALE`): this node's own, else the
+    /// first of another node's by `fallback_until`; else the rows last read
+    /// from the shard (`STALE`), else defaults. The normal read must be done
+    /// by `until`. Both are unbounded if the call has no deadline.
+    Degraded {
+        until: Option<tokio::time::Instant>,
+        fallback_until: Option<tokio::time::Instant>,
+    },
 }
 
 /// Serves a Get; `deadline` is when the call arrived and the caller's
@@ -190,9 +198,11 @@ pub async fn get(
         .collect();
 
     let on_failure = if request.degraded {
+        let share =
+            |share: f64| deadline.map(|(arrived, timeout)| arrived + timeout.mul_f64(share));
         OnFailure::Degraded {
-            until: deadline
-                .map(|(arrived, timeout)| arrived + timeout.mul_f64(DEGRADED_BUDGET_SHARE)),
+            until: share(DEGRADED_BUDGET_SHARE),
+            fallback_until: share(FALLBACK_BUDGET_SHARE),
         }
     } else {
         OnFailure::Strict
@@ -292,8 +302,15 @@ async fn fetch(
                     OnFailure::Strict => read_shard(node, shard, storage_keys, level, use_cache)
                         .await
                         .map(|(rows, source)| (rows, source, false)),
-                    OnFailure::Degraded { until } => {
-                        read_degraded(node, shard, storage_keys, level, use_cache, until).await
+                    OnFailure::Degraded {
+                        until,
+                        fallback_until,
+                    } => {
+                        let budget = Budget {
+                            until,
+                            fallback_until,
+                        };
+                        read_degraded(node, shard, storage_keys, level, use_cache, budget).await
                     }
                 };
                 tracing::debug!(ok = rows.is_ok(), "shard read");
@@ -329,39 +346,59 @@ async fn fetch(
     (results, stale, sources)
 }
 
-/// A degraded shard read: the requested level within `budget`, else this
-/// node's own replica as it is (true: the rows are from the fallback).
-async fn read_degraded(
-    node: &Node,
-    shard: GroupId,
-    keys: Vec<Vec<u8>>,
-    level: ReadLevel,
-    use_cache: bool,
+/// When a degraded shard read's steps must have answered.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    /// The read at the requested level.
     until: Option<tokio::time::Instant>,
-) -> Result<(Vec<Fetched>, ReadSource, bool), ServiceError> {
-    let attempt = read_shard(node, shard, keys.clone(), level, use_cache);
-    let outcome = match until {
-        Some(until) => tokio::time::timeout_at(until, attempt)
+    /// Another node's replica.
+    fallback_until: Option<tokio::time::Instant>,
+}
+
+/// Waits for `read` until `until` (forever if `None`).
+async fn within<T>(
+    until: Option<tokio::time::Instant>,
+    shard: GroupId,
+    read: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, ServiceError> {
+    match until {
+        Some(until) => tokio::time::timeout_at(until, read)
             .await
             .unwrap_or_else(|_| {
                 Err(ServiceError::TaskFailed(format!(
                     "shard {shard}: no answer within the call's budget"
                 )))
             }),
-        None => attempt.await,
-    };
-    let error = match outcome {
+        None => read.await,
+    }
+}
+
+/// A degraded shard read: the requested level within the budget, else a
+/// replica as it is, else the rows last read (true: the rows are from a
+/// fallback). This node's own replica is the first fallback; a node that
+/// holds none asks the shard's replicas elsewhere, then its last-known rows.
+async fn read_degraded(
+    node: &Node,
+    shard: GroupId,
+    keys: Vec<Vec<u8>>,
+    level: ReadLevel,
+    use_cache: bool,
+    budget: Budget,
+) -> Result<(Vec<Fetched>, ReadSource, bool), ServiceError> {
+    let attempt = read_shard(node, shard, keys.clone(), level, use_cache);
+    let error = match within(budget.until, shard, attempt).await {
         Ok((rows, source)) => return Ok((rows, source, false)),
         Err(error) => error,
     };
     let Some(hosted) = node.cluster.group(shard) else {
-        return Err(error);
+        return read_elsewhere(node, shard, keys, budget, error).await;
     };
     if breaker_open(&error) {
         tracing::debug!(shard, %error, "degraded read: answering from this node's replica");
     } else {
         tracing::warn!(shard, %error, "degraded read: answering from this node's replica");
     }
+    metrics::counter!("quiver_degraded_fallbacks_total", "from" => "own_replica").increment(1);
     let state = hosted.state.clone();
     let node_id = node.cluster.node_id;
     let (rows, applied_index) = tokio::task::spawn_blocking(move || {
@@ -387,6 +424,56 @@ async fn read_degraded(
         node_id,
         leader: false,
         applied_index,
+    };
+    Ok((rows, source, true))
+}
+
+/// The degraded fallback of a node that holds no replica of `shard`: the
+/// first of its replicas elsewhere to answer as it is, by the fallback
+/// budget; else the rows this node last read from it (unknown keys stay
+/// unreadable, so they get their defaults); else `error`, the normal
+/// read's failure.
+async fn read_elsewhere(
+    node: &Node,
+    shard: GroupId,
+    keys: Vec<Vec<u8>>,
+    budget: Budget,
+    error: ServiceError,
+) -> Result<(Vec<Fetched>, ReadSource, bool), ServiceError> {
+    let log = |from: &'static str, why: &dyn std::fmt::Display| {
+        if breaker_open(&error) {
+            tracing::debug!(shard, %error, %why, from, "degraded read: answering from a fallback");
+        } else {
+            tracing::warn!(shard, %error, %why, from, "degraded read: answering from a fallback");
+        }
+        metrics::counter!("quiver_degraded_fallbacks_total", "from" => from).increment(1);
+    };
+    let any = async {
+        let read = node.cluster.read_any_replica(shard, &keys).await?;
+        decode_remote(node, shard, &keys, read)
+    };
+    let any_error = match within(budget.fallback_until, shard, any).await {
+        Ok((rows, source)) => {
+            log("other_replica", &format!("node {}", source.node_id));
+            return Ok((rows, source, true));
+        }
+        Err(any_error) => any_error,
+    };
+    let rows: Vec<Fetched> = keys
+        .iter()
+        .map(|key| node.last_known.recall(key).map(Some).ok_or(()))
+        .collect();
+    if rows.iter().all(Result::is_err) {
+        log("none", &any_error);
+        return Err(error);
+    }
+    log("last_known", &any_error);
+    let source = ReadSource {
+        group: shard,
+        node_id: node.cluster.node_id,
+        leader: false,
+        // No replica position: rows this node read from others earlier.
+        applied_index: 0,
     };
     Ok((rows, source, true))
 }
@@ -490,8 +577,8 @@ async fn read_one_shard(
     // keeps failing fails them at once (a degraded read then goes straight
     // to its fallback). REPLICA reads need no leader.
     let call = match level {
-        ReadLevel::Replica { .. } => None,
-        _ => Some(node.cluster.shard_call(shard)?),
+        ReadLevel::Replica { .. } | ReadLevel::Any => None,
+        ReadLevel::Leader | ReadLevel::Strong => Some(node.cluster.shard_call(shard)?),
     };
     let read = node.cluster.read(shard, &keys, level).await;
     if let Some(call) = call {
@@ -550,33 +637,55 @@ async fn read_one_shard(
             }
             Ok((rows, source))
         }
-        ShardRead::Remote { rows, source } => {
-            // One row per key asked for, or the whole shard is unreadable:
-            // a short reply must not turn rows into NOT_FOUND.
-            if rows.len() != keys.len() {
-                return Err(ServiceError::TaskFailed(format!(
-                    "node {} answered {} rows for {} keys",
-                    source.node_id,
-                    rows.len(),
-                    keys.len()
-                )));
-            }
-            let rows = rows
-                .into_iter()
-                .map(|row| match row {
-                    None => Ok(None),
-                    Some(bytes) => match decode_stored(&bytes) {
-                        Ok(row) => Ok(row.map(Arc::new)),
-                        Err(error) => {
-                            tracing::error!(%error, node = source.node_id, "row from a peer is corrupt; served as UNAVAILABLE");
-                            Err(())
-                        }
-                    },
-                })
-                .collect();
-            Ok((rows, source))
-        }
+        remote @ ShardRead::Remote { .. } => decode_remote(node, shard, &keys, remote),
     }
+}
+
+/// Rows another node answered for `keys`, decoded; kept as the shard's
+/// last-known rows if this node holds no replica of it.
+fn decode_remote(
+    node: &Node,
+    shard: GroupId,
+    keys: &[Vec<u8>],
+    read: ShardRead,
+) -> Result<(Vec<Fetched>, ReadSource), ServiceError> {
+    let ShardRead::Remote { rows, source } = read else {
+        return Err(ServiceError::TaskFailed(format!(
+            "shard {shard}: a local read where a peer's answer was expected"
+        )));
+    };
+    // One row per key asked for, or the whole shard is unreadable: a short
+    // reply must not turn rows into NOT_FOUND.
+    if rows.len() != keys.len() {
+        return Err(ServiceError::TaskFailed(format!(
+            "node {} answered {} rows for {} keys",
+            source.node_id,
+            rows.len(),
+            keys.len()
+        )));
+    }
+    let remember = !node.last_known.is_off() && node.cluster.group(shard).is_none();
+    let rows = rows
+        .into_iter()
+        .zip(keys)
+        .map(|(row, key)| match row {
+            None => Ok(None),
+            Some(bytes) => match decode_stored(&bytes) {
+                Ok(row) => {
+                    let row = row.map(Arc::new);
+                    if remember && let Some(row) = &row {
+                        node.last_known.remember(key, row);
+                    }
+                    Ok(row)
+                }
+                Err(error) => {
+                    tracing::error!(%error, node = source.node_id, "row from a peer is corrupt; served as UNAVAILABLE");
+                    Err(())
+                }
+            },
+        })
+        .collect();
+    Ok((rows, source))
 }
 
 /// A cached row below its view's expiry floor reads as absent, as the store

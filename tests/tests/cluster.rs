@@ -1265,13 +1265,17 @@ async fn under_short_deadlines_a_degraded_reader_gets_present_then_stale_as_repl
     cluster.node(other).restart().await.unwrap();
 }
 
-/// A degraded Get through a node that holds no replica of a shard whose
-/// replicas are all down answers that shard's features with their defaults
-/// (DEFAULTED), and a shard it does hold from its own replica (STALE).
+/// Degraded Gets through a node that holds no replica of some shards, as
+/// those shards' replicas die: with one replica left, it answers as it is
+/// (`STALE`, the source names it); with none, the rows the node last read
+/// from the shard answer (`STALE`), and rows it never read (or wrote
+/// since) get their defaults (`DEFAULTED`). A shard the node does hold
+/// answers from its own replica throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_degraded_get_falls_back_to_defaults_where_no_replica_is_local() {
+async fn a_degraded_get_where_no_replica_is_local_falls_back_to_others_then_last_known_rows() {
     use quiver_tests::{double, feature, row, write_rows};
-    // Two replicas per shard on three nodes: each node lacks some shards.
+    // Two replicas per shard on three nodes: each node lacks some shards,
+    // and the shards node 1 lacks are on nodes 2 and 3.
     let mut cluster = start(&[FOUR_SHARDS[0], ("QUIVER_CLUSTER__REPLICATION_FACTOR", "2")]).await;
     let lone = 1;
     let mut client = cluster.node(lone).client().await.unwrap();
@@ -1297,25 +1301,37 @@ async fn a_degraded_get_falls_back_to_defaults_where_no_replica_is_local() {
         .iter()
         .map(|g| g.group)
         .collect();
-    // Keys until one lands on a shard node 1 holds and one on a shard it
-    // does not.
-    let (mut local, mut remote) = (None, None);
-    for i in 0..200 {
+    let writer = client.clone();
+    let write = |key: String, score: f64| {
+        let client = writer.clone();
+        async move {
+            retry("write", LEADER_WAIT, || {
+                let (mut client, key) = (client.clone(), key.clone());
+                async move {
+                    write_rows(
+                        &mut client,
+                        "dv",
+                        vec![row(
+                            &key,
+                            quiver_tests::now_us(),
+                            &[("score", double(score))],
+                        )],
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+                }
+            })
+            .await;
+        }
+    };
+    // Keys until one lands on a shard node 1 holds and two on shards it
+    // does not. Each is read once through node 1 (STRONG: from the leader),
+    // which is what node 1 keeps as the shard's last-known rows.
+    let (mut local, mut remote) = (None, Vec::new());
+    for i in 0..400 {
         let key = format!("d{i}");
-        retry("write", LEADER_WAIT, || {
-            let (mut client, key) = (client.clone(), key.clone());
-            async move {
-                write_rows(
-                    &mut client,
-                    "dv",
-                    vec![row(&key, quiver_tests::now_us(), &[("score", double(0.9))])],
-                )
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-            }
-        })
-        .await;
+        write(key.clone(), 0.9).await;
         let answer = client
             .get(pb::GetRequest {
                 entity_keys: vec![key.clone()],
@@ -1329,14 +1345,17 @@ async fn a_degraded_get_falls_back_to_defaults_where_no_replica_is_local() {
         let shard = answer.sources[0].shard;
         if hosted.contains(&shard) {
             local.get_or_insert(key);
-        } else {
-            remote.get_or_insert(key);
+        } else if remote.len() < 2 {
+            remote.push(key);
         }
-        if local.is_some() && remote.is_some() {
+        if local.is_some() && remote.len() == 2 {
             break;
         }
     }
-    let (local, remote) = (local.unwrap(), remote.unwrap());
+    let local = local.unwrap();
+    let [remote_read, remote_rewritten] = <[String; 2]>::try_from(remote).unwrap();
+    // Written again through node 1: it forgets its last-known row.
+    write(remote_rewritten.clone(), 0.7).await;
     // The local key's value is on node 1's replica before the others go.
     retry("node 1 holds the local key", CONVERGE_WAIT, || {
         let (mut client, local) = (client.clone(), local.clone());
@@ -1358,40 +1377,80 @@ async fn a_degraded_get_falls_back_to_defaults_where_no_replica_is_local() {
         }
     })
     .await;
+    let degraded_get = |keys: Vec<String>| {
+        let mut client = client.clone();
+        async move {
+            let mut request = tonic::Request::new(pb::GetRequest {
+                entity_keys: keys,
+                features: vec!["dv:score".into()],
+                consistency: pb::Consistency::Leader as i32,
+                degraded: true,
+                ..Default::default()
+            });
+            request.set_timeout(std::time::Duration::from_secs(2));
+            let asked = Instant::now();
+            let answer = client.get(request).await.unwrap().into_inner();
+            eprintln!("degraded Get answered in {:?}", asked.elapsed());
+            answer
+        }
+    };
+    let value = |answer: &pb::GetResponse, e: usize| {
+        let feature = &answer.entities[e].features[0];
+        (feature.status(), feature.value.clone().and_then(|v| v.kind))
+    };
+    let double_val = pb::value::Kind::DoubleVal;
+
+    eprintln!("--- node 2 is killed: node 3 holds the only live replica of the remote shards");
     cluster.node(2).kill9().unwrap();
+    // Past any leader lease of node 3 (it cannot renew one alone).
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let answer = degraded_get(vec![remote_read.clone()]).await;
+    assert_eq!(
+        value(&answer, 0),
+        (pb::FeatureStatus::Stale, Some(double_val(0.9))),
+        "{answer:?}"
+    );
+    assert!(
+        answer.sources.iter().all(|s| s.node_id == 3 && s.stale),
+        "answered by node 3's replica as it is: {answer:?}"
+    );
+
+    eprintln!("--- node 3 is killed: no replica of the remote shards is left");
     cluster.node(3).kill9().unwrap();
-    let mut request = tonic::Request::new(pb::GetRequest {
-        entity_keys: vec![local.clone(), remote.clone()],
-        features: vec!["dv:score".into()],
-        consistency: pb::Consistency::Leader as i32,
-        degraded: true,
-        ..Default::default()
-    });
-    request.set_timeout(std::time::Duration::from_secs(1));
-    let answer = client.get(request).await.unwrap().into_inner();
-    let value = |e: usize| answer.entities[e].features[0].clone();
+    let answer = degraded_get(vec![
+        local.clone(),
+        remote_read.clone(),
+        remote_rewritten.clone(),
+    ])
+    .await;
     // Node 1 may still lead the local key's shard under its lease (no other
     // leader can be elected with the other replica down): PRESENT then,
     // STALE from its replica after.
+    let (status, local_value) = value(&answer, 0);
     assert!(
         matches!(
-            value(0).status(),
+            status,
             pb::FeatureStatus::Stale | pb::FeatureStatus::Present
         ),
         "{answer:?}"
     );
+    assert_eq!(local_value, Some(double_val(0.9)));
     assert_eq!(
-        value(0).value.and_then(|v| v.kind),
-        Some(pb::value::Kind::DoubleVal(0.9))
+        value(&answer, 1),
+        (pb::FeatureStatus::Stale, Some(double_val(0.9))),
+        "the row node 1 last read: {answer:?}"
     );
     assert_eq!(
-        value(1).status(),
-        pb::FeatureStatus::Defaulted,
-        "{answer:?}"
+        value(&answer, 2),
+        (pb::FeatureStatus::Defaulted, Some(double_val(0.5))),
+        "forgotten when written through node 1: {answer:?}"
     );
-    assert_eq!(
-        value(1).value.and_then(|v| v.kind),
-        Some(pb::value::Kind::DoubleVal(0.5))
+    assert!(
+        answer
+            .sources
+            .iter()
+            .any(|s| s.node_id == lone && s.stale && s.applied_index == 0),
+        "the last-known rows are named as node 1's, at no replica position: {answer:?}"
     );
     cluster.node(2).restart().await.unwrap();
     cluster.node(3).restart().await.unwrap();

@@ -46,6 +46,9 @@ impl Cluster {
             self.activity(group).await;
         }
         let policy = match level {
+            // Whatever this replica holds, leader or not: the caller marks it
+            // STALE.
+            ReadLevel::Any => None,
             ReadLevel::Strong => Some(LinearizerOption::from(ReadPolicy::ReadIndex)),
             ReadLevel::Leader if !is_leader => {
                 return Err(PeerResult::NotLeader {

@@ -352,7 +352,9 @@ impl Cluster {
         keys: &[Vec<u8>],
         level: ReadLevel,
     ) -> Result<ShardRead, ClusterError> {
-        let first = if matches!(level, ReadLevel::Replica { .. }) && self.host.contains(group) {
+        let first = if matches!(level, ReadLevel::Replica { .. } | ReadLevel::Any)
+            && self.host.contains(group)
+        {
             self.node_id
         } else {
             self.first_target(group)
@@ -400,6 +402,66 @@ impl Cluster {
             }
         })
         .await
+    }
+
+    /// Reads keys of a shard from whichever of its replicas on other nodes
+    /// answers first, as that replica holds them ([`ReadLevel::Any`]). All
+    /// are asked at once: this is a degraded read's fallback, run when the
+    /// usual target is down or too slow, so waiting on one in turn would
+    /// spend the caller's deadline on the same dead node.
+    pub async fn read_any_replica(
+        &self,
+        group: GroupId,
+        keys: &[Vec<u8>],
+    ) -> Result<ShardRead, ClusterError> {
+        let call = PeerCall::Read {
+            keys: keys.to_vec(),
+            level: ReadLevel::Any,
+        };
+        let targets: Vec<NodeId> = self
+            .voter_nodes(group)
+            .into_iter()
+            .filter(|&node| node != self.node_id)
+            .collect();
+        let attempts = u32::try_from(targets.len()).unwrap_or(u32::MAX);
+        let asks = targets.into_iter().map(|target| {
+            let call = &call;
+            Box::pin(async move {
+                match self.clients.forward(target, group, call).await {
+                    Ok(PeerResult::Read(ReadRows {
+                        rows,
+                        node_id,
+                        leader,
+                        applied_index,
+                    })) => Ok(ShardRead::Remote {
+                        rows,
+                        source: ReadSource {
+                            group,
+                            node_id,
+                            leader,
+                            applied_index,
+                        },
+                    }),
+                    Ok(other) => Err(format!("node {target}: {}", describe(&other))),
+                    Err(e) => Err(format!("node {target}: {e}")),
+                }
+            })
+        });
+        if attempts == 0 {
+            return Err(ClusterError::Unavailable {
+                group,
+                attempts,
+                last: "no replica on another node".into(),
+            });
+        }
+        futures::future::select_ok(asks)
+            .await
+            .map(|(read, _)| read)
+            .map_err(|last| ClusterError::Unavailable {
+                group,
+                attempts,
+                last,
+            })
     }
 }
 

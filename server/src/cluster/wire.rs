@@ -24,6 +24,9 @@ pub enum ReadLevel {
         /// (`cluster.election_timeout_max_ms`).
         within_ms: u64,
     },
+    /// Any replica's applied state as it is, however stale (a degraded
+    /// Get's fallback when no replica answers at the level it asked for).
+    Any,
 }
 
 /// One call to a peer, for one group.
@@ -284,7 +287,11 @@ mod tests {
             flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
             cut in any::<usize>(),
         ) {
-            for call in [propose(&key, value), PeerCall::Read { keys: keys.clone(), level: ReadLevel::Strong }] {
+            for call in [
+                propose(&key, value),
+                PeerCall::Read { keys: keys.clone(), level: ReadLevel::Strong },
+                PeerCall::Read { keys: keys.clone(), level: ReadLevel::Any },
+            ] {
                 let mut bytes = encode(&call).unwrap();
                 prop_assert!(decode::<PeerCall>(&bytes).is_ok());
                 for &(at, mask) in &flips {
