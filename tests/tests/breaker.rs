@@ -321,3 +321,83 @@ async fn a_shard_without_quorum_fails_fast_once_its_breaker_opens_and_closes_whe
     assert!(shard_metric(&metrics, opened, shard).await >= 1.0);
     assert!(shard_metric(&metrics, opened, 0).await >= 1.0);
 }
+
+/// Readers whose deadlines are far under the slow-call time open a dead
+/// shard's breaker by themselves: their calls are cut off early, but
+/// attempts on the shard fail while they run (its dead leader refuses the
+/// connection), which blames the shard, not the short deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_deadline_readers_open_the_breaker_of_a_shard_whose_nodes_died() {
+    let mut cluster = start(&[
+        ("QUIVER_CLUSTER__SHARD_COUNT", "1"),
+        ("QUIVER_METRICS_LISTEN_ADDR", "127.0.0.1:0"),
+    ])
+    .await;
+    let first = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&first).await;
+    let key = "short".to_owned();
+    retry("a first write", LEADER_WAIT, || {
+        let (mut client, key) = (first.clone(), key.clone());
+        async move { write_values(&mut client, &[(key, 7)]).await }
+    })
+    .await;
+    let (shard, leader) = retry("the shard's leader", LEADER_WAIT, || {
+        let (mut client, key) = (first.clone(), key.clone());
+        async move {
+            let (_, sources) = read_values(&mut client, &[key], pb::Consistency::Leader).await?;
+            Ok::<_, String>((sources[0].shard, sources[0].node_id))
+        }
+    })
+    .await;
+    // A follower reads; the leader and the other follower die.
+    let reader = (1..=3).find(|&n| n != leader).unwrap();
+    let other = (1..=3).find(|&n| n != leader && n != reader).unwrap();
+    let metrics = cluster
+        .node(reader)
+        .metrics_addr()
+        .await
+        .unwrap()
+        .to_string();
+    let client = cluster.node(reader).client().await.unwrap();
+    eprintln!("--- nodes {leader} (leader) and {other} are killed; node {reader} reads");
+    cluster.node(leader).kill9().unwrap();
+    cluster.node(other).kill9().unwrap();
+    // A tenth of the slow-call time (1 s by default).
+    let deadline = Duration::from_millis(100);
+    let mut cut_off = 0;
+    for attempt in 0.. {
+        assert!(
+            attempt < 60,
+            "the breaker never opened ({cut_off} reads cut off)"
+        );
+        let asked = std::time::Instant::now();
+        let outcome = client.clone().get(timed_get(&key, false, deadline)).await;
+        let took = asked.elapsed();
+        match outcome {
+            Err(status) => {
+                assert!(
+                    matches!(
+                        status.code(),
+                        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                    ),
+                    "{status:?}"
+                );
+                cut_off += 1;
+            }
+            Ok(answer)
+                if answer.get_ref().entities[0].features[0].status()
+                    == pb::FeatureStatus::Unavailable
+                    && took < Duration::from_millis(50) =>
+            {
+                eprintln!("refused after {cut_off} reads cut off, in {took:?}");
+                break;
+            }
+            Ok(answer) => panic!("no leader can answer: {answer:?}"),
+        }
+    }
+    assert_eq!(
+        shard_metric(&metrics, "quiver_shard_breaker_state", shard).await,
+        2.0
+    );
+    assert!(shard_metric(&metrics, "quiver_shard_breaker_refused_total", shard).await >= 1.0);
+}

@@ -270,6 +270,13 @@ impl Cluster {
                     if !failed.contains(&target) {
                         failed.push(target);
                     }
+                    // A node that did not answer, or a shard that could not
+                    // commit: calls in flight may blame the shard if their
+                    // callers give up (a redirect or "no leader known" is
+                    // an answer).
+                    if matches!(other, PeerResult::Failed(_)) {
+                        self.shard_breakers.attempt_failed(group);
+                    }
                     let alive = matches!(other, PeerResult::NotLeader { .. });
                     if !alive && !dead.contains(&target) {
                         dead.push(target);

@@ -10,11 +10,17 @@
 //! What counts, per call made through this node:
 //! - **Success**: an answer, including a refusal by the state machine (the
 //!   shard is there).
-//! - **Failure**: routing gave up (`Unavailable`), or the call went without
+//! - **Failure**: routing gave up (`Unavailable`); or the call went without
 //!   an answer for `shard_breaker_slow_call_ms` or longer (its caller's
-//!   deadline cut it off late: resilience4j's slow-call rule). A call cut
-//!   off sooner says nothing: a caller's 5 ms deadline on a healthy shard
-//!   must not open the breaker for everyone.
+//!   deadline cut it off late: resilience4j's slow-call rule); or its
+//!   caller's deadline cut it off after an attempt on the shard failed
+//!   while it ran (a replica's node refused the connection or timed out,
+//!   its peer breaker is open, or a local proposal found no quorum): then
+//!   the shard, not the short deadline, is at fault.
+//! - **Nothing**: a call cut off sooner with no failed attempt meanwhile: a
+//!   caller's 5 ms deadline on a healthy shard must not open the breaker for
+//!   everyone. (A redirect or "no leader known" from a live replica is not
+//!   a failed attempt: a leader handover must not open it either.)
 //!
 //! The rules are those of [`Breaker`]: open past `error_rate_percent` of a
 //! full window, half-open after `open`, closed after `close_successes`
@@ -44,6 +50,8 @@ pub struct ShardBreakers {
     rules: BreakerRules,
     slow_call: Duration,
     by_shard: Mutex<HashMap<GroupId, Arc<ShardBreaker>>>,
+    /// What [`ShardBreaker::failed_attempt_ns`] counts from.
+    epoch: Instant,
 }
 
 /// One shard's breaker, and the newest leader term a failed call knew.
@@ -54,6 +62,9 @@ struct ShardBreaker {
     /// failed was admitted (0: none known): a leader of a later term was
     /// elected after the failures that opened the breaker.
     opened_term: AtomicU64,
+    /// When an attempt on the shard last failed (ns since
+    /// [`ShardBreakers::epoch`]; 0: never).
+    failed_attempt_ns: AtomicU64,
 }
 
 /// A call a shard's breaker let through: report how it ended with
@@ -65,6 +76,8 @@ pub struct ShardCall {
     shard: Arc<ShardBreaker>,
     admitted: Option<Admitted>,
     started: Instant,
+    /// `started`, in ns since [`ShardBreakers::epoch`].
+    started_ns: u64,
     slow_call: Duration,
     /// The leader term known when it was admitted.
     leader_term: Option<u64>,
@@ -78,6 +91,25 @@ impl ShardBreakers {
             rules,
             slow_call,
             by_shard: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn since_epoch_ns(&self, at: Instant) -> u64 {
+        // Never 0: that means "never failed".
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Notes that an attempt on `group` failed (see the module doc), for
+    /// the calls in flight. Shards no call has passed yet are not made.
+    pub fn attempt_failed(&self, group: GroupId) {
+        let shard = self.by_shard.lock().get(&group).cloned();
+        if let Some(shard) = shard {
+            shard
+                .failed_attempt_ns
+                .fetch_max(self.since_epoch_ns(Instant::now()), Ordering::Relaxed);
         }
     }
 
@@ -98,6 +130,7 @@ impl ShardBreakers {
                 Arc::new(ShardBreaker {
                     breaker: Breaker::new(self.rules, now),
                     opened_term: AtomicU64::new(0),
+                    failed_attempt_ns: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -120,6 +153,7 @@ impl ShardBreakers {
                 shard,
                 admitted: Some(admitted),
                 started: now,
+                started_ns: self.since_epoch_ns(now),
                 slow_call: self.slow_call,
                 leader_term,
             }),
@@ -182,7 +216,9 @@ impl Drop for ShardCall {
         let Some(admitted) = self.admitted else {
             return;
         };
-        if self.started.elapsed() >= self.slow_call {
+        let failed_meanwhile =
+            self.shard.failed_attempt_ns.load(Ordering::Relaxed) >= self.started_ns;
+        if failed_meanwhile || self.started.elapsed() >= self.slow_call {
             self.report(Some(false));
         } else {
             self.admitted = None;
@@ -280,6 +316,29 @@ mod tests {
             breakers.states(|group| group == 2),
             vec![(2, BreakerState::Closed)]
         );
+    }
+
+    #[test]
+    fn a_quick_drop_counts_when_an_attempt_failed_while_it_ran() {
+        let breakers = ShardBreakers::new(RULES, Duration::from_secs(60));
+        // Not made by a failure report before any call.
+        breakers.attempt_failed(4);
+        assert!(breakers.states(|_| true).is_empty());
+        // An attempt failed before these calls began: their drops say
+        // nothing.
+        drop(breakers.admit(4, None).unwrap());
+        breakers.attempt_failed(4);
+        std::thread::sleep(Duration::from_millis(1));
+        for _ in 0..4 {
+            drop(breakers.admit(4, None).unwrap());
+        }
+        assert_eq!(breakers.states(|_| true), vec![(4, BreakerState::Closed)]);
+        // Calls in flight when an attempt fails count as failures when
+        // their callers give up, however soon.
+        let calls: Vec<_> = (0..4).map(|_| breakers.admit(4, None).unwrap()).collect();
+        breakers.attempt_failed(4);
+        drop(calls);
+        assert_eq!(breakers.states(|_| true), vec![(4, BreakerState::Open)]);
     }
 
     #[test]
