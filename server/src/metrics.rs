@@ -133,6 +133,10 @@ fn describe() {
         "quiver_degraded_serves_total",
         "Values a degraded Get answered stale or defaulted."
     );
+    describe_gauge!(
+        "quiver_tls_cert_expiry_timestamp_seconds",
+        "When this node's certificate chain expires first (Unix time; reloaded on SIGHUP)."
+    );
     describe_counter!(
         "quiver_degraded_fallbacks_total",
         "Shard reads of degraded Gets that fell back, by what answered."
@@ -240,6 +244,10 @@ fn collect_state(node: &Node) {
     metrics::gauge!("quiver_cache_max_bytes").set(cache.bytes_max as f64);
     metrics::counter!("quiver_cache_hits_total").absolute(cache.hits);
     metrics::counter!("quiver_cache_misses_total").absolute(cache.misses);
+    if let Some(tls) = &node.tls {
+        metrics::gauge!("quiver_tls_cert_expiry_timestamp_seconds")
+            .set(tls.expires_unix_s() as f64);
+    }
     let (entries, bytes) = node.last_known.usage();
     metrics::gauge!("quiver_last_known_entries").set(entries as f64);
     metrics::gauge!("quiver_last_known_used_bytes").set(bytes as f64);

@@ -109,6 +109,8 @@ struct Configs {
     /// Checks a node's certificate as a server's: from the cluster CA,
     /// valid now, for server use, naming a given host.
     node_verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    /// When the first certificate of the node's chain expires (Unix s).
+    expires_unix_s: i64,
 }
 
 /// A node's TLS state: the files it was configured with and the
@@ -145,6 +147,13 @@ impl Tls {
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!("quiver_tls_reloads_total", "result" => outcome).increment(1);
         result
+    }
+
+    /// When the node's certificate in use, or another of its chain,
+    /// expires first (Unix seconds): for the expiry metric, which alerts
+    /// before peers and clients start refusing it.
+    pub fn expires_unix_s(&self) -> i64 {
+        self.current.load().expires_unix_s
     }
 
     /// The server configuration of `port` now.
@@ -406,6 +415,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 fn build(files: &TlsConfig, own_host: Option<&str>) -> Result<Configs, TlsError> {
     let chain = read_certificates(&files.cert_path)?;
+    let expires_unix_s = chain_expiry(&chain).map_err(|reason| TlsError::File {
+        path: files.cert_path.display().to_string(),
+        reason,
+    })?;
     let key = read_key(&files.key_path)?;
     let cluster_ca = read_roots(&files.ca_path, RootCertStore::empty())?;
     let versions = rustls::DEFAULT_VERSIONS;
@@ -471,7 +484,20 @@ fn build(files: &TlsConfig, own_host: Option<&str>) -> Result<Configs, TlsError>
         metrics: server_with(metrics_verifier, vec![b"http/1.1".to_vec()])?,
         outgoing: Arc::new(outgoing),
         node_verifier,
+        expires_unix_s,
     })
+}
+
+/// The earliest `notAfter` of a certificate chain, in Unix seconds.
+fn chain_expiry(chain: &[CertificateDer<'_>]) -> Result<i64, String> {
+    chain
+        .iter()
+        .map(|der| {
+            x509_parser::parse_x509_certificate(der.as_ref())
+                .map(|(_, cert)| cert.validity().not_after.timestamp())
+                .map_err(|e| format!("a certificate that cannot be parsed: {e}"))
+        })
+        .try_fold(i64::MAX, |earliest, expiry| Ok(earliest.min(expiry?)))
 }
 
 /// The file at `path`, at most [`TLS_FILE_BYTES_MAX`].
@@ -574,6 +600,8 @@ mod tests {
             } else {
                 vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth]
             };
+            // Before the CA's (rcgen's default, 4096): the chain's earliest.
+            params.not_after = rcgen::date_time_ymd(2040, 1, 1);
             let key = rcgen::KeyPair::generate().unwrap();
             let certificate = params
                 .signed_by(&key, &self.certificate, &self.key)
@@ -659,6 +687,8 @@ mod tests {
             .unwrap()
             .unwrap();
         let before = Arc::as_ptr(&tls.server(Port::Peer));
+        // The node certificate's notAfter, 2040-01-01T00:00:00Z.
+        assert_eq!(tls.expires_unix_s(), 2_208_988_800);
         std::fs::write(dir.join("node-key.pem"), b"not a key").unwrap();
         assert!(tls.reload().is_err());
         assert_eq!(Arc::as_ptr(&tls.server(Port::Peer)), before);

@@ -179,6 +179,18 @@ async fn a_tls_cluster_takes_only_clients_and_peers_with_the_right_certificates(
         scraped.contains("quiver_tls_handshake_failures_total"),
         "refusals are counted"
     );
+    let expiry: f64 = scraped
+        .lines()
+        .find_map(|line| line.strip_prefix("quiver_tls_cert_expiry_timestamp_seconds "))
+        .unwrap_or_else(|| panic!("no expiry gauge: {scraped:.2000}"))
+        .trim()
+        .parse()
+        .unwrap();
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(expiry > now_s, "the node certificate is valid: {expiry}");
     assert!(get_metrics(metrics, &ca, None).await.is_err());
 
     eprintln!("--- the peer port");
