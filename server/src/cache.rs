@@ -267,15 +267,26 @@ impl LastKnown {
         self.cache.as_ref().is_none_or(|cache| cache.is_empty())
     }
 
-    /// Keeps a row read from another node, unless a newer one is held.
-    pub fn remember(&self, key: &[u8], row: &Arc<StoredRow>) {
+    /// Keeps what another node answered for a key. `authoritative`: the
+    /// shard's leader answered (LEADER or STRONG), so its answer replaces
+    /// what is held, and an absent row forgets the key (deleted or expired
+    /// since). Else (a replica as it is, maybe lagging) a row is kept only
+    /// if none newer is held, and an absent row changes nothing.
+    pub fn remember(&self, key: &[u8], row: Option<&Arc<StoredRow>>, authoritative: bool) {
         let Some(cache) = &self.cache else { return };
-        let newer_held = cache
-            .get(key)
-            .and_then(|held| held.row)
-            .is_some_and(|held| {
-                (held.event_ts_us, held.written_ts_us) > (row.event_ts_us, row.written_ts_us)
-            });
+        let Some(row) = row else {
+            if authoritative {
+                cache.remove(key);
+            }
+            return;
+        };
+        let newer_held = !authoritative
+            && cache
+                .get(key)
+                .and_then(|held| held.row)
+                .is_some_and(|held| {
+                    (held.event_ts_us, held.written_ts_us) > (row.event_ts_us, row.written_ts_us)
+                });
         if !newer_held {
             cache.insert(
                 key.to_vec(),
@@ -485,13 +496,22 @@ mod tests {
         let clock = Arc::new(ManualClock::new(0));
         let known = last_known(1 << 20, 1_000, clock.clone());
         assert!(known.is_empty());
-        known.remember(b"k", &stamped(5, 5));
+        known.remember(b"k", Some(&stamped(5, 5)), false);
         tracing::info!("an older row read later (a lagging replica) does not replace it");
-        known.remember(b"k", &stamped(4, 9));
+        known.remember(b"k", Some(&stamped(4, 9)), false);
+        assert_eq!(known.recall(b"k").map(|r| r.event_ts_us), Some(5));
+        tracing::info!("nor does its absent row");
+        known.remember(b"k", None, false);
         assert_eq!(known.recall(b"k").map(|r| r.event_ts_us), Some(5));
         tracing::info!("same event time: the later write wins");
-        known.remember(b"k", &stamped(5, 6));
+        known.remember(b"k", Some(&stamped(5, 6)), false);
         assert_eq!(known.recall(b"k").map(|r| r.written_ts_us), Some(6));
+        tracing::info!("the leader's answer replaces it, older or absent");
+        known.remember(b"k", Some(&stamped(3, 3)), true);
+        assert_eq!(known.recall(b"k").map(|r| r.event_ts_us), Some(3));
+        known.remember(b"k", None, true);
+        assert!(known.recall(b"k").is_none());
+        known.remember(b"k", Some(&stamped(5, 5)), false);
         tracing::info!("past its age bound it is not served");
         clock.advance_us(1_000_000);
         assert!(known.recall(b"k").is_some());
@@ -505,7 +525,11 @@ mod tests {
         let known = last_known(1 << 20, 0, clock.clone());
         for view in [1u32, 2] {
             for key in ["a", "b"] {
-                known.remember(&storage_key(view, key.as_bytes()), &stamped(1, 1));
+                known.remember(
+                    &storage_key(view, key.as_bytes()),
+                    Some(&stamped(1, 1)),
+                    true,
+                );
             }
         }
         assert_eq!(known.usage().0, 4);
@@ -519,7 +543,7 @@ mod tests {
         clock.advance_us(i64::MAX / 2);
         assert!(known.recall(&storage_key(1, b"b")).is_some());
         let off = last_known(0, 0, clock);
-        off.remember(b"k", &stamped(1, 1));
+        off.remember(b"k", Some(&stamped(1, 1)), true);
         assert!(off.recall(b"k").is_none());
         assert!(off.is_empty());
     }
@@ -535,7 +559,7 @@ mod tests {
                 let k = [key];
                 match op {
                     0 => {
-                        known.remember(&k, &stamped(ts, 1));
+                        known.remember(&k, Some(&stamped(ts, 1)), false);
                         let newest = model.get(&key).map_or(ts, |&held| held.max(ts));
                         model.insert(key, newest);
                     }
@@ -544,9 +568,10 @@ mod tests {
                         model.remove(&key);
                     }
                     _ => {
-                        if let Some(found) = known.recall(&k) {
-                            prop_assert_eq!(Some(found.event_ts_us), model.get(&key).copied());
-                        }
+                        prop_assert_eq!(
+                            known.recall(&k).map(|found| found.event_ts_us),
+                            model.get(&key).copied()
+                        );
                     }
                 }
             }

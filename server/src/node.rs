@@ -121,6 +121,11 @@ impl Node {
                 )
             });
             let results = futures::future::join_all(futures).await;
+            // Again: a Get that read a key before the write applied may have
+            // remembered the old row meanwhile.
+            for (_, command) in &pending {
+                self.forget_last_known(command);
+            }
             let mut moved = Vec::new();
             for ((shard, command), result) in pending.into_iter().zip(results) {
                 let outcome = match result {

@@ -450,11 +450,23 @@ async fn read_elsewhere(
     };
     let any = async {
         let read = node.cluster.read_any_replica(shard, &keys).await?;
-        decode_remote(node, shard, &keys, read)
+        decode_remote(node, shard, &keys, read, false)
     };
     let any_error = match within(budget.fallback_until, shard, any).await {
         Ok((rows, source)) => {
             log("other_replica", &format!("node {}", source.node_id));
+            // The first replica to answer may lag: where the last-known
+            // row is newer (or it has none), that row answers. (Its answer
+            // was just remembered, newer kept, so recall is the newer.)
+            let rows = rows
+                .into_iter()
+                .zip(&keys)
+                .map(|(row, key)| {
+                    node.last_known
+                        .recall(key)
+                        .map_or(row, |known| Ok(Some(known)))
+                })
+                .collect();
             return Ok((rows, source, true));
         }
         Err(any_error) => any_error,
@@ -637,17 +649,22 @@ async fn read_one_shard(
             }
             Ok((rows, source))
         }
-        remote @ ShardRead::Remote { .. } => decode_remote(node, shard, &keys, remote),
+        remote @ ShardRead::Remote { .. } => {
+            let leader_answered = matches!(level, ReadLevel::Leader | ReadLevel::Strong);
+            decode_remote(node, shard, &keys, remote, leader_answered)
+        }
     }
 }
 
 /// Rows another node answered for `keys`, decoded; kept as the shard's
-/// last-known rows if this node holds no replica of it.
+/// last-known rows if this node holds no replica of it (`leader_answered`:
+/// see [`crate::cache::LastKnown::remember`]).
 fn decode_remote(
     node: &Node,
     shard: GroupId,
     keys: &[Vec<u8>],
     read: ShardRead,
+    leader_answered: bool,
 ) -> Result<(Vec<Fetched>, ReadSource), ServiceError> {
     let ShardRead::Remote { rows, source } = read else {
         return Err(ServiceError::TaskFailed(format!(
@@ -669,12 +686,17 @@ fn decode_remote(
         .into_iter()
         .zip(keys)
         .map(|(row, key)| match row {
-            None => Ok(None),
+            None => {
+                if remember {
+                    node.last_known.remember(key, None, leader_answered);
+                }
+                Ok(None)
+            }
             Some(bytes) => match decode_stored(&bytes) {
                 Ok(row) => {
                     let row = row.map(Arc::new);
-                    if remember && let Some(row) = &row {
-                        node.last_known.remember(key, row);
+                    if remember {
+                        node.last_known.remember(key, row.as_ref(), leader_answered);
                     }
                     Ok(row)
                 }

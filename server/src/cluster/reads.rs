@@ -94,7 +94,13 @@ impl Cluster {
             ReadLevel::Leader => None,
         };
         if let Some(policy) = policy {
-            self.confirm_leadership(hosted, policy).await?;
+            if let Err(refused) = self.confirm_leadership(hosted, policy).await {
+                // No quorum answered in a peer timeout.
+                if matches!(refused, PeerResult::Failed(_)) {
+                    self.shard_breakers.attempt_failed(group);
+                }
+                return Err(refused);
+            }
             // It waited for apply: read the position again.
             applied_index = hosted
                 .raft
@@ -223,10 +229,13 @@ impl Cluster {
                         self.clients
                             .forward(target, METADATA_GROUP, &PeerCall::ReadIndex)
                             .await
-                            .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
+                            .unwrap_or_else(|e| self.peer_failed(METADATA_GROUP, e))
                     };
                     match result {
-                        PeerResult::ReadIndex { applied_index } => Ok(applied_index),
+                        PeerResult::ReadIndex { applied_index } => {
+                            self.shard_breakers.attempt_succeeded(METADATA_GROUP);
+                            Ok(applied_index)
+                        }
                         other => Err(other),
                     }
                 },

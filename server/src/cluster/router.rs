@@ -196,10 +196,11 @@ impl Cluster {
                         self.clients
                             .forward(target, group, &PeerCall::Propose(proposal))
                             .await
-                            .unwrap_or_else(|e| PeerResult::Failed(e.to_string()))
+                            .unwrap_or_else(|e| self.peer_failed(group, e))
                     };
                     match result {
                         PeerResult::Proposed { response, log_id } => {
+                            self.shard_breakers.attempt_succeeded(group);
                             self.remember_leader(group, target);
                             Ok((response, log_id))
                         }
@@ -270,13 +271,6 @@ impl Cluster {
                     if !failed.contains(&target) {
                         failed.push(target);
                     }
-                    // A node that did not answer, or a shard that could not
-                    // commit: calls in flight may blame the shard if their
-                    // callers give up (a redirect or "no leader known" is
-                    // an answer).
-                    if matches!(other, PeerResult::Failed(_)) {
-                        self.shard_breakers.attempt_failed(group);
-                    }
                     let alive = matches!(other, PeerResult::NotLeader { .. });
                     if !alive && !dead.contains(&target) {
                         dead.push(target);
@@ -338,7 +332,10 @@ impl Cluster {
             *hosted.splitting.lock() = None;
         }
         match written {
-            Err(_) => PeerResult::Failed("commit timed out (no quorum?)".into()),
+            Err(_) => {
+                self.shard_breakers.attempt_failed(group);
+                PeerResult::Failed("commit timed out (no quorum?)".into())
+            }
             Ok(Ok(written)) => PeerResult::Proposed {
                 response: written.data,
                 log_id: written.log_id,
@@ -367,8 +364,14 @@ impl Cluster {
             self.first_target(group)
         };
         self.route(group, first, |target| async move {
+            // What the leader answers says whether the shard is there (a
+            // follower's answer to a REPLICA read does not).
+            let leader_bound = matches!(level, ReadLevel::Leader | ReadLevel::Strong);
             if target == self.node_id {
                 let source = self.check_local_read(group, level).await?;
+                if leader_bound {
+                    self.shard_breakers.attempt_succeeded(group);
+                }
                 let Some(hosted) = self.host.get(group) else {
                     return Err(PeerResult::NoSuchGroup);
                 };
@@ -394,6 +397,9 @@ impl Cluster {
                     if leader {
                         self.remember_leader(group, node_id);
                     }
+                    if leader_bound {
+                        self.shard_breakers.attempt_succeeded(group);
+                    }
                     Ok(ShardRead::Remote {
                         rows,
                         source: ReadSource {
@@ -405,10 +411,25 @@ impl Cluster {
                     })
                 }
                 Ok(other) => Err(other),
+                Err(e) if leader_bound => Err(self.peer_failed(group, e)),
                 Err(e) => Err(PeerResult::Failed(e.to_string())),
             }
         })
         .await
+    }
+
+    /// A leader-bound call to a peer failed: if the peer did not answer as
+    /// a live node would, client calls to `group` in flight blame the shard
+    /// when their callers give up (see `shard_breaker`).
+    pub(super) fn peer_failed(
+        &self,
+        group: GroupId,
+        error: super::network::PeerError,
+    ) -> PeerResult {
+        if error.peer_unresponsive() {
+            self.shard_breakers.attempt_failed(group);
+        }
+        PeerResult::Failed(error.to_string())
     }
 
     /// Reads keys of a shard from whichever of its replicas on other nodes

@@ -13,22 +13,27 @@
 //! - **Failure**: routing gave up (`Unavailable`); or the call went without
 //!   an answer for `shard_breaker_slow_call_ms` or longer (its caller's
 //!   deadline cut it off late: resilience4j's slow-call rule); or its
-//!   caller's deadline cut it off after an attempt on the shard failed
-//!   while it ran (a replica's node refused the connection or timed out,
-//!   its peer breaker is open, or a local proposal found no quorum): then
-//!   the shard, not the short deadline, is at fault.
+//!   caller's deadline cut it off after a leader-bound attempt on the shard
+//!   failed while it ran, with no such attempt succeeding since (a node
+//!   refused the connection or timed out, its peer breaker is open, or a
+//!   local proposal or lease renewal found no quorum): then the shard, not
+//!   the short deadline, is at fault. Attempts by the node's own work count
+//!   too: they are evidence about the shard, whoever made them.
 //! - **Nothing**: a call cut off sooner with no failed attempt meanwhile: a
 //!   caller's 5 ms deadline on a healthy shard must not open the breaker for
 //!   everyone. (A redirect or "no leader known" from a live replica is not
-//!   a failed attempt: a leader handover must not open it either.)
+//!   a failed attempt: a leader handover must not open it either; nor is
+//!   this node's own backlog of calls to a peer, or a refusal.)
 //!
 //! The rules are those of [`Breaker`]: open past `error_rate_percent` of a
 //! full window, half-open after `open`, closed after `close_successes`
 //! probes. An open breaker is half-open at once when this node's replica
 //! of the shard learns of a leader in a later term than any failed call
 //! knew (an election ended: the shard is likely back), as the peer
-//! breakers half-open when the peer answers Raft traffic. Internal work (operators, expiry, backups, metadata) does not
-//! pass through it, as Raft traffic does not pass the peer breakers.
+//! breakers half-open when the peer answers Raft traffic. Internal work
+//! (operators, expiry, backups, metadata) is not refused by it, as Raft
+//! traffic is not by the peer breakers; its failed attempts are still
+//! evidence against the shard (above).
 //!
 //! Architecture invariant: knows nothing of routing or the transport; the
 //! callers ask it and tell it.
@@ -65,6 +70,8 @@ struct ShardBreaker {
     /// When an attempt on the shard last failed (ns since
     /// [`ShardBreakers::epoch`]; 0: never).
     failed_attempt_ns: AtomicU64,
+    /// When a leader-bound attempt last succeeded (same clock).
+    succeeded_attempt_ns: AtomicU64,
 }
 
 /// A call a shard's breaker let through: report how it ended with
@@ -105,11 +112,19 @@ impl ShardBreakers {
     /// Notes that an attempt on `group` failed (see the module doc), for
     /// the calls in flight. Shards no call has passed yet are not made.
     pub fn attempt_failed(&self, group: GroupId) {
+        self.note(group, |shard| &shard.failed_attempt_ns);
+    }
+
+    /// Notes that a leader-bound attempt on `group` succeeded: the shard is
+    /// there, so earlier failed attempts no longer blame it.
+    pub fn attempt_succeeded(&self, group: GroupId) {
+        self.note(group, |shard| &shard.succeeded_attempt_ns);
+    }
+
+    fn note(&self, group: GroupId, which: impl Fn(&ShardBreaker) -> &AtomicU64) {
         let shard = self.by_shard.lock().get(&group).cloned();
         if let Some(shard) = shard {
-            shard
-                .failed_attempt_ns
-                .fetch_max(self.since_epoch_ns(Instant::now()), Ordering::Relaxed);
+            which(&shard).fetch_max(self.since_epoch_ns(Instant::now()), Ordering::Relaxed);
         }
     }
 
@@ -131,6 +146,7 @@ impl ShardBreakers {
                     breaker: Breaker::new(self.rules, now),
                     opened_term: AtomicU64::new(0),
                     failed_attempt_ns: AtomicU64::new(0),
+                    succeeded_attempt_ns: AtomicU64::new(0),
                 })
             })
             .clone();
@@ -216,8 +232,9 @@ impl Drop for ShardCall {
         let Some(admitted) = self.admitted else {
             return;
         };
-        let failed_meanwhile =
-            self.shard.failed_attempt_ns.load(Ordering::Relaxed) >= self.started_ns;
+        let failed_ns = self.shard.failed_attempt_ns.load(Ordering::Relaxed);
+        let failed_meanwhile = failed_ns >= self.started_ns
+            && failed_ns > self.shard.succeeded_attempt_ns.load(Ordering::Relaxed);
         if failed_meanwhile || self.started.elapsed() >= self.slow_call {
             self.report(Some(false));
         } else {
@@ -333,9 +350,19 @@ mod tests {
             drop(breakers.admit(4, None).unwrap());
         }
         assert_eq!(breakers.states(|_| true), vec![(4, BreakerState::Closed)]);
-        // Calls in flight when an attempt fails count as failures when
-        // their callers give up, however soon.
+        // A success after the failure: the shard is there, drops say
+        // nothing.
         let calls: Vec<_> = (0..4).map(|_| breakers.admit(4, None).unwrap()).collect();
+        breakers.attempt_failed(4);
+        std::thread::sleep(Duration::from_millis(1));
+        breakers.attempt_succeeded(4);
+        drop(calls);
+        assert_eq!(breakers.states(|_| true), vec![(4, BreakerState::Closed)]);
+        // Calls in flight when an attempt fails, with none succeeding
+        // since, count as failures when their callers give up, however
+        // soon.
+        let calls: Vec<_> = (0..4).map(|_| breakers.admit(4, None).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(1));
         breakers.attempt_failed(4);
         drop(calls);
         assert_eq!(breakers.states(|_| true), vec![(4, BreakerState::Open)]);
