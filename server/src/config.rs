@@ -562,7 +562,11 @@ pub struct Limits {
     /// Most rows this node has in flight in writes it coordinates; beyond,
     /// writes wait up to `admission_wait_ms`, then get `RESOURCE_EXHAUSTED`.
     pub write_inflight_rows_max: u64,
-    /// Most Gets this node serves at once; beyond, likewise.
+    /// Most Gets this node serves at once; beyond, likewise. Admitted Gets
+    /// share the node's cores, so each waits for all the others: this bound
+    /// over the node's Get rate is the latency of an admitted Get at
+    /// overload (Little's law). 32 keeps it near a few hundred ms at 2x
+    /// on one core (docs/benchmarks.md); raise it with cores.
     pub read_inflight_requests_max: u64,
     /// How long a request over an in-flight bound waits for room before it
     /// is refused, while its queue drains now and then (a burst); the
@@ -631,7 +635,7 @@ impl Default for Limits {
             // About a second of RF 3 ingest on a small machine: a deeper
             // queue only adds latency until commits miss their deadlines.
             write_inflight_rows_max: 20_000,
-            read_inflight_requests_max: 512,
+            read_inflight_requests_max: 32,
             admission_wait_ms: 200,
             // CoDel's interval; a target of about one serving request's time.
             admission_queue_target_ms: 10,
