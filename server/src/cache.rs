@@ -101,19 +101,28 @@ impl std::fmt::Debug for HotCache {
     }
 }
 
+/// A row cache of at most `bytes_max` bytes; none for 0.
+fn row_cache(bytes_max: u64) -> Option<RowCache> {
+    (bytes_max > 0).then(|| {
+        let items =
+            usize::try_from((bytes_max / ENTRY_BYTES_ESTIMATE).max(16)).unwrap_or(usize::MAX);
+        Cache::with_weighter(items, bytes_max, RowWeighter)
+    })
+}
+
+/// A duration in µs, saturating.
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
 impl HotCache {
     /// A cache of at most `bytes_max` bytes whose entries expire after
     /// `entry_ttl` (zero: never), judged by `clock`.
     pub fn new(bytes_max: u64, entry_ttl: Duration, clock: Arc<dyn Clock>) -> Self {
-        let cache = (bytes_max > 0).then(|| {
-            let items =
-                usize::try_from((bytes_max / ENTRY_BYTES_ESTIMATE).max(16)).unwrap_or(usize::MAX);
-            Cache::with_weighter(items, bytes_max, RowWeighter)
-        });
         Self {
-            cache,
+            cache: row_cache(bytes_max),
             bytes_max,
-            entry_ttl_us: i64::try_from(entry_ttl.as_micros()).unwrap_or(i64::MAX),
+            entry_ttl_us: micros(entry_ttl),
             clock,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -222,10 +231,10 @@ impl HotCache {
 /// Not coherent, by design: writes to those shards are applied elsewhere,
 /// so an entry may be older than what the shard holds. What bounds it: an
 /// entry older than its age bound is never served; a write, delete or
-/// invalidation proposed through this node forgets its keys; the newer of
-/// two rows read for a key is kept (by event time, then write time).
-/// Absent rows are not kept: the view's default says more than "absent,
-/// as of some time ago".
+/// invalidation proposed through this node forgets its keys; a leader's
+/// answer replaces what is held, a lagging replica's only an older row
+/// (see [`LastKnown::remember`]). Absent rows are not kept: the view's
+/// default says more than "absent, as of some time ago".
 pub struct LastKnown {
     cache: Option<RowCache>,
     age_max_us: i64,
@@ -245,14 +254,9 @@ impl LastKnown {
     /// at most `age_max` after it was read (zero: no bound), judged by
     /// `clock`.
     pub fn new(bytes_max: u64, age_max: Duration, clock: Arc<dyn Clock>) -> Self {
-        let cache = (bytes_max > 0).then(|| {
-            let items =
-                usize::try_from((bytes_max / ENTRY_BYTES_ESTIMATE).max(16)).unwrap_or(usize::MAX);
-            Cache::with_weighter(items, bytes_max, RowWeighter)
-        });
         Self {
-            cache,
-            age_max_us: i64::try_from(age_max.as_micros()).unwrap_or(i64::MAX),
+            cache: row_cache(bytes_max),
+            age_max_us: micros(age_max),
             clock,
         }
     }

@@ -388,27 +388,14 @@ impl Cluster {
                 level,
             };
             match self.clients.forward(target, group, &call).await {
-                Ok(PeerResult::Read(ReadRows {
-                    rows,
-                    node_id,
-                    leader,
-                    applied_index,
-                })) => {
-                    if leader {
-                        self.remember_leader(group, node_id);
+                Ok(PeerResult::Read(read)) => {
+                    if read.leader {
+                        self.remember_leader(group, read.node_id);
                     }
                     if leader_bound {
                         self.shard_breakers.attempt_succeeded(group);
                     }
-                    Ok(ShardRead::Remote {
-                        rows,
-                        source: ReadSource {
-                            group,
-                            node_id,
-                            leader,
-                            applied_index,
-                        },
-                    })
+                    Ok(read.into_shard_read(group))
                 }
                 Ok(other) => Err(other),
                 Err(e) if leader_bound => Err(self.peer_failed(group, e)),
@@ -456,20 +443,7 @@ impl Cluster {
             let call = &call;
             Box::pin(async move {
                 match self.clients.forward(target, group, call).await {
-                    Ok(PeerResult::Read(ReadRows {
-                        rows,
-                        node_id,
-                        leader,
-                        applied_index,
-                    })) => Ok(ShardRead::Remote {
-                        rows,
-                        source: ReadSource {
-                            group,
-                            node_id,
-                            leader,
-                            applied_index,
-                        },
-                    }),
+                    Ok(PeerResult::Read(read)) => Ok(read.into_shard_read(group)),
                     Ok(other) => Err(format!("node {target}: {}", describe(&other))),
                     Err(e) => Err(format!("node {target}: {e}")),
                 }
@@ -535,5 +509,20 @@ fn describe(result: &PeerResult) -> String {
         PeerResult::NotLeader { leader: None } => "not the leader, no leader known".into(),
         PeerResult::NotLeader { leader: Some(l) } => format!("not the leader (leader {l})"),
         other => format!("unexpected reply {other:?}"),
+    }
+}
+
+impl ReadRows {
+    /// A peer's answer for `group`, as the read path takes it.
+    fn into_shard_read(self, group: GroupId) -> ShardRead {
+        ShardRead::Remote {
+            rows: self.rows,
+            source: ReadSource {
+                group,
+                node_id: self.node_id,
+                leader: self.leader,
+                applied_index: self.applied_index,
+            },
+        }
     }
 }
