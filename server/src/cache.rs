@@ -271,22 +271,23 @@ impl LastKnown {
         self.cache.as_ref().is_none_or(|cache| cache.is_empty())
     }
 
-    /// Keeps what another node answered for a key. `authoritative`: the
-    /// shard's leader answered (LEADER or STRONG), so its answer replaces
-    /// what is held, and an absent row forgets the key (deleted or expired
-    /// since). Else (a replica as it is, maybe lagging) a row is kept only
-    /// if none newer is held, and an absent row changes nothing.
+    /// Keeps what another node answered for a key. An absent row forgets
+    /// the key: deleted (a replica answers a tombstone as absent) or
+    /// expired since, or not yet on a lagging replica, where forgetting
+    /// errs towards honouring deletes. `authoritative`: the shard's leader
+    /// answered (LEADER or STRONG), so its row replaces what is held. Else
+    /// (a replica as it is, maybe lagging) a row is kept only if no newer
+    /// one is held within the age bound.
     pub fn remember(&self, key: &[u8], row: Option<&Arc<StoredRow>>, authoritative: bool) {
         let Some(cache) = &self.cache else { return };
         let Some(row) = row else {
-            if authoritative {
-                cache.remove(key);
-            }
+            cache.remove(key);
             return;
         };
         let newer_held = !authoritative
             && cache
                 .get(key)
+                .filter(|held| !self.too_old(held))
                 .and_then(|held| held.row)
                 .is_some_and(|held| {
                     (held.event_ts_us, held.written_ts_us) > (row.event_ts_us, row.written_ts_us)
@@ -305,11 +306,16 @@ impl LastKnown {
     /// The row last read for a key, if it is held and within its age bound.
     pub fn recall(&self, key: &[u8]) -> Option<Arc<StoredRow>> {
         let entry = self.cache.as_ref()?.get(key)?;
-        let age_us = self.clock.now_us().saturating_sub(entry.cached_at_us);
-        if self.age_max_us > 0 && age_us > self.age_max_us {
+        if self.too_old(&entry) {
             return None;
         }
         entry.row
+    }
+
+    /// Read longer ago than the age bound.
+    fn too_old(&self, entry: &CachedRow) -> bool {
+        let age_us = self.clock.now_us().saturating_sub(entry.cached_at_us);
+        self.age_max_us > 0 && age_us > self.age_max_us
     }
 
     /// Drops keys (a write, delete or invalidation through this node).
@@ -504,9 +510,6 @@ mod tests {
         tracing::info!("an older row read later (a lagging replica) does not replace it");
         known.remember(b"k", Some(&stamped(4, 9)), false);
         assert_eq!(known.recall(b"k").map(|r| r.event_ts_us), Some(5));
-        tracing::info!("nor does its absent row");
-        known.remember(b"k", None, false);
-        assert_eq!(known.recall(b"k").map(|r| r.event_ts_us), Some(5));
         tracing::info!("same event time: the later write wins");
         known.remember(b"k", Some(&stamped(5, 6)), false);
         assert_eq!(known.recall(b"k").map(|r| r.written_ts_us), Some(6));
@@ -520,6 +523,12 @@ mod tests {
         clock.advance_us(1_000_000);
         assert!(known.recall(b"k").is_some());
         clock.advance_us(1);
+        assert!(known.recall(b"k").is_none());
+        tracing::info!("nor does it keep an older replica row out");
+        known.remember(b"k", Some(&stamped(2, 2)), false);
+        assert_eq!(known.recall(b"k").map(|r| r.event_ts_us), Some(2));
+        tracing::info!("an absent row (a tombstone, or not there yet) forgets it");
+        known.remember(b"k", None, false);
         assert!(known.recall(b"k").is_none());
     }
 

@@ -565,8 +565,9 @@ pub struct Limits {
     /// Most Gets this node serves at once; beyond, likewise. Admitted Gets
     /// share the node's cores, so each waits for all the others: this bound
     /// over the node's Get rate is the latency of an admitted Get at
-    /// overload (Little's law). 32 keeps it near a few hundred ms at 2x
-    /// on one core (docs/benchmarks.md); raise it with cores.
+    /// overload (Little's law). Default: 16 per core, at least 32 (32 per
+    /// node kept it near a few hundred ms at 2x with three nodes on one
+    /// core: docs/benchmarks.md).
     pub read_inflight_requests_max: u64,
     /// How long a request over an in-flight bound waits for room before it
     /// is refused, while its queue drains now and then (a burst); the
@@ -618,6 +619,20 @@ impl Default for CacheConfig {
     }
 }
 
+/// Gets in flight per core by default.
+const READ_INFLIGHT_PER_CORE: u64 = 16;
+/// The fewest Gets in flight by default, whatever the cores.
+const READ_INFLIGHT_MIN: u64 = 32;
+
+/// The default bound on Gets in flight: [`READ_INFLIGHT_PER_CORE`] per
+/// core, at least [`READ_INFLIGHT_MIN`]. Admitted Gets also wait on peers
+/// (forwarded reads), so a bound near the core count would leave cores
+/// idle while a peer answers.
+fn read_inflight_default() -> u64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    (cores * READ_INFLIGHT_PER_CORE).max(READ_INFLIGHT_MIN)
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -635,7 +650,7 @@ impl Default for Limits {
             // About a second of RF 3 ingest on a small machine: a deeper
             // queue only adds latency until commits miss their deadlines.
             write_inflight_rows_max: 20_000,
-            read_inflight_requests_max: 32,
+            read_inflight_requests_max: read_inflight_default(),
             admission_wait_ms: 200,
             // CoDel's interval; a target of about one serving request's time.
             admission_queue_target_ms: 10,

@@ -456,8 +456,9 @@ async fn read_elsewhere(
         Ok((rows, source)) => {
             log("other_replica", &format!("node {}", source.node_id));
             // The first replica to answer may lag: where the last-known
-            // row is newer (or it has none), that row answers. (Its answer
-            // was just remembered, newer kept, so recall is the newer.)
+            // row is newer, that row answers. (Its answer was just
+            // remembered, newer kept, absent forgotten: recall is the
+            // newer, and nothing where the replica has no row.)
             let rows = rows
                 .into_iter()
                 .zip(&keys)

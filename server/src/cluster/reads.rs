@@ -94,13 +94,7 @@ impl Cluster {
             ReadLevel::Leader => None,
         };
         if let Some(policy) = policy {
-            if let Err(refused) = self.confirm_leadership(hosted, policy).await {
-                // No quorum answered in a peer timeout.
-                if matches!(refused, PeerResult::Failed(_)) {
-                    self.shard_breakers.attempt_failed(group);
-                }
-                return Err(refused);
-            }
+            self.confirm_leadership(hosted, policy).await?;
             // It waited for apply: read the position again.
             applied_index = hosted
                 .raft
@@ -163,9 +157,13 @@ impl Cluster {
         match tokio::time::timeout(self.peer_timeout(), hosted.raft.ensure_linearizable(option))
             .await
         {
-            Err(_) => Err(PeerResult::Failed(
-                "confirming leadership timed out (no quorum?)".into(),
-            )),
+            Err(_) => {
+                // No quorum answered: calls in flight may blame the shard.
+                self.shard_breakers.attempt_failed(hosted.group);
+                Err(PeerResult::Failed(
+                    "confirming leadership timed out (no quorum?)".into(),
+                ))
+            }
             Ok(Err(e)) => Err(match e.forward_to_leader() {
                 Some(forward) => PeerResult::NotLeader {
                     leader: forward.leader_id.map(ReplicaId::node),
@@ -229,6 +227,7 @@ impl Cluster {
                         self.clients
                             .forward(target, METADATA_GROUP, &PeerCall::ReadIndex)
                             .await
+                            .map(|answer| self.peer_answered(METADATA_GROUP, answer))
                             .unwrap_or_else(|e| self.peer_failed(METADATA_GROUP, e))
                     };
                     match result {

@@ -196,6 +196,7 @@ impl Cluster {
                         self.clients
                             .forward(target, group, &PeerCall::Propose(proposal))
                             .await
+                            .map(|answer| self.peer_answered(group, answer))
                             .unwrap_or_else(|e| self.peer_failed(group, e))
                     };
                     match result {
@@ -397,12 +398,23 @@ impl Cluster {
                     }
                     Ok(read.into_shard_read(group))
                 }
+                Ok(other) if leader_bound => Err(self.peer_answered(group, other)),
                 Ok(other) => Err(other),
                 Err(e) if leader_bound => Err(self.peer_failed(group, e)),
                 Err(e) => Err(PeerResult::Failed(e.to_string())),
             }
         })
         .await
+    }
+
+    /// A peer's answer to a leader-bound call: a failure it reports (its
+    /// replica found no quorum, or could not do the call) is a failed
+    /// attempt on the shard, as one here would be.
+    pub(super) fn peer_answered(&self, group: GroupId, answer: PeerResult) -> PeerResult {
+        if matches!(answer, PeerResult::Failed(_)) {
+            self.shard_breakers.attempt_failed(group);
+        }
+        answer
     }
 
     /// A leader-bound call to a peer failed: if the peer did not answer as
