@@ -67,6 +67,20 @@ pub struct Node {
     pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
+/// Forgets the last-known rows of commands when dropped.
+struct ForgetLastKnown<'a> {
+    node: &'a Node,
+    commands: Vec<Command>,
+}
+
+impl Drop for ForgetLastKnown<'_> {
+    fn drop(&mut self) {
+        for command in &self.commands {
+            self.node.forget_last_known(command);
+        }
+    }
+}
+
 /// Who a proposal is for: a client's call passes the shards' circuit
 /// breakers, the node's own work (a restore) waits for the shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +111,18 @@ impl Node {
         for (_, command) in &pending {
             self.forget_last_known(command);
         }
+        // Again when done, or when the caller's deadline drops this (the
+        // write may still commit): a Get that read a key before the write
+        // applied may have remembered the old row meanwhile. Only a node
+        // that holds last-known rows pays for the copy.
+        let _forget_again = ForgetLastKnown {
+            node: self,
+            commands: if self.last_known.is_empty() {
+                Vec::new()
+            } else {
+                pending.iter().map(|(_, command)| command.clone()).collect()
+            },
+        };
         let mut first_error = None;
         for attempt in 0..=WRONG_SHARD_RETRIES_MAX {
             let futures = pending.iter().map(|(shard, command)| {
@@ -121,11 +147,6 @@ impl Node {
                 )
             });
             let results = futures::future::join_all(futures).await;
-            // Again: a Get that read a key before the write applied may have
-            // remembered the old row meanwhile.
-            for (_, command) in &pending {
-                self.forget_last_known(command);
-            }
             let mut moved = Vec::new();
             for ((shard, command), result) in pending.into_iter().zip(results) {
                 let outcome = match result {

@@ -154,12 +154,13 @@ impl Cluster {
         hosted: &Group,
         option: LinearizerOption,
     ) -> Result<(), PeerResult> {
+        let started = std::time::Instant::now();
         match tokio::time::timeout(self.peer_timeout(), hosted.raft.ensure_linearizable(option))
             .await
         {
             Err(_) => {
                 // No quorum answered: calls in flight may blame the shard.
-                self.shard_breakers.attempt_failed(hosted.group);
+                self.shard_breakers.attempt_failed(hosted.group, started);
                 Err(PeerResult::Failed(
                     "confirming leadership timed out (no quorum?)".into(),
                 ))
@@ -224,11 +225,12 @@ impl Cluster {
                     } else {
                         // The peer may itself wait a peer timeout for its read
                         // index: forward, which allows twice that.
+                        let started = std::time::Instant::now();
                         self.clients
                             .forward(target, METADATA_GROUP, &PeerCall::ReadIndex)
                             .await
-                            .map(|answer| self.peer_answered(METADATA_GROUP, answer))
-                            .unwrap_or_else(|e| self.peer_failed(METADATA_GROUP, e))
+                            .map(|answer| self.peer_answered(METADATA_GROUP, answer, started))
+                            .unwrap_or_else(|e| self.peer_failed(METADATA_GROUP, e, started))
                     };
                     match result {
                         PeerResult::ReadIndex { applied_index } => {

@@ -193,11 +193,12 @@ impl Cluster {
                     let result = if target == self.node_id {
                         self.propose_local(group, proposal).await
                     } else {
+                        let started = std::time::Instant::now();
                         self.clients
                             .forward(target, group, &PeerCall::Propose(proposal))
                             .await
-                            .map(|answer| self.peer_answered(group, answer))
-                            .unwrap_or_else(|e| self.peer_failed(group, e))
+                            .map(|answer| self.peer_answered(group, answer, started))
+                            .unwrap_or_else(|e| self.peer_failed(group, e, started))
                     };
                     match result {
                         PeerResult::Proposed { response, log_id } => {
@@ -324,6 +325,7 @@ impl Cluster {
             let version = hosted.state.range().map_or(0, |range| range.version);
             *hosted.splitting.lock() = Some((term, version));
         }
+        let started = std::time::Instant::now();
         let written =
             tokio::time::timeout(self.peer_timeout(), hosted.raft.client_write(proposal)).await;
         if splitting && written.is_ok() {
@@ -334,7 +336,7 @@ impl Cluster {
         }
         match written {
             Err(_) => {
-                self.shard_breakers.attempt_failed(group);
+                self.shard_breakers.attempt_failed(group, started);
                 PeerResult::Failed("commit timed out (no quorum?)".into())
             }
             Ok(Ok(written)) => PeerResult::Proposed {
@@ -388,6 +390,7 @@ impl Cluster {
                 keys: keys.to_vec(),
                 level,
             };
+            let started = std::time::Instant::now();
             match self.clients.forward(target, group, &call).await {
                 Ok(PeerResult::Read(read)) => {
                     if read.leader {
@@ -398,9 +401,9 @@ impl Cluster {
                     }
                     Ok(read.into_shard_read(group))
                 }
-                Ok(other) if leader_bound => Err(self.peer_answered(group, other)),
+                Ok(other) if leader_bound => Err(self.peer_answered(group, other, started)),
                 Ok(other) => Err(other),
-                Err(e) if leader_bound => Err(self.peer_failed(group, e)),
+                Err(e) if leader_bound => Err(self.peer_failed(group, e, started)),
                 Err(e) => Err(PeerResult::Failed(e.to_string())),
             }
         })
@@ -410,9 +413,14 @@ impl Cluster {
     /// A peer's answer to a leader-bound call: a failure it reports (its
     /// replica found no quorum, or could not do the call) is a failed
     /// attempt on the shard, as one here would be.
-    pub(super) fn peer_answered(&self, group: GroupId, answer: PeerResult) -> PeerResult {
+    pub(super) fn peer_answered(
+        &self,
+        group: GroupId,
+        answer: PeerResult,
+        started: std::time::Instant,
+    ) -> PeerResult {
         if matches!(answer, PeerResult::Failed(_)) {
-            self.shard_breakers.attempt_failed(group);
+            self.shard_breakers.attempt_failed(group, started);
         }
         answer
     }
@@ -424,9 +432,10 @@ impl Cluster {
         &self,
         group: GroupId,
         error: super::network::PeerError,
+        started: std::time::Instant,
     ) -> PeerResult {
         if error.peer_unresponsive() {
-            self.shard_breakers.attempt_failed(group);
+            self.shard_breakers.attempt_failed(group, started);
         }
         PeerResult::Failed(error.to_string())
     }

@@ -109,22 +109,31 @@ impl ShardBreakers {
             .max(1)
     }
 
-    /// Notes that an attempt on `group` failed (see the module doc), for
-    /// the calls in flight. Shards no call has passed yet are not made.
-    pub fn attempt_failed(&self, group: GroupId) {
-        self.note(group, |shard| &shard.failed_attempt_ns);
+    /// Notes that an attempt on `group` that began at `attempt_started`
+    /// failed (see the module doc), for the calls in flight. An attempt
+    /// that began before the last success says nothing new (a call to a
+    /// stopped old leader timing out after a new one answered). Shards no
+    /// call has passed yet are not made.
+    pub fn attempt_failed(&self, group: GroupId, attempt_started: Instant) {
+        let shard = self.by_shard.lock().get(&group).cloned();
+        if let Some(shard) = shard {
+            let began_ns = self.since_epoch_ns(attempt_started);
+            if began_ns > shard.succeeded_attempt_ns.load(Ordering::Relaxed) {
+                shard
+                    .failed_attempt_ns
+                    .fetch_max(self.since_epoch_ns(Instant::now()), Ordering::Relaxed);
+            }
+        }
     }
 
     /// Notes that a leader-bound attempt on `group` succeeded: the shard is
     /// there, so earlier failed attempts no longer blame it.
     pub fn attempt_succeeded(&self, group: GroupId) {
-        self.note(group, |shard| &shard.succeeded_attempt_ns);
-    }
-
-    fn note(&self, group: GroupId, which: impl Fn(&ShardBreaker) -> &AtomicU64) {
         let shard = self.by_shard.lock().get(&group).cloned();
         if let Some(shard) = shard {
-            which(&shard).fetch_max(self.since_epoch_ns(Instant::now()), Ordering::Relaxed);
+            shard
+                .succeeded_attempt_ns
+                .fetch_max(self.since_epoch_ns(Instant::now()), Ordering::Relaxed);
         }
     }
 
@@ -339,12 +348,12 @@ mod tests {
     fn a_quick_drop_counts_when_an_attempt_failed_while_it_ran() {
         let breakers = ShardBreakers::new(RULES, Duration::from_secs(60));
         // Not made by a failure report before any call.
-        breakers.attempt_failed(4);
+        breakers.attempt_failed(4, Instant::now());
         assert!(breakers.states(|_| true).is_empty());
         // An attempt failed before these calls began: their drops say
         // nothing.
         drop(breakers.admit(4, None).unwrap());
-        breakers.attempt_failed(4);
+        breakers.attempt_failed(4, Instant::now());
         std::thread::sleep(Duration::from_millis(1));
         for _ in 0..4 {
             drop(breakers.admit(4, None).unwrap());
@@ -353,9 +362,16 @@ mod tests {
         // A success after the failure: the shard is there, drops say
         // nothing.
         let calls: Vec<_> = (0..4).map(|_| breakers.admit(4, None).unwrap()).collect();
-        breakers.attempt_failed(4);
+        breakers.attempt_failed(4, Instant::now());
         std::thread::sleep(Duration::from_millis(1));
         breakers.attempt_succeeded(4);
+        drop(calls);
+        assert_eq!(breakers.states(|_| true), vec![(4, BreakerState::Closed)]);
+        // An attempt that began before that success and failed after it
+        // (a stopped old leader timing out) blames nothing.
+        let old_attempt = Instant::now() - Duration::from_secs(6);
+        let calls: Vec<_> = (0..4).map(|_| breakers.admit(4, None).unwrap()).collect();
+        breakers.attempt_failed(4, old_attempt);
         drop(calls);
         assert_eq!(breakers.states(|_| true), vec![(4, BreakerState::Closed)]);
         // Calls in flight when an attempt fails, with none succeeding
@@ -363,7 +379,7 @@ mod tests {
         // soon.
         let calls: Vec<_> = (0..4).map(|_| breakers.admit(4, None).unwrap()).collect();
         std::thread::sleep(Duration::from_millis(1));
-        breakers.attempt_failed(4);
+        breakers.attempt_failed(4, Instant::now());
         drop(calls);
         assert_eq!(breakers.states(|_| true), vec![(4, BreakerState::Open)]);
     }
