@@ -67,17 +67,33 @@ pub struct Node {
     pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
-/// Forgets the last-known rows of commands when dropped.
-struct ForgetLastKnown<'a> {
-    node: &'a Node,
-    commands: Vec<Command>,
+/// Last-known rows a proposal changes.
+#[derive(Debug, Default)]
+struct Changed {
+    keys: Vec<Vec<u8>>,
+    views: Vec<quiver_engine::keys::ViewId>,
 }
 
-impl Drop for ForgetLastKnown<'_> {
-    fn drop(&mut self) {
-        for command in &self.commands {
-            self.node.forget_last_known(command);
+impl Changed {
+    fn forget(&self, last_known: &LastKnown) {
+        if !self.keys.is_empty() {
+            last_known.forget(&self.keys);
         }
+        for &view in &self.views {
+            last_known.forget_view(view);
+        }
+    }
+}
+
+/// Forgets changed last-known rows when dropped.
+struct ForgetOnDrop<'a> {
+    last_known: &'a LastKnown,
+    changed: Changed,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.changed.forget(self.last_known);
     }
 }
 
@@ -108,20 +124,14 @@ impl Node {
         mut add: impl FnMut(Applied) -> Result<(), Applied>,
     ) -> Result<(), ServiceError> {
         let mut pending: Vec<(GroupId, Command)> = proposals.into_iter().collect();
-        for (_, command) in &pending {
-            self.forget_last_known(command);
-        }
-        // Again when done, or when the caller's deadline drops this (the
-        // write may still commit): a Get that read a key before the write
-        // applied may have remembered the old row meanwhile. Only a node
-        // that holds last-known rows pays for the copy.
-        let _forget_again = ForgetLastKnown {
-            node: self,
-            commands: if self.last_known.is_empty() {
-                Vec::new()
-            } else {
-                pending.iter().map(|(_, command)| command.clone()).collect()
-            },
+        // Forgotten now, and again when done or when the caller's deadline
+        // drops this (the write may still commit): a Get that read a key
+        // before the write applied may have remembered the old row meanwhile.
+        let changed = self.last_known_changes(pending.iter().map(|(_, command)| command));
+        changed.forget(&self.last_known);
+        let _forget_again = ForgetOnDrop {
+            last_known: &self.last_known,
+            changed,
         };
         let mut first_error = None;
         for attempt in 0..=WRONG_SHARD_RETRIES_MAX {
@@ -182,39 +192,45 @@ impl Node {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Drops what a write, delete or invalidation proposed here changes
-    /// from the last-known rows (whatever its outcome: it may commit).
-    fn forget_last_known(&self, command: &Command) {
+    /// What writes, deletes and invalidations proposed here change in the
+    /// last-known rows: storage keys, and views invalidated whole. Nothing
+    /// when none are held (then nothing can be stale).
+    fn last_known_changes<'c>(&self, commands: impl Iterator<Item = &'c Command>) -> Changed {
+        let mut changed = Changed::default();
         if self.last_known.is_empty() {
-            return;
+            return changed;
         }
-        let forget_entities = |view_id: u32, entities: &mut dyn Iterator<Item = &str>| {
-            let keys: Vec<Vec<u8>> = entities
-                .map(|entity| quiver_engine::keys::storage_key(view_id, entity.as_bytes()))
-                .collect();
-            self.last_known.forget(&keys);
+        let mut entities = |view_id: u32, entities: &mut dyn Iterator<Item = &str>| {
+            changed.keys.extend(
+                entities.map(|entity| quiver_engine::keys::storage_key(view_id, entity.as_bytes())),
+            );
         };
-        match command {
-            Command::Write { view_id, rows } => {
-                forget_entities(
-                    *view_id,
-                    &mut rows.iter().map(|row| row.entity_key.as_str()),
-                );
+        let mut views = Vec::new();
+        for command in commands {
+            match command {
+                Command::Write { view_id, rows } => {
+                    entities(
+                        *view_id,
+                        &mut rows.iter().map(|row| row.entity_key.as_str()),
+                    );
+                }
+                Command::Invalidate {
+                    view_id,
+                    entity_keys,
+                } if entity_keys.is_empty() => views.push(*view_id),
+                Command::Delete {
+                    view_id,
+                    entity_keys,
+                }
+                | Command::Invalidate {
+                    view_id,
+                    entity_keys,
+                } => entities(*view_id, &mut entity_keys.iter().map(String::as_str)),
+                _ => {}
             }
-            Command::Invalidate {
-                view_id,
-                entity_keys,
-            } if entity_keys.is_empty() => self.last_known.forget_view(*view_id),
-            Command::Delete {
-                view_id,
-                entity_keys,
-            }
-            | Command::Invalidate {
-                view_id,
-                entity_keys,
-            } => forget_entities(*view_id, &mut entity_keys.iter().map(String::as_str)),
-            _ => {}
         }
+        changed.views = views;
+        changed
     }
 
     /// Opens the node's groups as configured and starts their Raft instances.
