@@ -3,6 +3,7 @@
 //! before). Nested keys in the environment use `__`:
 //! `QUIVER_LIMITS__WRITE_ROWS_MAX=500`.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -290,6 +291,12 @@ pub struct ClusterConfig {
     /// Start without a `secret` although peers are reachable beyond
     /// loopback (a trusted private network).
     pub allow_unauthenticated_peers: bool,
+    /// How this node reaches some other nodes' peer ports when that is not
+    /// the address they are known by (in `nodes` or the cluster map): a
+    /// NAT, a proxy per link, a test's link proxies. `id=host:port,...`;
+    /// at most [`CLUSTER_NODES_MAX`] entries. Empty (the default): the
+    /// known addresses.
+    pub peer_routes: String,
     /// Shards a new cluster's key space is cut into (hash arcs); splits
     /// add more. 0 (the default): one per node of `nodes` (one for a node
     /// alone), so a new cluster starts with few Raft groups, which is what
@@ -425,6 +432,39 @@ impl ClusterConfig {
             u32::try_from(self.nodes.len().max(1)).unwrap_or(CLUSTER_SHARDS_MAX)
         }
     }
+
+    /// `peer_routes` parsed: the peer address to dial per node id.
+    pub fn peer_route_overrides(&self) -> Result<BTreeMap<u64, String>, ConfigError> {
+        let mut routes = BTreeMap::new();
+        for part in self
+            .peer_routes
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let bad = || ConfigError(format!("cluster.peer_routes: {part:?} is not id=host:port"));
+            let (id, addr) = part.split_once('=').ok_or_else(bad)?;
+            let (id, addr) = (id.trim(), addr.trim());
+            let id: u64 = id.parse().map_err(|_| bad())?;
+            if id == 0
+                || addr.len() > quiver_raft::cluster_map::NODE_ADDR_BYTES_MAX
+                || !addr.contains(':')
+            {
+                return Err(bad());
+            }
+            if routes.insert(id, addr.to_owned()).is_some() {
+                return Err(ConfigError(format!(
+                    "cluster.peer_routes: node {id} is named twice"
+                )));
+            }
+            if routes.len() > CLUSTER_NODES_MAX {
+                return Err(ConfigError(format!(
+                    "cluster.peer_routes: at most {CLUSTER_NODES_MAX} entries"
+                )));
+            }
+        }
+        Ok(routes)
+    }
 }
 
 impl Default for ClusterConfig {
@@ -435,6 +475,7 @@ impl Default for ClusterConfig {
             secret: String::new(),
             previous_secret: String::new(),
             allow_unauthenticated_peers: false,
+            peer_routes: String::new(),
             shard_count: 0,
             replication_factor: 3,
             metadata_voters: 3,
@@ -1087,6 +1128,14 @@ impl Config {
                 "at most {CLUSTER_NODES_MAX} cluster.nodes"
             )));
         }
+        // (A joining node learns its id when it joins: checked then.)
+        let routes = c.peer_route_overrides()?;
+        if self.join.is_none() && routes.contains_key(&c.node_id) {
+            return Err(ConfigError(format!(
+                "cluster.peer_routes names this node ({}): it does not dial itself",
+                c.node_id
+            )));
+        }
         let peer_listen = self.peer_listen_addr()?;
         let client_addrs: std::collections::HashSet<&str> =
             c.nodes.iter().map(|node| node.addr.as_str()).collect();
@@ -1272,6 +1321,46 @@ mod tests {
             let flags = Flags::parse_from(["quiverd", "--config", "fast.toml"]);
             let err = Config::load(&flags).unwrap_err().to_string();
             assert!(err.contains("load_report_interval_ms"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn peer_routes_override_addresses_and_bad_ones_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "QUIVER_CLUSTER__PEER_ROUTES",
+                " 4=127.0.0.1:7004 , 5=proxy.internal:7005,",
+            );
+            let flags = Flags::parse_from(["quiverd"]);
+            let config = Config::load(&flags).expect("loads");
+            let routes = config.cluster.peer_route_overrides().expect("parses");
+            assert_eq!(
+                routes.into_iter().collect::<Vec<_>>(),
+                vec![
+                    (4, "127.0.0.1:7004".to_owned()),
+                    (5, "proxy.internal:7005".to_owned())
+                ]
+            );
+            for bad in [
+                "node4",
+                "x=127.0.0.1:1",
+                "0=127.0.0.1:1",
+                "4=nohost",
+                "4=127.0.0.1:1,4=127.0.0.1:2",
+                // This node (1) itself.
+                "1=127.0.0.1:1",
+            ] {
+                jail.set_env("QUIVER_CLUSTER__PEER_ROUTES", bad);
+                let err = Config::load(&Flags::parse_from(["quiverd"]))
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains("cluster.peer_routes"), "{bad}: {err}");
+            }
+            // A joining node learns its id later: its own id is checked then.
+            jail.set_env("QUIVER_CLUSTER__PEER_ROUTES", "1=127.0.0.1:1");
+            let joining = Flags::parse_from(["quiverd", "--join", "127.0.0.1:7000"]);
+            assert!(Config::load(&joining).is_ok());
             Ok(())
         });
     }

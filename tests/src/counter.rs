@@ -68,20 +68,26 @@ impl std::ops::DerefMut for Running {
 /// Starts a 3-node cluster with `env` (`QUIVER_CLUSTER__...` tuning) once
 /// no other test's cluster runs, and waits for every group's leader.
 pub async fn start(env: &[(&str, &str)]) -> Running {
-    start_cluster(env, false).await
+    start_cluster(env, false, 0).await
 }
 
 /// [`start`] with every peer link through a proxy (`cluster.links`), for
 /// partitions.
 pub async fn start_with_links(env: &[(&str, &str)]) -> Running {
-    start_cluster(env, true).await
+    start_cluster(env, true, 0).await
 }
 
-async fn start_cluster(env: &[(&str, &str)], with_links: bool) -> Running {
+/// [`start_with_links`] with room for `spares` nodes more, started later
+/// with [`Cluster::join_spare`].
+pub async fn start_with_links_and_spares(env: &[(&str, &str)], spares: usize) -> Running {
+    start_cluster(env, true, spares).await
+}
+
+async fn start_cluster(env: &[(&str, &str)], with_links: bool, spares: usize) -> Running {
     let turn = ONE_CLUSTER.lock().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let started = if with_links {
-        Cluster::start_with_links(dir.path(), 3, env).await
+        Cluster::start_with_links_and_spares(dir.path(), 3, spares, env).await
     } else {
         Cluster::start(dir.path(), 3, env).await
     };

@@ -312,3 +312,19 @@ pub fn replica_counts(map: &admin_pb::GetClusterMapResponse, on: &[u64]) -> Vec<
         })
         .collect()
 }
+
+/// Replica counts of `on` are each within one of their mean.
+pub fn balanced_within_one(
+    map: &admin_pb::GetClusterMapResponse,
+    on: &[u64],
+) -> Result<(), String> {
+    let counts = replica_counts(map, on);
+    let total: u32 = counts.iter().sum();
+    let n = u32::try_from(counts.len()).unwrap_or(u32::MAX);
+    // |count - total / n| <= 1, in integers.
+    if counts.iter().all(|&c| (c * n).abs_diff(total) <= n) {
+        Ok(())
+    } else {
+        Err(format!("replicas per node {counts:?}"))
+    }
+}

@@ -455,6 +455,23 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// The peer links' proxies, when started with them.
     pub links: Option<std::sync::Arc<links::Links>>,
+    /// Nodes the cluster has room for, not started yet (see
+    /// [`Self::join_spare`]).
+    spares: Vec<Spare>,
+    root: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+/// A node a cluster was started with room for: its ports are held, and the
+/// other nodes route to it through their links to it (given to them in
+/// `cluster.peer_routes`), until [`Cluster::join_spare`] starts it.
+#[derive(Debug)]
+struct Spare {
+    id: u64,
+    client: std::net::TcpListener,
+    peer: std::net::TcpListener,
+    /// Its own `cluster.peer_routes`: to each other node through its links.
+    routes: String,
 }
 
 /// The cluster secret test clusters share: every test cluster
@@ -467,7 +484,7 @@ impl Cluster {
     /// description can name them before the nodes start. `env` tunes
     /// replication (`QUIVER_CLUSTER__...`).
     pub async fn start(root: &Path, count: usize, env: &[(&str, &str)]) -> Result<Cluster> {
-        Self::start_inner(root, count, env, false).await
+        Self::start_inner(root, count, 0, env, false).await
     }
 
     /// [`Self::start`] with every node's peer traffic to every other node
@@ -477,43 +494,78 @@ impl Cluster {
         count: usize,
         env: &[(&str, &str)],
     ) -> Result<Cluster> {
-        Self::start_inner(root, count, env, true).await
+        Self::start_inner(root, count, 0, env, true).await
+    }
+
+    /// [`Self::start_with_links`] with room for `spares` more nodes, ids
+    /// `count + 1...`, which [`Self::join_spare`] starts later: their links
+    /// exist from the start, so they can be cut like the first nodes'.
+    pub async fn start_with_links_and_spares(
+        root: &Path,
+        count: usize,
+        spares: usize,
+        env: &[(&str, &str)],
+    ) -> Result<Cluster> {
+        Self::start_inner(root, count, spares, env, true).await
     }
 
     async fn start_inner(
         root: &Path,
         count: usize,
+        spares: usize,
         env: &[(&str, &str)],
         with_links: bool,
     ) -> Result<Cluster> {
         // A client and a peer port per node, held until the proxies have
-        // their own ports (so none of them takes a node's).
-        let mut ports = Vec::new();
-        let reserved: Vec<std::net::TcpListener> = (0..2 * count)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        // their own ports (so none of them takes a node's); a spare's until
+        // it starts.
+        let total = count + spares;
+        let mut reserved: Vec<(std::net::TcpListener, std::net::TcpListener)> = (0..total)
+            .map(|_| {
+                Ok((
+                    std::net::TcpListener::bind("127.0.0.1:0")?,
+                    std::net::TcpListener::bind("127.0.0.1:0")?,
+                ))
+            })
             .collect::<std::io::Result<_>>()?;
-        for listener in &reserved {
-            ports.push(listener.local_addr()?.port());
+        let mut client_ports = Vec::new();
+        let mut peer_ports = Vec::new();
+        for (client, peer) in &reserved {
+            client_ports.push(client.local_addr()?.port());
+            peer_ports.push(peer.local_addr()?.port());
         }
-        let (client_ports, peer_ports) = ports.split_at(count);
         let links = with_links.then(|| std::sync::Arc::new(links::Links::default()));
-        // Node i's view of the cluster: its own peer port, and the others'
-        // through the i -> j proxies when there are links.
+        // How node `from` reaches node `to`'s peer port: through the
+        // `from -> to` proxy when there are links.
+        let route = async |from: u64, to: u64| -> Result<SocketAddr> {
+            let target: SocketAddr =
+                format!("127.0.0.1:{}", peer_ports[(to - 1) as usize]).parse()?;
+            match &links {
+                Some(links) if from != to => links.add(from, to, target).await,
+                _ => Ok(target),
+            }
+        };
+        // Node i's view of the cluster: the description (the first
+        // `count`), and routes to the others (spares; and for a spare, to
+        // every other node) when they go through links.
         let mut descriptions = Vec::new();
-        for from in 1..=count as u64 {
+        let mut routes = Vec::new();
+        for from in 1..=total as u64 {
             let mut parts = Vec::new();
-            for to in 1..=count as u64 {
-                let client = client_ports[(to - 1) as usize];
-                let peer_target: SocketAddr =
-                    format!("127.0.0.1:{}", peer_ports[(to - 1) as usize]).parse()?;
-                let peer = match &links {
-                    Some(links) if from != to => links.add(from, to, peer_target).await?,
-                    _ => peer_target,
-                };
-                parts.push(format!("{to}=127.0.0.1:{client}/{peer}"));
+            let mut via = Vec::new();
+            for to in 1..=total as u64 {
+                let peer = route(from, to).await?;
+                if from <= count as u64 && to <= count as u64 {
+                    let client = client_ports[(to - 1) as usize];
+                    parts.push(format!("{to}=127.0.0.1:{client}/{peer}"));
+                } else if links.is_some() && from != to {
+                    via.push(format!("{to}={peer}"));
+                }
             }
             descriptions.push(parts.join(","));
+            routes.push(via.join(","));
         }
+        let spare_listeners = reserved.split_off(count);
         drop(reserved);
         let mut env: Vec<(String, String)> = env
             .iter()
@@ -526,11 +578,15 @@ impl Cluster {
             ));
         }
         let mut nodes = Vec::new();
-        for (i, port) in client_ports.iter().enumerate() {
+        for i in 0..count {
             let id = (i + 1).to_string();
             let data_dir = root.join(format!("node{id}"));
-            let listen = format!("127.0.0.1:{port}");
+            let listen = format!("127.0.0.1:{}", client_ports[i]);
             let peer_listen = format!("127.0.0.1:{}", peer_ports[i]);
+            let mut node_env = env.clone();
+            if !routes[i].is_empty() {
+                node_env.push(("QUIVER_CLUSTER__PEER_ROUTES".to_owned(), routes[i].clone()));
+            }
             nodes.push(Node::spawn_at(
                 &data_dir,
                 &listen,
@@ -542,13 +598,80 @@ impl Cluster {
                     "--peer-listen-addr",
                     &peer_listen,
                 ],
-                &env,
+                &node_env,
             )?);
         }
         for node in &mut nodes {
             node.wait_ready().await?;
         }
-        Ok(Cluster { nodes, links })
+        let spares = spare_listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, (client, peer))| Spare {
+                id: (count + i + 1) as u64,
+                client,
+                peer,
+                routes: routes[count + i].clone(),
+            })
+            .collect();
+        Ok(Cluster {
+            nodes,
+            links,
+            spares,
+            root: root.to_owned(),
+            env,
+        })
+    }
+
+    /// Spare nodes not started yet.
+    pub fn spares_left(&self) -> usize {
+        self.spares.len()
+    }
+
+    /// Starts the next spare node with `--join` through node `through`,
+    /// and waits until it answers as the node id it was planned as (the
+    /// next id the cluster gives out). Returns that id.
+    pub async fn join_spare(&mut self, through: u64) -> Result<u64> {
+        if self.spares.is_empty() {
+            bail!("no spare node left");
+        }
+        let spare = self.spares.remove(0);
+        if spare.id != self.nodes.len() as u64 + 1 {
+            bail!("spare {} is not the next node", spare.id);
+        }
+        let member = self.node(through).addr().to_string();
+        let listen = format!("127.0.0.1:{}", spare.client.local_addr()?.port());
+        let peer_listen = format!("127.0.0.1:{}", spare.peer.local_addr()?.port());
+        let mut env = self.env.clone();
+        if !spare.routes.is_empty() {
+            env.push((
+                "QUIVER_CLUSTER__PEER_ROUTES".to_owned(),
+                spare.routes.clone(),
+            ));
+        }
+        drop((spare.client, spare.peer));
+        let data_dir = self.root.join(format!("node{}", spare.id));
+        let mut node = Node::spawn_at(
+            &data_dir,
+            &listen,
+            &["--join", &member, "--peer-listen-addr", &peer_listen],
+            &env,
+        )?;
+        node.wait_ready().await?;
+        let mut client = node.client().await?;
+        let given = client
+            .status(pb::StatusRequest {})
+            .await?
+            .into_inner()
+            .node_id;
+        self.nodes.push(node);
+        if given != spare.id {
+            bail!(
+                "the spare planned as node {} joined as node {given}: its routes are wrong",
+                spare.id
+            );
+        }
+        Ok(spare.id)
     }
 
     /// Node `id` (1-based).

@@ -6,7 +6,10 @@
 //! deadlines), one-way partitions (a node that can send but not be reached,
 //! or the reverse), and two nodes cut from each other while both reach the
 //! third; every group's leadership handed to one node at once (the admin
-//! `TransferLeader`); and one node's wall clock jumping. Partitions go through a proxy per directed peer link
+//! `TransferLeader`); one node's wall clock jumping; shards split and
+//! replicas removed; and the membership changing: a fourth node joins (by
+//! a third of the run), nodes are drained and undrained, and one may be
+//! drained and removed, after which a fifth joins. Partitions go through a proxy per directed peer link
 //! (tests/src/links.rs); clients always reach every node. Afterwards every
 //! key's history must be linearizable (tests/src/linearizability.rs) and no
 //! acknowledged write may be missing. The cluster ships its log throughout
@@ -51,7 +54,7 @@ use quiver_proto::admin::admin_client::AdminClient;
 use quiver_proto::v1 as pb;
 use quiver_tests::counter::{
     CONVERGE_WAIT, FOUR_SHARDS, LEADER_WAIT, apply_counter_view, connect, read_values, retry,
-    start_with_links,
+    start_with_links_and_spares,
 };
 use quiver_tests::linearizability::{Kind, Ledger, Operation, check, stale_reads};
 use quiver_tests::links::LinkState;
@@ -85,6 +88,10 @@ const NEMESIS_ENV: [(&str, &str); 5] = [
     // Each node's wall clock follows this file in its data directory.
     ("QUIVER_TEST_CLOCK_SKEW_FILE", CLOCK_SKEW_FILE),
 ];
+
+/// Nodes that may join during a run: the fourth joins by a third of the
+/// run; the fifth after a node was drained and removed.
+const SPARES: usize = 2;
 
 /// See `NEMESIS_ENV`.
 const CLOCK_SKEW_FILE: &str = "clock-skew-us";
@@ -188,6 +195,35 @@ where
         .map_err(|status| status.code())
 }
 
+/// Sets `node`'s state in the cluster map (`draining`, `serving`) through
+/// the node at `endpoint`.
+async fn set_node_state(endpoint: &str, node: u64, state: &str) -> Result<u64, tonic::Code> {
+    let state = state.to_owned();
+    admin_call(endpoint, |mut admin| async move {
+        admin
+            .set_node_state(admin_pb::SetNodeStateRequest {
+                node_id: node,
+                state,
+                force: false,
+            })
+            .await
+            .map(|r| r.into_inner().map_version)
+    })
+    .await
+}
+
+/// Removes `node` from the cluster map once the map (through the node at
+/// `endpoint`) lists no replica on it: None while it still holds some (or
+/// the map cannot be read), else the removal's outcome.
+async fn remove_if_drained(endpoint: &str, node: u64) -> Option<Result<u64, tonic::Code>> {
+    let map = quiver_tests::dynamic::cluster_map(endpoint).await.ok()?;
+    let held = quiver_tests::dynamic::replica_counts(&map, &[node]);
+    if held != [0] {
+        return None;
+    }
+    Some(set_node_state(endpoint, node, "removed").await)
+}
+
 /// A shard the cluster map of the node at `endpoint` lists (shard 1 if it
 /// cannot tell).
 async fn random_shard(endpoint: &str, rng: &mut StdRng) -> u32 {
@@ -225,11 +261,15 @@ fn ctl_json(endpoint: &str, args: &[&str]) -> serde_json::Value {
 /// included) into a new cluster, give the source's content checksum.
 async fn restore_matches_the_source(
     cluster: &mut quiver_tests::Cluster,
+    members: &[u64],
     url: &str,
     seed: u64,
     faults: &[String],
 ) {
-    let endpoints: Vec<String> = (1..=3).map(|id| cluster.node(id).endpoint()).collect();
+    let endpoints: Vec<String> = members
+        .iter()
+        .map(|&id| cluster.node(id).endpoint())
+        .collect();
     let mut applied: BTreeMap<u64, u64> = BTreeMap::new();
     for endpoint in &endpoints {
         for group in ctl_json(endpoint, &["status"])["groups"]
@@ -376,12 +416,18 @@ async fn run(seed: u64, length: Duration) {
         ("QUIVER_BACKUP__LOG_INTERVAL_MS", "200"),
         ("QUIVER_BACKUP__LOG_IDLE_INTERVAL_MS", "1000"),
     ]);
-    let mut cluster = start_with_links(&env).await;
+    // Nodes 1-3 from the start; nodes 4 and 5 may join during the run
+    // (their links exist from the start, so partitions cut them like the
+    // others).
+    let mut cluster = start_with_links_and_spares(&env, SPARES).await;
     let links = cluster.links.clone().expect("started with links");
     let first = cluster.node(1).client().await.unwrap();
     apply_counter_view(&first).await;
     quiverctl(&cluster.node(1).endpoint(), &["backup", "create", &url]).unwrap();
-    let addrs: Vec<_> = cluster.nodes.iter().map(|n| n.addr()).collect();
+    // The nodes clients pick from: node 4 is added once it has joined.
+    let addrs: Arc<std::sync::RwLock<Vec<std::net::SocketAddr>>> = Arc::new(
+        std::sync::RwLock::new(cluster.nodes.iter().map(|n| n.addr()).collect()),
+    );
     let keys: Vec<String> = (0..KEYS).map(|k| format!("n{seed}-{k}")).collect();
     let epoch = Instant::now();
     let since = move || u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -400,11 +446,15 @@ async fn run(seed: u64, length: Duration) {
             let mut by_followers = 0usize;
             let mut connections = BTreeMap::new();
             while !stop.load(Ordering::Relaxed) {
-                let node = rng.random_range(0..addrs.len());
+                // By address: the list changes as nodes join and leave.
+                let node = {
+                    let addrs = addrs.read().unwrap();
+                    addrs[rng.random_range(0..addrs.len())]
+                };
                 let key = keys[rng.random_range(0..keys.len())].clone();
                 let write = rng.random_bool(0.5);
                 if let std::collections::btree_map::Entry::Vacant(slot) = connections.entry(node) {
-                    match connect(addrs[node]).await {
+                    match connect(node).await {
                         Ok(client) => {
                             slot.insert(client);
                         }
@@ -473,17 +523,43 @@ async fn run(seed: u64, length: Duration) {
     // How far a clock may jump (s): a campaign that wants every run's
     // restore checked exactly keeps it under the restore check's wait.
     let clock_jump_s_max = env_or("QUIVER_NEMESIS_CLOCK_JUMP_S_MAX", 600i64);
+    // The nodes in the cluster: node 4 joins by a third of the run at the
+    // latest.
+    let mut members: Vec<u64> = vec![1, 2, 3];
+    let join_by = Instant::now() + length / 3;
+    // A node draining to be removed: removed (and stopped) once the map
+    // lists no replica on it.
+    let mut removing: Option<u64> = None;
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
-        let victim = rng.random_range(1..=3u64);
-        let others: Vec<u64> = (1..=3).filter(|&n| n != victim).collect();
+        if let Some(node) = removing {
+            let via = cluster.node(members[0]).endpoint();
+            if let Some(done) = remove_if_drained(&via, node).await {
+                removing = None;
+                if done.is_ok() {
+                    cluster.node(node).kill9().unwrap();
+                    members.retain(|&n| n != node);
+                    let gone = cluster.node(node).addr();
+                    addrs.write().unwrap().retain(|&a| a != gone);
+                }
+                report.faults.push(format!(
+                    "node {node} drained: removed ({done:?}) and stopped"
+                ));
+            }
+        }
+        let victim = members[rng.random_range(0..members.len())];
+        let others: Vec<u64> = members.iter().copied().filter(|&n| n != victim).collect();
         let down = Duration::from_millis(rng.random_range(300..2500));
         let cut = if rng.random_bool(0.5) {
             LinkState::Refuse
         } else {
             LinkState::Blackhole
         };
-        match rng.random_range(0..10u32) {
+        let mut fault = rng.random_range(0..13u32);
+        if members.len() == 3 && cluster.spares_left() == SPARES && Instant::now() > join_by {
+            fault = 10;
+        }
+        match fault {
             0 => {
                 report
                     .faults
@@ -499,6 +575,60 @@ async fn run(seed: u64, length: Duration) {
                 cluster.node(victim).pause().unwrap();
                 tokio::time::sleep(down).await;
                 cluster.node(victim).resume().unwrap();
+            }
+            10..=12 if members.len() == 3 && cluster.spares_left() > 0 => {
+                // A new node joins through a random node, with only that
+                // node's client address; the scheduler then moves replicas
+                // (and the balancer leaders) onto it under the faults.
+                let through = members[rng.random_range(0..members.len())];
+                let id = cluster.join_spare(through).await.unwrap();
+                members.push(id);
+                addrs.write().unwrap().push(cluster.node(id).addr());
+                report
+                    .faults
+                    .push(format!("node {id} joins through node {through}"));
+            }
+            12 if members.len() == 4 && removing.is_none() => {
+                // A node is drained to be removed: the removal (and the
+                // node's stop) comes once its replicas have moved, with
+                // the other faults going on meanwhile.
+                let via = cluster
+                    .node(members[rng.random_range(0..members.len())])
+                    .endpoint();
+                let drained = set_node_state(&via, victim, "draining").await;
+                if drained.is_ok() {
+                    removing = Some(victim);
+                }
+                report.operators += 1;
+                report
+                    .faults
+                    .push(format!("node {victim} drained to be removed ({drained:?})"));
+            }
+            10..=12 => {
+                // A node is drained (its replicas and leaders move to the
+                // others) and set back to serving a while later, in the
+                // middle of the moves or after them. Not the node being
+                // removed: that would cancel its removal.
+                let candidates: Vec<u64> = members
+                    .iter()
+                    .copied()
+                    .filter(|&n| Some(n) != removing)
+                    .collect();
+                let victim = candidates[rng.random_range(0..candidates.len())];
+                let via = cluster
+                    .node(members[rng.random_range(0..members.len())])
+                    .endpoint();
+                let drained = set_node_state(&via, victim, "draining").await;
+                let down = down * 3;
+                tokio::time::sleep(down).await;
+                let via = cluster
+                    .node(members[rng.random_range(0..members.len())])
+                    .endpoint();
+                let back = set_node_state(&via, victim, "serving").await;
+                report.operators += 1;
+                report.faults.push(format!(
+                    "node {victim} drained ({drained:?}) for {down:?}, then serving ({back:?})"
+                ));
             }
             8 => {
                 // A shard splits, through a random node, while the other
@@ -565,7 +695,7 @@ async fn run(seed: u64, length: Duration) {
                 let cut_off = if rng.random_bool(0.5) {
                     let after_ms = rng.random_range(0..50u64);
                     // One that leads something now, if either does.
-                    let mut old_leader = others[rng.random_range(0..2)];
+                    let mut old_leader = others[rng.random_range(0..others.len())];
                     for &other in &others {
                         let addr = cluster.node(other).addr();
                         if leads_a_group(addr).await {
@@ -655,6 +785,7 @@ async fn run(seed: u64, length: Duration) {
             Kind::Read { .. } => report.reads += 1,
         }
     }
+    let addrs = addrs.read().unwrap().clone();
     for addr in &addrs {
         let client = connect(*addr).await.unwrap();
         let invoked = since();
@@ -688,15 +819,29 @@ async fn run(seed: u64, length: Duration) {
         }));
     }
 
-    // Every operator the faults started ends (finished or cancelled), and
-    // every shard is back at three voters.
-    let via = cluster.node(1).endpoint();
+    // Every node serving again (a drain's undo may have failed under a
+    // partition), every operator the faults started ended (finished or
+    // cancelled), every shard back at three voters, and the replicas
+    // spread over all the nodes, within one of the mean.
+    let via = cluster.node(members[0]).endpoint();
+    for &node in &members {
+        retry("every node serving after the faults", CONVERGE_WAIT, || {
+            let via = via.clone();
+            async move {
+                set_node_state(&via, node, "serving")
+                    .await
+                    .map_err(|c| format!("{c:?}"))
+            }
+        })
+        .await;
+    }
     let map = quiver_tests::dynamic::wait_map(&via, "operators end after the faults", |map| {
-        quiver_tests::dynamic::settled(map, 3, &[1, 2, 3])
+        quiver_tests::dynamic::settled(map, 3, &members)?;
+        quiver_tests::dynamic::balanced_within_one(map, &members)
     })
     .await;
     report.shards = map.shards.len();
-    restore_matches_the_source(&mut cluster, &url, seed, &report.faults).await;
+    restore_matches_the_source(&mut cluster, &members, &url, seed, &report.faults).await;
 
     let violations = check(&history);
     let stale = stale_reads(&history, &replica_reads, REPLICA_STALENESS_BOUND_US);

@@ -280,7 +280,9 @@ impl Cluster {
                 return Err(ClusterError::Start("no cluster description".into()));
             }
         };
-        let static_routes: BTreeMap<NodeId, String> = if identity.joined.is_some() {
+        // The description's addresses (a static cluster), then the
+        // operator's overrides (`peer_routes`), ahead of the map's.
+        let mut static_routes: BTreeMap<NodeId, String> = if identity.joined.is_some() {
             BTreeMap::new()
         } else {
             config
@@ -289,6 +291,15 @@ impl Cluster {
                 .filter_map(|node| node.peer_addr().map(|addr| (node.id, addr)))
                 .collect()
         };
+        let overrides = config
+            .peer_route_overrides()
+            .map_err(|e| ClusterError::Start(e.to_string()))?;
+        if overrides.contains_key(&node_id) {
+            return Err(ClusterError::Start(format!(
+                "cluster.peer_routes names this node ({node_id}): it does not dial itself"
+            )));
+        }
+        static_routes.extend(overrides);
         let clients = Arc::new(
             PeerClients::new(
                 &peer_routes(
@@ -394,6 +405,13 @@ impl Cluster {
             Some(map) => Placement::new(map, true),
             None => Placement::new(Arc::new(seed_map), identity.joined.is_some()),
         };
+        // The peers were set from the seed map (the static layout, or the
+        // map as of joining): a stored map also names the nodes that joined
+        // since, which the replicas opened below must reach at once (the map
+        // follower skips a map equal to the one routed by, so it would not).
+        if let Err(e) = clients.set_nodes(&peer_routes(&placement, &static_routes)) {
+            tracing::warn!(error = %e, "a node address in the cluster map is unusable");
+        }
         for (group, (replica, create)) in to_open {
             if placement.map.tombstones.contains(&(group, replica)) {
                 if let Err(e) = host.destroy(group, replica).await {
