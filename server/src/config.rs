@@ -446,10 +446,7 @@ impl ClusterConfig {
             let (id, addr) = part.split_once('=').ok_or_else(bad)?;
             let (id, addr) = (id.trim(), addr.trim());
             let id: u64 = id.parse().map_err(|_| bad())?;
-            if id == 0
-                || addr.len() > quiver_raft::cluster_map::NODE_ADDR_BYTES_MAX
-                || !addr.contains(':')
-            {
+            if id == 0 || id > quiver_raft::types::NODE_ID_MAX || !is_host_port(addr) {
                 return Err(bad());
             }
             if routes.insert(id, addr.to_owned()).is_some() {
@@ -766,6 +763,23 @@ pub struct Flags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join: Option<String>,
+}
+
+/// Whether `addr` is `host:port` a peer can be dialled at: a host (a name,
+/// an IPv4 address or a bracketed IPv6 one) and a nonzero port, nothing a
+/// URI refuses, and at most `NODE_ADDR_BYTES_MAX` bytes.
+fn is_host_port(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let bracketed = host.starts_with('[') == host.ends_with(']');
+    addr.len() <= quiver_raft::cluster_map::NODE_ADDR_BYTES_MAX
+        && !host.is_empty()
+        && bracketed
+        && !host.contains(['/', '?', '#', '@'])
+        && !addr.chars().any(|c| c.is_whitespace() || c.is_control())
+        && port.parse::<u16>().is_ok_and(|p| p != 0)
+        && tonic::transport::Endpoint::from_shared(format!("http://{addr}")).is_ok()
 }
 
 /// A parsed `--cluster-nodes` value.
@@ -1346,7 +1360,14 @@ mod tests {
                 "node4",
                 "x=127.0.0.1:1",
                 "0=127.0.0.1:1",
+                "4294967296=127.0.0.1:1",
                 "4=nohost",
+                "4=host:abc",
+                "4=host:0",
+                "4=:7000",
+                "4=[::1:7000",
+                "4=a b:7000",
+                "4=h/x:7000",
                 "4=127.0.0.1:1,4=127.0.0.1:2",
                 // This node (1) itself.
                 "1=127.0.0.1:1",

@@ -194,11 +194,16 @@ pub struct Cluster {
     placement: ArcSwap<Placement>,
     /// A static cluster's first layout (`None` on a node that joined).
     layout: Option<StaticLayout>,
-    /// How this node reaches the nodes its static description names: their
-    /// peer addresses as this node was told them, which win over the map's
-    /// (each node of a test cluster reaches the others through its own
-    /// proxies, and an operator may route peers differently per node).
+    /// How this node reaches the nodes its static description and
+    /// `cluster.peer_routes` name: their peer addresses as this node was
+    /// told them, which win over the map's (each node of a test cluster
+    /// reaches the others through its own proxies, and an operator may
+    /// route peers differently per node).
     static_routes: BTreeMap<NodeId, String>,
+    /// The static description's peer addresses alone: who is a node before
+    /// the map is stored (a route is how this node dials a peer, not who
+    /// the peer is, so `peer_routes` does not make a node a member).
+    described_peers: BTreeMap<NodeId, String>,
     /// This node's own client and peer addresses.
     self_addrs: (String, String),
     clients: Arc<PeerClients>,
@@ -291,13 +296,17 @@ impl Cluster {
                 .filter_map(|node| node.peer_addr().map(|addr| (node.id, addr)))
                 .collect()
         };
-        let overrides = config
+        let described_peers = static_routes.clone();
+        let mut overrides = config
             .peer_route_overrides()
             .map_err(|e| ClusterError::Start(e.to_string()))?;
-        if overrides.contains_key(&node_id) {
-            return Err(ClusterError::Start(format!(
-                "cluster.peer_routes names this node ({node_id}): it does not dial itself"
-            )));
+        // (A static node naming itself is refused with the config; a
+        // joining node learned its id only now.)
+        if overrides.remove(&node_id).is_some() {
+            tracing::warn!(
+                node_id,
+                "cluster.peer_routes names this node's own id: ignored (a node does not dial itself)"
+            );
         }
         static_routes.extend(overrides);
         let clients = Arc::new(
@@ -401,9 +410,18 @@ impl Cluster {
             .await?
             .state
             .clone();
+        // The stored map, unless this node joined with a newer one (it was
+        // stopped while its metadata replica was still catching up).
         let placement = match metadata_state.cluster_map() {
-            Some(map) => Placement::new(map, true),
-            None => Placement::new(Arc::new(seed_map), identity.joined.is_some()),
+            Some(map)
+                if identity
+                    .joined
+                    .as_ref()
+                    .is_none_or(|j| map.version >= j.version) =>
+            {
+                Placement::new(map, true)
+            }
+            _ => Placement::new(Arc::new(seed_map), identity.joined.is_some()),
         };
         // The peers were set from the seed map (the static layout, or the
         // map as of joining): a stored map also names the nodes that joined
@@ -427,6 +445,7 @@ impl Cluster {
             placement: ArcSwap::from_pointee(placement),
             layout,
             static_routes,
+            described_peers,
             self_addrs: (options.self_addr.clone(), options.self_peer_addr.clone()),
             clients,
             host,
@@ -526,7 +545,7 @@ impl Cluster {
         match placement.node(node) {
             Some(info) if placement.is_member(node) => Some(info.peer_addr.clone()),
             Some(_) => None,
-            None => self.static_routes.get(&node).cloned(),
+            None => self.described_peers.get(&node).cloned(),
         }
     }
 
