@@ -447,6 +447,16 @@ fn spawn(
     Ok((child, addr, peer_addr, metrics_slot))
 }
 
+/// A file of the workspace, by its path from the workspace root. Found
+/// from the directory cargo runs the test in (`CARGO_MANIFEST_DIR` at run
+/// time), not the one it was compiled in: a shared target directory may
+/// hold a test binary built from another checkout of the same sources.
+pub fn workspace_path(relative: &str) -> PathBuf {
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    crate_dir.join("..").join(relative)
+}
+
 /// A cluster of `quiverd` processes on loopback, each with its own data
 /// directory, all given the same static description.
 #[derive(Debug)]

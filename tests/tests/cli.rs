@@ -6,7 +6,7 @@
 use quiver_tests::{Node, quiverctl};
 
 fn workspace_file(path: &str) -> String {
-    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+    quiver_tests::workspace_path(path).display().to_string()
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ const ELF64: &[u8] = b"\x7fELF\x02\x01\x01\x00";
 const ELF32: &[u8] = b"\x7fELF\x01\x01\x01\x00";
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ensure-deps.sh")
+    quiver_tests::workspace_path("scripts/ensure-deps.sh")
 }
 
 /// Writes `bytes` at `root/relative`, creating directories.

@@ -218,7 +218,14 @@ mod tests {
 
     #[test]
     fn sample_views_file_parses() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sample/views.yaml");
+        // The crate directory cargo runs the test in, not the one it was
+        // compiled in: a shared target directory may hold a binary built
+        // from another checkout of the same sources.
+        let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+            || env!("CARGO_MANIFEST_DIR").into(),
+            std::path::PathBuf::from,
+        );
+        let path = crate_dir.join("../sample/views.yaml");
         let views = read_views(&path).expect("the sample views parse");
         assert!(views.len() >= 2);
         assert!(views.iter().all(|v| !v.features.is_empty()));
