@@ -9,8 +9,9 @@
 //! `TransferLeader`); one node's wall clock jumping; shards split and
 //! replicas removed; and the membership changing: a fourth node joins (by
 //! a third of the run), nodes are drained and undrained, and one may be
-//! drained and removed, after which a fifth joins. Partitions go through a proxy per directed peer link
-//! (tests/src/links.rs); clients always reach every node. Afterwards every
+//! drained and removed, after which a fifth may join. Partitions go
+//! through a proxy per directed peer link (tests/src/links.rs); clients
+//! always reach every node in the cluster. Afterwards every
 //! key's history must be linearizable (tests/src/linearizability.rs) and no
 //! acknowledged write may be missing. The cluster ships its log throughout
 //! (with a full backup taken before the faults): once every group's log
