@@ -9,7 +9,8 @@
 #   redis    Redis 7 in memory (scripts/peers.sh): Feast's hash layout read by
 #            100 pipelined HMGETs, and packed blobs read by one MGET
 #   cluster  3 quiverd on loopback, RF 3 (scripts/cluster.sh): single-row and
-#            100-row writes, serve at LEADER
+#            100-row writes, serve at LEADER; each with requests spread over
+#            the nodes, then routed to the shard leaders (--routing leader)
 #   etcd     a 3-member etcd cluster (scripts/peers.sh): single puts,
 #            100-put transactions, Txn of 100 ranges (serve)
 #   shards   RF 3 writes over 1, 3 and 16 Raft groups (SHARDS_ENTITIES=10000)
@@ -116,6 +117,10 @@ if [[ " $SECTIONS " == *" cluster "* ]]; then
 run_cluster rf3-ingest-single ""              --workload ingest --rows-per-write 1 --concurrency 16
 run_cluster rf3-ingest-batch100 ""            --workload ingest --rows-per-write 100 --concurrency 16
 run_cluster rf3-serve-leader "$WARM_CACHE"    --workload serve --concurrency 16 --read-all-first
+# The same, each request sent to its rows' shard leaders (GetRoutes).
+run_cluster rf3-ingest-single-routed ""       --workload ingest --rows-per-write 1 --concurrency 16 --routing leader
+run_cluster rf3-ingest-batch100-routed ""     --workload ingest --rows-per-write 100 --concurrency 16 --routing leader
+run_cluster rf3-serve-leader-routed "$WARM_CACHE" --workload serve --concurrency 16 --read-all-first --routing leader
 fi
 if [[ " $SECTIONS " == *" etcd "* ]]; then
 run_peer etcd etcd etcd-ingest-single   --workload ingest --rows-per-write 1 --concurrency 16

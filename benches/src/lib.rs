@@ -14,4 +14,5 @@
 pub mod dataset;
 pub mod keys;
 pub mod report;
+pub mod routed;
 pub mod target;

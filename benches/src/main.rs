@@ -20,7 +20,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use quiver_bench::keys::{KeyChooser, KeyDistribution};
 use quiver_bench::report::{cpu_seconds, latency_histogram, ms_at, record};
-use quiver_bench::target::{self, Conn, TargetKind};
+use quiver_bench::target::{self, Conn, Routing, TargetKind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -109,6 +109,11 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Quiver: send each request to any node (`spread`, the connections
+    /// spread over the endpoints) or to its rows' shard leaders (`leader`,
+    /// by the routes from `GetRoutes`).
+    #[arg(long, value_enum, default_value = "spread")]
+    routing: Routing,
 }
 
 fn now_us() -> i64 {
@@ -386,7 +391,14 @@ async fn run(args: Args) -> Result<()> {
     let keys = KeyChooser::new(args.distribution, args.entities, args.zipf_exponent)?;
     // A few connections spread the load like a real serving tier.
     let connections = args.concurrency.clamp(1, CONNECTIONS_MAX) as usize;
-    let conns = target::connect(args.target, &args.endpoint, connections, args.skip_cache).await?;
+    let conns = target::connect(
+        args.target,
+        &args.endpoint,
+        connections,
+        args.skip_cache,
+        args.routing,
+    )
+    .await?;
     let batch = args.batch as u64;
     if args.preload {
         conns[0].clone().setup().await?;
@@ -442,6 +454,7 @@ async fn run(args: Args) -> Result<()> {
         "rows_per_write": args.rows_per_write,
         "distribution": format!("{:?}", args.distribution).to_lowercase(),
         "skip_cache": args.skip_cache,
+        "routing": format!("{:?}", args.routing).to_lowercase(),
         "requests_per_second": measured.tally.requests as f64 / seconds,
         "entities_per_second": measured.tally.entities as f64 / seconds,
         "rows_per_second": measured.tally.rows as f64 / seconds,

@@ -3,6 +3,7 @@
 //! a Feast-like layout (one hash per entity, a batch read is pipelined HMGETs) or
 //! as one packed blob per entity (MGET), and etcd (gRPC `KV`: Put, Txn).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -12,6 +13,7 @@ use quiver_proto::v1::feature_store_client::FeatureStoreClient;
 use tonic::transport::Channel;
 
 use crate::dataset;
+use crate::routed::{Routed, Routes};
 
 /// etcd's KV API, generated from the subset in proto/etcdserverpb/kv.proto.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -65,6 +67,8 @@ pub enum Conn {
         client: FeatureStoreClient<Channel>,
         /// Bypass the server's hot cache on reads.
         skip_cache: bool,
+        /// Leader-aware routing (`None`: every request to `client`'s node).
+        routed: Option<Routed>,
     },
     /// A multiplexed Redis connection (pipelines from all tasks share it).
     Redis {
@@ -100,7 +104,7 @@ fn tls_from_env() -> Result<Option<tonic::transport::ClientTlsConfig>> {
     Ok(Some(config))
 }
 
-async fn channel(
+pub(crate) async fn channel(
     endpoint: &str,
     tls: Option<&tonic::transport::ClientTlsConfig>,
 ) -> Result<Channel> {
@@ -124,13 +128,28 @@ async fn channel(
         .with_context(|| format!("connect to {endpoint}"))
 }
 
+/// How Quiver requests find their node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// Each connection's requests go to its node, which forwards rows it
+    /// does not lead (connections spread over the endpoints, as etcd's
+    /// client balancer does).
+    Spread,
+    /// Each request goes to the leaders of its rows' shards, by the routes
+    /// a node gives (`GetRoutes`); see [`crate::routed`].
+    Leader,
+}
+
 /// Opens `connections` connections, spread round robin over `endpoints`
-/// (as a client balancing over a cluster's members would).
+/// (as a client balancing over a cluster's members would). With
+/// [`Routing::Leader`], Quiver connections also share routes and channels
+/// to every node.
 pub async fn connect(
     kind: TargetKind,
     endpoints: &[String],
     connections: usize,
     skip_cache: bool,
+    routing: Routing,
 ) -> Result<Vec<Conn>> {
     ensure!(!endpoints.is_empty(), "no endpoint given");
     let tls = match kind {
@@ -138,14 +157,34 @@ pub async fn connect(
         _ => None,
     };
     let mut conns = Vec::with_capacity(connections);
+    let mut routes: Option<Arc<Routes>> = None;
     for i in 0..connections.max(1) {
         let endpoint = &endpoints[i % endpoints.len()];
         conns.push(match kind {
-            TargetKind::Quiver => Conn::Quiver {
-                client: FeatureStoreClient::new(channel(endpoint, tls.as_ref()).await?)
-                    .max_decoding_message_size(RESPONSE_BYTES_MAX),
-                skip_cache,
-            },
+            TargetKind::Quiver => {
+                let mut client = FeatureStoreClient::new(channel(endpoint, tls.as_ref()).await?)
+                    .max_decoding_message_size(RESPONSE_BYTES_MAX);
+                let routed = match (routing, &routes) {
+                    (Routing::Spread, _) => None,
+                    (Routing::Leader, Some(routes)) => Some(Routed::new(routes.clone(), i)),
+                    (Routing::Leader, None) => {
+                        let shared = Routes::connect(
+                            &mut client,
+                            connections,
+                            tls.clone(),
+                            RESPONSE_BYTES_MAX,
+                        )
+                        .await?;
+                        routes = Some(shared.clone());
+                        Some(Routed::new(shared, i))
+                    }
+                };
+                Conn::Quiver {
+                    client,
+                    skip_cache,
+                    routed,
+                }
+            }
             TargetKind::RedisHash | TargetKind::RedisBlob => {
                 let url = if endpoint.contains("://") {
                     endpoint.clone()
@@ -229,7 +268,11 @@ impl Conn {
     /// checks each entity's feature 0 against its id.
     pub async fn get(&mut self, ids: &[u64], check: bool) -> Result<()> {
         match self {
-            Conn::Quiver { client, skip_cache } => {
+            Conn::Quiver {
+                client,
+                skip_cache,
+                routed,
+            } => {
                 let request = pb::GetRequest {
                     entity_keys: ids.iter().map(|&id| dataset::entity_key(id)).collect(),
                     features: vec![dataset::VIEW.into()],
@@ -238,7 +281,10 @@ impl Conn {
                     max_staleness_ms: 0,
                     degraded: false,
                 };
-                let response = client.get(request).await?.into_inner();
+                let response = match routed {
+                    Some(routed) => routed.get(client, request).await?,
+                    None => client.get(request).await?.into_inner(),
+                };
                 ensure_answered("Get", response.entities.len(), ids.len())?;
                 if check {
                     for entity in &response.entities {
@@ -316,12 +362,17 @@ impl Conn {
     /// row or a Txn of puts for several).
     pub async fn write(&mut self, ids: &[u64], event_ts_us: i64, generation: u64) -> Result<()> {
         match self {
-            Conn::Quiver { client, .. } => {
+            Conn::Quiver { client, routed, .. } => {
                 let rows = ids
                     .iter()
                     .map(|&id| dataset::row(id, event_ts_us, generation))
                     .collect();
-                client.write(dataset::write_request(rows)).await?;
+                match routed {
+                    Some(routed) => routed.write(client, rows).await?,
+                    None => {
+                        client.write(dataset::write_request(rows)).await?;
+                    }
+                }
             }
             Conn::Redis { conn, hash: true } => {
                 let names = dataset::feature_names();

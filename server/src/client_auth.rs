@@ -7,8 +7,8 @@
 //! - A call names its token in `authorization: Bearer <token>`. None, or
 //!   one that matches no configured hash: `UNAUTHENTICATED`. A token whose
 //!   scope is too narrow for the method: `PERMISSION_DENIED`.
-//! - Scopes by method: `Get`, `ListFeatureViews`, `Status` and reflection
-//!   need `read`; `Write`, `WriteStream`, `Delete`, `Invalidate`,
+//! - Scopes by method: `Get`, `ListFeatureViews`, `Status`, `GetRoutes`
+//!   and reflection need `read`; `Write`, `WriteStream`, `Delete`, `Invalidate`,
 //!   `ApplyFeatureView` and `DeleteFeatureView` need `write`; every
 //!   `quiver.admin.v1.Admin` method needs `admin`. Health checks need none
 //!   (load balancers probe without credentials).
@@ -75,7 +75,7 @@ pub fn scope_needed(path: &str) -> Option<Scope> {
         "grpc.health.v1.Health" => None,
         "quiver.admin.v1.Admin" => Some(Scope::Admin),
         "quiver.v1.FeatureStore" => Some(match method {
-            "Get" | "ListFeatureViews" | "Status" => Scope::Read,
+            "Get" | "ListFeatureViews" | "Status" | "GetRoutes" => Scope::Read,
             // Writes, and any method this build does not know yet.
             _ => Scope::Write,
         }),

@@ -190,6 +190,7 @@ impl FeatureStore for FeatureStoreService {
                 Ok(response) => {
                     total.rows_applied += response.rows_applied;
                     total.rows_stale += response.rows_stale;
+                    total.rows_forwarded += response.rows_forwarded;
                     messages += 1;
                 }
                 Err(status) => {
@@ -349,6 +350,42 @@ impl FeatureStore for FeatureStoreService {
                 hits: cache.hits,
                 misses: cache.misses,
             }),
+        }))
+    }
+
+    async fn get_routes(
+        &self,
+        _request: Request<pb::GetRoutesRequest>,
+    ) -> Result<Response<pb::GetRoutesResponse>, Status> {
+        let cluster = &self.node.cluster;
+        let placement = cluster.placement();
+        let map = &placement.map;
+        let nodes = map
+            .nodes
+            .iter()
+            .filter(|(_, info)| info.state != quiver_raft::cluster_map::NodeState::Removed)
+            .map(|(&node_id, info)| pb::RouteNode {
+                node_id,
+                addr: info.addr.clone(),
+                state: info.state.to_string(),
+            })
+            .collect();
+        let shards = map
+            .shards
+            .iter()
+            .map(|(&shard, desc)| pb::ShardRoute {
+                shard,
+                start: desc.start,
+                end: desc.end.unwrap_or(0),
+                to_end: desc.end.is_none(),
+                leader_node_id: cluster.leader_of(shard).unwrap_or(0),
+                voter_node_ids: desc.voters().map(quiver_raft::ReplicaId::node).collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::GetRoutesResponse {
+            map_version: if placement.replicated { map.version } else { 0 },
+            nodes,
+            shards,
         }))
     }
 }

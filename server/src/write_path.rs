@@ -7,7 +7,7 @@
 use quiver_engine::RowWrite;
 use quiver_engine::clock::MICROS_PER_SECOND;
 use quiver_proto::v1 as pb;
-use quiver_raft::{Command, RequestId, Response};
+use quiver_raft::{Command, GroupId, RequestId, Response};
 
 use crate::convert::value_from_pb;
 use crate::error::ServiceError;
@@ -80,6 +80,10 @@ pub async fn write(
         .cluster
         .placement()
         .by_shard(rows, |row| row.entity_key.as_str());
+    let rows_by_shard: Vec<(GroupId, u64)> = by_shard
+        .iter()
+        .map(|(&shard, rows)| (shard, rows.len() as u64))
+        .collect();
     let proposals = by_shard.into_iter().map(|(shard, rows)| {
         let command = Command::Write {
             view_id: view.id,
@@ -107,6 +111,15 @@ pub async fn write(
         },
     )
     .await?;
+    // Rows that went to a leader elsewhere: a client routing by GetRoutes
+    // learns its routes are stale. The router remembers, per shard, the
+    // node whose attempt succeeded (this request's, or a concurrent one's
+    // that found the same leader).
+    response.rows_forwarded = rows_by_shard
+        .iter()
+        .filter(|&&(shard, _)| node.cluster.leader_of(shard) != Some(node.cluster.node_id))
+        .map(|&(_, rows)| rows)
+        .sum();
     if let Some(newest) = newest_event_us {
         node.view_freshness.written(&view.name, newest);
     }

@@ -1534,3 +1534,140 @@ async fn forwarded_work_is_logged_under_the_client_request_id() {
     )
     .await;
 }
+
+/// A client that routes by `GetRoutes` reaches each shard's leader with no
+/// forward; a node that forwards says so (`rows_forwarded`), and after a
+/// handover the routes a node gives name the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_routed_by_get_routes_reach_leaders_and_learn_of_handovers() {
+    let mut cluster = start(&FOUR_SHARDS).await;
+    let c1 = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&c1).await;
+    let keys = keys(32, "routed");
+    let values: Vec<(String, i64)> = keys.iter().map(|k| (k.clone(), 1)).collect();
+    retry("write through node 1", LEADER_WAIT, || {
+        let (mut client, values) = (c1.clone(), values.clone());
+        async move { write_values(&mut client, &values).await }
+    })
+    .await;
+    let addrs: BTreeMap<u64, String> = (1..=3)
+        .map(|id| (id, cluster.node(id).addr().to_string()))
+        .collect();
+    let mut leaders = BTreeMap::new();
+    for shard in 1..=4 {
+        leaders.insert(shard, leader_of(&mut cluster, shard).await);
+    }
+
+    // Every node's routes: the members at their client addresses, the four
+    // shards covering the ring, each led by the node that leads it.
+    let routes_of = |client: &pb::feature_store_client::FeatureStoreClient<_>| {
+        let mut client = client.clone();
+        async move {
+            let answer = client
+                .get_routes(pb::GetRoutesRequest {})
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            let table = quiver_client::RouteTable::new(&answer).map_err(|e| e.to_string())?;
+            Ok::<_, String>((answer, table))
+        }
+    };
+    for id in 1..=3 {
+        let client = cluster.node(id).client().await.unwrap();
+        let leaders = leaders.clone();
+        let (answer, _) = retry("routes name every leader", LEADER_WAIT, || {
+            let (routes, leaders) = (routes_of(&client), leaders.clone());
+            async move {
+                let (answer, table) = routes.await?;
+                let named: BTreeMap<u32, u64> = answer
+                    .shards
+                    .iter()
+                    .map(|s| (s.shard, s.leader_node_id))
+                    .collect();
+                if named == leaders {
+                    Ok((answer, table))
+                } else {
+                    Err(format!(
+                        "node {id} routes {named:?}, leaders are {leaders:?}"
+                    ))
+                }
+            }
+        })
+        .await;
+        let nodes: BTreeMap<u64, String> = answer
+            .nodes
+            .iter()
+            .map(|n| (n.node_id, n.addr.clone()))
+            .collect();
+        assert_eq!(nodes, addrs, "node {id}");
+        assert!(answer.map_version > 0, "the metadata group's map");
+        assert!(answer.shards.iter().all(|s| s.voter_node_ids.len() == 3));
+    }
+
+    // Each row sent to its leader is not forwarded; sent elsewhere, it is.
+    let (_, table) = routes_of(&c1).await.unwrap();
+    let by_addr: BTreeMap<String, u64> = addrs.iter().map(|(&id, a)| (a.clone(), id)).collect();
+    let mut clients = BTreeMap::new();
+    for id in 1..=3 {
+        clients.insert(id, cluster.node(id).client().await.unwrap());
+    }
+    let write_one = |id: u64, key: &str, value: i64| {
+        let mut client = clients[&id].clone();
+        let row = quiver_tests::row(
+            key,
+            quiver_tests::now_us() + value,
+            &[("value", quiver_tests::int64(value))],
+        );
+        async move {
+            client
+                .write(pb::WriteRequest {
+                    view: "counter".into(),
+                    rows: vec![row],
+                    request_id: Vec::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    for key in &keys {
+        let leader = by_addr[table.leader_addr(key).expect("a leader for every key")];
+        assert_eq!(leader, leaders[&table.shard_of(key).unwrap()]);
+        assert_eq!(
+            write_one(leader, key, 2).await.rows_forwarded,
+            0,
+            "{key} at its leader"
+        );
+        let other = (1..=3).find(|&n| n != leader).unwrap();
+        let forwarded = write_one(other, key, 3).await;
+        assert_eq!(
+            (forwarded.rows_forwarded, forwarded.rows_applied),
+            (1, 1),
+            "{key} via {other}"
+        );
+    }
+
+    // A handover: the old leader forwards the shard's rows, and its routes
+    // (asked after the forward, as a routed client does) name the new one.
+    let key = &keys[0];
+    let shard = table.shard_of(key).unwrap();
+    let old = leaders[&shard];
+    let new = (1..=3).find(|&n| n != old).unwrap();
+    let mut admin = cluster.node(old).admin().await.unwrap();
+    admin
+        .transfer_leader(quiver_proto::admin::TransferLeaderRequest {
+            shard,
+            to_node_id: new,
+        })
+        .await
+        .unwrap();
+    let after = retry("a write through the old leader", LEADER_WAIT, || {
+        let write = write_one(old, key, 4);
+        async move { Ok::<_, String>(write.await) }
+    })
+    .await;
+    assert_eq!(after.rows_forwarded, 1);
+    let (_, fresh) = routes_of(&clients[&old]).await.unwrap();
+    assert_eq!(by_addr[fresh.leader_addr(key).unwrap()], new);
+    assert_eq!(write_one(new, key, 5).await.rows_forwarded, 0);
+}

@@ -48,12 +48,17 @@ impl Cluster {
             .map(ReplicaId::node)
     }
 
+    /// The leader of `group` as this node knows it: the one its last
+    /// request reached (or was redirected to), else the one its own replica
+    /// knows of. `None`: unknown. Clients' routes (`GetRoutes`) show this.
+    pub fn leader_of(&self, group: GroupId) -> Option<NodeId> {
+        let hint = self.leader_hints.lock().get(&group).copied();
+        hint.or_else(|| self.known_leader(group))
+    }
+
     /// Where to send the first attempt for a group's leader.
     pub(super) fn first_target(&self, group: GroupId) -> NodeId {
-        if let Some(&hint) = self.leader_hints.lock().get(&group) {
-            return hint;
-        }
-        if let Some(leader) = self.known_leader(group) {
+        if let Some(leader) = self.leader_of(group) {
             return leader;
         }
         let voters = self.voter_nodes(group);
