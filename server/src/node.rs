@@ -59,8 +59,14 @@ pub struct Node {
     pub data_dir: PathBuf,
     /// When the node started.
     pub started: Instant,
-    /// Shares metadata read indexes between concurrent requests.
+    /// Shares metadata read indexes between concurrent catch-ups of the
+    /// node's own work ([`Node::fresh_catalog`]).
     pub freshness: MetadataFreshness,
+    /// Shares the metadata leader's leased positions between concurrent
+    /// client requests ([`Node::client_catalog`]). Apart from `freshness`:
+    /// a caller that needs a read index must not be answered by a leased
+    /// catch-up.
+    pub client_freshness: MetadataFreshness,
     /// The newest event time written per view (a metric).
     pub view_freshness: crate::metrics::Freshness,
     /// TLS, when on.
@@ -315,6 +321,7 @@ impl Node {
             data_dir: config.data_dir.clone(),
             started: Instant::now(),
             freshness: MetadataFreshness::default(),
+            client_freshness: MetadataFreshness::default(),
             view_freshness: crate::metrics::Freshness::default(),
             tls,
         })
@@ -335,11 +342,9 @@ impl Node {
 
     /// The catalog as of at least every view change acknowledged before this
     /// call: this node's metadata replica has applied up to a read index of
-    /// the metadata group taken after the call began. Writes and STRONG
-    /// reads resolve names here, so one that starts after an
-    /// ApplyFeatureView or DeleteFeatureView returned, through any node,
-    /// sees its effect. Concurrent callers share one read index
-    /// (`MetadataFreshness`).
+    /// the metadata group taken after the call began. The node's own work
+    /// (expiry, restores) resolves names here. Concurrent callers share one
+    /// read index (`MetadataFreshness`).
     pub async fn fresh_catalog(&self) -> Result<Arc<Catalog>, ServiceError> {
         self.freshness
             .covered(|| self.cluster.sync_metadata())
@@ -347,18 +352,22 @@ impl Node {
         Ok(self.registry.load_full())
     }
 
-    /// [`Self::fresh_catalog`] for a client's call: through the metadata
-    /// group's circuit breaker (shard 0), so that while the metadata group
-    /// has no quorum, writes and STRONG reads fail at once instead of each
-    /// waiting out its deadline. (The node's own work, expiry and restores,
+    /// [`Self::fresh_catalog`] for a client's call, at the metadata
+    /// leader's lease rather than a read index (`sync_metadata_leased`: as
+    /// fresh under bounded clock drift, with no quorum round per call).
+    /// Writes and STRONG reads resolve names here, so one that starts after
+    /// an ApplyFeatureView or DeleteFeatureView returned, through any node,
+    /// sees its effect. Through the metadata group's circuit breaker (shard
+    /// 0), so that while the metadata group has no quorum, they fail at
+    /// once instead of each waiting out its deadline. (The node's own work
     /// waits.)
     pub async fn client_catalog(&self) -> Result<Arc<Catalog>, ServiceError> {
-        // Inside the shared catch-up: callers that share one read index
-        // count once, not once each.
-        self.freshness
+        // Inside the shared catch-up: callers that share one catch-up count
+        // once, not once each.
+        self.client_freshness
             .covered(|| async {
                 let call = self.cluster.shard_call(METADATA_GROUP)?;
-                let synced = self.cluster.sync_metadata().await;
+                let synced = self.cluster.sync_metadata_leased().await;
                 call.finish(&synced);
                 synced
             })

@@ -96,7 +96,7 @@ impl Lane {
             | PeerCall::BackupShard { .. }
             // A whole shard's scan: not in the lane of point reads.
             | PeerCall::ChecksumShard => Lane::Propose,
-            PeerCall::Read { .. } | PeerCall::ReadIndex => Lane::Read,
+            PeerCall::Read { .. } | PeerCall::ReadIndex | PeerCall::LeaseReadIndex => Lane::Read,
         }
     }
 

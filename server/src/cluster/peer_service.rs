@@ -112,6 +112,7 @@ impl PeerService {
             PeerCall::Propose(command) => cluster.propose_local(group, command).await,
             PeerCall::HandOver { to } => cluster.hand_over_local(group, to).await,
             PeerCall::ReadIndex => cluster.read_index_local(group).await,
+            PeerCall::LeaseReadIndex => cluster.lease_read_index_local(group).await,
             PeerCall::Read { keys, level } => self.read(group, keys, level).await,
             PeerCall::ShardState => cluster.shard_state_local(group).await,
             PeerCall::ChangeMembership { change, expect } => {

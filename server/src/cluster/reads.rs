@@ -190,7 +190,19 @@ impl Cluster {
     /// The leader side of a read index: confirms leadership and returns an
     /// applied index covering every entry committed before the call.
     pub async fn read_index_local(&self, group: GroupId) -> PeerResult {
-        match self.check_local_read(group, ReadLevel::Strong).await {
+        self.position_local(group, ReadLevel::Strong).await
+    }
+
+    /// [`Self::read_index_local`] under the leader's lease, as a `LEADER`
+    /// read: while the lease holds, the leader's applied index (which
+    /// covers every acknowledged entry: an entry is acknowledged once the
+    /// leader applied it) with no round trip; else after a heartbeat round.
+    pub async fn lease_read_index_local(&self, group: GroupId) -> PeerResult {
+        self.position_local(group, ReadLevel::Leader).await
+    }
+
+    async fn position_local(&self, group: GroupId, level: ReadLevel) -> PeerResult {
+        match self.check_local_read(group, level).await {
             Ok(source) => PeerResult::ReadIndex {
                 applied_index: source.applied_index,
             },
@@ -212,22 +224,44 @@ impl Cluster {
     }
 
     /// Brings this node's metadata replica up to date with the leader's
-    /// commit (used when a request names a view this node does not know yet:
-    /// it may have been applied through another node a moment ago).
+    /// commit, at a read index (no clock assumption): what the cluster's own
+    /// decisions (operators, replica deletion, expiry, restores) start from.
     pub async fn sync_metadata(&self) -> Result<(), ClusterError> {
+        self.sync_metadata_at(false).await
+    }
+
+    /// [`Self::sync_metadata`] at the metadata leader's lease instead of a
+    /// read index: what client requests resolve view names at. It holds
+    /// every view change acknowledged before the call under the assumption
+    /// `LEADER` reads make (bounded clock drift), and costs the leader no
+    /// quorum round while its lease holds: with a read index, every write
+    /// and `STRONG` read in the cluster made the metadata leader send a
+    /// heartbeat round (1,800 a second at 2,600 writes/s, 3 nodes).
+    pub async fn sync_metadata_leased(&self) -> Result<(), ClusterError> {
+        self.sync_metadata_at(true).await
+    }
+
+    async fn sync_metadata_at(&self, leased: bool) -> Result<(), ClusterError> {
         let read_index = self
             .route(
                 METADATA_GROUP,
                 self.first_target(METADATA_GROUP),
                 |target| async move {
-                    let result = if target == self.node_id {
+                    let result = if target == self.node_id && leased {
+                        self.lease_read_index_local(METADATA_GROUP).await
+                    } else if target == self.node_id {
                         self.read_index_local(METADATA_GROUP).await
                     } else {
                         // The peer may itself wait a peer timeout for its read
                         // index: forward, which allows twice that.
                         let started = std::time::Instant::now();
+                        let call = if leased {
+                            PeerCall::LeaseReadIndex
+                        } else {
+                            PeerCall::ReadIndex
+                        };
                         self.clients
-                            .forward(target, METADATA_GROUP, &PeerCall::ReadIndex)
+                            .forward(target, METADATA_GROUP, &call)
                             .await
                             .map(|answer| self.peer_answered(METADATA_GROUP, answer, started))
                             .unwrap_or_else(|e| self.peer_failed(METADATA_GROUP, e, started))

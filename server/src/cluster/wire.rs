@@ -84,6 +84,9 @@ pub enum PeerCall {
     /// What a reader sees of the shard's rows, by content (the leader's
     /// replica, after a read barrier): see `Cluster::checksum_shard`.
     ChecksumShard,
+    /// [`PeerCall::ReadIndex`] under the leader's lease (answered as a
+    /// `LEADER` read is: no round trip while the lease holds).
+    LeaseReadIndex,
 }
 
 /// What a node tells each peer every liveness interval (and answers a
