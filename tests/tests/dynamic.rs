@@ -764,3 +764,87 @@ async fn a_node_restarted_after_another_joined_reaches_it_without_a_map_change()
         "the map changed meanwhile, so this says nothing about the restart"
     );
 }
+
+/// A node lost for good (killed, never restarted) under writes and STRONG
+/// reads: once it has been silent for `replace_down_after_ms`, the
+/// scheduler re-creates its replicas on the other nodes; it can then be
+/// removed, and every acknowledged write reads back through every node left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_for_good_has_its_replicas_recreated_elsewhere_then_is_removed() {
+    let _turn = ONE_CLUSTER.lock().await;
+    let dir = Kept::new();
+    let env = [
+        ("QUIVER_CLUSTER__SHARD_COUNT", "0"),
+        ("QUIVER_CLUSTER__REPLACE_DOWN_AFTER_MS", "3000"),
+        ("QUIVER_CLUSTER__SECRET", TEST_CLUSTER_SECRET),
+    ];
+    let (mut cluster, endpoint, client) = started(dir.path(), 4, &env).await;
+    let all = [1, 2, 3, 4];
+    wait_map(&endpoint, "4 shards x 3 replicas over 4 nodes", |map| {
+        settled(map, 3, &all)
+    })
+    .await;
+    let keys = keys(40, "lost");
+    let writer = Writer::start(client.clone(), keys.clone());
+    let reader = Reader::start(
+        cluster.node(2).client().await.unwrap(),
+        keys,
+        writer.progress(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    eprintln!("--- node 4 is killed for good");
+    cluster.node(4).kill9().unwrap();
+    let killed = std::time::Instant::now();
+    let rest = [1, 2, 3];
+    // Too early to replace it: a node down for less than the setting may
+    // be restarting; its replicas stay where they are.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let map = cluster_map(&endpoint).await.unwrap();
+    assert_eq!(replica_counts(&map, &[4]), [3], "replaced too early");
+    let map = wait_map(&endpoint, "node 4's replicas re-created on 1-3", |map| {
+        // Its old replicas stay tombstoned (nothing will confirm their
+        // deletion) until it is removed.
+        let mut others = map.clone();
+        others.tombstones.retain(|t| t.node_id != 4);
+        settled(&others, 3, &rest)
+    })
+    .await;
+    eprintln!(
+        "re-created {:?} after the kill; replicas per node {:?}",
+        killed.elapsed(),
+        replica_counts(&map, &rest)
+    );
+    let out = quiverctl(&endpoint, &["node", "remove", "4"]).unwrap();
+    eprintln!("{out}");
+    wait_map(&endpoint, "node 4 removed, its tombstones with it", |map| {
+        let state = map
+            .nodes
+            .iter()
+            .find(|n| n.node_id == 4)
+            .map(|n| n.state.clone());
+        if state.as_deref() != Some("removed") {
+            return Err(format!("node 4 is {state:?}"));
+        }
+        settled(map, 3, &rest)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let ledger = writer.stop().await;
+    let reads = reader.stop().await;
+    eprintln!(
+        "writer: {} acknowledged, {} failed, longest gap {:?}; reader: {} reads, {} failed",
+        ledger.acks, ledger.failures, ledger.longest_gap, reads.ok, reads.failures
+    );
+    assert!(reads.violations.is_empty(), "{:?}", reads.violations);
+    assert!(ledger.acks > 20 && reads.ok > 20, "{ledger:?} {reads:?}");
+    for id in rest {
+        let client = cluster.node(id).client().await.unwrap();
+        retry("the ledger reads back", CONVERGE_WAIT, || {
+            let (client, ledger) = (client.clone(), ledger.clone());
+            async move { check_ledger(&client, &ledger, &format!("node {id}")).await }
+        })
+        .await;
+    }
+}

@@ -9,7 +9,9 @@
 //! `TransferLeader`); one node's wall clock jumping; shards split and
 //! replicas removed; and the membership changing: a fourth node joins (by
 //! a third of the run), nodes are drained and undrained, and one may be
-//! drained and removed, after which a fifth may join. Partitions go
+//! drained and removed or die for good (killed and never restarted: its
+//! replicas are re-created on the others after `replace_down_after_ms`,
+//! then it is removed), after which a fifth may join. Partitions go
 //! through a proxy per directed peer link (tests/src/links.rs); clients
 //! always reach every node in the cluster. Afterwards every
 //! key's history must be linearizable (tests/src/linearizability.rs) and no
@@ -79,8 +81,12 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
 const REPLICA_STALENESS_BOUND_US: u64 = 2_000_000;
 /// The cluster: few shards, and replicas that serve only when caught up
 /// with what their leader last told them (so staleness is bounded in time).
-const NEMESIS_ENV: [(&str, &str); 5] = [
+const NEMESIS_ENV: [(&str, &str); 6] = [
     FOUR_SHARDS[0],
+    // A node silent this long has its replicas re-created elsewhere (the
+    // "dies for good" fault). Longer than any partition or pause here
+    // (5 s at most), so those are waited out, as in production.
+    ("QUIVER_CLUSTER__REPLACE_DOWN_AFTER_MS", "6000"),
     ("QUIVER_CLUSTER__REPLICA_LAG_ENTRIES_MAX", "0"),
     // The leader balancer hands leadership back and forth among the faults
     // (reports every second, so it acts within the run).
@@ -161,6 +167,15 @@ async fn leads_a_group(addr: std::net::SocketAddr) -> bool {
         .unwrap_or(false)
 }
 
+/// Why a node is leaving the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    /// Drained, still running: stopped once removed.
+    Drained,
+    /// Killed for good: its replicas must be re-created elsewhere first.
+    Dead,
+}
+
 /// What one run saw, for the report line.
 #[derive(Debug, Default)]
 struct Report {
@@ -170,12 +185,22 @@ struct Report {
     replica_reads: usize,
     replica_reads_by_followers: usize,
     faults: Vec<String>,
+    /// Faults by kind, for the summary line (`scripts/nemesis.sh` keeps it).
+    kinds: BTreeMap<&'static str, usize>,
     /// Groups whose leadership a handover fault moved.
     groups_handed_over: usize,
     /// Splits, replica removals and drains asked for.
     operators: usize,
     /// Shards at the end.
     shards: usize,
+}
+
+impl Report {
+    /// Records a fault: its description, and one more of its kind.
+    fn fault(&mut self, kind: &'static str, what: String) {
+        *self.kinds.entry(kind).or_default() += 1;
+        self.faults.push(what);
+    }
 }
 
 /// An admin call through the node at `endpoint`; its error's code, or
@@ -540,24 +565,33 @@ async fn run(seed: u64, length: Duration) {
     // latest.
     let mut members: Vec<u64> = vec![1, 2, 3];
     let join_by = Instant::now() + length / 3;
-    // A node draining to be removed: removed (and stopped) once the map
-    // lists no replica on it.
-    let mut removing: Option<u64> = None;
+    // A node leaving: removed from the map once it lists no replica on it.
+    // Draining (still a member, stopped once removed), or dead for good
+    // (already stopped and no longer a member: the scheduler re-creates its
+    // replicas after `replace_down_after_ms`).
+    let mut removing: Option<(u64, Leaving)> = None;
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
-        if let Some(node) = removing {
+        if let Some((node, leaving)) = removing {
             let via = cluster.node(members[0]).endpoint();
-            if let Some(done) = remove_if_drained(&via, node).await {
+            if let Some(done) = remove_if_drained(&via, node).await
+                // A dead node's removal is tried again until it takes:
+                // nothing else would clear its tombstones.
+                && (done.is_ok() || leaving == Leaving::Drained)
+            {
                 removing = None;
-                if done.is_ok() {
-                    cluster.node(node).kill9().unwrap();
-                    members.retain(|&n| n != node);
-                    let gone = cluster.node(node).addr();
-                    addrs.write().unwrap().retain(|&a| a != gone);
-                }
-                report.faults.push(format!(
-                    "node {node} drained: removed ({done:?}) and stopped"
-                ));
+                let what = match leaving {
+                    Leaving::Drained if done.is_ok() => {
+                        cluster.node(node).kill9().unwrap();
+                        members.retain(|&n| n != node);
+                        let gone = cluster.node(node).addr();
+                        addrs.write().unwrap().retain(|&a| a != gone);
+                        "drained: removed and stopped"
+                    }
+                    Leaving::Drained => "drained: removal failed",
+                    Leaving::Dead => "dead: its replicas re-created elsewhere, removed",
+                };
+                report.fault("removal", format!("node {node} {what} ({done:?})"));
             }
         }
         let victim = members[rng.random_range(0..members.len())];
@@ -574,17 +608,13 @@ async fn run(seed: u64, length: Duration) {
         }
         match fault {
             0 => {
-                report
-                    .faults
-                    .push(format!("kill -9 node {victim} for {down:?}"));
+                report.fault("kill -9", format!("kill -9 node {victim} for {down:?}"));
                 cluster.node(victim).kill9().unwrap();
                 tokio::time::sleep(down).await;
                 cluster.node(victim).restart().await.unwrap();
             }
             1 => {
-                report
-                    .faults
-                    .push(format!("SIGSTOP node {victim} for {down:?}"));
+                report.fault("SIGSTOP", format!("SIGSTOP node {victim} for {down:?}"));
                 cluster.node(victim).pause().unwrap();
                 tokio::time::sleep(down).await;
                 cluster.node(victim).resume().unwrap();
@@ -597,9 +627,19 @@ async fn run(seed: u64, length: Duration) {
                 let id = cluster.join_spare(through).await.unwrap();
                 members.push(id);
                 addrs.write().unwrap().push(cluster.node(id).addr());
-                report
-                    .faults
-                    .push(format!("node {id} joins through node {through}"));
+                report.fault("join", format!("node {id} joins through node {through}"));
+            }
+            11 if members.len() == 4 && removing.is_none() => {
+                // A node dies for good (a lost machine): killed, never
+                // restarted. Its replicas are re-created on the others once
+                // it has been silent for `replace_down_after_ms`, under the
+                // other faults; then it is removed from the map.
+                cluster.node(victim).kill9().unwrap();
+                members.retain(|&n| n != victim);
+                let gone = cluster.node(victim).addr();
+                addrs.write().unwrap().retain(|&a| a != gone);
+                removing = Some((victim, Leaving::Dead));
+                report.fault("dies for good", format!("node {victim} killed for good"));
             }
             12 if members.len() == 4 && removing.is_none() => {
                 // A node is drained to be removed: the removal (and the
@@ -610,12 +650,13 @@ async fn run(seed: u64, length: Duration) {
                     .endpoint();
                 let drained = set_node_state(&via, victim, "draining").await;
                 if drained.is_ok() {
-                    removing = Some(victim);
+                    removing = Some((victim, Leaving::Drained));
                 }
                 report.operators += 1;
-                report
-                    .faults
-                    .push(format!("node {victim} drained to be removed ({drained:?})"));
+                report.fault(
+                    "drain to remove",
+                    format!("node {victim} drained to be removed ({drained:?})"),
+                );
             }
             10..=12 => {
                 // A node is drained (its replicas and leaders move to the
@@ -625,7 +666,7 @@ async fn run(seed: u64, length: Duration) {
                 let candidates: Vec<u64> = members
                     .iter()
                     .copied()
-                    .filter(|&n| Some(n) != removing)
+                    .filter(|&n| removing.is_none_or(|(node, _)| node != n))
                     .collect();
                 let victim = candidates[rng.random_range(0..candidates.len())];
                 let via = cluster
@@ -645,9 +686,12 @@ async fn run(seed: u64, length: Duration) {
                     None
                 };
                 report.operators += 1;
-                report.faults.push(format!(
-                    "node {victim} drained ({drained:?}) for {down:?}, then serving ({back:?})"
-                ));
+                report.fault(
+                    "drain and undrain",
+                    format!(
+                        "node {victim} drained ({drained:?}) for {down:?}, then serving ({back:?})"
+                    ),
+                );
             }
             8 => {
                 // A shard splits, through a random node, while the other
@@ -664,9 +708,10 @@ async fn run(seed: u64, length: Duration) {
                 })
                 .await;
                 report.operators += 1;
-                report
-                    .faults
-                    .push(format!("split shard {shard} (via {via}): {answer:?}"));
+                report.fault(
+                    "split",
+                    format!("split shard {shard} (via {via}): {answer:?}"),
+                );
             }
             9 => {
                 // A voter of a shard is removed; the scheduler adds a
@@ -687,10 +732,13 @@ async fn run(seed: u64, length: Duration) {
                 })
                 .await;
                 report.operators += 1;
-                report.faults.push(format!(
-                    "node {victim}'s replica of shard {shard} removed (the scheduler re-adds one): \
-                     {answer:?}"
-                ));
+                report.fault(
+                    "replica removal",
+                    format!(
+                        "node {victim}'s replica of shard {shard} removed (the scheduler re-adds \
+                         one): {answer:?}"
+                    ),
+                );
             }
             7 => {
                 // One node's wall clock jumps, up to 10 minutes either way,
@@ -701,9 +749,10 @@ async fn run(seed: u64, length: Duration) {
                     * if rng.random_bool(0.5) { 1 } else { -1 };
                 let file = cluster.node(victim).data_dir().join(CLOCK_SKEW_FILE);
                 std::fs::write(&file, (jump_s * 1_000_000).to_string()).unwrap();
-                report.faults.push(format!(
-                    "node {victim}'s wall clock {jump_s:+} s for {down:?}"
-                ));
+                report.fault(
+                    "clock jump",
+                    format!("node {victim}'s wall clock {jump_s:+} s for {down:?}"),
+                );
                 tokio::time::sleep(down).await;
                 std::fs::write(&file, "0").unwrap();
             }
@@ -744,11 +793,14 @@ async fn run(seed: u64, length: Duration) {
                 report.groups_handed_over += done.moved;
                 tokio::time::sleep(down).await;
                 links.heal_all();
-                report.faults.push(format!(
-                    "every group handed to node {victim} ({} moved, {} led by it already, \
-                     failed: {:?}){also}, then {down:?}",
-                    done.moved, done.already, done.failed
-                ));
+                report.fault(
+                    "handover",
+                    format!(
+                        "every group handed to node {victim} ({} moved, {} led by it already, \
+                         failed: {:?}){also}, then {down:?}",
+                        done.moved, done.already, done.failed
+                    ),
+                );
             }
             fault => {
                 // Partitions last longer: long enough for elections on
@@ -779,13 +831,37 @@ async fn run(seed: u64, length: Duration) {
                         )
                     }
                 };
-                report.faults.push(format!("{what} ({cut:?}) for {down:?}"));
+                report.fault("partition", format!("{what} ({cut:?}) for {down:?}"));
                 tokio::time::sleep(down).await;
                 links.heal_all();
             }
         }
     }
     links.heal_all();
+    // A node that died for good is removed before the end checks: its
+    // replicas' tombstones go with it (nothing else will confirm their
+    // deletion). The clients keep going meanwhile.
+    if let Some((node, Leaving::Dead)) = removing {
+        let via = cluster.node(members[0]).endpoint();
+        let waited = Instant::now();
+        let removed = loop {
+            if let Some(done) = remove_if_drained(&via, node).await
+                && done.is_ok()
+            {
+                break done;
+            }
+            assert!(
+                waited.elapsed() < quiver_tests::dynamic::MAP_WAIT,
+                "seed {seed}: node {node}'s replicas were not re-created in {:?}",
+                quiver_tests::dynamic::MAP_WAIT
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        report.fault(
+            "removal",
+            format!("node {node} dead: removed after the faults ({removed:?})"),
+        );
+    }
     stop.store(true, Ordering::Relaxed);
     let mut history = Vec::new();
     let mut replica_reads = Vec::new();
@@ -885,7 +961,7 @@ async fn run(seed: u64, length: Duration) {
     let stale = stale_reads(&history, &replica_reads, REPLICA_STALENESS_BOUND_US);
     eprintln!(
         "nemesis seed {seed}: {:?}, {} operations ({} writes acknowledged, {} unknown, \
-         {} STRONG/LEADER reads, {} REPLICA reads ({} by followers)), {} faults \
+         {} STRONG/LEADER reads, {} REPLICA reads ({} by followers)), {} faults {:?} \
          ({} groups handed over, {} operators, {} shards at the end), {} linearizability \
          violations, {} REPLICA reads staler than {} ms",
         length,
@@ -896,6 +972,7 @@ async fn run(seed: u64, length: Duration) {
         report.replica_reads,
         report.replica_reads_by_followers,
         report.faults.len(),
+        report.kinds,
         report.groups_handed_over,
         report.operators,
         report.shards,
