@@ -390,6 +390,9 @@ fn main() -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     let keys = KeyChooser::new(args.distribution, args.entities, args.zipf_exponent)?;
     // A few connections spread the load like a real serving tier.
+    if args.routing == Routing::Leader && args.target != TargetKind::Quiver {
+        bail!("--routing leader routes Quiver requests only");
+    }
     let connections = args.concurrency.clamp(1, CONNECTIONS_MAX) as usize;
     let conns = target::connect(
         args.target,

@@ -4,8 +4,9 @@
 //! it does not lead). Rows of one request led by different nodes become one
 //! request per leader, sent together.
 //!
-//! The routes are fetched once at start and again when a node says it
-//! forwarded rows (`rows_forwarded`) or a call fails: a leader moved.
+//! The routes are fetched once at start and again, in the background, when
+//! a node says it forwarded rows (`rows_forwarded`), a Get part was served
+//! by another node than its route named, or a call fails: a leader moved.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -135,20 +136,35 @@ impl Routed {
         Routed { routes, slot }
     }
 
-    /// A client to the node at `addr` (`None`: `fallback`, the connection's
-    /// own node).
+    /// Fetches new routes through `client` in the background (the request
+    /// that noticed does not wait for them).
+    fn refresh_soon(&self, client: &FeatureStoreClient<Channel>) {
+        let (routes, mut client) = (self.routes.clone(), client.clone());
+        tokio::spawn(async move { routes.refresh(&mut client).await });
+    }
+
+    /// A client to the node at `addr` (`None`, or a node that cannot be
+    /// reached: `fallback`, the connection's own node, which forwards; the
+    /// routes are then fetched again).
     async fn client_for(
         &self,
         addr: Option<&Arc<str>>,
         fallback: &FeatureStoreClient<Channel>,
-    ) -> Result<FeatureStoreClient<Channel>> {
+    ) -> FeatureStoreClient<Channel> {
         let Some(addr) = addr else {
-            return Ok(fallback.clone());
+            return fallback.clone();
         };
-        let channels = self.routes.channels_to(addr).await?;
-        let channel = channels[self.slot % channels.len()].clone();
-        Ok(FeatureStoreClient::new(channel)
-            .max_decoding_message_size(self.routes.response_bytes_max))
+        match self.routes.channels_to(addr).await {
+            Ok(channels) => {
+                let channel = channels[self.slot % channels.len()].clone();
+                FeatureStoreClient::new(channel)
+                    .max_decoding_message_size(self.routes.response_bytes_max)
+            }
+            Err(_) => {
+                self.refresh_soon(fallback);
+                fallback.clone()
+            }
+        }
     }
 
     /// Writes `rows`: one request per leader, sent together. Refreshes the
@@ -162,20 +178,20 @@ impl Routed {
         let parts = table.by_leader(rows, |row| row.entity_key.as_str());
         let mut calls = Vec::with_capacity(parts.len());
         for (leader, rows) in parts {
-            let mut client = self.client_for(leader.as_ref(), fallback).await?;
+            let mut client = self.client_for(leader.as_ref(), fallback).await;
             calls.push(async move {
                 let answer = client.write(crate::dataset::write_request(rows)).await;
                 (client, answer)
             });
         }
         let mut first_error = None;
-        for (mut client, answer) in futures::future::join_all(calls).await {
+        for (client, answer) in futures::future::join_all(calls).await {
             match answer {
                 Ok(response) if response.get_ref().rows_forwarded == 0 => {}
-                Ok(_) => self.routes.refresh(&mut client).await,
+                // The node that forwarded has just learned the leader.
+                Ok(_) => self.refresh_soon(&client),
                 Err(status) => {
-                    let mut fallback = fallback.clone();
-                    self.routes.refresh(&mut fallback).await;
+                    self.refresh_soon(fallback);
                     first_error.get_or_insert(status);
                 }
             }
@@ -187,7 +203,8 @@ impl Routed {
     }
 
     /// Reads `request`'s entities: one request per leader, sent together;
-    /// the entities come back in request order.
+    /// the entities come back in request order. Refreshes the routes when a
+    /// part was served by another node than its route named, or failed.
     pub async fn get(
         &self,
         fallback: &FeatureStoreClient<Channel>,
@@ -202,10 +219,16 @@ impl Routed {
             max_staleness_ms,
             degraded,
         } = request;
+        let node_ids: HashMap<&str, u64> =
+            table.node_addrs().map(|(id, addr)| (addr, id)).collect();
         let parts = table.by_leader(entity_keys.into_iter().enumerate(), |(_, key)| key.as_str());
         let mut calls = Vec::with_capacity(parts.len());
         for (leader, keyed) in parts {
-            let mut client = self.client_for(leader.as_ref(), fallback).await?;
+            // The node that should serve this part, to tell a forward.
+            let expected = leader
+                .as_deref()
+                .and_then(|addr| node_ids.get(addr).copied());
+            let mut client = self.client_for(leader.as_ref(), fallback).await;
             let (positions, entity_keys): (Vec<usize>, Vec<String>) = keyed.into_iter().unzip();
             let part = pb::GetRequest {
                 entity_keys,
@@ -215,16 +238,16 @@ impl Routed {
                 max_staleness_ms,
                 degraded,
             };
-            calls.push(async move { (positions, client.get(part).await) });
+            calls.push(async move { (positions, expected, client.get(part).await) });
         }
         let mut merged = pb::GetResponse::default();
         let mut entities: Vec<(usize, pb::EntityResult)> = Vec::new();
-        for (positions, answer) in futures::future::join_all(calls).await {
+        let mut stale = false;
+        for (positions, expected, answer) in futures::future::join_all(calls).await {
             let answer = match answer {
                 Ok(answer) => answer.into_inner(),
                 Err(status) => {
-                    let mut fallback = fallback.clone();
-                    self.routes.refresh(&mut fallback).await;
+                    self.refresh_soon(fallback);
                     return Err(status.into());
                 }
             };
@@ -234,9 +257,13 @@ impl Routed {
                 answer.entities.len(),
                 positions.len()
             );
+            stale |= expected.is_some_and(|node| answer.sources.iter().any(|s| s.node_id != node));
             merged.feature_names = answer.feature_names;
             merged.sources.extend(answer.sources);
             entities.extend(positions.into_iter().zip(answer.entities));
+        }
+        if stale {
+            self.refresh_soon(fallback);
         }
         entities.sort_unstable_by_key(|(position, _)| *position);
         merged.entities = entities.into_iter().map(|(_, entity)| entity).collect();

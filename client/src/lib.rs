@@ -9,9 +9,10 @@
 //! is out of date (a leader moved, a shard split) costs a hop, not an error;
 //! a write's `rows_forwarded` tells the client to fetch new routes.
 //!
-//! Architecture invariant: this crate depends only on `quiver-proto` (the
-//! wire types) and holds no networking. It must never depend on the engine,
-//! the Raft layer or the server: it is what a client links.
+//! Architecture invariant: of the Quiver crates, this one depends only on
+//! `quiver-proto` (the wire types), and it holds no networking. It must
+//! never depend on the engine, the Raft layer or the server: it is what a
+//! client links (the engine is a test-only dependency, to check the hash).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -107,7 +108,10 @@ impl RouteTable {
         }
         let mut nodes = BTreeMap::new();
         for node in &routes.nodes {
-            let problem = if node.addr.is_empty() {
+            let problem = if node.node_id == 0 {
+                // 0 means "no leader known" in a shard's route.
+                Some("node id 0 is reserved".to_owned())
+            } else if node.addr.is_empty() {
                 Some("no address".to_owned())
             } else if node.addr.len() > ROUTE_ADDR_BYTES_MAX {
                 Some(format!(
@@ -128,6 +132,7 @@ impl RouteTable {
             nodes.insert(node.node_id, Arc::<str>::from(node.addr.as_str()));
         }
         let mut shards = Vec::with_capacity(routes.shards.len());
+        let mut shard_ids = std::collections::BTreeSet::new();
         // The first hash the next shard must start at; None: past the end.
         let mut expected = Some(0u64);
         for route in &routes.shards {
@@ -135,6 +140,15 @@ impl RouteTable {
                 shard: route.shard,
                 problem,
             };
+            if !shard_ids.insert(route.shard) {
+                return Err(bad("listed twice".into()));
+            }
+            if route.to_end && route.end != 0 {
+                return Err(bad(format!(
+                    "ends the ring but names an end {:#x}",
+                    route.end
+                )));
+            }
             match expected {
                 None => return Err(bad("listed after the shard that ends the ring".into())),
                 Some(start) if route.start != start => {
@@ -353,6 +367,19 @@ mod tests {
 
         let empty = pb::GetRoutesResponse::default();
         assert!(RouteTable::new(&empty).is_err());
+
+        let mut zero = routes(&[0]);
+        zero.nodes[0].node_id = 0;
+        assert!(RouteTable::new(&zero).is_err(), "node id 0 means no leader");
+
+        let mut repeated = routes(&[0, 100]);
+        repeated.shards[1].shard = repeated.shards[0].shard;
+        let error = RouteTable::new(&repeated).expect_err("a shard twice");
+        assert!(error.to_string().contains("listed twice"), "{error}");
+
+        let mut ends = routes(&[0]);
+        ends.shards[0].end = 5;
+        assert!(RouteTable::new(&ends).is_err());
     }
 
     proptest! {

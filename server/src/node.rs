@@ -60,7 +60,8 @@ pub struct Node {
     /// When the node started.
     pub started: Instant,
     /// Shares metadata read indexes between concurrent catch-ups of the
-    /// node's own work ([`Node::fresh_catalog`]).
+    /// node's own work ([`Node::fresh_catalog`]) and STRONG reads
+    /// ([`Node::strict_client_catalog`]).
     pub freshness: MetadataFreshness,
     /// Shares the metadata leader's leased positions between concurrent
     /// client requests ([`Node::client_catalog`]). Apart from `freshness`:
@@ -352,22 +353,44 @@ impl Node {
         Ok(self.registry.load_full())
     }
 
-    /// [`Self::fresh_catalog`] for a client's call, at the metadata
-    /// leader's lease rather than a read index (`sync_metadata_leased`: as
-    /// fresh under bounded clock drift, with no quorum round per call).
-    /// Writes and STRONG reads resolve names here, so one that starts after
-    /// an ApplyFeatureView or DeleteFeatureView returned, through any node,
-    /// sees its effect. Through the metadata group's circuit breaker (shard
-    /// 0), so that while the metadata group has no quorum, they fail at
-    /// once instead of each waiting out its deadline. (The node's own work
+    /// [`Self::fresh_catalog`] for a client's write, delete or
+    /// invalidation (and a LEADER or REPLICA read that lacks a name), at
+    /// the metadata leader's lease rather than a read index
+    /// (`sync_metadata_leased`: as fresh under bounded clock drift, with no
+    /// quorum round per call). One that starts after an ApplyFeatureView or
+    /// DeleteFeatureView returned, through any node, sees its effect.
+    /// Through the metadata group's circuit breaker (shard 0), so that
+    /// while the metadata group has no quorum, requests fail at once
+    /// instead of each waiting out its deadline. (The node's own work
     /// waits.)
     pub async fn client_catalog(&self) -> Result<Arc<Catalog>, ServiceError> {
+        self.client_catalog_at(true).await
+    }
+
+    /// [`Self::client_catalog`] at a read index: a STRONG read's names, so
+    /// that STRONG keeps its promise of no clock assumption.
+    pub async fn strict_client_catalog(&self) -> Result<Arc<Catalog>, ServiceError> {
+        self.client_catalog_at(false).await
+    }
+
+    async fn client_catalog_at(&self, leased: bool) -> Result<Arc<Catalog>, ServiceError> {
+        // Each kind of catch-up has its own queue: a caller that needs a
+        // read index is never answered by a leased catch-up.
+        let freshness = if leased {
+            &self.client_freshness
+        } else {
+            &self.freshness
+        };
         // Inside the shared catch-up: callers that share one catch-up count
         // once, not once each.
-        self.client_freshness
+        freshness
             .covered(|| async {
                 let call = self.cluster.shard_call(METADATA_GROUP)?;
-                let synced = self.cluster.sync_metadata_leased().await;
+                let synced = if leased {
+                    self.cluster.sync_metadata_leased().await
+                } else {
+                    self.cluster.sync_metadata().await
+                };
                 call.finish(&synced);
                 synced
             })

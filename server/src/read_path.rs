@@ -161,9 +161,10 @@ pub async fn get(
     )?;
     let _admitted = node.admission.read().await?;
     let plan = if request.consistency() == pb::Consistency::Strong {
-        // Linearizable: names resolve at a metadata read index, so a view
+        // Linearizable: names resolve at a metadata read index (not the
+        // lease writes use: STRONG makes no clock assumption), so a view
         // deleted or changed before this read began is seen as it now is.
-        let catalog = node.client_catalog().await?;
+        let catalog = node.strict_client_catalog().await?;
         ReadPlan::resolve(&catalog, &request.features)?
     } else {
         // The node's own metadata replica; caught up only if it lacks a name

@@ -87,9 +87,10 @@ impl FeatureStore for FeatureStoreService {
             .await
             .map_err(ServiceError::from)?;
         // Committed: the view is applied whatever happens next. Writes and
-        // STRONG reads through any node resolve names at a metadata read
-        // index, so they see it even if this node's replica is slow; the
-        // wait only spares this node's next LEADER read a catch-up.
+        // STRONG reads through any node resolve names at the metadata
+        // leader's position (under its lease, or at a read index), so they
+        // see it even if this node's replica is slow; the wait only spares
+        // this node's next LEADER read a catch-up.
         if !node
             .cluster
             .wait_applied(METADATA_GROUP, log_id.index, REGISTRY_APPLY_WAIT)

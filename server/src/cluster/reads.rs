@@ -203,8 +203,18 @@ impl Cluster {
 
     async fn position_local(&self, group: GroupId, level: ReadLevel) -> PeerResult {
         match self.check_local_read(group, level).await {
+            // The state machine's own position, if further: it answers a
+            // proposal as it applies it, before openraft's metrics (which
+            // `check_local_read` reads) count the entry applied, so an entry
+            // already acknowledged may be past the metrics' index.
             Ok(source) => PeerResult::ReadIndex {
-                applied_index: source.applied_index,
+                applied_index: self.host.get(group).map_or(source.applied_index, |hosted| {
+                    hosted
+                        .state
+                        .applied()
+                        .map_or(0, |id| id.index)
+                        .max(source.applied_index)
+                }),
             },
             Err(result) => result,
         }

@@ -48,17 +48,23 @@ impl Cluster {
             .map(ReplicaId::node)
     }
 
-    /// The leader of `group` as this node knows it: the one its last
-    /// request reached (or was redirected to), else the one its own replica
-    /// knows of. `None`: unknown. Clients' routes (`GetRoutes`) show this.
+    /// The leader of `group` as this node knows it: the one its own replica
+    /// knows of, else the one its last request for the group reached (or
+    /// was redirected to). `None`: unknown. Clients' routes (`GetRoutes`)
+    /// show this. The replica's view comes first: a node that lost its
+    /// leadership in an election still has itself as the hint until a
+    /// request fails through it.
     pub fn leader_of(&self, group: GroupId) -> Option<NodeId> {
-        let hint = self.leader_hints.lock().get(&group).copied();
-        hint.or_else(|| self.known_leader(group))
+        self.known_leader(group)
+            .or_else(|| self.leader_hints.lock().get(&group).copied())
     }
 
     /// Where to send the first attempt for a group's leader.
     pub(super) fn first_target(&self, group: GroupId) -> NodeId {
-        if let Some(leader) = self.leader_of(group) {
+        if let Some(&hint) = self.leader_hints.lock().get(&group) {
+            return hint;
+        }
+        if let Some(leader) = self.known_leader(group) {
             return leader;
         }
         let voters = self.voter_nodes(group);
