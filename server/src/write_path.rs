@@ -112,9 +112,11 @@ pub async fn write(
     )
     .await?;
     // Rows that went to a leader elsewhere: a client routing by GetRoutes
-    // learns its routes are stale. The router remembers, per shard, the
-    // node whose attempt succeeded (this request's, or a concurrent one's
-    // that found the same leader).
+    // learns its routes are stale. Judged after the proposals, by the
+    // leader this node now knows for each shard (its replica's view, else
+    // where its last request for the shard went): a leader change in the
+    // meantime can make it off by a shard's rows, which only costs the
+    // client a refresh too many or too few.
     response.rows_forwarded = rows_by_shard
         .iter()
         .filter(|&&(shard, _)| node.cluster.leader_of(shard) != Some(node.cluster.node_id))

@@ -245,8 +245,8 @@ impl Cluster {
     /// every view change acknowledged before the call under the assumption
     /// `LEADER` reads make (bounded clock drift), and costs the leader no
     /// quorum round while its lease holds: with a read index, every write
-    /// and `STRONG` read in the cluster made the metadata leader send a
-    /// heartbeat round (1,800 a second at 2,600 writes/s, 3 nodes).
+    /// in the cluster made the metadata leader send a heartbeat round
+    /// (1,800 a second at 2,600 writes/s, 3 nodes).
     pub async fn sync_metadata_leased(&self) -> Result<(), ClusterError> {
         self.sync_metadata_at(true).await
     }
