@@ -364,7 +364,7 @@ impl FeatureStore for FeatureStoreService {
         let nodes = map
             .nodes
             .iter()
-            .filter(|(_, info)| info.state != quiver_raft::cluster_map::NodeState::Removed)
+            .filter(|&(&node_id, _)| placement.is_member(node_id))
             .map(|(&node_id, info)| pb::RouteNode {
                 node_id,
                 addr: info.addr.clone(),

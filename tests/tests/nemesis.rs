@@ -239,6 +239,24 @@ async fn set_node_state(endpoint: &str, node: u64, state: &str) -> Result<u64, t
     .await
 }
 
+/// Sets every member the map (through the node at `endpoint`) lists as
+/// `draining` back to `serving`; returns the members that were not serving
+/// (draining, or still joining: the cluster promotes those itself).
+async fn undo_drains(endpoint: &str, members: &[u64]) -> Result<Vec<(u64, String)>, String> {
+    let map = quiver_tests::dynamic::cluster_map(endpoint).await?;
+    let mut not_serving = Vec::new();
+    for node in &map.nodes {
+        if !members.contains(&node.node_id) || node.state == "serving" {
+            continue;
+        }
+        if node.state == "draining" {
+            let _ = set_node_state(endpoint, node.node_id, "serving").await;
+        }
+        not_serving.push((node.node_id, node.state.clone()));
+    }
+    Ok(not_serving)
+}
+
 /// Removes `node` from the cluster map once the map (through the node at
 /// `endpoint`) lists no replica on it: None while it still holds some (or
 /// the map cannot be read), else the removal's outcome.
@@ -881,13 +899,7 @@ async fn run(seed: u64, length: Duration) {
             // A member left draining (a drain whose undo failed under a
             // partition) would leave too few serving nodes to take the dead
             // node's replicas: undone here, as the end checks do.
-            if let Ok(map) = quiver_tests::dynamic::cluster_map(&via).await {
-                for other in map.nodes.iter().filter(|n| n.state == "draining") {
-                    if members.contains(&other.node_id) {
-                        let _ = set_node_state(&via, other.node_id, "serving").await;
-                    }
-                }
-            }
+            let _ = undo_drains(&via, &members).await;
             assert!(
                 waited.elapsed() < quiver_tests::dynamic::MAP_WAIT,
                 "seed {seed}: node {node} (dead) not removed in {:?}; last attempt: {done:?} \
@@ -969,17 +981,7 @@ async fn run(seed: u64, length: Duration) {
     retry("every node serving after the faults", CONVERGE_WAIT, || {
         let (via, members) = (via.clone(), members.clone());
         async move {
-            let map = quiver_tests::dynamic::cluster_map(&via).await?;
-            let mut not_serving = Vec::new();
-            for node in &map.nodes {
-                if !members.contains(&node.node_id) || node.state == "serving" {
-                    continue;
-                }
-                if node.state == "draining" {
-                    let _ = set_node_state(&via, node.node_id, "serving").await;
-                }
-                not_serving.push((node.node_id, node.state.clone()));
-            }
+            let not_serving = undo_drains(&via, &members).await?;
             if not_serving.is_empty() {
                 Ok(())
             } else {
