@@ -832,11 +832,8 @@ impl ClusterMap {
         force: bool,
     ) -> Result<MapOutcome, MapError> {
         let replicas = self.replicas_on(node).count();
-        let info = self
-            .nodes
-            .get_mut(&node)
-            .ok_or_else(|| MapError::NotFound(format!("no node {node}")))?;
-        let from = info.state;
+        let no_node = || MapError::NotFound(format!("no node {node}"));
+        let from = self.nodes.get(&node).ok_or_else(no_node)?.state;
         let allowed = match (from, state) {
             (a, b) if a == b => return Ok(MapOutcome::Changed { version: 0 }),
             (NodeState::Removed, _) => false,
@@ -851,19 +848,46 @@ impl ClusterMap {
                 "node {node} cannot go from {from} to {state}"
             )));
         }
+        if (from, state) == (NodeState::Serving, NodeState::Draining) {
+            self.check_drain_keeps_redundancy(node)?;
+        }
         if state == NodeState::Removed && replicas > 0 && !force {
             return Err(conflict(format!(
                 "node {node} still holds {replicas} replicas: drain it first (or force the \
                  removal of a dead node)"
             )));
         }
-        info.state = state;
+        self.nodes.get_mut(&node).ok_or_else(no_node)?.state = state;
         if state == NodeState::Removed {
             // Nothing will confirm their deletion.
             self.tombstones
                 .retain(|(_, replica)| replica.node() != node);
         }
         Ok(MapOutcome::Changed { version: 0 })
+    }
+
+    /// Refuses a drain that could only finish by lowering some shard's
+    /// voter count: every replica on `node` needs a serving node that does
+    /// not hold one of its shard. The scheduler never lowers redundancy to
+    /// finish a drain (a node lost meanwhile would take the quorum of the
+    /// shards left on two voters), so such a drain would never end.
+    fn check_drain_keeps_redundancy(&self, node: NodeId) -> Result<(), MapError> {
+        let serving_after = self.serving_nodes().filter(|&n| n != node).count();
+        let widest = self
+            .shards
+            .iter()
+            .filter(|(_, desc)| desc.replica_on(node).is_some())
+            .map(|(&shard, desc)| (desc.voters().count(), shard))
+            .max();
+        match widest {
+            Some((voters, shard)) if serving_after < voters => Err(conflict(format!(
+                "draining node {node} would leave {serving_after} serving nodes for the \
+                 {voters} voters of shard {shard}: its replicas would have nowhere to go, and \
+                 a drain never lowers a shard's redundancy. Add a node first (quiverctl node \
+                 add), or, if node {node} is dead, remove it with --force"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     fn start_operator(
@@ -1269,6 +1293,39 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_drain_that_would_lower_a_shard_s_redundancy_is_refused() {
+        let drain = |node| MapCommand::SetNodeState {
+            node,
+            state: NodeState::Draining,
+            force: false,
+        };
+        // Three nodes, three voters per shard: nowhere to go.
+        let mut m = map(3, 2);
+        let refused = m.apply(drain(2), 1).unwrap_err().to_string();
+        assert!(refused.contains("nowhere to go"), "{refused}");
+        assert_eq!(m.nodes[&2].state, NodeState::Serving);
+        // A fourth node can take them; a second drain at once cannot.
+        let mut m = map(4, 2);
+        m.apply(drain(2), 1).unwrap();
+        assert!(m.apply(drain(3), 2).is_err());
+        // Back to serving, a node without replicas drains whatever the rest.
+        m.apply(
+            MapCommand::SetNodeState {
+                node: 2,
+                state: NodeState::Serving,
+                force: false,
+            },
+            3,
+        )
+        .unwrap();
+        m.apply(drain(4), 4).unwrap();
+        // Shards run on fewer voters than nodes (two nodes, two voters):
+        // the one serving node left could not take the other's replicas.
+        let mut small = ClusterMap::bootstrap(nodes(2), &BTreeMap::from([(1, vec![1, 2])]), 3, 3);
+        assert!(small.apply(drain(1), 1).is_err());
     }
 
     #[test]

@@ -226,6 +226,20 @@ async fn one_node_grows_to_four_then_the_first_is_drained_and_removed() {
     })
     .await;
 
+    // Three nodes, three voters per shard: a drain would have nowhere to
+    // put them, and is refused rather than lowering redundancy.
+    let refused = quiverctl(&endpoint, &["node", "drain", "2"]).unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("nowhere to go"),
+        "{refused:#}"
+    );
+    let map = cluster_map(&endpoint).await.unwrap();
+    assert!(
+        map.nodes.iter().all(|n| n.state == "serving"),
+        "{:?}",
+        map.nodes
+    );
+
     eprintln!("--- node 4 joins: the replicas spread to it");
     nodes.push(
         Node::start_with_env(&dir.path().join("node4"), &["--join", &endpoint], &env)

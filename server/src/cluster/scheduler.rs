@@ -6,12 +6,18 @@
 //!
 //! Rules, in order (the first that applies to a shard wins):
 //! 1. a voter on a draining or removed node, or on a node down for longer
-//!    than `cluster.replace_down_after_ms`, moves to a serving node (or, if
-//!    none can take it and the shard has voters to spare, is removed);
+//!    than `cluster.replace_down_after_ms`, moves to a serving node. If none
+//!    can take it, it stays, unless its node was removed or the shard has
+//!    more voters than the replication factor (capped by the nodes that
+//!    can hold replicas: serving or draining): a drain or a dead node never
+//!    lowers a shard's redundancy, since a node lost while a shard runs on
+//!    two voters takes its quorum for good (PD keeps an offline store's
+//!    regions until they can move, for the same reason);
 //! 2. a shard with fewer voters than the replication factor (capped by the
 //!    serving nodes, up or not: a node down for a while is not a reason to
 //!    drop replicas) gets one more on a serving node that is up;
-//! 3. a shard with more voters than the replication factor loses one;
+//! 3. a shard with more voters than that capped replication factor loses
+//!    one, a voter that must leave first;
 //! 4. a shard its leader reports too large or too busy (`load`) splits at
 //!    the middle of its range, one split at a time;
 //! 5. when nothing else is due: if the serving nodes' replica counts differ
@@ -99,6 +105,9 @@ struct Planner<'a> {
     targets: BTreeSet<NodeId>,
     /// Serving nodes, up or down.
     serving: usize,
+    /// Nodes that hold replicas for good or until they can move: serving
+    /// or draining, up or down.
+    holders: usize,
     /// Replicas per node (operators' new replicas included).
     load: BTreeMap<NodeId, usize>,
     /// Nodes receiving a replica now.
@@ -127,6 +136,11 @@ impl<'a> Planner<'a> {
             map,
             targets,
             serving: map.serving_nodes().count(),
+            holders: map
+                .nodes
+                .values()
+                .filter(|info| matches!(info.state, NodeState::Serving | NodeState::Draining))
+                .count(),
             load,
             receiving,
             down,
@@ -162,8 +176,17 @@ impl<'a> Planner<'a> {
             .min_by_key(|node| (self.load.get(node).copied().unwrap_or(0), *node))
     }
 
+    /// Voters a shard should have: the replication factor, capped by the
+    /// serving nodes (where new replicas may go).
     fn wanted_voters(&self) -> usize {
         (self.map.replication_factor as usize).clamp(1, self.serving.max(1))
+    }
+
+    /// Voters a shard keeps: the replication factor, capped by the nodes
+    /// that hold replicas. Draining nodes count: their replicas stay until
+    /// a serving node can take them.
+    fn kept_voters(&self) -> usize {
+        (self.map.replication_factor as usize).clamp(1, self.holders.max(1))
     }
 
     fn repair(
@@ -173,6 +196,7 @@ impl<'a> Planner<'a> {
     ) -> Option<Planned> {
         let voters: Vec<ReplicaId> = desc.voters().collect();
         let wanted = self.wanted_voters();
+        let kept = self.kept_voters();
         for &voter in &voters {
             let Some(why) = self.must_leave(voter.node()) else {
                 continue;
@@ -187,14 +211,14 @@ impl<'a> Planner<'a> {
                     reason: format!("replica {voter}: {why}"),
                 });
             }
-            // No node can take it: drop it if the others make a quorum of
-            // what is wanted, or if its node is gone for good.
+            // No node can take it: drop it only if the shard has voters to
+            // spare, or if its node is gone for good.
             let gone = self
                 .map
                 .nodes
                 .get(&voter.node())
                 .is_none_or(|info| info.state == NodeState::Removed);
-            if voters.len() > 1 && (voters.len() > wanted || gone) {
+            if voters.len() > 1 && (voters.len() > kept || gone) {
                 return Some(Planned {
                     shard,
                     request: OperatorRequest::Remove { replica: voter },
@@ -218,17 +242,21 @@ impl<'a> Planner<'a> {
                 reason: format!("{healthy} of {wanted} voters"),
             });
         }
-        if voters.len() > wanted {
-            // The voter on the fullest node goes.
-            let replica = voters
-                .iter()
-                .copied()
-                .max_by_key(|v| (self.load.get(&v.node()).copied().unwrap_or(0), v.node()))?;
+        if voters.len() > kept {
+            // A voter that must leave goes first, else the one on the
+            // fullest node.
+            let replica = voters.iter().copied().max_by_key(|v| {
+                (
+                    self.must_leave(v.node()).is_some(),
+                    self.load.get(&v.node()).copied().unwrap_or(0),
+                    v.node(),
+                )
+            })?;
             return Some(Planned {
                 shard,
                 request: OperatorRequest::Remove { replica },
                 reason: format!(
-                    "{} voters, the replication factor is {wanted}",
+                    "{} voters, the replication factor is {kept}",
                     voters.len()
                 ),
             });
@@ -626,12 +654,36 @@ mod tests {
     #[test]
     fn a_draining_node_with_nowhere_to_go_keeps_its_replicas() {
         use NodeState::*;
+        // Two serving nodes cannot take a third voter: the draining node
+        // keeps it rather than leave each shard on two voters (the map
+        // refuses such a drain; a node that went down since can cause it).
         let mut m = map(&[Draining, Serving, Serving], 2, &[1, 2, 3], 3);
-        // Two serving nodes cannot take a third voter: the replication
-        // factor is capped by the nodes there are, so it is removed.
+        assert_eq!(settle(&mut m, &BTreeSet::new()), 0);
+        assert!(m.shards.values().all(|d| d.voters().count() == 3));
+        // Four nodes, one draining and one long down: the draining node's
+        // replicas move to the one node that can take them, and the down
+        // node's stay; nothing is left on fewer than three voters.
+        let mut m = map(&[Draining, Serving, Serving, Serving], 3, &[1, 2, 3], 3);
+        settle(&mut m, &BTreeSet::from([3]));
+        assert!(m.shards.values().all(|d| d.replica_on(1).is_none()));
+        assert!(m.shards.values().all(|d| d.voters().count() == 3), "{m:#?}");
+        // A removed node's replicas go even with nowhere to put them.
+        let mut m = map(&[Removed, Serving, Serving], 2, &[1, 2, 3], 3);
+        settle(&mut m, &BTreeSet::new());
+        assert!(m.shards.values().all(|d| d.voters().count() == 2));
+        // Above the replication factor, the draining node's voter goes
+        // first, whatever the loads.
+        let mut m = map(&[Draining, Serving, Serving, Serving], 2, &[1, 2, 3, 4], 3);
+        let planned = plan(&m, &BTreeSet::new(), 1, &BTreeMap::new(), |_| false);
+        assert_eq!(
+            planned[0].request,
+            OperatorRequest::Remove {
+                replica: ReplicaId::first(1)
+            },
+            "{planned:?}"
+        );
         settle(&mut m, &BTreeSet::new());
         assert!(m.shards.values().all(|d| d.replica_on(1).is_none()));
-        assert!(m.shards.values().all(|d| d.voters().count() == 2));
     }
 
     proptest! {
