@@ -255,10 +255,7 @@ impl<'a> Planner<'a> {
             return Some(Planned {
                 shard,
                 request: OperatorRequest::Remove { replica },
-                reason: format!(
-                    "{} voters, the replication factor is {kept}",
-                    voters.len()
-                ),
+                reason: format!("{} voters, the replication factor is {kept}", voters.len()),
             });
         }
         let learner = desc
