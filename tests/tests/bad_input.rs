@@ -462,13 +462,14 @@ async fn peer_calls_need_the_peer_port_and_the_cluster_secret() {
     let node = start_with_config(dir.path(), "[cluster]\nsecret = \"right-secret\"\n").await;
     let call = |addr: std::net::SocketAddr, secret: Option<&'static str>| async move {
         let mut client = PeerClient::connect(format!("http://{addr}")).await.unwrap();
-        let mut request = tonic::Request::new(PeerBatch { calls: Vec::new() });
+        let batches = futures::stream::iter([PeerBatch::default()]);
+        let mut request = tonic::Request::new(batches);
         if let Some(secret) = secret {
             request
                 .metadata_mut()
                 .insert("x-quiver-cluster-secret", secret.parse().unwrap());
         }
-        client.call_batch(request).await.map(|_| ())
+        client.call_stream(request).await.map(|_| ())
     };
     expect_code(
         call(node.addr(), Some("right-secret")).await,

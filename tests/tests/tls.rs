@@ -213,7 +213,8 @@ async fn a_tls_cluster_takes_only_clients_and_peers_with_the_right_certificates(
                 .connect()
                 .await
                 .map_err(|e| (Code::Unavailable, format!("{e:?}")))?;
-            let mut request = tonic::Request::new(peer_pb::PeerBatch::default());
+            let batches = futures::stream::iter([peer_pb::PeerBatch::default()]);
+            let mut request = tonic::Request::new(batches);
             request.metadata_mut().insert(
                 "x-quiver-cluster-secret",
                 quiver_tests::TEST_CLUSTER_SECRET.parse().unwrap(),
@@ -224,7 +225,7 @@ async fn a_tls_cluster_takes_only_clients_and_peers_with_the_right_certificates(
                     .insert("x-quiver-node-id", node.parse().unwrap());
             }
             peer_pb::peer_client::PeerClient::new(channel)
-                .call_batch(request)
+                .call_stream(request)
                 .await
                 .map(|_| ())
                 .map_err(|status| (status.code(), status.message().to_owned()))

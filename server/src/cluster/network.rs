@@ -3,8 +3,11 @@
 //! network traits on top.
 //!
 //! Calls to a peer are batched: each peer has a queue per lane, and a sender
-//! task that takes everything queued into one `CallBatch` whenever fewer than
-//! `PEER_BATCHES_IN_FLIGHT_MAX` batches of that lane are outstanding. An idle
+//! task that takes everything queued into one batch whenever fewer than
+//! `PEER_BATCHES_IN_FLIGHT_MAX` batches of that lane are outstanding, and
+//! writes it on the lane's long-lived `CallStream` (a gRPC call per batch
+//! cost more CPU in HTTP/2 headers and stream setup than the Raft messages
+//! it carried). An idle
 //! peer sees each call at once; under load the heartbeats, appends, votes,
 //! proposals and reads of many groups share round trips (with 16 shards, one
 //! write per shard would otherwise cost a round trip per follower per shard).
@@ -21,7 +24,9 @@ use openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::SnapshotOf;
-use quiver_proto::peer::{PeerBatch, PeerRequest, SnapshotChunk, peer_client::PeerClient};
+use quiver_proto::peer::{
+    PeerBatch, PeerRequest, PeerStreamReply, SnapshotChunk, peer_client::PeerClient,
+};
 use quiver_raft::state_machine::checked_name;
 use quiver_raft::types::Vote;
 use quiver_raft::{GroupId, NodeId, ReplicaId, SnapshotDir, TypeConfig};
@@ -123,8 +128,13 @@ struct Queued {
     request_id: Option<Arc<str>>,
 }
 
-/// Takes calls off one peer lane's queue and sends them as batches, at most
-/// `in_flight_max` at a time. Ends when the queue's senders are dropped.
+/// Takes calls off one peer lane's queue and sends them as batches on the
+/// lane's stream, at most `in_flight_max` batches unanswered at a time (a
+/// batch gives its slot back when every call is answered, or after
+/// `PEER_BATCH_SLOT_HOLD`: a call still waiting then, a commit in a group
+/// without quorum, must not keep the lane's other calls from going out).
+/// A stream that failed is replaced by a new one at the next batch. Ends
+/// when the queue's senders are dropped.
 async fn send_batches(
     client: PeerClient<PeerChannel>,
     mut queue: mpsc::Receiver<Queued>,
@@ -132,6 +142,7 @@ async fn send_batches(
 ) {
     let permits = Arc::new(Semaphore::new(in_flight_max));
     let mut carried: Option<Queued> = None;
+    let mut stream: Option<CallStream> = None;
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -159,88 +170,205 @@ async fn send_batches(
         if batch.is_empty() {
             continue;
         }
-        let client = client.clone();
-        tokio::spawn(send_batch(client, batch, permit));
+        let open = match stream.take() {
+            Some(open) if !open.in_flight.lock().has_failed() => open,
+            _ => CallStream::open(client.clone()),
+        };
+        let Some(message) = open.in_flight.lock().register(batch, permit) else {
+            // Failed since the check: its calls were failed with it.
+            continue;
+        };
+        // Waits while the peer does not read (flow control); fails once the
+        // stream is gone.
+        match open.batches.send(message).await {
+            Ok(()) => stream = Some(open),
+            Err(mpsc::error::SendError(message)) => {
+                let status = tonic::Status::unavailable("peer call stream closed");
+                open.in_flight.lock().abandon(&message, &status);
+            }
+        }
     }
 }
 
-/// Sends one batch and hands every caller its reply as it arrives (or the
-/// batch's error). The lane's slot (`permit`) is given back when every call
-/// is answered, or after `PEER_BATCH_SLOT_HOLD` at the latest: a call still
-/// waiting then (a commit in a group without quorum) must not keep the
-/// lane's other calls from going out.
-async fn send_batch(
-    mut client: PeerClient<PeerChannel>,
-    mut batch: Vec<Queued>,
-    permit: OwnedSemaphorePermit,
-) {
-    let deadline = batch
-        .iter()
-        .map(|call| call.deadline)
-        .max()
-        .unwrap_or_else(Instant::now);
-    let timeout = deadline.saturating_duration_since(Instant::now());
-    let calls = batch
-        .iter_mut()
-        .map(|call| PeerRequest {
-            group: call.group,
-            replica: call.replica,
-            payload: std::mem::take(&mut call.payload),
-            request_id: call
-                .request_id
-                .as_deref()
-                .map(str::to_owned)
-                .unwrap_or_default(),
-        })
-        .collect();
-    let mut request = tonic::Request::new(PeerBatch { calls });
-    request.set_timeout(timeout);
-    let mut permit = Some(permit);
-    let mut replies: Vec<Option<ReplyTo>> =
-        batch.into_iter().map(|call| Some(call.reply)).collect();
-    let mut waiting = replies.len();
-    let outcome = tokio::time::timeout(timeout, async {
-        let mut stream = client.call_batch(request).await?.into_inner();
-        let hold = tokio::time::sleep(PEER_BATCH_SLOT_HOLD);
-        tokio::pin!(hold);
-        while waiting > 0 {
-            let reply = tokio::select! {
-                reply = stream.message() => reply?,
-                () = &mut hold, if permit.is_some() => {
-                    permit = None;
-                    continue;
+/// Batches of one lane on their way to a peer over one long-lived
+/// `CallStream`, and the calls it has not answered yet.
+struct CallStream {
+    batches: mpsc::Sender<PeerBatch>,
+    in_flight: Arc<parking_lot::Mutex<InFlight>>,
+}
+
+/// Batches waiting to be written on one stream: a few, so a peer that does
+/// not read holds the sender back soon.
+const STREAM_BATCHES_QUEUED_MAX: usize = 4;
+
+impl CallStream {
+    /// A stream that opens in the background: batches sent meanwhile wait
+    /// in its queue, and fail with it if it cannot open.
+    fn open(client: PeerClient<PeerChannel>) -> CallStream {
+        let (batches, requests) = mpsc::channel(STREAM_BATCHES_QUEUED_MAX);
+        let in_flight = Arc::new(parking_lot::Mutex::new(InFlight::default()));
+        tokio::spawn(read_replies(client, requests, in_flight.clone()));
+        CallStream { batches, in_flight }
+    }
+}
+
+/// What one stream has sent and not had answered.
+#[derive(Default)]
+struct InFlight {
+    /// Each call's caller, and the batch it went in.
+    calls: std::collections::HashMap<u64, (ReplyTo, u64)>,
+    /// Each batch's unanswered calls and its lane slot (given back early
+    /// by `holds`).
+    batches: std::collections::HashMap<u64, (usize, Option<OwnedSemaphorePermit>)>,
+    /// When each batch's slot is given back at the latest, oldest first.
+    holds: std::collections::VecDeque<(Instant, u64)>,
+    /// The next call's number.
+    next_call: u64,
+    /// Why the stream ended, once it has: nothing more is registered.
+    failed: Option<tonic::Status>,
+}
+
+impl InFlight {
+    fn has_failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
+    /// Numbers `batch`'s calls and keeps their callers; the message to
+    /// send, or `None` (and every caller failed) if the stream has ended.
+    fn register(&mut self, batch: Vec<Queued>, permit: OwnedSemaphorePermit) -> Option<PeerBatch> {
+        if let Some(status) = &self.failed {
+            for call in batch {
+                let _ = call.reply.send(Err(status.clone()));
+            }
+            return None;
+        }
+        let now = Instant::now();
+        let first_call = self.next_call;
+        self.next_call += batch.len() as u64;
+        self.batches.insert(first_call, (batch.len(), Some(permit)));
+        self.holds
+            .push_back((now + PEER_BATCH_SLOT_HOLD, first_call));
+        let calls = (first_call..)
+            .zip(batch)
+            .map(|(number, call)| {
+                // The callee gives up when the caller does.
+                let timeout_ms = call.deadline.saturating_duration_since(now).as_millis();
+                self.calls.insert(number, (call.reply, first_call));
+                PeerRequest {
+                    group: call.group,
+                    replica: call.replica,
+                    payload: call.payload,
+                    request_id: call
+                        .request_id
+                        .as_deref()
+                        .map(str::to_owned)
+                        .unwrap_or_default(),
+                    timeout_ms: u32::try_from(timeout_ms).unwrap_or(u32::MAX).max(1),
                 }
-            };
-            let Some(reply) = reply else {
-                return Err(tonic::Status::internal(format!(
-                    "peer answered {} of {} calls",
-                    replies.len() - waiting,
-                    replies.len()
-                )));
-            };
-            let slot = usize::try_from(reply.slot).unwrap_or(usize::MAX);
-            let Some(caller) = replies.get_mut(slot).and_then(Option::take) else {
-                return Err(tonic::Status::internal(format!(
-                    "peer answered slot {} of a {}-call batch twice or out of range",
-                    reply.slot,
-                    replies.len()
-                )));
-            };
-            waiting -= 1;
-            let _ = caller.send(Ok(reply.payload));
+            })
+            .collect();
+        Some(PeerBatch { calls, first_call })
+    }
+
+    /// Hands a reply to its caller; an error if the peer answered a call
+    /// it was not asked (or twice), which ends the stream.
+    fn answer(&mut self, reply: PeerStreamReply) -> Result<(), tonic::Status> {
+        let Some((caller, batch)) = self.calls.remove(&reply.call) else {
+            return Err(tonic::Status::internal(format!(
+                "peer answered call {} that it was not asked, or twice",
+                reply.call
+            )));
+        };
+        let _ = caller.send(Ok(reply.payload));
+        if let Some((waiting, _)) = self.batches.get_mut(&batch) {
+            *waiting -= 1;
+            if *waiting == 0 {
+                self.batches.remove(&batch);
+            }
         }
         Ok(())
-    })
-    .await;
-    drop(permit);
-    let failure = match outcome {
-        Err(_) => tonic::Status::deadline_exceeded("peer call deadline"),
-        Ok(Err(status)) => status,
-        Ok(Ok(())) => return,
-    };
-    for caller in replies.into_iter().flatten() {
-        let _ = caller.send(Err(failure.clone()));
     }
+
+    /// Fails the calls of a batch that could not be sent.
+    fn abandon(&mut self, batch: &PeerBatch, status: &tonic::Status) {
+        for number in (batch.first_call..).take(batch.calls.len()) {
+            if let Some((caller, _)) = self.calls.remove(&number) {
+                let _ = caller.send(Err(status.clone()));
+            }
+        }
+        self.batches.remove(&batch.first_call);
+    }
+
+    /// Gives back the slots of batches held for `PEER_BATCH_SLOT_HOLD`.
+    fn release_held(&mut self, now: Instant) {
+        while let Some(&(at, batch)) = self.holds.front() {
+            if at > now {
+                return;
+            }
+            self.holds.pop_front();
+            if let Some((_, permit)) = self.batches.get_mut(&batch) {
+                *permit = None;
+            }
+        }
+    }
+
+    /// Ends the stream: every caller waiting gets `status`.
+    fn fail(&mut self, status: tonic::Status) {
+        for (_, (caller, _)) in self.calls.drain() {
+            let _ = caller.send(Err(status.clone()));
+        }
+        self.batches.clear();
+        self.holds.clear();
+        self.failed = Some(status);
+    }
+}
+
+/// Opens the stream, then hands each reply to its caller and gives held
+/// slots back on time, until the stream ends; then fails what is left.
+async fn read_replies(
+    mut client: PeerClient<PeerChannel>,
+    requests: mpsc::Receiver<PeerBatch>,
+    in_flight: Arc<parking_lot::Mutex<InFlight>>,
+) {
+    let opened = client
+        .call_stream(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await;
+    let status = match opened {
+        Err(status) => status,
+        Ok(response) => {
+            let mut replies = response.into_inner();
+            let hold = tokio::time::sleep(Duration::ZERO);
+            tokio::pin!(hold);
+            let mut armed: Option<Instant> = None;
+            loop {
+                let due = in_flight.lock().holds.front().map(|&(at, _)| at);
+                if due != armed {
+                    if let Some(at) = due {
+                        hold.as_mut().reset(at);
+                    }
+                    armed = due;
+                }
+                let reply = tokio::select! {
+                    reply = replies.message() => reply,
+                    () = &mut hold, if armed.is_some() => {
+                        in_flight.lock().release_held(Instant::now());
+                        armed = None;
+                        continue;
+                    }
+                };
+                match reply {
+                    Ok(Some(reply)) => {
+                        if let Err(status) = in_flight.lock().answer(reply) {
+                            break status;
+                        }
+                    }
+                    Ok(None) => break tonic::Status::unavailable("peer ended the call stream"),
+                    Err(status) => break status,
+                }
+            }
+        }
+    };
+    in_flight.lock().fail(status);
 }
 
 /// Why a peer call failed.
@@ -887,7 +1015,6 @@ impl RaftNetworkV2<TypeConfig> for GroupPeer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quiver_proto::peer::PeerBatchReply;
     use quiver_proto::peer::peer_server::{Peer, PeerServer};
     use tonic::transport::server::TcpIncoming;
 
@@ -904,43 +1031,48 @@ mod tests {
 
     #[tonic::async_trait]
     impl Peer for EchoPeer {
-        type CallBatchStream = std::pin::Pin<
-            Box<dyn futures::Stream<Item = Result<PeerBatchReply, tonic::Status>> + Send>,
+        type CallStreamStream = std::pin::Pin<
+            Box<dyn futures::Stream<Item = Result<PeerStreamReply, tonic::Status>> + Send>,
         >;
 
-        async fn call_batch(
+        async fn call_stream(
             &self,
-            request: tonic::Request<PeerBatch>,
-        ) -> Result<tonic::Response<Self::CallBatchStream>, tonic::Status> {
-            let calls = request.into_inner().calls;
-            self.batches.lock().push(calls.len());
-            let slow = self.slow.clone();
-            let stalled = self.stalled.clone();
-            let replies = calls
-                .into_iter()
-                .enumerate()
-                .map(move |(slot, call)| {
-                    let pause = if slow.contains(&call.group) {
-                        Duration::from_secs(6)
-                    } else {
-                        Duration::from_millis(20)
-                    };
-                    let stalled = stalled.clone();
-                    async move {
-                        tokio::time::sleep(pause).await;
-                        while stalled.load(std::sync::atomic::Ordering::SeqCst) {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                        Ok(PeerBatchReply {
-                            slot: slot as u32,
-                            payload: wire::encode(&PeerResult::ReadIndex {
-                                applied_index: u64::from(call.group),
-                            })
-                            .unwrap(),
-                        })
-                    }
+            request: tonic::Request<tonic::Streaming<PeerBatch>>,
+        ) -> Result<tonic::Response<Self::CallStreamStream>, tonic::Status> {
+            use futures::StreamExt;
+            let peer = self.clone();
+            let replies = request
+                .into_inner()
+                .map(move |batch| {
+                    let batch = batch.unwrap_or_default();
+                    peer.batches.lock().push(batch.calls.len());
+                    let peer = peer.clone();
+                    futures::stream::iter((batch.first_call..).zip(batch.calls).map(
+                        move |(number, call)| {
+                            let pause = if peer.slow.contains(&call.group) {
+                                Duration::from_secs(6)
+                            } else {
+                                Duration::from_millis(20)
+                            };
+                            let stalled = peer.stalled.clone();
+                            async move {
+                                tokio::time::sleep(pause).await;
+                                while stalled.load(std::sync::atomic::Ordering::SeqCst) {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                                Ok(PeerStreamReply {
+                                    call: number,
+                                    payload: wire::encode(&PeerResult::ReadIndex {
+                                        applied_index: u64::from(call.group),
+                                    })
+                                    .unwrap(),
+                                })
+                            }
+                        },
+                    ))
                 })
-                .collect::<futures::stream::FuturesUnordered<_>>();
+                .flatten()
+                .buffer_unordered(100_000);
             Ok(tonic::Response::new(Box::pin(replies)))
         }
 

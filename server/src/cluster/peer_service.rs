@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use openraft::raft::AppendEntriesResponse;
 use quiver_engine::durable::StagingDir;
 use quiver_proto::peer::peer_server::Peer;
-use quiver_proto::peer::{PeerBatch, PeerBatchReply, PeerReply, SnapshotChunk};
+use quiver_proto::peer::{PeerBatch, PeerReply, PeerStreamReply, SnapshotChunk};
 use quiver_raft::state_machine::{checked_name, write_manifest};
 use quiver_raft::{GroupId, SnapshotDir};
 use tonic::{Request, Response, Status, Streaming};
@@ -307,73 +308,126 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+/// Calls of one peer stream running at once; beyond it the stream is not
+/// read until some finish (HTTP/2 flow control then holds the caller back).
+const STREAM_CALLS_RUNNING_MAX: usize = 8192;
+/// Replies waiting to be written to one peer stream.
+const STREAM_REPLIES_QUEUED_MAX: usize = 1024;
+/// The longest a call may ask its callee to work on it.
+const CALL_TIMEOUT_MS_MAX: u32 = 10 * 60 * 1000;
+
+impl PeerService {
+    /// One call of a stream: decoded, checked, run, and its result encoded,
+    /// given up once the caller's timeout has passed (it no longer waits).
+    async fn run_call(
+        self,
+        number: u64,
+        call: quiver_proto::peer::PeerRequest,
+        authenticated: Option<super::auth::AuthenticatedPeer>,
+    ) -> Result<PeerStreamReply, Status> {
+        let result = match wire::decode::<PeerCall>(&call.payload) {
+            // Under peer TLS a node pings as itself only.
+            Ok(PeerCall::Ping(ping)) if authenticated.is_some_and(|peer| peer.0 != ping.from) => {
+                PeerResult::Failed(format!(
+                    "a ping from node {} on a connection of another node",
+                    ping.from
+                ))
+            }
+            Ok(decoded) => {
+                let group = call.group;
+                let run = async {
+                    if call.request_id.is_empty() {
+                        return self.handle(group, call.replica, decoded).await;
+                    }
+                    // Work for a client request: logged under its id.
+                    let request_id: String = call.request_id.chars().take(64).collect();
+                    let span = tracing::debug_span!("forwarded", %request_id);
+                    tracing::Instrument::instrument(
+                        async {
+                            let result = self.handle(group, call.replica, decoded).await;
+                            tracing::debug!(group, "forwarded call answered");
+                            result
+                        },
+                        span,
+                    )
+                    .await
+                };
+                let timeout_ms = match call.timeout_ms {
+                    0 => CALL_TIMEOUT_MS_MAX,
+                    ms => ms.min(CALL_TIMEOUT_MS_MAX),
+                };
+                tokio::time::timeout(Duration::from_millis(u64::from(timeout_ms)), run)
+                    .await
+                    .unwrap_or_else(|_| {
+                        PeerResult::Failed(format!("gave up after the caller's {timeout_ms} ms"))
+                    })
+            }
+            Err(e) => PeerResult::Failed(format!("undecodable peer call: {e}")),
+        };
+        Ok(PeerStreamReply {
+            call: number,
+            payload: wire::encode(&result).map_err(internal)?,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
-    type CallBatchStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<PeerBatchReply, Status>> + Send>>;
+    type CallStreamStream = tokio_stream::wrappers::ReceiverStream<Result<PeerStreamReply, Status>>;
 
-    async fn call_batch(
+    async fn call_stream(
         &self,
-        request: Request<PeerBatch>,
-    ) -> Result<Response<Self::CallBatchStream>, Status> {
+        request: Request<Streaming<PeerBatch>>,
+    ) -> Result<Response<Self::CallStreamStream>, Status> {
         let authenticated = request
             .extensions()
             .get::<super::auth::AuthenticatedPeer>()
             .copied();
-        let calls = request.into_inner().calls;
-        if calls.len() > PEER_BATCH_CALLS_MAX {
-            return Err(Status::invalid_argument(format!(
-                "peer batch of {} calls, at most {PEER_BATCH_CALLS_MAX}",
-                calls.len()
-            )));
-        }
-        // The calls of a batch run concurrently; each reply goes out the
-        // moment its call is done, so a slow one delays only its caller.
+        let mut inbound = request.into_inner();
+        let (replies, out) = tokio::sync::mpsc::channel(STREAM_REPLIES_QUEUED_MAX);
         let service = self.clone();
-        let replies = calls
-            .into_iter()
-            .enumerate()
-            .map(move |(slot, call)| {
-                let service = service.clone();
-                async move {
-                    let result = match wire::decode::<PeerCall>(&call.payload) {
-                        // Under peer TLS a node pings as itself only.
-                        Ok(PeerCall::Ping(ping))
-                            if authenticated.is_some_and(|peer| peer.0 != ping.from) =>
-                        {
-                            PeerResult::Failed(format!(
-                                "a ping from node {} on a connection of another node",
-                                ping.from
-                            ))
+        // One task per stream runs its calls concurrently (no task per
+        // call), and each reply goes out the moment its call is done.
+        tokio::spawn(async move {
+            let mut running = futures::stream::FuturesUnordered::new();
+            let mut open = true;
+            loop {
+                tokio::select! {
+                    batch = inbound.message(), if open && running.len() < STREAM_CALLS_RUNNING_MAX => {
+                        let batch = match batch {
+                            Ok(Some(batch)) => batch,
+                            // The caller closed its side, or went away: what
+                            // runs still answers (if anyone listens).
+                            Ok(None) | Err(_) => {
+                                open = false;
+                                continue;
+                            }
+                        };
+                        if batch.calls.len() > PEER_BATCH_CALLS_MAX {
+                            let refusal = Status::invalid_argument(format!(
+                                "peer batch of {} calls, at most {PEER_BATCH_CALLS_MAX}",
+                                batch.calls.len()
+                            ));
+                            let _ = replies.send(Err(refusal)).await;
+                            return;
                         }
-                        Ok(decoded) if call.request_id.is_empty() => {
-                            service.handle(call.group, call.replica, decoded).await
+                        for (offset, call) in (0u64..).zip(batch.calls) {
+                            let number = batch.first_call.wrapping_add(offset);
+                            running.push(service.clone().run_call(number, call, authenticated));
                         }
-                        // Work for a client request: logged under its id.
-                        Ok(decoded) => {
-                            let request_id: String = call.request_id.chars().take(64).collect();
-                            let span = tracing::debug_span!("forwarded", %request_id);
-                            tracing::Instrument::instrument(
-                                async {
-                                    let result =
-                                        service.handle(call.group, call.replica, decoded).await;
-                                    tracing::debug!(group = call.group, "forwarded call answered");
-                                    result
-                                },
-                                span,
-                            )
-                            .await
+                    }
+                    Some(reply) = running.next(), if !running.is_empty() => {
+                        if replies.send(reply).await.is_err() {
+                            return;
                         }
-                        Err(e) => PeerResult::Failed(format!("undecodable peer call: {e}")),
-                    };
-                    Ok(PeerBatchReply {
-                        slot: u32::try_from(slot).unwrap_or(u32::MAX),
-                        payload: wire::encode(&result).map_err(internal)?,
-                    })
+                    }
+                    else => return,
                 }
-            })
-            .collect::<futures::stream::FuturesUnordered<_>>();
-        Ok(Response::new(Box::pin(replies)))
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            out,
+        )))
     }
 
     async fn install_snapshot(
