@@ -174,6 +174,7 @@ pub async fn serve(
             },
         ));
     }
+    let (peer_closing_tx, peer_closing_rx) = tokio::sync::watch::channel(false);
     let mut check_peers =
         CheckPeerCalls::new(&config.cluster.secret, &config.cluster.previous_secret);
     if let Some(tls) = &tls {
@@ -184,7 +185,7 @@ pub async fn serve(
         ));
     }
     let peer = tonic::service::interceptor::InterceptedService::new(
-        PeerServer::new(PeerService::new(node.cluster.clone()))
+        PeerServer::new(PeerService::new(node.cluster.clone(), peer_closing_rx))
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
         check_peers,
@@ -293,6 +294,7 @@ pub async fn serve(
 
     node.cluster.shutdown().await;
     let _ = peer_stop_tx.send(());
+    let _ = peer_closing_tx.send(true);
     // A peer stream that never ends (a snapshot to a stuck receiver) must
     // not keep a stopping node alive.
     let mut peer_server = peer_server;

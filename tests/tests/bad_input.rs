@@ -484,6 +484,54 @@ async fn peer_calls_need_the_peer_port_and_the_cluster_secret() {
         );
     }
     call(node.peer_addr(), Some("right-secret")).await.unwrap();
+
+    eprintln!("--- a call stream: undecodable calls are answered, an oversized batch ends it");
+    use quiver_proto::peer::PeerRequest;
+    let mut client = PeerClient::connect(format!("http://{}", node.peer_addr()))
+        .await
+        .unwrap();
+    let garbage = |n: u32| PeerRequest {
+        group: n,
+        payload: vec![0xff; 7],
+        replica: 0,
+        request_id: String::new(),
+        timeout_ms: 1000,
+    };
+    let (batches, outgoing) = tokio::sync::mpsc::channel(2);
+    batches
+        .send(PeerBatch {
+            calls: (0..3).map(garbage).collect(),
+            first_call: 40,
+        })
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+    request
+        .metadata_mut()
+        .insert("x-quiver-cluster-secret", "right-secret".parse().unwrap());
+    let mut replies = client.call_stream(request).await.unwrap().into_inner();
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        let reply = replies.message().await.unwrap().unwrap();
+        assert!(!reply.payload.is_empty());
+        answered.push(reply.call);
+    }
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        [40, 41, 42],
+        "each call answered under its number"
+    );
+    batches
+        .send(PeerBatch {
+            calls: (0..513).map(garbage).collect(),
+            first_call: 43,
+        })
+        .await
+        .unwrap();
+    let ended = replies.message().await.unwrap_err();
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
+    assert!(ended.message().contains("at most 512"), "{ended:?}");
     // And the node still serves clients.
     let mut client = node.client().await.unwrap();
     client.status(pb::StatusRequest {}).await.unwrap();

@@ -1021,12 +1021,15 @@ mod tests {
     /// A peer that answers every call with its group as a read index, after
     /// a pause (6 s for the groups in `slow`; for as long as `stalled` is
     /// set, like a node stopped with SIGSTOP), and records the size of
-    /// every batch it gets.
+    /// every batch it gets. With `cut_first_stream`, its first stream
+    /// breaks after one reply (a peer that restarted).
     #[derive(Clone, Default)]
     struct EchoPeer {
         batches: Arc<parking_lot::Mutex<Vec<usize>>>,
         slow: Arc<Vec<u32>>,
         stalled: Arc<std::sync::atomic::AtomicBool>,
+        cut_first_stream: bool,
+        streams: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     #[tonic::async_trait]
@@ -1073,6 +1076,15 @@ mod tests {
                 })
                 .flatten()
                 .buffer_unordered(100_000);
+            let opened = self
+                .streams
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.cut_first_stream && opened == 0 {
+                let cut = futures::stream::once(async {
+                    Err(tonic::Status::unavailable("the peer went away"))
+                });
+                return Ok(tonic::Response::new(Box::pin(replies.take(1).chain(cut))));
+            }
             Ok(tonic::Response::new(Box::pin(replies)))
         }
 
@@ -1252,6 +1264,41 @@ mod tests {
                 Ok(PeerResult::ReadIndex { applied_index: 0 })
             ));
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_stream_fails_its_unanswered_calls_and_the_next_batch_opens_another() {
+        let peer = EchoPeer {
+            cut_first_stream: true,
+            ..EchoPeer::default()
+        };
+        let clients = clients(serve(peer.clone()).await, Duration::from_secs(10));
+        let first = futures::future::join_all(
+            (0..10u32).map(|group| clients.forward(2, group, &PeerCall::ReadIndex)),
+        )
+        .await;
+        let answered = first.iter().filter(|r| r.is_ok()).count();
+        assert!(answered >= 1, "{first:?}");
+        for failed in first.iter().filter(|r| r.is_err()) {
+            assert!(
+                matches!(failed, Err(PeerError::Rpc { status, .. }) if status.code() == tonic::Code::Unavailable),
+                "{failed:?}"
+            );
+        }
+        assert!(answered < 10, "the stream broke with calls unanswered");
+        // The next calls go on a new stream, and every one is answered by
+        // its own reply.
+        let second = futures::future::join_all(
+            (0..10u32).map(|group| clients.forward(2, group, &PeerCall::ReadIndex)),
+        )
+        .await;
+        for (group, reply) in second.into_iter().enumerate() {
+            assert!(
+                matches!(reply, Ok(PeerResult::ReadIndex { applied_index }) if applied_index == group as u64),
+                "{reply:?}"
+            );
+        }
+        assert_eq!(peer.streams.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

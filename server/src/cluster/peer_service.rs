@@ -27,12 +27,17 @@ const SNAPSHOT_FILES_MAX: usize = 100_000;
 #[derive(Debug, Clone)]
 pub struct PeerService {
     cluster: Arc<Cluster>,
+    /// Turns true when the peer port closes: call streams stop taking
+    /// calls, answer the ones running and end, so the server's graceful
+    /// shutdown does not wait on streams that would otherwise never end.
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PeerService {
-    /// A service over this node's groups.
-    pub fn new(cluster: Arc<Cluster>) -> Self {
-        Self { cluster }
+    /// A service over this node's groups, closing when `closing` turns
+    /// true.
+    pub fn new(cluster: Arc<Cluster>, closing: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { cluster, closing }
     }
 
     async fn handle(&self, group: GroupId, replica: u64, call: PeerCall) -> PeerResult {
@@ -386,13 +391,23 @@ impl Peer for PeerService {
         let mut inbound = request.into_inner();
         let (replies, out) = tokio::sync::mpsc::channel(STREAM_REPLIES_QUEUED_MAX);
         let service = self.clone();
+        let mut closing = self.closing.clone();
         // One task per stream runs its calls concurrently (no task per
         // call), and each reply goes out the moment its call is done.
         tokio::spawn(async move {
             let mut running = futures::stream::FuturesUnordered::new();
-            let mut open = true;
+            let mut open = !*closing.borrow();
             loop {
                 tokio::select! {
+                    // Closing: no new calls; the stream ends once the
+                    // running ones are answered, and the caller opens
+                    // another (to a node that is up by then).
+                    changed = closing.changed(), if open => {
+                        // A dropped sender: the server is gone too.
+                        let closed = changed.is_err() || *closing.borrow_and_update();
+                        open = !closed;
+                        continue;
+                    }
                     batch = inbound.message(), if open && running.len() < STREAM_CALLS_RUNNING_MAX => {
                         let batch = match batch {
                             Ok(Some(batch)) => batch,
