@@ -873,11 +873,20 @@ impl ClusterMap {
     /// shards left on two voters), so such a drain would never end.
     fn check_drain_keeps_redundancy(&self, node: NodeId) -> Result<(), MapError> {
         let serving_after = self.serving_nodes().filter(|&n| n != node).count();
+        // A shard briefly above the replication factor (mid-operator) needs
+        // only what the scheduler keeps: the factor, capped by the nodes
+        // that hold replicas (serving or draining).
+        let holders = self
+            .nodes
+            .values()
+            .filter(|info| matches!(info.state, NodeState::Serving | NodeState::Draining))
+            .count();
+        let kept = (self.replication_factor as usize).clamp(1, holders.max(1));
         let widest = self
             .shards
             .iter()
             .filter(|(_, desc)| desc.replica_on(node).is_some())
-            .map(|(&shard, desc)| (desc.voters().count(), shard))
+            .map(|(&shard, desc)| (desc.voters().count().min(kept), shard))
             .max();
         match widest {
             Some((voters, shard)) if serving_after < voters => Err(conflict(format!(

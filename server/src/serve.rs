@@ -191,7 +191,11 @@ pub async fn serve(
         check_peers,
     );
     let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let peer_router = server_builder(tls.is_some()).add_service(peer);
+    // Peer call streams live long: a peer that vanished without a word (a
+    // black-holed link) is noticed by pings, and its streams' work dropped.
+    let peer_router = server_builder(tls.is_some())
+        .http2_keepalive_interval(Some(PEER_KEEPALIVE_INTERVAL))
+        .add_service(peer);
     let peer_stopped = async {
         let _ = peer_stop_rx.await;
     };
@@ -327,12 +331,19 @@ pub async fn serve(
     outcome.map_err(ServeError::from)
 }
 
-/// A gRPC server; over TLS its connections are closed (gracefully) after
-/// an hour, so certificates are checked again.
+/// How often the peer port pings each connection (unanswered for 20 s:
+/// closed).
+const PEER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A gRPC server; over TLS its connections are closed (gracefully, then
+/// by force after a grace) after an hour, so certificates are checked
+/// again.
 fn server_builder(tls: bool) -> tonic::transport::Server {
     let builder = tonic::transport::Server::builder();
     if tls {
-        builder.max_connection_age(crate::tls::TLS_CONNECTION_AGE_MAX)
+        builder
+            .max_connection_age(crate::tls::TLS_CONNECTION_AGE_MAX)
+            .max_connection_age_grace(crate::tls::TLS_CONNECTION_AGE_GRACE)
     } else {
         builder
     }

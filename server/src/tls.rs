@@ -54,6 +54,10 @@ pub const TLS_HANDSHAKES_PER_SOURCE_MAX: usize = 32;
 /// certificate that expired or whose CA was dropped stops being trusted
 /// within this.
 pub const TLS_CONNECTION_AGE_MAX: Duration = Duration::from_secs(3600);
+/// How long a TLS connection past its age may take to close gracefully
+/// before it is cut: longer than a peer call stream lives (peers replace
+/// theirs every 10 minutes, and the old one ends once answered).
+pub const TLS_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(15 * 60);
 /// Connections handed from the handshakes to the server, waiting.
 const ACCEPTED_QUEUE_MAX: usize = 64;
 

@@ -133,8 +133,9 @@ struct Queued {
 /// batch gives its slot back when every call is answered, or after
 /// `PEER_BATCH_SLOT_HOLD`: a call still waiting then, a commit in a group
 /// without quorum, must not keep the lane's other calls from going out).
-/// A stream that failed is replaced by a new one at the next batch. Ends
-/// when the queue's senders are dropped.
+/// A stream that failed is replaced by a new one at the next batch, and so
+/// is one older than `CALL_STREAM_AGE_MAX` (the old one ends once it has
+/// answered what it holds). Ends when the queue's senders are dropped.
 async fn send_batches(
     client: PeerClient<PeerChannel>,
     mut queue: mpsc::Receiver<Queued>,
@@ -143,9 +144,28 @@ async fn send_batches(
     let permits = Arc::new(Semaphore::new(in_flight_max));
     let mut carried: Option<Queued> = None;
     let mut stream: Option<CallStream> = None;
+    // When each batch's slot is given back at the latest, oldest first,
+    // whatever stream it went on.
+    let mut holds: std::collections::VecDeque<(Instant, Arc<parking_lot::Mutex<InFlight>>, u64)> =
+        std::collections::VecDeque::new();
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
+        let permit = loop {
+            let now = Instant::now();
+            while let Some((at, in_flight, batch)) = holds.front() {
+                if *at > now {
+                    break;
+                }
+                in_flight.lock().release_slot(*batch);
+                holds.pop_front();
+            }
+            let due = holds.front().map(|(at, _, _)| *at);
+            tokio::select! {
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => break permit,
+                    Err(_) => return,
+                },
+                () = tokio::time::sleep_until(due.unwrap_or(now)), if due.is_some() => {}
+            }
         };
         let first = match carried.take() {
             Some(call) => call,
@@ -171,13 +191,23 @@ async fn send_batches(
             continue;
         }
         let open = match stream.take() {
-            Some(open) if !open.in_flight.lock().has_failed() => open,
+            Some(open)
+                if !open.in_flight.lock().has_failed()
+                    && open.opened.elapsed() < CALL_STREAM_AGE_MAX =>
+            {
+                open
+            }
             _ => CallStream::open(client.clone()),
         };
         let Some(message) = open.in_flight.lock().register(batch, permit) else {
             // Failed since the check: its calls were failed with it.
             continue;
         };
+        holds.push_back((
+            Instant::now() + PEER_BATCH_SLOT_HOLD,
+            open.in_flight.clone(),
+            message.first_call,
+        ));
         // Waits while the peer does not read (flow control); fails once the
         // stream is gone.
         match open.batches.send(message).await {
@@ -195,7 +225,14 @@ async fn send_batches(
 struct CallStream {
     batches: mpsc::Sender<PeerBatch>,
     in_flight: Arc<parking_lot::Mutex<InFlight>>,
+    opened: Instant,
 }
+
+/// A stream is replaced after this long, so that its connection can close
+/// when the peer asks (TLS connections are closed after an hour, for their
+/// certificates to be checked again): the old stream's sending side closes,
+/// and the peer answers what it holds and ends it.
+const CALL_STREAM_AGE_MAX: Duration = Duration::from_secs(10 * 60);
 
 /// Batches waiting to be written on one stream: a few, so a peer that does
 /// not read holds the sender back soon.
@@ -208,7 +245,11 @@ impl CallStream {
         let (batches, requests) = mpsc::channel(STREAM_BATCHES_QUEUED_MAX);
         let in_flight = Arc::new(parking_lot::Mutex::new(InFlight::default()));
         tokio::spawn(read_replies(client, requests, in_flight.clone()));
-        CallStream { batches, in_flight }
+        CallStream {
+            batches,
+            in_flight,
+            opened: Instant::now(),
+        }
     }
 }
 
@@ -217,11 +258,9 @@ impl CallStream {
 struct InFlight {
     /// Each call's caller, and the batch it went in.
     calls: std::collections::HashMap<u64, (ReplyTo, u64)>,
-    /// Each batch's unanswered calls and its lane slot (given back early
-    /// by `holds`).
+    /// Each batch's unanswered calls and its lane slot (given back early,
+    /// after `PEER_BATCH_SLOT_HOLD`, by the sender).
     batches: std::collections::HashMap<u64, (usize, Option<OwnedSemaphorePermit>)>,
-    /// When each batch's slot is given back at the latest, oldest first.
-    holds: std::collections::VecDeque<(Instant, u64)>,
     /// The next call's number.
     next_call: u64,
     /// Why the stream ended, once it has: nothing more is registered.
@@ -246,8 +285,6 @@ impl InFlight {
         let first_call = self.next_call;
         self.next_call += batch.len() as u64;
         self.batches.insert(first_call, (batch.len(), Some(permit)));
-        self.holds
-            .push_back((now + PEER_BATCH_SLOT_HOLD, first_call));
         let calls = (first_call..)
             .zip(batch)
             .map(|(number, call)| {
@@ -299,16 +336,11 @@ impl InFlight {
         self.batches.remove(&batch.first_call);
     }
 
-    /// Gives back the slots of batches held for `PEER_BATCH_SLOT_HOLD`.
-    fn release_held(&mut self, now: Instant) {
-        while let Some(&(at, batch)) = self.holds.front() {
-            if at > now {
-                return;
-            }
-            self.holds.pop_front();
-            if let Some((_, permit)) = self.batches.get_mut(&batch) {
-                *permit = None;
-            }
+    /// Gives back the slot of `batch` (held for `PEER_BATCH_SLOT_HOLD`)
+    /// while some of its calls are still unanswered.
+    fn release_slot(&mut self, batch: u64) {
+        if let Some((_, permit)) = self.batches.get_mut(&batch) {
+            *permit = None;
         }
     }
 
@@ -318,13 +350,12 @@ impl InFlight {
             let _ = caller.send(Err(status.clone()));
         }
         self.batches.clear();
-        self.holds.clear();
         self.failed = Some(status);
     }
 }
 
-/// Opens the stream, then hands each reply to its caller and gives held
-/// slots back on time, until the stream ends; then fails what is left.
+/// Opens the stream, then hands each reply to its caller until the stream
+/// ends; then fails what is left.
 async fn read_replies(
     mut client: PeerClient<PeerChannel>,
     requests: mpsc::Receiver<PeerBatch>,
@@ -337,26 +368,8 @@ async fn read_replies(
         Err(status) => status,
         Ok(response) => {
             let mut replies = response.into_inner();
-            let hold = tokio::time::sleep(Duration::ZERO);
-            tokio::pin!(hold);
-            let mut armed: Option<Instant> = None;
             loop {
-                let due = in_flight.lock().holds.front().map(|&(at, _)| at);
-                if due != armed {
-                    if let Some(at) = due {
-                        hold.as_mut().reset(at);
-                    }
-                    armed = due;
-                }
-                let reply = tokio::select! {
-                    reply = replies.message() => reply,
-                    () = &mut hold, if armed.is_some() => {
-                        in_flight.lock().release_held(Instant::now());
-                        armed = None;
-                        continue;
-                    }
-                };
-                match reply {
+                match replies.message().await {
                     Ok(Some(reply)) => {
                         if let Err(status) = in_flight.lock().answer(reply) {
                             break status;
@@ -1232,6 +1245,11 @@ mod tests {
             ..EchoPeer::default()
         };
         let clients = clients(serve(peer.clone()).await, Duration::from_secs(30));
+        // The lane's stream is open and has been idle for longer than a
+        // batch holds its slot: the slow calls' batches must still give
+        // their slots back on time.
+        assert!(clients.forward(2, 1, &PeerCall::ReadIndex).await.is_ok());
+        tokio::time::sleep(PEER_BATCH_SLOT_HOLD * 4).await;
         let slow: Vec<_> = (0..4)
             .map(|_| {
                 let clients = clients.clone();

@@ -313,8 +313,9 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
-/// Calls of one peer stream running at once; beyond it the stream is not
-/// read until some finish (HTTP/2 flow control then holds the caller back).
+/// Calls of one peer stream running at once; calls beyond it are refused
+/// at once. (Not reading the stream instead would let it take the whole
+/// HTTP/2 connection window, which the other data lanes share.)
 const STREAM_CALLS_RUNNING_MAX: usize = 8192;
 /// Replies waiting to be written to one peer stream.
 const STREAM_REPLIES_QUEUED_MAX: usize = 1024;
@@ -323,14 +324,24 @@ const CALL_TIMEOUT_MS_MAX: u32 = 10 * 60 * 1000;
 
 impl PeerService {
     /// One call of a stream: decoded, checked, run, and its result encoded,
-    /// given up once the caller's timeout has passed (it no longer waits).
+    /// given up once the caller's timeout has passed (it no longer waits);
+    /// refused if `overloaded`.
     async fn run_call(
         self,
         number: u64,
         call: quiver_proto::peer::PeerRequest,
         authenticated: Option<super::auth::AuthenticatedPeer>,
+        overloaded: bool,
     ) -> Result<PeerStreamReply, Status> {
-        let result = match wire::decode::<PeerCall>(&call.payload) {
+        let decoded = if overloaded {
+            Err(format!(
+                "overloaded: {STREAM_CALLS_RUNNING_MAX} calls of this stream already running"
+            ))
+        } else {
+            wire::decode::<PeerCall>(&call.payload)
+                .map_err(|e| format!("undecodable peer call: {e}"))
+        };
+        let result = match decoded {
             // Under peer TLS a node pings as itself only.
             Ok(PeerCall::Ping(ping)) if authenticated.is_some_and(|peer| peer.0 != ping.from) => {
                 PeerResult::Failed(format!(
@@ -367,7 +378,7 @@ impl PeerService {
                         PeerResult::Failed(format!("gave up after the caller's {timeout_ms} ms"))
                     })
             }
-            Err(e) => PeerResult::Failed(format!("undecodable peer call: {e}")),
+            Err(refusal) => PeerResult::Failed(refusal),
         };
         Ok(PeerStreamReply {
             call: number,
@@ -408,7 +419,9 @@ impl Peer for PeerService {
                         open = !closed;
                         continue;
                     }
-                    batch = inbound.message(), if open && running.len() < STREAM_CALLS_RUNNING_MAX => {
+                    // The caller went away: what runs is dropped.
+                    () = replies.closed() => return,
+                    batch = inbound.message(), if open => {
                         let batch = match batch {
                             Ok(Some(batch)) => batch,
                             // The caller closed its side, or went away: what
@@ -428,7 +441,13 @@ impl Peer for PeerService {
                         }
                         for (offset, call) in (0u64..).zip(batch.calls) {
                             let number = batch.first_call.wrapping_add(offset);
-                            running.push(service.clone().run_call(number, call, authenticated));
+                            let overloaded = running.len() >= STREAM_CALLS_RUNNING_MAX;
+                            running.push(service.clone().run_call(
+                                number,
+                                call,
+                                authenticated,
+                                overloaded,
+                            ));
                         }
                     }
                     Some(reply) = running.next(), if !running.is_empty() => {
