@@ -531,6 +531,25 @@ async fn peer_calls_need_the_peer_port_and_the_cluster_secret() {
         .unwrap();
     let ended = replies.message().await.unwrap_err();
     assert_eq!(ended.code(), Code::InvalidArgument, "{ended:?}");
+
+    eprintln!("--- a stream whose caller closes its side ends once it has answered");
+    let (batches, outgoing) = tokio::sync::mpsc::channel(2);
+    batches
+        .send(PeerBatch {
+            calls: vec![garbage(0)],
+            first_call: 7,
+        })
+        .await
+        .unwrap();
+    drop(batches);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outgoing));
+    request
+        .metadata_mut()
+        .insert("x-quiver-cluster-secret", "right-secret".parse().unwrap());
+    let mut replies = client.call_stream(request).await.unwrap().into_inner();
+    assert_eq!(replies.message().await.unwrap().unwrap().call, 7);
+    let end = tokio::time::timeout(std::time::Duration::from_secs(10), replies.message()).await;
+    assert!(matches!(end, Ok(Ok(None))), "{end:?}");
     assert!(ended.message().contains("at most 512"), "{ended:?}");
     // And the node still serves clients.
     let mut client = node.client().await.unwrap();

@@ -409,6 +409,10 @@ impl Peer for PeerService {
             let mut running = futures::stream::FuturesUnordered::new();
             let mut open = !*closing.borrow();
             loop {
+                // Nothing more to read or answer: the stream ends.
+                if !open && running.is_empty() {
+                    return;
+                }
                 tokio::select! {
                     // Closing: no new calls; the stream ends once the
                     // running ones are answered, and the caller opens
