@@ -866,6 +866,18 @@ impl ClusterMap {
         Ok(MapOutcome::Changed { version: 0 })
     }
 
+    /// Voters per shard the scheduler keeps: the replication factor,
+    /// capped by the nodes that hold replicas for good or until they can
+    /// move (serving or draining, up or down).
+    pub fn kept_voters(&self) -> usize {
+        let holders = self
+            .nodes
+            .values()
+            .filter(|info| matches!(info.state, NodeState::Serving | NodeState::Draining))
+            .count();
+        (self.replication_factor as usize).clamp(1, holders.max(1))
+    }
+
     /// Refuses a drain that could only finish by lowering some shard's
     /// voter count: every replica on `node` needs a serving node that does
     /// not hold one of its shard. The scheduler never lowers redundancy to
@@ -874,14 +886,8 @@ impl ClusterMap {
     fn check_drain_keeps_redundancy(&self, node: NodeId) -> Result<(), MapError> {
         let serving_after = self.serving_nodes().filter(|&n| n != node).count();
         // A shard briefly above the replication factor (mid-operator) needs
-        // only what the scheduler keeps: the factor, capped by the nodes
-        // that hold replicas (serving or draining).
-        let holders = self
-            .nodes
-            .values()
-            .filter(|info| matches!(info.state, NodeState::Serving | NodeState::Draining))
-            .count();
-        let kept = (self.replication_factor as usize).clamp(1, holders.max(1));
+        // only what the scheduler keeps.
+        let kept = self.kept_voters();
         let widest = self
             .shards
             .iter()

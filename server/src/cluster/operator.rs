@@ -29,12 +29,10 @@ use std::time::{Duration, Instant};
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ChangeMembers, LinearizerOption, ReadPolicy, ServerState};
 use parking_lot::Mutex;
-use quiver_raft::cluster_map::{
-    ClusterMap, MapCommand, NodeState, Operator, OperatorKind, OperatorStep,
-};
+use quiver_raft::cluster_map::{ClusterMap, MapCommand, Operator, OperatorKind, OperatorStep};
 use quiver_raft::state_machine::RangeDesc;
 use quiver_raft::types::{LogId, RejectKind};
-use quiver_raft::{Command, GroupId, NodeId, ReplicaId, RequestId, Response};
+use quiver_raft::{Command, GroupId, ReplicaId, RequestId, Response};
 use serde::{Deserialize, Serialize};
 
 use quiver_raft::failpoint::failpoint;
@@ -222,19 +220,24 @@ impl Cluster {
         if let OperatorKind::Split { at, child } = op.kind {
             return self.split(op, map, at, child).await;
         }
-        let state = self.shard_state(shard).await?;
-        if op.cancelled {
-            return self.drop_cancelled(op, &state).await;
-        }
         // A new replica whose node is gone, leaving, or silent for
         // `replace_down_after_ms` will not catch up: the move is rolled
         // back now (and the scheduler plans another), rather than after the
         // catch-up timeout with the shard's other work held up meanwhile.
-        if let (OperatorKind::Move { to, .. }, OperatorStep::AddLearner | OperatorStep::CatchUp) =
-            (op.kind, op.step)
-            && let Some(why) = self.unfit_target(map, to.node())
+        // Judged from the map alone: the shard may have no leader to ask.
+        if !op.cancelled
+            && let (OperatorKind::Move { to, .. }, OperatorStep::AddLearner | OperatorStep::CatchUp) =
+                (op.kind, op.step)
+            && let Some(why) =
+                super::scheduler::must_leave(map, &self.long_down_nodes(map), to.node())
         {
-            return self.cancel(op, why).await;
+            return self
+                .cancel(op, &format!("the new replica {to}: {why}"))
+                .await;
+        }
+        let state = self.shard_state(shard).await?;
+        if op.cancelled {
+            return self.drop_cancelled(op, &state).await;
         }
         match (op.kind, op.step) {
             (OperatorKind::Move { to, .. }, OperatorStep::AddLearner) => {
@@ -292,19 +295,6 @@ impl Cluster {
                 self.promote(op, &state, target, memory).await
             }
             (OperatorKind::Split { .. }, _) => Ok(Progress::Finished),
-        }
-    }
-
-    /// Why `node` should not receive a new replica any more, if it should
-    /// not.
-    fn unfit_target(&self, map: &ClusterMap, node: NodeId) -> Option<&'static str> {
-        match map.nodes.get(&node).map(|info| info.state) {
-            None | Some(NodeState::Removed) => Some("the new replica's node was removed"),
-            Some(NodeState::Draining) => Some("the new replica's node is draining"),
-            _ if self.long_down_nodes(map).contains(&node) => {
-                Some("the new replica's node has been down too long")
-            }
-            _ => None,
         }
     }
 

@@ -459,7 +459,6 @@ impl Peer for PeerService {
                             return;
                         }
                     }
-                    else => return,
                 }
             }
         });

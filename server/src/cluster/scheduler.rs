@@ -99,15 +99,28 @@ pub fn plan(
     planned
 }
 
+/// Why a replica on `node` must go (and none may go there), if it must:
+/// the node was removed, is draining, or is in `down` (silent for
+/// `replace_down_after_ms`).
+pub(super) fn must_leave(
+    map: &ClusterMap,
+    down: &BTreeSet<NodeId>,
+    node: NodeId,
+) -> Option<&'static str> {
+    match map.nodes.get(&node).map(|info| info.state) {
+        None | Some(NodeState::Removed) => Some("its node was removed"),
+        Some(NodeState::Draining) => Some("its node is draining"),
+        _ if down.contains(&node) => Some("its node has been down too long"),
+        _ => None,
+    }
+}
+
 struct Planner<'a> {
     map: &'a ClusterMap,
     /// Serving nodes that are up: where replicas may go.
     targets: BTreeSet<NodeId>,
     /// Serving nodes, up or down.
     serving: usize,
-    /// Nodes that hold replicas for good or until they can move: serving
-    /// or draining, up or down.
-    holders: usize,
     /// Replicas per node (operators' new replicas included).
     load: BTreeMap<NodeId, usize>,
     /// Nodes receiving a replica now.
@@ -136,11 +149,6 @@ impl<'a> Planner<'a> {
             map,
             targets,
             serving: map.serving_nodes().count(),
-            holders: map
-                .nodes
-                .values()
-                .filter(|info| matches!(info.state, NodeState::Serving | NodeState::Draining))
-                .count(),
             load,
             receiving,
             down,
@@ -149,12 +157,7 @@ impl<'a> Planner<'a> {
 
     /// Whether a voter on `node` must go.
     fn must_leave(&self, node: NodeId) -> Option<&'static str> {
-        match self.map.nodes.get(&node).map(|info| info.state) {
-            None | Some(NodeState::Removed) => Some("its node was removed"),
-            Some(NodeState::Draining) => Some("its node is draining"),
-            _ if self.down.contains(&node) => Some("its node has been down too long"),
-            _ => None,
-        }
+        must_leave(self.map, self.down, node)
     }
 
     /// The serving node that should take a new replica of `shard`: up, not
@@ -182,13 +185,6 @@ impl<'a> Planner<'a> {
         (self.map.replication_factor as usize).clamp(1, self.serving.max(1))
     }
 
-    /// Voters a shard keeps: the replication factor, capped by the nodes
-    /// that hold replicas. Draining nodes count: their replicas stay until
-    /// a serving node can take them.
-    fn kept_voters(&self) -> usize {
-        (self.map.replication_factor as usize).clamp(1, self.holders.max(1))
-    }
-
     fn repair(
         &self,
         shard: GroupId,
@@ -196,7 +192,7 @@ impl<'a> Planner<'a> {
     ) -> Option<Planned> {
         let voters: Vec<ReplicaId> = desc.voters().collect();
         let wanted = self.wanted_voters();
-        let kept = self.kept_voters();
+        let kept = self.map.kept_voters();
         for &voter in &voters {
             let Some(why) = self.must_leave(voter.node()) else {
                 continue;
