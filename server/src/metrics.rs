@@ -97,6 +97,11 @@ fn describe() {
         "Rows refused as older than the stored row."
     );
     describe_counter!(
+        "quiver_rows_compared_total",
+        "Rows whose write read the stored row, being older than the newest event time \
+         their view had stored in the shard."
+    );
+    describe_counter!(
         "quiver_cache_hits_total",
         "Hot cache lookups served from the cache."
     );
@@ -205,25 +210,27 @@ pub struct Collector {
     /// Each group's storage counters at the last pass: a store replaced by
     /// a snapshot install starts its counters at 0 again, so the totals
     /// advance by each store's own increase, never by a sum that can drop.
-    rows_seen: HashMap<quiver_raft::GroupId, (u64, u64)>,
+    rows_seen: HashMap<quiver_raft::GroupId, (u64, u64, u64)>,
 }
 
 impl Collector {
     /// One pass.
     pub fn collect(&mut self, node: &Node) {
         collect_state(node);
-        let (mut applied, mut stale) = (0, 0);
+        let (mut applied, mut stale, mut compared) = (0, 0, 0);
         for (group, hosted) in node.cluster.groups() {
             let stats = hosted.state.store().stats();
-            let now = (stats.rows_written, stats.rows_stale);
-            let before = self.rows_seen.insert(group, now).unwrap_or((0, 0));
+            let now = (stats.rows_written, stats.rows_stale, stats.rows_compared);
+            let before = self.rows_seen.insert(group, now).unwrap_or((0, 0, 0));
             // Lower than before: a new store, counting from 0.
             let increase = |now: u64, before: u64| if now >= before { now - before } else { now };
             applied += increase(now.0, before.0);
             stale += increase(now.1, before.1);
+            compared += increase(now.2, before.2);
         }
         metrics::counter!("quiver_rows_applied_total").increment(applied);
         metrics::counter!("quiver_rows_stale_total").increment(stale);
+        metrics::counter!("quiver_rows_compared_total").increment(compared);
         // Views that exist now; a deleted view's gauge goes idle.
         let catalog = node.registry.load();
         for (view, newest_us) in node
