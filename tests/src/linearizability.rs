@@ -6,8 +6,9 @@
 //! (last write wins by event time; equal event times: the later write wins,
 //! but the histories here never reuse an event time). A write `(ts, value)`
 //! makes the state `max(state, (ts, value))`; a read returns the state, or
-//! nothing if no write took effect. Each client writes with event times in
-//! invocation order, so a write invoked later always carries a later time.
+//! nothing if no write took effect. Event times are unique, but need not
+//! follow invocation order (the nemesis mixes in backfill writes older than
+//! everything before them).
 //!
 //! A history is the list of operations with their invocation and completion
 //! times; an operation that never completed (a timeout, a crash) may have

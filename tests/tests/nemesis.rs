@@ -489,13 +489,23 @@ async fn run(seed: u64, length: Duration) {
     let epoch = Instant::now();
     let since = move || u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
     // Event times: unique across clients (the checker needs no more).
+    // Backfill writes count down from before every other write: they are
+    // older than whatever a key already holds, so the store must read the
+    // stored row to refuse them (a write newer than its view's bounds
+    // skips that read; engine/src/store/newest.rs).
     let next_ts = Arc::new(AtomicI64::new(now_us()));
+    let backfill_ts = Arc::new(AtomicI64::new(now_us() - 1_000_000));
     let stop = Arc::new(AtomicBool::new(false));
 
     let mut clients = Vec::new();
     for client_id in 0..CLIENTS {
-        let (addrs, keys, next_ts, stop) =
-            (addrs.clone(), keys.clone(), next_ts.clone(), stop.clone());
+        let (addrs, keys, next_ts, backfill_ts, stop) = (
+            addrs.clone(),
+            keys.clone(),
+            next_ts.clone(),
+            backfill_ts.clone(),
+            stop.clone(),
+        );
         clients.push(tokio::spawn(async move {
             let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(client_id));
             let mut history = Vec::new();
@@ -524,7 +534,11 @@ async fn run(seed: u64, length: Duration) {
                 let mut client = connections[&node].clone();
                 let invoked = since();
                 if write {
-                    let ts = next_ts.fetch_add(1, Ordering::SeqCst);
+                    let ts = if rng.random_bool(0.1) {
+                        backfill_ts.fetch_sub(1, Ordering::SeqCst)
+                    } else {
+                        next_ts.fetch_add(1, Ordering::SeqCst)
+                    };
                     let rows = vec![row(&key, ts, &[("value", int64(ts))])];
                     let outcome = tokio::time::timeout(
                         OPERATION_TIMEOUT,
