@@ -198,6 +198,12 @@ struct WriteState {
     newest_event: Option<NewestEvents>,
 }
 
+impl WriteState {
+    fn keeps_bounds(&self) -> bool {
+        self.newest_event.is_some()
+    }
+}
+
 impl std::fmt::Debug for StateStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateStore")
@@ -349,27 +355,39 @@ impl StateStore {
         for (&view_id, event_ts_us) in &by_view {
             batch.put_cf(meta, newest_event_key(view_id), event_ts_us.to_be_bytes());
         }
-        self.commit(batch)?;
-        tracing::info!(
-            path = %self.path.display(),
-            views = by_view.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "measured the newest event time of each view's rows"
-        );
+        self.commit(batch, true)?;
+        // A new store (empty) passes here too, unremarkably.
+        if !by_view.is_empty() {
+            tracing::info!(
+                path = %self.path.display(),
+                views = by_view.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "measured the newest event time of each view's rows"
+            );
+        }
         Ok(NewestEvents::new(by_view))
     }
 
     /// The newest event time of each view's rows and tombstones, read from
-    /// every one of them. A record that cannot be read gives its view no
-    /// bound (`i64::MAX`: every write to it reads).
+    /// every one of them. A record that cannot be read bounds nothing: any
+    /// write replaces it (as it did when every write read first).
     fn scan_newest_events(&self) -> Result<HashMap<ViewId, i64>> {
         let mut by_view: HashMap<ViewId, i64> = HashMap::new();
-        for item in self.db.iterator_cf(self.cf(CF_DATA), IteratorMode::Start) {
+        // One pass over everything: keep it out of the node's shared block
+        // cache, which holds what serving reads.
+        let mut read = rocksdb::ReadOptions::default();
+        read.fill_cache(false);
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_DATA), read, IteratorMode::Start)
+        {
             let (key, value) = item?;
             let Some((_, view_id, _)) = crate::keys::split_storage_key(&key) else {
                 continue; // Not a row key: no write can reach it.
             };
-            let event_ts_us = peek_event_ts(&value).unwrap_or(i64::MAX);
+            let Ok(event_ts_us) = peek_event_ts(&value) else {
+                continue;
+            };
             let newest = by_view.entry(view_id).or_insert(i64::MIN);
             *newest = (*newest).max(event_ts_us);
         }
@@ -377,13 +395,24 @@ impl StateStore {
     }
 
     /// Writes `batch`, recording the sequence number it ends at
-    /// ([`META_LAST_WRITE_SEQ`]). Callers hold the write lock, so nothing
-    /// writes in between.
-    fn commit(&self, mut batch: WriteBatch) -> Result<()> {
-        // RocksDB gives each entry of a batch its own sequence number, and
-        // this put is one more entry.
-        let end = self.db.latest_sequence_number() + batch.len() as u64 + 1;
-        batch.put_cf(self.cf(CF_META), META_LAST_WRITE_SEQ, end.to_be_bytes());
+    /// ([`META_LAST_WRITE_SEQ`]) if this store keeps the `newest_event/`
+    /// bounds (`bounds_kept`), or removing it if not, so that the next open
+    /// measures them. Callers hold the write lock, so nothing writes in
+    /// between.
+    ///
+    /// This relies on every change to the data reaching RocksDB through here
+    /// and taking sequence numbers: file ingestion, `seq_per_batch` or
+    /// `two_write_queues` would break the check at open.
+    fn commit(&self, mut batch: WriteBatch, bounds_kept: bool) -> Result<()> {
+        let meta = self.cf(CF_META);
+        if bounds_kept {
+            // RocksDB gives each entry of a batch (a range delete too) its
+            // own sequence number, and this put is one more entry.
+            let end = self.db.latest_sequence_number() + batch.len() as u64 + 1;
+            batch.put_cf(meta, META_LAST_WRITE_SEQ, end.to_be_bytes());
+        } else {
+            batch.delete_cf(meta, META_LAST_WRITE_SEQ);
+        }
         self.db.write_opt(batch, &self.write_options)?;
         Ok(())
     }
@@ -429,7 +458,7 @@ impl StateStore {
         floors: &[(ViewId, i64)],
         meta_puts: MetaPuts<'_>,
     ) -> Result<Vec<ViewId>> {
-        let _guard = self.write_lock.lock();
+        let state = self.write_lock.lock();
         let mut next = (*self.floors.load_full()).clone();
         let mut batch = WriteBatch::default();
         let meta = self.cf(CF_META);
@@ -449,7 +478,7 @@ impl StateStore {
             }
         }
         if !batch.is_empty() {
-            self.commit(batch)?;
+            self.commit(batch, state.keeps_bounds())?;
         }
         self.floors.store(Arc::new(next));
         Ok(moved)
@@ -498,7 +527,7 @@ impl StateStore {
         spec: ViewSpec,
         meta_puts: MetaPuts<'_>,
     ) -> Result<(Arc<FeatureView>, bool)> {
-        let _guard = self.write_lock.lock();
+        let state = self.write_lock.lock();
         let catalog = self.registry.load_full();
         let existing = catalog.view(&spec.name).cloned();
         if existing.is_none() && catalog.len() >= VIEWS_MAX {
@@ -508,7 +537,7 @@ impl StateStore {
         }
         let (view, changed) = FeatureView::evolve(existing.as_deref(), spec, catalog.next_view_id)?;
         if !changed {
-            self.put_meta_locked(meta_puts)?;
+            self.put_meta_locked(&state, meta_puts)?;
             return Ok((existing.expect("unchanged implies existing"), false));
         }
         let mut batch = WriteBatch::default();
@@ -524,7 +553,7 @@ impl StateStore {
                 .ok_or_else(|| EngineError::RegistryFull("view ids exhausted".into()))?;
             batch.put_cf(meta, META_NEXT_VIEW_ID, next.next_view_id.to_be_bytes());
         }
-        self.commit(batch)?;
+        self.commit(batch, state.keeps_bounds())?;
         let view = Arc::new(view);
         next.insert(view.clone());
         self.registry.store(Arc::new(next));
@@ -544,7 +573,7 @@ impl StateStore {
         name: &str,
         meta_puts: MetaPuts<'_>,
     ) -> Result<Arc<FeatureView>> {
-        let _guard = self.write_lock.lock();
+        let state = self.write_lock.lock();
         let mut next = (*self.registry.load_full()).clone();
         let Some(view) = next.remove(name) else {
             return Err(EngineError::UnknownView(name.to_owned()));
@@ -556,7 +585,7 @@ impl StateStore {
         let mut dropped_key = META_DROPPED_PREFIX.to_vec();
         dropped_key.extend_from_slice(&view.id.to_be_bytes());
         batch.put_cf(meta, dropped_key, []);
-        self.commit(batch)?;
+        self.commit(batch, state.keeps_bounds())?;
         self.registry.store(Arc::new(next));
         Ok(view)
     }
@@ -657,7 +686,7 @@ impl StateStore {
             batch.put_cf(meta, newest_event_key(view_id), raised_us.to_be_bytes());
         }
         if !batch.is_empty() {
-            self.commit(batch)?;
+            self.commit(batch, state.keeps_bounds())?;
         }
         if let (Some(raised_us), Some(newest)) = (raised_us, state.newest_event.as_mut()) {
             newest.raise_view(view_id, raised_us);
@@ -749,7 +778,7 @@ impl StateStore {
             .filter(|key| seen.insert(key.clone()))
             .collect();
         let data = self.cf(CF_DATA);
-        let _guard = self.write_lock.lock();
+        let state = self.write_lock.lock();
         let floor_us = self.expiry_floor(view_id);
         let mut batch = WriteBatch::default();
         let mut deleted = Vec::new();
@@ -780,7 +809,7 @@ impl StateStore {
         }
         add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
         if !batch.is_empty() {
-            self.commit(batch)?;
+            self.commit(batch, state.keeps_bounds())?;
         }
         Ok(deleted)
     }
@@ -788,17 +817,17 @@ impl StateStore {
     /// Writes `meta_puts` atomically (a replicated entry with no data still
     /// advances the applied log position).
     pub fn put_meta(&self, meta_puts: MetaPuts<'_>) -> Result<()> {
-        let _guard = self.write_lock.lock();
-        self.put_meta_locked(meta_puts)
+        let state = self.write_lock.lock();
+        self.put_meta_locked(&state, meta_puts)
     }
 
-    fn put_meta_locked(&self, meta_puts: MetaPuts<'_>) -> Result<()> {
+    fn put_meta_locked(&self, state: &WriteState, meta_puts: MetaPuts<'_>) -> Result<()> {
         if meta_puts.is_empty() {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
         add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
-        self.commit(batch)?;
+        self.commit(batch, state.keeps_bounds())?;
         Ok(())
     }
 
@@ -814,14 +843,14 @@ impl StateStore {
         meta_puts: MetaPuts<'_>,
     ) -> Result<()> {
         let (from, to) = hash_range_keys(from_hash, to_hash);
-        let _guard = self.write_lock.lock();
+        let state = self.write_lock.lock();
         let mut batch = WriteBatch::default();
         // An empty range deletes nothing (RocksDB refuses an inverted one).
         if from < to {
             batch.delete_range_cf(self.cf(CF_DATA), &from, &to);
         }
         add_meta_puts(&mut batch, self.cf(CF_META), meta_puts);
-        self.commit(batch)?;
+        self.commit(batch, state.keeps_bounds())?;
         Ok(())
     }
 
@@ -969,9 +998,11 @@ impl StateStore {
     #[doc(hidden)]
     pub fn put_raw_for_test(&self, key: &[u8], value: &[u8]) -> Result<()> {
         let mut state = self.write_lock.lock();
-        // The newest-event bounds do not cover these bytes (and the next
-        // open measures them again: this write records no sequence number).
+        // The newest-event bounds do not cover these bytes: this store stops
+        // keeping them, and its writes stop recording the sequence number,
+        // so the next open measures them again.
         state.newest_event = None;
+        self.db.delete_cf(self.cf(CF_META), META_LAST_WRITE_SEQ)?;
         self.db.put_cf(self.cf(CF_DATA), key, value)?;
         Ok(())
     }

@@ -98,8 +98,8 @@ fn describe() {
     );
     describe_counter!(
         "quiver_rows_compared_total",
-        "Rows whose write read the stored row, being older than the newest event time \
-         their view had stored in the shard."
+        "Rows whose write read the stored row first: rows older than what their view \
+         and key-hash bucket may hold in the shard."
     );
     describe_counter!(
         "quiver_cache_hits_total",

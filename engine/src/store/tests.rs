@@ -504,6 +504,8 @@ fn rows_written_without_the_bounds_are_measured_at_open() {
     store
         .put_raw_for_test(&storage_key(view.id, b"a"), &newer)
         .unwrap();
+    // A write after it must not make the next open trust the bounds.
+    store.write_rows(view.id, &[row("z", 1, 1)]).unwrap();
     drop(store);
     let store = open(dir.path(), clock.clone());
     let outcome = store.write_rows(view.id, &[row("a", 300, 3)]).unwrap();
@@ -527,6 +529,28 @@ fn rows_written_without_the_bounds_are_measured_at_open() {
         assert_eq!(store.stats().rows_compared, 1);
         assert_eq!(trips(&store, &view, "a"), Some((500, 5)));
     }
+}
+
+/// A row that cannot be read bounds nothing when the bounds are measured:
+/// any write replaces it, as before, and the view's other writes still skip
+/// the read.
+#[test]
+fn an_unreadable_row_does_not_hold_its_view_s_bound_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0_US));
+    let store = open(dir.path(), clock.clone());
+    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    store.write_rows(view.id, &[row("a", 100, 1)]).unwrap();
+    store
+        .put_raw_for_test(&storage_key(view.id, b"bad"), &[1, 2, 3])
+        .unwrap();
+    drop(store);
+    let store = open(dir.path(), clock.clone());
+    store
+        .write_rows(view.id, &[row("bad", 100, 2), row("b", 101, 2)])
+        .unwrap();
+    assert_eq!(store.stats().rows_compared, 0);
+    assert_eq!(trips(&store, &view, "bad"), Some((100, 2)));
 }
 
 proptest! {
