@@ -556,7 +556,6 @@ impl StateStore {
         self.commit(batch, state.keeps_bounds())?;
         let view = Arc::new(view);
         next.insert(view.clone());
-        next.touch();
         self.registry.store(Arc::new(next));
         Ok((view, true))
     }
@@ -587,7 +586,6 @@ impl StateStore {
         dropped_key.extend_from_slice(&view.id.to_be_bytes());
         batch.put_cf(meta, dropped_key, []);
         self.commit(batch, state.keeps_bounds())?;
-        next.touch();
         self.registry.store(Arc::new(next));
         Ok(view)
     }

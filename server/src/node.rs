@@ -350,7 +350,7 @@ impl Node {
         self.freshness
             .covered(|| self.cluster.sync_metadata())
             .await?;
-        Ok(settled(self.registry.load_full()).await)
+        Ok(self.registry.load_full())
     }
 
     /// [`Self::fresh_catalog`] for a client's write, delete or
@@ -395,7 +395,7 @@ impl Node {
                 synced
             })
             .await?;
-        Ok(settled(self.registry.load_full()).await)
+        Ok(self.registry.load_full())
     }
 
     /// The named view as of [`Self::client_catalog`] (a client's call).
@@ -411,9 +411,7 @@ impl Node {
 /// Coalesces metadata read indexes: one runs at a time, and a caller is
 /// answered by any that started after the caller arrived (its read index
 /// then includes every commit acknowledged before the caller arrived),
-/// success or failure, or, with a reuse window (client calls: see
-/// [`CLIENT_CATALOG_REUSE`]), by a success that started at most that long
-/// before it arrived: under load every request waiting shares the next
+/// success or failure: under load every request waiting shares the next
 /// read index instead of each paying its own round trip, and with the
 /// metadata group down they share one failure instead of queueing one each.
 #[derive(Debug, Default)]
@@ -438,24 +436,6 @@ pub const CLIENT_CATALOG_REUSE: Duration = Duration::from_millis(50);
 /// monotonic clocks running at slightly different rates on different nodes.
 pub const VIEW_CHANGE_ACK_DELAY: Duration = Duration::from_millis(60);
 
-/// `catalog`, once [`VIEW_CHANGE_ACK_DELAY`] has passed since this node
-/// applied its newest view change. Every answer a client gets that depends
-/// on the catalog comes through here: a change that a client can observe
-/// (a listed view, a STRONG read, a write accepted with a new feature) is
-/// then older than any catch-up another node may still be reusing, as an
-/// acknowledged one is, so a write that follows the observation sees it.
-/// Costs a clock read unless a view changed in the last 60 ms.
-pub async fn settled(catalog: Arc<Catalog>) -> Arc<Catalog> {
-    if let Some(until) = catalog
-        .changed_at()
-        .and_then(|at| at.checked_add(VIEW_CHANGE_ACK_DELAY))
-        && until > Instant::now()
-    {
-        tokio::time::sleep_until(until.into()).await;
-    }
-    catalog
-}
-
 impl MetadataFreshness {
     /// Catch-ups that answer callers arriving up to `reuse` after they
     /// started (when they succeed).
@@ -475,8 +455,7 @@ impl MetadataFreshness {
         self.covered_since(Instant::now(), sync).await
     }
 
-    /// Runs `sync` unless a catch-up that started after `arrived` (or a
-    /// successful one that started within the reuse window before it) has
+    /// Runs `sync` unless a catch-up that started after `arrived` has
     /// already ended; then answers with its outcome.
     pub async fn covered_since<F, Fut>(&self, arrived: Instant, sync: F) -> Result<(), ClusterError>
     where
@@ -687,35 +666,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(ran.load(Ordering::SeqCst), 1);
-    }
-
-    /// A catalog a view change just built is handed out only once the
-    /// change is [`VIEW_CHANGE_ACK_DELAY`] old; an old one at once.
-    #[tokio::test]
-    async fn a_catalog_is_handed_out_once_its_change_is_old_enough() {
-        let dir = tempfile::tempdir().unwrap();
-        let store =
-            quiver_engine::StateStore::open(dir.path(), quiver_engine::StoreOptions::scratch())
-                .unwrap();
-        assert!(store.registry().load_full().changed_at().is_some());
-        let spec = quiver_engine::ViewSpec {
-            name: "v".into(),
-            entities: vec!["id".into()],
-            features: vec![quiver_engine::FeatureSpec {
-                name: "f".into(),
-                value_type: quiver_engine::ValueType::Int64,
-                default: None,
-            }],
-            ttl_seconds: 0,
-            description: String::new(),
-        };
-        store.apply_view(spec).unwrap();
-        let changed = store.registry().load_full();
-        let changed_at = changed.changed_at().unwrap();
-        settled(changed).await;
-        assert!(Instant::now() >= changed_at + VIEW_CHANGE_ACK_DELAY);
-        let never = Arc::new(Catalog::default());
-        assert!(futures::FutureExt::now_or_never(settled(never)).is_some());
     }
 
     /// With a reuse window, a successful catch-up answers callers arriving
