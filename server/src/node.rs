@@ -322,7 +322,7 @@ impl Node {
             data_dir: config.data_dir.clone(),
             started: Instant::now(),
             freshness: MetadataFreshness::default(),
-            client_freshness: MetadataFreshness::with_reuse(CLIENT_CATALOG_REUSE),
+            client_freshness: MetadataFreshness::default(),
             view_freshness: crate::metrics::Freshness::default(),
             tls,
         })
@@ -418,34 +418,9 @@ impl Node {
 pub struct MetadataFreshness {
     /// When the last catch-up started, and how it ended (the error's text).
     last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
-    /// How long before a caller's arrival a successful catch-up may have
-    /// started and still answer it (zero: it must start after).
-    reuse: Duration,
 }
 
-/// How long a client's catalog catch-up answers later client calls on the
-/// same node: a write or read arriving within this of the start of a
-/// successful catch-up uses it instead of asking the metadata leader again.
-/// A view change waits this long after it commits before it is
-/// acknowledged ([`VIEW_CHANGE_ACK_DELAY`]), so any call that starts after
-/// the acknowledgment still sees it: its catch-up started after the commit.
-pub const CLIENT_CATALOG_REUSE: Duration = Duration::from_millis(50);
-
-/// How long ApplyFeatureView and DeleteFeatureView wait after their commit
-/// before answering: at least [`CLIENT_CATALOG_REUSE`], plus a margin for
-/// monotonic clocks running at slightly different rates on different nodes.
-pub const VIEW_CHANGE_ACK_DELAY: Duration = Duration::from_millis(60);
-
 impl MetadataFreshness {
-    /// Catch-ups that answer callers arriving up to `reuse` after they
-    /// started (when they succeed).
-    pub fn with_reuse(reuse: Duration) -> Self {
-        Self {
-            reuse,
-            ..Self::default()
-        }
-    }
-
     /// [`Self::covered_since`] for a caller arriving now.
     pub async fn covered<F, Fut>(&self, sync: F) -> Result<(), ClusterError>
     where
@@ -463,14 +438,8 @@ impl MetadataFreshness {
         Fut: std::future::Future<Output = Result<(), ClusterError>>,
     {
         let mut last = self.last.lock().await;
-        // A failure answers only callers that arrived before it started:
-        // a later caller tries again.
         if let Some((started, outcome)) = last.as_ref()
-            && (*started > arrived
-                || (outcome.is_ok()
-                    && started
-                        .checked_add(self.reuse)
-                        .is_some_and(|until| until > arrived)))
+            && *started > arrived
         {
             return outcome.clone().map_err(|error| ClusterError::Unavailable {
                 group: METADATA_GROUP,
@@ -666,41 +635,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(ran.load(Ordering::SeqCst), 1);
-    }
-
-    /// With a reuse window, a successful catch-up answers callers arriving
-    /// up to the window after it started, and no later one; a failure still
-    /// answers only those that arrived before it started.
-    #[tokio::test]
-    async fn a_success_answers_callers_within_the_reuse_window() {
-        let reuse = Duration::from_secs(30);
-        let freshness = MetadataFreshness::with_reuse(reuse);
-        let ran = AtomicU32::new(0);
-        let sync = || async {
-            ran.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        };
-        let first = Instant::now();
-        freshness.covered(sync).await.unwrap();
-        freshness.covered(sync).await.unwrap();
-        freshness
-            .covered_since(first + reuse / 2, sync)
-            .await
-            .unwrap();
-        assert_eq!(ran.load(Ordering::SeqCst), 1);
-        // Past the window: a catch-up of its own.
-        freshness
-            .covered_since(first + reuse + Duration::from_secs(1), sync)
-            .await
-            .unwrap();
-        assert_eq!(ran.load(Ordering::SeqCst), 2);
-
-        let failing = MetadataFreshness::with_reuse(reuse);
-        let failed = failing
-            .covered(|| async { Err(ClusterError::Start("metadata group unreachable".into())) })
-            .await;
-        assert!(failed.is_err());
-        failing.covered(sync).await.unwrap();
-        assert_eq!(ran.load(Ordering::SeqCst), 3);
     }
 }

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{view_spec_from_pb, view_to_pb};
 use crate::error::ServiceError;
-use crate::node::{Caller, Node, NodeRef, VIEW_CHANGE_ACK_DELAY};
+use crate::node::{Caller, Node, NodeRef};
 use crate::{read_path, write_path};
 
 /// How long a registry change waits for this node's metadata replica to
@@ -86,9 +86,6 @@ impl FeatureStore for FeatureStoreService {
             .propose(METADATA_GROUP, Command::ApplyView { spec })
             .await
             .map_err(ServiceError::from)?;
-        // Every node's client calls may answer from a catalog catch-up up
-        // to this old: after the wait, none is older than the commit.
-        tokio::time::sleep(VIEW_CHANGE_ACK_DELAY).await;
         // Committed: the view is applied whatever happens next. Writes and
         // STRONG reads through any node resolve names at the metadata
         // leader's position (under its lease, or at a read index), so they
@@ -160,7 +157,6 @@ impl FeatureStore for FeatureStoreService {
             .propose(METADATA_GROUP, Command::DeleteView { name: name.clone() })
             .await
             .map_err(ServiceError::from)?;
-        tokio::time::sleep(VIEW_CHANGE_ACK_DELAY).await;
         node.cluster
             .wait_applied(METADATA_GROUP, log_id.index, REGISTRY_APPLY_WAIT)
             .await;
