@@ -408,15 +408,26 @@ fn delete_rows_reports_what_existed() {
     assert!(trips(&store, &view, "b").is_some());
 }
 
+/// A new store in a temporary directory, with view "v" (no ttl).
+fn store_with_view() -> (
+    tempfile::TempDir,
+    Arc<ManualClock>,
+    StateStore,
+    Arc<FeatureView>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0_US));
+    let store = open(dir.path(), clock.clone());
+    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    (dir, clock, store, view)
+}
+
 /// A write whose rows are at least as new as anything its view stored reads
 /// nothing; an older one reads the rows it could lose to. The bound lives
 /// on across a reopen and in a checkpoint (a snapshot, a split's child).
 #[test]
 fn writes_newer_than_anything_stored_read_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(T0_US));
-    let store = open(dir.path(), clock.clone());
-    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    let (dir, clock, store, view) = store_with_view();
     let (other, _) = store.apply_view(spec("w", 0)).unwrap();
     store
         .write_rows(view.id, &[row("a", 10, 1), row("b", 10, 1)])
@@ -468,10 +479,7 @@ fn writes_newer_than_anything_stored_read_nothing() {
 /// rescan would have found no rows.
 #[test]
 fn a_clean_reopen_trusts_the_stored_bounds() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(T0_US));
-    let store = open(dir.path(), clock.clone());
-    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    let (dir, clock, store, view) = store_with_view();
     store.write_rows(view.id, &[row("a", 100, 1)]).unwrap();
     store.delete_hash_range_with(0, None, &[]).unwrap();
     store.advance_expiry(&[(view.id, 1)], &[]).unwrap();
@@ -492,10 +500,7 @@ fn a_clean_reopen_trusts_the_stored_bounds() {
 /// the next open: a write older than them is still judged against them.
 #[test]
 fn rows_written_without_the_bounds_are_measured_at_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(T0_US));
-    let store = open(dir.path(), clock.clone());
-    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    let (dir, clock, store, view) = store_with_view();
     store.write_rows(view.id, &[row("a", 100, 1)]).unwrap();
     // An older build overwrites "a" with a newer row; the stored bound
     // stays at 100.
@@ -536,10 +541,7 @@ fn rows_written_without_the_bounds_are_measured_at_open() {
 /// the read.
 #[test]
 fn an_unreadable_row_does_not_hold_its_view_s_bound_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(T0_US));
-    let store = open(dir.path(), clock.clone());
-    let (view, _) = store.apply_view(spec("v", 0)).unwrap();
+    let (dir, clock, store, view) = store_with_view();
     store.write_rows(view.id, &[row("a", 100, 1)]).unwrap();
     store
         .put_raw_for_test(&storage_key(view.id, b"bad"), &[1, 2, 3])
