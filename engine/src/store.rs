@@ -614,7 +614,10 @@ impl StateStore {
         let data = self.cf(CF_DATA);
         let mut state = self.write_lock.lock();
         let floor_us = self.expiry_floor(view_id);
-        let newest = state.newest_event.as_ref();
+        let bound = state
+            .newest_event
+            .as_ref()
+            .map(|newest| newest.bounds_of(view_id));
         // Only a row older than its bound can lose to the stored row; one
         // below the floor loses without a read.
         let compared: Vec<&[u8]> = keys
@@ -622,10 +625,13 @@ impl StateStore {
             .zip(rows)
             .filter(|(key, row)| {
                 row.event_ts_us >= floor_us
-                    && newest.is_none_or(|newest| row.event_ts_us < newest.bound(view_id, key))
+                    && bound
+                        .as_ref()
+                        .is_none_or(|bound| row.event_ts_us < bound(key))
             })
             .map(|(key, _)| key.as_slice())
             .collect();
+        drop(bound); // Ends its borrow of `state`, which the loop below updates.
         let stored = self.db.batched_multi_get_cf(data, &compared, false);
         // Latest event time per key, starting from disk and advanced by
         // earlier rows of this same batch.

@@ -45,15 +45,19 @@ impl NewestEvents {
         self.by_view.get(&view_id).copied().unwrap_or(i64::MIN)
     }
 
-    /// No row stored at `key` (a storage key of `view_id`) has a later event
-    /// time than this.
-    pub(super) fn bound(&self, view_id: ViewId, key: &[u8]) -> i64 {
+    /// The bound of each storage key of `view_id`: no row stored at the key
+    /// has a later event time. The view's lookups are done once, not per
+    /// row.
+    pub(super) fn bounds_of(&self, view_id: ViewId) -> impl Fn(&[u8]) -> i64 + '_ {
+        let view = self.view(view_id);
         let at_open = self.at_open.get(&view_id).copied().unwrap_or(i64::MIN);
-        let recent = self
-            .recent
-            .as_ref()
-            .map_or(i64::MIN, |recent| recent[bucket(key)]);
-        self.view(view_id).min(at_open.max(recent))
+        move |key| {
+            let recent = self
+                .recent
+                .as_ref()
+                .map_or(i64::MIN, |recent| recent[bucket(key)]);
+            view.min(at_open.max(recent))
+        }
     }
 
     /// Notes a row written at `key` with `event_ts_us`. Called before the
@@ -95,21 +99,21 @@ mod tests {
         let (a, b) = (storage_key(1, b"a"), storage_key(1, b"b"));
         assert_ne!(bucket(&a), bucket(&b));
         // Nothing written since open: the view's bound at the open.
-        assert_eq!(newest.bound(1, &a), 100);
-        assert_eq!(newest.bound(2, &a), i64::MIN);
+        assert_eq!(newest.bounds_of(1)(&a), 100);
+        assert_eq!(newest.bounds_of(2)(&a), i64::MIN);
         newest.record(&a, 500);
         newest.raise_view(1, 500);
-        assert_eq!(newest.bound(1, &a), 500);
+        assert_eq!(newest.bounds_of(1)(&a), 500);
         // Another bucket still only has what the open covered.
-        assert_eq!(newest.bound(1, &b), 100);
+        assert_eq!(newest.bounds_of(1)(&b), 100);
         // Buckets are shared across views; a view's own bound caps them.
         newest.record(&storage_key(2, b"a"), 900);
         newest.raise_view(2, 900);
-        assert_eq!(newest.bound(1, &a), 500);
-        assert_eq!(newest.bound(2, &storage_key(2, b"b")), i64::MIN);
+        assert_eq!(newest.bounds_of(1)(&a), 500);
+        assert_eq!(newest.bounds_of(2)(&storage_key(2, b"b")), i64::MIN);
         // A bound never goes down.
         newest.record(&a, 10);
         newest.raise_view(1, 10);
-        assert_eq!(newest.bound(1, &a), 500);
+        assert_eq!(newest.bounds_of(1)(&a), 500);
     }
 }

@@ -422,6 +422,16 @@ fn store_with_view() -> (
     (dir, clock, store, view)
 }
 
+/// Copies `store` into a checkpoint (as a snapshot or a split does) and
+/// closes it: the checkpoint's directory (kept while it lives) and path.
+fn checkpoint_and_close(store: StateStore) -> (tempfile::TempDir, std::path::PathBuf) {
+    let checkpoint = tempfile::tempdir().unwrap();
+    let copy = checkpoint.path().join("db");
+    store.checkpoint_with_meta(&copy, b"absent").unwrap();
+    drop(store);
+    (checkpoint, copy)
+}
+
 /// A write whose rows are at least as new as anything its view stored reads
 /// nothing; an older one reads the rows it could lose to. The bound lives
 /// on across a reopen and in a checkpoint (a snapshot, a split's child).
@@ -458,10 +468,7 @@ fn writes_newer_than_anything_stored_read_nothing() {
     assert_eq!(trips(&store, &view, "a"), Some((10, 2)));
     assert_eq!(trips(&store, &view, "b"), Some((11, 3)));
 
-    let checkpoint = tempfile::tempdir().unwrap();
-    let copy = checkpoint.path().join("db");
-    store.checkpoint_with_meta(&copy, b"absent").unwrap();
-    drop(store);
+    let (_checkpoint, copy) = checkpoint_and_close(store);
     for path in [dir.path(), copy.as_path()] {
         let store = open(path, clock.clone());
         let outcome = store.write_rows(view.id, &[row("d", 29, 4)]).unwrap();
@@ -484,10 +491,7 @@ fn a_clean_reopen_trusts_the_stored_bounds() {
     store.delete_hash_range_with(0, None, &[]).unwrap();
     store.advance_expiry(&[(view.id, 1)], &[]).unwrap();
     store.put_meta(&[(b"x", Some(b"y"))]).unwrap();
-    let checkpoint = tempfile::tempdir().unwrap();
-    let copy = checkpoint.path().join("db");
-    store.checkpoint_with_meta(&copy, b"absent").unwrap();
-    drop(store);
+    let (_checkpoint, copy) = checkpoint_and_close(store);
     for path in [dir.path(), copy.as_path()] {
         let store = open(path, clock.clone());
         store.write_rows(view.id, &[row("a", 50, 2)]).unwrap();
