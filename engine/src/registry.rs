@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::keys::ViewId;
 use crate::view::FeatureView;
@@ -20,6 +21,9 @@ pub struct Catalog {
     dropped: HashSet<ViewId>,
     /// The id the next new view gets. Ids are never reused.
     pub(crate) next_view_id: ViewId,
+    /// When this process built it from a view change or from disk (`None`:
+    /// the empty catalog nothing was ever applied to).
+    changed_at: Option<Instant>,
 }
 
 impl Catalog {
@@ -31,12 +35,25 @@ impl Catalog {
         let mut catalog = Catalog {
             dropped,
             next_view_id,
+            changed_at: Some(Instant::now()),
             ..Default::default()
         };
         for view in views {
             catalog.insert(Arc::new(view));
         }
         catalog
+    }
+
+    /// Marks the catalog as changed now.
+    pub(crate) fn touch(&mut self) {
+        self.changed_at = Some(Instant::now());
+    }
+
+    /// When this process built this catalog from a view change or from
+    /// disk: a server holds back answers that depend on a change for a
+    /// while after it (its client catalog catch-ups are reused that long).
+    pub fn changed_at(&self) -> Option<Instant> {
+        self.changed_at
     }
 
     pub(crate) fn insert(&mut self, view: Arc<FeatureView>) {

@@ -556,6 +556,7 @@ impl StateStore {
         self.commit(batch, state.keeps_bounds())?;
         let view = Arc::new(view);
         next.insert(view.clone());
+        next.touch();
         self.registry.store(Arc::new(next));
         Ok((view, true))
     }
@@ -586,6 +587,7 @@ impl StateStore {
         dropped_key.extend_from_slice(&view.id.to_be_bytes());
         batch.put_cf(meta, dropped_key, []);
         self.commit(batch, state.keeps_bounds())?;
+        next.touch();
         self.registry.store(Arc::new(next));
         Ok(view)
     }

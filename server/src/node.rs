@@ -322,7 +322,7 @@ impl Node {
             data_dir: config.data_dir.clone(),
             started: Instant::now(),
             freshness: MetadataFreshness::default(),
-            client_freshness: MetadataFreshness::default(),
+            client_freshness: MetadataFreshness::with_reuse(CLIENT_CATALOG_REUSE),
             view_freshness: crate::metrics::Freshness::default(),
             tls,
         })
@@ -350,7 +350,7 @@ impl Node {
         self.freshness
             .covered(|| self.cluster.sync_metadata())
             .await?;
-        Ok(self.registry.load_full())
+        Ok(settled(self.registry.load_full()).await)
     }
 
     /// [`Self::fresh_catalog`] for a client's write, delete or
@@ -395,7 +395,7 @@ impl Node {
                 synced
             })
             .await?;
-        Ok(self.registry.load_full())
+        Ok(settled(self.registry.load_full()).await)
     }
 
     /// The named view as of [`Self::client_catalog`] (a client's call).
@@ -411,16 +411,61 @@ impl Node {
 /// Coalesces metadata read indexes: one runs at a time, and a caller is
 /// answered by any that started after the caller arrived (its read index
 /// then includes every commit acknowledged before the caller arrived),
-/// success or failure: under load every request waiting shares the next
+/// success or failure, or, with a reuse window (client calls: see
+/// [`CLIENT_CATALOG_REUSE`]), by a success that started at most that long
+/// before it arrived: under load every request waiting shares the next
 /// read index instead of each paying its own round trip, and with the
 /// metadata group down they share one failure instead of queueing one each.
 #[derive(Debug, Default)]
 pub struct MetadataFreshness {
     /// When the last catch-up started, and how it ended (the error's text).
     last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    /// How long before a caller's arrival a successful catch-up may have
+    /// started and still answer it (zero: it must start after).
+    reuse: Duration,
+}
+
+/// How long a client's catalog catch-up answers later client calls on the
+/// same node: a write or read arriving within this of the start of a
+/// successful catch-up uses it instead of asking the metadata leader again.
+/// A view change waits this long after it commits before it is
+/// acknowledged ([`VIEW_CHANGE_ACK_DELAY`]), so any call that starts after
+/// the acknowledgment still sees it: its catch-up started after the commit.
+pub const CLIENT_CATALOG_REUSE: Duration = Duration::from_millis(50);
+
+/// How long ApplyFeatureView and DeleteFeatureView wait after their commit
+/// before answering: at least [`CLIENT_CATALOG_REUSE`], plus a margin for
+/// monotonic clocks running at slightly different rates on different nodes.
+pub const VIEW_CHANGE_ACK_DELAY: Duration = Duration::from_millis(60);
+
+/// `catalog`, once [`VIEW_CHANGE_ACK_DELAY`] has passed since this node
+/// applied its newest view change. Every answer a client gets that depends
+/// on the catalog comes through here: a change that a client can observe
+/// (a listed view, a STRONG read, a write accepted with a new feature) is
+/// then older than any catch-up another node may still be reusing, as an
+/// acknowledged one is, so a write that follows the observation sees it.
+/// Costs a clock read unless a view changed in the last 60 ms.
+pub async fn settled(catalog: Arc<Catalog>) -> Arc<Catalog> {
+    if let Some(until) = catalog
+        .changed_at()
+        .and_then(|at| at.checked_add(VIEW_CHANGE_ACK_DELAY))
+        && until > Instant::now()
+    {
+        tokio::time::sleep_until(until.into()).await;
+    }
+    catalog
 }
 
 impl MetadataFreshness {
+    /// Catch-ups that answer callers arriving up to `reuse` after they
+    /// started (when they succeed).
+    pub fn with_reuse(reuse: Duration) -> Self {
+        Self {
+            reuse,
+            ..Self::default()
+        }
+    }
+
     /// [`Self::covered_since`] for a caller arriving now.
     pub async fn covered<F, Fut>(&self, sync: F) -> Result<(), ClusterError>
     where
@@ -430,7 +475,8 @@ impl MetadataFreshness {
         self.covered_since(Instant::now(), sync).await
     }
 
-    /// Runs `sync` unless a catch-up that started after `arrived` has
+    /// Runs `sync` unless a catch-up that started after `arrived` (or a
+    /// successful one that started within the reuse window before it) has
     /// already ended; then answers with its outcome.
     pub async fn covered_since<F, Fut>(&self, arrived: Instant, sync: F) -> Result<(), ClusterError>
     where
@@ -438,8 +484,14 @@ impl MetadataFreshness {
         Fut: std::future::Future<Output = Result<(), ClusterError>>,
     {
         let mut last = self.last.lock().await;
+        // A failure answers only callers that arrived before it started:
+        // a later caller tries again.
         if let Some((started, outcome)) = last.as_ref()
-            && *started > arrived
+            && (*started > arrived
+                || (outcome.is_ok()
+                    && started
+                        .checked_add(self.reuse)
+                        .is_some_and(|until| until > arrived)))
         {
             return outcome.clone().map_err(|error| ClusterError::Unavailable {
                 group: METADATA_GROUP,
@@ -635,5 +687,70 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(ran.load(Ordering::SeqCst), 1);
+    }
+
+    /// A catalog a view change just built is handed out only once the
+    /// change is [`VIEW_CHANGE_ACK_DELAY`] old; an old one at once.
+    #[tokio::test]
+    async fn a_catalog_is_handed_out_once_its_change_is_old_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            quiver_engine::StateStore::open(dir.path(), quiver_engine::StoreOptions::scratch())
+                .unwrap();
+        assert!(store.registry().load_full().changed_at().is_some());
+        let spec = quiver_engine::ViewSpec {
+            name: "v".into(),
+            entities: vec!["id".into()],
+            features: vec![quiver_engine::FeatureSpec {
+                name: "f".into(),
+                value_type: quiver_engine::ValueType::Int64,
+                default: None,
+            }],
+            ttl_seconds: 0,
+            description: String::new(),
+        };
+        store.apply_view(spec).unwrap();
+        let changed = store.registry().load_full();
+        let changed_at = changed.changed_at().unwrap();
+        settled(changed).await;
+        assert!(Instant::now() >= changed_at + VIEW_CHANGE_ACK_DELAY);
+        let never = Arc::new(Catalog::default());
+        assert!(futures::FutureExt::now_or_never(settled(never)).is_some());
+    }
+
+    /// With a reuse window, a successful catch-up answers callers arriving
+    /// up to the window after it started, and no later one; a failure still
+    /// answers only those that arrived before it started.
+    #[tokio::test]
+    async fn a_success_answers_callers_within_the_reuse_window() {
+        let reuse = Duration::from_secs(30);
+        let freshness = MetadataFreshness::with_reuse(reuse);
+        let ran = AtomicU32::new(0);
+        let sync = || async {
+            ran.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        let first = Instant::now();
+        freshness.covered(sync).await.unwrap();
+        freshness.covered(sync).await.unwrap();
+        freshness
+            .covered_since(first + reuse / 2, sync)
+            .await
+            .unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        // Past the window: a catch-up of its own.
+        freshness
+            .covered_since(first + reuse + Duration::from_secs(1), sync)
+            .await
+            .unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+
+        let failing = MetadataFreshness::with_reuse(reuse);
+        let failed = failing
+            .covered(|| async { Err(ClusterError::Start("metadata group unreachable".into())) })
+            .await;
+        assert!(failed.is_err());
+        failing.covered(sync).await.unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 3);
     }
 }

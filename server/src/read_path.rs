@@ -169,7 +169,8 @@ pub async fn get(
     } else {
         // The node's own metadata replica; caught up only if it lacks a name
         // (a view or feature added through another node a moment ago).
-        match ReadPlan::resolve(&node.registry.load_full(), &request.features) {
+        let catalog = crate::node::settled(node.registry.load_full()).await;
+        match ReadPlan::resolve(&catalog, &request.features) {
             Ok(plan) => plan,
             Err(_) => {
                 let catalog = node.client_catalog().await?;

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::{view_spec_from_pb, view_to_pb};
 use crate::error::ServiceError;
-use crate::node::{Caller, Node, NodeRef};
+use crate::node::{Caller, Node, NodeRef, VIEW_CHANGE_ACK_DELAY};
 use crate::{read_path, write_path};
 
 /// How long a registry change waits for this node's metadata replica to
@@ -81,11 +81,15 @@ impl FeatureStore for FeatureStoreService {
         let spec = view_spec_from_pb(view)?;
         let name = spec.name.clone();
         let node = &self.node;
-        let (response, log_id) = node
+        let proposed = node
             .cluster
             .propose(METADATA_GROUP, Command::ApplyView { spec })
-            .await
-            .map_err(ServiceError::from)?;
+            .await;
+        // Every node's client calls may answer from a catalog catch-up up
+        // to this old: after the wait, none is older than the commit. A
+        // refusal waits too: it may rest on a change committed a moment ago.
+        tokio::time::sleep(VIEW_CHANGE_ACK_DELAY).await;
+        let (response, log_id) = proposed.map_err(ServiceError::from)?;
         // Committed: the view is applied whatever happens next. Writes and
         // STRONG reads through any node resolve names at the metadata
         // leader's position (under its lease, or at a read index), so they
@@ -152,11 +156,14 @@ impl FeatureStore for FeatureStoreService {
     ) -> Result<Response<pb::DeleteFeatureViewResponse>, Status> {
         let name = request.into_inner().name;
         let node = &self.node;
-        let (_, log_id) = node
+        let proposed = node
             .cluster
             .propose(METADATA_GROUP, Command::DeleteView { name: name.clone() })
-            .await
-            .map_err(ServiceError::from)?;
+            .await;
+        // As in apply_feature_view; a "no such view" may rest on a delete
+        // committed a moment ago.
+        tokio::time::sleep(VIEW_CHANGE_ACK_DELAY).await;
+        let (_, log_id) = proposed.map_err(ServiceError::from)?;
         node.cluster
             .wait_applied(METADATA_GROUP, log_id.index, REGISTRY_APPLY_WAIT)
             .await;

@@ -1692,3 +1692,60 @@ async fn clients_routed_by_get_routes_reach_leaders_and_learn_of_handovers() {
     assert_eq!(after.rows_forwarded, 1);
     assert_eq!(write_one(new, key, 5).await.rows_forwarded, 0);
 }
+
+/// A view change acknowledged through one node is seen by the next call
+/// through another, even one busy enough that its recent catalog catch-ups
+/// answer calls without asking the metadata leader again
+/// (`CLIENT_CATALOG_REUSE`): the change waits out that window before it is
+/// acknowledged. (On loopback node 3's own replica usually applies the
+/// change before the write arrives, so this passes without the wait too;
+/// it fails when node 3 lags and the wait is missing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_change_is_seen_at_once_through_a_node_busy_with_writes() {
+    let mut cluster = start(&[]).await;
+    let c1 = cluster.node(1).client().await.unwrap();
+    apply_counter_view(&c1).await;
+    let c3 = cluster.node(3).client().await.unwrap();
+    retry("write through node 3", LEADER_WAIT, || {
+        let mut c3 = c3.clone();
+        async move { write_values(&mut c3, &[("busy".to_owned(), 0)]).await }
+    })
+    .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let (mut c3, stop) = (c3.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut written = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if write_values(&mut c3, &[("busy".to_owned(), 1)])
+                    .await
+                    .is_ok()
+                {
+                    written += 1;
+                }
+            }
+            written
+        })
+    };
+    let mut view = counter_view();
+    for round in 0..20 {
+        let name = format!("extra{round}");
+        view.features
+            .push(quiver_tests::feature(&name, pb::ValueType::Int64, None));
+        let mut c1 = c1.clone();
+        apply_view(&mut c1, view.clone()).await.unwrap();
+        let rows = vec![quiver_tests::row(
+            "fresh",
+            quiver_tests::now_us(),
+            &[(name.as_str(), quiver_tests::int64(round))],
+        )];
+        let mut c3 = c3.clone();
+        if let Err(status) = quiver_tests::write_rows(&mut c3, "counter", rows).await {
+            panic!("round {round}: a write of the field just added, through node 3: {status}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = busy.await.unwrap();
+    eprintln!("{written} background writes through node 3");
+    assert!(written > 20, "node 3 was busy ({written} writes)");
+}

@@ -427,6 +427,9 @@ impl Backups {
             maps.insert(view.id, ViewMap { id: new.id, fields });
             report.views += 1;
         }
+        // As ApplyFeatureView does: a client call after the restore ends
+        // sees its views on every node.
+        tokio::time::sleep(crate::node::VIEW_CHANGE_ACK_DELAY).await;
         for shard in shards {
             self.write_shard_rows(
                 node,
