@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Serving while full backups run: a 3-node cluster (one shard per node,
-# RF 3) holding the load generator's serving data set for ENTITIES
+# Serving while full backups run: a 3-node cluster (one shard per node, as
+# when the results in docs/benchmarks.md were taken; RF 3) holding the load generator's serving data set for ENTITIES
 # entities; an open-loop serving load (RATE gets/s of 100 x 10) for
 # DURATION while, from second 3, full backups to a local directory run one
 # after another. Prints one table row per upload byte rate in RATES
@@ -28,7 +28,7 @@ echo "|---|---|---|---|---|---|---|---|---|"
 for rate in $RATES; do
     dir=$(mktemp -d)
     QUIVER_BACKUP__UPLOAD_BYTES_PER_SECOND_MAX="${rate/none/104857600}" \
-    QUIVER_CLUSTER__SPLIT_SHARD_BYTES_MAX=0 QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$dir" \
+    QUIVER_CLUSTER__SHARD_COUNT=0 QUIVER_CLUSTER__SPLIT_SHARD_BYTES_MAX=0 QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$dir" \
         QUIVER_CLUSTER_PORT=$PORT ./scripts/cluster.sh start 3 >/dev/null
     "$BIN/quiver-bench" --endpoint "$ENDPOINTS" --entities "$ENTITIES" --workload serve \
         --duration 1s --warmup 0s >/dev/null

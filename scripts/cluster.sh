@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A local Quiver cluster on loopback: N quiverd processes (default 3), each
 # with its own data directory, all given the same static description
-# (one shard per node unless QUIVER_NODE_FLAGS says --shard-count, replication
+# (one shard unless QUIVER_NODE_FLAGS says --shard-count, replication
 # factor 3 capped at N; shards split as they grow).
 #
 #   scripts/cluster.sh start [N]   build if needed, start N nodes, wait for leaders

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quiver's main job, locally: build, start a 3-node cluster on loopback (3
-# shards, one per node, each a Raft group replicated on all 3 nodes and led
+# shards, each a Raft group replicated on all 3 nodes and led
 # by a different node once the leader balancer has run), apply the sample
 # feature views, load 100k drivers and 100k customers, and show features
 # being served through any node: lookups, the latency of a 100-entity x
@@ -24,7 +24,9 @@ if [ "${1:-}" = "stop" ]; then
     exit 0
 fi
 
-./scripts/cluster.sh start 3
+# Three shards (a new cluster's default is one, split as it grows), so the
+# demo shows several Raft groups placed and led across the nodes.
+QUIVER_NODE_FLAGS="${QUIVER_NODE_FLAGS:---shard-count 3}" ./scripts/cluster.sh start 3
 DEMO_DIR="$QUIVER_CLUSTER_DIR"
 export QUIVER_ENDPOINT="127.0.0.1:$PORT"
 if [ "${QUIVER_CLUSTER_TLS:-0}" = 1 ]; then

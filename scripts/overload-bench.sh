@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Serving past capacity: a 3-node cluster (one shard per node, RF 3) holding
+# Serving past capacity: a 3-node cluster (one shard per node, as when the
+# results in docs/benchmarks.md were taken; RF 3) holding
 # the load generator's serving data set (ENTITIES entities). First the
 # capacity: a closed loop of CONCURRENCY gets (100 x 10) in flight for
 # DURATION seconds. Then open-loop loads at each factor of that rate in
@@ -51,7 +52,7 @@ for mode in $MODES; do
     # The per-connection stream limit is lifted in every mode: the node's
     # admission is what is measured, not HTTP/2 queueing in the client.
     env "${limit_env[@]}" QUIVER_LIMITS__CONNECTION_REQUESTS_MAX=100000 \
-    QUIVER_CLUSTER__SPLIT_SHARD_BYTES_MAX=0 QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$dir" \
+    QUIVER_CLUSTER__SHARD_COUNT=0 QUIVER_CLUSTER__SPLIT_SHARD_BYTES_MAX=0 QUIVER_PROFILE="$PROFILE" QUIVER_CLUSTER_DIR="$dir" \
         QUIVER_CLUSTER_PORT=$PORT "${node_cpu[@]}" ./scripts/cluster.sh start 3 >/dev/null
     "${gen_cpu[@]}" "$BIN/quiver-bench" --endpoint "$ENDPOINTS" --entities "$ENTITIES" --workload serve \
         --duration 1s --warmup 0s >/dev/null

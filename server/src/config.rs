@@ -298,9 +298,10 @@ pub struct ClusterConfig {
     /// known addresses.
     pub peer_routes: String,
     /// Shards a new cluster's key space is cut into (hash arcs); splits
-    /// add more. 0 (the default): one per node of `nodes` (one for a node
-    /// alone), so a new cluster starts with few Raft groups, which is what
-    /// writes are fastest on, and splits when size (or load) asks.
+    /// add more. The default, 1, is TiKV's start: every Raft group costs
+    /// each write that touches it a round, and each batch read a fan-out,
+    /// so a new cluster runs fastest on one and splits when size (or load)
+    /// asks (docs/decisions.md). 0: one per node of `nodes`.
     pub shard_count: u32,
     /// Replicas per shard (capped at the number of nodes).
     pub replication_factor: u32,
@@ -473,7 +474,7 @@ impl Default for ClusterConfig {
             previous_secret: String::new(),
             allow_unauthenticated_peers: false,
             peer_routes: String::new(),
-            shard_count: 0,
+            shard_count: 1,
             replication_factor: 3,
             metadata_voters: 3,
             heartbeat_ms: 100,
@@ -750,7 +751,7 @@ pub struct Flags {
     #[arg(long, value_parser = parse_nodes)]
     #[serde(skip)]
     pub cluster_nodes: Option<NodeList>,
-    /// Shards of a new cluster's key space [default: 0, one per node].
+    /// Shards of a new cluster's key space [default: 1; 0: one per node].
     #[arg(long)]
     #[serde(skip)]
     pub shard_count: Option<u32>,

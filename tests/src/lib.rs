@@ -387,8 +387,8 @@ fn spawn(
         .env("QUIVER_CLUSTER__BALANCE_LEADERS", "false")
         // The tests were written for a cluster of many groups (a batch that
         // fans out over shards, a node leading several): 16 unless a test
-        // asks for another count (the product's default is one per node,
-        // which the scale-out test in tests/dynamic.rs starts with).
+        // asks for another count (the product's default is one; the
+        // scale-out test in tests/dynamic.rs starts with one per node).
         .env("QUIVER_CLUSTER__SHARD_COUNT", "16")
         // QUIVER_TEST_LOG picks the nodes' log filter when debugging a test
         // (e.g. "info,quiver_server=debug"); a test's own QUIVER_LOG wins.

@@ -310,7 +310,8 @@ async fn one_node_grows_to_four_then_the_first_is_drained_and_removed() {
 async fn three_nodes_grow_to_five_and_one_drains_under_writes_and_strong_reads() {
     let _turn = ONE_CLUSTER.lock().await;
     let dir = Kept::new();
-    // The product's default: a new cluster has one shard per node.
+    // One shard per node (`shard_count = 0`; the default is one shard), so
+    // that scaling out has several shards to place and leaders to balance.
     let env = [
         ("QUIVER_CLUSTER__SHARD_COUNT", "0"),
         ("QUIVER_CLUSTER__BALANCE_LEADERS", "true"),

@@ -326,13 +326,16 @@ mod tests {
                 .values()
                 .all(|d| d.voters().eq([ReplicaId::first(1)]))
         );
-        // The metadata group and, by default, one shard for a node alone.
+        // The metadata group and one shard.
         assert_eq!(layout.groups_of(1).len(), 2);
         assert_eq!(layout.map.nodes[&1].peer_addr, "127.0.0.1:17470");
     }
 
     #[test]
-    fn a_new_cluster_starts_with_one_shard_per_node_by_default() {
+    fn a_new_cluster_starts_with_one_shard_by_default_or_one_per_node_on_zero() {
+        let default = ClusterConfig::default().shard_count;
+        let layout = StaticLayout::new(&config(3, default, 3), "", "");
+        assert_eq!(layout.map.shards.len(), 1, "the default");
         let layout = StaticLayout::new(&config(3, 0, 3), "", "");
         assert_eq!(layout.map.shards.len(), 3);
         let layout = StaticLayout::new(&config(5, 0, 3), "", "");
