@@ -29,10 +29,10 @@ TABLES = [
     (
         "Durable replicated tier: Quiver RF 3 (3 nodes) vs etcd 3 members, 16 in flight",
         [
-            ("rf3-ingest-single", "Quiver RF 3 (default: 3 shards), single-row writes", "etcd-ingest-single"),
+            ("rf3-ingest-single", "Quiver RF 3 (default: 1 shard), single-row writes", "etcd-ingest-single"),
             ("rf3-ingest-single-routed", "Quiver RF 3, single-row writes, routed to leaders", "etcd-ingest-single"),
             ("etcd-ingest-single", "etcd, single puts", None),
-            ("rf3-ingest-batch100", "Quiver RF 3 (default: 3 shards), 100-row writes", "etcd-ingest-txn100"),
+            ("rf3-ingest-batch100", "Quiver RF 3 (default: 1 shard), 100-row writes", "etcd-ingest-txn100"),
             ("rf3-ingest-batch100-routed", "Quiver RF 3, 100-row writes, routed to leaders", "etcd-ingest-txn100"),
             ("etcd-ingest-txn100", "etcd, Txn of 100 puts", None),
             ("rf3-serve-leader", "Quiver RF 3, serve 100 x 10 at LEADER", "etcd-serve"),
