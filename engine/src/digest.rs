@@ -120,7 +120,10 @@ pub(crate) fn hash_range_keys(from_hash: u64, to_hash: Option<u64>) -> (Vec<u8>,
 /// The digest of the rows of `db`'s data family in a hash range.
 pub(crate) fn digest_db(db: &DB, from_hash: u64, to_hash: Option<u64>) -> Result<LogicalDigest> {
     let mut digest = LogicalDigest::default();
-    for item in scan_range(db, from_hash, to_hash).into_iter().flatten() {
+    for item in scan_range(db, from_hash, to_hash, None)
+        .into_iter()
+        .flatten()
+    {
         let (key, value) = item?;
         digest.add(&key, &value);
     }
@@ -131,7 +134,12 @@ pub(crate) fn digest_db(db: &DB, from_hash: u64, to_hash: Option<u64>) -> Result
 /// verified, without filling the block cache (a scan reads each block once:
 /// it must not evict the serving set); `None` for an empty range or a store
 /// without the family.
-fn scan_range(db: &DB, from_hash: u64, to_hash: Option<u64>) -> Option<rocksdb::DBIterator<'_>> {
+fn scan_range<'a>(
+    db: &'a DB,
+    from_hash: u64,
+    to_hash: Option<u64>,
+    snapshot: Option<&rocksdb::Snapshot<'a>>,
+) -> Option<rocksdb::DBIterator<'a>> {
     let (from, to) = hash_range_keys(from_hash, to_hash);
     if from >= to {
         return None;
@@ -141,6 +149,9 @@ fn scan_range(db: &DB, from_hash: u64, to_hash: Option<u64>) -> Option<rocksdb::
     read.set_verify_checksums(true);
     read.fill_cache(false);
     read.set_iterate_upper_bound(to);
+    if let Some(snapshot) = snapshot {
+        read.set_snapshot(snapshot);
+    }
     Some(db.iterator_cf_opt(
         cf,
         read,
@@ -165,18 +176,42 @@ pub struct ContentDigest {
     pub unknown_view_rows: u64,
 }
 
-/// The content digest of `db`'s rows in `[from_hash, to_hash)`, named by
-/// `catalog`; `expired` says whether a row (key, event time) is below its
-/// view's floor.
-pub(crate) fn content_digest_db(
-    db: &DB,
+impl ContentDigest {
+    /// Adds another range's counts (digests of disjoint ranges add up).
+    pub fn merge(&mut self, other: ContentDigest) {
+        self.live.merge(other.live);
+        self.tombstones += other.tombstones;
+        self.expired += other.expired;
+        self.dropped_view_rows += other.dropped_view_rows;
+        self.unknown_view_rows += other.unknown_view_rows;
+    }
+
+    /// Every row counted, seen or not.
+    pub fn rows_stored(&self) -> u64 {
+        self.live.rows
+            + self.tombstones
+            + self.expired
+            + self.dropped_view_rows
+            + self.unknown_view_rows
+    }
+}
+
+/// The content digest of `db`'s rows in `[from_hash, to_hash)` (as of
+/// `snapshot` when given), named by `catalog`; `expired` says whether a
+/// row (key, event time) is below its view's floor.
+pub(crate) fn content_digest_db<'a>(
+    db: &'a DB,
+    snapshot: Option<&rocksdb::Snapshot<'a>>,
     from_hash: u64,
     to_hash: Option<u64>,
     catalog: &Catalog,
     expired: &dyn Fn(&[u8], i64) -> bool,
 ) -> Result<ContentDigest> {
     let mut digest = ContentDigest::default();
-    for item in scan_range(db, from_hash, to_hash).into_iter().flatten() {
+    for item in scan_range(db, from_hash, to_hash, snapshot)
+        .into_iter()
+        .flatten()
+    {
         let (key, value) = item?;
         let corrupt = |reason: String| EngineError::Corrupt {
             what: format!("stored row {key:02x?}"),

@@ -152,6 +152,21 @@ pub struct WriteOutcome {
     pub changed_keys: Vec<Vec<u8>>,
 }
 
+/// One replica's content at one point ([`StateStore::replica_content`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaContent {
+    /// The `meta` values asked for, as of the snapshot.
+    pub meta: Vec<Option<Vec<u8>>>,
+    /// The hash range: its first hash and the first past it.
+    pub from_hash: u64,
+    /// (`None`: the end of the ring.)
+    pub to_hash: Option<u64>,
+    /// The rows inside the range.
+    pub inside: ContentDigest,
+    /// The rows outside it.
+    pub outside: ContentDigest,
+}
+
 /// Counters since the store was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -931,8 +946,49 @@ impl StateStore {
     pub fn content_digest(&self, from_hash: u64, to_hash: Option<u64>) -> Result<ContentDigest> {
         let catalog = self.registry.load_full();
         let floors = self.floors.load();
-        content_digest_db(&self.db, from_hash, to_hash, &catalog, &|key, event_ts| {
-            Self::expired(&floors, key, event_ts)
+        content_digest_db(
+            &self.db,
+            None,
+            from_hash,
+            to_hash,
+            &catalog,
+            &|key, event_ts| Self::expired(&floors, key, event_ts),
+        )
+    }
+
+    /// One replica's content as of a single point: the values of
+    /// `meta_keys` (its applied position, its range), the
+    /// [`Self::content_digest`] of the hash range `range_of` picks from
+    /// them, and that of every row outside it (rows a split should have
+    /// trimmed away), all read from one snapshot, so replicas of a shard
+    /// that report the same position must report the same digests.
+    pub fn replica_content(
+        &self,
+        meta_keys: &[&[u8]],
+        range_of: impl FnOnce(&[Option<Vec<u8>>]) -> Result<(u64, Option<u64>)>,
+    ) -> Result<ReplicaContent> {
+        let catalog = self.registry.load_full();
+        let floors = self.floors.load();
+        let expired = |key: &[u8], event_ts: i64| Self::expired(&floors, key, event_ts);
+        let snapshot = self.db.snapshot();
+        let meta = meta_keys
+            .iter()
+            .map(|key| snapshot.get_cf(self.cf(CF_META), key))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let (from_hash, to_hash) = range_of(&meta)?;
+        let digest =
+            |from, to| content_digest_db(&self.db, Some(&snapshot), from, to, &catalog, &expired);
+        let inside = digest(from_hash, to_hash)?;
+        let mut outside = digest(0, Some(from_hash))?;
+        if let Some(to_hash) = to_hash {
+            outside.merge(digest(to_hash, None)?);
+        }
+        Ok(ReplicaContent {
+            meta,
+            from_hash,
+            to_hash,
+            inside,
+            outside,
         })
     }
 

@@ -84,6 +84,16 @@ const MANIFEST_VERSION: u32 = 1;
 /// Change-stream consumers and the last log index each confirmed.
 pub type LogHolds = std::collections::BTreeMap<String, u64>;
 
+/// One replica's content at one applied position
+/// ([`StateMachine::replica_content`]).
+#[derive(Debug, Clone)]
+pub struct ReplicaDigest {
+    /// The last entry applied in the content.
+    pub applied: Option<LogId>,
+    /// The range and the digests inside and outside it.
+    pub content: quiver_engine::store::ReplicaContent,
+}
+
 /// A shard's hash range as its own log decided it: set by the first split
 /// that touched it, and carried by checkpoints and snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,6 +326,33 @@ impl StateMachine {
     /// owns what the map routes to it).
     pub fn range(&self) -> Option<RangeDesc> {
         self.shared.range.lock().clone()
+    }
+
+    /// This replica's content at one point (a consistency check between
+    /// replicas): its applied log id there, and the digests inside and
+    /// outside its range, the range its log decided or, if it never split,
+    /// `routed` (what the map routes to it). Blocks on a full scan.
+    pub fn replica_content(&self, routed: (u64, Option<u64>)) -> io::Result<ReplicaDigest> {
+        let mut applied = None;
+        let content = self
+            .store()
+            .replica_content(&[APPLIED_KEY, RANGE_KEY], |meta| {
+                let corrupt = |what: &str, reason: String| EngineError::Corrupt {
+                    what: what.into(),
+                    reason,
+                };
+                applied = decode_applied(meta[0].as_deref())
+                    .map_err(|e| corrupt("applied state record", e.to_string()))?
+                    .0;
+                match &meta[1] {
+                    None => Ok(routed),
+                    Some(bytes) => postcard::from_bytes::<RangeDesc>(bytes)
+                        .map(|range| (range.start, range.end))
+                        .map_err(|e| corrupt("stored shard range", e.to_string())),
+                }
+            })
+            .map_err(engine_io)?;
+        Ok(ReplicaDigest { applied, content })
     }
 
     /// Whether the shard owns the key `hash` as of the last applied entry.

@@ -167,16 +167,15 @@ async fn a_split_leaves_each_half_its_rows_and_refuses_the_other_half() {
     let (low, high) = halves(&keys);
 
     eprintln!("--- write, then split at the middle of the ring");
-    let responses = apply(
+    apply(
         &mut sm,
-        vec![
-            membership_entry(),
-            entry(2, 0xA, write(&keys, 1)),
-            entry(3, 0xB, split(0)),
-        ],
+        vec![membership_entry(), entry(2, 0xA, write(&keys, 1))],
     )
     .await;
-    assert_eq!(responses[2], Response::Split { child: 9, index: 3 });
+    let before = sm.store().digest(0, None).unwrap();
+    assert_eq!(before.rows, keys.len() as u64);
+    let responses = apply(&mut sm, vec![entry(3, 0xB, split(0))]).await;
+    assert_eq!(responses[0], Response::Split { child: 9, index: 3 });
     assert_eq!(*children.created.lock(), vec![9]);
     assert!(present(&sm, &low).iter().all(|&p| p));
     assert!(
@@ -199,6 +198,26 @@ async fn a_split_leaves_each_half_its_rows_and_refuses_the_other_half() {
         (child_range.start, child_range.end, child_range.version),
         (AT, None, 1)
     );
+
+    eprintln!("--- the parent's rows before = the parent's after + the child's");
+    let mut after = sm.store().digest(0, Some(AT)).unwrap();
+    after.merge(child.store().digest(AT, None).unwrap());
+    assert_eq!(after, before);
+    assert_eq!(sm.store().digest(AT, None).unwrap().rows, 0);
+    assert_eq!(child.store().digest(0, Some(AT)).unwrap().rows, 0);
+    // A replica's own check says the same, at the split's index, whatever
+    // range the map would route (each side's log decided its range).
+    for (replica, rows, range) in [
+        (&sm, low.len(), (0, Some(AT))),
+        (&child, high.len(), (AT, None)),
+    ] {
+        let digest = replica.replica_content((1, Some(2))).unwrap();
+        assert_eq!(digest.applied.map(|id| id.index), Some(3));
+        let content = &digest.content;
+        assert_eq!((content.from_hash, content.to_hash), range);
+        assert_eq!(content.inside.rows_stored(), rows as u64);
+        assert_eq!(content.outside.rows_stored(), 0, "{content:?}");
+    }
     drop(child);
 
     eprintln!("--- a write of the child's keys sent to the parent is refused, unrecorded");

@@ -2,7 +2,7 @@
 //! and carried out by the cluster on whichever node must do them (changes
 //! of the cluster map go to the metadata group's leader like any proposal).
 
-use quiver_engine::digest::LogicalDigest;
+use quiver_engine::digest::{ContentDigest, LogicalDigest};
 use quiver_proto::admin as pb;
 use quiver_proto::admin::admin_server::Admin;
 use quiver_raft::cluster_map::{
@@ -36,6 +36,39 @@ impl AdminService {
     /// A service over `node`.
     pub fn new(node: NodeRef) -> Self {
         Self { node }
+    }
+
+    /// `Checksum` with `local_replicas`: this node's replicas. The totals
+    /// add up every replica listed (a node holds one replica per shard).
+    async fn checksum_local_replicas(&self) -> Result<Response<pb::ChecksumResponse>, Status> {
+        let (map_version, digests) = self
+            .node
+            .cluster
+            .checksum_local_replicas()
+            .await
+            .map_err(ServiceError::from)?;
+        let mut total = LogicalDigest::default();
+        let shards = digests
+            .into_iter()
+            .map(|(shard, replica, digest)| {
+                let content = &digest.content;
+                total.merge(content.inside.live);
+                pb::ShardChecksum {
+                    replica: replica.0,
+                    applied_index: digest.applied.map_or(0, |id| id.index),
+                    start: content.from_hash,
+                    end: content.to_hash.unwrap_or(0),
+                    rows_outside: content.outside.rows_stored(),
+                    ..shard_checksum(shard, &content.inside)
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ChecksumResponse {
+            rows: total.rows,
+            sum: total.sum_hex(),
+            shards,
+            map_version,
+        }))
     }
 
     fn map_version(outcome: &MapOutcome) -> u64 {
@@ -522,8 +555,11 @@ impl Admin for AdminService {
 
     async fn checksum(
         &self,
-        _request: Request<pb::ChecksumRequest>,
+        request: Request<pb::ChecksumRequest>,
     ) -> Result<Response<pb::ChecksumResponse>, Status> {
+        if request.into_inner().local_replicas {
+            return self.checksum_local_replicas().await;
+        }
         let (map_version, digests) = self
             .node
             .cluster
@@ -535,15 +571,7 @@ impl Admin for AdminService {
             .into_iter()
             .map(|(shard, digest)| {
                 total.merge(digest.live);
-                pb::ShardChecksum {
-                    shard: u64::from(shard),
-                    rows: digest.live.rows,
-                    sum: digest.live.sum_hex(),
-                    tombstones: digest.tombstones,
-                    expired: digest.expired,
-                    dropped_view_rows: digest.dropped_view_rows,
-                    unknown_view_rows: digest.unknown_view_rows,
-                }
+                shard_checksum(shard, &digest)
             })
             .collect();
         Ok(Response::new(pb::ChecksumResponse {
@@ -643,5 +671,19 @@ fn backup_summary(manifest: &crate::backup::BackupManifest) -> pb::BackupSummary
             .map(|s| s.record.leader_ts_us)
             .min()
             .unwrap_or(0),
+    }
+}
+
+/// A shard's checksum as the admin API reports it.
+fn shard_checksum(shard: GroupId, digest: &ContentDigest) -> pb::ShardChecksum {
+    pb::ShardChecksum {
+        shard: u64::from(shard),
+        rows: digest.live.rows,
+        sum: digest.live.sum_hex(),
+        tombstones: digest.tombstones,
+        expired: digest.expired,
+        dropped_view_rows: digest.dropped_view_rows,
+        unknown_view_rows: digest.unknown_view_rows,
+        ..Default::default()
     }
 }

@@ -531,22 +531,92 @@ async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
         .await;
     }
 
-    eprintln!("--- each half holds only its own rows");
-    for id in 1..=3 {
-        let status = cluster.node(id).status().await.unwrap();
-        let rows = |group: u32| {
-            status
-                .groups
+    eprintln!(
+        "--- on every replica, each half holds only its own rows, and the parent's rows \
+         before the split = the parent's after + the child's (a logical checksum)"
+    );
+    // Every key written, preloaded or by the writer (each acknowledged
+    // round wrote all its keys, so every key attempted is stored), that
+    // hashes into shard 1's range before the split.
+    assert_eq!(
+        ledger
+            .acked
+            .keys()
+            .collect::<std::collections::BTreeSet<_>>(),
+        ledger.attempted.keys().collect(),
+    );
+    let before = preload
+        .iter()
+        .chain(ledger.attempted.keys())
+        .filter(|key| quiver_client::entity_hash(key) < 1 << 63)
+        .count() as u64;
+    let endpoints: Vec<String> = (1..=3).map(|id| cluster.node(id).endpoint()).collect();
+    let replicas = retry(
+        "every replica of both halves at the same applied index",
+        CONVERGE_WAIT,
+        || {
+            let endpoints = endpoints.clone();
+            async move { replicas_at_one_index(&endpoints, &[1, child]) }
+        },
+    )
+    .await;
+    for shard in [1, child] {
+        let of_shard: Vec<&serde_json::Value> =
+            replicas.iter().filter(|r| r["shard"] == shard).collect();
+        assert_eq!(of_shard.len(), 3, "{of_shard:?}");
+        for replica in &of_shard {
+            assert_eq!(replica["rows_outside"], 0, "{replica}");
+            assert_eq!(replica["sum"], of_shard[0]["sum"], "{of_shard:?}");
+            assert_eq!(replica["rows"], of_shard[0]["rows"], "{of_shard:?}");
+        }
+    }
+    let rows = |shard: u32| {
+        replicas.iter().find(|r| r["shard"] == shard).unwrap()["rows"]
+            .as_u64()
+            .unwrap()
+    };
+    eprintln!(
+        "shard 1: {} rows, shard {child}: {} rows, {before} before the split",
+        rows(1),
+        rows(child)
+    );
+    assert_eq!(rows(1) + rows(child), before);
+    assert!(rows(1) > 0 && rows(child) > 0);
+}
+
+/// Every replica of `shards` on the nodes at `endpoints` (`quiverctl
+/// checksum --local-replicas`), once each shard's replicas report the
+/// same applied index (their digests are then comparable).
+fn replicas_at_one_index(
+    endpoints: &[String],
+    shards: &[u32],
+) -> Result<Vec<serde_json::Value>, String> {
+    let mut replicas = Vec::new();
+    for endpoint in endpoints {
+        let out = quiverctl(endpoint, &["--json", "checksum", "--local-replicas"])
+            .map_err(|e| format!("{e:#}"))?;
+        let answer: serde_json::Value =
+            serde_json::from_str(out.trim()).map_err(|e| e.to_string())?;
+        replicas.extend(
+            answer["shards"]
+                .as_array()
+                .ok_or(format!("no shards in {answer}"))?
                 .iter()
-                .find(|g| g.group == group)
-                .map_or(0, |g| g.rows_estimate)
-        };
-        eprintln!(
-            "node {id}: shard 1 ~{} rows, shard {child} ~{} rows",
-            rows(1),
-            rows(child)
+                .filter(|r| shards.iter().any(|&s| r["shard"] == s))
+                .cloned(),
         );
     }
+    for &shard in shards {
+        let indexes: std::collections::BTreeSet<u64> = replicas
+            .iter()
+            .filter(|r| r["shard"] == shard)
+            .filter_map(|r| r["applied_index"].as_u64())
+            .collect();
+        if indexes.len() != 1 {
+            return Err(format!("shard {shard}'s replicas applied {indexes:?}"));
+        }
+    }
+    Ok(replicas)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -359,7 +359,7 @@ fn operator_row(op: &pb::OperatorInfo) -> Vec<String> {
 }
 
 /// A replica id as `node` or `node.incarnation`.
-fn replica_name(id: u64) -> String {
+pub(crate) fn replica_name(id: u64) -> String {
     let node = id & u64::from(u32::MAX);
     match id >> 32 {
         0 => node.to_string(),

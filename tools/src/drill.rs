@@ -240,7 +240,7 @@ async fn run_drill(args: &DrillArgs, dir: &Path, json: bool) -> Result<bool> {
         let restored = restore_when_ready(&node.endpoint, request).await?;
         let took = restore_started.elapsed();
         bar.set_message("computing the scratch cluster's checksum");
-        Ok::<_, anyhow::Error>((restored, took, checksum_of(&node.endpoint).await?))
+        Ok::<_, anyhow::Error>((restored, took, checksum_of(&node.endpoint, false).await?))
     }
     .await;
     bar.finish_and_clear();
@@ -337,39 +337,64 @@ async fn restore_when_ready(
     }
 }
 
-/// The content checksum of the cluster at `endpoint`.
-async fn checksum_of(endpoint: &str) -> Result<pb::ChecksumResponse> {
+/// `quiverctl checksum`.
+#[derive(Debug, clap::Args)]
+pub struct ChecksumArgs {
+    /// The node's own shard replicas, each at the index it has applied
+    /// (leader or not, no read barrier), instead of every shard at its
+    /// leader: replicas of a shard that show the same applied index must
+    /// show the same checksum, and no rows outside their range.
+    #[arg(long)]
+    pub local_replicas: bool,
+}
+
+/// The content checksum of the cluster at `endpoint` (or of its replicas).
+async fn checksum_of(endpoint: &str, local_replicas: bool) -> Result<pb::ChecksumResponse> {
     let mut admin = client::connect_admin_waiting(endpoint, BACKUP_WAIT).await?;
     Ok(admin
-        .checksum(pb::ChecksumRequest {})
+        .checksum(pb::ChecksumRequest { local_replicas })
         .await
         .map_err(|s| status_error("checksum", s))?
         .into_inner())
 }
 
 /// `quiverctl checksum`: the content checksum of the cluster at
-/// `endpoint`, per shard and in all.
-pub async fn checksum(endpoint: &str, json: bool) -> Result<()> {
-    let answer = checksum_of(endpoint).await?;
+/// `endpoint`, per shard and in all, or of the node's own replicas.
+pub async fn checksum(endpoint: &str, args: &ChecksumArgs, json: bool) -> Result<()> {
+    let local = args.local_replicas;
+    let answer = checksum_of(endpoint, local).await?;
     if json {
         return print_json(&serde_json::json!({
             "rows": answer.rows,
             "sum": answer.sum,
             "map_version": answer.map_version,
-            "shards": answer.shards.iter().map(|s| serde_json::json!({
-                "shard": s.shard,
-                "rows": s.rows,
-                "sum": s.sum,
-                "tombstones": s.tombstones,
-                "expired": s.expired,
-                "dropped_view_rows": s.dropped_view_rows,
-                "unknown_view_rows": s.unknown_view_rows,
-            })).collect::<Vec<_>>(),
+            "shards": answer.shards.iter().map(|s| {
+                let mut shard = serde_json::json!({
+                    "shard": s.shard,
+                    "rows": s.rows,
+                    "sum": s.sum,
+                    "tombstones": s.tombstones,
+                    "expired": s.expired,
+                    "dropped_view_rows": s.dropped_view_rows,
+                    "unknown_view_rows": s.unknown_view_rows,
+                });
+                if local {
+                    shard["replica"] = s.replica.into();
+                    shard["applied_index"] = s.applied_index.into();
+                    shard["start"] = s.start.into();
+                    shard["end"] = s.end.into();
+                    shard["rows_outside"] = s.rows_outside.into();
+                }
+                shard
+            }).collect::<Vec<_>>(),
         }));
     }
     let mut table = Table::new();
-    table.set_header([
-        "shard",
+    let mut header = vec!["shard"];
+    if local {
+        header.extend(["replica", "applied", "range", "rows outside"]);
+    }
+    header.extend([
         "rows",
         "content checksum",
         "deleted",
@@ -377,9 +402,23 @@ pub async fn checksum(endpoint: &str, json: bool) -> Result<()> {
         "of deleted views",
         "of unknown views",
     ]);
+    table.set_header(header);
     for s in &answer.shards {
-        table.add_row([
-            s.shard.to_string(),
+        let mut row = vec![s.shard.to_string()];
+        if local {
+            let end = if s.end == 0 {
+                "end".to_owned()
+            } else {
+                format!("{:#x}", s.end)
+            };
+            row.extend([
+                crate::cluster::replica_name(s.replica),
+                s.applied_index.to_string(),
+                format!("{:#x}..{end}", s.start),
+                s.rows_outside.to_string(),
+            ]);
+        }
+        row.extend([
             s.rows.to_string(),
             s.sum.clone(),
             s.tombstones.to_string(),
@@ -387,10 +426,16 @@ pub async fn checksum(endpoint: &str, json: bool) -> Result<()> {
             s.dropped_view_rows.to_string(),
             s.unknown_view_rows.to_string(),
         ]);
+        table.add_row(row);
     }
     println!("{table}");
+    let whose = if local {
+        "this node's replicas"
+    } else {
+        "cluster"
+    };
     println!(
-        "cluster (map version {}): {} rows, content checksum {}",
+        "{whose} (map version {}): {} rows, content checksum {}",
         answer.map_version, answer.rows, answer.sum
     );
     Ok(())

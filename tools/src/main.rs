@@ -80,8 +80,8 @@ enum Command {
     /// The cluster's content checksum: a digest of every live row by view
     /// name, entity key, event time and feature values, per shard (read at
     /// each leader) and in all. Equal for a backup and the cluster restored
-    /// from it.
-    Checksum,
+    /// from it. With --local-replicas: the node's own replicas instead.
+    Checksum(drill::ChecksumArgs),
     /// Client tokens for nodes with `auth.tokens`.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -204,7 +204,7 @@ async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Backup(command) => return backup::run(&cli.endpoint, command, cli.json).await,
         Command::Restore(args) => return backup::restore(&cli.endpoint, args, cli.json).await,
-        Command::Checksum => return drill::checksum(&cli.endpoint, cli.json).await,
+        Command::Checksum(args) => return drill::checksum(&cli.endpoint, args, cli.json).await,
         Command::Node(command) => return cluster::node(&cli.endpoint, command, cli.json).await,
         Command::Operator(command) => {
             return cluster::operator(&cli.endpoint, command, cli.json).await;
@@ -241,7 +241,7 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Rebalance(_)
         | Command::Backup(_)
         | Command::Restore(_)
-        | Command::Checksum
+        | Command::Checksum(_)
         | Command::Node(_)
         | Command::Operator(_) => {
             unreachable!("handled before")

@@ -806,3 +806,51 @@ fn records_come_back_a_page_at_a_time_with_tombstones() {
     assert!(tombstones.contains(&"d3".to_owned()) && tombstones.contains(&"d7".to_owned()));
     assert_eq!(store.digest(0, None).unwrap().rows, 25);
 }
+
+/// A replica's content splits its rows into those inside a hash range and
+/// those outside it, adding up to the whole store, with the meta values
+/// and the range read from the same snapshot.
+#[test]
+fn replica_content_counts_rows_inside_and_outside_its_range() {
+    let (_dir, _clock, store, view) = store_with_view();
+    let keys: Vec<String> = (0..100).map(|i| format!("driver-{i}")).collect();
+    let rows: Vec<RowWrite> = keys.iter().map(|k| row(k, T0_US, 1)).collect();
+    store.write_rows(view.id, &rows).unwrap();
+    store.put_meta(&[(b"position", Some(&b"7"[..]))]).unwrap();
+    let middle = 1u64 << 63;
+    let below = keys
+        .iter()
+        .filter(|k| crate::keys::entity_hash(k.as_bytes()) < middle)
+        .count() as u64;
+    assert!(below > 0 && below < 100, "{below} keys below the middle");
+
+    let mut seen = Vec::new();
+    let content = store
+        .replica_content(&[b"position", b"absent"], |meta| {
+            seen = meta.to_vec();
+            Ok((middle, None))
+        })
+        .unwrap();
+    assert_eq!(seen, vec![Some(b"7".to_vec()), None]);
+    assert_eq!(content.meta, seen);
+    assert_eq!((content.from_hash, content.to_hash), (middle, None));
+    assert_eq!(content.inside.live.rows, 100 - below);
+    assert_eq!(content.outside.rows_stored(), below);
+    let mut whole = content.inside;
+    whole.merge(content.outside);
+    assert_eq!(whole, store.content_digest(0, None).unwrap());
+
+    let low = store
+        .replica_content(&[], |_| Ok((0, Some(middle))))
+        .unwrap();
+    assert_eq!(low.inside.live.rows, below);
+    assert_eq!(low.outside, content.inside);
+    // A range picker's error is the call's.
+    let refused = store.replica_content(&[], |_| {
+        Err(EngineError::Corrupt {
+            what: "range".into(),
+            reason: "test".into(),
+        })
+    });
+    assert!(refused.is_err());
+}

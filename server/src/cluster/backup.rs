@@ -2,7 +2,8 @@
 //! coordinator asks the shard's leader first (the freshest cut), any other
 //! replica if the leader cannot be reached; the work itself is
 //! `crate::backup::Backups::backup_local`. Also a shard's content
-//! checksum, read at its leader (what a restore drill compares).
+//! checksum, read at its leader (what a restore drill compares), and this
+//! node's replicas' checksums (what replicas of a shard are compared by).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,8 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use quiver_engine::digest::ContentDigest;
 use quiver_raft::backup::ShardBackup;
-use quiver_raft::{GroupId, METADATA_GROUP, NodeId};
+use quiver_raft::state_machine::ReplicaDigest;
+use quiver_raft::{GroupId, METADATA_GROUP, NodeId, ReplicaId};
 
 use super::wire::{HashRange, PeerCall, PeerResult, ReadLevel};
 use super::{Cluster, ClusterError};
@@ -132,6 +134,40 @@ impl Cluster {
             Ok(Err(e)) => PeerResult::Refused(format!("reading shard {shard}: {e}")),
             Err(e) => PeerResult::Failed(format!("the checksum task failed: {e}")),
         }
+    }
+
+    /// The content of every shard replica hosted here, one after another,
+    /// each at one applied index of its own (see
+    /// `StateMachine::replica_content`), with the version of the map this
+    /// node routes by. The feature views are brought up to date first, so
+    /// rows are named as the metadata leader names them.
+    pub async fn checksum_local_replicas(
+        &self,
+    ) -> Result<(u64, Vec<(GroupId, ReplicaId, ReplicaDigest)>), ClusterError> {
+        self.sync_metadata().await?;
+        let placement = self.placement();
+        let mut digests = Vec::new();
+        for (shard, group) in self.groups() {
+            if shard == METADATA_GROUP {
+                continue;
+            }
+            let routed = placement
+                .shard(shard)
+                .map_or((0, None), |desc| (desc.start, desc.end));
+            let state = group.state.clone();
+            let digest = tokio::task::spawn_blocking(move || state.replica_content(routed))
+                .await
+                .map_err(|e| ClusterError::Refused {
+                    group: shard,
+                    message: format!("the checksum task failed: {e}"),
+                })?
+                .map_err(|e| ClusterError::Refused {
+                    group: shard,
+                    message: format!("reading shard {shard}'s replica here: {e}"),
+                })?;
+            digests.push((shard, group.replica, digest));
+        }
+        Ok((placement.map.version, digests))
     }
 
     /// [`Self::checksum_shard`] of every shard of the current map, a few
