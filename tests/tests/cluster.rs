@@ -711,6 +711,10 @@ const SLOW_ELECTIONS: [(&str, &str); 4] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_moves_on_request_and_on_shutdown_without_an_election_timeout() {
     let election_timeout_min = std::time::Duration::from_millis(5000);
+    // "Far below an election timeout": a tenth of it. On loopback the
+    // handover takes about 12 ms and the longest gap in acknowledged writes
+    // about 20 ms; the margin is for a loaded test machine.
+    let far_below = election_timeout_min / 10;
     let mut cluster = start(&SLOW_ELECTIONS).await;
     let c1 = cluster.node(1).client().await.unwrap();
     let key = "handover".to_owned();
@@ -765,10 +769,7 @@ async fn leadership_moves_on_request_and_on_shutdown_without_an_election_timeout
     let out = done.to_string();
     assert_eq!(done["leader_id"], target, "{out}");
     assert_eq!(done["moved"], true, "{out}");
-    assert!(
-        took < election_timeout_min,
-        "the handover took {took:?}: {out}"
-    );
+    assert!(took < far_below, "the handover took {took:?}: {out}");
     assert_eq!(leader_of(&mut cluster, shard).await, target);
     // Asking again changes nothing.
     let again = transfer();
@@ -809,8 +810,8 @@ async fn leadership_moves_on_request_and_on_shutdown_without_an_election_timeout
         .max()
         .unwrap();
     assert!(
-        gap < election_timeout_min,
-        "writes stopped for {gap:?}: leadership moved by election, not by handover"
+        gap < far_below,
+        "writes stopped for {gap:?}: leadership moved by election, or the handover was slow"
     );
     eprintln!(
         "handover: {took:?} by request ({} ms on the leader); longest gap in acknowledged \

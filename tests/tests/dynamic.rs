@@ -72,6 +72,9 @@ async fn started(
     (cluster, endpoint, client)
 }
 
+/// A replica moves away and back to the same node (under a new replica id)
+/// while a writer keeps a ledger; then two moves of one shard asked at
+/// once through two nodes: exactly one starts, the other is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_moves_away_and_back_to_the_same_node_under_writes() {
     let _turn = ONE_CLUSTER.lock().await;
@@ -169,6 +172,44 @@ async fn a_replica_moves_away_and_back_to_the_same_node_under_writes() {
     let status = cluster.node(away).status().await.unwrap();
     let group = status.groups.iter().find(|g| g.group == 1).unwrap();
     assert_eq!(group.replica_id, back.replica_id);
+
+    eprintln!("--- two moves of shard 2 asked at once, through two nodes: exactly one starts");
+    let voters = voter_nodes(&map, 2);
+    let spare = (1..=4).find(|n| !voters.contains(n)).unwrap();
+    let asks: Vec<_> = [(1, voters[0]), (3, voters[1])]
+        .into_iter()
+        .map(|(through, from)| {
+            let endpoint = cluster.node(through).endpoint();
+            let (from, to) = (from.to_string(), spare.to_string());
+            tokio::task::spawn_blocking(move || {
+                let args = ["shard", "move", "2", "--from", &from, "--to", &to];
+                quiverctl(&endpoint, &args).map_err(|e| format!("{e:#}"))
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for ask in asks {
+        outcomes.push(ask.await.unwrap());
+    }
+    eprintln!("{outcomes:?}");
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_ok()).count(),
+        1,
+        "{outcomes:?}"
+    );
+    let refused = outcomes.iter().find_map(|o| o.as_ref().err()).unwrap();
+    assert!(refused.contains("under way"), "{refused}");
+    let map = wait_map(&endpoint, "the one move is done", |map| {
+        settled(map, 3, &[1, 2, 3, 4])
+    })
+    .await;
+    let now = voter_nodes(&map, 2);
+    assert!(now.contains(&spare), "{now:?}");
+    assert_eq!(
+        voters.iter().filter(|v| !now.contains(v)).count(),
+        1,
+        "exactly one voter moved: {voters:?} -> {now:?}"
+    );
 
     eprintln!("--- the writer's acknowledged writes are all there, through every node");
     tokio::time::sleep(Duration::from_millis(500)).await;
