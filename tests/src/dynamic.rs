@@ -328,3 +328,19 @@ pub fn balanced_within_one(
         Err(format!("replicas per node {counts:?}"))
     }
 }
+
+/// The directories of a node's replicas (`groups/<shard>[.<incarnation>]`),
+/// sorted; a name starting with a dot (the trash) is left out.
+pub fn replica_dirs(node: &crate::Node) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(node.data_dir().join("groups"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}

@@ -1,5 +1,5 @@
 //! Operators survive a crash at each of their steps: the metadata leader
-//! (which carries operators out), a move's target, the shard's leader, or a
+//! (which carries operators out), a move's target or source, the shard's leader, or a
 //! replica applying a split aborts at a failpoint
 //! (`QUIVER_TEST_FAILPOINTS`, once per cluster), is restarted, and the
 //! operator completes or is rolled back; the shard's membership is the same
@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry};
-use quiver_tests::dynamic::{Writer, check_ledger, voter_nodes, wait_map};
+use quiver_tests::dynamic::{Writer, check_ledger, replica_dirs, voter_nodes, wait_map};
 use quiver_tests::{Cluster, quiverctl};
 
 /// One cluster at a time (2 cores).
@@ -118,6 +118,22 @@ async fn crash_at(failpoint: &str, operation: Operation) {
                 "half a move: {voters:?} -> {after:?}"
             );
             eprintln!("move {}", if moved { "completed" } else { "rolled back" });
+            // The replica that left is gone from its node's disk, also when
+            // that node crashed while destroying it.
+            if moved {
+                let source = cluster.node(voters[0]);
+                retry("the source deletes its replica", CONVERGE_WAIT, || {
+                    let dirs = replica_dirs(source);
+                    async move {
+                        if dirs.iter().any(|d| d == "1" || d.starts_with("1.")) {
+                            Err(format!("{dirs:?}"))
+                        } else {
+                            Ok(())
+                        }
+                    }
+                })
+                .await;
+            }
         }
         Operation::Split => assert_eq!(map.shards.len(), 3, "{:?}", map.shards),
     }
@@ -196,15 +212,18 @@ async fn a_move_survives_its_metadata_leader_crashing_at_every_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_survives_its_target_or_the_shard_leader_crashing() {
+async fn a_move_survives_its_source_target_or_the_shard_leader_crashing() {
     let _turn = ONE_CLUSTER.lock().await;
     // The target just after it created its empty learner; the shard's
     // leader (often the replica that leaves) just after adding the learner
-    // and just after the joint voter change.
+    // and just after the joint voter change; the source once removed, as
+    // it destroys its replica (the map's tombstone has it finish after the
+    // restart).
     for failpoint in [
         "replica.learner_opened",
         "shard.learner_added",
         "shard.voters_changed",
+        "replica.destroying",
     ] {
         crash_at(failpoint, Operation::Move).await;
     }
@@ -213,7 +232,15 @@ async fn a_move_survives_its_target_or_the_shard_leader_crashing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_survives_a_crash_of_a_replica_or_the_metadata_leader() {
     let _turn = ONE_CLUSTER.lock().await;
-    for failpoint in ["split.child_built", "operator.split_applied"] {
+    // The metadata leader before it proposes the split and once it is
+    // applied; a replica once it built its child and once its own half is
+    // trimmed (the entry is applied again after the restart).
+    for failpoint in [
+        "operator.split_proposing",
+        "split.child_built",
+        "split.parent_trimmed",
+        "operator.split_applied",
+    ] {
         crash_at(failpoint, Operation::Split).await;
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry};
 use quiver_tests::dynamic::{
     Reader, Writer, balanced_within_one, check_ledger, cluster_map, leader_counts, replica_counts,
-    settled, voter_nodes, wait_map,
+    replica_dirs, settled, voter_nodes, wait_map,
 };
 use quiver_tests::{Cluster, Node, TEST_CLUSTER_SECRET, quiverctl};
 
@@ -40,21 +40,6 @@ impl Kept {
     fn path(&self) -> &std::path::Path {
         self.0.as_ref().unwrap().path()
     }
-}
-
-/// The directories of a node's replicas (`groups/<shard>[.<incarnation>]`).
-fn replica_dirs(node: &Node) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(node.data_dir().join("groups"))
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with('.'))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
 
 /// Starts `count` nodes with `env` under `dir`, waits for every leader and

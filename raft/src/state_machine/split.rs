@@ -188,6 +188,7 @@ impl StateMachine {
         self.store()
             .delete_hash_range_with(split.at, split.end, &puts)
             .map_err(engine_io)?;
+        crate::failpoint::failpoint("split.parent_trimmed");
         // After the delete: a read that cached a row of the half given away
         // either finds the range changed or loses its entry here (the rows
         // live on in the child; the node's cache must not say they are

@@ -446,6 +446,9 @@ impl GroupHost {
                 self.stop_locked(group).await;
                 self.factory.observer.replica_changed();
             }
+            // A crash here leaves the stopped replica's directory in place:
+            // the tombstone in the map has it destroyed after the restart.
+            quiver_raft::failpoint::failpoint("replica.destroying");
             let dir = self.factory.dir(group, replica);
             let root = self.factory.root.clone();
             tokio::task::spawn_blocking(move || move_to_trash(&root, &dir))

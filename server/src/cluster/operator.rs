@@ -482,6 +482,7 @@ impl Cluster {
             end: desc.end,
             version: desc.epoch.version,
         };
+        failpoint("operator.split_proposing");
         match self.propose_with_id(shard, command, Some(request_id)).await {
             Ok((Response::Split { index, .. }, _)) => {
                 failpoint("operator.split_applied");
