@@ -267,14 +267,44 @@ impl Cluster {
     /// (of the shard's current range version, at most three intervals old)
     /// over a limit.
     pub(super) fn shards_to_split(&self, map: &ClusterMap) -> BTreeMap<GroupId, String> {
-        let bytes_max = self.config.split_shard_bytes_max;
-        let rate_max = self.config.split_shard_write_rows_per_second_max;
+        let limits = SplitLimits {
+            bytes_max: self.config.split_shard_bytes_max,
+            write_rows_per_second_max: self.config.split_shard_write_rows_per_second_max,
+        };
+        self.loads
+            .over_split_limits(map, limits, self.now_ms(), self.load_reports_fresh_ms())
+    }
+}
+
+/// When a shard splits by itself (0: never by that measure).
+#[derive(Debug, Clone, Copy)]
+pub struct SplitLimits {
+    /// `cluster.split_shard_bytes_max`.
+    pub bytes_max: u64,
+    /// `cluster.split_shard_write_rows_per_second_max` (a rate over one
+    /// load report interval, so a burst shorter than that weighs less).
+    pub write_rows_per_second_max: u64,
+}
+
+impl Loads {
+    /// The shards of `map` whose fresh report (of the shard's current range
+    /// version, at most `fresh_ms` old at `now_ms`) is over `limits`, with
+    /// why; never a shard too narrow to split again.
+    fn over_split_limits(
+        &self,
+        map: &ClusterMap,
+        limits: SplitLimits,
+        now: u64,
+        fresh_ms: u64,
+    ) -> BTreeMap<GroupId, String> {
+        let SplitLimits {
+            bytes_max,
+            write_rows_per_second_max: rate_max,
+        } = limits;
         if bytes_max == 0 && rate_max == 0 {
             return BTreeMap::new();
         }
-        let now = self.now_ms();
-        let fresh_ms = self.load_reports_fresh_ms();
-        let reported = self.loads.reported.lock();
+        let reported = self.reported.lock();
         let mut split = BTreeMap::new();
         for (&group, desc) in &map.shards {
             let Some(&Report { load, at_ms, .. }) = reported.get(&group) else {
@@ -363,5 +393,75 @@ mod tests {
         assert_eq!(loads.leaders(2_000, 3_000)[&1], 2);
         loads.record(3, &[load(1)], 5_000, 3_000);
         assert_eq!(loads.leaders(5_000, 3_000)[&1], 3);
+    }
+
+    /// A shard splits on a fresh report of its current range over either
+    /// limit (size first), and not on a stale report, a report from before
+    /// its last split, or with the limit off; a shard too narrow to split
+    /// again never does.
+    #[test]
+    fn shards_split_on_fresh_reports_over_their_limits() {
+        use quiver_raft::cluster_map::{NodeInfo, NodeState};
+        let nodes = (1..=3)
+            .map(|id| {
+                let info = NodeInfo {
+                    addr: format!("h:{id}"),
+                    peer_addr: format!("p:{id}"),
+                    state: NodeState::Serving,
+                };
+                (id, info)
+            })
+            .collect();
+        let replicas = (1..=4).map(|s| (s, vec![1, 2, 3])).collect();
+        let mut map = ClusterMap::bootstrap(nodes, &replicas, 3, 3);
+        // Shard 4 as narrow as a shard may get.
+        let narrow = map.shards.get_mut(&4).unwrap();
+        narrow.end = Some(narrow.start + (SPLIT_RANGE_WIDTH_MIN as u64 - 1));
+        let report = |group, bytes, rate, version| ShardLoad {
+            group,
+            version,
+            bytes,
+            write_rows_per_second: rate,
+            term: 1,
+        };
+        let loads = Loads::default();
+        loads.record(
+            1,
+            &[
+                report(1, 2_000, 10, 0),
+                report(2, 10, 5_000, 0),
+                report(3, 2_000, 5_000, 7),
+                report(4, 2_000, 5_000, 0),
+            ],
+            1_000,
+            3_000,
+        );
+        let limits = |bytes_max, write_rows_per_second_max| SplitLimits {
+            bytes_max,
+            write_rows_per_second_max,
+        };
+        let split = loads.over_split_limits(&map, limits(1_000, 1_000), 2_000, 3_000);
+        assert_eq!(split.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+        assert!(split[&1].contains("split_shard_bytes_max"), "{split:?}");
+        assert!(
+            split[&2].contains("5000 rows written per second"),
+            "{split:?}"
+        );
+        // Only by size, only by rate, or never.
+        let by_size = loads.over_split_limits(&map, limits(1_000, 0), 2_000, 3_000);
+        assert_eq!(by_size.keys().copied().collect::<Vec<_>>(), vec![1]);
+        let by_rate = loads.over_split_limits(&map, limits(0, 1_000), 2_000, 3_000);
+        assert_eq!(by_rate.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert!(
+            loads
+                .over_split_limits(&map, limits(0, 0), 2_000, 3_000)
+                .is_empty()
+        );
+        // Reports older than the freshness window count for nothing.
+        assert!(
+            loads
+                .over_split_limits(&map, limits(1_000, 1_000), 4_001, 3_000)
+                .is_empty()
+        );
     }
 }
