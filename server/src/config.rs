@@ -395,6 +395,10 @@ pub struct ClusterConfig {
     /// Most operators (replica moves, removals, splits) under way in the
     /// cluster at once (each new replica may need a snapshot).
     pub operators_max: u32,
+    /// Replica moves the scheduler starts into or out of any one node per
+    /// minute, at most (PD's store limit); 0: no limit. Moves asked for by
+    /// hand are not limited.
+    pub moves_per_node_per_minute_max: u32,
     /// A new replica that has not caught up with its shard's leader this
     /// long after it was added is removed and its move cancelled.
     pub operator_catch_up_timeout_ms: u64,
@@ -510,6 +514,7 @@ impl Default for ClusterConfig {
             shard_breaker_slow_call_ms: 1_000,
             schedule_replicas: true,
             operators_max: 4,
+            moves_per_node_per_minute_max: 15,
             operator_catch_up_timeout_ms: 600_000,
             replace_down_after_ms: 1_800_000,
             // TiKV's large-region split size.

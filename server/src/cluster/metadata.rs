@@ -585,11 +585,16 @@ impl Cluster {
     pub(super) fn plan_for(&self, map: &ClusterMap) -> Vec<super::scheduler::Planned> {
         let down = self.long_down_nodes(map);
         let splits = self.shards_to_split(map);
+        let limited = self.operators.nodes_at_move_limit(
+            std::time::Instant::now(),
+            self.config.moves_per_node_per_minute_max,
+        );
         super::scheduler::plan(
             map,
             &down,
             self.config.operators_max as usize,
             &splits,
+            &limited,
             |shard| self.operator_backing_off(shard),
         )
     }

@@ -32,7 +32,7 @@ use parking_lot::Mutex;
 use quiver_raft::cluster_map::{ClusterMap, MapCommand, Operator, OperatorKind, OperatorStep};
 use quiver_raft::state_machine::RangeDesc;
 use quiver_raft::types::{LogId, RejectKind};
-use quiver_raft::{Command, GroupId, ReplicaId, RequestId, Response};
+use quiver_raft::{Command, GroupId, NodeId, ReplicaId, RequestId, Response};
 use serde::{Deserialize, Serialize};
 
 use quiver_raft::failpoint::failpoint;
@@ -56,9 +56,47 @@ const HANDOVER_ATTEMPTS_MAX: u32 = 3;
 pub struct Running {
     shards: Mutex<BTreeSet<GroupId>>,
     backoff: Mutex<HashMap<GroupId, Instant>>,
+    /// The nodes each move the scheduler started touched (its target, and
+    /// its source if any), and when, for the last [`MOVES_WINDOW`].
+    moves: Mutex<std::collections::VecDeque<(Instant, NodeId)>>,
 }
 
+/// The window `cluster.moves_per_node_per_minute_max` counts moves over.
+pub const MOVES_WINDOW: Duration = Duration::from_secs(60);
+
 impl Running {
+    /// Records a move the scheduler started at `now`, into `to` and out of
+    /// `from`.
+    pub fn moved(&self, now: Instant, from: Option<NodeId>, to: NodeId) {
+        let mut moves = self.moves.lock();
+        moves.push_back((now, to));
+        moves.extend(from.map(|node| (now, node)));
+    }
+
+    /// The nodes that took part in at least `max` of the moves recorded in
+    /// the [`MOVES_WINDOW`] before `now` (none when `max` is 0: no limit).
+    pub fn nodes_at_move_limit(&self, now: Instant, max: u32) -> BTreeSet<NodeId> {
+        let mut moves = self.moves.lock();
+        while moves
+            .front()
+            .is_some_and(|&(at, _)| now.saturating_duration_since(at) >= MOVES_WINDOW)
+        {
+            moves.pop_front();
+        }
+        if max == 0 {
+            return BTreeSet::new();
+        }
+        let mut counts: HashMap<NodeId, u32> = HashMap::new();
+        for &(_, node) in moves.iter() {
+            *counts.entry(node).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .filter(|&(_, count)| count >= max)
+            .map(|(node, _)| node)
+            .collect()
+    }
+
     /// Whether the scheduler should leave `shard` alone now.
     pub fn backing_off(&self, shard: GroupId) -> bool {
         let mut backoff = self.backoff.lock();
@@ -731,5 +769,30 @@ async fn carry_out(cluster: std::sync::Weak<Cluster>, shard: GroupId, id: u64) {
             Err(e) => tracing::info!(shard, op = id, error = %e, "operator step failed; retrying"),
         }
         tokio::time::sleep(STEP_PAUSE).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node is at its limit once it took part in `max` moves within the
+    /// window, as target or source, and free again once they age out; 0 is
+    /// no limit.
+    #[test]
+    fn moves_count_per_node_over_a_minute() {
+        let running = Running::default();
+        let t0 = Instant::now();
+        running.moved(t0, Some(1), 4);
+        running.moved(t0 + Duration::from_secs(30), None, 4);
+        running.moved(t0 + Duration::from_secs(40), Some(2), 3);
+        let at = |secs, max| running.nodes_at_move_limit(t0 + Duration::from_secs(secs), max);
+        assert_eq!(at(50, 2), BTreeSet::from([4]));
+        assert_eq!(at(50, 1), BTreeSet::from([1, 2, 3, 4]));
+        assert!(at(50, 0).is_empty(), "no limit");
+        // The first move ages out: node 4 has one left, node 1 none.
+        assert_eq!(at(61, 1), BTreeSet::from([2, 3, 4]));
+        assert!(at(61, 2).is_empty());
+        assert!(at(101, 1).is_empty());
     }
 }

@@ -30,7 +30,10 @@
 //!    leads what comes from the leaders' load reports (`load`).
 //!
 //! Limits: at most `operators_max` operators in the cluster, at most one
-//! that adds a replica to any one node (its snapshot), never a replica on a
+//! that adds a replica to any one node (its snapshot), at most
+//! `moves_per_node_per_minute_max` moves started by the scheduler into or
+//! out of any one node in a minute (PD's store limit; moves asked for by
+//! hand do not count), never a replica on a
 //! node that already holds one of the shard or has not yet deleted an old
 //! one (PD's store limits play this part in TiKV), and a shard whose last
 //! operator was cancelled is left alone for a while (`skip`).
@@ -55,19 +58,23 @@ pub struct Planned {
 
 /// The operators to start now, at most `operators_max` running in all
 /// (counting those in the map), none on a shard `skip` names; `splits`
-/// names the shards to split and why.
+/// names the shards to split and why; `limited` names the nodes that
+/// took part in as many replica moves as they may in the last minute
+/// (`cluster.moves_per_node_per_minute_max`): they get no new replica and
+/// give none away to balance.
 pub fn plan(
     map: &ClusterMap,
     down: &BTreeSet<NodeId>,
     operators_max: usize,
     splits: &BTreeMap<GroupId, String>,
+    limited: &BTreeSet<NodeId>,
     skip: impl Fn(GroupId) -> bool,
 ) -> Vec<Planned> {
     let mut splitting = map
         .operators
         .values()
         .any(|op| matches!(op.kind, OperatorKind::Split { .. }));
-    let mut planner = Planner::new(map, down);
+    let mut planner = Planner::new(map, down, limited);
     let mut planned = Vec::new();
     let mut budget = operators_max.saturating_sub(map.operators.len());
     for (&shard, desc) in &map.shards {
@@ -126,10 +133,12 @@ struct Planner<'a> {
     /// Nodes receiving a replica now.
     receiving: BTreeSet<NodeId>,
     down: &'a BTreeSet<NodeId>,
+    /// Nodes at their rate of moves.
+    limited: &'a BTreeSet<NodeId>,
 }
 
 impl<'a> Planner<'a> {
-    fn new(map: &'a ClusterMap, down: &'a BTreeSet<NodeId>) -> Self {
+    fn new(map: &'a ClusterMap, down: &'a BTreeSet<NodeId>, limited: &'a BTreeSet<NodeId>) -> Self {
         let targets: BTreeSet<NodeId> = map.serving_nodes().filter(|n| !down.contains(n)).collect();
         let mut load: BTreeMap<NodeId, usize> = targets.iter().map(|&n| (n, 0)).collect();
         for desc in map.shards.values() {
@@ -152,6 +161,7 @@ impl<'a> Planner<'a> {
             load,
             receiving,
             down,
+            limited,
         }
     }
 
@@ -161,14 +171,15 @@ impl<'a> Planner<'a> {
     }
 
     /// The serving node that should take a new replica of `shard`: up, not
-    /// holding one, not receiving another now, fewest replicas.
+    /// holding one, not receiving another now, not at its rate of moves,
+    /// fewest replicas.
     fn target_for(&self, shard: GroupId) -> Option<NodeId> {
         let desc = self.map.shards.get(&shard)?;
         self.targets
             .iter()
             .copied()
             .filter(|&node| desc.replica_on(node).is_none())
-            .filter(|node| !self.receiving.contains(node))
+            .filter(|node| !self.receiving.contains(node) && !self.limited.contains(node))
             .filter(|&node| {
                 !self
                     .map
@@ -286,10 +297,12 @@ impl<'a> Planner<'a> {
             .map(|&node| (self.load.get(&node).copied().unwrap_or(0), node))
             .collect();
         let &(low, emptiest) = counts.iter().min()?;
+        // Counts are judged over every node; a node at its rate of moves
+        // neither gives nor takes this round.
         let &(high, fullest) = counts
             .iter()
             .max_by_key(|(n, node)| (*n, std::cmp::Reverse(*node)))?;
-        if high <= low + 1 {
+        if high <= low + 1 || self.limited.contains(&fullest) {
             return None;
         }
         let (&shard, desc) = self.map.shards.iter().find(|(shard, desc)| {
@@ -413,6 +426,10 @@ impl Cluster {
         };
         for planned in planned {
             tracing::info!(shard = planned.shard, request = ?planned.request, reason = %planned.reason, "scheduling an operator");
+            let moving = match planned.request {
+                OperatorRequest::Move { from, to_node } => Some((from.map(|r| r.node()), to_node)),
+                OperatorRequest::Remove { .. } | OperatorRequest::Split { .. } => None,
+            };
             let started = self
                 .change_map(quiver_raft::cluster_map::MapCommand::StartOperator {
                     shard: planned.shard,
@@ -423,7 +440,12 @@ impl Cluster {
             // A refusal (the map moved on since the plan) concerns that
             // shard only: the others' operators still start.
             match started {
-                Ok(_) => started_any = true,
+                Ok(_) => {
+                    started_any = true;
+                    if let Some((from, to)) = moving {
+                        self.operators.moved(std::time::Instant::now(), from, to);
+                    }
+                }
                 Err(e) => tracing::info!(shard = planned.shard, error = %e, "operator not started"),
             }
         }
@@ -533,7 +555,7 @@ mod tests {
     /// time.
     fn settle(map: &mut ClusterMap, down: &BTreeSet<NodeId>) -> usize {
         for round in 0..500 {
-            let planned = plan(map, down, 1, &BTreeMap::new(), |_| false);
+            let planned = plan(map, down, 1, &BTreeMap::new(), &BTreeSet::new(), |_| false);
             let Some(one) = planned.first() else {
                 return round;
             };
@@ -558,6 +580,61 @@ mod tests {
             }
         }
         counts
+    }
+
+    /// A node at its rate of moves gets no new replica (the next best
+    /// node does, or nobody) and gives none away to balance; the others
+    /// go on.
+    #[test]
+    fn a_node_at_its_rate_of_moves_neither_takes_nor_gives_for_balance() {
+        use NodeState::*;
+        let none = BTreeMap::new();
+        // Four shards on nodes 1-3, node 4 empty: balance moves to node 4.
+        let m = map(&[Serving, Serving, Serving, Serving], 4, &[1, 2, 3], 3);
+        let balance = plan(&m, &BTreeSet::new(), 4, &none, &BTreeSet::new(), |_| false);
+        assert!(
+            matches!(
+                balance[..],
+                [Planned {
+                    request: OperatorRequest::Move { to_node: 4, .. },
+                    ..
+                }]
+            ),
+            "{balance:?}"
+        );
+        let limited = BTreeSet::from([4]);
+        assert!(plan(&m, &BTreeSet::new(), 4, &none, &limited, |_| false).is_empty());
+        // The fullest node limited: it gives nothing away either (and the
+        // round balances nothing: the fullest is the one to give).
+        let from = match balance[0].request {
+            OperatorRequest::Move {
+                from: Some(from), ..
+            } => from.node(),
+            _ => unreachable!(),
+        };
+        let limited = BTreeSet::from([from]);
+        assert!(plan(&m, &BTreeSet::new(), 4, &none, &limited, |_| false).is_empty());
+        // A shard one voter short: the emptiest node that is not limited
+        // takes the new replica; with all of them limited, nobody does.
+        let m = map(&[Serving, Serving, Serving, Serving], 1, &[1], 3);
+        let planned = plan(&m, &BTreeSet::new(), 4, &none, &BTreeSet::from([2]), |_| {
+            false
+        });
+        assert!(
+            matches!(
+                planned[..],
+                [Planned {
+                    request: OperatorRequest::Move {
+                        from: None,
+                        to_node: 3
+                    },
+                    ..
+                }]
+            ),
+            "{planned:?}"
+        );
+        let all = BTreeSet::from([2, 3, 4]);
+        assert!(plan(&m, &BTreeSet::new(), 4, &none, &all, |_| false).is_empty());
     }
 
     #[test]
@@ -600,16 +677,25 @@ mod tests {
         let mut m = map(&[Serving, Serving, Serving], 4, &[1, 2, 3], 3);
         let splits: BTreeMap<GroupId, String> =
             [(2, "big".to_string()), (3, "busy".to_string())].into();
-        let planned = plan(&m, &BTreeSet::new(), 4, &splits, |_| false);
+        let planned = plan(&m, &BTreeSet::new(), 4, &splits, &BTreeSet::new(), |_| {
+            false
+        });
         assert_eq!(planned.len(), 1, "one split at a time: {planned:?}");
         assert_eq!(planned[0].shard, 2);
         assert_eq!(planned[0].request, OperatorRequest::Split { at: None });
         assert!(planned[0].reason.contains("big"), "{}", planned[0].reason);
         // A shard the scheduler leaves alone is not split either.
-        let planned = plan(&m, &BTreeSet::new(), 4, &splits, |s| s == 2);
+        let planned = plan(&m, &BTreeSet::new(), 4, &splits, &BTreeSet::new(), |s| {
+            s == 2
+        });
         assert_eq!(planned.iter().map(|p| p.shard).collect::<Vec<_>>(), [3]);
         // No budget, no split.
-        assert!(plan(&m, &BTreeSet::new(), 0, &splits, |_| false).is_empty());
+        assert!(
+            plan(&m, &BTreeSet::new(), 0, &splits, &BTreeSet::new(), |_| {
+                false
+            })
+            .is_empty()
+        );
         // While a split runs, no other starts (a repair still does).
         m.apply(
             MapCommand::StartOperator {
@@ -620,7 +706,12 @@ mod tests {
             0,
         )
         .unwrap();
-        assert!(plan(&m, &BTreeSet::new(), 4, &splits, |_| false).is_empty());
+        assert!(
+            plan(&m, &BTreeSet::new(), 4, &splits, &BTreeSet::new(), |_| {
+                false
+            })
+            .is_empty()
+        );
         let down = BTreeSet::from([3]);
         let mut m4 = map(&[Serving, Serving, Serving, Serving], 4, &[1, 2, 3], 3);
         m4.apply(
@@ -632,7 +723,7 @@ mod tests {
             0,
         )
         .unwrap();
-        let planned = plan(&m4, &down, 2, &splits, |_| false);
+        let planned = plan(&m4, &down, 2, &splits, &BTreeSet::new(), |_| false);
         assert_eq!(
             planned.len(),
             1,
@@ -667,7 +758,14 @@ mod tests {
         // Above the replication factor, the draining node's voter goes
         // first, whatever the loads.
         let mut m = map(&[Draining, Serving, Serving, Serving], 2, &[1, 2, 3, 4], 3);
-        let planned = plan(&m, &BTreeSet::new(), 1, &BTreeMap::new(), |_| false);
+        let planned = plan(
+            &m,
+            &BTreeSet::new(),
+            1,
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+            |_| false,
+        );
         assert_eq!(
             planned[0].request,
             OperatorRequest::Remove {
