@@ -63,12 +63,7 @@ impl AdminService {
                 }
             })
             .collect();
-        Ok(Response::new(pb::ChecksumResponse {
-            rows: total.rows,
-            sum: total.sum_hex(),
-            shards,
-            map_version,
-        }))
+        Ok(checksum_response(total, shards, map_version))
     }
 
     fn map_version(outcome: &MapOutcome) -> u64 {
@@ -574,12 +569,7 @@ impl Admin for AdminService {
                 shard_checksum(shard, &digest)
             })
             .collect();
-        Ok(Response::new(pb::ChecksumResponse {
-            rows: total.rows,
-            sum: total.sum_hex(),
-            shards,
-            map_version,
-        }))
+        Ok(checksum_response(total, shards, map_version))
     }
 
     async fn prune_backups(
@@ -672,6 +662,20 @@ fn backup_summary(manifest: &crate::backup::BackupManifest) -> pb::BackupSummary
             .min()
             .unwrap_or(0),
     }
+}
+
+/// A `Checksum` answer: the shards' digests added up in `total`.
+fn checksum_response(
+    total: LogicalDigest,
+    shards: Vec<pb::ShardChecksum>,
+    map_version: u64,
+) -> Response<pb::ChecksumResponse> {
+    Response::new(pb::ChecksumResponse {
+        rows: total.rows,
+        sum: total.sum_hex(),
+        shards,
+        map_version,
+    })
 }
 
 /// A shard's checksum as the admin API reports it.

@@ -344,3 +344,25 @@ pub fn replica_dirs(node: &crate::Node) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Waits until `node` has no directory of a replica of `shard` left.
+pub async fn wait_replica_gone(node: &crate::Node, shard: u32) {
+    let shard = shard.to_string();
+    let dotted = format!("{shard}.");
+    crate::counter::retry(
+        &format!("the node deletes its replica of shard {shard}"),
+        crate::counter::CONVERGE_WAIT,
+        || {
+            let dirs = replica_dirs(node);
+            let found = dirs.iter().any(|d| *d == shard || d.starts_with(&dotted));
+            async move {
+                if found {
+                    Err(format!("{dirs:?}"))
+                } else {
+                    Ok(())
+                }
+            }
+        },
+    )
+    .await;
+}

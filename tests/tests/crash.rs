@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry};
-use quiver_tests::dynamic::{Writer, check_ledger, replica_dirs, voter_nodes, wait_map};
+use quiver_tests::dynamic::{Writer, check_ledger, voter_nodes, wait_map, wait_replica_gone};
 use quiver_tests::{Cluster, quiverctl};
 
 /// One cluster at a time (2 cores).
@@ -121,18 +121,7 @@ async fn crash_at(failpoint: &str, operation: Operation) {
             // The replica that left is gone from its node's disk, also when
             // that node crashed while destroying it.
             if moved {
-                let source = cluster.node(voters[0]);
-                retry("the source deletes its replica", CONVERGE_WAIT, || {
-                    let dirs = replica_dirs(source);
-                    async move {
-                        if dirs.iter().any(|d| d == "1" || d.starts_with("1.")) {
-                            Err(format!("{dirs:?}"))
-                        } else {
-                            Ok(())
-                        }
-                    }
-                })
-                .await;
+                wait_replica_gone(cluster.node(voters[0]), 1).await;
             }
         }
         Operation::Split => assert_eq!(map.shards.len(), 3, "{:?}", map.shards),

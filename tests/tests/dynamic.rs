@@ -9,7 +9,7 @@ use std::time::Duration;
 use quiver_tests::counter::{CONVERGE_WAIT, apply_counter_view, keys, retry};
 use quiver_tests::dynamic::{
     Reader, Writer, balanced_within_one, check_ledger, cluster_map, leader_counts, replica_counts,
-    replica_dirs, settled, voter_nodes, wait_map,
+    replica_dirs, settled, voter_nodes, wait_map, wait_replica_gone,
 };
 use quiver_tests::{Cluster, Node, TEST_CLUSTER_SECRET, quiverctl};
 
@@ -109,17 +109,7 @@ async fn a_replica_moves_away_and_back_to_the_same_node_under_writes() {
     .await;
     let now = voter_nodes(&map, 1);
     assert!(now.contains(&spare) && !now.contains(&away), "{now:?}");
-    retry("node {away} deletes its replica", CONVERGE_WAIT, || {
-        let dirs = replica_dirs(cluster.node(away));
-        async move {
-            if dirs.iter().any(|d| d == "1" || d.starts_with("1.")) {
-                Err(format!("{dirs:?}"))
-            } else {
-                Ok(())
-            }
-        }
-    })
-    .await;
+    wait_replica_gone(cluster.node(away), 1).await;
 
     eprintln!("--- and back to node {away}, under a new replica id");
     quiverctl(
