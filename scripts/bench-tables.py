@@ -43,12 +43,12 @@ TABLES = [
     (
         "Write cost per Raft group: Quiver RF 3 (3 nodes), the same writes over 1, 3 or 16 shards, 16 in flight",
         [
-            ("rf3-shards1-single", "1 shard, single-row writes", None),
-            ("rf3-shards3-single", "3 shards (default: one per node), single-row writes", None),
+            ("rf3-shards1-single", "1 shard (default), single-row writes", None),
+            ("rf3-shards3-single", "3 shards (one per node), single-row writes", None),
             ("rf3-shards16-single", "16 shards, single-row writes", None),
             ("rf3-shards16-nofsync-single", "16 shards, fsync off, single-row writes", None),
-            ("rf3-shards1-batch100", "1 shard, 100-row writes", None),
-            ("rf3-shards3-batch100", "3 shards (default: one per node), 100-row writes", None),
+            ("rf3-shards1-batch100", "1 shard (default), 100-row writes", None),
+            ("rf3-shards3-batch100", "3 shards (one per node), 100-row writes", None),
             ("rf3-shards16-batch100", "16 shards, 100-row writes", None),
             ("rf3-shards16-nofsync-batch100", "16 shards, fsync off, 100-row writes", None),
         ],

@@ -333,7 +333,10 @@ impl FeatureStore for FeatureStoreService {
             listen_addr: node.listen_addr.to_string(),
             data_dir: node.data_dir.display().to_string(),
             uptime_seconds: node.started.elapsed().as_secs(),
-            feature_views: u32::try_from(node.registry.load().len()).unwrap_or(u32::MAX),
+            feature_views: u32::try_from(
+                crate::node::settled(node.registry.load_full()).await.len(),
+            )
+            .unwrap_or(u32::MAX),
             rows_estimate,
             rows_written,
             rows_stale,

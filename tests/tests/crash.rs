@@ -222,8 +222,10 @@ async fn a_move_survives_its_source_target_or_the_shard_leader_crashing() {
 async fn a_split_survives_a_crash_of_a_replica_or_the_metadata_leader() {
     let _turn = ONE_CLUSTER.lock().await;
     // The metadata leader before it proposes the split and once it is
-    // applied; a replica once it built its child and once its own half is
-    // trimmed (the entry is applied again after the restart).
+    // applied; a replica once it built its child (the entry is applied
+    // again after the restart), and once its own half is trimmed (the
+    // batch survives the abort, but the child it built is announced to
+    // no one: after the restart the node must host it anyway).
     for failpoint in [
         "operator.split_proposing",
         "split.child_built",

@@ -408,28 +408,34 @@ impl Backups {
     ) -> Result<(), BackupError> {
         let catalog = metadata.store().registry().load_full();
         let mut maps: HashMap<ViewId, ViewMap> = HashMap::new();
-        for view in catalog.views() {
-            let (applied, _) = node
-                .cluster
-                .propose(METADATA_GROUP, Command::ApplyView { spec: view.spec() })
-                .await?;
-            let Response::ViewApplied { view: new, .. } = applied else {
-                return Err(BackupError::Refused(format!(
-                    "applying view {:?}: {applied:?}",
-                    view.name
-                )));
-            };
-            let fields = view
-                .features
-                .iter()
-                .filter_map(|f| new.feature(&f.name).map(|n| (f.field_id, n.field_id)))
-                .collect();
-            maps.insert(view.id, ViewMap { id: new.id, fields });
-            report.views += 1;
+        let applied_all = async {
+            for view in catalog.views() {
+                let (applied, _) = node
+                    .cluster
+                    .propose(METADATA_GROUP, Command::ApplyView { spec: view.spec() })
+                    .await?;
+                let Response::ViewApplied { view: new, .. } = applied else {
+                    return Err(BackupError::Refused(format!(
+                        "applying view {:?}: {applied:?}",
+                        view.name
+                    )));
+                };
+                let fields = view
+                    .features
+                    .iter()
+                    .filter_map(|f| new.feature(&f.name).map(|n| (f.field_id, n.field_id)))
+                    .collect();
+                maps.insert(view.id, ViewMap { id: new.id, fields });
+                report.views += 1;
+            }
+            Ok(())
         }
-        // As ApplyFeatureView does: a client call after the restore ends
-        // sees its views on every node.
+        .await;
+        // As ApplyFeatureView does, whatever the outcome (views applied
+        // before a failure, or one that committed after all, stay): a
+        // client call after the restore returns sees them on every node.
         tokio::time::sleep(crate::node::VIEW_CHANGE_ACK_DELAY).await;
+        applied_all?;
         for shard in shards {
             self.write_shard_rows(
                 node,

@@ -229,7 +229,7 @@ impl<'a> Planner<'a> {
                 return Some(Planned {
                     shard,
                     request: OperatorRequest::Remove { replica: voter },
-                    reason: format!("replica {voter}: {why}, and no node can take it"),
+                    reason: format!("replica {voter}: {why}, and no node can take it now"),
                 });
             }
         }
