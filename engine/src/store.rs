@@ -227,6 +227,17 @@ impl std::fmt::Debug for StateStore {
     }
 }
 
+/// Table options for point lookups: bloom filters (10 bits per key), and
+/// index and filter blocks in the node's block `cache`, level 0's pinned.
+fn point_lookup_tables(cache: &Cache) -> BlockBasedOptions {
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    table
+}
+
 impl StateStore {
     /// Opens (creating if needed) the store in `path`.
     pub fn open(path: impl AsRef<Path>, options: StoreOptions) -> Result<Self> {
@@ -257,14 +268,11 @@ impl StateStore {
         db_options.set_manifest_preallocation_size(64 << 10);
         db_options.set_write_buffer_size(META_WRITE_BUFFER_BYTES);
 
+        // Both families' reads are mostly point lookups, many for absent
+        // keys: bloom filters keep those off the index and data blocks, and
+        // the node's block cache holds what the hits read.
+        let table = point_lookup_tables(&cache);
         let mut data_options = Options::default();
-        let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&cache);
-        // Most reads are point lookups, many for absent keys: a bloom filter
-        // keeps those off disk.
-        table.set_bloom_filter(10.0, false);
-        table.set_cache_index_and_filter_blocks(true);
-        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         data_options.set_block_based_table_factory(&table);
         data_options.set_compression_type(DBCompressionType::Lz4);
         data_options.set_write_buffer_size(options.write_buffer_bytes);
@@ -278,17 +286,9 @@ impl StateStore {
         meta_options.set_write_buffer_size(META_WRITE_BUFFER_BYTES);
         // Every applied entry with a request id looks up whether the id is
         // known (almost never) and which id its ring slot evicts (written
-        // 100,000 entries before, in a table file by then): bloom filters,
-        // in the table files and in the memtable, keep the misses off every
-        // level's index and data blocks, and the node's block cache holds
-        // the blocks the hits read.
-        let mut meta_table = BlockBasedOptions::default();
-        meta_table.set_block_cache(&cache);
-        meta_table.set_bloom_filter(10.0, false);
-        meta_table.set_cache_index_and_filter_blocks(true);
-        meta_table.set_pin_l0_filter_and_index_blocks_in_cache(true);
-        meta_options.set_block_based_table_factory(&meta_table);
-        // The memtable's filter is allocated with the memtable, idle or not:
+        // 100,000 entries before, in a table file by then).
+        meta_options.set_block_based_table_factory(&table);
+        // A filter for the memtable too, allocated with it, idle or not:
         // 2% of the 4 MiB buffer (84 KB per replica).
         meta_options.set_memtable_whole_key_filtering(true);
         meta_options.set_memtable_prefix_bloom_ratio(0.02);
