@@ -525,6 +525,15 @@ pub fn handover(outcome: &'static str) {
     metrics::counter!("quiver_leader_handovers_total", "outcome" => outcome).increment(1);
 }
 
+/// Records a request part refused because a split moved its keys, routed
+/// again: by the refusal's descriptors at once (`descriptor`), or after a
+/// wait and a read of the cluster map (`map`).
+pub fn wrong_shard_rerouted(kind: &'static str, by_descriptor: bool) {
+    let route = if by_descriptor { "descriptor" } else { "map" };
+    metrics::counter!("quiver_wrong_shard_reroutes_total", "kind" => kind, "route" => route)
+        .increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

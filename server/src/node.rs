@@ -187,14 +187,24 @@ impl Node {
             if moved.is_empty() {
                 break;
             }
-            // The map records a split moments after the shard applies it.
-            tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-            self.cluster.sync_metadata().await?;
-            let placement = self.cluster.placement();
-            pending = moved
-                .into_iter()
-                .flat_map(|(shard, command)| regroup(&placement, shard, command))
-                .collect();
+            // The refusal's descriptors usually route the keys anew at
+            // once; when they did not (an older peer, a descriptor the
+            // answering replica lacked), the map records the split moments
+            // after the shard applies it.
+            let regrouped = regroup_all(&self.cluster.placement(), &moved);
+            crate::metrics::wrong_shard_rerouted("write", regrouped.is_some());
+            pending = match regrouped {
+                Some(regrouped) => regrouped,
+                None => {
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    self.cluster.sync_metadata().await?;
+                    let placement = self.cluster.placement();
+                    moved
+                        .into_iter()
+                        .flat_map(|(shard, command)| regroup(&placement, shard, command))
+                        .collect()
+                }
+            };
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -510,6 +520,26 @@ impl MetadataFreshness {
 }
 
 /// Cuts a data command by the shards that own its keys now.
+/// Commands refused for keys a split moved, cut again by `placement`;
+/// `None` if it would send one of them whole to the shard that refused it
+/// (the placement has not learned the split).
+fn regroup_all(
+    placement: &crate::cluster::placement::Placement,
+    moved: &[(GroupId, Command)],
+) -> Option<Vec<(GroupId, Command)>> {
+    let mut regrouped = Vec::new();
+    for (shard, command) in moved {
+        let parts = regroup(placement, *shard, command.clone());
+        if let [(same, _)] = parts.as_slice()
+            && same == shard
+        {
+            return None;
+        }
+        regrouped.extend(parts);
+    }
+    Some(regrouped)
+}
+
 fn regroup(
     placement: &crate::cluster::placement::Placement,
     shard: GroupId,

@@ -530,10 +530,7 @@ async fn read_shard(
         Err(error) if wrong_shard(&error) => error,
         other => return other,
     };
-    for attempt in 0..WRONG_SHARD_RETRIES_MAX {
-        tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
-        node.cluster.sync_metadata().await?;
-        let placement = node.cluster.placement();
+    let by_placement = |placement: &crate::cluster::placement::Placement| {
         let mut by_shard: BTreeMap<GroupId, Vec<usize>> = BTreeMap::new();
         for (slot, key) in keys.iter().enumerate() {
             let hash = quiver_engine::keys::split_storage_key(key).map_or(0, |(hash, _, _)| hash);
@@ -542,6 +539,21 @@ async fn read_shard(
                 .or_default()
                 .push(slot);
         }
+        by_shard
+    };
+    let mut tried = BTreeMap::from([(shard, (0..keys.len()).collect::<Vec<usize>>())]);
+    for attempt in 0..WRONG_SHARD_RETRIES_MAX {
+        // The refusal's descriptors usually route the keys anew at once;
+        // when they did not, the map records the split moments after the
+        // shard applies it.
+        let mut by_shard = by_placement(&node.cluster.placement());
+        crate::metrics::wrong_shard_rerouted("read", by_shard != tried);
+        if by_shard == tried {
+            tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+            node.cluster.sync_metadata().await?;
+            by_shard = by_placement(&node.cluster.placement());
+        }
+        tried = by_shard.clone();
         let mut rows: Vec<Fetched> = vec![Ok(None); keys.len()];
         let mut first_source = None;
         let mut failed = None;

@@ -11,6 +11,7 @@ use quiver_tests::dynamic::{
     Reader, Writer, balanced_within_one, check_ledger, cluster_map, leader_counts, replica_counts,
     replica_dirs, settled, voter_nodes, wait_map, wait_replica_gone,
 };
+use quiver_tests::scrape::{sample, scrape, value_of};
 use quiver_tests::{Cluster, Node, TEST_CLUSTER_SECRET, quiverctl};
 
 /// One cluster at a time (2 cores).
@@ -417,8 +418,15 @@ async fn three_nodes_grow_to_five_and_one_drains_under_writes_and_strong_reads()
 async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
     let _turn = ONE_CLUSTER.lock().await;
     let dir = Kept::new();
-    let (mut cluster, endpoint, client) =
-        started(dir.path(), 3, &[("QUIVER_CLUSTER__SHARD_COUNT", "2")]).await;
+    let (mut cluster, endpoint, client) = started(
+        dir.path(),
+        3,
+        &[
+            ("QUIVER_CLUSTER__SHARD_COUNT", "2"),
+            ("QUIVER_METRICS_LISTEN_ADDR", "127.0.0.1:0"),
+        ],
+    )
+    .await;
     let preload = keys(400, "split");
     retry("preload", CONVERGE_WAIT, || {
         let mut client = client.clone();
@@ -448,6 +456,25 @@ async fn a_shard_splits_under_writes_and_each_half_serves_its_keys() {
         ledger.acks, ledger.failures, ledger.longest_gap
     );
     assert!(ledger.acks > 5, "{ledger:?}");
+    // Writes refused for keys the split moved went straight to the new
+    // shard by the descriptors the refusal carried, not after waiting for
+    // the map (node 2's map learned of the split after it applied).
+    let metrics = cluster.node(2).metrics_addr().await.unwrap().to_string();
+    let scraped = scrape(&metrics).await;
+    let reroutes = |route: &str| {
+        sample(
+            &scraped,
+            "quiver_wrong_shard_reroutes_total",
+            &[("kind", "write"), ("route", route)],
+        )
+        .map_or(0.0, value_of)
+    };
+    eprintln!(
+        "writes routed again: {} by descriptor, {} by the map",
+        reroutes("descriptor"),
+        reroutes("map")
+    );
+    assert!(reroutes("descriptor") >= 1.0 && reroutes("map") == 0.0);
 
     eprintln!("--- the map and every node know shard {child}");
     let map = wait_map(&endpoint, "three shards", |map| {

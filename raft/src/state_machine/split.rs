@@ -56,8 +56,11 @@ pub fn child_seed(index: u64) -> LogId {
 }
 
 impl StateMachine {
-    /// The refusal of a data command holding keys the shard does not own.
-    pub(super) fn wrong_shard(&self, command: &Command) -> Option<Response> {
+    /// The refusal of a data command holding keys the shard does not own
+    /// (by the range this replica has applied). Apply refuses such a
+    /// command; a leader also checks before proposing, to refuse without a
+    /// log round.
+    pub fn wrong_shard(&self, command: &Command) -> Option<Response> {
         let range = self.shared.range.lock().clone()?;
         let stray = match command {
             Command::Write { rows, .. } => rows

@@ -344,6 +344,8 @@ pub struct GroupHost {
     groups: RwLock<BTreeMap<GroupId, Arc<Group>>>,
     /// Serializes opening, stopping and destroying (each awaits openraft).
     changes: tokio::sync::Mutex<()>,
+    /// Woken whenever a replica is hosted.
+    opened: tokio::sync::Notify,
     /// How to open one.
     pub factory: GroupFactory,
 }
@@ -362,6 +364,7 @@ impl GroupHost {
         GroupHost {
             groups: RwLock::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
+            opened: tokio::sync::Notify::new(),
             factory,
         }
     }
@@ -369,6 +372,30 @@ impl GroupHost {
     /// The replica of `group` hosted here.
     pub fn get(&self, group: GroupId) -> Option<Arc<Group>> {
         self.groups.read().get(&group).cloned()
+    }
+
+    /// The replica of `group`, once it is hosted here: waits up to
+    /// `timeout` for it (a split's child, which this node's replica of the
+    /// parent builds moments after the split applies here).
+    pub async fn wait_hosted(
+        &self,
+        group: GroupId,
+        timeout: std::time::Duration,
+    ) -> Option<Arc<Group>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the lookup: an open between the two still
+            // wakes this.
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if let Some(hosted) = self.get(group) {
+                return Some(hosted);
+            }
+            if tokio::time::timeout_at(deadline, opened).await.is_err() {
+                return self.get(group);
+            }
+        }
     }
 
     /// Whether a replica of `group` is hosted here.
@@ -406,6 +433,7 @@ impl GroupHost {
         }
         let hosted = Arc::new(self.factory.open(group, replica, create).await?);
         self.groups.write().insert(group, hosted.clone());
+        self.opened.notify_waiters();
         if create {
             // Rows of this shard cached while another replica (or none) was
             // here are not kept coherent by this one's apply.

@@ -38,7 +38,6 @@ use quiver_raft::cluster_map::{ClusterMap, MapCommand, MapOutcome, NodeState};
 use quiver_raft::types::{LogId, RejectKind};
 use quiver_raft::{Command, GroupId, METADATA_GROUP, NodeId, ReplicaId};
 
-use super::placement::Placement;
 use super::{Cluster, ClusterError};
 
 /// How often the metadata leader looks at the map and the membership, and
@@ -158,7 +157,9 @@ impl Cluster {
         if current.replicated && current.map.version > map.version {
             return;
         }
-        let placement = Placement::new(map, true);
+        // Descriptors learned from a split's refusals stay until the map
+        // records the split.
+        let placement = current.adopting(map, true);
         if let Err(e) = self.clients.set_nodes(&self.peer_routes(&placement)) {
             tracing::warn!(error = %e, "a node address in the cluster map is unusable");
         }

@@ -23,6 +23,19 @@ static TRANSFERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 /// Most files a snapshot may list.
 const SNAPSHOT_FILES_MAX: usize = 100_000;
 
+/// Longest a vote for a split child this node does not host yet waits for
+/// its replica of the parent to build it.
+const SPLIT_CHILD_VOTE_WAIT_MS_MAX: u64 = 200;
+
+/// Whether a vote request comes from a split child's first candidate: its
+/// log ends at the seed the split gave it, in term 0, which no elected
+/// leader writes.
+fn split_child_candidate(rpc: &openraft::raft::VoteRequest<quiver_raft::TypeConfig>) -> bool {
+    rpc.last_log_id
+        .as_ref()
+        .is_some_and(|id| id.committed_leader_id().term == 0)
+}
+
 /// Serves peers' Raft traffic and forwarded requests.
 #[derive(Debug, Clone)]
 pub struct PeerService {
@@ -45,6 +58,19 @@ impl PeerService {
         // A Raft call names the replica it is for: another replica of the
         // group hosted here (created under a new id after the named one was
         // removed) must not answer for it.
+        if let PeerCall::Vote(rpc) | PeerCall::PreVote(rpc) = &call
+            && split_child_candidate(rpc)
+            && !cluster.host.contains(group)
+        {
+            // The leader applies a split before its followers, so its
+            // child's first election can arrive before this node built its
+            // replica of the child: refused, it would cost the child an
+            // election timeout without a leader.
+            cluster
+                .host
+                .wait_hosted(group, Duration::from_millis(SPLIT_CHILD_VOTE_WAIT_MS_MAX))
+                .await;
+        }
         let raft_call = matches!(
             call,
             PeerCall::AppendEntries(_)
@@ -141,7 +167,7 @@ impl PeerService {
         };
         let version = match super::router::owned_range_version(&hosted.state, group, &keys) {
             Ok(version) => version,
-            Err(wrong) => return wrong,
+            Err(message) => return self.cluster.moved_answer(group, message).await,
         };
         let store = hosted.state.store();
         let rows = tokio::task::spawn_blocking(move || store.get_raw(&keys)).await;
@@ -151,7 +177,8 @@ impl PeerService {
         };
         // A split during the read may have deleted rows it gave away.
         if hosted.state.range().map_or(0, |range| range.version) != version {
-            return PeerResult::WrongShard(format!("shard {group} split during the read"));
+            let message = format!("shard {group} split during the read");
+            return self.cluster.moved_answer(group, message).await;
         }
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use quiver_raft::cluster_map::{ClusterMap, NodeInfo, NodeState, ShardDesc};
 use quiver_raft::{GroupId, METADATA_GROUP, NodeId, ReplicaId};
+use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::{ClusterConfig, NodeAddr};
@@ -30,21 +31,104 @@ pub struct Placement {
     pub replicated: bool,
     /// Shard by first hash.
     ranges: BTreeMap<u64, GroupId>,
+    /// Shards' descriptors learned from their replicas at a newer range
+    /// version than the map's (kept until the map reaches it).
+    learned: BTreeMap<GroupId, RouteHint>,
+}
+
+/// A shard's range and replicas as one of its replicas has applied them:
+/// what a refusal for a split carries, so the router can route again
+/// without waiting for the cluster map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteHint {
+    /// The shard.
+    pub shard: GroupId,
+    /// First hash of its arc.
+    pub start: u64,
+    /// First hash past it (`None`: the end of the ring).
+    pub end: Option<u64>,
+    /// Its range version (splits that changed it).
+    pub version: u64,
+    /// The nodes holding its voters.
+    pub voters: Vec<NodeId>,
+    /// The node leading it, as the replica that answered knows.
+    pub leader: Option<NodeId>,
 }
 
 impl Placement {
     /// The placement of `map` (which must pass [`ClusterMap::check`]).
     pub fn new(map: Arc<ClusterMap>, replicated: bool) -> Placement {
-        let ranges = map
+        Self::with_learned(map, replicated, BTreeMap::new())
+    }
+
+    /// The placement of `map` and of the learned descriptors still newer
+    /// than it.
+    fn with_learned(
+        map: Arc<ClusterMap>,
+        replicated: bool,
+        mut learned: BTreeMap<GroupId, RouteHint>,
+    ) -> Placement {
+        learned.retain(|shard, hint| {
+            map.shards
+                .get(shard)
+                .is_none_or(|desc| desc.epoch.version < hint.version)
+        });
+        let mut ranges: BTreeMap<u64, GroupId> = map
             .shards
             .iter()
+            .filter(|(id, _)| !learned.contains_key(id))
             .map(|(&id, desc)| (desc.start, id))
             .collect();
+        // A split keeps the parent's start and adds the child's: the
+        // learned arcs lie over the map's older ones.
+        for hint in learned.values() {
+            ranges.insert(hint.start, hint.shard);
+        }
         Placement {
             map,
             replicated,
             ranges,
+            learned,
         }
+    }
+
+    /// The same map with `map` adopted: learned descriptors the new map
+    /// has not reached yet are kept.
+    pub fn adopting(&self, map: Arc<ClusterMap>, replicated: bool) -> Placement {
+        Self::with_learned(map, replicated, self.learned.clone())
+    }
+
+    /// This placement with `hints` taken in where they are newer than what
+    /// it knows of their shards; `None` when none is.
+    pub fn learn(&self, hints: &[RouteHint]) -> Option<Placement> {
+        let newer: Vec<&RouteHint> = hints
+            .iter()
+            .filter(|hint| {
+                let known = self
+                    .learned
+                    .get(&hint.shard)
+                    .map(|learned| learned.version)
+                    .or_else(|| self.shard(hint.shard).map(|desc| desc.epoch.version));
+                known.is_none_or(|version| version < hint.version)
+            })
+            .collect();
+        if newer.is_empty() {
+            return None;
+        }
+        let mut learned = self.learned.clone();
+        for hint in newer {
+            learned.insert(hint.shard, hint.clone());
+        }
+        Some(Self::with_learned(
+            self.map.clone(),
+            self.replicated,
+            learned,
+        ))
+    }
+
+    /// Descriptors learned ahead of the map.
+    pub fn learned(&self) -> impl Iterator<Item = &RouteHint> {
+        self.learned.values()
     }
 
     /// The shard owning a key hash.
@@ -87,9 +171,14 @@ impl Placement {
     /// The nodes holding a voter of a shard, in replica order (empty for the
     /// metadata group, whose members the map does not hold).
     pub fn shard_voters(&self, group: GroupId) -> Vec<NodeId> {
-        self.shard(group)
-            .map(|desc| desc.voters().map(ReplicaId::node).collect())
-            .unwrap_or_default()
+        match self.shard(group) {
+            Some(desc) => desc.voters().map(ReplicaId::node).collect(),
+            None => self
+                .learned
+                .get(&group)
+                .map(|hint| hint.voters.clone())
+                .unwrap_or_default(),
+        }
     }
 
     /// A node's entry.
@@ -265,6 +354,58 @@ mod tests {
             assert_eq!(Some(shard), placement.map.shard_of_hash(hash));
             last = shard;
         }
+    }
+
+    #[test]
+    fn a_split_s_descriptors_route_ahead_of_the_map_until_it_records_the_split() {
+        let layout = StaticLayout::new(&config(3, 2, 3), "", "");
+        let old = placement(&layout);
+        let at = 1u64 << 62;
+        let parent = RouteHint {
+            shard: 1,
+            start: 0,
+            end: Some(at),
+            version: 1,
+            voters: vec![1, 2, 3],
+            leader: Some(2),
+        };
+        let child = RouteHint {
+            shard: 3,
+            start: at,
+            end: Some(1 << 63),
+            version: 1,
+            voters: vec![1, 2, 3],
+            leader: Some(2),
+        };
+        assert_eq!(old.shard_of_hash(at), 1);
+        let learned = old.learn(&[parent.clone(), child.clone()]).unwrap();
+        assert_eq!(learned.shard_of_hash(at - 1), 1);
+        assert_eq!(learned.shard_of_hash(at), 3);
+        assert_eq!(learned.shard_of_hash(1 << 63), 2);
+        assert_eq!(learned.shard_voters(3), vec![1, 2, 3]);
+        // Nothing newer: nothing to learn (a lagging replica's answer).
+        assert!(learned.learn(&[parent.clone(), child.clone()]).is_none());
+        let mut stale = parent.clone();
+        stale.version = 0;
+        stale.end = None;
+        assert!(learned.learn(&[stale]).is_none());
+        // A map from before the split keeps what was learned.
+        let kept = learned.adopting(old.map.clone(), true);
+        assert_eq!(kept.shard_of_hash(at), 3);
+        // The map that records it takes over.
+        let mut map = (*old.map).clone();
+        let shard = map.shards.get_mut(&1).unwrap();
+        shard.end = Some(at);
+        shard.epoch.version = 1;
+        let mut desc = shard.clone();
+        desc.start = at;
+        desc.end = Some(1 << 63);
+        desc.split_from = Some((1, 10));
+        map.shards.insert(3, desc);
+        let adopted = learned.adopting(Arc::new(map), true);
+        assert_eq!(adopted.learned().count(), 0);
+        assert_eq!(adopted.shard_of_hash(at), 3);
+        assert_eq!(adopted.shard_of_hash(at - 1), 1);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! replica or the leader for REPLICA reads), here or over the `Peer`
 //! service, with bounded retries across leader changes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
@@ -12,6 +13,16 @@ use quiver_raft::{Command, GroupId, NodeId, Proposal, ReplicaId, RequestId, Resp
 
 use super::wire::{PeerCall, PeerResult, ReadLevel, ReadRows};
 use super::{Cluster, ClusterError, ReadSource, ShardRead};
+
+/// Longest a refusal for keys a split moved waits, on the node that led
+/// the split, for the new shard to elect its leader (see
+/// [`Cluster::moved_answer`]).
+const SPLIT_CHILD_LEADER_WAIT_MS_MAX: u64 = 300;
+
+/// Most children of a shard a refusal describes (the newest): a shard that
+/// split many times has given most of them away long ago, and the map
+/// knows those.
+const ROUTE_HINT_CHILDREN_MAX: usize = 8;
 
 impl Cluster {
     /// The nodes holding a voter of `group`: for a shard, as the cluster
@@ -156,6 +167,79 @@ impl Cluster {
         (u128::from(self.node_id) << 64) | u128::from(sequence)
     }
 
+    /// The answer for keys a split moved away from `group`: the shard's
+    /// descriptor and its children's as this node's replicas have applied
+    /// them. On the node that led the split, the newest child (which
+    /// campaigns here) is waited for until it has a leader, for up to
+    /// `SPLIT_CHILD_LEADER_WAIT_MS_MAX`: the caller's retry then goes
+    /// straight to it.
+    pub(super) async fn moved_answer(&self, group: GroupId, message: String) -> PeerResult {
+        let Some(hosted) = self.host.get(group) else {
+            return PeerResult::WrongShard(message);
+        };
+        let Some(range) = hosted.state.range() else {
+            return PeerResult::WrongShard(message);
+        };
+        let leads = self.known_leader(group) == Some(self.node_id);
+        if leads && let Some(&(newest, _)) = range.children.last() {
+            let wait = Duration::from_millis(SPLIT_CHILD_LEADER_WAIT_MS_MAX);
+            // A child the map records is no news (it may have moved away
+            // from this node since): only a split that just applied here is
+            // waited for.
+            let child = if self.placement().shard(newest).is_some() {
+                self.host.get(newest)
+            } else {
+                self.host.wait_hosted(newest, wait).await
+            };
+            if let Some(child) = child
+                && child
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .current_leader
+                    .is_none()
+            {
+                // Times out (an error) when none shows: answered without.
+                let _ = child
+                    .raft
+                    .wait(Some(wait))
+                    .metrics(|m| m.current_leader.is_some(), "the split child's leader")
+                    .await;
+            }
+        }
+        let mut shards = vec![route_hint(group, &hosted, range.clone())];
+        for &(child, _) in range.children.iter().rev().take(ROUTE_HINT_CHILDREN_MAX) {
+            let Some(hosted_child) = self.host.get(child) else {
+                continue;
+            };
+            if let Some(child_range) = hosted_child.state.range() {
+                let mut hint = route_hint(child, &hosted_child, child_range);
+                // Still electing: the node that led the split campaigns.
+                if hint.leader.is_none() && leads {
+                    hint.leader = Some(self.node_id);
+                }
+                shards.push(hint);
+            }
+        }
+        PeerResult::Moved(Box::new(super::wire::Moved { message, shards }))
+    }
+
+    /// Routes by shard descriptors a refusal carried, where they are newer
+    /// than the map's (until the map records the split), and to the leaders
+    /// they name.
+    pub(super) fn learn_routes(&self, hints: &[super::placement::RouteHint]) {
+        for hint in hints {
+            if let Some(leader) = hint.leader {
+                self.remember_leader(hint.shard, leader);
+            }
+        }
+        self.placement.rcu(|current| {
+            current
+                .learn(hints)
+                .map_or_else(|| Arc::clone(current), Arc::new)
+        });
+    }
+
     pub(super) fn remember_leader(&self, group: GroupId, leader: NodeId) {
         self.leader_hints.lock().insert(group, leader);
     }
@@ -258,6 +342,13 @@ impl Cluster {
             match attempt(target).await {
                 Ok(value) => return Ok(value),
                 // Asking another replica would get the same answer.
+                Err(PeerResult::Moved(moved)) => {
+                    self.learn_routes(&moved.shards);
+                    return Err(ClusterError::Rejected {
+                        kind: quiver_raft::types::RejectKind::WrongShard,
+                        message: moved.message,
+                    });
+                }
                 Err(PeerResult::WrongShard(message)) => {
                     return Err(ClusterError::Rejected {
                         kind: quiver_raft::types::RejectKind::WrongShard,
@@ -328,6 +419,15 @@ impl Cluster {
         {
             return refused;
         }
+        // Keys a split this replica applied moved away: refused before a
+        // log round (apply checks again, for a split ordered before the
+        // entry).
+        if is_leader
+            && let Some(Response::Rejected { message, .. }) =
+                hosted.state.wrong_shard(&proposal.command)
+        {
+            return self.moved_answer(group, message).await;
+        }
         // The leader's clock, stamped where the entry is created.
         proposal.leader_ts_us = self.clock.now_us();
         let splitting = matches!(proposal.command, Command::Split { .. });
@@ -350,9 +450,18 @@ impl Cluster {
                 self.shard_breakers.attempt_failed(group, started);
                 PeerResult::Failed("commit timed out (no quorum?)".into())
             }
-            Ok(Ok(written)) => PeerResult::Proposed {
-                response: written.data,
-                log_id: written.log_id,
+            Ok(Ok(written)) => match written.data {
+                // A data command ordered after a split that moved some of
+                // its keys (a split's own refusal is its operator's to
+                // handle).
+                Response::Rejected {
+                    kind: quiver_raft::types::RejectKind::WrongShard,
+                    message,
+                } if !splitting => self.moved_answer(group, message).await,
+                response => PeerResult::Proposed {
+                    response,
+                    log_id: written.log_id,
+                },
             },
             Ok(Err(e)) => match e.forward_to_leader() {
                 Some(forward) => PeerResult::NotLeader {
@@ -390,7 +499,10 @@ impl Cluster {
                     return Err(PeerResult::NoSuchGroup);
                 };
                 let state = hosted.state.clone();
-                let range_version = owned_range_version(&state, group, keys)?;
+                let range_version = match owned_range_version(&state, group, keys) {
+                    Ok(version) => version,
+                    Err(message) => return Err(self.moved_answer(group, message).await),
+                };
                 return Ok(ShardRead::Local {
                     state,
                     source,
@@ -500,14 +612,15 @@ impl Cluster {
 }
 
 /// The shard's range version if it owns every key (storage keys: the hash
-/// first); else the routing answer that a split moved them. A reader that
-/// finds the version changed after reading must not trust what it read (a
-/// split may have deleted the rows it gave away meanwhile).
+/// first); else why not (a split moved them: answer with
+/// [`Cluster::moved_answer`]). A reader that finds the version changed
+/// after reading must not trust what it read (a split may have deleted the
+/// rows it gave away meanwhile).
 pub fn owned_range_version(
     state: &quiver_raft::StateMachine,
     group: GroupId,
     keys: &[Vec<u8>],
-) -> Result<u64, PeerResult> {
+) -> Result<u64, String> {
     let Some(range) = state.range() else {
         return Ok(0);
     };
@@ -516,12 +629,35 @@ pub fn owned_range_version(
             continue;
         };
         if !range.contains(hash) {
-            return Err(PeerResult::WrongShard(format!(
+            return Err(format!(
                 "shard {group} no longer owns key hash {hash:#018x} (split)"
-            )));
+            ));
         }
     }
     Ok(range.version)
+}
+
+/// A hosted replica's descriptor as it has applied it.
+fn route_hint(
+    group: GroupId,
+    hosted: &super::host::Group,
+    range: quiver_raft::state_machine::RangeDesc,
+) -> super::placement::RouteHint {
+    let metrics = hosted.raft.metrics();
+    let m = metrics.borrow_watched();
+    super::placement::RouteHint {
+        shard: group,
+        start: range.start,
+        end: range.end,
+        version: range.version,
+        voters: m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .map(ReplicaId::node)
+            .collect(),
+        leader: m.current_leader.map(ReplicaId::node),
+    }
 }
 
 fn random_sequence_start() -> u64 {

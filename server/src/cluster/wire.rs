@@ -223,6 +223,20 @@ pub enum PeerResult {
         /// miss the new shard's rows.
         range: Option<HashRange>,
     },
+    /// The shard no longer owns keys of the call (a split moved them), with
+    /// its current descriptor and those of the shards split off it that
+    /// the answering node hosts: the caller routes again by them at once.
+    /// (Appended last: the encoding of the variants before it stays.)
+    Moved(Box<Moved>),
+}
+
+/// A refusal for keys a split moved, with the descriptors to route by.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Moved {
+    /// Why, for people.
+    pub message: String,
+    /// The refusing shard first, then its children.
+    pub shards: Vec<super::placement::RouteHint>,
 }
 
 /// A hash range: its first hash and its end (`None`: the end of the ring).
@@ -304,6 +318,37 @@ mod tests {
                 let _ = decode::<PeerCall>(&bytes);
                 let _ = decode::<PeerCall>(&bytes[..cut % (bytes.len() + 1)]);
             }
+        }
+
+        #[test]
+        fn mutated_moved_answers_never_panic_the_decoder(
+            message in ".{0,40}",
+            ranges in proptest::collection::vec(
+                (any::<u32>(), any::<u64>(), any::<Option<u64>>(), any::<u64>(),
+                 proptest::collection::vec(any::<u64>(), 0..5), any::<Option<u64>>()),
+                0..4,
+            ),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            cut in any::<usize>(),
+        ) {
+            let shards: Vec<super::super::placement::RouteHint> = ranges
+                .into_iter()
+                .map(|(shard, start, end, version, voters, leader)| {
+                    super::super::placement::RouteHint { shard, start, end, version, voters, leader }
+                })
+                .collect();
+            let answer = PeerResult::Moved(Box::new(Moved { message, shards: shards.clone() }));
+            let mut bytes = encode(&answer).unwrap();
+            match decode::<PeerResult>(&bytes) {
+                Ok(PeerResult::Moved(moved)) => prop_assert_eq!(moved.shards, shards),
+                other => prop_assert!(false, "{other:?}"),
+            }
+            for &(at, mask) in &flips {
+                let at = at % bytes.len();
+                bytes[at] ^= mask;
+            }
+            let _ = decode::<PeerResult>(&bytes);
+            let _ = decode::<PeerResult>(&bytes[..cut % (bytes.len() + 1)]);
         }
     }
 }
