@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # A cluster that grows under load, on loopback (the README's "Growing a
-# cluster"): one node starts alone (4 shards), two nodes join (every shard
-# grows to 3 replicas), the sample drivers are loaded, a fourth node joins
-# (the replicas spread), the first is drained and removed, and a shard is
-# split, all with quiverctl, while a client writes every 50 ms and another
-# reads at STRONG every 200 ms (through node 2, which stays). Prints each command and its output, then what the
-# two clients saw. The nodes keep running; `./scripts/grow.sh stop` stops
-# them.
+# cluster"): one node starts alone (with the default of one shard), two
+# nodes are added and join (the shard grows to 3 replicas), the sample
+# drivers are loaded, the hot shard is split, a fourth node is added (the
+# replicas spread), the first is drained and removed, and a shard is split
+# again, all with quiverctl, while a client writes every 50 ms and another
+# reads at STRONG every 200 ms (through node 2, which stays). Prints each
+# command and its output, then what the two clients saw. The nodes keep
+# running; `./scripts/grow.sh stop` stops them.
 #
 # QUIVER_GROW_DIR (default ./.grow) holds data, logs and pids;
 # QUIVER_GROW_PORT (default 7570) is node 1's port, node i listens on
@@ -73,7 +74,7 @@ ctl() {
 
 # Waits until every shard has $1 voters on nodes whose ids are in "$2"
 # (space separated), no operator runs and no tombstone is left, and, if $3
-# is given, every node in "$2" holds exactly $3 replicas.
+# is given, every node in "$2" holds at least $3 replicas.
 wait_settled() {
     local voters="$1" nodes="$2" each="${3:-}"
     for _ in $(seq 600); do
@@ -90,7 +91,7 @@ if ok and each:
     for s in m["shards"]:
         for r in s["replicas"]:
             count[r["node_id"]] += 1
-    ok = all(c == int(each) for c in count.values())
+    ok = all(c >= int(each) for c in count.values())
 sys.exit(0 if ok else 1)
 ' "$voters" "$nodes" "$each"; then
             return 0
@@ -101,14 +102,16 @@ sys.exit(0 if ok else 1)
     exit 1
 }
 
-echo "==> node 1 starts alone: 4 shards, each a Raft group of one replica for now"
+echo "==> node 1 starts alone: one shard (the default), a Raft group of one replica for now"
 ENDPOINT="$N1"
-start_node 1 --shard-count 4
+start_node 1
 ctl views apply -f sample/views.yaml
 
-echo "==> nodes 2 and 3 join through node 1: the scheduler gives every shard 3 replicas"
-start_node 2 --join "$N1"
-start_node 3 --join "$N1"
+echo "==> nodes 2 and 3 are added and join through node 1: the scheduler gives the shard 3 replicas"
+for id in 2 3; do
+    ctl node add --addr "127.0.0.1:$((PORT + id - 1))"
+    start_node "$id" --join "$N1"
+done
 wait_settled 3 "1 2 3"
 ctl node list
 ctl shard map
@@ -147,9 +150,22 @@ echo $! >"$DIR/client1.pid"
 ) &
 echo $! >"$DIR/client2.pid"
 
-echo "==> node 4 joins: replicas move to it until every node holds 3"
+echo "==> the shard is hot: split it in the middle of its range (shard 2 takes the upper half)"
+ctl shard split 1 --wait
+wait_settled 3 "1 2 3"
+
+echo "==> node 4 is added and joins: the scheduler's plan, then replicas move to it"
+ctl node add --addr "127.0.0.1:$((PORT + 3))"
 start_node 4 --join "$N1"
-wait_settled 3 "1 2 3 4" 3
+# The plan the scheduler is carrying out (round 1 runs already).
+for _ in $(seq 40); do
+    "$BIN/quiverctl" --endpoint "$N1" --json node list 2>/dev/null \
+        | python3 -c 'import json,sys; sys.exit(0 if any(n["node_id"] == 4 and n["state"] == "serving" and n["up"] for n in json.load(sys.stdin)["nodes"]) else 1)' \
+        && break
+    sleep 0.25
+done
+ctl rebalance
+wait_settled 3 "1 2 3 4" 1
 ctl node list
 
 echo "==> node 1 is drained (its replicas and leaderships move away), then removed"
@@ -159,9 +175,11 @@ ctl node remove 1
 wait_settled 3 "2 3 4"
 ctl node list
 
-echo "==> shard 2 is split in the middle of its range: shard 5 takes the upper half"
+echo "==> shard 2 is split again: shard 3 takes the upper half of its range"
 ctl shard split 2 --wait
 ctl shard map
+ctl rebalance
+ctl rebalance --apply
 ctl get --features driver_hourly_stats:conv_rate,driver_hourly_stats:acc_rate 1001 1002 1003
 
 echo "==> what the clients saw"

@@ -113,7 +113,7 @@ pub fn operator_info(op: &Operator) -> pb::OperatorInfo {
     }
 }
 
-fn planned_info(planned: &Planned) -> pb::PlannedOperator {
+fn planned_info(round: u32, planned: &Planned) -> pb::PlannedOperator {
     let (kind, from, to) = match planned.request {
         OperatorRequest::Move { from, to_node } => {
             ("move", from.map_or(0, ReplicaId::node), to_node)
@@ -127,6 +127,7 @@ fn planned_info(planned: &Planned) -> pb::PlannedOperator {
         from_node_id: from,
         to_node_id: to,
         reason: planned.reason.clone(),
+        round,
     }
 }
 
@@ -412,16 +413,30 @@ impl Admin for AdminService {
 
     async fn plan_replicas(
         &self,
-        _request: Request<pb::PlanReplicasRequest>,
+        request: Request<pb::PlanReplicasRequest>,
     ) -> Result<Response<pb::PlanReplicasResponse>, Status> {
-        let planned = self
+        let plan = self
             .node
             .cluster
-            .plan_replicas()
+            .plan_replicas(request.into_inner().all_rounds)
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(pb::PlanReplicasResponse {
-            planned: planned.iter().map(planned_info).collect(),
+            planned: plan
+                .operators
+                .iter()
+                .map(|(round, planned)| planned_info(*round, planned))
+                .collect(),
+            handovers: plan
+                .handovers
+                .iter()
+                .map(|h| pb::PlannedHandover {
+                    shard: h.shard,
+                    from_node_id: h.from,
+                    to_node_id: h.to,
+                    reason: h.reason.clone(),
+                })
+                .collect(),
         }))
     }
 

@@ -1007,3 +1007,124 @@ async fn a_node_lost_for_good_has_its_replicas_recreated_elsewhere_then_is_remov
         .await;
     }
 }
+
+/// `quiverctl` drives a drain by hand with the scheduler off: `node add`
+/// reserves a node and `node remove` takes the reservation back; the dry
+/// run lists every round (one operator each, at `operators_max = 1`) and
+/// changes nothing; `--apply` carries them all out (with `operator list`
+/// showing them under way) and leaves nothing more to plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_plans_every_round_and_apply_carries_them_all_out() {
+    let _turn = ONE_CLUSTER.lock().await;
+    let dir = Kept::new();
+    let env = [
+        ("QUIVER_CLUSTER__SHARD_COUNT", "0"),
+        ("QUIVER_CLUSTER__SCHEDULE_REPLICAS", "false"),
+        ("QUIVER_CLUSTER__BALANCE_LEADERS", "false"),
+        ("QUIVER_CLUSTER__OPERATORS_MAX", "1"),
+        ("QUIVER_CLUSTER__SECRET", TEST_CLUSTER_SECRET),
+    ];
+    let (_cluster, endpoint, _client) = started(dir.path(), 4, &env).await;
+    wait_map(&endpoint, "the map is stored", |map| {
+        map.replicated.then_some(()).ok_or("not stored".into())
+    })
+    .await;
+
+    eprintln!("--- node add reserves an id, node remove gives it back");
+    let out = quiverctl(
+        &endpoint,
+        &[
+            "--json",
+            "node",
+            "add",
+            "--addr",
+            "127.0.0.1:1",
+            "--peer-addr",
+            "127.0.0.1:2",
+            "--secret",
+            TEST_CLUSTER_SECRET,
+        ],
+    )
+    .unwrap();
+    let added: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let reserved = added["node_id"].as_u64().unwrap();
+    assert_eq!(reserved, 5);
+    let listed = quiverctl(&endpoint, &["--json", "node", "list"]).unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let state_of = |listed: &serde_json::Value, id: u64| {
+        listed["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node_id"] == id)
+            .map(|n| n["state"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(state_of(&listed, reserved).as_deref(), Some("joining"));
+    quiverctl(&endpoint, &["node", "remove", &reserved.to_string()]).unwrap();
+    let listed = quiverctl(&endpoint, &["--json", "node", "list"]).unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(state_of(&listed, reserved).as_deref(), Some("removed"));
+
+    eprintln!("--- node 1 drains with the scheduler off: nothing moves by itself");
+    quiverctl(&endpoint, &["node", "drain", "1"]).unwrap();
+    let before = cluster_map(&endpoint).await.unwrap();
+    let on_one = replica_counts(&before, &[1])[0] as usize;
+    assert!(on_one > 0);
+    let out = quiverctl(&endpoint, &["--json", "rebalance", "--dry-run"]).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    eprintln!("{out}");
+    assert_eq!(plan["applied"], false);
+    let operators = plan["operators"].as_array().unwrap();
+    // Each of node 1's replicas moves, one per round; balancing may add
+    // moves after them.
+    let from_one = operators.iter().filter(|op| op["from"] == 1).count();
+    assert_eq!(from_one, on_one, "{operators:?}");
+    let rounds: Vec<u64> = operators
+        .iter()
+        .map(|op| op["round"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rounds, (1..=rounds.len() as u64).collect::<Vec<_>>());
+    let text = quiverctl(&endpoint, &["rebalance"]).unwrap();
+    assert!(text.contains("round") && text.contains("dry run"), "{text}");
+    let after = cluster_map(&endpoint).await.unwrap();
+    assert_eq!(
+        (after.version, replica_counts(&after, &[1])[0] as usize),
+        (before.version, on_one),
+        "a dry run changes nothing"
+    );
+
+    eprintln!("--- rebalance --apply carries every round out");
+    let applying = {
+        let endpoint = endpoint.clone();
+        std::thread::spawn(move || quiverctl(&endpoint, &["--json", "rebalance", "--apply"]))
+    };
+    let mut seen_running = false;
+    while !applying.is_finished() {
+        let listed = quiverctl(&endpoint, &["--json", "operator", "list"]).unwrap();
+        let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        if let Some(op) = listed.as_array().unwrap().first() {
+            assert_eq!(op["kind"], "move", "{listed}");
+            seen_running = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = applying.join().unwrap().unwrap();
+    eprintln!("{out}");
+    assert!(seen_running, "operator list showed the moves under way");
+    let applied: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(applied["applied"], true);
+    let started = applied["operators"].as_array().unwrap();
+    assert!(started.len() >= on_one, "{started:?}");
+    assert!(
+        started.iter().all(|op| op["result"]
+            .as_str()
+            .unwrap()
+            .starts_with("started operator")),
+        "{started:?}"
+    );
+    let map = cluster_map(&endpoint).await.unwrap();
+    settled(&map, 3, &[2, 3, 4]).unwrap();
+    let out = quiverctl(&endpoint, &["--json", "rebalance"]).unwrap();
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["operators"].as_array().unwrap().len(), 0, "{out}");
+}

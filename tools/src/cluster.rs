@@ -14,7 +14,12 @@ use crate::client::{self, status_error};
 type Admin = client::AdminClient;
 
 /// How often a `--wait` looks at the map again.
-const WAIT_POLL: Duration = Duration::from_millis(500);
+/// How long `node add` asks again while the cluster cannot take a node
+/// yet (its map not stored, its metadata leader being elected).
+const NODE_ADD_WAIT: Duration = Duration::from_secs(15);
+
+/// How often waiting commands read the cluster map.
+pub(crate) const WAIT_POLL: Duration = Duration::from_millis(500);
 
 /// `node ...`.
 #[derive(Debug, Subcommand)]
@@ -136,7 +141,7 @@ pub enum OperatorCommand {
     },
 }
 
-async fn cluster_map(admin: &mut Admin) -> Result<pb::GetClusterMapResponse> {
+pub(crate) async fn cluster_map(admin: &mut Admin) -> Result<pb::GetClusterMapResponse> {
     Ok(admin
         .get_cluster_map(pb::GetClusterMapRequest {})
         .await
@@ -220,15 +225,31 @@ async fn node_add(admin: &mut Admin, endpoint: &str, args: &AddArgs, json: bool)
             )
         }
     };
-    let answer = admin
-        .join_cluster(pb::JoinClusterRequest {
-            addr: args.addr.clone(),
-            peer_addr: peer_addr.clone(),
-            secret: args.secret.clone(),
-        })
-        .await
-        .map_err(|s| status_error("add the node", s))?
-        .into_inner();
+    // A cluster that has just started may not have stored its map yet
+    // (NotFound), or be electing its metadata leader (Unavailable): asked
+    // again for a while, as `quiverd --join` does.
+    let deadline = Instant::now() + NODE_ADD_WAIT;
+    let answer = loop {
+        let asked = admin
+            .join_cluster(pb::JoinClusterRequest {
+                addr: args.addr.clone(),
+                peer_addr: peer_addr.clone(),
+                secret: args.secret.clone(),
+            })
+            .await;
+        match asked {
+            Ok(answer) => break answer.into_inner(),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::NotFound | tonic::Code::Unavailable
+                ) && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(status) => return Err(status_error("add the node", status)),
+        }
+    };
     if json {
         println!(
             "{}",
@@ -273,7 +294,7 @@ async fn set_state(
     Ok(())
 }
 
-fn progress(len: u64, json: bool) -> ProgressBar {
+pub(crate) fn progress(len: u64, json: bool) -> ProgressBar {
     let bar = if json {
         ProgressBar::hidden()
     } else {
@@ -624,14 +645,4 @@ pub async fn shard_map(endpoint: &str, json: bool) -> Result<()> {
         map.operators.len()
     );
     Ok(())
-}
-
-/// The scheduler's plan (what `rebalance` shows first).
-pub async fn replica_plan(admin: &mut Admin) -> Result<Vec<pb::PlannedOperator>> {
-    Ok(admin
-        .plan_replicas(pb::PlanReplicasRequest {})
-        .await
-        .map_err(|s| status_error("plan replica moves", s))?
-        .into_inner()
-        .planned)
 }

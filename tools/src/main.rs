@@ -14,9 +14,9 @@ mod cluster;
 mod drill;
 mod files;
 mod get;
-mod plan;
 mod probe;
 mod put;
+mod rebalance;
 mod sample;
 mod shard;
 mod status;
@@ -100,7 +100,7 @@ enum Command {
     /// Plan (and with --apply, carry out) the replica moves the scheduler
     /// wants and leader handovers so that every node leads about as many
     /// groups.
-    Rebalance(shard::RebalanceArgs),
+    Rebalance(rebalance::RebalanceArgs),
     /// Full backups: create, list, show, verify.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
@@ -199,7 +199,7 @@ async fn run(cli: Cli) -> Result<()> {
         return shard::transfer_leader(&cli.endpoint, args, cli.json).await;
     }
     if let Command::Rebalance(args) = &cli.command {
-        return shard::rebalance(&cli.endpoint, args, cli.json).await;
+        return rebalance::rebalance(&cli.endpoint, args, cli.json).await;
     }
     match &cli.command {
         Command::Backup(command) => return backup::run(&cli.endpoint, command, cli.json).await,

@@ -111,6 +111,15 @@ pub(super) async fn leader_loop(cluster: Weak<Cluster>) {
     }
 }
 
+/// The scheduler's plan, as `quiverctl rebalance` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Operators, with the round each starts in (1: now).
+    pub operators: Vec<(u32, super::scheduler::Planned)>,
+    /// Leadership handovers, in order.
+    pub handovers: Vec<super::scheduler::PlannedHandover>,
+}
+
 impl Cluster {
     /// Whether this node leads the metadata group.
     pub(super) fn leads_metadata(&self) -> bool {
@@ -358,11 +367,42 @@ impl Cluster {
                 .is_up(node, self.now_ms(), self.config.liveness_timeout_ms)
     }
 
-    /// What the scheduler would start now, on the map as of a metadata read
-    /// index.
-    pub async fn plan_replicas(&self) -> Result<Vec<super::scheduler::Planned>, ClusterError> {
+    /// What the scheduler would do, on the map as of a metadata read
+    /// index: the operators it starts now (round 1) or, with `all_rounds`,
+    /// every round until it has nothing left to do
+    /// ([`super::scheduler::plan_rounds`]); and the leadership handovers
+    /// the leader balancer would make on the leaders reported now.
+    pub async fn plan_replicas(&self, all_rounds: bool) -> Result<Plan, ClusterError> {
         let map = self.current_map().await?;
-        Ok(self.plan_for(&map))
+        let operators = if all_rounds {
+            let (down, splits, limited) = self.plan_inputs(&map);
+            super::scheduler::plan_rounds(
+                &map,
+                &down,
+                self.config.operators_max as usize,
+                &splits,
+                &limited,
+                |shard| self.operator_backing_off(shard),
+            )
+        } else {
+            self.plan_for(&map).into_iter().map(|p| (1, p)).collect()
+        };
+        let (mut leaders, up) = self.leadership(&map);
+        // Asked by hand right after a change (a restart, a handover made
+        // elsewhere): what this node's own replicas know is newer than the
+        // last load report.
+        for (group, hosted) in self.host.all() {
+            if !map.shards.contains_key(&group) {
+                continue;
+            }
+            if let Some(leader) = hosted.raft.metrics().borrow_watched().current_leader {
+                leaders.insert(group, leader.node());
+            }
+        }
+        Ok(Plan {
+            operators,
+            handovers: super::scheduler::plan_leaders(&map, &leaders, &up),
+        })
     }
 
     async fn metadata_round(self: &Arc<Self>) -> Result<(), ClusterError> {
@@ -428,16 +468,42 @@ impl Cluster {
         let precondition = openraft::raft::Precondition::LastMembershipLogId {
             last_membership_log_id: membership_log_id,
         };
+        let ready = |node: NodeId| {
+            node == self.node_id || (self.node_up(node) && caught_up.contains(&node))
+        };
         let change = if joint {
             // A leader change or crash between the two steps of a voter
             // change leaves the group joint; openraft does not finish it.
             Some(MetadataChange::Flatten)
         } else {
-            let ready = |node: NodeId| {
-                node == self.node_id || (self.node_up(node) && caught_up.contains(&node))
-            };
             metadata_change(map, &voters, &learners, ready)
         };
+        // A leader that takes itself out of the voters leaves the group
+        // without a leader until the others' leases run out (about a
+        // second in which no view resolves and no map changes): it hands
+        // leadership to a voter that stays, which makes the change.
+        let successor = match &change {
+            Some(MetadataChange::Voters(next)) if !next.contains(&self.node_id) => next
+                .iter()
+                .copied()
+                .find(|&n| voters.contains(&n) && ready(n)),
+            Some(MetadataChange::Remove(node)) if *node == self.node_id => voters
+                .iter()
+                .copied()
+                .find(|&n| n != self.node_id && ready(n)),
+            _ => None,
+        };
+        if let Some(to) = successor {
+            tracing::info!(
+                to,
+                "handing the metadata group over before leaving its voters"
+            );
+            match self.transfer_leader(METADATA_GROUP, to).await {
+                Ok(_) => return Ok(()),
+                // Left as it was before: the change is made all the same.
+                Err(e) => tracing::info!(to, error = %e, "metadata handover failed"),
+            }
+        }
         if let Some(change) = change {
             self.activity(METADATA_GROUP).await;
             tracing::info!(?change, "changing the metadata group's membership");
@@ -583,13 +649,27 @@ fn metadata_change(
 impl Cluster {
     /// The scheduler's plan for `map` (nodes down for too long counted as
     /// gone).
-    pub(super) fn plan_for(&self, map: &ClusterMap) -> Vec<super::scheduler::Planned> {
+    /// The replica planner's input beside the map: the nodes down too
+    /// long, the shards to split and why, the nodes at their rate of moves.
+    fn plan_inputs(
+        &self,
+        map: &ClusterMap,
+    ) -> (
+        BTreeSet<NodeId>,
+        BTreeMap<GroupId, String>,
+        BTreeSet<NodeId>,
+    ) {
         let down = self.long_down_nodes(map);
         let splits = self.shards_to_split(map);
         let limited = self.operators.nodes_at_move_limit(
             std::time::Instant::now(),
             self.config.moves_per_node_per_minute_max,
         );
+        (down, splits, limited)
+    }
+
+    pub(super) fn plan_for(&self, map: &ClusterMap) -> Vec<super::scheduler::Planned> {
+        let (down, splits, limited) = self.plan_inputs(map);
         super::scheduler::plan(
             map,
             &down,

@@ -106,6 +106,127 @@ pub fn plan(
     planned
 }
 
+/// Most rounds [`plan_rounds`] looks ahead.
+const PLAN_ROUNDS_MAX: u32 = 100;
+
+/// Most operators [`plan_rounds`] lists.
+const PLAN_OPERATORS_MAX: usize = 1_000;
+
+/// Every operator the scheduler would start from `map` until it has nothing
+/// left to do (what `quiverctl rebalance --dry-run` shows): [`plan`] round
+/// after round, each round's operators carried out on a copy of the map by
+/// the map's own commands before the next is planned. Numbered from round
+/// 1, what the scheduler starts now. The rate of moves per node sets when
+/// a move starts, not which: it is left out after round 1. A split is
+/// carried out at the middle of the range, with the parent's replicas.
+pub fn plan_rounds(
+    map: &ClusterMap,
+    down: &BTreeSet<NodeId>,
+    operators_max: usize,
+    splits: &BTreeMap<GroupId, String>,
+    limited: &BTreeSet<NodeId>,
+    skip: impl Fn(GroupId) -> bool,
+) -> Vec<(u32, Planned)> {
+    let mut map = map.clone();
+    let mut splits = splits.clone();
+    let mut limited = limited.clone();
+    let mut rounds = Vec::new();
+    // Operators running now are carried out first (round 0 is not listed).
+    let running: Vec<(GroupId, u64)> = map.operators.iter().map(|(&s, op)| (s, op.id)).collect();
+    for (shard, id) in running {
+        if finish(&mut map, shard, id).is_err() {
+            return rounds;
+        }
+    }
+    for round in 1..=PLAN_ROUNDS_MAX {
+        let planned = plan(&map, down, operators_max.max(1), &splits, &limited, &skip);
+        if planned.is_empty() || rounds.len() >= PLAN_OPERATORS_MAX {
+            break;
+        }
+        limited.clear();
+        for one in planned {
+            splits.remove(&one.shard);
+            if carry_out(&mut map, &one).is_err() {
+                // The map refuses what it was asked: the plan stops there
+                // (what follows would be planned on a map that cannot be).
+                rounds.push((round, one));
+                return rounds;
+            }
+            rounds.push((round, one));
+        }
+    }
+    rounds
+}
+
+/// Starts `planned` on `map` and carries it out to its end.
+fn carry_out(
+    map: &mut ClusterMap,
+    planned: &Planned,
+) -> Result<(), quiver_raft::cluster_map::MapError> {
+    let started = map.apply(
+        quiver_raft::cluster_map::MapCommand::StartOperator {
+            shard: planned.shard,
+            request: planned.request,
+            reason: planned.reason.clone(),
+        },
+        0,
+    )?;
+    let quiver_raft::cluster_map::MapOutcome::OperatorStarted(op) = started else {
+        return Ok(());
+    };
+    finish(map, planned.shard, op.id)
+}
+
+/// Carries the operator `id` on `shard` out to its end on `map`, as its
+/// executor would (a split at the middle of the range; the nodes delete
+/// the replicas it tombstones).
+fn finish(
+    map: &mut ClusterMap,
+    shard: GroupId,
+    id: u64,
+) -> Result<(), quiver_raft::cluster_map::MapError> {
+    use quiver_raft::cluster_map::MapCommand;
+    let split = map
+        .operators
+        .get(&shard)
+        .is_some_and(|op| matches!(op.kind, OperatorKind::Split { .. }));
+    let command = if split {
+        MapCommand::FinishSplit {
+            shard,
+            id,
+            index: 1,
+        }
+    } else {
+        MapCommand::FinishOperator { shard, id }
+    };
+    map.apply(command, 0)?;
+    for (shard, replica) in map.tombstones.clone() {
+        map.apply(MapCommand::ReplicaDestroyed { shard, replica }, 0)?;
+    }
+    Ok(())
+}
+
+/// Every handover [`plan_leader`] would make from `leaders`, one after the
+/// other as if each was made (what `rebalance` shows and `--apply` makes).
+pub fn plan_leaders(
+    map: &ClusterMap,
+    leaders: &BTreeMap<GroupId, NodeId>,
+    up: &BTreeSet<NodeId>,
+) -> Vec<PlannedHandover> {
+    let mut leaders = leaders.clone();
+    let mut handovers = Vec::new();
+    // Each handover narrows the spread or takes a shard off a leaving
+    // node, so this ends; bounded all the same.
+    for _ in 0..=map.shards.len() * 2 {
+        let Some(next) = plan_leader(map, &leaders, up) else {
+            break;
+        };
+        leaders.insert(next.shard, next.to);
+        handovers.push(next);
+    }
+    handovers
+}
+
 /// Why a replica on `node` must go (and none may go there), if it must:
 /// the node was removed, is draining, or is in `down` (silent for
 /// `replace_down_after_ms`).
@@ -457,6 +578,16 @@ impl Cluster {
     /// The next leadership handover [`plan_leader`] wants, on this node's
     /// load reports.
     pub fn plan_leader_for(&self, map: &ClusterMap) -> Option<PlannedHandover> {
+        let (leaders, up) = self.leadership(map);
+        plan_leader(map, &leaders, &up)
+    }
+
+    /// Who leads each shard, by the fresh load reports, and which of the
+    /// map's nodes are up: the leader planner's input.
+    pub(super) fn leadership(
+        &self,
+        map: &ClusterMap,
+    ) -> (BTreeMap<GroupId, NodeId>, BTreeSet<NodeId>) {
         let now = self.now_ms();
         let leaders = self.loads.leaders(now, self.load_reports_fresh_ms());
         let up: BTreeSet<NodeId> = map
@@ -465,7 +596,7 @@ impl Cluster {
             .copied()
             .filter(|&n| self.node_up(n))
             .collect();
-        plan_leader(map, &leaders, &up)
+        (leaders, up)
     }
 
     /// One handover, if one is due and `cluster.balance_leaders` is on.
@@ -497,7 +628,7 @@ impl Cluster {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use quiver_raft::cluster_map::{MapCommand, MapOutcome, NodeInfo};
+    use quiver_raft::cluster_map::{MapCommand, NodeInfo};
 
     fn map(states: &[NodeState], shards: u32, on: &[NodeId], rf: u32) -> ClusterMap {
         let nodes = states
@@ -522,33 +653,7 @@ mod tests {
     /// Carries out a planned operator on the map the way the executor
     /// would: the new replica becomes a voter, the old one goes.
     fn complete(map: &mut ClusterMap, planned: &Planned) {
-        let MapOutcome::OperatorStarted(_op) = map
-            .apply(
-                MapCommand::StartOperator {
-                    shard: planned.shard,
-                    request: planned.request,
-                    reason: planned.reason.clone(),
-                },
-                0,
-            )
-            .unwrap()
-        else {
-            panic!()
-        };
-        let id = map.operators[&planned.shard].id;
-        map.apply(
-            MapCommand::FinishOperator {
-                shard: planned.shard,
-                id,
-            },
-            0,
-        )
-        .unwrap();
-        // The old replica's node deletes it.
-        for (shard, replica) in map.tombstones.clone() {
-            map.apply(MapCommand::ReplicaDestroyed { shard, replica }, 0)
-                .unwrap();
-        }
+        carry_out(map, planned).unwrap();
     }
 
     /// Runs the scheduler to a fixed point (bounded), one operator at a
@@ -635,6 +740,74 @@ mod tests {
         );
         let all = BTreeSet::from([2, 3, 4]);
         assert!(plan(&m, &BTreeSet::new(), 4, &none, &all, |_| false).is_empty());
+    }
+
+    /// The dry run's plan is every round the scheduler would go through:
+    /// carried out in order, it leaves a map the planner wants nothing
+    /// more of, the same map the scheduler reaches one round at a time.
+    #[test]
+    fn the_whole_plan_is_the_rounds_the_scheduler_goes_through() {
+        use NodeState::*;
+        let none = BTreeMap::new();
+        let m = map(&[Draining, Serving, Serving, Serving], 8, &[1, 2, 3], 3);
+        let rounds = plan_rounds(&m, &BTreeSet::new(), 2, &none, &BTreeSet::new(), |_| false);
+        assert!(!rounds.is_empty());
+        assert_eq!(rounds[0].0, 1);
+        assert!(rounds.windows(2).all(|w| w[0].0 <= w[1].0), "{rounds:?}");
+        for round in 1..=rounds.last().unwrap().0 {
+            let n = rounds.iter().filter(|(r, _)| *r == round).count();
+            assert!((1..=2).contains(&n), "round {round}: {n} operators");
+        }
+        // Round 1 is what the scheduler starts now.
+        let now = plan(&m, &BTreeSet::new(), 2, &none, &BTreeSet::new(), |_| false);
+        let first: Vec<Planned> = rounds
+            .iter()
+            .filter(|(r, _)| *r == 1)
+            .map(|(_, p)| p.clone())
+            .collect();
+        assert_eq!(first, now);
+        let mut replayed = m.clone();
+        for (_, planned) in &rounds {
+            complete(&mut replayed, planned);
+        }
+        assert_eq!(replayed.replicas_on(1).count(), 0);
+        assert!(
+            plan(
+                &replayed,
+                &BTreeSet::new(),
+                2,
+                &none,
+                &BTreeSet::new(),
+                |_| false
+            )
+            .is_empty()
+        );
+        let mut settled = m.clone();
+        settle(&mut settled, &BTreeSet::new());
+        assert_eq!(counts(&replayed), counts(&settled));
+        // A shard to split is split once, at its turn, and its child is
+        // placed like any shard; a running operator is finished first.
+        let mut m = map(&[Serving, Serving, Serving], 2, &[1, 2, 3], 3);
+        let splits = BTreeMap::from([(1, "too large".to_owned())]);
+        let rounds = plan_rounds(&m, &BTreeSet::new(), 4, &splits, &BTreeSet::new(), |_| {
+            false
+        });
+        assert_eq!(rounds.len(), 1, "{rounds:?}");
+        assert!(matches!(rounds[0].1.request, OperatorRequest::Split { .. }));
+        m.apply(
+            MapCommand::StartOperator {
+                shard: 2,
+                request: OperatorRequest::Split { at: None },
+                reason: "by hand".into(),
+            },
+            0,
+        )
+        .unwrap();
+        let rounds = plan_rounds(&m, &BTreeSet::new(), 4, &splits, &BTreeSet::new(), |_| {
+            false
+        });
+        assert_eq!(rounds.len(), 1, "{rounds:?}");
+        assert_eq!(rounds[0].1.shard, 1);
     }
 
     #[test]
@@ -841,10 +1014,9 @@ mod tests {
                 .map(|(i, l)| (i as GroupId + 1, l % node_count + 1))
                 .filter(|(_, l)| up.contains(l))
                 .collect();
-            for _ in 0..leaders.len() {
-                let Some(h) = plan_leader(&m, &led, &up) else {
-                    break;
-                };
+            let handovers = plan_leaders(&m, &led, &up);
+            prop_assert!(handovers.len() <= leaders.len(), "{:?}", handovers);
+            for h in handovers {
                 prop_assert_eq!(led.get(&h.shard), Some(&h.from));
                 prop_assert!(up.contains(&h.to) && m.serving_nodes().any(|n| n == h.to));
                 led.insert(h.shard, h.to);
