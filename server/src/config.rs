@@ -415,6 +415,12 @@ pub struct ClusterConfig {
     /// load; a split's new shard is led where its parent was, so this helps
     /// once leaders are balanced afterwards (`balance_leaders`).
     pub split_shard_write_rows_per_second_max: u64,
+    /// When replica counts are balanced, the scheduler moves (or swaps)
+    /// replicas between the serving node holding the most bytes of shards
+    /// (by the leaders' size reports) and the one holding the least while
+    /// they differ by more than this and by more than a tenth of the
+    /// fuller one's. 0: counts only.
+    pub balance_size_gap_bytes_min: u64,
     /// The metadata leader hands shard leadership over, one shard per round,
     /// until every serving node leads within one shard of every other
     /// (where the voters allow it), and moves leadership off draining nodes.
@@ -520,6 +526,9 @@ impl Default for ClusterConfig {
             // TiKV's large-region split size.
             split_shard_bytes_max: 256 << 20,
             split_shard_write_rows_per_second_max: 0,
+            // Two shards at the split size: a smaller gap is not worth a
+            // snapshot's traffic.
+            balance_size_gap_bytes_min: 512 << 20,
             load_report_interval_ms: 10_000,
             balance_leaders: true,
         }

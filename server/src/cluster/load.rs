@@ -207,8 +207,9 @@ impl Cluster {
             (now_ms.saturating_sub(samples.0), samples.1.clone())
         };
         // Sizes cost RocksDB work per shard: asked for only when they can
-        // trigger a split.
-        let measure_bytes = self.config.split_shard_bytes_max > 0;
+        // trigger a split or a size move.
+        let measure_bytes =
+            self.config.split_shard_bytes_max > 0 || self.config.balance_size_gap_bytes_min > 0;
         let placement = self.placement();
         let mut mine = Vec::new();
         let mut counters = HashMap::new();
@@ -273,6 +274,38 @@ impl Cluster {
         };
         self.loads
             .over_split_limits(map, limits, self.now_ms(), self.load_reports_fresh_ms())
+    }
+}
+
+impl Cluster {
+    /// Each shard's size by its fresh report of its current range version,
+    /// with the size balancing tolerance: the scheduler's size input.
+    pub(super) fn shard_sizes(&self, map: &ClusterMap) -> super::scheduler::Sizes {
+        super::scheduler::Sizes {
+            bytes: self
+                .loads
+                .sizes(map, self.now_ms(), self.load_reports_fresh_ms()),
+            gap_bytes_min: self.config.balance_size_gap_bytes_min,
+        }
+    }
+}
+
+impl Loads {
+    /// The bytes of each shard of `map` whose report is of its current
+    /// range version and at most `fresh_ms` old at `now`.
+    fn sizes(&self, map: &ClusterMap, now: u64, fresh_ms: u64) -> BTreeMap<GroupId, u64> {
+        self.reported
+            .lock()
+            .iter()
+            .filter(|(group, report)| {
+                now.saturating_sub(report.at_ms) <= fresh_ms
+                    && map
+                        .shards
+                        .get(group)
+                        .is_some_and(|desc| desc.epoch.version == report.load.version)
+            })
+            .map(|(&group, report)| (group, report.load.bytes))
+            .collect()
     }
 }
 
@@ -463,5 +496,10 @@ mod tests {
                 .over_split_limits(&map, limits(1_000, 1_000), 4_001, 3_000)
                 .is_empty()
         );
+        // Sizes for balancing: fresh reports of the current range version
+        // (shard 3's is from another version).
+        let sizes = loads.sizes(&map, 2_000, 3_000);
+        assert_eq!(sizes, BTreeMap::from([(1, 2_000), (2, 10), (4, 2_000)]));
+        assert!(loads.sizes(&map, 4_001, 3_000).is_empty());
     }
 }

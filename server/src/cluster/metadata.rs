@@ -381,6 +381,7 @@ impl Cluster {
                 &down,
                 self.config.operators_max as usize,
                 &splits,
+                &self.shard_sizes(&map),
                 &limited,
                 |shard| self.operator_backing_off(shard),
             )
@@ -675,6 +676,7 @@ impl Cluster {
             &down,
             self.config.operators_max as usize,
             &splits,
+            &self.shard_sizes(map),
             &limited,
             |shard| self.operator_backing_off(shard),
         )
