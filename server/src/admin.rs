@@ -415,10 +415,11 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::PlanReplicasRequest>,
     ) -> Result<Response<pb::PlanReplicasResponse>, Status> {
+        let request = request.into_inner();
         let plan = self
             .node
             .cluster
-            .plan_replicas(request.into_inner().all_rounds)
+            .plan_replicas(request.all_rounds, request.by_hand)
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(pb::PlanReplicasResponse {

@@ -95,8 +95,12 @@ pub async fn rebalance(endpoint: &str, args: &RebalanceArgs, json: bool) -> Resu
 }
 
 async fn fetch(admin: &mut AdminClient, all_rounds: bool) -> Result<pb::PlanReplicasResponse> {
+    // Operators started here are by hand: not held to the scheduler's rate.
     Ok(admin
-        .plan_replicas(pb::PlanReplicasRequest { all_rounds })
+        .plan_replicas(pb::PlanReplicasRequest {
+            all_rounds,
+            by_hand: true,
+        })
         .await
         .map_err(|s| status_error("plan", s))?
         .into_inner())
@@ -151,7 +155,9 @@ async fn apply_operators(
             p.round = round;
             let result = start(admin, &p).await;
             if let Ok(id) = &result {
-                seen.insert(*id);
+                if *id != 0 {
+                    seen.insert(*id);
+                }
                 started_any = true;
             }
             let text = match result {

@@ -166,13 +166,21 @@ impl Cluster {
         if current.replicated && current.map.version > map.version {
             return;
         }
-        // Descriptors learned from a split's refusals stay until the map
-        // records the split.
-        let placement = current.adopting(map, true);
+        // Peers first: nothing routes to a node the clients cannot reach.
+        let placement = current.adopting(map.clone(), true);
         if let Err(e) = self.clients.set_nodes(&self.peer_routes(&placement)) {
             tracing::warn!(error = %e, "a node address in the cluster map is unusable");
         }
-        self.placement.store(Arc::new(placement));
+        // Descriptors learned from a split's refusals stay until the map
+        // records the split, including ones learned meanwhile; a newer map
+        // stored meanwhile stays.
+        self.placement.rcu(|now| {
+            if now.replicated && now.map.version > map.version {
+                Arc::clone(now)
+            } else {
+                Arc::new(now.adopting(map.clone(), true))
+            }
+        });
     }
 
     /// One reconcile round (see the module doc).
@@ -372,21 +380,36 @@ impl Cluster {
     /// every round until it has nothing left to do
     /// ([`super::scheduler::plan_rounds`]); and the leadership handovers
     /// the leader balancer would make on the leaders reported now.
-    pub async fn plan_replicas(&self, all_rounds: bool) -> Result<Plan, ClusterError> {
+    /// `by_hand`: for operators started by hand, which the scheduler's rate
+    /// of moves per node does not limit.
+    pub async fn plan_replicas(
+        &self,
+        all_rounds: bool,
+        by_hand: bool,
+    ) -> Result<Plan, ClusterError> {
         let map = self.current_map().await?;
+        let (down, splits, mut limited) = self.plan_inputs(&map);
+        if by_hand {
+            limited.clear();
+        }
+        let sizes = self.shard_sizes(&map);
+        let operators_max = self.config.operators_max as usize;
+        let skip = |shard| self.operator_backing_off(shard);
         let operators = if all_rounds {
-            let (down, splits, limited) = self.plan_inputs(&map);
             super::scheduler::plan_rounds(
                 &map,
                 &down,
-                self.config.operators_max as usize,
+                operators_max,
                 &splits,
-                &self.shard_sizes(&map),
+                &sizes,
                 &limited,
-                |shard| self.operator_backing_off(shard),
+                skip,
             )
         } else {
-            self.plan_for(&map).into_iter().map(|p| (1, p)).collect()
+            super::scheduler::plan(&map, &down, operators_max, &splits, &sizes, &limited, skip)
+                .into_iter()
+                .map(|p| (1, p))
+                .collect()
         };
         let (mut leaders, up) = self.leadership(&map);
         // Asked by hand right after a change (a restart, a handover made
@@ -483,15 +506,12 @@ impl Cluster {
         // without a leader until the others' leases run out (about a
         // second in which no view resolves and no map changes): it hands
         // leadership to a voter that stays, which makes the change.
+        // (A removal only takes out learners, never the leader.)
         let successor = match &change {
             Some(MetadataChange::Voters(next)) if !next.contains(&self.node_id) => next
                 .iter()
                 .copied()
                 .find(|&n| voters.contains(&n) && ready(n)),
-            Some(MetadataChange::Remove(node)) if *node == self.node_id => voters
-                .iter()
-                .copied()
-                .find(|&n| n != self.node_id && ready(n)),
             _ => None,
         };
         if let Some(to) = successor {

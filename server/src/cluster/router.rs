@@ -169,10 +169,11 @@ impl Cluster {
 
     /// The answer for keys a split moved away from `group`: the shard's
     /// descriptor and its children's as this node's replicas have applied
-    /// them. On the node that led the split, the newest child (which
-    /// campaigns here) is waited for until it has a leader, for up to
-    /// `SPLIT_CHILD_LEADER_WAIT_MS_MAX`: the caller's retry then goes
-    /// straight to it.
+    /// them. On the node leading the parent, a newest child the map does
+    /// not record yet (a split that just applied: the child campaigns
+    /// here) is waited for until it is hosted and has a leader, for up to
+    /// `SPLIT_CHILD_LEADER_WAIT_MS_MAX` in all: the caller's retry then
+    /// goes straight to it.
     pub(super) async fn moved_answer(&self, group: GroupId, message: String) -> PeerResult {
         let Some(hosted) = self.host.get(group) else {
             return PeerResult::WrongShard(message);
@@ -181,28 +182,21 @@ impl Cluster {
             return PeerResult::WrongShard(message);
         };
         let leads = self.known_leader(group) == Some(self.node_id);
-        if leads && let Some(&(newest, _)) = range.children.last() {
-            let wait = Duration::from_millis(SPLIT_CHILD_LEADER_WAIT_MS_MAX);
-            // A child the map records is no news (it may have moved away
-            // from this node since): only a split that just applied here is
-            // waited for.
-            let child = if self.placement().shard(newest).is_some() {
-                self.host.get(newest)
-            } else {
-                self.host.wait_hosted(newest, wait).await
-            };
-            if let Some(child) = child
-                && child
-                    .raft
-                    .metrics()
-                    .borrow_watched()
-                    .current_leader
-                    .is_none()
-            {
+        // A child the map records is no news (it may have moved away from
+        // this node, or lost its quorum, since): only a split that just
+        // applied here is waited for.
+        if leads
+            && let Some(&(newest, _)) = range.children.last()
+            && self.placement().shard(newest).is_none()
+        {
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_millis(SPLIT_CHILD_LEADER_WAIT_MS_MAX);
+            let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+            if let Some(child) = self.host.wait_hosted(newest, left()).await {
                 // Times out (an error) when none shows: answered without.
                 let _ = child
                     .raft
-                    .wait(Some(wait))
+                    .wait(Some(left()))
                     .metrics(|m| m.current_leader.is_some(), "the split child's leader")
                     .await;
             }

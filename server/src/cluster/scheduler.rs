@@ -120,8 +120,8 @@ pub fn plan(
 /// a move. The default balances no bytes.
 #[derive(Debug, Clone, Default)]
 pub struct Sizes {
-    /// Approximate bytes per shard, from its leader's load reports (a
-    /// shard without a fresh one counts as empty).
+    /// Approximate bytes per shard, from its leader's load reports (bytes
+    /// are balanced only while every shard has a fresh one).
     pub bytes: BTreeMap<GroupId, u64>,
     /// `cluster.balance_size_gap_bytes_min`: two nodes whose bytes differ
     /// by no more than this, or than a tenth of the fuller one's, are left
@@ -144,9 +144,10 @@ const PLAN_OPERATORS_MAX: usize = 1_000;
 /// Every operator the scheduler would start from `map` until it has nothing
 /// left to do (what `quiverctl rebalance --dry-run` shows): [`plan`] round
 /// after round, each round's operators carried out on a copy of the map by
-/// the map's own commands before the next is planned. Numbered from round
-/// 1, what the scheduler starts now. The rate of moves per node sets when
-/// a move starts, not which: it is left out after round 1. A split is
+/// the map's own commands before the next is planned. Operators running
+/// now are carried out first, so round 1 is what the scheduler starts once
+/// they are done (now, when none runs). The rate of moves per node sets
+/// when a move starts, not which: `limited` applies to round 1 only. A split is
 /// carried out at the middle of the range, with the parent's replicas.
 pub fn plan_rounds(
     map: &ClusterMap,
@@ -162,11 +163,12 @@ pub fn plan_rounds(
     let mut sizes = sizes.clone();
     let mut limited = limited.clone();
     let mut rounds = Vec::new();
-    // Operators running now are carried out first (round 0 is not listed).
+    // Operators running now are carried out first (round 0 is not listed);
+    // one the map cannot finish (cancelled, rolling back) is left out.
     let running: Vec<(GroupId, u64)> = map.operators.iter().map(|(&s, op)| (s, op.id)).collect();
     for (shard, id) in running {
         if finish(&mut map, shard, id).is_err() {
-            return rounds;
+            map.operators.remove(&shard);
         }
     }
     for round in 1..=PLAN_ROUNDS_MAX {
@@ -505,7 +507,13 @@ impl Planner<'_> {
         budget: usize,
         skip: &impl Fn(GroupId) -> bool,
     ) -> Vec<Planned> {
-        if sizes.gap_bytes_min == 0 || budget == 0 {
+        // A shard without a fresh report (both halves of a split until
+        // their leaders measure them) would count as empty and draw moves
+        // that the real sizes then undo: nothing until every shard has one.
+        if sizes.gap_bytes_min == 0
+            || budget == 0
+            || self.map.shards.keys().any(|s| !sizes.bytes.contains_key(s))
+        {
             return Vec::new();
         }
         let mut bytes: BTreeMap<NodeId, u64> = self.targets.iter().map(|&n| (n, 0)).collect();
@@ -829,6 +837,24 @@ mod tests {
         ClusterMap::bootstrap(nodes, &replicas, rf, 3)
     }
 
+    /// [`plan`] with no node down, no shard skipped and no sizes.
+    fn plan_by_count(
+        map: &ClusterMap,
+        budget: usize,
+        splits: &BTreeMap<GroupId, String>,
+        limited: &BTreeSet<NodeId>,
+    ) -> Vec<Planned> {
+        plan(
+            map,
+            &BTreeSet::new(),
+            budget,
+            splits,
+            &Sizes::default(),
+            limited,
+            |_| false,
+        )
+    }
+
     /// Carries out a planned operator on the map the way the executor
     /// would: the new replica becomes a voter, the old one goes.
     fn complete(map: &mut ClusterMap, planned: &Planned) {
@@ -883,15 +909,7 @@ mod tests {
         let none = BTreeMap::new();
         // Four shards on nodes 1-3, node 4 empty: balance moves to node 4.
         let m = map(&[Serving, Serving, Serving, Serving], 4, &[1, 2, 3], 3);
-        let balance = plan(
-            &m,
-            &BTreeSet::new(),
-            4,
-            &none,
-            &Sizes::default(),
-            &BTreeSet::new(),
-            |_| false,
-        );
+        let balance = plan_by_count(&m, 4, &none, &BTreeSet::new());
         assert!(
             matches!(
                 balance[..],
@@ -903,18 +921,7 @@ mod tests {
             "{balance:?}"
         );
         let limited = BTreeSet::from([4]);
-        assert!(
-            plan(
-                &m,
-                &BTreeSet::new(),
-                4,
-                &none,
-                &Sizes::default(),
-                &limited,
-                |_| false
-            )
-            .is_empty()
-        );
+        assert!(plan_by_count(&m, 4, &none, &limited).is_empty());
         // The fullest node limited: it gives nothing away either (and the
         // round balances nothing: the fullest is the one to give).
         let from = match balance[0].request {
@@ -924,30 +931,11 @@ mod tests {
             _ => unreachable!(),
         };
         let limited = BTreeSet::from([from]);
-        assert!(
-            plan(
-                &m,
-                &BTreeSet::new(),
-                4,
-                &none,
-                &Sizes::default(),
-                &limited,
-                |_| false
-            )
-            .is_empty()
-        );
+        assert!(plan_by_count(&m, 4, &none, &limited).is_empty());
         // A shard one voter short: the emptiest node that is not limited
         // takes the new replica; with all of them limited, nobody does.
         let m = map(&[Serving, Serving, Serving, Serving], 1, &[1], 3);
-        let planned = plan(
-            &m,
-            &BTreeSet::new(),
-            4,
-            &none,
-            &Sizes::default(),
-            &BTreeSet::from([2]),
-            |_| false,
-        );
+        let planned = plan_by_count(&m, 4, &none, &BTreeSet::from([2]));
         assert!(
             matches!(
                 planned[..],
@@ -962,18 +950,7 @@ mod tests {
             "{planned:?}"
         );
         let all = BTreeSet::from([2, 3, 4]);
-        assert!(
-            plan(
-                &m,
-                &BTreeSet::new(),
-                4,
-                &none,
-                &Sizes::default(),
-                &all,
-                |_| false
-            )
-            .is_empty()
-        );
+        assert!(plan_by_count(&m, 4, &none, &all).is_empty());
     }
 
     /// The dry run's plan is every round the scheduler would go through:
@@ -1001,15 +978,7 @@ mod tests {
             assert!((1..=2).contains(&n), "round {round}: {n} operators");
         }
         // Round 1 is what the scheduler starts now.
-        let now = plan(
-            &m,
-            &BTreeSet::new(),
-            2,
-            &none,
-            &Sizes::default(),
-            &BTreeSet::new(),
-            |_| false,
-        );
+        let now = plan_by_count(&m, 2, &none, &BTreeSet::new());
         let first: Vec<Planned> = rounds
             .iter()
             .filter(|(r, _)| *r == 1)
@@ -1021,18 +990,7 @@ mod tests {
             complete(&mut replayed, planned);
         }
         assert_eq!(replayed.replicas_on(1).count(), 0);
-        assert!(
-            plan(
-                &replayed,
-                &BTreeSet::new(),
-                2,
-                &none,
-                &Sizes::default(),
-                &BTreeSet::new(),
-                |_| false
-            )
-            .is_empty()
-        );
+        assert!(plan_by_count(&replayed, 2, &none, &BTreeSet::new()).is_empty());
         let mut settled = m.clone();
         settle(&mut settled, &BTreeSet::new());
         assert_eq!(counts(&replayed), counts(&settled));
@@ -1137,6 +1095,22 @@ mod tests {
                 4,
                 &none,
                 &off,
+                &BTreeSet::new(),
+                |_| false
+            )
+            .is_empty()
+        );
+        // A shard without a report (a split's halves until measured):
+        // nothing, rather than moves toward a node that only looks light.
+        let mut unmeasured = sizes.clone();
+        unmeasured.bytes.remove(&8);
+        assert!(
+            plan(
+                &m,
+                &BTreeSet::new(),
+                4,
+                &none,
+                &unmeasured,
                 &BTreeSet::new(),
                 |_| false
             )
@@ -1267,15 +1241,7 @@ mod tests {
         let mut m = map(&[Serving, Serving, Serving], 4, &[1, 2, 3], 3);
         let splits: BTreeMap<GroupId, String> =
             [(2, "big".to_string()), (3, "busy".to_string())].into();
-        let planned = plan(
-            &m,
-            &BTreeSet::new(),
-            4,
-            &splits,
-            &Sizes::default(),
-            &BTreeSet::new(),
-            |_| false,
-        );
+        let planned = plan_by_count(&m, 4, &splits, &BTreeSet::new());
         assert_eq!(planned.len(), 1, "one split at a time: {planned:?}");
         assert_eq!(planned[0].shard, 2);
         assert_eq!(planned[0].request, OperatorRequest::Split { at: None });
@@ -1292,18 +1258,7 @@ mod tests {
         );
         assert_eq!(planned.iter().map(|p| p.shard).collect::<Vec<_>>(), [3]);
         // No budget, no split.
-        assert!(
-            plan(
-                &m,
-                &BTreeSet::new(),
-                0,
-                &splits,
-                &Sizes::default(),
-                &BTreeSet::new(),
-                |_| { false }
-            )
-            .is_empty()
-        );
+        assert!(plan_by_count(&m, 0, &splits, &BTreeSet::new()).is_empty());
         // While a split runs, no other starts (a repair still does).
         m.apply(
             MapCommand::StartOperator {
@@ -1314,18 +1269,7 @@ mod tests {
             0,
         )
         .unwrap();
-        assert!(
-            plan(
-                &m,
-                &BTreeSet::new(),
-                4,
-                &splits,
-                &Sizes::default(),
-                &BTreeSet::new(),
-                |_| { false }
-            )
-            .is_empty()
-        );
+        assert!(plan_by_count(&m, 4, &splits, &BTreeSet::new()).is_empty());
         let down = BTreeSet::from([3]);
         let mut m4 = map(&[Serving, Serving, Serving, Serving], 4, &[1, 2, 3], 3);
         m4.apply(
@@ -1380,15 +1324,7 @@ mod tests {
         // Above the replication factor, the draining node's voter goes
         // first, whatever the loads.
         let mut m = map(&[Draining, Serving, Serving, Serving], 2, &[1, 2, 3, 4], 3);
-        let planned = plan(
-            &m,
-            &BTreeSet::new(),
-            1,
-            &BTreeMap::new(),
-            &Sizes::default(),
-            &BTreeSet::new(),
-            |_| false,
-        );
+        let planned = plan_by_count(&m, 1, &BTreeMap::new(), &BTreeSet::new());
         assert_eq!(
             planned[0].request,
             OperatorRequest::Remove {
