@@ -1128,3 +1128,83 @@ async fn rebalance_plans_every_round_and_apply_carries_them_all_out() {
     let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(plan["operators"].as_array().unwrap().len(), 0, "{out}");
 }
+
+/// Bytes balance on real nodes: 8 shards over 4 nodes, 6 replicas each, so
+/// every node lacks two shards. Rows go to the two one node lacks: it holds
+/// none of them and every other node both, so the scheduler swaps one of
+/// them onto it for a light replica (counts stay 6 each, no split).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_bytes_even_out_over_the_nodes_by_a_swap() {
+    let _turn = ONE_CLUSTER.lock().await;
+    let dir = Kept::new();
+    let env = [
+        ("QUIVER_CLUSTER__SHARD_COUNT", "8"),
+        ("QUIVER_CLUSTER__BALANCE_SIZE_GAP_BYTES_MIN", "1"),
+        ("QUIVER_CLUSTER__LOAD_REPORT_INTERVAL_MS", "500"),
+        ("QUIVER_CLUSTER__SPLIT_SHARD_BYTES_MAX", "0"),
+    ];
+    let (_cluster, endpoint, client) = started(dir.path(), 4, &env).await;
+    let all = [1, 2, 3, 4];
+    let six_each = |map: &quiver_proto::admin::GetClusterMapResponse| {
+        settled(map, 3, &all)?;
+        let counts = replica_counts(map, &all);
+        if counts.iter().all(|&c| c == 6) {
+            Ok(())
+        } else {
+            Err(format!("replicas per node {counts:?}"))
+        }
+    };
+    let map = wait_map(&endpoint, "8 shards x 3 replicas, 6 per node", six_each).await;
+    let lacking = |map: &quiver_proto::admin::GetClusterMapResponse, node: u64| -> Vec<u32> {
+        map.shards
+            .iter()
+            .filter(|s| !s.replicas.iter().any(|r| r.node_id == node))
+            .map(|s| s.shard)
+            .collect()
+    };
+    let light = 1;
+    let heavy = lacking(&map, light);
+    assert_eq!(heavy.len(), 2, "{:?}", map.shards);
+    let ranges: Vec<(u64, u64)> = map
+        .shards
+        .iter()
+        .filter(|s| heavy.contains(&s.shard))
+        .map(|s| (s.start, if s.to_end { u64::MAX } else { s.end - 1 }))
+        .collect();
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("heavy-{i}"))
+        .filter(|key| {
+            let hash = quiver_client::entity_hash(key);
+            ranges.iter().any(|&(from, to)| (from..=to).contains(&hash))
+        })
+        .take(6_000)
+        .collect();
+    eprintln!("--- node {light} lacks shards {heavy:?}: 6,000 rows go to them");
+    for chunk in keys.chunks(500) {
+        retry("write the heavy rows", CONVERGE_WAIT, || {
+            let mut client = client.clone();
+            let values: Vec<(String, i64)> = chunk.iter().map(|k| (k.clone(), 1)).collect();
+            async move { quiver_tests::counter::write_values(&mut client, &values).await }
+        })
+        .await;
+    }
+    let map = wait_map(
+        &endpoint,
+        "a heavy shard swapped onto the light node",
+        |map| {
+            six_each(map)?;
+            let still = lacking(map, light);
+            if heavy.iter().all(|s| still.contains(s)) {
+                Err(format!("node {light} still lacks {heavy:?}"))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "node {light} lacks {:?} now; replicas per node {:?}",
+        lacking(&map, light),
+        replica_counts(&map, &all)
+    );
+}
