@@ -388,25 +388,19 @@ impl Cluster {
         by_hand: bool,
     ) -> Result<Plan, ClusterError> {
         let map = self.current_map().await?;
-        let (down, splits, mut limited) = self.plan_inputs(&map);
-        if by_hand {
-            limited.clear();
-        }
-        let sizes = self.shard_sizes(&map);
-        let operators_max = self.config.operators_max as usize;
-        let skip = |shard| self.operator_backing_off(shard);
         let operators = if all_rounds {
+            let (down, splits, limited) = self.plan_inputs(&map, by_hand);
             super::scheduler::plan_rounds(
                 &map,
                 &down,
-                operators_max,
+                self.config.operators_max as usize,
                 &splits,
-                &sizes,
+                &self.shard_sizes(&map),
                 &limited,
-                skip,
+                |shard| self.operator_backing_off(shard),
             )
         } else {
-            super::scheduler::plan(&map, &down, operators_max, &splits, &sizes, &limited, skip)
+            self.plan_for(&map, by_hand)
                 .into_iter()
                 .map(|p| (1, p))
                 .collect()
@@ -671,10 +665,12 @@ impl Cluster {
     /// The scheduler's plan for `map` (nodes down for too long counted as
     /// gone).
     /// The replica planner's input beside the map: the nodes down too
-    /// long, the shards to split and why, the nodes at their rate of moves.
+    /// long, the shards to split and why, the nodes at their rate of moves
+    /// (none `by_hand`: moves asked for by hand are not held to it).
     fn plan_inputs(
         &self,
         map: &ClusterMap,
+        by_hand: bool,
     ) -> (
         BTreeSet<NodeId>,
         BTreeMap<GroupId, String>,
@@ -682,15 +678,25 @@ impl Cluster {
     ) {
         let down = self.long_down_nodes(map);
         let splits = self.shards_to_split(map);
-        let limited = self.operators.nodes_at_move_limit(
-            std::time::Instant::now(),
-            self.config.moves_per_node_per_minute_max,
-        );
+        let limited = if by_hand {
+            BTreeSet::new()
+        } else {
+            self.operators.nodes_at_move_limit(
+                std::time::Instant::now(),
+                self.config.moves_per_node_per_minute_max,
+            )
+        };
         (down, splits, limited)
     }
 
-    pub(super) fn plan_for(&self, map: &ClusterMap) -> Vec<super::scheduler::Planned> {
-        let (down, splits, limited) = self.plan_inputs(map);
+    /// What [`super::scheduler::plan`] starts now on `map` (`by_hand`: see
+    /// `plan_inputs`).
+    pub(super) fn plan_for(
+        &self,
+        map: &ClusterMap,
+        by_hand: bool,
+    ) -> Vec<super::scheduler::Planned> {
+        let (down, splits, limited) = self.plan_inputs(map, by_hand);
         super::scheduler::plan(
             map,
             &down,

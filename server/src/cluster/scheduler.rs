@@ -736,7 +736,7 @@ impl Cluster {
     pub(super) async fn schedule(&self, map: &ClusterMap) {
         let mut started_any = false;
         let planned = if self.config.schedule_replicas {
-            self.plan_for(map)
+            self.plan_for(map, false)
         } else {
             Vec::new()
         };
@@ -863,6 +863,19 @@ mod tests {
         )
     }
 
+    /// [`plan_rounds`] with no node down, no shard skipped, no sizes and
+    /// no node at its rate of moves.
+    fn rounds_by_count(
+        map: &ClusterMap,
+        budget: usize,
+        splits: &BTreeMap<GroupId, String>,
+    ) -> Vec<(u32, Planned)> {
+        let none = BTreeSet::new();
+        plan_rounds(map, &none, budget, splits, &Sizes::default(), &none, |_| {
+            false
+        })
+    }
+
     /// Carries out a planned operator on the map the way the executor
     /// would: the new replica becomes a voter, the old one goes.
     fn complete(map: &mut ClusterMap, planned: &Planned) {
@@ -969,15 +982,7 @@ mod tests {
         use NodeState::*;
         let none = BTreeMap::new();
         let m = map(&[Draining, Serving, Serving, Serving], 8, &[1, 2, 3], 3);
-        let rounds = plan_rounds(
-            &m,
-            &BTreeSet::new(),
-            2,
-            &none,
-            &Sizes::default(),
-            &BTreeSet::new(),
-            |_| false,
-        );
+        let rounds = rounds_by_count(&m, 2, &none);
         assert!(!rounds.is_empty());
         assert_eq!(rounds[0].0, 1);
         assert!(rounds.windows(2).all(|w| w[0].0 <= w[1].0), "{rounds:?}");
@@ -1006,15 +1011,7 @@ mod tests {
         // placed like any shard; a running operator is finished first.
         let mut m = map(&[Serving, Serving, Serving], 2, &[1, 2, 3], 3);
         let splits = BTreeMap::from([(1, "too large".to_owned())]);
-        let rounds = plan_rounds(
-            &m,
-            &BTreeSet::new(),
-            4,
-            &splits,
-            &Sizes::default(),
-            &BTreeSet::new(),
-            |_| false,
-        );
+        let rounds = rounds_by_count(&m, 4, &splits);
         assert_eq!(rounds.len(), 1, "{rounds:?}");
         assert!(matches!(rounds[0].1.request, OperatorRequest::Split { .. }));
         m.apply(
@@ -1026,15 +1023,7 @@ mod tests {
             0,
         )
         .unwrap();
-        let rounds = plan_rounds(
-            &m,
-            &BTreeSet::new(),
-            4,
-            &splits,
-            &Sizes::default(),
-            &BTreeSet::new(),
-            |_| false,
-        );
+        let rounds = rounds_by_count(&m, 4, &splits);
         assert_eq!(rounds.len(), 1, "{rounds:?}");
         assert_eq!(rounds[0].1.shard, 1);
     }
